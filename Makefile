@@ -1,0 +1,54 @@
+# corpus-etl: `make help` lists the targets.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+# CPU torch from the local wheel cache; never the multi-GB CUDA build.
+TORCH ?= torch==2.13.0
+DEMO_DIR ?= demo_data
+QDRANT_PATH ?= ./qdrant_data
+DEMO_MODEL ?= sentence-transformers/all-MiniLM-L6-v2
+PYTEST_ARGS ?=
+
+.DEFAULT_GOAL := help
+.PHONY: help install demo test lint bench-cpu bench-label clean
+
+help: ## list the targets
+	@grep -E '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  \033[36m%-12s\033[0m %s\n", $$1, $$2}'
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+
+$(VENV)/.installed: pyproject.toml setup.py | $(BIN)/python
+	$(BIN)/pip install -q "$(TORCH)"
+	$(BIN)/pip install -q -e ".[dev]"
+	touch $@
+
+install: $(VENV)/.installed ## create the venv and install the package with dev tools (CPU torch)
+
+demo: install ## build a real-text sample corpus, index it on DirectRunner into ./qdrant_data (offline MiniLM), search it
+	$(BIN)/corpus-etl sample-data --out $(DEMO_DIR)
+	$(BIN)/corpus-etl index --input $(DEMO_DIR)/corpus.parquet --collection demo --model $(DEMO_MODEL) \
+	    --qdrant-path $(QDRANT_PATH) --title-column title --metadata-columns n_members \
+	    --chunk-tokens 256 --chunk-overlap 32 \
+	    --dead-letter $(DEMO_DIR)/dead_letters.jsonl --summary-out $(DEMO_DIR)/index_summary.json
+	$(BIN)/corpus-etl search --collection demo --model $(DEMO_MODEL) --qdrant-path $(QDRANT_PATH) --top-k 5 \
+	    "how do I parse command line arguments"
+	$(BIN)/corpus-etl evaluate --collection demo --model $(DEMO_MODEL) --qdrant-path $(QDRANT_PATH) \
+	    --queries $(DEMO_DIR)/queries.jsonl --qrels $(DEMO_DIR)/qrels/test.tsv --out $(DEMO_DIR)/metrics.json
+
+test: install ## run the test suite (CPU; GPU tests skip without CUDA)
+	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+lint: install ## ruff
+	$(BIN)/ruff check pipelines transforms tests bench
+
+bench-cpu: install ## index throughput: this pipeline vs Beam's ml.rag stack (writes BENCHMARKS.md)
+	$(BIN)/python bench/index_cpu.py --write
+
+bench-label: install ## label pipeline pairs/s on CPU (writes BENCHMARKS.md)
+	$(BIN)/python bench/label.py --write
+
+clean: ## remove the venv, demo data and the local Qdrant folder
+	rm -rf $(VENV) $(DEMO_DIR) $(QDRANT_PATH) .pytest_cache

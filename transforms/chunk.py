@@ -1,0 +1,181 @@
+"""Chunking documents by the embedding model's own tokens.
+
+A window of ``chunk_tokens`` counts everything the model will see: special tokens, the
+document prompt and the title prefix, so no chunk is silently truncated by the model.
+Windows overlap by ``chunk_overlap`` tokens. Character offsets come from the fast
+tokenizer's offset mapping, so ``chunk.text == document.text[char_start:char_end]``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import apache_beam as beam
+from apache_beam.metrics import Metrics
+
+from transforms.embed import load_tokenizer
+from transforms.models import SentenceTransformerSettings, max_input_length, resolve_model
+from transforms.types import Chunk, DeadLetter, Document
+
+DEAD = "dead_letter"
+MIN_WINDOW_TOKENS = 8
+
+
+@dataclasses.dataclass(frozen=True)
+class ChunkSettings:
+    chunk_tokens: int = 512  # 0: one chunk per document, truncated at the model's maximum length
+    chunk_overlap: int = 64
+
+    def __post_init__(self) -> None:
+        if self.chunk_tokens < 0:
+            raise ValueError(f"--chunk-tokens must be >= 0, got {self.chunk_tokens}")
+        if self.chunk_tokens and not 0 <= self.chunk_overlap < self.chunk_tokens:
+            raise ValueError(
+                f"--chunk-overlap must be in [0, --chunk-tokens), got {self.chunk_overlap} with "
+                f"--chunk-tokens {self.chunk_tokens}"
+            )
+
+
+def title_prefix(title: str | None) -> str:
+    return f"{title}\n" if title else ""
+
+
+class Chunker:
+    """Pure chunking logic around a tokenizer (no Beam), so it is tested directly."""
+
+    def __init__(self, tokenizer: Any, settings: ChunkSettings, max_length: int, document_prompt: str = "") -> None:
+        if not getattr(tokenizer, "is_fast", False):
+            raise ValueError("chunking needs a fast tokenizer (offset mapping)")
+        if settings.chunk_tokens > max_length:
+            raise ValueError(
+                f"--chunk-tokens {settings.chunk_tokens} is more than the model's maximum input length {max_length}"
+            )
+        self.tokenizer = tokenizer
+        self.settings = settings
+        self.max_length = max_length
+        self.document_prompt = document_prompt
+        # Tokens the model adds around every input: specials (e.g. Qwen3's EOS) and the prompt.
+        self.fixed_tokens = tokenizer.num_special_tokens_to_add(pair=False) + self._count(document_prompt)
+
+    def _count(self, text: str) -> int:
+        return len(self.tokenizer(text, add_special_tokens=False)["input_ids"]) if text else 0
+
+    def chunk(self, doc: Document) -> list[Chunk] | DeadLetter:
+        prefix = title_prefix(doc.title)
+        if self.settings.chunk_tokens == 0:
+            return [self._whole(doc, prefix)]
+        window = self.settings.chunk_tokens - self.fixed_tokens - self._count(prefix)
+        if window < MIN_WINDOW_TOKENS:
+            return DeadLetter.of(
+                "chunk",
+                f"title leaves {window} tokens of a {self.settings.chunk_tokens}-token chunk for text "
+                f"(at least {MIN_WINDOW_TOKENS} needed)",
+                doc.source,
+                {"id": doc.doc_id, "title": doc.title},
+            )
+        enc = self.tokenizer(doc.text, add_special_tokens=False, return_offsets_mapping=True)
+        offsets = enc["offset_mapping"]
+        n = len(offsets)
+        if n == 0:
+            return DeadLetter.of("chunk", "text has no tokens", doc.source, {"id": doc.doc_id})
+        step = window - min(self.settings.chunk_overlap, window - 1)
+        chunks: list[Chunk] = []
+        start = 0
+        while True:
+            end = min(start + window, n)
+            char_start, char_end = offsets[start][0], offsets[end - 1][1]
+            text = doc.text[char_start:char_end]
+            chunks.append(
+                Chunk(
+                    doc_id=doc.doc_id,
+                    chunk_index=len(chunks),
+                    text=text,
+                    char_start=char_start,
+                    char_end=char_end,
+                    n_tokens=(end - start) + self.fixed_tokens + self._count(prefix),
+                    embed_text=prefix + text,
+                    title=doc.title,
+                    metadata=doc.metadata,
+                )
+            )
+            if end >= n:
+                return chunks
+            start += step
+
+    def _whole(self, doc: Document, prefix: str) -> Chunk:
+        embed_text = prefix + doc.text
+        n_tokens = self._count(self.document_prompt + embed_text) + self.tokenizer.num_special_tokens_to_add(False)
+        truncated = n_tokens > self.max_length
+        char_end = len(doc.text)
+        if truncated:
+            # Where the model's truncation will cut, mapped back into the document text.
+            keep = self.max_length - self.fixed_tokens - self._count(prefix)
+            offsets = self.tokenizer(doc.text, add_special_tokens=False, return_offsets_mapping=True)[
+                "offset_mapping"
+            ]
+            char_end = offsets[max(keep, 1) - 1][1]
+        return Chunk(
+            doc_id=doc.doc_id,
+            chunk_index=0,
+            text=doc.text[:char_end],
+            char_start=0,
+            char_end=char_end,
+            n_tokens=min(n_tokens, self.max_length),
+            embed_text=embed_text,
+            title=doc.title,
+            metadata=doc.metadata,
+            truncated=truncated,
+        )
+
+
+def load_chunker(model: str, settings: ChunkSettings, max_length: int | None = None) -> Chunker:
+    path = resolve_model(model)
+    st = SentenceTransformerSettings.read(path)
+    tokenizer = load_tokenizer(path)
+    return Chunker(tokenizer, settings, max_length or max_input_length(path, tokenizer, st), st.document_prompt)
+
+
+class _ChunkDocuments(beam.DoFn):
+    def __init__(self, model: str, settings: ChunkSettings, max_length: int | None) -> None:
+        self.model = model
+        self.settings = settings
+        self.max_length = max_length
+        self.chunks = Metrics.counter("corpus_etl", "chunks")
+        self.tokens = Metrics.counter("corpus_etl", "tokens")
+        self.truncated = Metrics.counter("corpus_etl", "documents_truncated")
+        self.rejected = Metrics.counter("corpus_etl", "documents_rejected_by_chunker")
+        self.token_dist = Metrics.distribution("corpus_etl", "chunk_tokens")
+
+    def setup(self) -> None:
+        self.chunker = load_chunker(self.model, self.settings, self.max_length)
+
+    def process(self, doc: Document):
+        result = self.chunker.chunk(doc)
+        if isinstance(result, DeadLetter):
+            self.rejected.inc()
+            yield beam.pvalue.TaggedOutput(DEAD, result)
+            return
+        for chunk in result:
+            self.chunks.inc()
+            self.tokens.inc(chunk.n_tokens)
+            self.token_dist.update(chunk.n_tokens)
+            if chunk.truncated:
+                self.truncated.inc()
+            yield chunk
+
+
+class ChunkDocuments(beam.PTransform):
+    """``Document`` → ``Chunk`` (main) and ``DeadLetter`` (tag ``dead_letter``)."""
+
+    def __init__(self, model: str, settings: ChunkSettings, max_length: int | None = None) -> None:
+        super().__init__()
+        self.model = model
+        self.settings = settings
+        self.max_length = max_length
+
+    def expand(self, docs):
+        result = docs | "Chunk" >> beam.ParDo(_ChunkDocuments(self.model, self.settings, self.max_length)).with_outputs(
+            DEAD, main="chunks"
+        )
+        return {"chunks": result.chunks, DEAD: result[DEAD]}

@@ -1,0 +1,325 @@
+"""Text embedding: a model-agnostic encoder and its Beam ``ModelHandler``.
+
+The encoder reproduces what sentence-transformers does with a repository (pooling,
+normalisation, prompts and maximum length all read from the repository's own files),
+so Qwen3-Embedding gets last-token pooling with left padding and its query prompt,
+and MiniLM gets mean pooling, without a line of model-specific code.
+
+Why not call ``SentenceTransformer.encode``: it batches by element count, so one long
+text pads a whole batch. Here texts are tokenised once, sorted by length, and cut into
+forward passes by a padded-token budget (``max_len * n <= budget``); every vector is
+independent of its batch neighbours (masked pooling, per-row positions), which the
+parity tests check against single-text encoding.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+import numpy as np
+import torch
+import apache_beam as beam
+from apache_beam.ml.inference.base import ModelHandler, RunInference
+from apache_beam.transforms.util import SortAndBatchElements
+
+from transforms.gpu import default_dtype, default_token_budget, resolve_device, run_splitting_on_oom
+from transforms.models import SentenceTransformerSettings, max_input_length, resolve_model
+from transforms.progress import reporter
+from transforms.types import Chunk, DeadLetter, EmbeddedChunk, Query
+
+_LOG = logging.getLogger(__name__)
+DEAD = "dead_letter"
+
+QWEN3_INSTRUCTION_FORMAT = "Instruct: {task}\nQuery:"
+
+
+def load_tokenizer(model: str, **kwargs: Any):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(resolve_model(model), **kwargs)
+
+
+class TextEncoder:
+    """Encodes texts to L2-normalised float32 vectors, optionally truncated to ``dim`` (Matryoshka).
+
+    Construction is cheap and picklable; ``load()`` reads the weights. Documents get the
+    repository's document prompt (none for Qwen3-Embedding); queries get its query prompt,
+    or ``Instruct: {query_instruction}\\nQuery:`` when an instruction is given.
+    """
+
+    def __init__(
+        self,
+        model: str,
+        *,
+        device: str = "auto",
+        dtype: torch.dtype | str | None = None,
+        dim: int | None = None,
+        max_length: int | None = None,
+        query_instruction: str | None = None,
+        token_budget: int | None = None,
+    ) -> None:
+        self.model_id = model
+        self.device_name = device
+        self.dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
+        self.dim = dim
+        self.max_length_override = max_length
+        self.query_instruction = query_instruction
+        self.token_budget_override = token_budget
+        self._model: torch.nn.Module | None = None
+
+    # -- loading -------------------------------------------------------------------------
+    def load(self) -> TextEncoder:
+        from transformers import AutoModel
+
+        path = resolve_model(self.model_id)
+        self.settings = SentenceTransformerSettings.read(path)
+        if self.settings.pooling not in ("mean", "cls", "lasttoken", "max"):
+            raise ValueError(f"{self.model_id}: pooling mode {self.settings.pooling!r} is not supported")
+        self.device = resolve_device(self.device_name)
+        dtype = self.dtype or default_dtype(self.device)
+        # Last-token pooling reads position -1, which left padding makes every row's last token.
+        padding_side = "left" if self.settings.pooling == "lasttoken" else None
+        kwargs = {"padding_side": padding_side} if padding_side else {}
+        self.tokenizer = load_tokenizer(path, **kwargs)
+        model = AutoModel.from_pretrained(path, dtype=dtype)
+        self._model = model.to(self.device).eval()
+        config = model.config
+        self.max_length = self.max_length_override or max_input_length(path, self.tokenizer, self.settings)
+        hidden = int(config.hidden_size)
+        if self.dim is not None and not 1 <= self.dim <= hidden:
+            raise ValueError(f"--dim {self.dim} is outside 1..{hidden} for {self.model_id}")
+        self.dimension = self.dim or hidden
+        self.token_budget = self.token_budget_override or default_token_budget(self._model, self.device)
+        self.token_budget = max(self.token_budget, self.max_length)
+        return self
+
+    @property
+    def model(self) -> torch.nn.Module:
+        if self._model is None:
+            raise RuntimeError("TextEncoder.load() must be called before encoding")
+        return self._model
+
+    # -- text preparation ------------------------------------------------------------------
+    def prompt(self, is_query: bool) -> str:
+        if not is_query:
+            return self.settings.document_prompt
+        if self.query_instruction:
+            return QWEN3_INSTRUCTION_FORMAT.format(task=self.query_instruction)
+        return self.settings.query_prompt
+
+    def tokenize(self, texts: Sequence[str], *, is_query: bool = False) -> list[list[int]]:
+        prompt = self.prompt(is_query)
+        enc = self.tokenizer(
+            [prompt + t for t in texts],
+            truncation=True,
+            max_length=self.max_length,
+            padding=False,
+            return_attention_mask=False,
+        )
+        return enc["input_ids"]
+
+    def count_tokens(self, texts: Sequence[str], *, is_query: bool = False) -> list[int]:
+        return [len(ids) for ids in self.tokenize(texts, is_query=is_query)]
+
+    # -- inference -----------------------------------------------------------------------
+    def encode(self, texts: Sequence[str], *, is_query: bool = False) -> np.ndarray:
+        """Vectors for ``texts`` in order; raises on a text that cannot be encoded even alone."""
+        vectors, failures = self.encode_ids(self.tokenize(texts, is_query=is_query))
+        if failures:
+            raise RuntimeError(f"could not encode {len(failures)} texts: {failures[0][1]}")
+        return np.stack(vectors) if vectors else np.zeros((0, self.dimension), np.float32)
+
+    def encode_ids(self, ids: Sequence[list[int]]) -> tuple[list[np.ndarray | None], list[tuple[int, str]]]:
+        """Vectors for pre-tokenised inputs; failures (out of memory alone) are returned, not raised."""
+        order = sorted(range(len(ids)), key=lambda i: len(ids[i]))
+        out: list[np.ndarray | None] = [None] * len(ids)
+        failures: list[tuple[int, str]] = []
+        for batch in self._budget_batches(order, ids):
+            vecs, fails = run_splitting_on_oom(lambda b: self._forward([ids[i] for i in b]), batch)
+            for i, v in zip(batch, vecs):
+                out[i] = v
+            failures.extend((batch[j], reason) for j, reason in fails)
+        return out, failures
+
+    def _budget_batches(self, order: list[int], ids: Sequence[list[int]]) -> Iterable[list[int]]:
+        batch: list[int] = []
+        for i in order:
+            longest = len(ids[i])  # ascending order: the newest element is the longest
+            if batch and longest * (len(batch) + 1) > self.token_budget:
+                yield batch
+                batch = []
+            batch.append(i)
+        if batch:
+            yield batch
+
+    @torch.inference_mode()
+    def _forward(self, ids: Sequence[list[int]]) -> list[np.ndarray]:
+        padded = self.tokenizer.pad({"input_ids": list(ids)}, padding=True, return_tensors="pt")
+        input_ids = padded["input_ids"].to(self.device)
+        mask = padded["attention_mask"].to(self.device)
+        hidden = self.model(input_ids=input_ids, attention_mask=mask).last_hidden_state
+        pooled = pool(hidden, mask, self.settings.pooling).float()
+        if self.dim is not None:
+            pooled = pooled[:, : self.dim]
+        pooled = torch.nn.functional.normalize(pooled, p=2, dim=1)
+        return list(pooled.cpu().numpy())
+
+
+def pool(hidden: torch.Tensor, mask: torch.Tensor, mode: str) -> torch.Tensor:
+    """Pool token states to one vector per row; padding never contributes."""
+    if mode == "lasttoken":
+        # Index of the last real token, for either padding side.
+        last = mask.shape[1] - 1 - mask.flip(1).argmax(dim=1)
+        return hidden[torch.arange(hidden.shape[0], device=hidden.device), last]
+    if mode == "cls":
+        first = mask.argmax(dim=1)
+        return hidden[torch.arange(hidden.shape[0], device=hidden.device), first]
+    m = mask.unsqueeze(-1).to(hidden.dtype)
+    if mode == "mean":
+        return (hidden * m).sum(1) / m.sum(1).clamp(min=1e-9)
+    if mode == "max":
+        return hidden.masked_fill(m == 0, torch.finfo(hidden.dtype).min).max(1).values
+    raise ValueError(f"unknown pooling mode {mode!r}")
+
+
+# -- Beam ----------------------------------------------------------------------------------
+def _chunk_weight(chunk: Chunk) -> int:
+    return max(chunk.n_tokens, 1)
+
+
+def _query_weight(query: Query) -> int:
+    return len(query.text) // 3 + 16
+
+
+class EmbeddingModelHandler(ModelHandler[Any, Any, TextEncoder]):
+    """``RunInference`` handler: ``Chunk`` → ``EmbeddedChunk`` (or ``Query`` → ``(Query, vector)``).
+
+    The model is loaded once per worker process and shared by its threads and bundles
+    (RunInference keeps it in a ``Shared`` handle). Batches arrive sorted and sized by tokens
+    (``Embed`` puts ``SortAndBatchElements`` in front) and are cut again inside by the
+    padded-token budget of one forward pass. An element that runs out of memory even alone comes back as a
+    ``DeadLetter``; the rest of its batch is embedded.
+    """
+
+    def __init__(
+        self,
+        model: str,
+        *,
+        device: str = "auto",
+        dim: int | None = None,
+        max_length: int | None = None,
+        query_instruction: str | None = None,
+        max_batch_tokens: int | None = None,
+        kind: str = "document",
+        progress_interval_s: float = 30.0,
+        large_model: bool = False,
+    ) -> None:
+        if kind not in ("document", "query"):
+            raise ValueError(f"kind must be 'document' or 'query', not {kind!r}")
+        # Batching is done before RunInference by SortAndBatchElements (see ``Embed``): Beam
+        # 2.77's BatchElements does not accept the max_batch_weight that ModelHandler forwards.
+        super().__init__(large_model=large_model)
+        self.max_batch_weight = max(4 * (max_batch_tokens or 8192), 16384)
+        self.element_weight = _chunk_weight if kind == "document" else _query_weight
+        self._encoder_args = dict(
+            model=model,
+            device=device,
+            dim=dim,
+            max_length=max_length,
+            query_instruction=query_instruction,
+            token_budget=max_batch_tokens,
+        )
+        self._kind = kind
+        self._progress_interval_s = progress_interval_s
+
+    def load_model(self) -> TextEncoder:
+        args = dict(self._encoder_args)
+        encoder = TextEncoder(args.pop("model"), **args).load()
+        _LOG.info(
+            "loaded %s on %s (dim %d, max_length %d, token budget %d)",
+            encoder.model_id, encoder.device, encoder.dimension, encoder.max_length, encoder.token_budget,
+        )
+        return encoder
+
+    def run_inference(
+        self, batch: Sequence[Any], model: TextEncoder, inference_args: dict[str, Any] | None = None
+    ) -> Iterable[Any]:
+        is_query = self._kind == "query"
+        texts = [e.text if is_query else e.embed_text for e in batch]
+        ids = model.tokenize(texts, is_query=is_query)
+        vectors, failures = model.encode_ids(ids)
+        reasons = dict(failures)
+        n_tokens = sum(len(x) for x in ids)
+        reporter("embed", self._progress_interval_s).add(**{f"{self._kind}s": len(batch), "tokens": n_tokens})
+        for i, (element, vector) in enumerate(zip(batch, vectors)):
+            if vector is None:
+                yield DeadLetter.of("embed", reasons[i], getattr(element, "doc_id", ""), _describe(element))
+            elif is_query:
+                yield (element, vector)
+            else:
+                yield EmbeddedChunk(chunk=element, vector=tuple(float(x) for x in vector))
+
+    def get_metrics_namespace(self) -> str:
+        return "corpus_etl"
+
+    def get_num_bytes(self, batch: Sequence[Any]) -> int:
+        return sum(len(getattr(e, "embed_text", getattr(e, "text", ""))) for e in batch)
+
+
+def _describe(element: Any) -> dict[str, Any]:
+    if isinstance(element, Chunk):
+        return {"doc_id": element.doc_id, "chunk_index": element.chunk_index, "n_tokens": element.n_tokens}
+    if isinstance(element, Query):
+        return {"query_id": element.query_id, "text": element.text}
+    return {"element": repr(element)[:500]}
+
+
+def _split(element: Any):
+    if isinstance(element, DeadLetter):
+        yield beam.pvalue.TaggedOutput(DEAD, element)
+    else:
+        yield element
+
+
+def _failed_batch(failure: tuple[Sequence[Any], BaseException]):
+    batch, exc = failure
+    for element in batch:
+        yield DeadLetter.of(
+            "embed",
+            f"inference failed for its batch: {type(exc).__name__}: {exc}",
+            getattr(element, "doc_id", "") or getattr(element, "query_id", ""),
+            _describe(element),
+        )
+
+
+class Embed(beam.PTransform):
+    """Elements → embedded elements (main) and ``DeadLetter`` (tag ``dead_letter``).
+
+    ``SortAndBatchElements`` sorts each bundle by token count and cuts it into batches of at
+    most ``handler.max_batch_weight`` tokens, so similar lengths share a batch (little padding)
+    and no batch outgrows memory because of one long text. ``RunInference`` then runs the
+    handler on those batches as they are, with Beam's exception handling: a batch that
+    raises becomes dead letters, one per element, and the job goes on.
+    """
+
+    def __init__(self, handler: EmbeddingModelHandler) -> None:
+        super().__init__()
+        self.handler = handler
+
+    def expand(self, pcoll):
+        results, errors = (
+            pcoll
+            | "SortAndBatchByTokens" >> SortAndBatchElements(
+                min_batch_size=1,
+                max_batch_size=4096,
+                max_batch_weight=self.handler.max_batch_weight,
+                element_size_fn=self.handler.element_weight,
+            )
+            | "RunInference" >> RunInference(self.handler.with_no_batching()).with_exception_handling()
+        )
+        split = results | "SplitDeadLetters" >> beam.FlatMap(_split).with_outputs(DEAD, main="embedded")
+        failed = errors.failed_inferences | "FailedBatches" >> beam.FlatMap(_failed_batch)
+        dead = (split[DEAD], failed) | "FlattenDead" >> beam.Flatten()
+        return {"embedded": split.embedded, DEAD: dead}

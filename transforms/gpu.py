@@ -1,0 +1,105 @@
+"""Device choice, token budgets and out-of-memory recovery shared by the model handlers."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Sequence
+from typing import TypeVar
+
+import torch
+
+T = TypeVar("T")
+R = TypeVar("R")
+
+_LOG = logging.getLogger(__name__)
+
+DEVICE_CHOICES = ("auto", "cpu", "cuda")
+
+
+def resolve_device(device: str) -> torch.device:
+    """Map ``auto|cpu|cuda[:N]`` to a torch device.
+
+    ``cuda`` without a GPU is an error, never a silent CPU fallback: a job sized
+    for a GPU would otherwise run for days on a CPU before anyone noticed.
+    """
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device == "cpu":
+        return torch.device("cpu")
+    if device.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise RuntimeError(
+                f"--device {device} was asked for but CUDA is not available on this worker "
+                "(torch.cuda.is_available() is False); use --device cpu or auto, or run on GPU workers"
+            )
+        return torch.device(device)
+    raise ValueError(f"unknown device {device!r}; expected one of {DEVICE_CHOICES} or cuda:N")
+
+
+def default_dtype(device: torch.device) -> torch.dtype:
+    """bf16 on GPUs that support it, fp32 elsewhere (CPU bf16 matmuls are slow and lossy)."""
+    if device.type == "cuda" and torch.cuda.is_bf16_supported():
+        return torch.bfloat16
+    return torch.float32
+
+
+def default_token_budget(model: torch.nn.Module, device: torch.device, *, cpu_budget: int = 8192) -> int:
+    """Tokens per forward pass, from free GPU memory and the model's width and depth.
+
+    Activation memory of one token through one layer is roughly ``hidden * 12`` values
+    at peak (attention projections, MLP intermediate), kept for one layer at a time under
+    inference mode; half the free memory is used, leaving room for the allocator.
+    """
+    if device.type != "cuda":
+        return cpu_budget
+    config = getattr(model, "config", None)
+    hidden = int(getattr(config, "hidden_size", 1024))
+    inter = int(getattr(config, "intermediate_size", hidden * 4))
+    free, _ = torch.cuda.mem_get_info(device)
+    bytes_per_value = 2
+    per_token = (hidden * 6 + inter * 3) * bytes_per_value
+    budget = int(free * 0.5 / per_token)
+    return max(1024, min(budget, 262_144))
+
+
+def is_oom(exc: BaseException) -> bool:
+    if isinstance(exc, torch.OutOfMemoryError):
+        return True
+    return isinstance(exc, RuntimeError) and "out of memory" in str(exc).lower()
+
+
+def run_splitting_on_oom(
+    fn: Callable[[Sequence[T]], list[R]],
+    items: Sequence[T],
+) -> tuple[list[R | None], list[tuple[int, str]]]:
+    """Run ``fn`` over ``items``; on out-of-memory split the batch in halves and retry.
+
+    Returns one result per item (``None`` for items that failed) and the failures as
+    ``(index, reason)``. A single item that still runs out of memory is reported, not
+    raised: the caller sends it to the dead-letter output and the job goes on.
+    Errors other than out-of-memory propagate unchanged.
+    """
+    results: list[R | None] = [None] * len(items)
+    failures: list[tuple[int, str]] = []
+    stack: list[tuple[int, int]] = [(0, len(items))]
+    while stack:
+        lo, hi = stack.pop()
+        if lo >= hi:
+            continue
+        try:
+            out = fn(items[lo:hi])
+        except Exception as exc:  # noqa: BLE001 - filtered by is_oom below
+            if not is_oom(exc):
+                raise
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+            if hi - lo == 1:
+                failures.append((lo, f"out of memory on a single element: {exc}".splitlines()[0]))
+                continue
+            mid = (lo + hi) // 2
+            _LOG.warning("out of memory on a batch of %d; retrying as %d + %d", hi - lo, mid - lo, hi - mid)
+            stack.append((mid, hi))
+            stack.append((lo, mid))
+            continue
+        results[lo:hi] = out
+    return results, sorted(failures)

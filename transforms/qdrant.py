@@ -1,0 +1,289 @@
+"""Qdrant: connection settings, collection management, and the idempotent point writer.
+
+Guarantees:
+- Point ids are ``uuid5(doc_id:chunk_index)``: a retried bundle (Beam retries with new
+  batch boundaries), a rerun or a replay overwrites the same points; nothing duplicates.
+- Upserts are sent in batches bounded by point count and by bytes (default 8 MiB, well
+  under Qdrant's 32 MiB request limit), with ``wait=True`` so a finished bundle means
+  durable points.
+- Transient failures (connection errors, timeouts, HTTP 429/5xx, gRPC UNAVAILABLE and the
+  like) are retried with exponential backoff and jitter; client errors (HTTP 4xx, gRPC
+  INVALID_ARGUMENT...) are raised at once with Qdrant's message, since retrying them
+  cannot succeed.
+- Secrets by reference: the config holds the *name* of the environment variable with
+  the API key, never the key, so nothing secret is pickled into the job graph or logged.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+import random
+import threading
+import time
+from collections.abc import Callable, Sequence
+from typing import Any, TypeVar
+
+import apache_beam as beam
+from apache_beam.metrics import Metrics
+from qdrant_client import QdrantClient, models
+from qdrant_client.http.exceptions import ResponseHandlingException, UnexpectedResponse
+
+from transforms.types import Candidate, EmbeddedChunk
+
+_LOG = logging.getLogger(__name__)
+T = TypeVar("T")
+
+RESERVED_PAYLOAD_KEYS = frozenset(
+    {"doc_id", "chunk_index", "text", "char_start", "char_end", "title", "model", "content_hash", "n_tokens"}
+)
+MAX_REQUEST_BYTES = 32 * 1024 * 1024
+
+
+@dataclasses.dataclass(frozen=True)
+class QdrantConfig:
+    """Where the collection lives: local mode on disk (``path``) or a server (``url``)."""
+
+    path: str | None = "./qdrant_data"
+    url: str | None = None
+    api_key_env: str | None = None
+    prefer_grpc: bool = False
+    timeout_s: int = 60
+
+    def __post_init__(self) -> None:
+        if self.url:
+            object.__setattr__(self, "path", None)
+        if not self.url and not self.path:
+            raise ValueError("give --qdrant-path (local mode) or --qdrant-url (server)")
+        if self.api_key_env and not self.url:
+            raise ValueError("--qdrant-api-key-env only applies with --qdrant-url")
+
+    @property
+    def where(self) -> str:
+        return self.url or f"local:{os.path.abspath(self.path or '')}"
+
+    def connect(self) -> QdrantClient:
+        if self.url:
+            api_key = None
+            if self.api_key_env:
+                api_key = os.environ.get(self.api_key_env)
+                if not api_key:
+                    raise RuntimeError(f"environment variable {self.api_key_env} (--qdrant-api-key-env) is not set")
+            return QdrantClient(url=self.url, api_key=api_key, prefer_grpc=self.prefer_grpc, timeout=self.timeout_s)
+        os.makedirs(self.path or ".", exist_ok=True)
+        return QdrantClient(path=self.path)
+
+
+_CLIENTS: dict[QdrantConfig, tuple[QdrantClient, threading.Lock]] = {}
+_CLIENTS_LOCK = threading.Lock()
+
+
+def shared_client(config: QdrantConfig) -> tuple[QdrantClient, threading.Lock]:
+    """One client per config per process, with a lock for local mode.
+
+    Local mode holds a file lock on its folder, so a second client in the same process
+    would fail; every DoFn instance, the driver and the CLI share this one. Local mode is
+    one process: parallel workers need a server (``--qdrant-url``).
+    """
+    with _CLIENTS_LOCK:
+        entry = _CLIENTS.get(config)
+        if entry is None:
+            entry = _CLIENTS[config] = (config.connect(), threading.Lock())
+        return entry
+
+
+def close_client(config: QdrantConfig) -> None:
+    with _CLIENTS_LOCK:
+        entry = _CLIENTS.pop(config, None)
+    if entry:
+        entry[0].close()
+
+
+def ensure_collection(client: QdrantClient, name: str, size: int, *, create: bool = True) -> bool:
+    """Create ``name`` (``size``-d, cosine) when missing; return whether it was created.
+
+    An existing collection with another size or distance is an error: writing into it
+    would fail point by point, or worse, mix incomparable vectors.
+    """
+    if client.collection_exists(name):
+        params = client.get_collection(name).config.params.vectors
+        if not isinstance(params, models.VectorParams):
+            raise ValueError(f"collection {name!r} uses named vectors {sorted(params or {})}; expected one unnamed vector")
+        if params.size != size or params.distance != models.Distance.COSINE:
+            raise ValueError(
+                f"collection {name!r} exists with size {params.size} and distance {params.distance.value}; "
+                f"this job writes size {size} with Cosine. Use another --collection, or a --dim that matches."
+            )
+        return False
+    if not create:
+        raise ValueError(f"collection {name!r} does not exist")
+    client.create_collection(name, vectors_config=models.VectorParams(size=size, distance=models.Distance.COSINE))
+    # Filters and grouping by document (search, re-labelling) use this index on a server.
+    client.create_payload_index(name, "doc_id", models.PayloadSchemaType.KEYWORD)
+    return True
+
+
+# -- retries -------------------------------------------------------------------------------
+_TRANSIENT_HTTP = {408, 425, 429, 500, 502, 503, 504}
+_TRANSIENT_GRPC = {"UNAVAILABLE", "DEADLINE_EXCEEDED", "RESOURCE_EXHAUSTED", "ABORTED", "INTERNAL", "UNKNOWN"}
+
+
+def is_transient(exc: BaseException) -> bool:
+    """Whether retrying ``exc`` can succeed: network trouble and overload yes, bad requests no."""
+    if isinstance(exc, UnexpectedResponse):
+        return exc.status_code is None or exc.status_code in _TRANSIENT_HTTP
+    if isinstance(exc, (ResponseHandlingException, ConnectionError, TimeoutError)):
+        return True
+    code = getattr(exc, "code", None)
+    if callable(code):  # grpc.RpcError
+        try:
+            return getattr(code(), "name", "") in _TRANSIENT_GRPC
+        except Exception:  # noqa: BLE001 - an RpcError without a status
+            return False
+    try:
+        import httpx
+
+        return isinstance(exc, httpx.TransportError)
+    except ImportError:
+        return False
+
+
+def with_retries(
+    fn: Callable[[], T],
+    *,
+    attempts: int = 6,
+    base_delay_s: float = 0.5,
+    max_delay_s: float = 30.0,
+    on_retry: Callable[[BaseException, int], None] | None = None,
+    sleep: Callable[[float], None] = time.sleep,
+) -> T:
+    """Call ``fn``; retry transient errors with exponential backoff and full jitter."""
+    for attempt in range(1, attempts + 1):
+        try:
+            return fn()
+        except Exception as exc:
+            if not is_transient(exc) or attempt == attempts:
+                raise
+            delay = random.uniform(0, min(max_delay_s, base_delay_s * 2 ** (attempt - 1)))
+            if on_retry:
+                on_retry(exc, attempt)
+            _LOG.warning("transient Qdrant error (attempt %d/%d), retrying in %.1fs: %s", attempt, attempts, delay, exc)
+            sleep(delay)
+    raise AssertionError("unreachable")
+
+
+# -- points --------------------------------------------------------------------------------
+def to_point(item: EmbeddedChunk, model_id: str) -> models.PointStruct:
+    chunk = item.chunk
+    payload: dict[str, Any] = {
+        "doc_id": chunk.doc_id,
+        "chunk_index": chunk.chunk_index,
+        "text": chunk.text,
+        "char_start": chunk.char_start,
+        "char_end": chunk.char_end,
+        "n_tokens": chunk.n_tokens,
+        "model": model_id,
+        "content_hash": chunk.content_hash,
+    }
+    if chunk.title is not None:
+        payload["title"] = chunk.title
+    payload.update(chunk.metadata)
+    return models.PointStruct(id=chunk.point_id, vector=list(item.vector), payload=payload)
+
+
+def point_bytes(point: models.PointStruct) -> int:
+    """Size of the point in a JSON request, closely enough to bound a batch under the limit."""
+    vector = point.vector if isinstance(point.vector, list) else []
+    return 20 * len(vector) + len(json.dumps(point.payload, ensure_ascii=False).encode("utf-8")) + 64
+
+
+class _UpsertPoints(beam.DoFn):
+    def __init__(self, config: QdrantConfig, collection: str, model_id: str, batch_points: int, batch_bytes: int):
+        self.config = config
+        self.collection = collection
+        self.model_id = model_id
+        self.batch_points = batch_points
+        self.batch_bytes = batch_bytes
+        self.written = Metrics.counter("corpus_etl", "points_written")
+        self.batches = Metrics.counter("corpus_etl", "upsert_batches")
+        self.retries = Metrics.counter("corpus_etl", "upsert_retries")
+
+    def setup(self) -> None:
+        self.client, self.lock = shared_client(self.config)
+
+    def start_bundle(self) -> None:
+        self.buffer: list[models.PointStruct] = []
+        self.buffer_bytes = 0
+
+    def process(self, item: EmbeddedChunk):
+        point = to_point(item, self.model_id)
+        size = point_bytes(point)
+        if self.buffer and self.buffer_bytes + size > self.batch_bytes:
+            self._flush()
+        self.buffer.append(point)
+        self.buffer_bytes += size
+        if len(self.buffer) >= self.batch_points:
+            self._flush()
+
+    def finish_bundle(self) -> None:
+        self._flush()
+
+    def _flush(self) -> None:
+        if not self.buffer:
+            return
+        points, self.buffer, self.buffer_bytes = self.buffer, [], 0
+
+        def upsert() -> None:
+            with self.lock:
+                self.client.upsert(self.collection, points=points, wait=True)
+
+        with_retries(upsert, on_retry=lambda exc, attempt: self.retries.inc())
+        self.written.inc(len(points))
+        self.batches.inc()
+
+
+class WriteToQdrant(beam.PTransform):
+    """Upsert ``EmbeddedChunk`` s as points; see the module docstring for what is guaranteed.
+
+    The collection must exist (the pipeline's ``run`` calls ``ensure_collection`` before
+    the job starts, so a size mismatch fails before any work is done).
+    """
+
+    def __init__(
+        self,
+        config: QdrantConfig,
+        collection: str,
+        model_id: str,
+        *,
+        batch_points: int = 256,
+        batch_bytes: int = 8 * 1024 * 1024,
+    ) -> None:
+        super().__init__()
+        if not 0 < batch_bytes < MAX_REQUEST_BYTES:
+            raise ValueError(f"batch_bytes must be in (0, {MAX_REQUEST_BYTES})")
+        self.args = (config, collection, model_id, batch_points, batch_bytes)
+
+    def expand(self, pcoll):
+        return pcoll | "Upsert" >> beam.ParDo(_UpsertPoints(*self.args))
+
+
+# -- search --------------------------------------------------------------------------------
+def search_documents(
+    client: QdrantClient, collection: str, vector: Sequence[float], top_k: int
+) -> list[tuple[Candidate, dict[str, Any]]]:
+    """Top ``top_k`` documents for a query vector: chunk hits grouped by ``doc_id``, max score each.
+
+    Qdrant's grouping API does the aggregation server-side. Ties are broken by ``doc_id``
+    so the order is deterministic. Returns each candidate with its best chunk's payload.
+    """
+    result = client.query_points_groups(
+        collection, query=list(vector), group_by="doc_id", limit=top_k, group_size=1, with_payload=True
+    )
+    hits = []
+    for group in result.groups:
+        best = group.hits[0]
+        hits.append((str(group.id), float(best.score), best.payload or {}))
+    hits.sort(key=lambda h: (-h[1], h[0]))
+    return [(Candidate(doc_id=d, score=s, rank=i + 1), p) for i, (d, s, p) in enumerate(hits)]

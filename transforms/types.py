@@ -1,0 +1,133 @@
+"""The records that flow between stages of both pipelines.
+
+Every stage takes and returns these dataclasses, so one document can be followed
+from a Parquet row to a Qdrant point, and one query from a log row to a label,
+by reading one module per stage.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import uuid
+from typing import Any
+
+# Fixed namespace for point ids: uuid5(NAMESPACE, "doc_id:chunk_index") is the same
+# on every worker, every retry and every rerun, so writes are idempotent overwrites.
+POINT_ID_NAMESPACE = uuid.UUID("6f0b3c1e-8f53-5a2b-9a57-2d4a6b0c7e11")
+
+
+def point_id(doc_id: str, chunk_index: int) -> str:
+    """Deterministic Qdrant point id of one chunk."""
+    return str(uuid.uuid5(POINT_ID_NAMESPACE, f"{doc_id}:{chunk_index}"))
+
+
+def content_hash(text: str) -> str:
+    """Short stable hash of a text (sha256, 16 hex chars)."""
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()[:16]
+
+
+@dataclasses.dataclass(frozen=True)
+class Document:
+    doc_id: str
+    text: str
+    title: str | None = None
+    metadata: dict[str, Any] = dataclasses.field(default_factory=dict)
+    source: str = ""
+
+
+@dataclasses.dataclass(frozen=True)
+class Chunk:
+    """A window of a document's tokens.
+
+    ``text`` is the exact slice ``document.text[char_start:char_end]``;
+    ``embed_text`` is what the model sees (the title, when given, prefixed).
+    """
+
+    doc_id: str
+    chunk_index: int
+    text: str
+    char_start: int
+    char_end: int
+    n_tokens: int
+    embed_text: str
+    title: str | None = None
+    metadata: dict[str, Any] = dataclasses.field(default_factory=dict)
+    truncated: bool = False
+
+    @property
+    def point_id(self) -> str:
+        return point_id(self.doc_id, self.chunk_index)
+
+    @property
+    def content_hash(self) -> str:
+        return content_hash(self.embed_text)
+
+
+@dataclasses.dataclass(frozen=True)
+class EmbeddedChunk:
+    chunk: Chunk
+    vector: tuple[float, ...]
+
+
+@dataclasses.dataclass(frozen=True)
+class Query:
+    query_id: str
+    text: str
+    count: int = 1
+
+
+@dataclasses.dataclass(frozen=True)
+class Candidate:
+    doc_id: str
+    score: float
+    rank: int  # 1-based first-stage rank
+
+
+@dataclasses.dataclass(frozen=True)
+class Candidates:
+    query: Query
+    candidates: tuple[Candidate, ...]
+
+
+@dataclasses.dataclass(frozen=True)
+class RerankPair:
+    """One (query, document) pair to score, with what is needed to put it back."""
+
+    query_id: str
+    query: str
+    doc_id: str
+    doc_text: str
+    first_stage_score: float
+    first_stage_rank: int
+
+
+@dataclasses.dataclass(frozen=True)
+class Judgement:
+    query_id: str
+    doc_id: str
+    teacher_score: float
+    first_stage_score: float
+    first_stage_rank: int
+
+
+@dataclasses.dataclass(frozen=True)
+class DeadLetter:
+    """A record a stage refused, with the reason; written out and counted, never dropped."""
+
+    stage: str
+    reason: str
+    source: str
+    record: str  # JSON of the offending record (or its repr when not JSON-able)
+
+    @staticmethod
+    def of(stage: str, reason: str, source: str, record: Any) -> DeadLetter:
+        try:
+            payload = json.dumps(record, sort_keys=True, default=str)
+        except (TypeError, ValueError):
+            payload = repr(record)
+        return DeadLetter(stage=stage, reason=reason, source=source, record=payload)
+
+    def to_dict(self) -> dict[str, str]:
+        return dataclasses.asdict(self)
