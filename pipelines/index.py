@@ -17,6 +17,7 @@ import time
 from typing import Any
 
 import apache_beam as beam
+from apache_beam.io.filesystems import FileSystems
 
 from pipelines.common import (
     BEAM_OPTIONS_EPILOG,
@@ -171,6 +172,9 @@ def run(argv: list[str] | None = None, test_pipeline: beam.Pipeline | None = Non
 
 def run_config(config: IndexConfig, beam_args: list[str] | None = None, test_pipeline=None) -> dict[str, Any]:
     started = time.time()
+    p = test_pipeline or beam.Pipeline(options=beam_options(beam_args or []))
+    # The driver's own file access (the column check) uses the job's options, e.g. GCS credentials.
+    FileSystems.set_options(p.options)
     files = validate_columns(config.input, config.columns.all)
     size = vector_size(config.model, config.dim)
     client, lock = shared_client(config.qdrant)
@@ -180,7 +184,6 @@ def run_config(config: IndexConfig, beam_args: list[str] | None = None, test_pip
         "indexing %d file(s) into %s/%s (%s, size %d, %s)",
         len(files), config.qdrant.where, config.collection, config.model, size, "created" if created else "exists",
     )
-    p = test_pipeline or beam.Pipeline(options=beam_options(beam_args or []))
     build_pipeline(p, config)
     result = p.run()
     result.wait_until_finish()

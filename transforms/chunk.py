@@ -133,7 +133,11 @@ def load_chunker(model: str, settings: ChunkSettings, max_length: int | None = N
     path = resolve_model(model)
     st = SentenceTransformerSettings.read(path)
     tokenizer = load_tokenizer(path)
-    return Chunker(tokenizer, settings, max_length or max_input_length(path, tokenizer, st), st.document_prompt)
+    limit = max_length or max_input_length(path, tokenizer, st)
+    # Whole documents are tokenised here on purpose (to find windows); silence the
+    # "sequence longer than the model's maximum" warning that would fire for each one.
+    tokenizer.model_max_length = 1 << 40
+    return Chunker(tokenizer, settings, limit, st.document_prompt)
 
 
 class _ChunkDocuments(beam.DoFn):

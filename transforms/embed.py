@@ -72,7 +72,9 @@ class TextEncoder:
     # -- loading -------------------------------------------------------------------------
     def load(self) -> TextEncoder:
         from transformers import AutoModel
+        from transformers.utils import logging as hf_logging
 
+        hf_logging.disable_progress_bar()  # one bar per worker process is noise in job logs
         path = resolve_model(self.model_id)
         self.settings = SentenceTransformerSettings.read(path)
         if self.settings.pooling not in ("mean", "cls", "lasttoken", "max"):

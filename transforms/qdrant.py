@@ -30,6 +30,7 @@ import apache_beam as beam
 from apache_beam.metrics import Metrics
 from qdrant_client import QdrantClient, models
 from qdrant_client.http.exceptions import ResponseHandlingException, UnexpectedResponse
+from qdrant_client.local.qdrant_local import QdrantLocal
 
 from transforms.types import Candidate, EmbeddedChunk
 
@@ -120,8 +121,9 @@ def ensure_collection(client: QdrantClient, name: str, size: int, *, create: boo
     if not create:
         raise ValueError(f"collection {name!r} does not exist")
     client.create_collection(name, vectors_config=models.VectorParams(size=size, distance=models.Distance.COSINE))
-    # Filters and grouping by document (search, re-labelling) use this index on a server.
-    client.create_payload_index(name, "doc_id", models.PayloadSchemaType.KEYWORD)
+    if not isinstance(getattr(client, "_client", None), QdrantLocal):
+        # Grouping and filtering by document use this index on a server (local mode has none).
+        client.create_payload_index(name, "doc_id", models.PayloadSchemaType.KEYWORD)
     return True
 
 

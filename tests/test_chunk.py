@@ -1,0 +1,94 @@
+"""Chunk boundaries, offsets and token accounting, on the real MiniLM tokenizer."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+
+from transforms.chunk import ChunkSettings, load_chunker
+from transforms.types import DeadLetter, Document
+
+WORDS = "one two three four five six seven eight nine ten eleven twelve thirteen fourteen fifteen sixteen " \
+        "seventeen eighteen nineteen twenty".split()  # each is a single WordPiece token
+
+
+def spans(words: list[str]) -> list[tuple[int, int]]:
+    out, pos = [], 0
+    for w in words:
+        out.append((pos, pos + len(w)))
+        pos += len(w) + 1
+    return out
+
+
+def test_windows_and_offsets_are_exact(minilm_path):
+    # 10 tokens per chunk, 2 of them [CLS]/[SEP]: windows of 8 words, overlap 2 -> step 6.
+    chunker = load_chunker(minilm_path, ChunkSettings(chunk_tokens=10, chunk_overlap=2))
+    text = " ".join(WORDS)
+    chunks = chunker.chunk(Document("d", text))
+    s = spans(WORDS)
+    expected = [(0, 8), (6, 14), (12, 20)]
+    assert [(c.char_start, c.char_end) for c in chunks] == [(s[a][0], s[b - 1][1]) for a, b in expected]
+    assert [c.text for c in chunks] == [" ".join(WORDS[a:b]) for a, b in expected]
+    assert [c.chunk_index for c in chunks] == [0, 1, 2]
+    assert [c.n_tokens for c in chunks] == [10, 10, 10]
+    assert all(c.embed_text == c.text and c.doc_id == "d" for c in chunks)
+
+
+def test_title_is_prefixed_and_counted(minilm_path):
+    chunker = load_chunker(minilm_path, ChunkSettings(chunk_tokens=11, chunk_overlap=0))
+    doc = Document("d", " ".join(WORDS[:12]), title="numbers")
+    chunks = chunker.chunk(doc)
+    # "numbers\n" is one token: windows of 11 - 2 - 1 = 8 words.
+    assert [c.text for c in chunks] == [" ".join(WORDS[:8]), " ".join(WORDS[8:12])]
+    assert [c.embed_text for c in chunks] == ["numbers\n" + c.text for c in chunks]
+    assert all(c.title == "numbers" for c in chunks)
+
+
+def test_no_chunk_exceeds_its_budget_on_real_text(minilm_path, sample_dir):
+    import pyarrow.parquet as pq
+
+    chunker = load_chunker(minilm_path, ChunkSettings(chunk_tokens=64, chunk_overlap=16))
+    rows = pq.read_table(sample_dir["corpus"]).to_pylist()
+    rng = random.Random(0)
+    for row in rng.sample(rows, 10):
+        doc = Document(row["id"], row["text"], title=row["title"])
+        chunks = chunker.chunk(doc)
+        assert chunks[0].char_start == 0 or not doc.text[: chunks[0].char_start].strip()
+        for a, b in zip(chunks, chunks[1:]):
+            assert a.char_start < b.char_start < a.char_end  # windows overlap and move forward
+        for c in chunks:
+            assert c.text == doc.text[c.char_start : c.char_end]
+            # what the model will actually see fits the window: nothing is silently truncated
+            assert len(chunker.tokenizer(c.embed_text)["input_ids"]) <= 64 + 1
+        assert not doc.text[chunks[-1].char_end :].strip()  # the whole text is covered
+
+
+def test_chunking_off_truncates_at_model_length_and_says_so(minilm_path):
+    chunker = load_chunker(minilm_path, ChunkSettings(chunk_tokens=0, chunk_overlap=0))
+    long_doc = Document("long", " ".join(WORDS * 20))  # 400 tokens > MiniLM's 256
+    short_doc = Document("short", "one two three")
+    (long_chunk,) = chunker.chunk(long_doc)
+    (short_chunk,) = chunker.chunk(short_doc)
+    assert long_chunk.truncated and long_chunk.n_tokens == 256
+    assert long_chunk.text == long_doc.text[: long_chunk.char_end]
+    assert len(long_chunk.text.split()) == 254  # 256 minus [CLS] and [SEP]
+    assert not short_chunk.truncated and short_chunk.text == short_doc.text and short_chunk.n_tokens == 5
+
+
+def test_a_title_that_fills_the_chunk_is_a_dead_letter(minilm_path):
+    chunker = load_chunker(minilm_path, ChunkSettings(chunk_tokens=10, chunk_overlap=0))
+    result = chunker.chunk(Document("d", "text", title="a very long title indeed", source="f.parquet"))
+    assert isinstance(result, DeadLetter)
+    assert result.stage == "chunk" and result.source == "f.parquet" and "title leaves" in result.reason
+
+
+@pytest.mark.parametrize("tokens,overlap", [(-1, 0), (10, 10), (10, -1)])
+def test_bad_settings_are_refused(tokens, overlap):
+    with pytest.raises(ValueError):
+        ChunkSettings(tokens, overlap)
+
+
+def test_chunks_longer_than_the_model_are_refused(minilm_path):
+    with pytest.raises(ValueError, match="maximum input length 256"):
+        load_chunker(minilm_path, ChunkSettings(chunk_tokens=512, chunk_overlap=0))

@@ -1,0 +1,94 @@
+"""Reading Parquet: every good row once, every bad row a dead letter with its reason and file."""
+
+from __future__ import annotations
+
+import json
+
+import apache_beam as beam
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from apache_beam.testing.test_pipeline import TestPipeline
+from apache_beam.testing.util import assert_that, equal_to
+
+from transforms.read import DEAD, DocumentColumns, ReadDocuments, pick_duplicate, validate_columns
+from transforms.types import Document, content_hash
+
+
+@pytest.fixture()
+def messy_inputs(tmp_path):
+    good = tmp_path / "a.parquet"
+    pq.write_table(
+        pa.table(
+            {
+                "id": ["d1", "d2", None, "d4", "d5", "d1"],
+                "text": ["alpha", "beta", "gamma", None, "   ", "alpha again"],
+                "lang": ["en", "de", "en", "en", "fr", "en"],
+            }
+        ),
+        good,
+    )
+    # Same id as a.parquet's d2, and a file whose text column is not a string.
+    pq.write_table(pa.table({"id": ["d2"], "text": ["beta"], "lang": ["de"]}), tmp_path / "b.parquet")
+    pq.write_table(pa.table({"id": [7], "text": [42], "lang": ["xx"]}), tmp_path / "c.parquet")
+    return tmp_path
+
+
+def test_good_rows_once_and_bad_rows_with_reasons(messy_inputs):
+    a, b, c = (str(messy_inputs / f"{n}.parquet") for n in "abc")
+    cols = DocumentColumns(id="id", text="text", metadata=("lang",))
+    # The documented rule for repeated ids within a file: the smaller text hash is kept.
+    kept_d1, dropped_d1 = sorted(["alpha", "alpha again"], key=content_hash)
+    with TestPipeline() as p:
+        out = p | ReadDocuments(str(messy_inputs / "*.parquet"), cols)
+        assert_that(
+            out[DEAD] | "dropped" >> beam.Filter(lambda d: "duplicate id 'd1'" in d.reason)
+            | beam.Map(lambda d: json.loads(d.record)["text"]),
+            equal_to([dropped_d1]),
+            label="dropped duplicate",
+        )
+        assert_that(
+            out["documents"],
+            equal_to([Document("d1", kept_d1, None, {"lang": "en"}, a), Document("d2", "beta", None, {"lang": "de"}, a)]),
+            label="documents",
+        )
+        assert_that(
+            out[DEAD] | beam.Map(lambda d: (d.stage, d.source, d.reason)),
+            equal_to(
+                [
+                    ("read", a, "null id (column 'id')"),
+                    ("read", a, "null text (column 'text')"),
+                    ("read", a, "empty text (column 'text')"),
+                    ("read", c, "non-string text (column 'text' holds int)"),
+                    ("read", a, f"duplicate id 'd1': 2 rows share it; kept the one from {a}"),
+                    # d2 in a.parquet and b.parquet: the first file (by name) wins
+                    ("read", b, f"duplicate id 'd2': 2 rows share it; kept the one from {a}"),
+                ]
+            ),
+            label="dead letters",
+        )
+
+
+def test_dead_letters_keep_the_row(messy_inputs):
+    with TestPipeline() as p:
+        out = p | ReadDocuments(str(messy_inputs / "c.parquet"), DocumentColumns())
+        assert_that(out[DEAD] | beam.Map(lambda d: json.loads(d.record)), equal_to([{"id": 7, "text": 42}]))
+
+
+def test_duplicate_choice_does_not_depend_on_arrival_order():
+    docs = [Document("x", t, source=s) for t, s in [("b", "f2"), ("a", "f2"), ("c", "f1")]]
+    kept_forward, _ = pick_duplicate("x", docs)
+    kept_backward, letters = pick_duplicate("x", list(reversed(docs)))
+    assert kept_forward == kept_backward == docs[2]
+    assert sorted(json.loads(d.record)["text"] for d in letters) == ["a", "b"]
+
+
+def test_missing_columns_fail_before_the_job_naming_file_and_column(messy_inputs):
+    with pytest.raises(ValueError) as err:
+        validate_columns(str(messy_inputs / "*.parquet"), ["id", "body"])
+    assert str(err.value).startswith(f"{messy_inputs / 'a.parquet'}: missing column(s) body; the file has: id, text, lang")
+
+
+def test_no_matching_files_is_a_clear_error(tmp_path):
+    with pytest.raises(FileNotFoundError, match="no files match"):
+        validate_columns(str(tmp_path / "nothing*.parquet"), ["id"])
