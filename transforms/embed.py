@@ -18,19 +18,18 @@ import logging
 from collections.abc import Iterable, Sequence
 from typing import Any
 
+import apache_beam as beam
 import numpy as np
 import torch
-import apache_beam as beam
-from apache_beam.ml.inference.base import ModelHandler, RunInference
-from apache_beam.transforms.util import SortAndBatchElements
+from apache_beam.ml.inference.base import ModelHandler
 
 from transforms.gpu import default_dtype, default_token_budget, resolve_device, run_splitting_on_oom
+from transforms.inference import DEAD, RunInferenceByTokens
 from transforms.models import SentenceTransformerSettings, max_input_length, resolve_model
 from transforms.progress import reporter
 from transforms.types import Chunk, DeadLetter, EmbeddedChunk, Query
 
 _LOG = logging.getLogger(__name__)
-DEAD = "dead_letter"
 
 QWEN3_INSTRUCTION_FORMAT = "Instruct: {task}\nQuery:"
 
@@ -220,7 +219,7 @@ class EmbeddingModelHandler(ModelHandler[Any, Any, TextEncoder]):
     ) -> None:
         if kind not in ("document", "query"):
             raise ValueError(f"kind must be 'document' or 'query', not {kind!r}")
-        # Batching is done before RunInference by SortAndBatchElements (see ``Embed``): Beam
+        # Batching happens before RunInference (``Embed`` / ``RunInferenceByTokens``): Beam
         # 2.77's BatchElements does not accept the max_batch_weight that ModelHandler forwards.
         super().__init__(large_model=large_model)
         self.max_batch_weight = max(4 * (max_batch_tokens or 8192), 16384)
@@ -278,32 +277,12 @@ def _describe(element: Any) -> dict[str, Any]:
     return {"element": repr(element)[:500]}
 
 
-def _split(element: Any):
-    if isinstance(element, DeadLetter):
-        yield beam.pvalue.TaggedOutput(DEAD, element)
-    else:
-        yield element
-
-
-def _failed_batch(failure: tuple[Sequence[Any], BaseException]):
-    batch, exc = failure
-    for element in batch:
-        yield DeadLetter.of(
-            "embed",
-            f"inference failed for its batch: {type(exc).__name__}: {exc}",
-            getattr(element, "doc_id", "") or getattr(element, "query_id", ""),
-            _describe(element),
-        )
-
 
 class Embed(beam.PTransform):
     """Elements → embedded elements (main) and ``DeadLetter`` (tag ``dead_letter``).
 
-    ``SortAndBatchElements`` sorts each bundle by token count and cuts it into batches of at
-    most ``handler.max_batch_weight`` tokens, so similar lengths share a batch (little padding)
-    and no batch outgrows memory because of one long text. ``RunInference`` then runs the
-    handler on those batches as they are, with Beam's exception handling: a batch that
-    raises becomes dead letters, one per element, and the job goes on.
+    Token-sized, length-sorted batches through ``RunInference`` (``RunInferenceByTokens``);
+    a batch that raises becomes dead letters, one per element, and the job goes on.
     """
 
     def __init__(self, handler: EmbeddingModelHandler) -> None:
@@ -311,17 +290,15 @@ class Embed(beam.PTransform):
         self.handler = handler
 
     def expand(self, pcoll):
-        results, errors = (
-            pcoll
-            | "SortAndBatchByTokens" >> SortAndBatchElements(
-                min_batch_size=1,
-                max_batch_size=4096,
-                max_batch_weight=self.handler.max_batch_weight,
-                element_size_fn=self.handler.element_weight,
-            )
-            | "RunInference" >> RunInference(self.handler.with_no_batching()).with_exception_handling()
+        out = pcoll | "EmbedByTokens" >> RunInferenceByTokens(
+            self.handler,
+            stage="embed",
+            max_batch_weight=self.handler.max_batch_weight,
+            element_size_fn=self.handler.element_weight,
+            describe=_source_and_record,
         )
-        split = results | "SplitDeadLetters" >> beam.FlatMap(_split).with_outputs(DEAD, main="embedded")
-        failed = errors.failed_inferences | "FailedBatches" >> beam.FlatMap(_failed_batch)
-        dead = (split[DEAD], failed) | "FlattenDead" >> beam.Flatten()
-        return {"embedded": split.embedded, DEAD: dead}
+        return {"embedded": out["results"], DEAD: out[DEAD]}
+
+
+def _source_and_record(element: Any) -> tuple[str, Any]:
+    return getattr(element, "doc_id", "") or getattr(element, "query_id", ""), _describe(element)
