@@ -1,0 +1,193 @@
+"""The label job end to end on CPU: MiniLM index of real text, a messy query log, the tiny
+Qwen3 reranker; every output file parsed back and checked."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+
+import ir_measures
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from apache_beam.testing.test_pipeline import TestPipeline
+
+from pipelines import index, label
+from pipelines.sample import QUERIES
+from transforms.qdrant import QdrantConfig, close_client
+from transforms.queries import derive_query_id, query_key
+
+pytestmark = pytest.mark.slow
+THRESHOLDS = (0.2, 0.35)  # the tiny random reranker's scores sit around 0.1-0.5
+TOP_K = 5
+LONG_QUERY = "why " * 700
+EXPECTED_DEAD = [
+    ("parse_query", "empty query"),
+    ("parse_query", "null query (column 'query')"),
+    ("parse_query", f"query longer than 2048 characters ({len(LONG_QUERY.strip())})"),
+]
+
+
+@pytest.fixture(scope="module")
+def indexed(tmp_path_factory, sample_dir, minilm_path):
+    tmp = tmp_path_factory.mktemp("label-index")
+    qdrant = str(tmp / "qdrant")
+    index.run(
+        ["--input", sample_dir["corpus"], "--collection", "docs", "--model", minilm_path, "--qdrant-path", qdrant,
+         "--title-column", "title", "--chunk-tokens", "128", "--chunk-overlap", "16"],
+        test_pipeline=TestPipeline(),
+    )  # fmt: skip
+    log = pq.read_table(sample_dir["query_log"]).to_pylist() + [{"query_id": None, "query": LONG_QUERY, "count": 1}]
+    log_path = tmp / "log.parquet"
+    pq.write_table(pa.Table.from_pylist(log), log_path)
+    yield {"qdrant": qdrant, "log": str(log_path), "tmp": tmp}
+    close_client(QdrantConfig(path=qdrant))
+
+
+def _label(indexed, minilm_path, reranker_dir, out) -> dict:
+    return label.run(
+        ["--queries", indexed["log"], "--out", str(out), "--reranker", str(reranker_dir), "--collection", "docs",
+         "--model", minilm_path, "--qdrant-path", indexed["qdrant"], "--top-k", str(TOP_K),
+         "--label-thresholds", ",".join(map(str, THRESHOLDS)), "--eval-fraction", "0.3", "--device", "cpu"],
+        test_pipeline=TestPipeline(),
+    )  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def labelled(indexed, minilm_path, qwen3_reranker_dir):
+    out1, out2 = indexed["tmp"] / "out1", indexed["tmp"] / "out2"
+    summary = _label(indexed, minilm_path, qwen3_reranker_dir, out1)
+    _label(indexed, minilm_path, qwen3_reranker_dir, out2)
+    return {"out": out1, "again": out2, "summary": summary, "log": indexed["log"]}
+
+
+def _files(root) -> dict[str, bytes]:
+    out = {}
+    for d, _, names in os.walk(root):
+        for n in names:
+            path = os.path.join(d, n)
+            out[os.path.relpath(path, root)] = open(path, "rb").read()
+    return out
+
+
+def test_the_same_run_twice_gives_byte_identical_files(labelled):
+    first, second = _files(labelled["out"]), _files(labelled["again"])
+    assert sorted(first) == sorted(second) == sorted([
+        "queries.jsonl", "qrels/test.tsv", "qrels/test.trec", "runs/retrieval.trec", "runs/rerank.trec",
+        "distillation/train.parquet", "manifest.json", "report.md", "teacher_scores.png", "run_stats.json",
+        "dead_letters.jsonl",
+    ])  # fmt: skip
+    assert {k: v for k, v in first.items() if k != "run_stats.json"} == {
+        k: v for k, v in second.items() if k != "run_stats.json"
+    }
+
+
+def test_queries_are_deduplicated_and_split_without_overlap(labelled):
+    out = labelled["out"]
+    expected_ids = {derive_query_id(query_key(text)) for text, _ in QUERIES.values()}
+    eval_q = [json.loads(x) for x in (out / "queries.jsonl").read_text().splitlines()]
+    train = pq.read_table(out / "distillation" / "train.parquet").to_pylist()
+    eval_ids, train_ids = {q["_id"] for q in eval_q}, {r["query_id"] for r in train}
+    assert not eval_ids & train_ids  # evaluation never leaks into distillation
+    assert eval_ids | train_ids == expected_ids  # 25 distinct queries; upper-cased duplicates merged
+    assert 0 < len(eval_ids) < len(train_ids)
+    # Duplicates keep their most frequent spelling (the log's upper-cased copies count 2).
+    log = pq.read_table(labelled["log"]).to_pylist()
+    counts: dict[tuple[str, str], int] = {}
+    for row in log:
+        if row["query"] and row["query"].strip() and len(row["query"]) < 2048:
+            spelling = " ".join(row["query"].split())
+            key = (derive_query_id(query_key(spelling)), spelling)
+            counts[key] = counts.get(key, 0) + row["count"]
+    best: dict[str, tuple[int, str]] = {}
+    for (qid, spelling), n in counts.items():
+        if qid not in best or (-n, spelling) < (-best[qid][0], best[qid][1]):
+            best[qid] = (n, spelling)
+    assert {q["_id"]: q["text"] for q in eval_q} == {qid: best[qid][1] for qid in eval_ids}
+    assert {r["query_id"]: r["query"] for r in train} == {qid: best[qid][1] for qid in train_ids}
+
+
+def test_runs_qrels_and_labels_agree(labelled):
+    out = labelled["out"]
+    retrieval = list(ir_measures.read_trec_run(str(out / "runs" / "retrieval.trec")))
+    rerank = list(ir_measures.read_trec_run(str(out / "runs" / "rerank.trec")))
+    qrels = list(ir_measures.read_trec_qrels(str(out / "qrels" / "test.trec")))
+    tsv = (out / "qrels" / "test.tsv").read_text().splitlines()
+    assert tsv[0] == "query-id\tcorpus-id\tscore"
+    assert sorted(tuple(line.split("\t")) for line in tsv[1:]) == sorted(
+        (q.query_id, q.doc_id, str(q.relevance)) for q in qrels
+    )
+    eval_ids = {json.loads(x)["_id"] for x in (out / "queries.jsonl").read_text().splitlines()}
+    by_query: dict[str, list] = {}
+    for r in retrieval:
+        by_query.setdefault(r.query_id, []).append(r)
+    assert set(by_query) == eval_ids
+    for hits in by_query.values():
+        assert len(hits) == TOP_K and len({h.doc_id for h in hits}) == TOP_K  # one entry per document
+    teacher = {(r.query_id, r.doc_id): r.score for r in rerank}
+    assert set(teacher) == {(r.query_id, r.doc_id) for r in retrieval}
+    for q in qrels:  # graded from the teacher score: below 0.2 -> 0, [0.2, 0.35) -> 1, else 2
+        score = teacher[(q.query_id, q.doc_id)]
+        assert q.relevance == (0 if score < THRESHOLDS[0] else 1 if score < THRESHOLDS[1] else 2)
+    for qid in eval_ids:  # teacher order is by descending teacher score
+        scores = [r.score for r in sorted((r for r in rerank if r.query_id == qid), key=lambda r: r.score, reverse=True)]
+        assert scores == sorted(scores, reverse=True)
+
+
+def test_distillation_rows_are_consistent(labelled):
+    rows = pq.read_table(labelled["out"] / "distillation" / "train.parquet").to_pylist()
+    for r in rows:
+        assert len(r["doc_ids"]) == len(r["teacher_scores"]) == len(r["doc_texts"]) == TOP_K
+        scores = dict(zip(r["doc_ids"], r["teacher_scores"]))
+        assert set(r["positive_ids"]) == {d for d, s in scores.items() if s >= THRESHOLDS[0]}
+        assert set(r["negative_ids"]) <= {d for d, s in scores.items() if s < THRESHOLDS[0]}
+        assert all(0.0 <= s <= 1.0 and math.isfinite(s) for s in r["teacher_scores"])
+        assert all(text.strip() for text in r["doc_texts"])
+
+
+def test_bad_rows_are_dead_letters_and_counted(labelled):
+    out = labelled["out"]
+    dead = [json.loads(x) for x in (out / "dead_letters.jsonl").read_text().splitlines()]
+    assert sorted((d["stage"], d["reason"]) for d in dead) == EXPECTED_DEAD
+    assert len(dead) == 3 and all(d["source"].endswith("log.parquet") for d in dead)
+    assert labelled["summary"]["counters"]["dead_letters"] == 3
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["provenance"]["top_k"] == TOP_K
+    assert manifest["provenance"]["reranker"]["revision"].startswith("sha256:")
+
+
+def test_report_has_metrics_and_a_histogram(labelled):
+    report = (labelled["out"] / "report.md").read_text()
+    assert "nDCG@10" in report and "![Histogram of teacher scores](teacher_scores.png)" in report
+    assert (labelled["out"] / "teacher_scores.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_given_candidates_get_the_reference_scores(tmp_path, sample_dir, qwen3_reranker_dir):
+    from tests.test_qwen_rerank import CardReference
+
+    corpus = {r["id"]: r["text"] for r in pq.read_table(sample_dir["corpus"]).to_pylist()}
+    run = [("qa", "json", 1, 0.9), ("qa", "csv", 2, 0.8), ("qa", "pickle", 3, 0.7), ("qb", "gzip", 1, 0.5),
+           ("qb", "zlib", 2, 0.4), ("qb", "not-in-corpus", 3, 0.3), ("qz", "re", 1, 0.1)]  # fmt: skip
+    (tmp_path / "run.trec").write_text("".join(f"{q} Q0 {d} {r} {s} bm25\n" for q, d, r, s in run))
+    log = [{"query_id": "qa", "query": "encode objects as JSON", "count": 3},
+           {"query_id": "qb", "query": "compress bytes", "count": 1}]  # fmt: skip
+    pq.write_table(pa.Table.from_pylist(log), tmp_path / "log.parquet")
+    out = tmp_path / "out"
+    label.run(
+        ["--queries", str(tmp_path / "log.parquet"), "--out", str(out), "--reranker", str(qwen3_reranker_dir),
+         "--candidates", str(tmp_path / "run.trec"), "--corpus", sample_dir["corpus"], "--eval-fraction", "1.0",
+         "--query-id-column", "query_id", "--top-k", "3", "--device", "cpu"],
+        test_pipeline=TestPipeline(),
+    )  # fmt: skip
+    got = {(r.query_id, r.doc_id): r.score for r in ir_measures.read_trec_run(str(out / "runs" / "rerank.trec"))}
+    pairs = [("qa", "json"), ("qa", "csv"), ("qa", "pickle"), ("qb", "gzip"), ("qb", "zlib")]
+    assert sorted(got) == sorted(pairs)
+    texts = {q["query_id"]: q["query"] for q in log}
+    ref = CardReference(str(qwen3_reranker_dir)).scores([(texts[q], corpus[d]) for q, d in pairs])
+    for (q, d), want in zip(pairs, ref):
+        assert abs(got[(q, d)] - want) <= 1e-4
+    dead = [json.loads(x) for x in (out / "dead_letters.jsonl").read_text().splitlines()]
+    assert [(d["stage"], d["reason"]) for d in dead] == [
+        ("candidates", f"candidate 'not-in-corpus' is not in the corpus {sample_dir['corpus']}")
+    ]
