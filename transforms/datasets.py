@@ -67,6 +67,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from typing import Any, Literal
 
 import apache_beam as beam
+from apache_beam.metrics import Metrics
 import ir_measures
 import numpy as np
 import pyarrow as pa
@@ -698,6 +699,7 @@ class _WriteLabelDatasetsFn(beam.DoFn):
         self.config = config
 
     def process(self, items: list[QueryJudgements], counts: Iterable[tuple[str, int]] = ()):
+        started = time.perf_counter()
         summed: dict[str, int] = {}
         for name, n in counts:
             summed[name] = summed.get(name, 0) + int(n)
@@ -706,6 +708,7 @@ class _WriteLabelDatasetsFn(beam.DoFn):
         paths += write_files(
             self.out_dir, {RUN_STATS_FILE: run_stats_json(self.config.started_at, time.time())}
         )
+        Metrics.counter("corpus_etl", "write_ms").inc(int((time.perf_counter() - started) * 1000))
         yield from paths
 
 

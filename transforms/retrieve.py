@@ -11,6 +11,7 @@ what the first stage actually matched.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterable
 from typing import Any
 
@@ -36,14 +37,17 @@ class _SearchIndex(beam.DoFn):
         self.top_k = top_k
         self.no_hits = Metrics.counter("corpus_etl", "queries_without_candidates")
         self.candidates = Metrics.counter("corpus_etl", "candidates")
+        self.search_ms = Metrics.counter("corpus_etl", "search_ms")
 
     def setup(self) -> None:
         self.client, self.lock = shared_client(self.qdrant)
 
     def process(self, element: tuple[Query, Any]):
         query, vector = element
+        started = time.perf_counter()
         with self.lock:
             hits = search_documents(self.client, self.collection, vector, self.top_k)
+        self.search_ms.inc(int((time.perf_counter() - started) * 1000))
         if not hits:
             self.no_hits.inc()
         self.candidates.inc(len(hits))

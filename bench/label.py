@@ -1,0 +1,126 @@
+"""Label pipeline throughput: pairs/s of the whole job, and where the time goes.
+
+    python bench/label.py [--reranker tiny|0.6b] [--queries N] [--top-k K] [--write]
+
+Builds the stdlib sample corpus, indexes it with the offline MiniLM model (not timed),
+then runs `corpus-etl label` on DirectRunner and reads the job's own Beam metrics for the
+split: retrieval = query embedding (RunInference latency of that step) + Qdrant search;
+scoring = reranker RunInference latency; writing = the dataset writer; the rest is Beam
+(reading, shuffles, joins) and model loading. `--reranker 0.6b` uses the exact
+Qwen3-Reranker-0.6B config with random weights (same cost as the real one).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import os
+import platform
+import sys
+import tempfile
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import pyarrow as pa  # noqa: E402
+import pyarrow.parquet as pq  # noqa: E402
+from apache_beam.testing.test_pipeline import TestPipeline  # noqa: E402
+
+from bench.common import machine, replace_section  # noqa: E402
+from pipelines import index, label  # noqa: E402
+from pipelines.sample import QUERIES, write_sample  # noqa: E402
+from transforms.qdrant import QdrantConfig, close_client  # noqa: E402
+
+
+def step_latency_s(result, step_fragment: str) -> float:
+    """Sum of RunInference batch latencies of the step whose name contains ``step_fragment``."""
+    total_us = 0
+    for d in result.metrics().query()["distributions"]:
+        if d.key.metric.name == "inference_batch_latency_micro_secs" and step_fragment in d.key.step:
+            value = d.committed or d.attempted
+            total_us += value.sum if value else 0
+    return total_us / 1e6
+
+
+def run_once(args, tmp: str, reranker: str, qdrant: str, log: str, out: str) -> dict:
+    argv = [
+        "--queries", log, "--out", out, "--reranker", reranker, "--collection", "docs",
+        "--model", "sentence-transformers/all-MiniLM-L6-v2", "--qdrant-path", qdrant,
+        "--top-k", str(args.top_k), "--device", "cpu", "--progress-interval", "30",
+    ]  # fmt: skip
+    holder: dict = {}
+
+    class Capturing(TestPipeline):
+        def run(self, test_runner_api="AUTO"):
+            holder["result"] = super().run(test_runner_api)
+            return holder["result"]
+
+    started = time.perf_counter()
+    summary = label.run(argv, test_pipeline=Capturing())
+    wall = time.perf_counter() - started
+    result = holder["result"]
+    c = summary["counters"]
+    pairs = c.get("judgements", 0)
+    retrieval = step_latency_s(result, "EmbedQueries") + c.get("search_ms", 0) / 1000
+    scoring = step_latency_s(result, "Rerank")
+    writing = c.get("write_ms", 0) / 1000
+    return {"pairs": pairs, "queries": c.get("queries_labelled", 0), "wall_s": wall, "retrieval_s": retrieval,
+            "scoring_s": scoring, "writing_s": writing, "pairs_per_s": pairs / wall}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--reranker", choices=["tiny", "0.6b"], default="tiny")
+    parser.add_argument("--queries", type=int, default=25, help="distinct queries in the log (max 25 x copies)")
+    parser.add_argument("--copies", type=int, default=1, help="repeat the query set with suffixes to get more queries")
+    parser.add_argument("--top-k", type=int, default=10)
+    parser.add_argument("--write", action="store_true", help="record the figures in BENCHMARKS.md")
+    args = parser.parse_args()
+
+    from transforms.qwen_offline import RERANKER_CONFIGS, build_qwen3_reranker
+
+    tmp = tempfile.mkdtemp(prefix="bench-label-")
+    sample = write_sample(os.path.join(tmp, "sample"))
+    qdrant = os.path.join(tmp, "qdrant")
+    index.run(["--input", sample["corpus"], "--collection", "docs", "--model", "sentence-transformers/all-MiniLM-L6-v2",
+               "--qdrant-path", qdrant, "--title-column", "title", "--chunk-tokens", "128", "--chunk-overlap", "16"],
+              test_pipeline=TestPipeline())  # fmt: skip
+    texts = [t for t, _ in QUERIES.values()]
+    log_rows = [{"query_id": None, "query": f"{t} {'(variant %d)' % c if c else ''}".strip(), "count": 1}
+                for c in range(args.copies) for t in texts][: args.queries * args.copies]  # fmt: skip
+    log = os.path.join(tmp, "log.parquet")
+    pq.write_table(pa.Table.from_pylist(log_rows), log)
+    reranker = str(build_qwen3_reranker(os.path.join(tmp, "reranker"), RERANKER_CONFIGS.get(args.reranker)))
+    r = run_once(args, tmp, reranker, qdrant, log, os.path.join(tmp, "out"))
+    close_client(QdrantConfig(path=qdrant))
+    other = max(r["wall_s"] - r["retrieval_s"] - r["scoring_s"] - r["writing_s"], 0.0)
+    share = {k: v / r["wall_s"] for k, v in
+             (("retrieval", r["retrieval_s"]), ("scoring", r["scoring_s"]), ("writing", r["writing_s"]), ("other", other))}
+    lines = [
+        f"| reranker | queries | pairs | wall s | pairs/s | retrieval | scoring | writing | Beam + loading |",
+        "|---|---|---|---|---|---|---|---|---|",
+        f"| {args.reranker} | {r['queries']} | {r['pairs']} | {r['wall_s']:.1f} | {r['pairs_per_s']:.1f} | "
+        f"{share['retrieval']:.0%} ({r['retrieval_s']:.1f}s) | {share['scoring']:.0%} ({r['scoring_s']:.1f}s) | "
+        f"{share['writing']:.0%} ({r['writing_s']:.2f}s) | {share['other']:.0%} ({other:.1f}s) |",
+    ]
+    print("\n".join(lines))
+    if args.write:
+        cmd = "python bench/label.py " + " ".join(sys.argv[1:])
+        body = [
+            f"Command: `{cmd}`  ",
+            f"Machine: {machine()}  ",
+            f"Date: {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC  ",
+            f"Python {platform.python_version()}; first stage: MiniLM index of the stdlib sample corpus "
+            f"(chunks of 128 tokens), top {args.top_k}; DirectRunner; CPU only.",
+            "",
+            *lines,
+            "",
+            "Shares come from the job's own Beam metrics: RunInference batch latency of the query-embedding and "
+            "reranking steps, the Qdrant search time, and the writer's time; the rest is Beam itself "
+            "(Parquet read, shuffles, joins) and model loading.",
+        ]
+        replace_section("BENCHMARKS.md", f"Label pipeline on CPU ({args.reranker} reranker)", body)
+
+
+if __name__ == "__main__":
+    main()
