@@ -32,6 +32,7 @@ def test_windows_and_offsets_are_exact(minilm_path):
     assert [c.text for c in chunks] == [" ".join(WORDS[a:b]) for a, b in expected]
     assert [c.chunk_index for c in chunks] == [0, 1, 2]
     assert [c.n_tokens for c in chunks] == [10, 10, 10]
+    assert [c.n_chunks for c in chunks] == [3, 3, 3]
     assert all(c.embed_text == c.text and c.doc_id == "d" for c in chunks)
 
 

@@ -84,6 +84,21 @@ def test_rewrites_overwrite_and_batches_respect_the_byte_bound(qdrant):
     assert d0.payload["text"] == "y" and d0.vector == pytest.approx([0, 0, 1, 0])
 
 
+def test_a_shorter_document_loses_its_stale_chunks(qdrant):
+    client, _ = shared_client(qdrant)
+    ensure_collection(client, "c", 2)
+
+    def doc(doc_id: str, n: int) -> list[EmbeddedChunk]:
+        return [
+            EmbeddedChunk(Chunk(doc_id, i, "t", 0, 1, 3, "t", n_chunks=n), (1.0, float(i))) for i in range(n)
+        ]
+
+    _write(qdrant, doc("long", 4) + doc("other", 3))
+    _write(qdrant, doc("long", 2))  # the document was edited down to two chunks
+    left = sorted((p.payload["doc_id"], p.payload["chunk_index"]) for p in client.scroll("c", limit=100)[0])
+    assert left == [("long", 0), ("long", 1), ("other", 0), ("other", 1), ("other", 2)]
+
+
 def test_search_groups_chunks_by_document(qdrant):
     client, _ = shared_client(qdrant)
     ensure_collection(client, "c", 2)

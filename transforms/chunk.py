@@ -100,7 +100,7 @@ class Chunker:
                 )
             )
             if end >= n:
-                return chunks
+                return [dataclasses.replace(c, n_chunks=len(chunks)) for c in chunks]
             start += step
 
     def _whole(self, doc: Document, prefix: str) -> Chunk:

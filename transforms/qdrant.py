@@ -6,6 +6,10 @@ Guarantees:
 - Upserts are sent in batches bounded by point count and by bytes (default 8 MiB, well
   under Qdrant's 32 MiB request limit), with ``wait=True`` so a finished bundle means
   durable points.
+- A document that now has fewer chunks than when it was last indexed loses its stale
+  points: with each document's first chunk, points of that ``doc_id`` with
+  ``chunk_index >= n_chunks`` are deleted (a no-op on a fresh collection). Only indexes
+  this run never writes are deleted, so the order of bundles does not matter.
 - Transient failures (connection errors, timeouts, HTTP 429/5xx, gRPC UNAVAILABLE and the
   like) are retried with exponential backoff and jitter; client errors (HTTP 4xx, gRPC
   INVALID_ARGUMENT...) are raised at once with Qdrant's message, since retrying them
@@ -122,8 +126,9 @@ def ensure_collection(client: QdrantClient, name: str, size: int, *, create: boo
         raise ValueError(f"collection {name!r} does not exist")
     client.create_collection(name, vectors_config=models.VectorParams(size=size, distance=models.Distance.COSINE))
     if not isinstance(getattr(client, "_client", None), QdrantLocal):
-        # Grouping and filtering by document use this index on a server (local mode has none).
+        # Grouping by document and stale-chunk deletes use these on a server (local mode has none).
         client.create_payload_index(name, "doc_id", models.PayloadSchemaType.KEYWORD)
+        client.create_payload_index(name, "chunk_index", models.PayloadSchemaType.INTEGER)
     return True
 
 
@@ -195,6 +200,16 @@ def to_point(item: EmbeddedChunk, model_id: str) -> models.PointStruct:
     return models.PointStruct(id=chunk.point_id, vector=list(item.vector), payload=payload)
 
 
+def stale_chunks_filter(doc_id: str, n_chunks: int) -> models.Filter:
+    """Points of ``doc_id`` beyond its current last chunk (left over from a longer version)."""
+    return models.Filter(
+        must=[
+            models.FieldCondition(key="doc_id", match=models.MatchValue(value=doc_id)),
+            models.FieldCondition(key="chunk_index", range=models.Range(gte=n_chunks)),
+        ]
+    )
+
+
 def point_bytes(point: models.PointStruct) -> int:
     """Size of the point in a JSON request, closely enough to bound a batch under the limit."""
     vector = point.vector if isinstance(point.vector, list) else []
@@ -218,9 +233,12 @@ class _UpsertPoints(beam.DoFn):
     def start_bundle(self) -> None:
         self.buffer: list[models.PointStruct] = []
         self.buffer_bytes = 0
+        self.stale: list[models.Filter] = []
 
     def process(self, item: EmbeddedChunk):
         point = to_point(item, self.model_id)
+        if item.chunk.chunk_index == 0:
+            self.stale.append(stale_chunks_filter(item.chunk.doc_id, item.chunk.n_chunks))
         size = point_bytes(point)
         if self.buffer and self.buffer_bytes + size > self.batch_bytes:
             self._flush()
@@ -236,10 +254,16 @@ class _UpsertPoints(beam.DoFn):
         if not self.buffer:
             return
         points, self.buffer, self.buffer_bytes = self.buffer, [], 0
+        stale, self.stale = self.stale, []
 
         def upsert() -> None:
             with self.lock:
                 self.client.upsert(self.collection, points=points, wait=True)
+                if stale:
+                    self.client.delete(
+                        self.collection, points_selector=models.FilterSelector(filter=models.Filter(should=stale)),
+                        wait=True,
+                    )
 
         with_retries(upsert, on_retry=lambda exc, attempt: self.retries.inc())
         self.written.inc(len(points))

@@ -55,6 +55,7 @@ class Chunk:
     title: str | None = None
     metadata: dict[str, Any] = dataclasses.field(default_factory=dict)
     truncated: bool = False
+    n_chunks: int = 1  # chunks of the whole document: a rerun deletes stale higher indexes
 
     @property
     def point_id(self) -> str:
