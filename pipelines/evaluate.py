@@ -13,9 +13,16 @@ from typing import Any
 import ir_measures
 import pyarrow.parquet as pq
 from apache_beam.io.filesystems import FileSystems
-from ir_measures import R, RR, nDCG
+from ir_measures import RR, R, nDCG
 
-from pipelines.common import HelpFormatter, add_model_arguments, add_qdrant_arguments, qdrant_config, setup_logging, write_json
+from pipelines.common import (
+    HelpFormatter,
+    add_model_arguments,
+    add_qdrant_arguments,
+    qdrant_config,
+    setup_logging,
+    write_json,
+)
 from pipelines.search import Searcher, encoder_from_args
 
 MEASURES = {"nDCG@10": nDCG @ 10, "MRR@10": RR @ 10, "Recall@100": R @ 100}

@@ -115,7 +115,7 @@ def write_sample(out: str) -> dict[str, str]:
                 if doc in ids:
                     f.write(f"{qid}\t{doc}\t{grade}\n")
     log = []
-    for i, (qid, (text, _)) in enumerate(QUERIES.items()):
+    for i, (text, _) in enumerate(QUERIES.values()):
         log.append({"query_id": None, "query": text, "count": 1 + (i * 7) % 13})
         if i % 4 == 0:  # the same query again, differently spelled: de-duplicated, counts summed
             log.append({"query_id": None, "query": "  " + text.upper() + " ", "count": 2})

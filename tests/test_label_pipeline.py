@@ -15,6 +15,7 @@ from apache_beam.testing.test_pipeline import TestPipeline
 
 from pipelines import index, label
 from pipelines.sample import QUERIES
+from tests.qwen_reference import CardReference
 from transforms.qdrant import QdrantConfig, close_client
 from transforms.queries import derive_query_id, query_key
 
@@ -164,8 +165,6 @@ def test_report_has_metrics_and_a_histogram(labelled):
 
 
 def test_given_candidates_get_the_reference_scores(tmp_path, sample_dir, qwen3_reranker_dir):
-    from tests.test_qwen_rerank import CardReference
-
     corpus = {r["id"]: r["text"] for r in pq.read_table(sample_dir["corpus"]).to_pylist()}
     run = [("qa", "json", 1, 0.9), ("qa", "csv", 2, 0.8), ("qa", "pickle", 3, 0.7), ("qb", "gzip", 1, 0.5),
            ("qb", "zlib", 2, 0.4), ("qb", "not-in-corpus", 3, 0.3), ("qz", "re", 1, 0.1)]  # fmt: skip

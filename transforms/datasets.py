@@ -67,12 +67,12 @@ from collections.abc import Iterable, Mapping, Sequence
 from typing import Any, Literal
 
 import apache_beam as beam
-from apache_beam.metrics import Metrics
 import ir_measures
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 from apache_beam.io.filesystems import FileSystems
+from apache_beam.metrics import Metrics
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 

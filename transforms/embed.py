@@ -23,7 +23,7 @@ import numpy as np
 import torch
 from apache_beam.ml.inference.base import ModelHandler
 
-from transforms.gpu import default_dtype, default_token_budget, resolve_device, run_splitting_on_oom
+from transforms.gpu import default_dtype, default_token_budget, resolve_device, run_in_token_budget
 from transforms.inference import DEAD, RunInferenceByTokens
 from transforms.models import SentenceTransformerSettings, max_input_length, resolve_model
 from transforms.progress import reporter
@@ -134,26 +134,7 @@ class TextEncoder:
 
     def encode_ids(self, ids: Sequence[list[int]]) -> tuple[list[np.ndarray | None], list[tuple[int, str]]]:
         """Vectors for pre-tokenised inputs; failures (out of memory alone) are returned, not raised."""
-        order = sorted(range(len(ids)), key=lambda i: len(ids[i]))
-        out: list[np.ndarray | None] = [None] * len(ids)
-        failures: list[tuple[int, str]] = []
-        for batch in self._budget_batches(order, ids):
-            vecs, fails = run_splitting_on_oom(lambda b: self._forward([ids[i] for i in b]), batch)
-            for i, v in zip(batch, vecs):
-                out[i] = v
-            failures.extend((batch[j], reason) for j, reason in fails)
-        return out, failures
-
-    def _budget_batches(self, order: list[int], ids: Sequence[list[int]]) -> Iterable[list[int]]:
-        batch: list[int] = []
-        for i in order:
-            longest = len(ids[i])  # ascending order: the newest element is the longest
-            if batch and longest * (len(batch) + 1) > self.token_budget:
-                yield batch
-                batch = []
-            batch.append(i)
-        if batch:
-            yield batch
+        return run_in_token_budget(ids, self.token_budget, self._forward)
 
     @torch.inference_mode()
     def _forward(self, ids: Sequence[list[int]]) -> list[np.ndarray]:

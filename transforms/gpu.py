@@ -103,3 +103,39 @@ def run_splitting_on_oom(
             continue
         results[lo:hi] = out
     return results, sorted(failures)
+
+
+def budget_batches(lengths: Sequence[int], token_budget: int) -> list[list[int]]:
+    """Indexes sorted by length, cut into batches whose padded size (longest × count) fits the budget.
+
+    Sorting first keeps similar lengths together, so padding is small; an element longer
+    than the budget still gets a batch of its own.
+    """
+    batches: list[list[int]] = []
+    batch: list[int] = []
+    for i in sorted(range(len(lengths)), key=lambda i: lengths[i]):
+        if batch and lengths[i] * (len(batch) + 1) > token_budget:  # ascending: i is the longest
+            batches.append(batch)
+            batch = []
+        batch.append(i)
+    if batch:
+        batches.append(batch)
+    return batches
+
+
+def run_in_token_budget(
+    ids: Sequence[list[int]], token_budget: int, forward: Callable[[list[list[int]]], list[R]]
+) -> tuple[list[R | None], list[tuple[int, str]]]:
+    """``forward`` over length-sorted, budget-sized batches of ``ids``, results back in input order.
+
+    Out-of-memory batches are split and retried (``run_splitting_on_oom``); elements that fail
+    alone come back as ``None`` with ``(index, reason)`` in the failures.
+    """
+    out: list[R | None] = [None] * len(ids)
+    failures: list[tuple[int, str]] = []
+    for batch in budget_batches([len(x) for x in ids], token_budget):
+        results, fails = run_splitting_on_oom(lambda b: forward([ids[i] for i in b]), batch)
+        for i, r in zip(batch, results):
+            out[i] = r
+        failures.extend((batch[j], reason) for j, reason in fails)
+    return out, sorted(failures)

@@ -1,0 +1,359 @@
+"""GPU embedding throughput: sentence-transformers vs a plain padded loop vs ``TextEncoder``.
+
+    python bench/gpu_embed.py [--size 0.6b|4b|8b] [--docs N] [--write]
+    python bench/gpu_embed.py --smoke            # tiny config, few docs, CPU: checks it runs
+
+The model is Qwen3-Embedding with the exact published config of ``--size`` and random bf16
+weights (same FLOPs and memory as the real one; the vectors are meaningless), built with
+``transforms.qwen_offline`` into a temporary directory laid out like the real repository.
+Documents are 50-512 tokens (mean ~320) cut from the Python standard library's docstrings.
+
+Compared, on the same documents:
+
+* ``sentence-transformers`` ``encode`` at batch 32 and 512 (it sorts by characters and pads
+  each batch to its longest text);
+* a plain transformers loop: tokenise, sort by length, cut into padded-token-budget batches,
+  last-token pooling, normalise;
+* the project's ``TextEncoder`` (``transforms/embed.py``).
+
+Reported: documents/s, tokens/s (real tokens, EOS included, padding not counted), padding
+overhead, peak GPU memory, and MFU = 2 * non-embedding params * tokens/s / 800e12 (the
+H100 bf16 peak used here; attention's own FLOPs are left out, so MFU is a lower bound).
+``--write`` appends a dated section to BENCHMARKS.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import datetime
+import gc
+import os
+import random
+import shlex
+import sys
+import sysconfig
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+from bench.common import machine, replace_section  # noqa: E402
+from transforms.qwen_offline import (  # noqa: E402
+    EMBEDDING_CONFIGS,
+    TINY_QWEN3,
+    build_qwen3_embedding,
+    non_embedding_params,
+)
+
+PEAK_FLOPS = 800e12  # H100 bf16 dense peak as this project counts it
+MFU_FORMULA = "MFU = 2 * N_non_embedding * tokens_per_s / 800e12"
+SMOKE_NOTE = " Smoke run on CPU: MFU is relative to the H100 peak and meaningless here."
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+# -- shared with bench/gpu_rerank.py ---------------------------------------------------------------
+def stdlib_text(max_files: int = 400) -> str:
+    """English prose from the standard library's docstrings (module, class and function)."""
+    root = Path(sysconfig.get_paths()["stdlib"])
+    parts: list[str] = []
+    for path in sorted(root.glob("*.py"))[:max_files]:
+        try:
+            tree = ast.parse(path.read_text(encoding="utf-8", errors="replace"))
+        except (SyntaxError, ValueError):
+            continue
+        for node in ast.walk(tree):
+            if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)):
+                doc = ast.get_docstring(node)
+                if doc and len(doc) > 80:
+                    parts.append(doc)
+    return "\n\n".join(parts)
+
+
+def sample_lengths(n: int, *, low: int, high: int, mean: float, seed: int) -> list[int]:
+    """``n`` lengths in [low, high] from a scaled Beta(a, b) with the given mean (a + b = 5)."""
+    rng = random.Random(seed)
+    a = 5 * (mean - low) / (high - low)
+    return [int(round(low + (high - low) * rng.betavariate(a, 5 - a))) for _ in range(n)]
+
+
+def realish_texts(tokenizer: Any, lengths: Sequence[int], *, seed: int, text: str | None = None) -> list[str]:
+    """Texts of about ``lengths`` tokens each: windows of the stdlib docstring token stream."""
+    stream = tokenizer(text or stdlib_text(), add_special_tokens=False, verbose=False)["input_ids"]
+    rng = random.Random(seed)
+    out = []
+    for n in lengths:
+        start = rng.randrange(0, max(len(stream) - n, 1))
+        out.append(tokenizer.decode(stream[start : start + n]).strip())
+    return out
+
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"CPU ({machine()})"
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def reset_memory(device: torch.device) -> None:
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+def peak_gib(device: torch.device) -> float | None:
+    return torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
+
+
+def mfu(params: int, tokens_per_s: float) -> float:
+    return 2 * params * tokens_per_s / PEAK_FLOPS
+
+
+def write_section(path: Path, title: str, args_line: str, device: str, lines: list[str]) -> None:
+    stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    body = [f"Command: `{args_line}`", "", f"Device: {device}", "", f"Date: {stamp}", "", *lines]
+    replace_section(str(path), f"{title} ({stamp})", body)
+
+
+def command_line() -> str:
+    return "python " + " ".join(
+        shlex.quote(a) for a in [os.path.relpath(sys.argv[0], REPO_ROOT), *sys.argv[1:]]
+    )
+
+
+@dataclass
+class Result:
+    name: str
+    seconds: float
+    items: int
+    tokens: int
+    padded_tokens: int | None
+    peak_gib: float | None
+    agreement: float | None = None  # min cosine (embeddings) / max |diff| (scores) against ours
+
+    def row(self, params: int, unit: str) -> str:
+        tps = self.tokens / self.seconds
+        pad = f"{self.padded_tokens / self.tokens - 1:.0%}" if self.padded_tokens else "n/a"
+        mem = f"{self.peak_gib:.1f}" if self.peak_gib is not None else "n/a"
+        agree = f"{self.agreement:.4f}" if self.agreement is not None else "-"
+        return (
+            f"| {self.name} | {self.seconds:.2f} | {self.items / self.seconds:,.1f} {unit}/s | {tps:,.0f} | "
+            f"{mfu(params, tps):.1%} | {pad} | {mem} | {agree} |"
+        )
+
+
+def table_header(agreement: str) -> list[str]:
+    return [
+        f"| method | wall s | throughput | tokens/s | MFU | padding | peak GiB | {agreement} |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+
+
+def timed(device: torch.device, fn: Callable[[], Any]) -> tuple[Any, float]:
+    sync(device)
+    started = time.perf_counter()
+    out = fn()
+    sync(device)
+    return out, time.perf_counter() - started
+
+
+def budget_batches(lengths: Sequence[int], budget: int) -> list[list[int]]:
+    """Indices sorted by length, cut so that longest * count <= budget."""
+    batches: list[list[int]] = []
+    batch: list[int] = []
+    for i in sorted(range(len(lengths)), key=lengths.__getitem__):
+        if batch and lengths[i] * (len(batch) + 1) > budget:
+            batches.append(batch)
+            batch = []
+        batch.append(i)
+    if batch:
+        batches.append(batch)
+    return batches
+
+
+# -- the three embedding methods ---------------------------------------------------------------
+def run_sentence_transformers(
+    path: str, docs: list[str], device: torch.device, dtype: torch.dtype, batch: int
+):
+    from sentence_transformers import SentenceTransformer
+
+    st = SentenceTransformer(path, device=str(device), model_kwargs={"dtype": dtype})
+    st.to(dtype)
+    st.encode(docs[:batch], batch_size=batch)  # warm-up
+    reset_memory(device)
+    vectors, seconds = timed(device, lambda: st.encode(docs, batch_size=batch, convert_to_numpy=True))
+    # sentence-transformers sorts by characters, then pads each batch to its longest text.
+    lengths = [len(x) for x in st.tokenizer(docs, truncation=True, max_length=st.max_seq_length)["input_ids"]]
+    by_chars = sorted(range(len(docs)), key=lambda i: -len(docs[i]))
+    padded = sum(
+        max(lengths[i] for i in by_chars[s : s + batch]) * len(by_chars[s : s + batch])
+        for s in range(0, len(docs), batch)
+    )
+    result = Result(
+        f"sentence-transformers encode, batch {batch}",
+        seconds,
+        len(docs),
+        sum(lengths),
+        padded,
+        peak_gib(device),
+    )
+    return np.asarray(vectors, dtype=np.float32), result
+
+
+@torch.inference_mode()
+def run_plain_loop(path: str, docs: list[str], device: torch.device, dtype: torch.dtype, budget: int):
+    from transformers import AutoModel, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(path, padding_side="left")
+    model = AutoModel.from_pretrained(path, dtype=dtype).to(device).eval()
+
+    def encode() -> tuple[np.ndarray, int, int]:
+        ids = tok(docs, truncation=True, max_length=8192)["input_ids"]
+        lengths = [len(x) for x in ids]
+        out = np.zeros((len(docs), model.config.hidden_size), np.float32)
+        padded = 0
+        for batch in budget_batches(lengths, budget):
+            enc = tok.pad({"input_ids": [ids[i] for i in batch]}, padding=True, return_tensors="pt").to(
+                device
+            )
+            hidden = model(**enc, use_cache=False).last_hidden_state[:, -1]  # left padding: last column
+            out[batch] = torch.nn.functional.normalize(hidden.float(), dim=1).cpu().numpy()
+            padded += enc["input_ids"].numel()
+        return out, sum(lengths), padded
+
+    encode_warm = docs[:32]
+    tok(encode_warm)
+    reset_memory(device)
+    (vectors, tokens, padded), seconds = timed(device, encode)
+    result = Result(
+        f"transformers loop, sorted, {budget} token budget",
+        seconds,
+        len(docs),
+        tokens,
+        padded,
+        peak_gib(device),
+    )
+    return vectors, result
+
+
+def run_text_encoder(
+    path: str, docs: list[str], device: torch.device, dtype: torch.dtype, budget: int | None
+):
+    from transforms.embed import TextEncoder
+
+    encoder = TextEncoder(path, device=str(device), dtype=dtype, token_budget=budget).load()
+    encoder.encode(docs[:32])  # warm-up
+    reset_memory(device)
+    vectors, seconds = timed(device, lambda: encoder.encode(docs))
+    lengths = encoder.count_tokens(docs)
+    padded = sum(max(lengths[i] for i in b) * len(b) for b in budget_batches(lengths, encoder.token_budget))
+    result = Result(
+        f"TextEncoder (ours), {encoder.token_budget} token budget",
+        seconds,
+        len(docs),
+        sum(lengths),
+        padded,
+        peak_gib(device),
+    )
+    return vectors, result, encoder.token_budget
+
+
+# -- main ----------------------------------------------------------------------------------------
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--size", choices=sorted(EMBEDDING_CONFIGS), default="0.6b")
+    parser.add_argument("--docs", type=int, default=2048)
+    parser.add_argument("--device", default=None, help="default: cuda (cpu with --smoke)")
+    parser.add_argument("--token-budget", type=int, default=None, help="padded tokens per forward pass")
+    parser.add_argument("--model-dir", default=None, help="reuse (or keep) the random-weight model here")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--smoke", action="store_true", help="tiny config, 24 docs: checks the script runs")
+    parser.add_argument("--write", action="store_true", help="append the figures to BENCHMARKS.md")
+    parser.add_argument("--benchmarks-file", default=str(REPO_ROOT / "BENCHMARKS.md"))
+    args = parser.parse_args(argv)
+
+    from transforms.gpu import default_dtype, resolve_device
+
+    device = resolve_device(args.device or ("cpu" if args.smoke else "cuda"))
+    dtype = default_dtype(device)
+    config = TINY_QWEN3 if args.smoke else EMBEDDING_CONFIGS[args.size]
+    n_docs = min(args.docs, 24) if args.smoke else args.docs
+    label = "tiny (smoke)" if args.smoke else f"Qwen3-Embedding-{args.size.upper()} config"
+    params = non_embedding_params(config)
+
+    model_dir = Path(args.model_dir or tempfile.mkdtemp(prefix="bench-embed-"))
+    if not (model_dir / "config.json").exists():
+        print(f"building random-weight {label} in {model_dir} ...", flush=True)
+        build_qwen3_embedding(
+            model_dir,
+            config,
+            seed=args.seed,
+            dtype=torch.bfloat16 if device.type == "cuda" else torch.float32,
+            device=device,
+            check=False,
+        )
+        reset_memory(device)
+    path = str(model_dir)
+
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(path)
+    lengths = sample_lengths(n_docs, low=50, high=512, mean=320, seed=args.seed)
+    docs = realish_texts(tok, lengths, seed=args.seed)
+    print(
+        f"{n_docs} documents, {sum(lengths):,} tokens (mean {np.mean(lengths):.0f}); {label}; "
+        f"{params / 1e6:,.0f}M non-embedding params; {device_name(device)}; {dtype}",
+        flush=True,
+    )
+
+    # Ours first: its token budget (from free GPU memory unless given) is reused by the plain loop,
+    # so the two differ only in implementation.
+    ours, ours_result, budget = run_text_encoder(path, docs, device, dtype, args.token_budget)
+    reset_memory(device)
+    results = []
+    for run in (
+        lambda: run_sentence_transformers(path, docs, device, dtype, 32),
+        lambda: run_sentence_transformers(path, docs, device, dtype, 512),
+        lambda: run_plain_loop(path, docs, device, dtype, budget),
+    ):
+        vectors, result = run()
+        result.agreement = float((vectors * ours).sum(axis=1).min())
+        results.append(result)
+        reset_memory(device)
+        print(result.row(params, "docs"), flush=True)
+    results.append(ours_result)
+    print(ours_result.row(params, "docs"), flush=True)
+
+    lines = [
+        f"{label}, random {str(dtype).removeprefix('torch.')} weights; {n_docs} documents of 50-512 tokens "
+        f"(mean {np.mean(lengths):.0f}), {sum(r.tokens for r in results[-1:]):,} tokens.",
+        "",
+        *table_header("min cosine to ours"),
+        *(r.row(params, "docs") for r in results),
+        "",
+        f"{MFU_FORMULA}, N_non_embedding = {params:,}; attention FLOPs not counted."
+        + (SMOKE_NOTE if args.smoke else ""),
+    ]
+    print("\n".join(lines))
+    if args.write:
+        title = f"GPU embedding: {label} on {device_name(device)}"
+        write_section(Path(args.benchmarks_file), title, command_line(), device_name(device), lines)
+        print(f"appended to {args.benchmarks_file}")
+
+
+if __name__ == "__main__":
+    main()

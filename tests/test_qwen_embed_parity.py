@@ -1,0 +1,164 @@
+"""TextEncoder against the Qwen3-Embedding model card's own code.
+
+The reference is the card's transformers usage: ``AutoTokenizer(padding_side='left')``,
+``AutoModel``, ``last_token_pool``, ``get_detailed_instruct`` for queries, ``F.normalize``;
+for Matryoshka dimensions, truncate then normalise. The model is a tiny random Qwen3Model
+with the real tokenizer and the repository's sentence-transformers files
+(tests/qwen_fixtures.py); tolerance 1e-4 in fp32.
+"""
+
+from __future__ import annotations
+
+import random
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+from transformers import AutoModel, AutoTokenizer
+
+from transforms.embed import TextEncoder
+
+TOL = 1e-4
+DEFAULT_TASK = "Given a web search query, retrieve relevant passages that answer the query"
+
+
+# -- the model card's code ---------------------------------------------------------------------
+def last_token_pool(last_hidden_states: Tensor,
+                 attention_mask: Tensor) -> Tensor:
+    left_padding = (attention_mask[:, -1].sum() == attention_mask.shape[0])
+    if left_padding:
+        return last_hidden_states[:, -1]
+    else:
+        sequence_lengths = attention_mask.sum(dim=1) - 1
+        batch_size = last_hidden_states.shape[0]
+        return last_hidden_states[torch.arange(batch_size, device=last_hidden_states.device), sequence_lengths]
+
+
+def get_detailed_instruct(task_description: str, query: str) -> str:
+    return f'Instruct: {task_description}\nQuery:{query}'
+
+
+class CardReference:
+    def __init__(self, path):
+        self.tokenizer = AutoTokenizer.from_pretrained(path, padding_side='left')
+        self.model = AutoModel.from_pretrained(path).eval()
+
+    @torch.no_grad()
+    def embed(self, input_texts, max_length=8192, dim=None):
+        batch_dict = self.tokenizer(
+            input_texts,
+            padding=True,
+            truncation=True,
+            max_length=max_length,
+            return_tensors="pt",
+        )
+        batch_dict.to(self.model.device)
+        outputs = self.model(**batch_dict)
+        embeddings = last_token_pool(outputs.last_hidden_state, batch_dict['attention_mask'])
+        if dim is not None:
+            embeddings = embeddings[:, :dim]  # MRL: truncate, then normalise
+        embeddings = F.normalize(embeddings, p=2, dim=1)
+        return embeddings.numpy()
+
+
+# -- data --------------------------------------------------------------------------------------
+_RNG = random.Random(11)
+_WORDS = (
+    "the capital of China is Beijing gravity force attracts two bodies towards each other weight "
+    "physical objects planets sun 2025 café 北京 naïve Straße\n"
+).split(" ")
+DOCS = [
+    "The capital of China is Beijing.",
+    "Gravity is a force that attracts two bodies towards each other. It gives weight to physical "
+    "objects and is responsible for the movement of planets around the sun.",
+    "y",
+    "",
+    *(" ".join(_RNG.choices(_WORDS, k=n)) for n in (4, 25, 60, 120)),
+]
+QUERIES = ["What is the capital of China?", "Explain gravity", "où est Pékin ? 2025"]
+
+
+@pytest.fixture(scope="module")
+def reference(qwen3_embedding_dir):
+    return CardReference(qwen3_embedding_dir)
+
+
+@pytest.fixture(scope="module")
+def encoder(qwen3_embedding_dir):
+    return TextEncoder(str(qwen3_embedding_dir), device="cpu", dtype=torch.float32).load()
+
+
+def _close(got: np.ndarray, want: np.ndarray, tol: float = TOL) -> None:
+    assert got.dtype == np.float32
+    assert got.shape == want.shape, (got.shape, want.shape)
+    assert float(np.abs(got - want).max()) <= tol, float(np.abs(got - want).max())
+
+
+# -- parity --------------------------------------------------------------------------------------
+def test_single_texts_match_card(reference, encoder):
+    for text in DOCS:
+        _close(encoder.encode([text]), reference.embed([text]))
+
+
+def test_mixed_length_batch_matches_card_and_single_texts(reference, encoder):
+    batch = encoder.encode(DOCS)
+    _close(batch, reference.embed(DOCS))
+    singles = np.concatenate([encoder.encode([text]) for text in DOCS])
+    _close(batch, singles)
+    _close(encoder.encode(DOCS[::-1])[::-1], singles)
+    np.testing.assert_allclose(np.linalg.norm(batch, axis=1), 1.0, atol=1e-5)
+
+
+def test_queries_get_the_default_prompt(reference, encoder):
+    want = reference.embed([get_detailed_instruct(DEFAULT_TASK, q) for q in QUERIES])
+    _close(encoder.encode(QUERIES, is_query=True), want)
+    assert float(np.abs(encoder.encode(QUERIES) - want).max()) > 1e-3  # documents get no prompt
+
+
+def test_queries_with_a_custom_instruction(reference, qwen3_embedding_dir):
+    task = "Given a question, retrieve passages written in French"
+    encoder = TextEncoder(str(qwen3_embedding_dir), device="cpu", dtype=torch.float32, query_instruction=task).load()
+    _close(encoder.encode(QUERIES, is_query=True), reference.embed([get_detailed_instruct(task, q) for q in QUERIES]))
+    _close(encoder.encode(DOCS[:3]), reference.embed(DOCS[:3]))  # documents are unaffected
+
+
+@pytest.mark.parametrize("dim", [32, 48])
+def test_matryoshka_dimensions(reference, qwen3_embedding_dir, dim):
+    encoder = TextEncoder(str(qwen3_embedding_dir), device="cpu", dtype=torch.float32, dim=dim).load()
+    assert encoder.dimension == dim
+    got = encoder.encode(DOCS)
+    _close(got, reference.embed(DOCS, dim=dim))
+    full = reference.embed(DOCS)
+    assert float(np.abs(got - full[:, :dim]).max()) > 1e-3  # renormalised, not a plain prefix
+    queries = [get_detailed_instruct(DEFAULT_TASK, q) for q in QUERIES]
+    _close(encoder.encode(QUERIES, is_query=True), reference.embed(queries, dim=dim))
+
+
+def test_truncation_keeps_the_final_endoftext(reference, qwen3_embedding_dir):
+    encoder = TextEncoder(str(qwen3_embedding_dir), device="cpu", dtype=torch.float32, max_length=16).load()
+    ids = encoder.tokenize(DOCS)
+    assert max(len(x) for x in ids) == 16 and all(x[-1] == 151643 for x in ids)
+    _close(encoder.encode(DOCS), reference.embed(DOCS, max_length=16))
+
+
+def test_count_tokens_and_dimension(reference, encoder):
+    want = [len(reference.tokenizer(text)["input_ids"]) for text in DOCS]
+    assert encoder.count_tokens(DOCS) == want
+    assert encoder.tokenize(["yes"]) == [[9693, 151643]]  # the repository's EOS post-processor applies
+    assert encoder.dimension == 64
+
+
+# -- GPU -----------------------------------------------------------------------------------------
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_matches_card_on_cpu(reference, qwen3_embedding_dir):
+    want = reference.embed(DOCS)
+    fp32 = TextEncoder(str(qwen3_embedding_dir), device="cuda", dtype=torch.float32).load()
+    _close(fp32.encode(DOCS), want, tol=1e-3)  # TF32/SDPA kernels differ from CPU's
+    bf16 = TextEncoder(str(qwen3_embedding_dir), device="cuda").load()
+    got = bf16.encode(DOCS)
+    assert (got * want).sum(axis=1).min() > 0.99  # cosine to the fp32 reference
+    singles = np.concatenate([bf16.encode([text]) for text in DOCS])
+    assert (got * singles).sum(axis=1).min() > 0.999

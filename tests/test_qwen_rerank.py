@@ -1,0 +1,286 @@
+"""Qwen3Reranker against the Qwen3-Reranker model card's own code, and its Beam handler.
+
+The reference below is the card's scoring code, verbatim apart from being wrapped in a
+class (so the tokenizer, model and ``max_length`` it closes over are per instance): full
+logits from ``AutoModelForCausalLM``, last position, log_softmax over ("no", "yes").
+Weights are a tiny random model (tests/qwen_fixtures.py) with the real tokenizer.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import json
+import random
+
+import apache_beam as beam
+import pytest
+import torch
+from apache_beam.ml.inference.base import RunInference
+from apache_beam.testing.test_pipeline import TestPipeline
+from apache_beam.testing.util import BeamAssertException, assert_that, equal_to
+
+from tests.qwen_reference import CardReference, format_instruction  # noqa: F401
+from transforms.gpu import budget_batches
+from transforms.rerank import PairTokenEstimate, Qwen3Reranker, RerankModelHandler
+from transforms.types import DeadLetter, Judgement, RerankPair
+
+TOL = 1e-4
+# The card pads with max_length and padding=True; transformers warns about it on every call.
+pytestmark = pytest.mark.filterwarnings("ignore:`max_length` is ignored when `padding`")
+
+
+# -- data --------------------------------------------------------------------------------------
+QUERIES = [
+    "What is the capital of China?",
+    "Explain gravity",
+    "how do I cancel a subscription mid-cycle",
+    "Qu'est-ce que la gravité ?",
+]
+_RNG = random.Random(7)
+_WORDS = (
+    "the capital of China is Beijing gravity force attracts two bodies towards each other weight physical "
+    "objects planets sun billing cycle cancel subscription refund 2025 café 北京 naïve\n"
+).split(" ")
+DOCS = [
+    "The capital of China is Beijing.",
+    "Gravity is a force that attracts two bodies towards each other. It gives weight to physical objects "
+    "and is responsible for the movement of planets around the sun.",
+    "y",
+    "",
+    *(" ".join(_RNG.choices(_WORDS, k=n)) for n in (3, 17, 40, 90)),
+]
+PAIRS = [(QUERIES[i % len(QUERIES)], doc) for i, doc in enumerate(DOCS)]
+
+
+@pytest.fixture(scope="module")
+def reference(qwen3_reranker_dir):
+    return CardReference(qwen3_reranker_dir)
+
+
+@pytest.fixture(scope="module")
+def ref_scores(reference):
+    """The card's scores of PAIRS, computed once as one padded batch (full logits are costly)."""
+    return reference.scores(PAIRS)
+
+
+@pytest.fixture(scope="module")
+def reranker(qwen3_reranker_dir):
+    return Qwen3Reranker(str(qwen3_reranker_dir), device="cpu", dtype=torch.float32).load()
+
+
+def _close(got, want, tol=TOL):
+    assert len(got) == len(want)
+    diffs = [abs(a - b) for a, b in zip(got, want)]
+    assert max(diffs) <= tol, f"max |diff| {max(diffs):.2e} > {tol}: {got} vs {want}"
+
+
+# -- parity --------------------------------------------------------------------------------------
+def test_scores_spread(ref_scores):
+    """The random model separates pairs (otherwise parity at 1e-4 would prove little)."""
+    assert max(ref_scores) - min(ref_scores) > 0.05
+
+
+def test_single_pairs_match_card(reference, reranker):
+    for pair in PAIRS:
+        _close(reranker.score([pair]), reference.scores([pair]))
+
+
+def test_mixed_length_batch_matches_card(ref_scores, reranker):
+    _close(reranker.score(PAIRS), ref_scores)
+
+
+def test_score_is_independent_of_batch_composition(reranker):
+    alone = [reranker.score([pair])[0] for pair in PAIRS]
+    _close(reranker.score(PAIRS), alone)
+    _close(reranker.score(PAIRS[::-1])[::-1], alone)
+    _close(reranker.score(PAIRS[1::2]), alone[1::2])
+    # A small budget cuts the sorted pairs into several forward passes (a copy shares the model).
+    small = copy.copy(reranker)
+    small.token_budget = 300
+    assert len(budget_batches([len(x) for x in small.encode_pairs(PAIRS)], small.token_budget)) > 1
+    _close(small.score(PAIRS), alone)
+
+
+def test_encode_pairs_is_card_process_inputs(reference, reranker):
+    inputs = reference.process_inputs([format_instruction(None, q, d) for q, d in PAIRS])
+    want = [row[mask.bool()].tolist() for row, mask in zip(inputs["input_ids"], inputs["attention_mask"])]
+    assert reranker.encode_pairs(PAIRS) == want
+    assert [reranker.count_tokens(pair) for pair in PAIRS] == [len(ids) for ids in want]
+
+
+def test_format_is_card_format(reranker):
+    assert reranker.format("q", "d") == format_instruction(None, "q", "d")
+    assert reranker.format("q", "d", "Find code") == format_instruction("Find code", "q", "d")
+
+
+def test_custom_instruction(reference, ref_scores, reranker, qwen3_reranker_dir):
+    task = "Given a question about physics, retrieve passages that define the term"
+    want = reference.scores(PAIRS, task)
+    _close(reranker.score(PAIRS, instruction=task), want)
+    assert Qwen3Reranker(str(qwen3_reranker_dir), instruction=task).instruction == task
+    default = copy.copy(reranker)
+    default.instruction = task
+    _close(default.score(PAIRS), want)
+    assert max(abs(a - b) for a, b in zip(want, ref_scores)) > 1e-3  # the instruction matters
+
+
+def test_truncation_keeps_prefix_and_suffix(reference, qwen3_reranker_dir):
+    max_length = 64
+    reference = copy.copy(reference)  # the card's code with its max_length set to 64
+    reference.max_length = max_length
+    ours = Qwen3Reranker(str(qwen3_reranker_dir), device="cpu", dtype=torch.float32, max_length=max_length).load()
+    ids = ours.encode_pairs(PAIRS)
+    assert max(len(x) for x in ids) == max_length
+    assert all(x[: len(ours.prefix_ids)] == ours.prefix_ids and x[-len(ours.suffix_ids) :] == ours.suffix_ids for x in ids)
+    _close(ours.score(PAIRS), reference.scores(PAIRS))
+
+
+def test_max_length_must_leave_room(qwen3_reranker_dir):
+    with pytest.raises(ValueError, match="no room"):
+        Qwen3Reranker(str(qwen3_reranker_dir), device="cpu", max_length=40).load()
+
+
+def test_empty_and_unloaded(reranker, qwen3_reranker_dir):
+    assert reranker.score([]) == []
+    with pytest.raises(RuntimeError, match="load"):
+        Qwen3Reranker(str(qwen3_reranker_dir)).score(PAIRS[:1])
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-GPU error")
+def test_cuda_without_gpu_raises(qwen3_reranker_dir):
+    with pytest.raises(RuntimeError, match="CUDA is not available"):
+        Qwen3Reranker(str(qwen3_reranker_dir), device="cuda").load()
+
+
+def test_constructor_is_cheap_and_picklable(qwen3_reranker_dir):
+    import pickle
+
+    handler = RerankModelHandler(str(qwen3_reranker_dir), device="cpu", max_batch_tokens=4096)
+    kwargs = pickle.loads(pickle.dumps(handler)).batch_elements_kwargs()
+    # Token-weighted batches: sizes are summed estimates, never below max_length.
+    assert (kwargs["min_batch_size"], kwargs["max_batch_size"]) == (8192, 8192)
+    assert isinstance(kwargs["element_size_fn"], PairTokenEstimate)
+    beam.BatchElements(**kwargs)  # the kwargs are ones Beam's batching accepts
+    assert pickle.loads(pickle.dumps(Qwen3Reranker("x")))._model is None
+
+
+def test_pair_token_estimate_is_in_the_right_range(reranker):
+    estimate = PairTokenEstimate()
+    for i, (query, doc) in enumerate(PAIRS):
+        pair = RerankPair("q", query, f"d{i}", doc, 0.0, 1)
+        true = reranker.count_tokens((query, doc))
+        assert true * 0.7 <= estimate(pair) <= true * 2 + 10, (true, estimate(pair))
+
+
+# -- Beam ----------------------------------------------------------------------------------------
+def _rerank_pairs() -> list[RerankPair]:
+    return [
+        RerankPair(
+            query_id=f"q{i % len(QUERIES)}",
+            query=query,
+            doc_id=f"d{i}",
+            doc_text=doc,
+            first_stage_score=1.0 - i / 10,
+            first_stage_rank=i + 1,
+        )
+        for i, (query, doc) in enumerate(PAIRS)
+    ]
+
+
+def _judgement_equals(expected: Judgement, actual: Judgement) -> bool:
+    if not isinstance(actual, Judgement):
+        return False
+    same_ids = dataclasses.replace(actual, teacher_score=expected.teacher_score) == expected
+    return same_ids and abs(actual.teacher_score - expected.teacher_score) <= 1e-5
+
+
+def test_run_inference_pipeline(ref_scores, qwen3_reranker_dir):
+    pairs = _rerank_pairs()  # PAIRS, in order
+    expected = [
+        Judgement(p.query_id, p.doc_id, s, p.first_stage_score, p.first_stage_rank) for p, s in zip(pairs, ref_scores)
+    ]
+    # A small Beam batch weight so the pairs arrive in several batches.
+    handler = RerankModelHandler(
+        str(qwen3_reranker_dir), device="cpu", dtype="float32", max_length=512, max_batch_tokens=600
+    )
+    with TestPipeline() as p:
+        judged = p | beam.Create(pairs) | RunInference(handler)
+        assert_that(judged, equal_to(expected, equals_fn=_judgement_equals))
+
+
+def test_judgement_matcher_rejects_a_wrong_score():
+    a = Judgement("q", "d", 0.5, 1.0, 1)
+    assert _judgement_equals(a, dataclasses.replace(a, teacher_score=0.5 + 1e-6))
+    assert not _judgement_equals(a, dataclasses.replace(a, teacher_score=0.51))
+    assert not _judgement_equals(a, dataclasses.replace(a, doc_id="e"))
+    with pytest.raises(BeamAssertException):
+        equal_to([a], equals_fn=_judgement_equals)([dataclasses.replace(a, teacher_score=0.6)])
+
+
+# -- out of memory -------------------------------------------------------------------------------
+class OOMAbove:
+    """Stands in for ``Qwen3Reranker._forward``: out of memory above ``max_tokens`` padded tokens."""
+
+    def __init__(self, forward, max_tokens: int):
+        self.forward, self.max_tokens, self.calls = forward, max_tokens, []
+
+    def __call__(self, ids):
+        padded = max(len(x) for x in ids) * len(ids)
+        self.calls.append((len(ids), padded))
+        if padded > self.max_tokens:
+            raise torch.OutOfMemoryError(f"CUDA out of memory (fake: {padded} padded tokens)")
+        return self.forward(ids)
+
+
+def test_oom_splits_and_dead_letters_a_single_pair(reranker, qwen3_reranker_dir, ref_scores):
+    pairs = _rerank_pairs()
+    scorer = copy.copy(reranker)
+    scorer.token_budget = 100_000  # one forward pass for the whole batch, so the fake sees it first
+    lengths = [len(x) for x in scorer.encode_pairs([(p.query, p.doc_text) for p in pairs])]
+    longest = max(range(len(pairs)), key=lengths.__getitem__)
+    # Every pair fits alone except the longest.
+    limit = lengths[longest] - 1
+    assert sorted(lengths)[-2] <= limit
+    fake = OOMAbove(scorer._forward, limit)
+    scorer._forward = fake
+
+    handler = RerankModelHandler(str(qwen3_reranker_dir), device="cpu")
+    out = list(handler.run_inference(pairs, scorer))
+
+    assert fake.calls[0] == (len(pairs), max(lengths) * len(pairs))  # one pass first, then halves
+    assert len(fake.calls) > 3 and fake.calls[-1][0] <= 2
+    assert [type(x) for x in out] == [DeadLetter if i == longest else Judgement for i in range(len(pairs))]
+    letter = out[longest]
+    assert letter.stage == "rerank" and "out of memory" in letter.reason
+    assert letter.source == f"{pairs[longest].query_id}/{pairs[longest].doc_id}"
+    assert json.loads(letter.record)["doc_id"] == pairs[longest].doc_id
+    _close([j.teacher_score for i, j in enumerate(out) if i != longest], [s for i, s in enumerate(ref_scores) if i != longest])
+
+    with pytest.raises(RuntimeError, match="could not score 1 of"):
+        scorer.score([(p.query, p.doc_text) for p in pairs])
+
+
+def test_other_errors_propagate(reranker):
+    scorer = copy.copy(reranker)
+
+    def broken(ids):
+        raise ValueError("not an OOM")
+
+    scorer._forward = broken
+    with pytest.raises(ValueError, match="not an OOM"):
+        scorer.score(PAIRS[:2])
+
+
+# -- GPU -----------------------------------------------------------------------------------------
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_matches_card_on_cpu(ref_scores, qwen3_reranker_dir):
+    want = ref_scores
+    fp32 = Qwen3Reranker(str(qwen3_reranker_dir), device="cuda", dtype=torch.float32).load()
+    _close(fp32.score(PAIRS), want, tol=1e-3)  # TF32/SDPA kernels differ from CPU's
+    bf16 = Qwen3Reranker(str(qwen3_reranker_dir), device="cuda").load()
+    assert bf16.model.dtype == torch.bfloat16
+    _close(bf16.score(PAIRS), want, tol=5e-2)
+    alone = [bf16.score([pair])[0] for pair in PAIRS]
+    _close(bf16.score(PAIRS), alone, tol=2e-2)
