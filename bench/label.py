@@ -86,7 +86,7 @@ def main() -> None:
                "--qdrant-path", qdrant, "--title-column", "title", "--chunk-tokens", "128", "--chunk-overlap", "16"],
               test_pipeline=TestPipeline())  # fmt: skip
     texts = [t for t, _ in QUERIES.values()]
-    log_rows = [{"query_id": None, "query": f"{t} {'(variant %d)' % c if c else ''}".strip(), "count": 1}
+    log_rows = [{"query_id": None, "query": f"{t} (variant {c})" if c else t, "count": 1}
                 for c in range(args.copies) for t in texts][: args.queries * args.copies]  # fmt: skip
     log = os.path.join(tmp, "log.parquet")
     pq.write_table(pa.Table.from_pylist(log_rows), log)
@@ -97,7 +97,7 @@ def main() -> None:
     share = {k: v / r["wall_s"] for k, v in
              (("retrieval", r["retrieval_s"]), ("scoring", r["scoring_s"]), ("writing", r["writing_s"]), ("other", other))}
     lines = [
-        f"| reranker | queries | pairs | wall s | pairs/s | retrieval | scoring | writing | Beam + loading |",
+        "| reranker | queries | pairs | wall s | pairs/s | retrieval | scoring | writing | Beam + loading |",
         "|---|---|---|---|---|---|---|---|---|",
         f"| {args.reranker} | {r['queries']} | {r['pairs']} | {r['wall_s']:.1f} | {r['pairs_per_s']:.1f} | "
         f"{share['retrieval']:.0%} ({r['retrieval_s']:.1f}s) | {share['scoring']:.0%} ({r['scoring_s']:.1f}s) | "

@@ -200,11 +200,18 @@ class EmbeddingModelHandler(ModelHandler[Any, Any, TextEncoder]):
     ) -> None:
         if kind not in ("document", "query"):
             raise ValueError(f"kind must be 'document' or 'query', not {kind!r}")
-        # Batching happens before RunInference (``Embed`` / ``RunInferenceByTokens``): Beam
-        # 2.77's BatchElements does not accept the max_batch_weight that ModelHandler forwards.
-        super().__init__(large_model=large_model)
         self.max_batch_weight = max(4 * (max_batch_tokens or 8192), 16384)
         self.element_weight = _chunk_weight if kind == "document" else _query_weight
+        # With element_size_fn, BatchElements' batch sizes are in tokens, so even a plain
+        # RunInference(handler) batches by tokens. ``Embed`` does better: it sorts by length
+        # first (SortAndBatchElements) and runs the handler with_no_batching. Beam 2.77's
+        # BatchElements rejects the max_batch_weight that ModelHandler would forward.
+        super().__init__(
+            min_batch_size=1,
+            max_batch_size=self.max_batch_weight,
+            element_size_fn=self.element_weight,
+            large_model=large_model,
+        )
         self._encoder_args = dict(
             model=model,
             device=device,
@@ -228,6 +235,8 @@ class EmbeddingModelHandler(ModelHandler[Any, Any, TextEncoder]):
     def run_inference(
         self, batch: Sequence[Any], model: TextEncoder, inference_args: dict[str, Any] | None = None
     ) -> Iterable[Any]:
+        if not batch:  # BatchElements emits an empty batch when one element outweighs its target
+            return
         is_query = self._kind == "query"
         texts = [e.text if is_query else e.embed_text for e in batch]
         ids = model.tokenize(texts, is_query=is_query)

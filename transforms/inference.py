@@ -28,16 +28,35 @@ def _split(element: Any):
         yield element
 
 
+def describe_exception(exc: Any) -> str:
+    """``Type: message`` of what RunInference's exception handling reports.
+
+    Beam hands over ``(type, repr(exception), traceback lines)`` rather than the exception
+    (so it pickles); the traceback stays in the worker log.
+    """
+    if isinstance(exc, BaseException):
+        return f"{type(exc).__name__}: {exc}"
+    if isinstance(exc, tuple) and len(exc) >= 2:
+        kind = getattr(exc[0], "__name__", str(exc[0]))
+        text = str(exc[1])
+        prefix = f"{kind}("
+        if text.startswith(prefix) and text.endswith(")"):
+            inner = text[len(prefix) : -1]
+            text = inner[1:-1] if len(inner) >= 2 and inner[0] == inner[-1] and inner[0] in "'\"" else inner
+        return f"{kind}: {text}"
+    return str(exc)
+
+
 class _FailedBatch(beam.DoFn):
     def __init__(self, stage: str, describe: Callable[[Any], tuple[str, Any]]) -> None:
         self.stage = stage
         self.describe = describe
 
-    def process(self, failure: tuple[Sequence[Any], BaseException]):
+    def process(self, failure: tuple[Sequence[Any], Any]):
         batch, exc = failure
+        reason = f"inference failed for its batch: {describe_exception(exc)}"
         for element in batch:
             source, record = self.describe(element)
-            reason = f"inference failed for its batch: {type(exc).__name__}: {exc}"
             yield DeadLetter.of(self.stage, reason, source, record)
 
 

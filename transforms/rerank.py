@@ -296,6 +296,8 @@ class RerankModelHandler(ModelHandler[RerankPair, Judgement | DeadLetter, Qwen3R
         model: Qwen3Reranker,
         inference_args: dict[str, Any] | None = None,
     ) -> Iterable[Judgement | DeadLetter]:
+        if not batch:  # BatchElements emits an empty batch when one element outweighs its target
+            return []
         instruction = (inference_args or {}).get("instruction")
         ids = model.encode_pairs([(p.query, p.doc_text) for p in batch], instruction)
         scores, failures = model.score_ids(ids)

@@ -1,0 +1,92 @@
+"""The embedding handler in Beam: plain RunInference, the token-batched Embed transform, dead letters."""
+
+from __future__ import annotations
+
+import apache_beam as beam
+import numpy as np
+import pytest
+from apache_beam.ml.inference.base import RunInference
+from apache_beam.testing.test_pipeline import TestPipeline
+from apache_beam.testing.util import assert_that, equal_to
+
+from transforms.embed import Embed, EmbeddingModelHandler, TextEncoder
+from transforms.inference import DEAD
+from transforms.types import Chunk, Query
+
+TEXTS = ["a short one", "JSON encoder and decoder. " * 20, "regular expressions", "gzip files " * 60]
+
+
+def _chunks() -> list[Chunk]:
+    return [Chunk(f"d{i}", 0, t, 0, len(t), len(t.split()) + 2, t) for i, t in enumerate(TEXTS)]
+
+
+@pytest.fixture(scope="module")
+def encoder(minilm_path):
+    return TextEncoder(minilm_path, device="cpu").load()
+
+
+def _vectors_close(expected: dict[str, np.ndarray], atol: float = 1e-5):
+    def check(actual):
+        got = {e.chunk.doc_id: np.asarray(e.vector) for e in actual}
+        assert sorted(got) == sorted(expected)
+        for key, vec in expected.items():
+            np.testing.assert_allclose(got[key], vec, atol=atol)
+
+    return check
+
+
+def test_plain_run_inference_batches_by_tokens(minilm_path, encoder):
+    expected = {f"d{i}": v for i, v in enumerate(encoder.encode(TEXTS))}
+    with TestPipeline() as p:
+        out = p | beam.Create(_chunks()) | RunInference(EmbeddingModelHandler(minilm_path, device="cpu"))
+        assert_that(out, _vectors_close(expected))
+
+
+def test_embed_transform_and_matryoshka_dim(minilm_path, encoder):
+    full = encoder.encode(TEXTS)
+    cut = full[:, :64] / np.linalg.norm(full[:, :64], axis=1, keepdims=True)
+    with TestPipeline() as p:
+        out = p | beam.Create(_chunks()) | Embed(EmbeddingModelHandler(minilm_path, device="cpu", dim=64))
+        assert_that(out["embedded"], _vectors_close({f"d{i}": v for i, v in enumerate(cut)}), label="vectors")
+        assert_that(out[DEAD], equal_to([]), label="no dead letters")
+
+
+def test_queries_get_the_query_prompt(qwen3_embedding_dir):
+    encoder = TextEncoder(str(qwen3_embedding_dir), device="cpu").load()
+    assert encoder.prompt(is_query=True).startswith("Instruct: ")
+    expected = encoder.encode(["what is json"], is_query=True)[0]
+    assert not np.allclose(expected, encoder.encode(["what is json"])[0])  # the prompt changes the vector
+    handler = EmbeddingModelHandler(str(qwen3_embedding_dir), device="cpu", kind="query")
+    with TestPipeline() as p:
+        out = p | beam.Create([Query("q1", "what is json")]) | Embed(handler)
+
+        def check(actual):
+            ((query, vector),) = actual
+            assert query == Query("q1", "what is json")
+            np.testing.assert_allclose(vector, expected, atol=1e-5)
+
+        assert_that(out["embedded"], check)
+
+
+class _FailsOnGzip(EmbeddingModelHandler):
+    """A handler whose batch fails when it holds a given text: stands in for a model error."""
+
+    def run_inference(self, batch, model, inference_args=None):
+        if any("gzip" in c.embed_text for c in batch):
+            raise RuntimeError("device-side assert triggered")
+        return super().run_inference(batch, model, inference_args)
+
+
+def test_a_failing_batch_becomes_dead_letters_and_the_rest_goes_on(minilm_path):
+    chunks = _chunks()
+    # A budget so small that every chunk is its own batch: only the gzip one fails.
+    handler = _FailsOnGzip(minilm_path, device="cpu", max_batch_tokens=1)
+    handler.max_batch_weight = 1
+    with TestPipeline() as p:
+        out = p | beam.Create(chunks) | Embed(handler)
+        assert_that(out["embedded"] | beam.Map(lambda e: e.chunk.doc_id), equal_to(["d0", "d1", "d2"]), label="ok")
+        assert_that(
+            out[DEAD] | beam.Map(lambda d: (d.stage, d.source, d.reason)),
+            equal_to([("embed", "d3", "inference failed for its batch: RuntimeError: device-side assert triggered")]),
+            label="dead",
+        )
