@@ -107,7 +107,7 @@ def test_reindexing_is_idempotent_with_bad_rows_dead_lettered(tmp_path, sample_d
     ]  # fmt: skip
     with caplog.at_level(logging.INFO, logger="corpus_etl.progress"):
         first = _index(argv)
-    assert any("[embed]" in r.getMessage() and "tokens=" in r.getMessage() for r in caplog.records)
+    assert any("[embed]" in m and "documents=" in m and "tokens=" in m for m in (r.getMessage() for r in caplog.records))
     before = _points(qdrant_path, "chunks")
     second = _index(argv)
     after = _points(qdrant_path, "chunks")

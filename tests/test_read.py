@@ -92,3 +92,18 @@ def test_missing_columns_fail_before_the_job_naming_file_and_column(messy_inputs
 def test_no_matching_files_is_a_clear_error(tmp_path):
     with pytest.raises(FileNotFoundError, match="no files match"):
         validate_columns(str(tmp_path / "nothing*.parquet"), ["id"])
+
+
+def test_dead_letters_are_written_sorted_as_jsonl_or_parquet(tmp_path):
+    from transforms.dead_letter import write_dead_letters
+    from transforms.types import DeadLetter
+
+    letters = [DeadLetter.of("read", "null id", "b.parquet", {"x": 1}), DeadLetter.of("chunk", "too long", "a.parquet", {})]
+    assert write_dead_letters(str(tmp_path / "d.jsonl"), letters) == 2
+    lines = [json.loads(x) for x in (tmp_path / "d.jsonl").read_text().splitlines()]
+    assert lines == [
+        {"stage": "chunk", "reason": "too long", "source": "a.parquet", "record": "{}"},
+        {"stage": "read", "reason": "null id", "source": "b.parquet", "record": '{"x": 1}'},
+    ]
+    write_dead_letters(str(tmp_path / "d.parquet"), letters[::-1])
+    assert pq.read_table(tmp_path / "d.parquet").to_pylist() == lines

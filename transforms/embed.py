@@ -243,7 +243,11 @@ class EmbeddingModelHandler(ModelHandler[Any, Any, TextEncoder]):
         vectors, failures = model.encode_ids(ids)
         reasons = dict(failures)
         n_tokens = sum(len(x) for x in ids)
-        reporter("embed", self._progress_interval_s).add(**{f"{self._kind}s": len(batch), "tokens": n_tokens})
+        if is_query:
+            counts = {"queries": len(batch), "tokens": n_tokens}
+        else:  # a document's first chunk stands for the document
+            counts = {"documents": sum(c.chunk_index == 0 for c in batch), "chunks": len(batch), "tokens": n_tokens}
+        reporter("embed", self._progress_interval_s).add(**counts)
         for i, (element, vector) in enumerate(zip(batch, vectors)):
             if vector is None:
                 yield DeadLetter.of("embed", reasons[i], getattr(element, "doc_id", ""), _describe(element))
