@@ -94,7 +94,9 @@ def test_a_shorter_document_loses_its_stale_chunks(qdrant):
         ]
 
     _write(qdrant, doc("long", 4) + doc("other", 3))
-    _write(qdrant, doc("long", 2))  # the document was edited down to two chunks
+    assert _write(qdrant, doc("long", 4) + doc("other", 3)).get("documents_pruned_of_stale_chunks", 0) == 0
+    counts = _write(qdrant, doc("long", 2))  # the document was edited down to two chunks
+    assert counts["documents_pruned_of_stale_chunks"] == 1
     left = sorted((p.payload["doc_id"], p.payload["chunk_index"]) for p in client.scroll("c", limit=100)[0])
     assert left == [("long", 0), ("long", 1), ("other", 0), ("other", 1), ("other", 2)]
 

@@ -7,9 +7,11 @@ Guarantees:
   under Qdrant's 32 MiB request limit), with ``wait=True`` so a finished bundle means
   durable points.
 - A document that now has fewer chunks than when it was last indexed loses its stale
-  points: with each document's first chunk, points of that ``doc_id`` with
-  ``chunk_index >= n_chunks`` are deleted (a no-op on a fresh collection). Only indexes
-  this run never writes are deleted, so the order of bundles does not matter.
+  points. Chunks are numbered 0..n-1, so a document has stale points exactly when the
+  point ``(doc_id, n_chunks)`` exists: that is checked by id (one ``retrieve`` per upsert
+  batch, O(1) per document, on a server and in local mode), and only documents that did
+  shrink get a filtered delete of ``chunk_index >= n_chunks``. Only indexes this run
+  never writes are deleted, so the order of bundles does not matter.
 - Transient failures (connection errors, timeouts, HTTP 429/5xx, gRPC UNAVAILABLE and the
   like) are retried with exponential backoff and jitter; client errors (HTTP 4xx, gRPC
   INVALID_ARGUMENT...) are raised at once with Qdrant's message, since retrying them
@@ -36,7 +38,7 @@ from qdrant_client import QdrantClient, models
 from qdrant_client.http.exceptions import ResponseHandlingException, UnexpectedResponse
 from qdrant_client.local.qdrant_local import QdrantLocal
 
-from transforms.types import Candidate, EmbeddedChunk
+from transforms.types import Candidate, EmbeddedChunk, point_id
 
 _LOG = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -226,6 +228,7 @@ class _UpsertPoints(beam.DoFn):
         self.written = Metrics.counter("corpus_etl", "points_written")
         self.batches = Metrics.counter("corpus_etl", "upsert_batches")
         self.retries = Metrics.counter("corpus_etl", "upsert_retries")
+        self.pruned = Metrics.counter("corpus_etl", "documents_pruned_of_stale_chunks")
 
     def setup(self) -> None:
         self.client, self.lock = shared_client(self.config)
@@ -233,12 +236,12 @@ class _UpsertPoints(beam.DoFn):
     def start_bundle(self) -> None:
         self.buffer: list[models.PointStruct] = []
         self.buffer_bytes = 0
-        self.stale: list[models.Filter] = []
+        self.first_chunks: dict[str, int] = {}
 
     def process(self, item: EmbeddedChunk):
         point = to_point(item, self.model_id)
         if item.chunk.chunk_index == 0:
-            self.stale.append(stale_chunks_filter(item.chunk.doc_id, item.chunk.n_chunks))
+            self.first_chunks[item.chunk.doc_id] = item.chunk.n_chunks
         size = point_bytes(point)
         if self.buffer and self.buffer_bytes + size > self.batch_bytes:
             self._flush()
@@ -250,20 +253,31 @@ class _UpsertPoints(beam.DoFn):
     def finish_bundle(self) -> None:
         self._flush()
 
+    def _shrunk(self, docs: dict[str, int]) -> list[str]:
+        """Documents that still have a point at index ``n_chunks``: they were longer before."""
+        if not docs:
+            return []
+        probe = {point_id(d, n): d for d, n in docs.items()}
+        found = self.client.retrieve(self.collection, list(probe), with_payload=False, with_vectors=False)
+        return sorted(probe[str(p.id)] for p in found)
+
     def _flush(self) -> None:
         if not self.buffer:
             return
         points, self.buffer, self.buffer_bytes = self.buffer, [], 0
-        stale, self.stale = self.stale, []
+        docs, self.first_chunks = self.first_chunks, {}
 
         def upsert() -> None:
             with self.lock:
                 self.client.upsert(self.collection, points=points, wait=True)
-                if stale:
+                shrunk = self._shrunk(docs)
+                if shrunk:
+                    stale = [stale_chunks_filter(d, docs[d]) for d in shrunk]
                     self.client.delete(
                         self.collection, points_selector=models.FilterSelector(filter=models.Filter(should=stale)),
                         wait=True,
                     )
+                    self.pruned.inc(len(shrunk))
 
         with_retries(upsert, on_retry=lambda exc, attempt: self.retries.inc())
         self.written.inc(len(points))
