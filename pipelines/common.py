@@ -65,7 +65,7 @@ def add_model_arguments(parser: argparse.ArgumentParser, *, with_batching: bool 
             "--max-batch-tokens",
             type=int,
             default=None,
-            help="padded tokens per forward pass (default: from free GPU memory; 8192 on CPU)",
+            help="padded tokens per forward pass (default: from free GPU memory; 2048 on CPU, measured fastest in bench/index_cpu.py)",
         )
 
 

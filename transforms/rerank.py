@@ -67,7 +67,7 @@ class Qwen3Reranker:
     Construction is cheap and picklable; ``load()`` reads the tokenizer and weights.
     ``max_length`` bounds prefix + pair + suffix, as the card's ``max_length`` does.
     ``token_budget`` is the padded tokens of one forward pass (default: from free GPU memory,
-    8192 on CPU), never less than ``max_length``.
+    2048 on CPU), never less than ``max_length``.
     """
 
     def __init__(
