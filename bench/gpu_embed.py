@@ -46,6 +46,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from bench.common import machine, replace_section  # noqa: E402
+from transforms.gpu import budget_batches  # noqa: E402
 from transforms.qwen_offline import (  # noqa: E402
     EMBEDDING_CONFIGS,
     TINY_QWEN3,
@@ -167,20 +168,6 @@ def timed(device: torch.device, fn: Callable[[], Any]) -> tuple[Any, float]:
     out = fn()
     sync(device)
     return out, time.perf_counter() - started
-
-
-def budget_batches(lengths: Sequence[int], budget: int) -> list[list[int]]:
-    """Indices sorted by length, cut so that longest * count <= budget."""
-    batches: list[list[int]] = []
-    batch: list[int] = []
-    for i in sorted(range(len(lengths)), key=lengths.__getitem__):
-        if batch and lengths[i] * (len(batch) + 1) > budget:
-            batches.append(batch)
-            batch = []
-        batch.append(i)
-    if batch:
-        batches.append(batch)
-    return batches
 
 
 # -- the three embedding methods ---------------------------------------------------------------
