@@ -71,3 +71,33 @@ def test_index_reads_gs_paths(gcs, sample_dir, minilm_path, tmp_path):
     close_client(QdrantConfig(path=qdrant))
     dead = (tmp_path / "dead.jsonl").read_text().splitlines()
     assert len(dead) == n and all('"source": "gs://corpus/docs/part-1.parquet"' in line for line in dead)
+
+
+def test_label_reads_and_writes_gs_paths(gcs, sample_dir, qwen3_reranker_dir, tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from pipelines import label
+
+    bucket = gcs.bucket("corpus")
+    bucket.blob("docs/corpus.parquet").upload_from_filename(sample_dir["corpus"])
+    log = tmp_path / "log.parquet"
+    pq.write_table(pa.Table.from_pylist([{"query_id": "q1", "query": "encode JSON", "count": 2}]), log)
+    bucket.blob("logs/log.parquet").upload_from_filename(str(log))
+    bucket.blob("runs/bm25.trec").upload_from_string("q1 Q0 json 1 9.5 bm25\nq1 Q0 csv 2 7.0 bm25\n")
+    label.run(
+        ["--queries", "gs://corpus/logs/*.parquet", "--out", "gs://corpus/labels", "--reranker", str(qwen3_reranker_dir),
+         "--candidates", "gs://corpus/runs/bm25.trec", "--corpus", "gs://corpus/docs/*.parquet",
+         "--eval-fraction", "1.0", "--device", "cpu"],
+        test_pipeline=TestPipeline(),
+    )  # fmt: skip
+    names = sorted(b.name for b in gcs.list_blobs("corpus", prefix="labels/"))
+    assert names == sorted(
+        f"labels/{n}"
+        for n in ("queries.jsonl", "qrels/test.tsv", "qrels/test.trec", "runs/retrieval.trec", "runs/rerank.trec",
+                  "distillation/train.parquet", "manifest.json", "report.md", "teacher_scores.png", "run_stats.json",
+                  "dead_letters.jsonl")
+    )  # fmt: skip
+    run = bucket.blob("labels/runs/retrieval.trec").download_as_text().splitlines()
+    assert [line.split()[:4] for line in run] == [["q1", "Q0", "json", "1"], ["q1", "Q0", "csv", "2"]]
+    assert bucket.blob("labels/queries.jsonl").download_as_text() == '{"_id": "q1", "text": "encode JSON"}\n'
