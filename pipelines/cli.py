@@ -30,9 +30,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"corpus-etl: unknown command {name!r}\n\n{usage()}", file=sys.stderr)
         return 2
     module = importlib.import_module(COMMANDS[name][0])
+    from transforms.gpu import DeviceUnavailableError
+
     try:
         module.run(rest)
-    except (FileNotFoundError, ValueError) as exc:
+    except (FileNotFoundError, ValueError, DeviceUnavailableError) as exc:
         # Input and configuration problems: one clear line, no traceback.
         print(f"corpus-etl {name}: error: {exc}", file=sys.stderr)
         return 1

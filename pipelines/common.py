@@ -97,3 +97,18 @@ def counters(result: Any) -> dict[str, int]:
 def write_json(path: str, obj: Any) -> None:
     with FileSystems.create(path) as f:
         f.write((json.dumps(obj, indent=2, sort_keys=True, ensure_ascii=False) + "\n").encode("utf-8"))
+
+
+def check_local_device(options: PipelineOptions, device: str) -> None:
+    """Fail before the job starts when a local run asks for a device this machine lacks.
+
+    Only for runners that execute here (DirectRunner, the default): a Dataflow or Flink
+    driver rarely has the workers' GPU, so there the workers check it when they load the model.
+    """
+    from apache_beam.options.pipeline_options import StandardOptions
+
+    from transforms.gpu import resolve_device
+
+    runner = options.view_as(StandardOptions).runner
+    if runner is None or str(runner).lower() in ("directrunner", "direct", "prismrunner", "prism"):
+        resolve_device(device)

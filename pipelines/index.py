@@ -25,6 +25,7 @@ from pipelines.common import (
     add_model_arguments,
     add_qdrant_arguments,
     beam_options,
+    check_local_device,
     counters,
     qdrant_config,
     setup_logging,
@@ -175,6 +176,7 @@ def run_config(config: IndexConfig, beam_args: list[str] | None = None, test_pip
     p = test_pipeline or beam.Pipeline(options=beam_options(beam_args or []))
     # The driver's own file access (the column check) uses the job's options, e.g. GCS credentials.
     FileSystems.set_options(p.options)
+    check_local_device(p.options, config.device)
     files = validate_columns(config.input, config.columns.all)
     size = vector_size(config.model, config.dim)
     client, lock = shared_client(config.qdrant)

@@ -30,6 +30,7 @@ from pipelines.common import (
     HelpFormatter,
     add_qdrant_arguments,
     beam_options,
+    check_local_device,
     counters,
     qdrant_config,
     setup_logging,
@@ -361,6 +362,7 @@ def run_config(config: LabelConfig, beam_args: list[str] | None = None, test_pip
     started = time.time()
     p = test_pipeline or beam.Pipeline(options=beam_options(beam_args or []))
     FileSystems.set_options(p.options)
+    check_local_device(p.options, config.device)
     query_files = validate_columns(config.queries, config.checked_query_columns)
     corpus_files: list[str] = []
     if config.candidates:

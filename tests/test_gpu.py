@@ -48,3 +48,16 @@ def test_cuda_without_a_gpu_is_an_error():
         resolve_device("cuda")
     with pytest.raises(ValueError, match="unknown device"):
         resolve_device("tpu")
+
+
+def test_the_driver_checks_the_device_only_for_local_runners():
+    from apache_beam.options.pipeline_options import PipelineOptions
+
+    from pipelines.common import check_local_device
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    with pytest.raises(RuntimeError, match="CUDA is not available"):
+        check_local_device(PipelineOptions([]), "cuda")
+    # A Dataflow driver rarely has the workers' GPU: the workers check when they load the model.
+    check_local_device(PipelineOptions(["--runner", "DataflowRunner"]), "cuda")

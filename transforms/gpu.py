@@ -16,6 +16,10 @@ _LOG = logging.getLogger(__name__)
 DEVICE_CHOICES = ("auto", "cpu", "cuda")
 
 
+class DeviceUnavailableError(RuntimeError):
+    """The asked-for device is not on this machine."""
+
+
 def resolve_device(device: str) -> torch.device:
     """Map ``auto|cpu|cuda[:N]`` to a torch device.
 
@@ -28,7 +32,7 @@ def resolve_device(device: str) -> torch.device:
         return torch.device("cpu")
     if device.startswith("cuda"):
         if not torch.cuda.is_available():
-            raise RuntimeError(
+            raise DeviceUnavailableError(
                 f"--device {device} was asked for but CUDA is not available on this worker "
                 "(torch.cuda.is_available() is False); use --device cpu or auto, or run on GPU workers"
             )
