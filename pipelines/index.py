@@ -34,7 +34,14 @@ from pipelines.common import (
 from transforms.chunk import ChunkDocuments, ChunkSettings
 from transforms.dead_letter import WriteDeadLetters
 from transforms.embed import Embed, EmbeddingModelHandler
-from transforms.qdrant import RESERVED_PAYLOAD_KEYS, QdrantConfig, WriteToQdrant, ensure_collection, shared_client
+from transforms.qdrant import (
+    RESERVED_PAYLOAD_KEYS,
+    QdrantConfig,
+    WriteToQdrant,
+    ensure_collection,
+    point_alias,
+    shared_client,
+)
 from transforms.read import DEAD, DocumentColumns, ReadDocuments, validate_columns
 
 _LOG = logging.getLogger(__name__)
@@ -54,6 +61,7 @@ class IndexConfig:
     max_batch_tokens: int | None = None
     dead_letter: str | None = None
     summary_out: str | None = None
+    alias: str | None = None
     progress_interval_s: float = 30.0
     upsert_batch_points: int = 256
 
@@ -69,6 +77,8 @@ class IndexConfig:
         clash = RESERVED_PAYLOAD_KEYS & set(self.columns.metadata)
         if clash:
             raise ValueError(f"--metadata-columns {sorted(clash)} clash with payload fields the index writes")
+        if self.alias and self.alias == self.collection:
+            raise ValueError("--alias must differ from --collection")
         if self.dead_letter and not self.dead_letter.endswith((".jsonl", ".json", ".parquet")):
             raise ValueError(f"--dead-letter must end in .jsonl or .parquet, got {self.dead_letter}")
 
@@ -132,6 +142,10 @@ def build_arg_parser() -> argparse.ArgumentParser:
     out = parser.add_argument_group("outputs")
     out.add_argument("--dead-letter", default=None, help="rejected rows with reasons (.jsonl or .parquet)")
     out.add_argument("--summary-out", default=None, help="run summary as JSON")
+    out.add_argument(
+        "--alias", default=None,
+        help="after a successful run, atomically point this Qdrant alias at --collection (blue/green reindexing)",
+    )
     out.add_argument("--progress-interval", type=float, default=30.0, help="seconds between progress lines")
     out.add_argument("-v", "--verbose", action="store_true")
     return parser
@@ -156,6 +170,7 @@ def config_from_args(args: argparse.Namespace) -> IndexConfig:
         max_batch_tokens=args.max_batch_tokens,
         dead_letter=args.dead_letter,
         summary_out=args.summary_out,
+        alias=args.alias,
         progress_interval_s=args.progress_interval,
     )
 
@@ -193,6 +208,7 @@ def run_config(config: IndexConfig, beam_args: list[str] | None = None, test_pip
     counts = counters(result)
     with lock:
         points = client.count(config.collection, exact=True).count
+        previous = point_alias(client, config.alias, config.collection) if config.alias else None
     summary = {
         "pipeline": "index",
         "input": config.input,
@@ -206,6 +222,7 @@ def run_config(config: IndexConfig, beam_args: list[str] | None = None, test_pip
         "counters": counts,
         "points_in_collection": points,
         "dead_letter": config.dead_letter,
+        "alias": {"name": config.alias, "previous": previous} if config.alias else None,
         "elapsed_s": round(elapsed, 2),
         "documents_per_s": round(counts.get("documents_read", 0) / elapsed, 2),
         "tokens_per_s": round(counts.get("tokens", 0) / elapsed, 1),
@@ -227,6 +244,8 @@ def format_summary(summary: dict[str, Any]) -> str:
             f"  points written   {c.get('points_written', 0)} in {c.get('upsert_batches', 0)} batches"
             f"  (collection now holds {summary['points_in_collection']})",
             f"  dead letters     {c.get('dead_letters', 0)}" + (f" -> {summary['dead_letter']}" if summary["dead_letter"] else ""),
+            *([f"  alias            {summary['alias']['name']} -> {summary['collection']}"
+               f" (was {summary['alias']['previous']})"] if summary.get("alias") else []),
             f"  time             {summary['elapsed_s']}s  ({summary['documents_per_s']} docs/s, "
             f"{summary['tokens_per_s']} tokens/s)",
         ]

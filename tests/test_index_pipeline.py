@@ -103,7 +103,7 @@ def test_reindexing_is_idempotent_with_bad_rows_dead_lettered(tmp_path, sample_d
     argv = [
         "--input", str(corpus), "--collection", "chunks", "--model", minilm_path, "--qdrant-path", qdrant_path,
         "--title-column", "title", "--chunk-tokens", "128", "--chunk-overlap", "16",
-        "--dead-letter", str(tmp_path / "dead.jsonl"), "--progress-interval", "0",
+        "--dead-letter", str(tmp_path / "dead.jsonl"), "--progress-interval", "0", "--alias", "live",
     ]  # fmt: skip
     with caplog.at_level(logging.INFO, logger="corpus_etl.progress"):
         first = _index(argv)
@@ -114,6 +114,7 @@ def test_reindexing_is_idempotent_with_bad_rows_dead_lettered(tmp_path, sample_d
     close_client(QdrantConfig(path=qdrant_path))
 
     assert first["counters"]["chunks"] == second["counters"]["chunks"] == len(before) == len(after)
+    assert (first["alias"], second["alias"]) == ({"name": "live", "previous": None}, {"name": "live", "previous": "chunks"})
     assert {payload["doc_id"] for payload, _ in after.values()} == {r["id"] for r in rows}
     assert before.keys() == after.keys()
     for pid, (payload, vector) in before.items():

@@ -177,3 +177,19 @@ def test_api_key_is_read_from_the_named_variable_only(monkeypatch):
         config.connect()
     with pytest.raises(ValueError, match="only applies with --qdrant-url"):
         QdrantConfig(path="x", api_key_env="K")
+
+
+def test_alias_switches_atomically_between_collections(qdrant):
+    from transforms.qdrant import point_alias
+
+    client, _ = shared_client(qdrant)
+    for name, vec in (("v1", [1.0, 0.0]), ("v2", [0.0, 1.0])):
+        ensure_collection(client, name, 2)
+        client.upsert(name, [models.PointStruct(id=point_id(name, 0), vector=vec, payload={"doc_id": name})])
+    assert point_alias(client, "live", "v1") is None
+    assert [c.doc_id for c, _ in search_documents(client, "live", [1, 0], 5)] == ["v1"]
+    assert point_alias(client, "live", "v2") == "v1"
+    assert [c.doc_id for c, _ in search_documents(client, "live", [1, 0], 5)] == ["v2"]
+    assert [(a.alias_name, a.collection_name) for a in client.get_aliases().aliases] == [("live", "v2")]
+    with pytest.raises(ValueError, match="is the name of a collection"):
+        point_alias(client, "v1", "v2")

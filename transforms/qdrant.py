@@ -134,6 +134,25 @@ def ensure_collection(client: QdrantClient, name: str, size: int, *, create: boo
     return True
 
 
+def point_alias(client: QdrantClient, alias: str, collection: str) -> str | None:
+    """Point ``alias`` at ``collection`` atomically; return the collection it pointed at before.
+
+    The blue/green step of scheduled reindexing: index into a new collection, then switch
+    the alias that searches use, in one request, so readers never see a half-built index.
+    """
+    if client.collection_exists(alias) and not any(a.alias_name == alias for a in client.get_aliases().aliases):
+        raise ValueError(f"--alias {alias!r} is the name of a collection, not an alias")
+    previous = next((a.collection_name for a in client.get_aliases().aliases if a.alias_name == alias), None)
+    ops: list[Any] = []
+    if previous is not None:
+        ops.append(models.DeleteAliasOperation(delete_alias=models.DeleteAlias(alias_name=alias)))
+    ops.append(
+        models.CreateAliasOperation(create_alias=models.CreateAlias(collection_name=collection, alias_name=alias))
+    )
+    client.update_collection_aliases(change_aliases_operations=ops)
+    return previous
+
+
 # -- retries -------------------------------------------------------------------------------
 _TRANSIENT_HTTP = {408, 425, 429, 500, 502, 503, 504}
 _TRANSIENT_GRPC = {"UNAVAILABLE", "DEADLINE_EXCEEDED", "RESOURCE_EXHAUSTED", "ABORTED", "INTERNAL", "UNKNOWN"}
