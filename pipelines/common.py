@@ -112,3 +112,17 @@ def check_local_device(options: PipelineOptions, device: str) -> None:
     runner = options.view_as(StandardOptions).runner
     if runner is None or str(runner).lower() in ("directrunner", "direct", "prismrunner", "prism"):
         resolve_device(device)
+
+
+def start_pipeline(test_pipeline: Any, beam_args: list[str] | None, device: str):
+    """The job's pipeline (the injected one in tests), with the driver set up to use its options.
+
+    The driver's own file access (column checks, ``gs://`` listing) uses the job's options,
+    e.g. GCS credentials; a local run asking for a missing device fails here, before any work.
+    """
+    import apache_beam as beam
+
+    p = test_pipeline or beam.Pipeline(options=beam_options(beam_args or []))
+    FileSystems.set_options(p.options)
+    check_local_device(p.options, device)
+    return p

@@ -17,23 +17,22 @@ import time
 from typing import Any
 
 import apache_beam as beam
-from apache_beam.io.filesystems import FileSystems
 
 from pipelines.common import (
     BEAM_OPTIONS_EPILOG,
     HelpFormatter,
     add_model_arguments,
     add_qdrant_arguments,
-    beam_options,
-    check_local_device,
     counters,
     qdrant_config,
     setup_logging,
+    start_pipeline,
     write_json,
 )
 from transforms.chunk import ChunkDocuments, ChunkSettings
 from transforms.dead_letter import WriteDeadLetters
 from transforms.embed import Embed, EmbeddingModelHandler
+from transforms.models import embedding_size
 from transforms.qdrant import (
     RESERVED_PAYLOAD_KEYS,
     QdrantConfig,
@@ -109,17 +108,6 @@ def build_pipeline(p: beam.Pipeline, config: IndexConfig) -> dict[str, beam.PCol
             "written": written}
 
 
-def vector_size(model: str, dim: int | None) -> int:
-    from transformers import AutoConfig
-
-    from transforms.models import resolve_model
-
-    hidden = int(AutoConfig.from_pretrained(resolve_model(model)).hidden_size)
-    if dim is not None and dim > hidden:
-        raise ValueError(f"--dim {dim} is larger than the model's {hidden} dimensions")
-    return dim or hidden
-
-
 def build_arg_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="corpus-etl index",
@@ -188,12 +176,9 @@ def run(argv: list[str] | None = None, test_pipeline: beam.Pipeline | None = Non
 
 def run_config(config: IndexConfig, beam_args: list[str] | None = None, test_pipeline=None) -> dict[str, Any]:
     started = time.time()
-    p = test_pipeline or beam.Pipeline(options=beam_options(beam_args or []))
-    # The driver's own file access (the column check) uses the job's options, e.g. GCS credentials.
-    FileSystems.set_options(p.options)
-    check_local_device(p.options, config.device)
+    p = start_pipeline(test_pipeline, beam_args, config.device)
     files = validate_columns(config.input, config.columns.all)
-    size = vector_size(config.model, config.dim)
+    size = embedding_size(config.model, config.dim)
     client, lock = shared_client(config.qdrant)
     with lock:
         created = ensure_collection(client, config.collection, size)

@@ -29,16 +29,16 @@ from pipelines.common import (
     DEFAULT_EMBEDDING_MODEL,
     HelpFormatter,
     add_qdrant_arguments,
-    beam_options,
-    check_local_device,
     counters,
     qdrant_config,
     setup_logging,
+    start_pipeline,
 )
 from transforms.datasets import LabelDatasetsConfig, QueryJudgements, WriteLabelDatasets, parse_thresholds
 from transforms.dead_letter import WriteDeadLetters
 from transforms.embed import EmbeddingModelHandler
 from transforms.inference import RunInferenceByTokens
+from transforms.models import embedding_size
 from transforms.qdrant import QdrantConfig, ensure_collection, shared_client
 from transforms.queries import (
     DedupQueries,
@@ -360,9 +360,7 @@ def run(argv: list[str] | None = None, test_pipeline: beam.Pipeline | None = Non
 
 def run_config(config: LabelConfig, beam_args: list[str] | None = None, test_pipeline=None) -> dict[str, Any]:
     started = time.time()
-    p = test_pipeline or beam.Pipeline(options=beam_options(beam_args or []))
-    FileSystems.set_options(p.options)
-    check_local_device(p.options, config.device)
+    p = start_pipeline(test_pipeline, beam_args, config.device)
     query_files = validate_columns(config.queries, config.checked_query_columns)
     corpus_files: list[str] = []
     if config.candidates:
@@ -370,13 +368,8 @@ def run_config(config: LabelConfig, beam_args: list[str] | None = None, test_pip
         corpus_files = validate_columns(config.corpus, config.corpus_columns.all)
     else:
         client, lock = shared_client(config.qdrant)
-        with lock:
-            if not client.collection_exists(config.collection):
-                raise ValueError(f"collection {config.collection!r} does not exist at {config.qdrant.where}")
-        from pipelines.index import vector_size
-
-        with lock:
-            ensure_collection(client, config.collection, vector_size(config.model, config.dim), create=False)
+        with lock:  # exists, and holds vectors of this model's size
+            ensure_collection(client, config.collection, embedding_size(config.model, config.dim), create=False)
     provenance = provenance_of(config, query_files, corpus_files)
     build_pipeline(p, config, provenance, started)
     result = p.run()

@@ -18,9 +18,7 @@ class Searcher:
         self.client, self.lock = shared_client(qdrant)
         self.collection = collection
         self.encoder = encoder
-        with self.lock:
-            if not self.client.collection_exists(collection):
-                raise SystemExit(f"collection {collection!r} does not exist at {qdrant.where}")
+        with self.lock:  # exists, and holds vectors of the encoder's size
             ensure_collection(self.client, collection, encoder.dimension, create=False)
 
     def search(self, queries: list[str], top_k: int) -> list[list[dict[str, Any]]]:

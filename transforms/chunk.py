@@ -65,7 +65,8 @@ class Chunker:
         prefix = title_prefix(doc.title)
         if self.settings.chunk_tokens == 0:
             return [self._whole(doc, prefix)]
-        window = self.settings.chunk_tokens - self.fixed_tokens - self._count(prefix)
+        prefix_tokens = self._count(prefix)  # the same for every chunk of the document
+        window = self.settings.chunk_tokens - self.fixed_tokens - prefix_tokens
         if window < MIN_WINDOW_TOKENS:
             return DeadLetter.of(
                 "chunk",
@@ -74,54 +75,48 @@ class Chunker:
                 doc.source,
                 {"id": doc.doc_id, "title": doc.title},
             )
-        enc = self.tokenizer(doc.text, add_special_tokens=False, return_offsets_mapping=True)
-        offsets = enc["offset_mapping"]
+        offsets = self.tokenizer(doc.text, add_special_tokens=False, return_offsets_mapping=True)["offset_mapping"]
         n = len(offsets)
         if n == 0:
             return DeadLetter.of("chunk", "text has no tokens", doc.source, {"id": doc.doc_id})
         step = window - min(self.settings.chunk_overlap, window - 1)
-        chunks: list[Chunk] = []
-        start = 0
-        while True:
-            end = min(start + window, n)
+        # Starts 0, step, 2*step ... up to the first window that reaches the end of the text.
+        windows = [(s, min(s + window, n)) for s in range(0, max(n - window, 0) + step, step)]
+        chunks = []
+        for index, (start, end) in enumerate(windows):
             char_start, char_end = offsets[start][0], offsets[end - 1][1]
             text = doc.text[char_start:char_end]
             chunks.append(
                 Chunk(
                     doc_id=doc.doc_id,
-                    chunk_index=len(chunks),
+                    chunk_index=index,
                     text=text,
                     char_start=char_start,
                     char_end=char_end,
-                    n_tokens=(end - start) + self.fixed_tokens + self._count(prefix),
+                    n_tokens=(end - start) + self.fixed_tokens + prefix_tokens,
                     embed_text=prefix + text,
                     title=doc.title,
                     metadata=doc.metadata,
+                    n_chunks=len(windows),
                 )
             )
-            if end >= n:
-                return [dataclasses.replace(c, n_chunks=len(chunks)) for c in chunks]
-            start += step
+        return chunks
 
     def _whole(self, doc: Document, prefix: str) -> Chunk:
         embed_text = prefix + doc.text
-        n_tokens = self._count(self.document_prompt + embed_text) + self.tokenizer.num_special_tokens_to_add(False)
-        truncated = n_tokens > self.max_length
-        char_end = len(doc.text)
-        if truncated:
-            # Where the model's truncation will cut, mapped back into the document text.
-            keep = self.max_length - self.fixed_tokens - self._count(prefix)
-            offsets = self.tokenizer(doc.text, add_special_tokens=False, return_offsets_mapping=True)[
-                "offset_mapping"
-            ]
-            char_end = offsets[max(keep, 1) - 1][1]
+        budget = self.max_length - self.fixed_tokens - self._count(prefix)  # tokens left for the text
+        offsets = self.tokenizer(doc.text, add_special_tokens=False, return_offsets_mapping=True)["offset_mapping"]
+        truncated = len(offsets) > budget
+        # Where the model's truncation will cut, mapped back into the document text.
+        char_end = offsets[max(budget, 1) - 1][1] if truncated else len(doc.text)
+        n_tokens = min(len(offsets), budget) + self.max_length - budget
         return Chunk(
             doc_id=doc.doc_id,
             chunk_index=0,
             text=doc.text[:char_end],
             char_start=0,
             char_end=char_end,
-            n_tokens=min(n_tokens, self.max_length),
+            n_tokens=n_tokens,
             embed_text=embed_text,
             title=doc.title,
             metadata=doc.metadata,

@@ -127,3 +127,13 @@ def max_input_length(model: str, tokenizer: Any, settings: SentenceTransformerSe
     if not limits:
         raise ValueError(f"{model}: cannot tell the model's maximum input length; pass --max-length")
     return min(limits)
+
+
+def embedding_size(model: str, dim: int | None = None) -> int:
+    """Vector size the encoder produces: the model's hidden size, or ``dim`` (Matryoshka) when given."""
+    from transformers import AutoConfig
+
+    hidden = int(AutoConfig.from_pretrained(resolve_model(model)).hidden_size)
+    if dim is not None and not 1 <= dim <= hidden:
+        raise ValueError(f"--dim {dim} is outside 1..{hidden} for {model}")
+    return dim or hidden

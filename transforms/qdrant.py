@@ -16,6 +16,9 @@ Guarantees:
   like) are retried with exponential backoff and jitter; client errors (HTTP 4xx, gRPC
   INVALID_ARGUMENT...) are raised at once with Qdrant's message, since retrying them
   cannot succeed.
+- Why not ``QdrantClient.upload_points``: it batches by count only and retries every
+  error alike; a Beam bundle also needs its points durable before it commits, which a
+  per-bundle buffer flushed in ``finish_bundle`` gives directly.
 - Secrets by reference: the config holds the *name* of the environment variable with
   the API key, never the key, so nothing secret is pickled into the job graph or logged.
 """
