@@ -2,7 +2,7 @@
 
     queries (Parquet) ─parse, dedup, sample─▶ Query
     Query ─index (embed + Qdrant, grouped by doc) or run file + corpus─▶ RerankPair (top k)
-    RerankPair ─Qwen3-Reranker P(yes), token batches─▶ Judgement
+    RerankPair ─grouped by query, Qwen3-Reranker P(yes) (query prompt run once), token batches─▶ Judgement
     Judgements by query + split (hash of the near-duplicate key) ─▶ QueryJudgements
     ─▶ BEIR eval set, TREC runs, distillation Parquet, manifest.json, report.md
 
@@ -37,7 +37,6 @@ from pipelines.common import (
 from transforms.datasets import LabelDatasetsConfig, QueryJudgements, WriteLabelDatasets, parse_thresholds
 from transforms.dead_letter import WriteDeadLetters
 from transforms.embed import EmbeddingModelHandler
-from transforms.inference import RunInferenceByTokens
 from transforms.models import embedding_size
 from transforms.qdrant import QdrantConfig, ensure_collection, shared_client
 from transforms.queries import (
@@ -50,9 +49,9 @@ from transforms.queries import (
     parse_sample_spec,
 )
 from transforms.read import DEAD, DocumentColumns, ReadDocuments, ReadParquetRows, match_files, validate_columns
-from transforms.rerank import DEFAULT_INSTRUCTION, PairTokenEstimate, RerankModelHandler
+from transforms.rerank import DEFAULT_INSTRUCTION, RerankByQuery, RerankModelHandler
 from transforms.retrieve import RetrieveFromIndex, RetrieveFromRun
-from transforms.types import DeadLetter, Judgement, Query, RerankPair
+from transforms.types import DeadLetter, Judgement, Query
 
 _LOG = logging.getLogger(__name__)
 DEFAULT_RERANKER = "Qwen/Qwen3-Reranker-0.6B"
@@ -121,10 +120,6 @@ class LabelConfig:
 
 
 # -- steps -------------------------------------------------------------------------------------
-def _pair_source(pair: RerankPair) -> tuple[str, Any]:
-    return f"{pair.query_id}/{pair.doc_id}", {"query_id": pair.query_id, "doc_id": pair.doc_id}
-
-
 class _BuildQueryJudgements(beam.DoFn):
     """Joins a query with its pairs and judgements; the split is decided here, per query."""
 
@@ -189,12 +184,10 @@ def build_pipeline(p: beam.Pipeline, config: LabelConfig, provenance: dict[str, 
         )
     dead.append(first[DEAD])
     handler = config.reranker_handler()
-    scored = first["pairs"] | "Rerank" >> RunInferenceByTokens(
+    scored = first["pairs"] | "Rerank" >> RerankByQuery(
         handler,
-        stage="rerank",
         max_batch_weight=max(4 * (config.max_batch_tokens or 8192), config.max_length),
-        element_size_fn=PairTokenEstimate(max_length=config.max_length),
-        describe=_pair_source,
+        max_length=config.max_length,
     )
     dead.append(scored[DEAD])
     built = (

@@ -22,8 +22,16 @@ from apache_beam.testing.util import BeamAssertException, assert_that, equal_to
 
 from tests.qwen_reference import CardReference, format_instruction  # noqa: F401
 from transforms.gpu import budget_batches
-from transforms.rerank import PairTokenEstimate, Qwen3Reranker, RerankModelHandler
-from transforms.types import DeadLetter, Judgement, RerankPair
+from transforms.inference import DEAD
+from transforms.rerank import (
+    DEFAULT_INSTRUCTION,
+    HEAD_FORMAT,
+    PairTokenEstimate,
+    Qwen3Reranker,
+    RerankByQuery,
+    RerankModelHandler,
+)
+from transforms.types import DeadLetter, Judgement, QueryPairs, RerankPair
 
 TOL = 1e-4
 # The card pads with max_length and padding=True; transformers warns about it on every call.
@@ -86,8 +94,83 @@ def test_single_pairs_match_card(reference, reranker):
         _close(reranker.score([pair]), reference.scores([pair]))
 
 
-def test_mixed_length_batch_matches_card(ref_scores, reranker):
-    _close(reranker.score(PAIRS), ref_scores)
+@pytest.mark.parametrize("share_prefix", [True, False])
+def test_mixed_length_batch_matches_card(ref_scores, reranker, share_prefix):
+    scorer = copy.copy(reranker)
+    scorer.share_prefix = share_prefix
+    _close(scorer.score(PAIRS), ref_scores)
+
+
+# -- shared prompt head ----------------------------------------------------------------------------
+# Every query with every document: candidates of one query share their prompt head.
+GRID = [(q, d) for q in QUERIES for d in DOCS]
+
+
+@pytest.fixture(scope="module")
+def grid_ref_scores(reference):
+    return reference.scores(GRID)
+
+
+def test_head_is_the_prompt_up_to_the_document(reranker):
+    ids = reranker.encode_pairs(GRID)
+    heads = reranker.head_lengths(GRID, ids)
+    for (query, doc), seq, h in zip(GRID, ids, heads):
+        head_text = reranker.tokenizer.decode(seq[:h])
+        assert head_text.endswith(f"<Query>: {query}\n<Document>:"), head_text
+        assert reranker.tokenizer.decode(seq[h:]).startswith(" " + doc[:4])
+    distinct = {tuple(seq[:h]) for seq, h in zip(ids, heads)}
+    assert len(distinct) == len(QUERIES)  # one head per query, shared by its documents
+
+
+def test_shared_heads_match_card(grid_ref_scores, reranker):
+    _close(reranker.score(GRID), grid_ref_scores)
+    # Shuffled, and cut into several forward passes that mix heads of different lengths.
+    order = list(range(len(GRID)))
+    random.Random(3).shuffle(order)
+    small = copy.copy(reranker)
+    small.token_budget = 700
+    ids = small.encode_pairs([GRID[i] for i in order])
+    batches = budget_batches([len(x) for x in ids], small.token_budget)
+    assert len(batches) > 2
+    assert any(len({GRID[order[i]][0] for i in b}) > 1 for b in batches)
+    got = small.score([GRID[i] for i in order])
+    _close([got[order.index(i)] for i in range(len(GRID))], grid_ref_scores)
+
+
+def test_shared_forward_runs_each_head_once(reranker):
+    scorer = copy.copy(reranker)
+    base = scorer.model.get_decoder()
+    widths: list[tuple[int, int]] = []
+    hook = base.register_forward_pre_hook(
+        lambda module, args, kwargs: widths.append(tuple(kwargs["input_ids"].shape)), with_kwargs=True
+    )
+    try:
+        scorer.score(GRID)
+    finally:
+        hook.remove()
+    # One pass of the 4 distinct heads, one of the 32 rows' remaining tokens.
+    assert [rows for rows, _ in widths] == [len(QUERIES), len(GRID)]
+    ids = scorer.encode_pairs(GRID)
+    heads = scorer.head_lengths(GRID, ids)
+    assert widths[1][1] == max(len(x) - h for x, h in zip(ids, heads))
+
+
+def test_pair_cut_into_its_query_shares_less(reference, qwen3_reranker_dir):
+    max_length = 64
+    reference = copy.copy(reference)
+    reference.max_length = max_length
+    ours = Qwen3Reranker(str(qwen3_reranker_dir), device="cpu", dtype=torch.float32, max_length=max_length).load()
+    long_query = "why " * 40
+    pairs = [(long_query, "a"), (long_query, "b"), *GRID[:4]]
+    ids = ours.encode_pairs(pairs)
+    heads = ours.head_lengths(pairs, ids)
+    assert all(len(ours.prefix_ids) <= h < len(x) for x, h in zip(ids, heads))
+    assert ids[0] == ids[1]  # both cut inside the query: the documents never made it in
+    # What is shared is what is left of the head: everything before the card's suffix.
+    assert heads[0] == heads[1] == len(ids[0]) - len(ours.suffix_ids)
+    full_head = ours.prefix_ids + ours.tokenizer(HEAD_FORMAT.format(instruction=DEFAULT_INSTRUCTION, query=long_query))["input_ids"]
+    assert heads[0] < len(full_head)
+    _close(ours.score(pairs), reference.scores(pairs))
 
 
 def test_score_is_independent_of_batch_composition(reranker):
@@ -209,6 +292,76 @@ def test_run_inference_pipeline(ref_scores, qwen3_reranker_dir):
         assert_that(judged, equal_to(expected, equals_fn=_judgement_equals))
 
 
+def _grid_pairs() -> list[RerankPair]:
+    return [
+        RerankPair(f"q{i // len(DOCS)}", query, f"d{i % len(DOCS)}", doc, 1.0 - (i % len(DOCS)) / 10, i % len(DOCS) + 1)
+        for i, (query, doc) in enumerate(GRID)
+    ]
+
+
+class _FailingQuery(RerankModelHandler):
+    """A handler whose batches fail (not out of memory) when they hold ``query_id``."""
+
+    def __init__(self, *args, query_id: str, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.query_id = query_id
+
+    def run_inference(self, batch, model, inference_args=None):
+        if any(group.query_id == self.query_id for group in batch):
+            raise ValueError(f"broken batch with {self.query_id}")
+        return super().run_inference(batch, model, inference_args)
+
+
+def test_rerank_by_query_pipeline(grid_ref_scores, qwen3_reranker_dir):
+    pairs = _grid_pairs()
+    expected = [
+        Judgement(p.query_id, p.doc_id, s, p.first_stage_score, p.first_stage_rank) for p, s in zip(pairs, grid_ref_scores)
+    ]
+    shuffled = pairs[:]
+    random.Random(5).shuffle(shuffled)
+    handler = RerankModelHandler(str(qwen3_reranker_dir), device="cpu", dtype="float32", max_length=512)
+    with TestPipeline() as p:
+        out = p | beam.Create(shuffled) | RerankByQuery(handler, max_batch_weight=1500, max_length=512)
+        assert_that(out["results"], equal_to(expected, equals_fn=_judgement_equals), label="judgements")
+        assert_that(out[DEAD], equal_to([]), label="no dead letters")
+
+
+def test_rerank_by_query_dead_letters_every_pair_of_a_failed_batch(grid_ref_scores, qwen3_reranker_dir):
+    pairs = _grid_pairs()
+    expected = [
+        Judgement(p.query_id, p.doc_id, s, p.first_stage_score, p.first_stage_rank)
+        for p, s in zip(pairs, grid_ref_scores)
+        if p.query_id != "q2"
+    ]
+    # A weight below one query's: each query is a batch of its own, and only q2's fails.
+    handler = _FailingQuery(str(qwen3_reranker_dir), device="cpu", dtype="float32", max_length=512, query_id="q2")
+    with TestPipeline() as p:
+        out = p | beam.Create(pairs) | RerankByQuery(handler, max_batch_weight=100, max_length=512)
+        assert_that(out["results"], equal_to(expected, equals_fn=_judgement_equals), label="judgements")
+        letters = out[DEAD] | beam.Map(lambda d: (d.stage, d.source, d.reason, json.loads(d.record)))
+        reason = "inference failed for its batch: ValueError: broken batch with q2"
+        assert_that(
+            letters,
+            equal_to([("rerank", f"q2/{p.doc_id}", reason, {"query_id": "q2", "doc_id": p.doc_id}) for p in pairs
+                      if p.query_id == "q2"]),
+            label="dead letters",
+        )
+
+
+def test_handler_answers_a_query_group_with_a_list(grid_ref_scores, reranker, qwen3_reranker_dir):
+    pairs = _grid_pairs()
+    groups = [QueryPairs(f"q{i}", tuple(pairs[i * len(DOCS) : (i + 1) * len(DOCS)])) for i in range(len(QUERIES))]
+    handler = RerankModelHandler(str(qwen3_reranker_dir), device="cpu")
+    out = list(handler.run_inference([groups[0], pairs[-1], groups[1]], reranker))
+    assert [type(x) for x in out] == [list, Judgement, list]
+    got = [j.teacher_score for j in out[0]] + [out[1].teacher_score] + [j.teacher_score for j in out[2]]
+    want = grid_ref_scores[: len(DOCS)] + grid_ref_scores[-1:] + grid_ref_scores[len(DOCS) : 2 * len(DOCS)]
+    _close(got, want)
+    assert [j.doc_id for j in out[2]] == [p.doc_id for p in groups[1].pairs]
+    assert PairTokenEstimate()(groups[0]) == sum(PairTokenEstimate()(p) for p in groups[0].pairs)
+    assert handler.get_num_bytes([groups[0]]) == sum(len(p.query) + len(p.doc_text) for p in groups[0].pairs)
+
+
 def test_judgement_matcher_rejects_a_wrong_score():
     a = Judgement("q", "d", 0.5, 1.0, 1)
     assert _judgement_equals(a, dataclasses.replace(a, teacher_score=0.5 + 1e-6))
@@ -220,30 +373,33 @@ def test_judgement_matcher_rejects_a_wrong_score():
 
 # -- out of memory -------------------------------------------------------------------------------
 class OOMAbove:
-    """Stands in for ``Qwen3Reranker._forward``: out of memory above ``max_tokens`` padded tokens."""
+    """Stands in for ``Qwen3Reranker._forward`` / ``_forward_shared``: out of memory above
+    ``max_tokens`` padded tokens (rows are id lists, or ``(ids, head_length)``)."""
 
     def __init__(self, forward, max_tokens: int):
         self.forward, self.max_tokens, self.calls = forward, max_tokens, []
 
     def __call__(self, ids):
-        padded = max(len(x) for x in ids) * len(ids)
+        padded = max(len(x[0] if isinstance(x, tuple) else x) for x in ids) * len(ids)
         self.calls.append((len(ids), padded))
         if padded > self.max_tokens:
             raise torch.OutOfMemoryError(f"CUDA out of memory (fake: {padded} padded tokens)")
         return self.forward(ids)
 
 
-def test_oom_splits_and_dead_letters_a_single_pair(reranker, qwen3_reranker_dir, ref_scores):
+@pytest.mark.parametrize("forward", ["_forward_shared", "_forward"])
+def test_oom_splits_and_dead_letters_a_single_pair(reranker, qwen3_reranker_dir, ref_scores, forward):
     pairs = _rerank_pairs()
     scorer = copy.copy(reranker)
+    scorer.share_prefix = forward == "_forward_shared"
     scorer.token_budget = 100_000  # one forward pass for the whole batch, so the fake sees it first
     lengths = [len(x) for x in scorer.encode_pairs([(p.query, p.doc_text) for p in pairs])]
     longest = max(range(len(pairs)), key=lengths.__getitem__)
     # Every pair fits alone except the longest.
     limit = lengths[longest] - 1
     assert sorted(lengths)[-2] <= limit
-    fake = OOMAbove(scorer._forward, limit)
-    scorer._forward = fake
+    fake = OOMAbove(getattr(scorer, forward), limit)
+    setattr(scorer, forward, fake)
 
     handler = RerankModelHandler(str(qwen3_reranker_dir), device="cpu")
     out = list(handler.run_inference(pairs, scorer))
@@ -267,7 +423,7 @@ def test_other_errors_propagate(reranker):
     def broken(ids):
         raise ValueError("not an OOM")
 
-    scorer._forward = broken
+    scorer._forward = scorer._forward_shared = broken
     with pytest.raises(ValueError, match="not an OOM"):
         scorer.score(PAIRS[:2])
 

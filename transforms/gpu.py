@@ -129,17 +129,21 @@ def budget_batches(lengths: Sequence[int], token_budget: int) -> list[list[int]]
 
 
 def run_in_token_budget(
-    ids: Sequence[list[int]], token_budget: int, forward: Callable[[list[list[int]]], list[R]]
+    items: Sequence[T],
+    token_budget: int,
+    forward: Callable[[list[T]], list[R]],
+    size: Callable[[T], int] = len,
 ) -> tuple[list[R | None], list[tuple[int, str]]]:
-    """``forward`` over length-sorted, budget-sized batches of ``ids``, results back in input order.
+    """``forward`` over length-sorted, budget-sized batches of ``items``, results back in input order.
 
+    ``size(item)`` is an item's length in tokens (default ``len``: items are token id lists).
     Out-of-memory batches are split and retried (``run_splitting_on_oom``); elements that fail
     alone come back as ``None`` with ``(index, reason)`` in the failures.
     """
-    out: list[R | None] = [None] * len(ids)
+    out: list[R | None] = [None] * len(items)
     failures: list[tuple[int, str]] = []
-    for batch in budget_batches([len(x) for x in ids], token_budget):
-        results, fails = run_splitting_on_oom(lambda b: forward([ids[i] for i in b]), batch)
+    for batch in budget_batches([size(x) for x in items], token_budget):
+        results, fails = run_splitting_on_oom(lambda b: forward([items[i] for i in b]), batch)
         for i, r in zip(batch, results):
             out[i] = r
         failures.extend((batch[j], reason) for j, reason in fails)

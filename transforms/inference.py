@@ -9,7 +9,7 @@ RunInference then runs the handler on those batches as they are (``with_no_batch
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 import apache_beam as beam
@@ -22,10 +22,12 @@ DEAD = "dead_letter"
 
 
 def _split(element: Any):
-    if isinstance(element, DeadLetter):
-        yield beam.pvalue.TaggedOutput(DEAD, element)
-    else:
-        yield element
+    # A handler answers a group element (e.g. ``QueryPairs``) with a list: one result per member.
+    for item in element if isinstance(element, list) else (element,):
+        if isinstance(item, DeadLetter):
+            yield beam.pvalue.TaggedOutput(DEAD, item)
+        else:
+            yield item
 
 
 def describe_exception(exc: Any) -> str:
@@ -47,17 +49,28 @@ def describe_exception(exc: Any) -> str:
     return str(exc)
 
 
+def _itself(element: Any) -> Iterable[Any]:
+    return (element,)
+
+
 class _FailedBatch(beam.DoFn):
-    def __init__(self, stage: str, describe: Callable[[Any], tuple[str, Any]]) -> None:
+    def __init__(
+        self,
+        stage: str,
+        describe: Callable[[Any], tuple[str, Any]],
+        members: Callable[[Any], Iterable[Any]],
+    ) -> None:
         self.stage = stage
         self.describe = describe
+        self.members = members
 
     def process(self, failure: tuple[Sequence[Any], Any]):
         batch, exc = failure
         reason = f"inference failed for its batch: {describe_exception(exc)}"
         for element in batch:
-            source, record = self.describe(element)
-            yield DeadLetter.of(self.stage, reason, source, record)
+            for member in self.members(element):
+                source, record = self.describe(member)
+                yield DeadLetter.of(self.stage, reason, source, record)
 
 
 class RunInferenceByTokens(beam.PTransform):
@@ -67,7 +80,9 @@ class RunInferenceByTokens(beam.PTransform):
     size within a bundle. The handler may yield ``DeadLetter`` s for single elements (e.g. out
     of memory alone); a batch that raises becomes one dead letter per element
     (``describe(element) -> (source, record)``), with the exception as the reason, and the
-    job goes on.
+    job goes on. For group elements (``members(element)`` lists what a group holds), the
+    handler answers each group with a list of results, flattened here, and a failed batch
+    gives one dead letter per member.
     """
 
     def __init__(
@@ -80,6 +95,7 @@ class RunInferenceByTokens(beam.PTransform):
         describe: Callable[[Any], tuple[str, Any]],
         max_batch_size: int = 4096,
         inference_args: dict[str, Any] | None = None,
+        members: Callable[[Any], Iterable[Any]] = _itself,
     ) -> None:
         super().__init__()
         self.handler = handler
@@ -89,6 +105,7 @@ class RunInferenceByTokens(beam.PTransform):
         self.describe = describe
         self.max_batch_size = max_batch_size
         self.inference_args = inference_args
+        self.members = members
 
     def expand(self, pcoll):
         results, errors = (
@@ -104,6 +121,6 @@ class RunInferenceByTokens(beam.PTransform):
             ).with_exception_handling()
         )
         split = results | "SplitDeadLetters" >> beam.FlatMap(_split).with_outputs(DEAD, main="results")
-        failed = errors.failed_inferences | "FailedBatches" >> beam.ParDo(_FailedBatch(self.stage, self.describe))
+        failed = errors.failed_inferences | "FailedBatches" >> beam.ParDo(_FailedBatch(self.stage, self.describe, self.members))
         dead = (split[DEAD], failed) | "FlattenDead" >> beam.Flatten()
         return {"results": split.results, DEAD: dead}

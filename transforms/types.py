@@ -105,6 +105,15 @@ class RerankPair:
 
 
 @dataclasses.dataclass(frozen=True)
+class QueryPairs:
+    """All first-stage pairs of one query, by rank: the unit the reranker batches, so that
+    the query's prompt is run once for its candidates."""
+
+    query_id: str
+    pairs: tuple[RerankPair, ...]
+
+
+@dataclasses.dataclass(frozen=True)
 class Judgement:
     query_id: str
     doc_id: str
