@@ -1,6 +1,7 @@
 """GPU reranking throughput: the Qwen3-Reranker model card's loop vs ``Qwen3Reranker``.
 
     python bench/gpu_rerank.py [--size 0.6b|4b|8b] [--queries N] [--candidates K] [--write]
+    python bench/gpu_rerank.py --device cpu --queries 1 --candidates 40 --write   # ratios on CPU
     python bench/gpu_rerank.py --smoke           # tiny config, few pairs, CPU: checks it runs
 
 The model is Qwen3-Reranker with the exact published config of ``--size`` and random bf16
@@ -13,9 +14,12 @@ Compared, on the same pairs:
 
 * the model card's code (``process_inputs`` + ``compute_logits``: full-vocabulary logits
   at every position), one query's candidates per batch (``--ref-batch``);
-* ``Qwen3Reranker.score`` called per query (100 pairs a call): the two-row head only;
-* ``Qwen3Reranker.score`` over all pairs at once: the two-row head, plus sorting by length
-  across queries and padded-token-budget batches.
+* ``Qwen3Reranker.score`` called per query (100 pairs a call, as ``RerankByQuery`` groups
+  them): the two-row head, length-sorted token-budget batches, and the query's prompt head
+  run once per forward pass (``share_prefix``, the default);
+* the same without the shared head (``share_prefix=False``), which isolates that gain;
+* ``Qwen3Reranker.score`` over all pairs at once: heads shared, sorting by length across
+  queries (several heads per forward pass).
 
 Reported: pairs/s, tokens/s (real prompt tokens), padding overhead, peak GPU memory, the
 largest score difference to ours (bf16 noise), and MFU = 2 * non-embedding params *
@@ -56,6 +60,8 @@ from bench.gpu_embed import (  # noqa: E402
 )
 from transforms.qwen_offline import RERANKER_CONFIGS, TINY_QWEN3, build_qwen3_reranker, non_embedding_params  # noqa: E402
 from transforms.rerank import DEFAULT_INSTRUCTION, Qwen3Reranker  # noqa: E402
+
+CPU_NOTE = " Run on CPU: MFU is relative to the H100 bf16 peak and meaningless here; the ratios are the figures."
 
 
 class CardLoop:
@@ -182,52 +188,53 @@ def main(argv: list[str] | None = None) -> None:
 
     ours = Qwen3Reranker(path, device=str(device), dtype=dtype, token_budget=args.token_budget).load()
     ids = ours.encode_pairs(pairs)
+    heads = ours.head_lengths(pairs, ids)
     lengths = [len(x) for x in ids]
     tokens = sum(lengths)
     print(
         f"{n_queries} queries x {n_cands} candidates = {len(pairs)} pairs, {tokens:,} prompt tokens "
-        f"(mean {np.mean(lengths):.0f}/pair); {label}; {params / 1e6:,.0f}M non-embedding params; "
-        f"{device_name(device)}; {dtype}",
+        f"(mean {np.mean(lengths):.0f}/pair, of which a shared head of mean {np.mean(heads):.0f}); {label}; "
+        f"{params / 1e6:,.0f}M non-embedding params; {device_name(device)}; {dtype}",
         flush=True,
     )
 
-    results: list[Result] = []
+    def padded(rows: range, shared: bool) -> int:
+        """Tokens the forward passes run (pads included), as ``score_ids`` batches them."""
+        group = [lengths[i] for i in rows]
+        total = 0
+        for batch in budget_batches(group, ours.token_budget):
+            members = [rows[j] for j in batch]
+            if not shared or len({tuple(ids[i][: heads[i]]) for i in members}) == len(members):
+                total += max(lengths[i] for i in members) * len(members)
+                continue
+            distinct = {tuple(ids[i][: heads[i]]) for i in members}
+            total += max(map(len, distinct)) * len(distinct)
+            total += max(lengths[i] - heads[i] for i in members) * len(members)
+        return total
+
+    per_query_rows = [range(q * n_cands, (q + 1) * n_cands) for q in range(n_queries)]
+
+    def run_ours(name: str, shared: bool, calls: list[range]) -> Result:
+        ours.share_prefix = shared
+        reset_memory(device)
+        scores, seconds = timed(device, lambda: [s for rows in calls for s in ours.score([pairs[i] for i in rows])])
+        result = Result(name, seconds, len(pairs), tokens, sum(padded(r, shared) for r in calls), peak_gib(device))
+        result.scores = np.asarray(scores)  # type: ignore[attr-defined]
+        return result
+
     ours.score(pairs[: min(len(pairs), 16)])  # warm-up
-    reset_memory(device)
-    all_scores, seconds = timed(device, lambda: ours.score(pairs))
-    all_scores = np.asarray(all_scores)
-    padded = sum(max(lengths[i] for i in b) * len(b) for b in budget_batches(lengths, ours.token_budget))
-    ours_all = Result(
-        f"Qwen3Reranker (ours), all pairs, {ours.token_budget} token budget",
-        seconds,
-        len(pairs),
-        tokens,
-        padded,
-        peak_gib(device),
-    )
-
-    reset_memory(device)
-
-    def per_query() -> list[float]:
-        return [s for q in range(n_queries) for s in ours.score(pairs[q * n_cands : (q + 1) * n_cands])]
-
-    scores, seconds = timed(device, per_query)
-    padded = 0
-    for q in range(n_queries):
-        group = lengths[q * n_cands : (q + 1) * n_cands]
-        padded += sum(max(group[i] for i in b) * len(b) for b in budget_batches(group, ours.token_budget))
-    results.append(
-        Result(
-            f"Qwen3Reranker (ours), per query ({n_cands} pairs a call)",
-            seconds,
-            len(pairs),
-            tokens,
-            padded,
-            peak_gib(device),
-            float(np.abs(np.asarray(scores) - all_scores).max()),
-        )
-    )
-    print(results[-1].row(params, "pairs"), flush=True)
+    results: list[Result] = []
+    for name, shared, calls in (
+        (f"Qwen3Reranker (ours), per query ({n_cands} pairs a call), head shared", True, per_query_rows),
+        (f"Qwen3Reranker (ours), per query ({n_cands} pairs a call), no sharing", False, per_query_rows),
+        ("Qwen3Reranker (ours), all pairs in one call, head shared", True, [range(len(pairs))]),
+    ):
+        results.append(run_ours(name, shared, calls))
+        print(results[-1].row(params, "pairs"), flush=True)
+    reference_scores = results[0].scores  # type: ignore[attr-defined]
+    for r in results:
+        r.agreement = float(np.abs(r.scores - reference_scores).max())  # type: ignore[attr-defined]
+    budget = ours.token_budget
     ours = None  # frees its GPU memory before the next method
     reset_memory(device)
 
@@ -245,29 +252,33 @@ def main(argv: list[str] | None = None) -> None:
             tokens,
             card.padded_tokens,
             peak_gib(device),
-            float(np.abs(np.asarray(scores) - all_scores).max()),
+            float(np.abs(np.asarray(scores) - reference_scores).max()),
         ),
     )
     print(results[0].row(params, "pairs"), flush=True)
     card = None
     reset_memory(device)
-    results.append(ours_all)
-    print(ours_all.row(params, "pairs"), flush=True)
+    speedups = ", ".join(f"{results[0].seconds / r.seconds:.2f}x" for r in results[1:])
 
     lines = [
         f"{label}, random {str(dtype).removeprefix('torch.')} weights; {n_queries} queries (mean "
         f"{np.mean([len(tok.encode(q)) for q in queries]):.0f} tokens) x {n_cands} candidates of 50-512 tokens "
-        f"(mean {np.mean(doc_lengths):.0f}); {len(pairs)} pairs, {tokens:,} prompt tokens.",
+        f"(mean {np.mean(doc_lengths):.0f}); {len(pairs)} pairs, {tokens:,} prompt tokens "
+        f"(shared head: mean {np.mean(heads):.0f}); token budget {budget}.",
         "",
-        *table_header("max abs score diff to ours"),
+        *table_header("max abs score diff to row 2"),
         *(r.row(params, "pairs") for r in results),
         "",
-        f"{MFU_FORMULA}, N_non_embedding = {params:,}; attention FLOPs and the card's full-vocabulary head "
-        "not counted." + (SMOKE_NOTE if args.smoke else ""),
+        f"Speed-up over the card's loop (rows 2-4): {speedups}. Padding column: tokens run (pads "
+        "included; a shared head counted once per forward pass) over prompt tokens, minus one.",
+        f"{MFU_FORMULA}, N_non_embedding = {params:,}, tokens = prompt tokens (a shared head's tokens "
+        "count for every pair, so MFU is effective); attention FLOPs and the card's full-vocabulary head "
+        "not counted." + (SMOKE_NOTE if args.smoke else CPU_NOTE if device.type == "cpu" else ""),
     ]
     print("\n".join(lines))
     if args.write:
-        title = f"GPU reranking: {label} on {device_name(device)}"
+        kind = "GPU reranking" if device.type == "cuda" else "Reranker scoring on CPU"
+        title = f"{kind}: {label} on {device_name(device)}"
         write_section(Path(args.benchmarks_file), title, command_line(), device_name(device), lines)
         print(f"appended to {args.benchmarks_file}")
 
