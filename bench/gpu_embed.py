@@ -14,7 +14,10 @@ Compared, on the same documents:
   each batch to its longest text);
 * a plain transformers loop: tokenise, sort by length, cut into padded-token-budget batches,
   last-token pooling, normalise;
-* the project's ``TextEncoder`` (``transforms/embed.py``).
+* the project's ``TextEncoder`` (``transforms/embed.py``), padded batches (the default);
+* the same with ``packing=True``: padding-free rows, texts kept apart by their restarting
+  positions (``--packed-attention``: flex_attention on CUDA; on CPU sdpa's dense block mask,
+  which only shows it runs).
 
 Reported: documents/s, tokens/s (real tokens, EOS included, padding not counted), padding
 overhead, peak GPU memory, and MFU = 2 * non-embedding params * tokens/s / 800e12 (the
@@ -134,6 +137,11 @@ def command_line() -> str:
     )
 
 
+def rate(x: float) -> str:
+    """Three significant figures for small rates (CPU runs), thousands separators for large."""
+    return f"{x:,.1f}" if x >= 100 else f"{x:.3g}"
+
+
 @dataclass
 class Result:
     name: str
@@ -150,7 +158,7 @@ class Result:
         mem = f"{self.peak_gib:.1f}" if self.peak_gib is not None else "n/a"
         agree = f"{self.agreement:.4f}" if self.agreement is not None else "-"
         return (
-            f"| {self.name} | {self.seconds:.2f} | {self.items / self.seconds:,.1f} {unit}/s | {tps:,.0f} | "
+            f"| {self.name} | {self.seconds:.2f} | {rate(self.items / self.seconds)} {unit}/s | {tps:,.0f} | "
             f"{mfu(params, tps):.1%} | {pad} | {mem} | {agree} |"
         )
 
@@ -236,18 +244,35 @@ def run_plain_loop(path: str, docs: list[str], device: torch.device, dtype: torc
 
 
 def run_text_encoder(
-    path: str, docs: list[str], device: torch.device, dtype: torch.dtype, budget: int | None
+    path: str,
+    docs: list[str],
+    device: torch.device,
+    dtype: torch.dtype,
+    budget: int | None,
+    packed_attention: str | None = None,
 ):
     from transforms.embed import TextEncoder
 
-    encoder = TextEncoder(path, device=str(device), dtype=dtype, token_budget=budget).load()
+    encoder = TextEncoder(
+        path,
+        device=str(device),
+        dtype=dtype,
+        token_budget=budget,
+        packing=packed_attention is not None,
+        attn_implementation=packed_attention,
+    ).load()
     encoder.encode(docs[:32])  # warm-up
     reset_memory(device)
     vectors, seconds = timed(device, lambda: encoder.encode(docs))
     lengths = encoder.count_tokens(docs)
-    padded = sum(max(lengths[i] for i in b) * len(b) for b in budget_batches(lengths, encoder.token_budget))
+    padded = (
+        sum(lengths)  # packed rows compute no pad token
+        if packed_attention
+        else sum(max(lengths[i] for i in b) * len(b) for b in budget_batches(lengths, encoder.token_budget))
+    )
+    how = f"packed rows, {packed_attention}" if packed_attention else "padded batches"
     result = Result(
-        f"TextEncoder (ours), {encoder.token_budget} token budget",
+        f"TextEncoder (ours), {how}, {encoder.token_budget} token budget",
         seconds,
         len(docs),
         sum(lengths),
@@ -268,6 +293,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--token-budget", type=int, default=None, help="padded tokens per forward pass")
     parser.add_argument("--model-dir", default=None, help="reuse (or keep) the random-weight model here")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--packed-attention",
+        default=None,
+        help="attention for the packed TextEncoder row (default: flex_attention on CUDA, sdpa on CPU; "
+        "'none' skips it)",
+    )
     parser.add_argument("--smoke", action="store_true", help="tiny config, 24 docs: checks the script runs")
     parser.add_argument("--write", action="store_true", help="append the figures to BENCHMARKS.md")
     parser.add_argument("--benchmarks-file", default=str(REPO_ROOT / "BENCHMARKS.md"))
@@ -324,6 +355,13 @@ def main(argv: list[str] | None = None) -> None:
         print(result.row(params, "docs"), flush=True)
     results.append(ours_result)
     print(ours_result.row(params, "docs"), flush=True)
+    packed_attention = args.packed_attention or ("flex_attention" if device.type == "cuda" else "sdpa")
+    if packed_attention != "none":
+        vectors, result, _ = run_text_encoder(path, docs, device, dtype, budget, packed_attention)
+        result.agreement = float((vectors * ours).sum(axis=1).min())
+        results.append(result)
+        reset_memory(device)
+        print(result.row(params, "docs"), flush=True)
 
     lines = [
         f"{label}, random {str(dtype).removeprefix('torch.')} weights; {n_docs} documents of 50-512 tokens "

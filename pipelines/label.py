@@ -2,7 +2,7 @@
 
     queries (Parquet) ─parse, dedup, sample─▶ Query
     Query ─index (embed + Qdrant, grouped by doc) or run file + corpus─▶ RerankPair (top k)
-    RerankPair ─grouped by query, Qwen3-Reranker P(yes) (query prompt run once), token batches─▶ Judgement
+    RerankPair ─Qwen3-Reranker P(yes), token batches (--share-prefix: grouped by query, prompt head once)─▶ Judgement
     Judgements by query + split (hash of the near-duplicate key) ─▶ QueryJudgements
     ─▶ BEIR eval set, TREC runs, distillation Parquet, manifest.json, report.md
 
@@ -37,6 +37,7 @@ from pipelines.common import (
 from transforms.datasets import LabelDatasetsConfig, QueryJudgements, WriteLabelDatasets, parse_thresholds
 from transforms.dead_letter import WriteDeadLetters
 from transforms.embed import EmbeddingModelHandler
+from transforms.inference import RunInferenceByTokens
 from transforms.models import embedding_size
 from transforms.qdrant import QdrantConfig, ensure_collection, shared_client
 from transforms.queries import (
@@ -49,7 +50,7 @@ from transforms.queries import (
     parse_sample_spec,
 )
 from transforms.read import DEAD, DocumentColumns, ReadDocuments, ReadParquetRows, match_files, validate_columns
-from transforms.rerank import DEFAULT_INSTRUCTION, RerankByQuery, RerankModelHandler
+from transforms.rerank import DEFAULT_INSTRUCTION, PairTokenEstimate, RerankByQuery, RerankModelHandler, pair_source
 from transforms.retrieve import RetrieveFromIndex, RetrieveFromRun
 from transforms.types import DeadLetter, Judgement, Query
 
@@ -82,6 +83,7 @@ class LabelConfig:
     device: str = "auto"
     max_length: int = 8192
     max_batch_tokens: int | None = None
+    share_prefix: bool = False
     progress_interval_s: float = 30.0
 
     def __post_init__(self) -> None:
@@ -104,6 +106,7 @@ class LabelConfig:
             max_length=self.max_length,
             instruction=self.instruction,
             token_budget=self.max_batch_tokens,
+            share_prefix=self.share_prefix,
             progress_interval_s=self.progress_interval_s,
         )
 
@@ -184,11 +187,19 @@ def build_pipeline(p: beam.Pipeline, config: LabelConfig, provenance: dict[str, 
         )
     dead.append(first[DEAD])
     handler = config.reranker_handler()
-    scored = first["pairs"] | "Rerank" >> RerankByQuery(
-        handler,
-        max_batch_weight=max(4 * (config.max_batch_tokens or 8192), config.max_length),
-        max_length=config.max_length,
-    )
+    max_batch_weight = max(4 * (config.max_batch_tokens or 8192), config.max_length)
+    if config.share_prefix:  # a query's pairs must reach the scorer together to share its head
+        scored = first["pairs"] | "Rerank" >> RerankByQuery(
+            handler, max_batch_weight=max_batch_weight, max_length=config.max_length
+        )
+    else:
+        scored = first["pairs"] | "Rerank" >> RunInferenceByTokens(
+            handler,
+            stage="rerank",
+            max_batch_weight=max_batch_weight,
+            element_size_fn=PairTokenEstimate(max_length=config.max_length),
+            describe=pair_source,
+        )
     dead.append(scored[DEAD])
     built = (
         {
@@ -301,6 +312,11 @@ def build_arg_parser() -> argparse.ArgumentParser:
     run.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
     run.add_argument("--max-length", type=int, default=8192, help="reranker pair length limit (tokens)")
     run.add_argument("--max-batch-tokens", type=int, default=None, help="padded tokens per forward pass")
+    run.add_argument(
+        "--share-prefix", action="store_true",
+        help="group pairs by query and run each query's prompt head once per forward pass (same scores, ~20%% "
+        "fewer linear FLOPs at 300-token documents; no gain measured on CPU, not yet measured on GPU)",
+    )
     run.add_argument("--progress-interval", type=float, default=30.0)
     run.add_argument("-v", "--verbose", action="store_true")
     return parser
@@ -337,6 +353,7 @@ def config_from_args(args: argparse.Namespace) -> LabelConfig:
         device=args.device,
         max_length=args.max_length,
         max_batch_tokens=args.max_batch_tokens,
+        share_prefix=args.share_prefix,
         progress_interval_s=args.progress_interval,
     )
 

@@ -90,3 +90,28 @@ def test_a_failing_batch_becomes_dead_letters_and_the_rest_goes_on(minilm_path):
             equal_to([("embed", "d3", "inference failed for its batch: RuntimeError: device-side assert triggered")]),
             label="dead",
         )
+
+
+@pytest.mark.parametrize("mode", ["mean", "max", "cls", "lasttoken"])
+def test_pool_packed_equals_pool_on_padded_rows(mode):
+    from transforms.embed import pool, pool_packed
+
+    torch = pytest.importorskip("torch")
+    gen = torch.Generator().manual_seed(0)
+    lengths = [3, 1, 5]
+    rows = [torch.randn(n, 4, generator=gen) for n in lengths]
+    width = max(lengths)
+    hidden = torch.zeros(len(rows), width, 4)
+    mask = torch.zeros(len(rows), width, dtype=torch.long)
+    for i, row in enumerate(rows):
+        hidden[i, : len(row)] = row
+        mask[i, : len(row)] = 1
+    packed = pool_packed(torch.cat(rows), torch.tensor(lengths), mode)
+    torch.testing.assert_close(packed, pool(hidden, mask, mode))
+
+
+def test_packing_is_refused_where_texts_would_mix(minilm_path):
+    """BERT's bidirectional attention ignores restarting positions: packed texts would attend to
+    each other, so the load-time check refuses packing instead of writing wrong vectors."""
+    with pytest.raises(ValueError, match=r"packing is not supported with attention 'sdpa' \(packed vs padded cosine"):
+        TextEncoder(minilm_path, device="cpu", packing=True).load()

@@ -164,7 +164,8 @@ def test_report_has_metrics_and_a_histogram(labelled):
     assert (labelled["out"] / "teacher_scores.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
-def test_given_candidates_get_the_reference_scores(tmp_path, sample_dir, qwen3_reranker_dir):
+@pytest.mark.parametrize("share", [[], ["--share-prefix"]], ids=["pairs", "shared-prefix"])
+def test_given_candidates_get_the_reference_scores(tmp_path, sample_dir, qwen3_reranker_dir, share):
     corpus = {r["id"]: r["text"] for r in pq.read_table(sample_dir["corpus"]).to_pylist()}
     run = [("qa", "json", 1, 0.9), ("qa", "csv", 2, 0.8), ("qa", "pickle", 3, 0.7), ("qb", "gzip", 1, 0.5),
            ("qb", "zlib", 2, 0.4), ("qb", "not-in-corpus", 3, 0.3), ("qz", "re", 1, 0.1)]  # fmt: skip
@@ -176,7 +177,7 @@ def test_given_candidates_get_the_reference_scores(tmp_path, sample_dir, qwen3_r
     label.run(
         ["--queries", str(tmp_path / "log.parquet"), "--out", str(out), "--reranker", str(qwen3_reranker_dir),
          "--candidates", str(tmp_path / "run.trec"), "--corpus", sample_dir["corpus"], "--eval-fraction", "1.0",
-         "--query-id-column", "query_id", "--top-k", "3", "--device", "cpu"],
+         "--query-id-column", "query_id", "--top-k", "3", "--device", "cpu", *share],
         test_pipeline=TestPipeline(),
     )  # fmt: skip
     got = {(r.query_id, r.doc_id): r.score for r in ir_measures.read_trec_run(str(out / "runs" / "rerank.trec"))}

@@ -162,3 +162,38 @@ def test_cuda_matches_card_on_cpu(reference, qwen3_embedding_dir):
     assert (got * want).sum(axis=1).min() > 0.99  # cosine to the fp32 reference
     singles = np.concatenate([bf16.encode([text]) for text in DOCS])
     assert (got * singles).sum(axis=1).min() > 0.999
+
+
+# -- packed rows (padding-free) ----------------------------------------------------------------
+@pytest.fixture(scope="module")
+def packed(qwen3_embedding_dir):
+    return TextEncoder(str(qwen3_embedding_dir), device="cpu", dtype=torch.float32, packing=True).load()
+
+
+def test_packed_rows_match_card(reference, packed):
+    _close(packed.encode(DOCS), reference.embed(DOCS))
+    queries = [get_detailed_instruct(DEFAULT_TASK, q) for q in QUERIES]
+    _close(packed.encode(QUERIES, is_query=True), reference.embed(queries))
+
+
+def test_packed_rows_are_independent_of_their_neighbours(reference, packed):
+    """A small budget packs the texts into several rows, in another order: same vectors."""
+    import copy
+
+    small = copy.copy(packed)
+    small.token_budget = 64
+    calls: list[int] = []
+    forward = small._forward_packed
+    small._forward_packed = lambda ids: calls.append(len(ids)) or forward(ids)
+    _close(small.encode(DOCS[::-1])[::-1], reference.embed(DOCS))
+    assert len(calls) > 2 and max(calls) >= 3  # several rows, and rows hold several texts
+
+
+def test_unpacked_positions_would_mix_texts(packed):
+    """What the load-time check guards against: one row, positions not restarted."""
+    ids = packed.tokenize(DOCS[:3])
+    flat = torch.tensor([t for seq in ids for t in seq])[None]
+    with torch.inference_mode():
+        hidden = packed.model(input_ids=flat, use_cache=False).last_hidden_state[0]
+    wrong = F.normalize(hidden[torch.tensor([len(x) for x in ids]).cumsum(0) - 1], dim=1).numpy()
+    assert float(np.abs(wrong - np.stack(packed._forward_packed(ids))).max()) > 1e-2

@@ -111,6 +111,14 @@ def grid_ref_scores(reference):
     return reference.scores(GRID)
 
 
+@pytest.fixture(scope="module")
+def shared(reranker):
+    """The same loaded model, scoring with shared prompt heads."""
+    scorer = copy.copy(reranker)
+    scorer.share_prefix = True
+    return scorer
+
+
 def test_head_is_the_prompt_up_to_the_document(reranker):
     ids = reranker.encode_pairs(GRID)
     heads = reranker.head_lengths(GRID, ids)
@@ -122,12 +130,12 @@ def test_head_is_the_prompt_up_to_the_document(reranker):
     assert len(distinct) == len(QUERIES)  # one head per query, shared by its documents
 
 
-def test_shared_heads_match_card(grid_ref_scores, reranker):
-    _close(reranker.score(GRID), grid_ref_scores)
+def test_shared_heads_match_card(grid_ref_scores, shared):
+    _close(shared.score(GRID), grid_ref_scores)
     # Shuffled, and cut into several forward passes that mix heads of different lengths.
     order = list(range(len(GRID)))
     random.Random(3).shuffle(order)
-    small = copy.copy(reranker)
+    small = copy.copy(shared)
     small.token_budget = 700
     ids = small.encode_pairs([GRID[i] for i in order])
     batches = budget_batches([len(x) for x in ids], small.token_budget)
@@ -137,14 +145,20 @@ def test_shared_heads_match_card(grid_ref_scores, reranker):
     _close([got[order.index(i)] for i in range(len(GRID))], grid_ref_scores)
 
 
-def test_shared_forward_runs_each_head_once(reranker):
-    scorer = copy.copy(reranker)
+def test_shared_forward_runs_each_head_once(shared, reranker):
+    scorer = shared
     base = scorer.model.get_decoder()
     widths: list[tuple[int, int]] = []
     hook = base.register_forward_pre_hook(
         lambda module, args, kwargs: widths.append(tuple(kwargs["input_ids"].shape)), with_kwargs=True
     )
     try:
+        scorer.score(GRID)
+        assert [rows for rows, _ in widths] == [len(QUERIES), len(GRID)]
+        widths.clear()
+        reranker.score(GRID)  # without sharing (the default): one pass of whole pairs
+        assert [rows for rows, _ in widths] == [len(GRID)]
+        widths.clear()
         scorer.score(GRID)
     finally:
         hook.remove()
@@ -159,7 +173,9 @@ def test_pair_cut_into_its_query_shares_less(reference, qwen3_reranker_dir):
     max_length = 64
     reference = copy.copy(reference)
     reference.max_length = max_length
-    ours = Qwen3Reranker(str(qwen3_reranker_dir), device="cpu", dtype=torch.float32, max_length=max_length).load()
+    ours = Qwen3Reranker(
+        str(qwen3_reranker_dir), device="cpu", dtype=torch.float32, max_length=max_length, share_prefix=True
+    ).load()
     long_query = "why " * 40
     pairs = [(long_query, "a"), (long_query, "b"), *GRID[:4]]
     ids = ours.encode_pairs(pairs)
@@ -319,7 +335,9 @@ def test_rerank_by_query_pipeline(grid_ref_scores, qwen3_reranker_dir):
     ]
     shuffled = pairs[:]
     random.Random(5).shuffle(shuffled)
-    handler = RerankModelHandler(str(qwen3_reranker_dir), device="cpu", dtype="float32", max_length=512)
+    handler = RerankModelHandler(
+        str(qwen3_reranker_dir), device="cpu", dtype="float32", max_length=512, share_prefix=True
+    )
     with TestPipeline() as p:
         out = p | beam.Create(shuffled) | RerankByQuery(handler, max_batch_weight=1500, max_length=512)
         assert_that(out["results"], equal_to(expected, equals_fn=_judgement_equals), label="judgements")
@@ -334,7 +352,9 @@ def test_rerank_by_query_dead_letters_every_pair_of_a_failed_batch(grid_ref_scor
         if p.query_id != "q2"
     ]
     # A weight below one query's: each query is a batch of its own, and only q2's fails.
-    handler = _FailingQuery(str(qwen3_reranker_dir), device="cpu", dtype="float32", max_length=512, query_id="q2")
+    handler = _FailingQuery(
+        str(qwen3_reranker_dir), device="cpu", dtype="float32", max_length=512, share_prefix=True, query_id="q2"
+    )
     with TestPipeline() as p:
         out = p | beam.Create(pairs) | RerankByQuery(handler, max_batch_weight=100, max_length=512)
         assert_that(out["results"], equal_to(expected, equals_fn=_judgement_equals), label="judgements")

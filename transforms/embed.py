@@ -10,6 +10,14 @@ text pads a whole batch. Here texts are tokenised once, sorted by length, and cu
 forward passes by a padded-token budget (``max_len * n <= budget``); every vector is
 independent of its batch neighbours (masked pooling, per-row positions), which the
 parity tests check against single-text encoding.
+
+``packing=True`` (opt-in, not measured on a GPU yet) runs a forward pass as one row of
+concatenated texts with positions restarting at 0 for each, no attention mask and no cache:
+transformers then reads the boundaries from the positions and keeps texts apart
+(block-diagonal attention: a sparse block mask with ``attn_implementation="flex_attention"``,
+a dense one with sdpa, which is quadratic in the row and only fit for tests). No pad token
+is computed. Models that ignore the positions would mix texts silently, so ``load()``
+checks packed against padded vectors and refuses the setting when they differ.
 """
 
 from __future__ import annotations
@@ -58,6 +66,8 @@ class TextEncoder:
         max_length: int | None = None,
         query_instruction: str | None = None,
         token_budget: int | None = None,
+        packing: bool = False,
+        attn_implementation: str | None = None,
     ) -> None:
         self.model_id = model
         self.device_name = device
@@ -66,6 +76,8 @@ class TextEncoder:
         self.max_length_override = max_length
         self.query_instruction = query_instruction
         self.token_budget_override = token_budget
+        self.packing = packing
+        self.attn_implementation = attn_implementation
         self._model: torch.nn.Module | None = None
 
     # -- loading -------------------------------------------------------------------------
@@ -84,7 +96,10 @@ class TextEncoder:
         padding_side = "left" if self.settings.pooling == "lasttoken" else None
         kwargs = {"padding_side": padding_side} if padding_side else {}
         self.tokenizer = load_tokenizer(path, **kwargs)
-        model = AutoModel.from_pretrained(path, dtype=dtype)
+        kwargs_model: dict[str, Any] = {"dtype": dtype}
+        if self.attn_implementation:
+            kwargs_model["attn_implementation"] = self.attn_implementation
+        model = AutoModel.from_pretrained(path, **kwargs_model)
         self._model = model.to(self.device).eval()
         config = model.config
         self.max_length = self.max_length_override or max_input_length(path, self.tokenizer, self.settings)
@@ -94,7 +109,24 @@ class TextEncoder:
         self.dimension = self.dim or hidden
         self.token_budget = self.token_budget_override or default_token_budget(self._model, self.device)
         self.token_budget = max(self.token_budget, self.max_length)
+        if self.packing:
+            self._check_packing()
         return self
+
+    def _check_packing(self) -> None:
+        """Packed and padded vectors of a few texts must agree, or packing is refused."""
+        texts = ["a b c", "The capital of France is Paris; its river is the Seine.", "x"]
+        ids = self.tokenize(texts)
+        padded = np.stack(self._forward(ids))
+        packed = np.stack(self._forward_packed(ids))
+        cosine = float((padded * packed).sum(axis=1).min())
+        floor = 0.999 if self.model.dtype == torch.float32 else 0.99
+        if not cosine >= floor:
+            attn = getattr(self.model.config, "_attn_implementation", "?")
+            raise ValueError(
+                f"{self.model_id}: packing is not supported with attention {attn!r} (packed vs padded cosine "
+                f"{cosine:.3f} < {floor}: the texts of a packed row attend to each other); run without packing"
+            )
 
     @property
     def model(self) -> torch.nn.Module:
@@ -134,7 +166,7 @@ class TextEncoder:
 
     def encode_ids(self, ids: Sequence[list[int]]) -> tuple[list[np.ndarray | None], list[tuple[int, str]]]:
         """Vectors for pre-tokenised inputs; failures (out of memory alone) are returned, not raised."""
-        return run_in_token_budget(ids, self.token_budget, self._forward)
+        return run_in_token_budget(ids, self.token_budget, self._forward_packed if self.packing else self._forward)
 
     @torch.inference_mode()
     def _forward(self, ids: Sequence[list[int]]) -> list[np.ndarray]:
@@ -142,7 +174,24 @@ class TextEncoder:
         input_ids = padded["input_ids"].to(self.device)
         mask = padded["attention_mask"].to(self.device)
         hidden = self.model(input_ids=input_ids, attention_mask=mask).last_hidden_state
-        pooled = pool(hidden, mask, self.settings.pooling).float()
+        return self._finish(pool(hidden, mask, self.settings.pooling))
+
+    @torch.inference_mode()
+    def _forward_packed(self, ids: Sequence[list[int]]) -> list[np.ndarray]:
+        """One row of concatenated texts, positions restarting per text, no mask, no cache."""
+        lengths = torch.tensor([len(seq) for seq in ids])
+        flat = torch.tensor([t for seq in ids for t in seq], dtype=torch.long)
+        positions = torch.cat([torch.arange(n) for n in lengths.tolist()])
+        # use_cache=False matters: transformers reads packed boundaries from the positions only
+        # when there is no mask and no cache; Qwen3's config enables the cache, and with it the
+        # texts of a row silently attend to each other (cosine ~0.1-0.3 to the padded vectors).
+        hidden = self.model(
+            input_ids=flat[None].to(self.device), position_ids=positions[None].to(self.device), use_cache=False
+        ).last_hidden_state[0]
+        return self._finish(pool_packed(hidden, lengths.to(self.device), self.settings.pooling))
+
+    def _finish(self, pooled: torch.Tensor) -> list[np.ndarray]:
+        pooled = pooled.float()
         if self.dim is not None:
             pooled = pooled[:, : self.dim]
         pooled = torch.nn.functional.normalize(pooled, p=2, dim=1)
@@ -163,6 +212,23 @@ def pool(hidden: torch.Tensor, mask: torch.Tensor, mode: str) -> torch.Tensor:
         return (hidden * m).sum(1) / m.sum(1).clamp(min=1e-9)
     if mode == "max":
         return hidden.masked_fill(m == 0, torch.finfo(hidden.dtype).min).max(1).values
+    raise ValueError(f"unknown pooling mode {mode!r}")
+
+
+def pool_packed(hidden: torch.Tensor, lengths: torch.Tensor, mode: str) -> torch.Tensor:
+    """``pool`` for one packed row: ``hidden`` is (sum(lengths), H), texts back to back."""
+    ends = lengths.cumsum(0)
+    if mode == "lasttoken":
+        return hidden[ends - 1]
+    if mode == "cls":
+        return hidden[ends - lengths]
+    segment = torch.repeat_interleave(torch.arange(len(lengths), device=hidden.device), lengths)
+    out = hidden.new_zeros((len(lengths), hidden.shape[1]))
+    if mode == "mean":
+        return out.index_add_(0, segment, hidden) / lengths.unsqueeze(1).to(hidden.dtype)
+    if mode == "max":
+        index = segment.unsqueeze(1).expand_as(hidden)
+        return out.scatter_reduce_(0, index, hidden, reduce="amax", include_self=False)
     raise ValueError(f"unknown pooling mode {mode!r}")
 
 

@@ -20,10 +20,12 @@ What is different is only how the work is done:
 * pairs of one query share the prompt up to ``<Document>:`` (system prompt, instruction and
   query: ~90 of ~390 tokens for a 20-token query and a 300-token document). That head is run
   once per forward pass and its key/value cache is gathered for every row, whose document
-  tokens then continue at positions ``len(head) + j`` (``share_prefix``, the default). The
+  tokens then continue at positions ``len(head) + j`` (``share_prefix``, opt-in). The
   head is cut from the card's own ids (the longest common prefix with the query's head
   text, so a pair truncated into its query simply shares less), and rows are grouped by
   their head's actual tokens: the split can change how much is shared, never a score.
+  It is off by default: on 2 CPU cores its gain was within run-to-run noise (BENCHMARKS.md),
+  and it has not been measured on a GPU yet.
 """
 
 from __future__ import annotations
@@ -86,7 +88,7 @@ class Qwen3Reranker:
         instruction: str | None = None,
         token_budget: int | None = None,
         attn_implementation: str | None = None,
-        share_prefix: bool = True,
+        share_prefix: bool = False,
     ) -> None:
         self.model_id = model
         self.device_name = device
@@ -336,7 +338,7 @@ class PairTokenEstimate:
 class RerankModelHandler(ModelHandler[RerankPair, Judgement | DeadLetter, Qwen3Reranker]):
     """``RunInference`` handler: ``RerankPair`` → ``Judgement`` (teacher score = P(yes)), or
     ``QueryPairs`` → a list of them, one per pair (``RerankByQuery`` uses this, so that a
-    query's candidates share their prompt head in the scorer).
+    query's candidates can share their prompt head in the scorer: ``share_prefix=True``).
 
     The scorer is loaded once per worker process and shared by its threads (RunInference keeps
     it in a ``Shared`` handle). Beam batches are sized by estimated tokens
@@ -360,7 +362,7 @@ class RerankModelHandler(ModelHandler[RerankPair, Judgement | DeadLetter, Qwen3R
         attn_implementation: str | None = None,
         progress_interval_s: float = 30.0,
         large_model: bool = False,
-        share_prefix: bool = True,
+        share_prefix: bool = False,
     ) -> None:
         # Beam 2.77's BatchElements takes no ``max_batch_weight`` (ModelHandler accepts it and
         # RunInference then fails with a TypeError); with ``element_size_fn`` its batch sizes are
@@ -464,8 +466,8 @@ class RerankByQuery(beam.PTransform):
     """``RerankPair`` → ``Judgement`` (``results``) and ``DeadLetter`` (``dead_letter``).
 
     Pairs are grouped by query first (one shuffle of the pair texts), so each query's
-    candidates reach one scorer call together and its prompt head is run once per forward
-    pass instead of once per pair. Batches are sized by estimated tokens
+    candidates reach one scorer call together and, with a handler built with
+    ``share_prefix=True``, its prompt head is run once per forward pass instead of once per pair. Batches are sized by estimated tokens
     (``max_batch_weight``); a query heavier than that is a batch of its own, which the scorer
     still cuts into forward passes by its token budget. A pair that fails alone, or every pair
     of a batch that raises, becomes a dead letter: no pair is dropped silently.
