@@ -275,6 +275,9 @@ def main(argv: list[str] | None = None) -> None:
         *table_header("max abs score diff to row 2"),
         *(r.row(params, "pairs") for r in results),
         "",
+        "Every run of ours (s): "
+        + "; ".join(f"{name.split('), ')[-1]}: " + ", ".join(f"{r.seconds:.1f}" for r in rs) for name, rs in runs.items())
+        + ".",
         f"Speed-up over the card's loop (rows 2-4): {speedups}. Padding column: tokens run (pads "
         "included; a shared head counted once per forward pass) over prompt tokens, minus one.",
         f"{MFU_FORMULA}, N_non_embedding = {params:,}, tokens = prompt tokens (a shared head's tokens "

@@ -169,6 +169,30 @@ def test_shared_forward_runs_each_head_once(shared, reranker):
     assert widths[1][1] == max(len(x) - h for x, h in zip(ids, heads))
 
 
+def test_shared_head_cache_is_not_extended(shared):
+    """The head's cache is read, not grown: a pass keeps no per-layer keys of the documents."""
+    from transformers.cache_utils import DynamicLayer
+
+    from transforms import rerank
+
+    seen = []
+    freeze = rerank._freeze
+
+    def spy(cache):
+        freeze(cache)
+        seen.append(cache)
+
+    rerank._freeze = spy
+    try:
+        shared.score(GRID[:8])
+    finally:
+        rerank._freeze = freeze
+    (cache,) = seen
+    head = max(h for h in shared.head_lengths(GRID[:8], shared.encode_pairs(GRID[:8])))
+    assert all(isinstance(layer, DynamicLayer) and layer.keys.shape[-2] == head for layer in cache.layers)
+    assert type(cache.layers[0]) is not DynamicLayer
+
+
 def test_pair_cut_into_its_query_shares_less(reference, qwen3_reranker_dir):
     max_length = 64
     reference = copy.copy(reference)

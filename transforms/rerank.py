@@ -31,6 +31,7 @@ What is different is only how the work is done:
 from __future__ import annotations
 
 import dataclasses
+import functools
 import inspect
 import logging
 import math
@@ -271,6 +272,7 @@ class Qwen3Reranker:
         )
         cache = _cache_of(out)
         cache.reorder_cache(index.to(device))  # one copy of its head's keys/values per row
+        _freeze(cache)
         hidden = base(
             input_ids=tail_ids.to(device),
             attention_mask=torch.cat([head_mask[index], tail_mask], dim=1).to(device),
@@ -301,6 +303,34 @@ class Qwen3Reranker:
             logits = logits + self._head_bias
         # log_softmax then exp, as the card does; in fp32 whatever the model dtype.
         return torch.log_softmax(logits.float(), dim=1)[:, 1].exp().tolist()
+
+
+def _freeze(cache: Any) -> None:
+    """Make a cached head read-only for the pass that reads it (transformers >= 5 caches).
+
+    A plain cache appends every layer's new keys and values and keeps them to the end of the
+    pass: for a 64k-token pass of the 0.6B model, ~7 GiB in bf16 that nothing reads again.
+    Frozen, each layer gets head + new and drops it after attention (on CPU, an 18-row pass
+    also ran ~4% faster: 47.5-50.7 s against 51.1-52.1 s). Older caches are left as they are.
+    """
+    try:
+        frozen = _frozen_layer_class()
+    except ImportError:
+        return
+    for layer in getattr(cache, "layers", ()):
+        if type(layer) is frozen.__base__:
+            layer.__class__ = frozen  # same state (keys, values), read-only update
+
+
+@functools.cache
+def _frozen_layer_class() -> type:
+    from transformers.cache_utils import DynamicLayer
+
+    class _FrozenLayer(DynamicLayer):
+        def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any, **kwargs: Any):
+            return torch.cat([self.keys, key_states], dim=-2), torch.cat([self.values, value_states], dim=-2)
+
+    return _FrozenLayer
 
 
 def _cache_argument(model: torch.nn.Module) -> str:
