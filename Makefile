@@ -11,7 +11,7 @@ DEMO_MODEL ?= sentence-transformers/all-MiniLM-L6-v2
 PYTEST_ARGS ?=
 
 .DEFAULT_GOAL := help
-.PHONY: help install demo test lint bench-cpu bench-label clean
+.PHONY: help install demo test lint bench-cpu bench-label bench-prefix bench-gpu clean
 
 help: ## list the targets
 	@grep -E '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  \033[36m%-12s\033[0m %s\n", $$1, $$2}'
@@ -49,6 +49,16 @@ bench-cpu: install ## index throughput: this pipeline vs Beam's ml.rag stack (wr
 
 bench-label: install ## label pipeline pairs/s on CPU (writes BENCHMARKS.md)
 	$(BIN)/python bench/label.py --write
+
+bench-prefix: install ## reranker shared prompt head vs whole pairs, A/B (writes BENCHMARKS.md; ~6 min on 2 cores)
+	$(BIN)/python bench/rerank_prefix.py --write
+
+bench-gpu: ## GPU machines only, with their CUDA torch (GPU_PYTHON=python): embedding and reranking (writes BENCHMARKS.md)
+	$(GPU_PYTHON) bench/gpu_embed.py --size 0.6b --write
+	$(GPU_PYTHON) bench/gpu_rerank.py --size 0.6b --write
+	$(GPU_PYTHON) bench/rerank_prefix.py --device cuda --candidates 100 --write
+
+GPU_PYTHON ?= python
 
 clean: ## remove the venv, demo data and the local Qdrant folder
 	rm -rf $(VENV) $(DEMO_DIR) $(QDRANT_PATH) .pytest_cache

@@ -314,8 +314,8 @@ def build_arg_parser() -> argparse.ArgumentParser:
     run.add_argument("--max-batch-tokens", type=int, default=None, help="padded tokens per forward pass")
     run.add_argument(
         "--share-prefix", action="store_true",
-        help="group pairs by query and run each query's prompt head once per forward pass (same scores, ~20%% "
-        "fewer linear FLOPs at 300-token documents; no gain measured on CPU, not yet measured on GPU)",
+        help="group pairs by query and run each query's prompt head once per forward pass (same scores, ~15-20%% "
+        "fewer tokens at 300-token documents; 5%% faster on CPU in BENCHMARKS.md, not yet measured on GPU)",
     )
     run.add_argument("--progress-interval", type=float, default=30.0)
     run.add_argument("-v", "--verbose", action="store_true")
