@@ -197,3 +197,24 @@ def test_unpacked_positions_would_mix_texts(packed):
         hidden = packed.model(input_ids=flat, use_cache=False).last_hidden_state[0]
     wrong = F.normalize(hidden[torch.tensor([len(x) for x in ids]).cumsum(0) - 1], dim=1).numpy()
     assert float(np.abs(wrong - np.stack(packed._forward_packed(ids))).max()) > 1e-2
+
+
+@pytest.mark.slow
+def test_packed_rows_with_flex_attention_match_card(reference, qwen3_embedding_dir):
+    """The GPU route for packing (flex_attention: a sparse block mask from the positions),
+    compiled by inductor for the CPU here (~30 s): same vectors as the card's padded code."""
+    encoder = TextEncoder(
+        str(qwen3_embedding_dir), device="cpu", dtype=torch.float32, packing=True, attn_implementation="flex_attention"
+    ).load()
+    assert encoder.model.config._attn_implementation == "flex_attention"
+    _close(encoder.encode(DOCS), reference.embed(DOCS))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_packed_flex_attention_matches_card(reference, qwen3_embedding_dir):
+    bf16 = TextEncoder(
+        str(qwen3_embedding_dir), device="cuda", packing=True, attn_implementation="flex_attention"
+    ).load()
+    got, want = bf16.encode(DOCS), reference.embed(DOCS)
+    assert float((got * want).sum(axis=1).min()) > 0.99

@@ -484,3 +484,12 @@ def test_cuda_matches_card_on_cpu(ref_scores, qwen3_reranker_dir):
     _close(bf16.score(PAIRS), want, tol=5e-2)
     alone = [bf16.score([pair])[0] for pair in PAIRS]
     _close(bf16.score(PAIRS), alone, tol=2e-2)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_shared_heads_match_card(grid_ref_scores, qwen3_reranker_dir):
+    fp32 = Qwen3Reranker(str(qwen3_reranker_dir), device="cuda", dtype=torch.float32, share_prefix=True).load()
+    _close(fp32.score(GRID), grid_ref_scores, tol=1e-3)
+    bf16 = Qwen3Reranker(str(qwen3_reranker_dir), device="cuda", share_prefix=True).load()
+    _close(bf16.score(GRID), grid_ref_scores, tol=5e-2)

@@ -15,7 +15,8 @@ parity tests check against single-text encoding.
 concatenated texts with positions restarting at 0 for each, no attention mask and no cache:
 transformers then reads the boundaries from the positions and keeps texts apart
 (block-diagonal attention: a sparse block mask with ``attn_implementation="flex_attention"``,
-a dense one with sdpa, which is quadratic in the row and only fit for tests). No pad token
+the GPU route, whose parity is tested on CPU through inductor; a dense mask with sdpa, which is
+quadratic in the row and only fit for tests). No pad token
 is computed. Models that ignore the positions would mix texts silently, so ``load()``
 checks packed against padded vectors and refuses the setting when they differ.
 """
