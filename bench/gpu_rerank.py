@@ -61,6 +61,22 @@ from bench.gpu_embed import (  # noqa: E402
 from transforms.qwen_offline import RERANKER_CONFIGS, TINY_QWEN3, build_qwen3_reranker, non_embedding_params  # noqa: E402
 from transforms.rerank import DEFAULT_INSTRUCTION, Qwen3Reranker  # noqa: E402
 
+
+def tokens_run(ids: list[list[int]], heads: list[int], token_budget: int, shared: bool) -> int:
+    """Tokens the forward passes of ``Qwen3Reranker.score_ids`` compute, pads included: per
+    pass, whole padded pairs, or (shared) each distinct head once plus the padded rest."""
+    lengths = [len(x) for x in ids]
+    total = 0
+    for batch in budget_batches(lengths, token_budget):
+        distinct = {tuple(ids[i][: heads[i]]) for i in batch}
+        if not shared or len(distinct) == len(batch):  # _forward_shared falls back to one plain pass
+            total += max(lengths[i] for i in batch) * len(batch)
+        else:
+            total += max(map(len, distinct)) * len(distinct)
+            total += max(lengths[i] - heads[i] for i in batch) * len(batch)
+    return total
+
+
 CPU_NOTE = " Run on CPU: MFU is relative to the H100 bf16 peak and meaningless here; the ratios are the figures."
 
 
@@ -200,18 +216,7 @@ def main(argv: list[str] | None = None) -> None:
     )
 
     def padded(rows: range, shared: bool) -> int:
-        """Tokens the forward passes run (pads included), as ``score_ids`` batches them."""
-        group = [lengths[i] for i in rows]
-        total = 0
-        for batch in budget_batches(group, ours.token_budget):
-            members = [rows[j] for j in batch]
-            if not shared or len({tuple(ids[i][: heads[i]]) for i in members}) == len(members):
-                total += max(lengths[i] for i in members) * len(members)
-                continue
-            distinct = {tuple(ids[i][: heads[i]]) for i in members}
-            total += max(map(len, distinct)) * len(distinct)
-            total += max(lengths[i] - heads[i] for i in members) * len(members)
-        return total
+        return tokens_run([ids[i] for i in rows], [heads[i] for i in rows], ours.token_budget, shared)
 
     per_query_rows = [range(q * n_cands, (q + 1) * n_cands) for q in range(n_queries)]
 

@@ -33,6 +33,7 @@ from bench.gpu_embed import (  # noqa: E402
     sync,
     write_section,
 )
+from bench.gpu_rerank import tokens_run  # noqa: E402
 from transforms.gpu import budget_batches, default_dtype, resolve_device  # noqa: E402
 from transforms.qwen_offline import RERANKER_CONFIGS, build_qwen3_reranker  # noqa: E402
 from transforms.rerank import Qwen3Reranker  # noqa: E402
@@ -72,10 +73,8 @@ def main(argv: list[str] | None = None) -> None:
     heads = scorer.head_lengths(pairs, ids)
     sizes = [len(x) for x in ids]
     batches = budget_batches(sizes, scorer.token_budget)
-    whole_tokens = sum(max(sizes[i] for i in b) * len(b) for b in batches)
-    shared_tokens = sum(
-        max(heads[i] for i in b) + max(sizes[i] - heads[i] for i in b) * len(b) for b in batches
-    )
+    whole_tokens = tokens_run(ids, heads, scorer.token_budget, shared=False)
+    shared_tokens = tokens_run(ids, heads, scorer.token_budget, shared=True)
     print(
         f"{len(pairs)} pairs, {sum(sizes):,} prompt tokens, head {heads[0]} tokens; {len(batches)} forward passes; "
         f"{label}; {device_name(device)}",

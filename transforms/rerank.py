@@ -35,6 +35,7 @@ import functools
 import inspect
 import logging
 import math
+import os
 from collections.abc import Iterable, Sequence
 from typing import Any
 
@@ -188,12 +189,7 @@ class Qwen3Reranker:
             if head is None:
                 text = HEAD_FORMAT.format(instruction=task, query=query)
                 head = heads[query] = self.prefix_ids + self.tokenizer(text)["input_ids"]
-            n = 0
-            for a, b in zip(seq, head):
-                if a != b:
-                    break
-                n += 1
-            out.append(min(n, len(seq) - 1))
+            out.append(min(len(os.path.commonprefix([seq, head])), len(seq) - 1))
         return out
 
     def count_tokens(self, pair: tuple[str, str], instruction: str | None = None) -> int:
@@ -309,7 +305,8 @@ def _freeze(cache: Any) -> None:
     """Make a cached head read-only for the pass that reads it (transformers >= 5 caches).
 
     A plain cache appends every layer's new keys and values and keeps them to the end of the
-    pass: for a 64k-token pass of the 0.6B model, ~7 GiB in bf16 that nothing reads again.
+    pass: for a 64k-token pass of the 0.6B model, ~7 GiB in bf16 (64k x 28 layers x 2 x 8 KV
+    heads x 128 x 2 bytes) that nothing reads again.
     Frozen, each layer gets head + new and drops it after attention. Older caches (without
     ``layers``) are left as they are: same scores, more memory.
     """
