@@ -11,7 +11,7 @@ DEMO_MODEL ?= sentence-transformers/all-MiniLM-L6-v2
 PYTEST_ARGS ?=
 
 .DEFAULT_GOAL := help
-.PHONY: help install demo test lint bench-cpu bench-label bench-prefix bench-gpu clean
+.PHONY: help install demo demo-label test lint bench-cpu bench-label bench-prefix bench-gpu clean
 
 help: ## list the targets
 	@grep -E '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  \033[36m%-12s\033[0m %s\n", $$1, $$2}'
@@ -37,6 +37,13 @@ demo: install ## build a real-text sample corpus, index it on DirectRunner into 
 	    "how do I parse command line arguments"
 	$(BIN)/corpus-etl evaluate --collection demo --model $(DEMO_MODEL) --qdrant-path $(QDRANT_PATH) \
 	    --queries $(DEMO_DIR)/queries.jsonl --qrels $(DEMO_DIR)/qrels/test.tsv --out $(DEMO_DIR)/metrics.json
+
+DEMO_RERANKER ?= $(DEMO_DIR)/tiny-qwen3-reranker
+demo-label: demo ## offline label job on the demo index, with a tiny RANDOM-weight Qwen3 reranker (labels are meaningless)
+	$(BIN)/python -m tests.qwen_offline reranker --out $(DEMO_RERANKER)
+	$(BIN)/corpus-etl label --queries $(DEMO_DIR)/query_log.parquet --out $(DEMO_DIR)/labels \
+	    --reranker $(DEMO_RERANKER) --collection demo --model $(DEMO_MODEL) --qdrant-path $(QDRANT_PATH) \
+	    --top-k 10 --label-thresholds 0.2,0.35 --device cpu --summary-out $(DEMO_DIR)/label_summary.json
 
 test: install ## run the test suite (CPU; GPU tests skip without CUDA)
 	$(BIN)/python -m pytest $(PYTEST_ARGS)

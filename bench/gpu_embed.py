@@ -5,7 +5,7 @@
 
 The model is Qwen3-Embedding with the exact published config of ``--size`` and random bf16
 weights (same FLOPs and memory as the real one; the vectors are meaningless), built with
-``transforms.qwen_offline`` into a temporary directory laid out like the real repository.
+``tests.qwen_offline`` into a temporary directory laid out like the real repository.
 Documents are 50-512 tokens (mean ~320) cut from the Python standard library's docstrings.
 
 Compared, on the same documents:
@@ -49,13 +49,13 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from bench.common import machine, replace_section  # noqa: E402
-from transforms.gpu import budget_batches  # noqa: E402
-from transforms.qwen_offline import (  # noqa: E402
+from tests.qwen_offline import (  # noqa: E402
     EMBEDDING_CONFIGS,
     TINY_QWEN3,
     build_qwen3_embedding,
     non_embedding_params,
 )
+from transforms.gpu import budget_batches  # noqa: E402
 
 PEAK_FLOPS = 800e12  # H100 bf16 dense peak as this project counts it
 MFU_FORMULA = "MFU = 2 * N_non_embedding * tokens_per_s / 800e12"

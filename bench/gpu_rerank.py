@@ -6,7 +6,7 @@
 
 The model is Qwen3-Reranker with the exact published config of ``--size`` and random bf16
 weights (same FLOPs and memory as the real one; the scores are meaningless), built with
-``transforms.qwen_offline``. The workload is a labelling job's: ``--queries`` queries of
+``tests.qwen_offline``. The workload is a labelling job's: ``--queries`` queries of
 ~20 tokens, each with ``--candidates`` (100) documents of 50-512 tokens (mean ~300) cut
 from the Python standard library's docstrings.
 
@@ -58,7 +58,7 @@ from bench.gpu_embed import (  # noqa: E402
     timed,
     write_section,
 )
-from transforms.qwen_offline import RERANKER_CONFIGS, TINY_QWEN3, build_qwen3_reranker, non_embedding_params  # noqa: E402
+from tests.qwen_offline import RERANKER_CONFIGS, TINY_QWEN3, build_qwen3_reranker, non_embedding_params  # noqa: E402
 from transforms.rerank import DEFAULT_INSTRUCTION, Qwen3Reranker  # noqa: E402
 
 

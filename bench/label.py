@@ -77,7 +77,7 @@ def main() -> None:
     parser.add_argument("--write", action="store_true", help="record the figures in BENCHMARKS.md")
     args = parser.parse_args()
 
-    from transforms.qwen_offline import RERANKER_CONFIGS, build_qwen3_reranker
+    from tests.qwen_offline import RERANKER_CONFIGS, build_qwen3_reranker
 
     tmp = tempfile.mkdtemp(prefix="bench-label-")
     sample = write_sample(os.path.join(tmp, "sample"))

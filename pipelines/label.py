@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import hashlib
+import json
 import logging
 import os
 import time
@@ -33,8 +34,16 @@ from pipelines.common import (
     qdrant_config,
     setup_logging,
     start_pipeline,
+    write_json,
 )
-from transforms.datasets import LabelDatasetsConfig, QueryJudgements, WriteLabelDatasets, parse_thresholds
+from transforms.datasets import (
+    MANIFEST_FILE,
+    LabelDatasetsConfig,
+    QueryJudgements,
+    WriteLabelDatasets,
+    dead_letter_count,
+    parse_thresholds,
+)
 from transforms.dead_letter import WriteDeadLetters
 from transforms.embed import EmbeddingModelHandler
 from transforms.inference import RunInferenceByTokens
@@ -47,12 +56,22 @@ from transforms.queries import (
     SampleConfig,
     SampleQueries,
     assign_split,
+    derive_query_id,
     parse_sample_spec,
+    query_key,
 )
 from transforms.read import DEAD, DocumentColumns, ReadDocuments, ReadParquetRows, match_files, validate_columns
-from transforms.rerank import DEFAULT_INSTRUCTION, PairTokenEstimate, RerankByQuery, RerankModelHandler, pair_source
+from transforms.rerank import (
+    DEFAULT_INSTRUCTION,
+    PairTokenEstimate,
+    RerankByQuery,
+    RerankModelHandler,
+    check_reranker,
+    pair_key,
+    pair_source,
+)
 from transforms.retrieve import RetrieveFromIndex, RetrieveFromRun
-from transforms.types import DeadLetter, Judgement, Query
+from transforms.types import DeadLetter, Judgement, Query, RerankPair
 
 _LOG = logging.getLogger(__name__)
 DEFAULT_RERANKER = "Qwen/Qwen3-Reranker-0.6B"
@@ -85,6 +104,7 @@ class LabelConfig:
     max_batch_tokens: int | None = None
     share_prefix: bool = False
     progress_interval_s: float = 30.0
+    summary_out: str | None = None
 
     def __post_init__(self) -> None:
         if bool(self.collection) == bool(self.candidates):
@@ -123,69 +143,100 @@ class LabelConfig:
 
 
 # -- steps -------------------------------------------------------------------------------------
-class _BuildQueryJudgements(beam.DoFn):
-    """Joins a query with its pairs and judgements; the split is decided here, per query."""
+# Query-level outcomes other than "labelled": each is one dead letter (stage "label").
+NO_CANDIDATES = "no candidates"
+ALL_UNKNOWN = "all candidates unknown"
+ALL_FAILED = "all candidates failed scoring"
 
-    def __init__(self, eval_fraction: float) -> None:
+
+class _BuildQueryJudgements(beam.DoFn):
+    """Joins a query with its pairs and judgements; every query comes out exactly once:
+    labelled (with its split) or a dead letter saying why not."""
+
+    def __init__(self, eval_fraction: float, first_stage: str) -> None:
         self.eval_fraction = eval_fraction
+        self.first_stage = first_stage  # "index" or "run": worded into the reasons
         self.labelled = Metrics.counter("corpus_etl", "queries_labelled")
-        self.without = Metrics.counter("corpus_etl", "queries_without_judgements")
+        self.rejected = Metrics.counter("corpus_etl", "queries_rejected")
         self.judgements = Metrics.counter("corpus_etl", "judgements")
 
+    def _reject(self, query: Query, reason: str, detail: str = "") -> beam.pvalue.TaggedOutput:
+        self.rejected.inc()
+        record = {"query_id": query.query_id, "query": query.text, "count": query.count}
+        return beam.pvalue.TaggedOutput(
+            DEAD, DeadLetter.of("label", reason + (f": {detail}" if detail else ""), query.query_id, record)
+        )
+
     def process(self, element: tuple[str, dict[str, list]]):
-        qid, grouped = element
-        if not grouped["query"]:
-            return
-        query: Query = grouped["query"][0]
+        _, grouped = element
+        if grouped["query"]:  # pairs always come with their query; never pairs alone
+            yield self._outcome(grouped["query"][0], grouped)
+
+    def _outcome(self, query: Query, grouped: dict[str, list]) -> QueryJudgements | beam.pvalue.TaggedOutput:
+        if grouped["failed"]:  # the query's own earlier dead letter (e.g. embedding) is its outcome
+            self.rejected.inc()
+            return beam.pvalue.TaggedOutput(DEAD, grouped["failed"][0])
+        pairs: list[RerankPair] = grouped["pairs"]
         judgements: list[Judgement] = grouped["judgements"]
+        qid = query.query_id
+        if not pairs:
+            unknown = len(grouped["unknown"])
+            if unknown:
+                return self._reject(query, ALL_UNKNOWN, f"the run's {unknown} candidate(s) are not in the corpus")
+            if self.first_stage == "run":
+                derived = qid == derive_query_id(query_key(query.text))
+                hint = " (the log gives this query no id, so its id was derived from the text)" if derived else ""
+                return self._reject(query, NO_CANDIDATES, f"the run file lists no line for query id {qid!r}{hint}")
+            return self._reject(query, NO_CANDIDATES, "the index returned no hits")
         if not judgements:
-            self.without.inc()
-            return
-        texts = {p.doc_id: p.doc_text for p in grouped["pairs"]}
+            return self._reject(query, ALL_FAILED, f"{len(pairs)} pair(s), see the rerank dead letters")
         try:
             item = QueryJudgements(
                 query=query,
                 split=assign_split(query.text, self.eval_fraction),
                 judgements=tuple(sorted(judgements, key=lambda j: j.first_stage_rank)),
-                doc_texts=texts,
+                doc_texts={p.doc_id: p.doc_text for p in pairs},
             )
         except ValueError as exc:
-            yield beam.pvalue.TaggedOutput(DEAD, DeadLetter.of("label", str(exc), qid, {"query_id": qid}))
-            return
+            return self._reject(query, "unwritable", str(exc))
         self.labelled.inc()
         self.judgements.inc(len(judgements))
-        yield item
+        return item
 
 
-def _dead_letter_count(letter: DeadLetter) -> tuple[str, int]:
-    return f"dead_letters/{letter.stage}", 1
+def _query_id_of(letter: DeadLetter) -> str:
+    return json.loads(letter.record)["query_id"]
+
+
+def _count(pcoll: beam.PCollection, name: str) -> beam.PCollection:
+    """``(name, 1)`` per element, for the accounting (summed in the writer)."""
+    return pcoll | f"Count[{name}]" >> beam.Map(lambda _, n=name: (n, 1))
 
 
 def build_pipeline(p: beam.Pipeline, config: LabelConfig, provenance: dict[str, Any] | None = None,
                    started_at: float | None = None) -> dict[str, beam.PCollection]:
     """Wire the label job onto ``p``; returns its named outputs."""
-    parsed = (
-        p
-        | "ReadQueryLog" >> ReadParquetRows(config.queries, config.query_columns.all)
-        | "ParseQueries" >> ParseQueryRows(config.query_columns)
-    )
-    queries = (
-        parsed["queries"]
-        | "DedupQueries" >> DedupQueries()
-        | "SampleQueries" >> SampleQueries(config.sample)
-    )
-    dead = [parsed[DEAD]]
+    log = p | "ReadQueryLog" >> ReadParquetRows(config.queries, config.query_columns.all)
+    parsed = log["rows"] | "ParseQueries" >> ParseQueryRows(config.query_columns)
+    deduped = parsed["queries"] | "DedupQueries" >> DedupQueries()
+    queries = deduped["queries"] | "SampleQueries" >> SampleQueries(config.sample)
+    dead = [log[DEAD], parsed[DEAD], deduped[DEAD]]
+    failed = p | "NoFailedQueries" >> beam.Create([])
+    unknown = p | "NoUnknownCandidates" >> beam.Create([])
     if config.collection:
         first = queries | "RetrieveFromIndex" >> RetrieveFromIndex(
             config.query_handler(), config.qdrant, config.collection, config.top_k
         )
+        failed = first[DEAD]  # a query whose embedding failed: written once, as its outcome
     else:
         docs = p | "ReadCorpus" >> ReadDocuments(config.corpus, config.corpus_columns)
         dead.append(docs[DEAD])
+        known = deduped["queries"] | "KnownIds" >> beam.Map(lambda q: q.query_id)
         first = queries | "RetrieveFromRun" >> RetrieveFromRun(
-            config.candidates, docs["documents"], config.corpus, config.top_k
+            config.candidates, docs["documents"], config.corpus, config.top_k, known
         )
-    dead.append(first[DEAD])
+        unknown = first["unknown_candidates"]
+        dead += [first[DEAD], unknown]
     handler = config.reranker_handler()
     max_batch_weight = max(4 * (config.max_batch_tokens or 8192), config.max_length)
     if config.share_prefix:  # a query's pairs must reach the scorer together to share its head
@@ -198,6 +249,7 @@ def build_pipeline(p: beam.Pipeline, config: LabelConfig, provenance: dict[str, 
             stage="rerank",
             max_batch_weight=max_batch_weight,
             element_size_fn=PairTokenEstimate(max_length=config.max_length),
+            key_fn=pair_key,
             describe=pair_source,
         )
     dead.append(scored[DEAD])
@@ -206,16 +258,24 @@ def build_pipeline(p: beam.Pipeline, config: LabelConfig, provenance: dict[str, 
             "query": queries | "KeyQueries" >> beam.WithKeys(lambda q: q.query_id),
             "pairs": first["pairs"] | "KeyPairs" >> beam.WithKeys(lambda x: x.query_id),
             "judgements": scored["results"] | "KeyJudgements" >> beam.WithKeys(lambda j: j.query_id),
+            "failed": failed | "KeyFailed" >> beam.WithKeys(_query_id_of),
+            "unknown": unknown | "KeyUnknown" >> beam.WithKeys(_query_id_of),
         }
         | "GroupByQuery" >> beam.CoGroupByKey()
-        | "BuildQueryJudgements" >> beam.ParDo(_BuildQueryJudgements(config.eval_fraction)).with_outputs(
-            DEAD, main="items"
-        )
+        | "BuildQueryJudgements" >> beam.ParDo(
+            _BuildQueryJudgements(config.eval_fraction, "index" if config.collection else "run")
+        ).with_outputs(DEAD, main="items")
     )
     dead.append(built[DEAD])
     all_dead = tuple(dead) | "AllDeadLetters" >> beam.Flatten()
     all_dead | "WriteDeadLetters" >> WriteDeadLetters(FileSystems.join(config.out, "dead_letters.jsonl"))
-    counts = all_dead | "DeadLetterCounts" >> beam.Map(_dead_letter_count) | "SumCounts" >> beam.CombinePerKey(sum)
+    # What the accounting (manifest, report, summary) is computed from: see datasets.accounting.
+    counts = (
+        all_dead | "DeadLetterCounts" >> beam.Map(dead_letter_count),
+        _count(log["rows"], "query_rows_read"),
+        _count(deduped["queries"], "queries_distinct"),
+        _count(queries, "queries_sampled"),
+    ) | "AllCounts" >> beam.Flatten()
     written = built.items | "WriteDatasets" >> WriteLabelDatasets(
         config.out, config.datasets_config(provenance or {}, started_at), pipeline_counts=counts
     )
@@ -317,7 +377,8 @@ def build_arg_parser() -> argparse.ArgumentParser:
         help="group pairs by query and run each query's prompt head once per forward pass (same scores, ~15-20%% "
         "fewer tokens at 300-token documents; 5%% faster on CPU in BENCHMARKS.md, not yet measured on GPU)",
     )
-    run.add_argument("--progress-interval", type=float, default=30.0)
+    run.add_argument("--progress-interval", type=float, default=30.0, help="seconds between progress lines")
+    run.add_argument("--summary-out", default=None, help="run summary as JSON (local or gs://)")
     run.add_argument("-v", "--verbose", action="store_true")
     return parser
 
@@ -355,6 +416,7 @@ def config_from_args(args: argparse.Namespace) -> LabelConfig:
         max_batch_tokens=args.max_batch_tokens,
         share_prefix=args.share_prefix,
         progress_interval_s=args.progress_interval,
+        summary_out=args.summary_out,
     )
 
 
@@ -368,35 +430,77 @@ def run(argv: list[str] | None = None, test_pipeline: beam.Pipeline | None = Non
     return run_config(config, beam_args, test_pipeline)
 
 
+def check_run_file(pattern: str) -> list[str]:
+    """The run files, refused when they hold no line at all (an empty run labels nothing)."""
+    files = match_files(pattern)
+    for path in files:
+        with FileSystems.open(path) as f:
+            while chunk := f.read(1 << 16):
+                if chunk.strip():
+                    return files
+    raise ValueError(f"--candidates {pattern}: the run file is empty ({len(files)} file(s), no line); nothing to label")
+
+
 def run_config(config: LabelConfig, beam_args: list[str] | None = None, test_pipeline=None) -> dict[str, Any]:
+    """Checks, the job, then the summary (printed, written to ``--summary-out``), built from
+    the manifest the job wrote, so it is exact on every runner. Raises ``ValueError`` before
+    the job when a check fails, and ``LabelFailed`` after it when no query was labelled."""
     started = time.time()
     p = start_pipeline(test_pipeline, beam_args, config.device)
     query_files = validate_columns(config.queries, config.checked_query_columns)
     corpus_files: list[str] = []
     if config.candidates:
-        match_files(config.candidates)
+        check_run_file(config.candidates)
         corpus_files = validate_columns(config.corpus, config.corpus_columns.all)
     else:
         client, lock = shared_client(config.qdrant)
         with lock:  # exists, and holds vectors of this model's size
             ensure_collection(client, config.collection, embedding_size(config.model, config.dim), create=False)
+    check_reranker(config.reranker)
     provenance = provenance_of(config, query_files, corpus_files)
     build_pipeline(p, config, provenance, started)
     result = p.run()
     result.wait_until_finish()
     elapsed = time.time() - started
-    counts = counters(result)
+    with FileSystems.open(FileSystems.join(config.out, MANIFEST_FILE)) as f:
+        manifest = json.loads(f.read())
+    acct = manifest["accounting"]
     summary = {
         "pipeline": "label",
+        "status": manifest["status"],
         "out": config.out,
-        "counters": counts,
+        **{k: v for k, v in acct.items()},
+        "dead_letters": FileSystems.join(config.out, "dead_letters.jsonl"),
+        "counters": counters(result),
         "elapsed_s": round(elapsed, 2),
-        "pairs_per_s": round(counts.get("num_inferences", 0) / elapsed, 2),
+        "pairs_per_s": round(acct["pairs_scored"] / elapsed, 2),
     }
-    print(
-        f"label: {counts.get('queries_labelled', 0)} queries, {counts.get('judgements', 0)} judgements "
-        f"-> {config.out} in {summary['elapsed_s']}s ({summary['pairs_per_s']} pairs/s); "
-        f"dead letters {counts.get('dead_letters', 0)} -> {FileSystems.join(config.out, 'dead_letters.jsonl')}",
-        flush=True,
-    )
+    print(format_summary(summary), flush=True)
+    if config.summary_out:
+        write_json(config.summary_out, summary)
+    if manifest["status"] != "ok":
+        raise LabelFailed(
+            f"{manifest['status']}: {acct['queries_read']} queries read, {acct['queries_rejected']} rejected, "
+            f"{acct['queries_not_sampled']} not sampled; reasons in {summary['dead_letters']}"
+        )
     return summary
+
+
+class LabelFailed(ValueError):
+    """The job ran and labelled nothing: no dataset was written (the manifest says why)."""
+
+
+def format_summary(summary: dict[str, Any]) -> str:
+    reasons = "".join(f"\n      {n:>6}  {r}" for r, n in summary["queries_rejected_by_reason"].items())
+    return (
+        f"label: {summary['out']} ({summary['status']})\n"
+        f"  queries read       {summary['queries_read']}  (log rows {summary['query_rows_read']})\n"
+        f"  labelled           {summary['queries_labelled']}  (eval {summary['queries_eval']}, "
+        f"train {summary['queries_train']})\n"
+        f"  rejected           {summary['queries_rejected']}{reasons}\n"
+        f"  not sampled        {summary['queries_not_sampled']}\n"
+        f"  pairs scored       {summary['pairs_scored']}  (candidates rejected {summary['candidates_rejected']}, "
+        f"run lines rejected {summary['run_lines_rejected']})\n"
+        f"  dead letters    -> {summary['dead_letters']}\n"
+        f"  time               {summary['elapsed_s']}s  ({summary['pairs_per_s']} pairs/s)"
+    )

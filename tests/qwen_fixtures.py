@@ -1,4 +1,4 @@
-"""Session-scoped Qwen3 model directories built offline (see ``transforms/qwen_offline.py``).
+"""Session-scoped Qwen3 model directories built offline (see ``tests/qwen_offline.py``).
 
 ``tests/conftest.py`` star-imports this module, so any test can ask for
 ``qwen3_tokenizer_dir``, ``qwen3_embedding_dir`` or ``qwen3_reranker_dir``. Each is built
@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from transforms.qwen_offline import build_qwen3_embedding, build_qwen3_reranker, build_qwen3_tokenizer
+from tests.qwen_offline import build_qwen3_embedding, build_qwen3_reranker, build_qwen3_tokenizer
 
 __all__ = ["qwen3_tokenizer_dir", "qwen3_embedding_dir", "qwen3_reranker_dir"]
 

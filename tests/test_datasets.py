@@ -392,6 +392,12 @@ def test_write_label_datasets_contents(tmp_path: Path) -> None:
         "train_queries_without_positive": 1,
         "train_queries_short_of_negatives": 1,
     }
+    assert manifest["status"] == "ok"
+    assert manifest["accounting"] == {
+        "query_rows_read": 0, "queries_read": 2, "queries_labelled": 4, "queries_eval": 2, "queries_train": 2,
+        "queries_rejected": 2, "queries_rejected_by_reason": {"parse_query": 2}, "queries_not_sampled": 0,
+        "pairs_scored": 10, "candidates_rejected": 0, "run_lines_rejected": 0, "input_rows_rejected": 0,
+    }  # fmt: skip
     ndcg = (1 / math.log2(3) + 1) / (2 + 1 / math.log2(3))
     assert manifest["first_stage_metrics"] == {"R@2": 0.5, "RR@10": 0.5, "nDCG@10": round(ndcg, 6)}
     listed = {k for k in EXPECTED_FILES if k not in ("manifest.json", "run_stats.json")}
@@ -415,19 +421,21 @@ def test_write_label_datasets_contents(tmp_path: Path) -> None:
     assert set(stats) == {"started_at", "finished_at", "duration_s"}
 
 
-def test_write_label_datasets_with_no_queries_writes_every_file(tmp_path: Path) -> None:
+def test_write_label_datasets_with_no_queries_writes_only_the_manifest(tmp_path: Path) -> None:
+    # Nothing labelled: no empty datasets that look like a result, a manifest that says why.
     with BeamTestPipeline() as p:
+        counts = p | "Counts" >> beam.Create([("dead_letters/label/no candidates", 2), ("queries_distinct", 2)])
         _ = (
             p
             | beam.Create([], reshuffle=False).with_output_types(QueryJudgements)
-            | WriteLabelDatasets(str(tmp_path))
+            | WriteLabelDatasets(str(tmp_path), pipeline_counts=counts)
         )
     files = _files(tmp_path)
-    assert sorted(files) == EXPECTED_FILES
-    assert files["queries.jsonl"] == b""
-    assert files["qrels/test.tsv"] == b"query-id\tcorpus-id\tscore\n"
-    assert pq.read_table(tmp_path / "distillation/train.parquet").num_rows == 0
-    assert json.loads(files["manifest.json"])["first_stage_metrics"] == {}
+    assert sorted(files) == ["manifest.json"]
+    manifest = json.loads(files["manifest.json"])
+    assert (manifest["status"], manifest["files"]) == ("no query could be labelled", {})
+    assert manifest["accounting"]["queries_read"] == manifest["accounting"]["queries_rejected"] == 2
+    assert manifest["accounting"]["queries_rejected_by_reason"] == {"label: no candidates": 2}
 
 
 def test_write_files_joins_nested_paths(tmp_path: Path) -> None:

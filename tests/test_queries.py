@@ -17,7 +17,6 @@ from transforms.queries import (
     SampleConfig,
     SampleQueries,
     assign_split,
-    dedup_queries,
     derive_query_id,
     frequency_tiers,
     merge_duplicates,
@@ -26,6 +25,7 @@ from transforms.queries import (
     parse_query_row,
     parse_sample_spec,
     query_key,
+    resolve_id_collisions,
     select_queries,
     stratified_sample,
 )
@@ -185,9 +185,9 @@ def test_query_columns_validate() -> None:
 
 def test_parse_query_rows_transform_splits_good_and_bad_rows() -> None:
     rows = [
-        ("a.parquet", {"query": "Hello  world", "query_id": None, "count": 2}),
-        ("a.parquet", {"query": "", "query_id": "x", "count": 1}),
-        ("b.parquet", {"query": "second", "query_id": "q-2", "count": None}),
+        ("a.parquet", 0, {"query": "Hello  world", "query_id": None, "count": 2}),
+        ("a.parquet", 1, {"query": "", "query_id": "x", "count": 1}),
+        ("b.parquet", 0, {"query": "second", "query_id": "q-2", "count": None}),
     ]
     with BeamTestPipeline() as p:
         out = p | beam.Create(rows) | ParseQueryRows(COLUMNS)
@@ -198,7 +198,7 @@ def test_parse_query_rows_transform_splits_good_and_bad_rows() -> None:
         )
         assert_that(
             out[DEAD] | beam.Map(lambda d: (d.stage, d.reason, d.source)),
-            equal_to([("parse_query", "empty query", "a.parquet")]),
+            equal_to([("parse_query", "empty query", "row 2 of a.parquet")]),
             label="dead",
         )
 
@@ -229,41 +229,41 @@ def test_merge_duplicates_without_given_ids_uses_the_derived_one() -> None:
     )
 
 
-def test_dedup_resolves_one_id_given_to_different_texts() -> None:
-    rows = [Query("7", "red shoes", 1), Query("7", "blue shoes", 2), Query("8", "hat", 1)]
-    assert dedup_queries(rows) == sorted(
-        [
-            Query(derive_query_id("red shoes"), "red shoes", 1),
-            Query(derive_query_id("blue shoes"), "blue shoes", 2),
-            Query("8", "hat", 1),
-        ],
-        key=lambda q: q.query_id,
-    )
+def test_one_id_given_to_different_texts_keeps_the_last_row() -> None:
+    rows = [Query("7", "red shoes", 1, "b.parquet", 0), Query("7", "blue shoes", 2, "a.parquet", 9),
+            Query("7", "green shoes", 1, "a.parquet", 3)]  # fmt: skip
+    for order in (rows, rows[::-1]):
+        kept, letters = resolve_id_collisions(order)
+        assert kept == Query("7", "red shoes", 1)
+        assert [(d.stage, d.source, d.reason) for d in letters] == [
+            ("dedup", f"row {n} of a.parquet", "duplicate query id '7' with a different text: 3 queries share it; "
+             "kept row 1 of b.parquet (the last in file-path and row order)")
+            for n in (4, 10)
+        ]  # fmt: skip
 
 
 def test_dedup_queries_transform() -> None:
     derived = derive_query_id("new york")
     rows = [
-        Query(derived, "new york", 2),
-        Query(derived, "New York", 3),
-        Query("id-9", "NEW YORK", 1),
-        Query("7", "red shoes", 1),
-        Query("7", "blue shoes", 2),
-        Query(derive_query_id("pizza"), "pizza", 1),
-        Query(derive_query_id("pizza"), "pizza", 1),
+        Query(derived, "new york", 2, "a", 0),
+        Query(derived, "New York", 3, "a", 1),
+        Query("id-9", "NEW YORK", 1, "a", 2),
+        Query("7", "red shoes", 1, "a", 3),
+        Query("7", "blue shoes", 2, "a", 4),
+        Query(derive_query_id("pizza"), "pizza", 1, "a", 5),
+        Query(derive_query_id("pizza"), "pizza", 1, "a", 6),
     ]
     with BeamTestPipeline() as p:
         out = p | beam.Create(rows) | DedupQueries()
         assert_that(
-            out,
-            equal_to(
-                [
-                    Query("id-9", "New York", 6),
-                    Query(derive_query_id("red shoes"), "red shoes", 1),
-                    Query(derive_query_id("blue shoes"), "blue shoes", 2),
-                    Query(derive_query_id("pizza"), "pizza", 2),
-                ]
-            ),
+            out["queries"],
+            equal_to([Query("id-9", "New York", 6), Query("7", "blue shoes", 2), Query(derive_query_id("pizza"), "pizza", 2)]),
+            label="queries",
+        )
+        assert_that(
+            out[DEAD] | beam.Map(lambda d: (d.source, json.loads(d.record)["query"])),
+            equal_to([("row 4 of a", "red shoes")]),
+            label="dead",
         )
 
 

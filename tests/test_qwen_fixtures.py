@@ -9,7 +9,7 @@ import pytest
 import torch
 from transformers import AutoConfig, AutoTokenizer
 
-from transforms.qwen_offline import (
+from tests.qwen_offline import (
     EMBEDDING_CONFIGS,
     QWEN3_EMBEDDING_0_6B,
     QWEN3_RERANKER_0_6B,

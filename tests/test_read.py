@@ -12,7 +12,7 @@ from apache_beam.testing.test_pipeline import TestPipeline
 from apache_beam.testing.util import assert_that, equal_to
 
 from transforms.read import DEAD, DocumentColumns, ReadDocuments, pick_duplicate, validate_columns
-from transforms.types import Document, content_hash
+from transforms.types import Document
 
 
 @pytest.fixture()
@@ -37,8 +37,8 @@ def messy_inputs(tmp_path):
 def test_good_rows_once_and_bad_rows_with_reasons(messy_inputs):
     a, b, c = (str(messy_inputs / f"{n}.parquet") for n in "abc")
     cols = DocumentColumns(id="id", text="text", metadata=("lang",))
-    # The documented rule for repeated ids within a file: the smaller text hash is kept.
-    kept_d1, dropped_d1 = sorted(["alpha", "alpha again"], key=content_hash)
+    # The documented rule for repeated ids: the last row in (file path, row number) order wins.
+    kept_d1, dropped_d1 = "alpha again", "alpha"
     with TestPipeline() as p:
         out = p | ReadDocuments(str(messy_inputs / "*.parquet"), cols)
         assert_that(
@@ -49,20 +49,23 @@ def test_good_rows_once_and_bad_rows_with_reasons(messy_inputs):
         )
         assert_that(
             out["documents"],
-            equal_to([Document("d1", kept_d1, None, {"lang": "en"}, a), Document("d2", "beta", None, {"lang": "de"}, a)]),
+            equal_to([Document("d1", kept_d1, None, {"lang": "en"}, a, row=5),
+                      Document("d2", "beta", None, {"lang": "de"}, b, row=0)]),
             label="documents",
         )
         assert_that(
             out[DEAD] | beam.Map(lambda d: (d.stage, d.source, d.reason)),
             equal_to(
                 [
-                    ("read", a, "null id (column 'id')"),
-                    ("read", a, "null text (column 'text')"),
-                    ("read", a, "empty text (column 'text')"),
-                    ("read", c, "non-string text (column 'text' holds int)"),
-                    ("read", a, f"duplicate id 'd1': 2 rows share it; kept the one from {a}"),
-                    # d2 in a.parquet and b.parquet: the first file (by name) wins
-                    ("read", b, f"duplicate id 'd2': 2 rows share it; kept the one from {a}"),
+                    ("read", f"row 3 of {a}", "null id (column 'id')"),
+                    ("read", f"row 4 of {a}", "null text (column 'text')"),
+                    ("read", f"row 5 of {a}", "empty text (column 'text')"),
+                    ("read", f"row 1 of {c}", "non-string text (column 'text' holds int)"),
+                    ("read", f"row 1 of {a}",
+                     f"duplicate id 'd1': 2 rows share it; kept row 6 of {a} (the last in file-path and row order)"),
+                    # d2 in a.parquet and b.parquet: the later file (by path) wins
+                    ("read", f"row 2 of {a}",
+                     f"duplicate id 'd2': 2 rows share it; kept row 1 of {b} (the last in file-path and row order)"),
                 ]
             ),
             label="dead letters",
@@ -76,11 +79,13 @@ def test_dead_letters_keep_the_row(messy_inputs):
 
 
 def test_duplicate_choice_does_not_depend_on_arrival_order():
-    docs = [Document("x", t, source=s) for t, s in [("b", "f2"), ("a", "f2"), ("c", "f1")]]
+    # The last row in (file path, row number) order wins: f2's row 9, whatever the text.
+    docs = [Document("x", t, source=s, row=r) for t, s, r in [("zzz", "f2", 9), ("a", "f2", 3), ("c", "f1", 40)]]
     kept_forward, _ = pick_duplicate("x", docs)
     kept_backward, letters = pick_duplicate("x", list(reversed(docs)))
-    assert kept_forward == kept_backward == docs[2]
-    assert sorted(json.loads(d.record)["text"] for d in letters) == ["a", "b"]
+    assert kept_forward == kept_backward == docs[0]
+    assert sorted(json.loads(d.record)["text"] for d in letters) == ["a", "c"]
+    assert sorted(d.source for d in letters) == ["row 4 of f2", "row 41 of f1"]
 
 
 def test_missing_columns_fail_before_the_job_naming_file_and_column(messy_inputs):

@@ -16,7 +16,7 @@ from apache_beam.metrics import Metrics
 
 from transforms.embed import load_tokenizer
 from transforms.models import SentenceTransformerSettings, max_input_length, resolve_model
-from transforms.types import Chunk, DeadLetter, Document
+from transforms.types import Chunk, DeadLetter, Document, title_prefix
 
 DEAD = "dead_letter"
 MIN_WINDOW_TOKENS = 8
@@ -35,10 +35,6 @@ class ChunkSettings:
                 f"--chunk-overlap must be in [0, --chunk-tokens), got {self.chunk_overlap} with "
                 f"--chunk-tokens {self.chunk_tokens}"
             )
-
-
-def title_prefix(title: str | None) -> str:
-    return f"{title}\n" if title else ""
 
 
 class Chunker:

@@ -62,6 +62,7 @@ import io
 import itertools
 import json
 import math
+import re
 import time
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any, Literal
@@ -76,7 +77,7 @@ from apache_beam.metrics import Metrics
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-from transforms.types import Judgement, Query
+from transforms.types import DeadLetter, Judgement, Query
 
 SPLITS = ("eval", "train")
 
@@ -484,6 +485,21 @@ def render_report(
         ]
         lines.append("")
     queries, pairs = counts["queries"], counts["judgements"]
+    acct = counts.get("accounting")
+    if acct:
+        lines += ["## Where every query went", ""]
+        rows = [["labelled: eval", acct["queries_eval"]], ["labelled: train", acct["queries_train"]]]
+        rows += [[f"rejected: {reason}", n] for reason, n in acct["queries_rejected_by_reason"].items()]
+        rows += [["not sampled (--max-queries / --sample)", acct["queries_not_sampled"]]]
+        rows += [["**read**", f"**{acct['queries_read']}**"]]
+        lines += _table(["outcome", "queries"], rows)
+        lines += [
+            "",
+            f"Pairs scored: {acct['pairs_scored']}; candidates rejected: {acct['candidates_rejected']}; "
+            f"run-file lines rejected: {acct['run_lines_rejected']}; log rows read: {acct['query_rows_read']}. "
+            "Every rejection is a line of `dead_letters.jsonl` with its reason.",
+            "",
+        ]
     lines += ["## Counts", ""]
     lines += _table(
         ["split", "queries", "judged pairs", "goes to"],
@@ -570,6 +586,58 @@ def file_digests(files: Mapping[str, bytes]) -> dict[str, dict[str, Any]]:
 
 
 # ---------------------------------------------------------------------------------------------
+# Accounting: where every query went
+# ---------------------------------------------------------------------------------------------
+
+# Dead-letter stages whose records are whole queries (each one is a rejected query).
+QUERY_STAGES = ("parse_query", "dedup", "embed", "label")
+NO_QUERY_LABELLED = "no query could be labelled"
+
+
+def reason_category(reason: str) -> str:
+    """A dead letter's reason without its particulars (ids, values): what the report counts by."""
+    return re.split(r":| \(|, got", reason, maxsplit=1)[0].strip()
+
+
+def dead_letter_count(letter: DeadLetter) -> tuple[str, int]:
+    return f"dead_letters/{letter.stage}/{reason_category(letter.reason)}", 1
+
+
+def accounting(pipeline_counts: Mapping[str, int], items: Sequence[QueryJudgements]) -> dict[str, Any]:
+    """Where every query and candidate went, from the pipeline's counts and the labelled items.
+
+    ``queries_read`` (rows refused when parsing, plus distinct queries after merging rows with
+    the same text) == ``queries_labelled`` + ``queries_rejected`` + ``queries_not_sampled``.
+    """
+
+    # "dead_letters/<stage>/<reason category>" -> (stage, category)
+    letters = {
+        tuple((k.split("/", 2) + [""])[1:3]): n for k, n in pipeline_counts.items() if k.startswith("dead_letters/")
+    }
+
+    def stage_total(stage: str) -> int:
+        return sum(n for (s, _), n in letters.items() if s == stage)
+
+    distinct = pipeline_counts.get("queries_distinct", 0)
+    unparsed, duplicates = stage_total("parse_query"), stage_total("dedup")
+    by_reason = {f"{s}: {c}".rstrip(": "): n for (s, c), n in sorted(letters.items()) if s in QUERY_STAGES}
+    return {
+        "query_rows_read": pipeline_counts.get("query_rows_read", 0),
+        "queries_read": unparsed + duplicates + distinct,
+        "queries_labelled": len(items),
+        "queries_eval": sum(1 for i in items if i.split == "eval"),
+        "queries_train": sum(1 for i in items if i.split == "train"),
+        "queries_rejected": sum(stage_total(s) for s in QUERY_STAGES),
+        "queries_rejected_by_reason": by_reason,
+        "queries_not_sampled": distinct - pipeline_counts.get("queries_sampled", distinct),
+        "pairs_scored": sum(len(i.judgements) for i in items),
+        "candidates_rejected": stage_total("candidates") + stage_total("rerank"),
+        "run_lines_rejected": stage_total("run"),
+        "input_rows_rejected": stage_total("read"),
+    }
+
+
+# ---------------------------------------------------------------------------------------------
 # Everything together
 # ---------------------------------------------------------------------------------------------
 
@@ -588,6 +656,11 @@ def build_label_files(
     ``pipeline_counts`` (e.g. rows read, dead letters per stage) go to the manifest as given.
     """
     items = sorted(items, key=lambda i: i.query.query_id)
+    acct = accounting(pipeline_counts or {}, items)
+    if not items:  # no datasets to write: the manifest alone says why (the driver fails the job)
+        manifest = {"format": FORMAT, "status": NO_QUERY_LABELLED, "provenance": dict(config.provenance),
+                    "accounting": acct, "files": {}}
+        return {MANIFEST_FILE: manifest_json(manifest)}
     ids = [i.query.query_id for i in items]
     if len(set(ids)) != len(ids):
         dupes = sorted({q for q in ids if ids.count(q) > 1})[:5]
@@ -608,6 +681,7 @@ def build_label_files(
     qrels = qrels_dict(eval_pairs, thresholds)
     metrics = evaluate_first_stage(qrels, run_dict(eval_pairs, "first_stage"), config.recall_k)
     counts = {
+        "accounting": acct,
         "queries": {s: sum(1 for i in items if i.split == s) for s in SPLITS},
         "judgements": {s: sum(len(i.judgements) for i in items if i.split == s) for s in SPLITS},
         "labels": {
@@ -627,6 +701,7 @@ def build_label_files(
     )
     manifest = {
         "format": FORMAT,
+        "status": "ok",
         "provenance": dict(config.provenance),
         "labels": {
             "thresholds": list(thresholds),
@@ -642,7 +717,8 @@ def build_label_files(
         },
         "run_tags": {"retrieval": config.retrieval_tag, "rerank": config.rerank_tag},
         "first_stage_metrics": {name: round(v, 6) for name, v in metrics.items()},
-        "counts": counts,
+        "accounting": acct,
+        "counts": {k: v for k, v in counts.items() if k != "accounting"},
         "pipeline_counts": {k: int(v) for k, v in sorted((pipeline_counts or {}).items())},
         "files": file_digests(files),
     }
@@ -659,16 +735,6 @@ def write_files(out_dir: str, files: Mapping[str, bytes]) -> list[str]:
             f.write(data)
         written.append(path)
     return written
-
-
-def write_report(out_dir: str, report_files: Mapping[str, bytes]) -> list[str]:
-    """Write ``build_report``'s report.md and PNG under ``out_dir``."""
-    return write_files(out_dir, report_files)
-
-
-def write_manifest(out_dir: str, manifest: Mapping[str, Any]) -> str:
-    """Write ``manifest`` as canonical JSON to ``out_dir/manifest.json``."""
-    return write_files(out_dir, {MANIFEST_FILE: manifest_json(manifest)})[0]
 
 
 def run_stats_json(started_at: float | None, finished_at: float) -> bytes:
@@ -704,10 +770,10 @@ class _WriteLabelDatasetsFn(beam.DoFn):
         for name, n in counts:
             summed[name] = summed.get(name, 0) + int(n)
         paths = write_files(self.out_dir, build_label_files(items, self.config, summed))
-        # Written last and alone: the only file whose bytes change between identical runs.
-        paths += write_files(
-            self.out_dir, {RUN_STATS_FILE: run_stats_json(self.config.started_at, time.time())}
-        )
+        if items:  # written last and alone: the only file whose bytes change between identical runs
+            paths += write_files(
+                self.out_dir, {RUN_STATS_FILE: run_stats_json(self.config.started_at, time.time())}
+            )
         Metrics.counter("corpus_etl", "write_ms").inc(int((time.perf_counter() - started) * 1000))
         yield from paths
 

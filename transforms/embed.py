@@ -247,7 +247,7 @@ class EmbeddingModelHandler(ModelHandler[Any, Any, TextEncoder]):
 
     The model is loaded once per worker process and shared by its threads and bundles
     (RunInference keeps it in a ``Shared`` handle). Batches arrive sorted and sized by tokens
-    (``Embed`` puts ``SortAndBatchElements`` in front) and are cut again inside by the
+    (``Embed`` puts ``BatchDeterministically`` in front) and are cut again inside by the
     padded-token budget of one forward pass. An element that runs out of memory even alone comes back as a
     ``DeadLetter``; the rest of its batch is embedded.
     """
@@ -270,8 +270,9 @@ class EmbeddingModelHandler(ModelHandler[Any, Any, TextEncoder]):
         self.max_batch_weight = max(4 * (max_batch_tokens or 8192), 16384)
         self.element_weight = _chunk_weight if kind == "document" else _query_weight
         # With element_size_fn, BatchElements' batch sizes are in tokens, so even a plain
-        # RunInference(handler) batches by tokens. ``Embed`` does better: it sorts by length
-        # first (SortAndBatchElements) and runs the handler with_no_batching. Beam 2.77's
+        # RunInference(handler) batches by tokens. ``Embed`` does better: it composes batches
+        # from length buckets of the whole input, the same on every run (inference.py), and
+        # runs the handler with_no_batching. Beam 2.77's
         # BatchElements rejects the max_batch_weight that ModelHandler would forward.
         super().__init__(
             min_batch_size=1,
@@ -356,9 +357,17 @@ class Embed(beam.PTransform):
             stage="embed",
             max_batch_weight=self.handler.max_batch_weight,
             element_size_fn=self.handler.element_weight,
+            key_fn=element_key,
             describe=_source_and_record,
         )
         return {"embedded": out["results"], DEAD: out[DEAD]}
+
+
+def element_key(element: Chunk | Query) -> str:
+    """A chunk's or query's unique id, which places it in a batch (``BatchDeterministically``)."""
+    if isinstance(element, Chunk):
+        return f"{element.doc_id}:{element.chunk_index}"
+    return element.query_id
 
 
 def _source_and_record(element: Any) -> tuple[str, Any]:

@@ -1,20 +1,35 @@
-"""RunInference with batches sized by tokens, and dead letters instead of lost batches.
+"""RunInference with batches sized by tokens, composed deterministically, and dead letters
+instead of lost batches.
 
-Beam 2.77's ``ModelHandler(max_batch_weight=...)`` forwards the weight to
-``BatchElements``, which does not accept it (TypeError at pipeline construction). Beam's
-``SortAndBatchElements`` does take a weight, and sorts each bundle by size first, so
-texts of similar length share a batch: less padding than any count-based batching.
-RunInference then runs the handler on those batches as they are (``with_no_batching``).
+Why batches are composed here and not by ``BatchElements``/``SortAndBatchElements``: those
+batch within a bundle, and bundles differ between runs, runners and retries. A padded
+forward pass is not batch-invariant in floating point (the padded length and the matmul
+shapes change the order of the sums), so an element's vector or score would change in the
+last bits with its neighbours: reruns of the label job gave different bytes. Here a batch
+is a function of the whole input set, never of bundles or workers:
+
+1. each element gets a length bucket (4 per doubling of its token weight) and the total
+   weight of every bucket is counted (one small combine, a side input);
+2. within its bucket an element goes to one of ``ceil(bucket weight / group_weight)``
+   groups by a SHA-1 of its key (its own id, stable across processes);
+3. a ``GroupByKey`` gathers each group, which is sorted by (weight, key) and cut into
+   batches of at most ``max_batch_weight``.
+
+So the same inputs give the same batches, hence bitwise the same results, whatever the
+bundling; and since groups hold one length bucket of the whole input, batches pad less
+than batches sorted within one bundle. The price is one shuffle of the elements, and
+inference starts once the step before it has finished (a batch pipeline's usual barrier).
 """
 
 from __future__ import annotations
 
+import hashlib
+import math
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 import apache_beam as beam
 from apache_beam.ml.inference.base import ModelHandler, RunInference
-from apache_beam.transforms.util import SortAndBatchElements
 
 from transforms.types import DeadLetter
 
@@ -73,11 +88,101 @@ class _FailedBatch(beam.DoFn):
                 yield DeadLetter.of(self.stage, reason, source, record)
 
 
+def length_bucket(weight: int) -> int:
+    """Bucket of a token weight: 4 buckets per doubling, so weights in one differ by < 19%."""
+    return int(4 * math.log2(max(weight, 1)))
+
+
+def stable_shard(key: str, n: int) -> int:
+    """``key``'s shard among ``n``: SHA-1 based, the same in every process (unlike ``hash``)."""
+    return int.from_bytes(hashlib.sha1(key.encode("utf-8")).digest()[:8], "big") % n
+
+
+class _AssignGroup(beam.DoFn):
+    def __init__(self, weight_fn: Callable[[Any], int], key_fn: Callable[[Any], str], group_weight: int) -> None:
+        self.weight_fn, self.key_fn, self.group_weight = weight_fn, key_fn, group_weight
+
+    def process(self, element: Any, bucket_weights: dict[int, int]):
+        bucket = length_bucket(self.weight_fn(element))
+        n_groups = max(1, math.ceil(bucket_weights[bucket] / self.group_weight))
+        yield (bucket, stable_shard(self.key_fn(element), n_groups)), element
+
+
+def cut_group(
+    elements: Iterable[Any],
+    weight_fn: Callable[[Any], int],
+    key_fn: Callable[[Any], str],
+    max_batch_weight: int,
+    max_batch_size: int,
+) -> list[list[Any]]:
+    """Batches of a group: sorted by (weight, key), cut at ``max_batch_weight`` summed weight
+    or ``max_batch_size`` elements; an element heavier than the limit is a batch of its own.
+    The result depends only on the set of elements, never on their arrival order."""
+    batches: list[list[Any]] = []
+    batch: list[Any] = []
+    total = 0
+    for element in sorted(elements, key=lambda e: (weight_fn(e), key_fn(e))):
+        weight = weight_fn(element)
+        if batch and (total + weight > max_batch_weight or len(batch) >= max_batch_size):
+            batches.append(batch)
+            batch, total = [], 0
+        batch.append(element)
+        total += weight
+    if batch:
+        batches.append(batch)
+    return batches
+
+
+class BatchDeterministically(beam.PTransform):
+    """Elements → lists of elements (batches) that depend only on the input set (module doc).
+
+    ``key_fn`` must give each element a unique, stable id (e.g. ``doc_id:chunk_index``):
+    it places the element in a group and breaks ties in the sort.
+    """
+
+    def __init__(
+        self,
+        *,
+        weight_fn: Callable[[Any], int],
+        key_fn: Callable[[Any], str],
+        max_batch_weight: int,
+        max_batch_size: int = 4096,
+        group_weight: int | None = None,
+    ) -> None:
+        super().__init__()
+        if max_batch_weight < 1 or max_batch_size < 1:
+            raise ValueError("max_batch_weight and max_batch_size must be positive")
+        self.weight_fn, self.key_fn = weight_fn, key_fn
+        self.max_batch_weight, self.max_batch_size = max_batch_weight, max_batch_size
+        # A group is a few batches: enough to fill them, small enough to sort in memory,
+        # and many groups on a large input, so workers share the inference step.
+        self.group_weight = group_weight or 8 * max_batch_weight
+
+    def expand(self, pcoll):
+        weight_fn, key_fn = self.weight_fn, self.key_fn
+        bucket_weights = (
+            pcoll
+            | "BucketWeights" >> beam.Map(lambda e: (length_bucket(weight_fn(e)), weight_fn(e)))
+            | "SumPerBucket" >> beam.CombinePerKey(sum)
+        )
+        return (
+            pcoll
+            | "AssignGroup" >> beam.ParDo(
+                _AssignGroup(weight_fn, key_fn, self.group_weight), beam.pvalue.AsDict(bucket_weights)
+            )
+            | "GroupByLength" >> beam.GroupByKey()
+            | "CutBatches" >> beam.FlatMap(
+                lambda kv: cut_group(kv[1], weight_fn, key_fn, self.max_batch_weight, self.max_batch_size)
+            )
+        )
+
+
 class RunInferenceByTokens(beam.PTransform):
     """Elements → handler results (main) and ``DeadLetter`` (tag ``dead_letter``).
 
-    Batches hold at most ``max_batch_weight`` by ``element_size_fn`` (tokens), sorted by
-    size within a bundle. The handler may yield ``DeadLetter`` s for single elements (e.g. out
+    Batches hold at most ``max_batch_weight`` by ``element_size_fn`` (tokens) and are composed
+    by ``BatchDeterministically`` (``key_fn``: each element's unique id), so results are
+    bitwise the same on every run of the same inputs. The handler may yield ``DeadLetter`` s for single elements (e.g. out
     of memory alone); a batch that raises becomes one dead letter per element
     (``describe(element) -> (source, record)``), with the exception as the reason, and the
     job goes on. For group elements (``members(element)`` lists what a group holds), the
@@ -92,6 +197,7 @@ class RunInferenceByTokens(beam.PTransform):
         stage: str,
         max_batch_weight: int,
         element_size_fn: Callable[[Any], int],
+        key_fn: Callable[[Any], str],
         describe: Callable[[Any], tuple[str, Any]],
         max_batch_size: int = 4096,
         inference_args: dict[str, Any] | None = None,
@@ -102,6 +208,7 @@ class RunInferenceByTokens(beam.PTransform):
         self.stage = stage
         self.max_batch_weight = max_batch_weight
         self.element_size_fn = element_size_fn
+        self.key_fn = key_fn
         self.describe = describe
         self.max_batch_size = max_batch_size
         self.inference_args = inference_args
@@ -110,11 +217,11 @@ class RunInferenceByTokens(beam.PTransform):
     def expand(self, pcoll):
         results, errors = (
             pcoll
-            | "SortAndBatchByTokens" >> SortAndBatchElements(
-                min_batch_size=1,
-                max_batch_size=self.max_batch_size,
+            | "BatchByTokens" >> BatchDeterministically(
+                weight_fn=self.element_size_fn,
+                key_fn=self.key_fn,
                 max_batch_weight=self.max_batch_weight,
-                element_size_fn=self.element_size_fn,
+                max_batch_size=self.max_batch_size,
             )
             | "RunInference" >> RunInference(
                 self.handler.with_no_batching(), inference_args=self.inference_args

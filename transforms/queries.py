@@ -30,7 +30,7 @@ from typing import Any
 import apache_beam as beam
 from apache_beam.metrics import Metrics
 
-from transforms.read import DEAD, jsonable
+from transforms.read import DEAD, Row, jsonable, row_position
 from transforms.types import DeadLetter, Query
 
 STAGE = "parse_query"
@@ -271,7 +271,9 @@ def _given_count(value: Any) -> int:
     return count
 
 
-def parse_query_row(source: str, row: Mapping[str, Any], columns: QueryColumns) -> Query | DeadLetter:
+def parse_query_row(
+    source: str, row: Mapping[str, Any], columns: QueryColumns, row_number: int = -1
+) -> Query | DeadLetter:
     """One log row as a ``Query`` (display-normalised text), or a ``DeadLetter`` with the reason.
 
     Refused: missing or null query, non-string query, empty after normalisation, longer than
@@ -279,7 +281,8 @@ def parse_query_row(source: str, row: Mapping[str, Any], columns: QueryColumns) 
     """
 
     def reject(reason: str) -> DeadLetter:
-        return DeadLetter.of(STAGE, reason, source, {k: jsonable(v) for k, v in row.items()})
+        where = row_position(source, row_number) if row_number >= 0 else source
+        return DeadLetter.of(STAGE, reason, where, {k: jsonable(v) for k, v in row.items()})
 
     if columns.query not in row:
         return reject(f"missing query column {columns.query!r}")
@@ -298,7 +301,9 @@ def parse_query_row(source: str, row: Mapping[str, Any], columns: QueryColumns) 
         count = _given_count(row.get(columns.count)) if columns.count else 1
     except (TypeError, ValueError) as exc:
         return reject(str(exc))
-    return Query(query_id=given or derive_query_id(query_key(text)), text=text, count=count)
+    return Query(
+        query_id=given or derive_query_id(query_key(text)), text=text, count=count, source=source, row=row_number
+    )
 
 
 class _ParseQueryRowsFn(beam.DoFn):
@@ -307,10 +312,10 @@ class _ParseQueryRowsFn(beam.DoFn):
         self.read = Metrics.counter("corpus_etl", "query_rows_read")
         self.rejected = Metrics.counter("corpus_etl", "query_rows_rejected")
 
-    def process(self, element: tuple[str, dict[str, Any]]):
-        source, row = element
+    def process(self, element: Row):
+        source, row_number, row = element
         self.read.inc()
-        result = parse_query_row(source, row, self.columns)
+        result = parse_query_row(source, row, self.columns, row_number)
         if isinstance(result, DeadLetter):
             self.rejected.inc()
             yield beam.pvalue.TaggedOutput(DEAD, result)
@@ -319,7 +324,7 @@ class _ParseQueryRowsFn(beam.DoFn):
 
 
 class ParseQueryRows(beam.PTransform):
-    """``(source_file, row)`` → ``{"queries": Query, "dead_letter": DeadLetter}``.
+    """``(source_file, row_number, row)`` → ``{"queries": Query, "dead_letter": DeadLetter}``.
 
     One ``Query`` per good row (not yet de-duplicated); see ``parse_query_row`` for what
     is refused.
@@ -340,42 +345,48 @@ class ParseQueryRows(beam.PTransform):
 # De-duplication
 # ---------------------------------------------------------------------------------------------
 
-# Accumulator: ({display text: summed count}, smallest id given in the log or None).
-_Acc = tuple[dict[str, int], str | None]
+# Accumulator: ({display text: summed count}, smallest id given in the log or None,
+# position (source, row) of the last row merged).
+_Acc = tuple[dict[str, int], str | None, tuple[str, int]]
+_NO_POSITION = ("", -1)
 
 
 def _add(acc: _Acc, query: Query) -> _Acc:
-    texts, given = acc
+    texts, given, position = acc
     text = normalize_query(query.text)
     texts[text] = texts.get(text, 0) + query.count
     # An id equal to the derived one carries no information; the smallest real one wins.
     if query.query_id != derive_query_id(query_key(query.text)):
         given = query.query_id if given is None else min(given, query.query_id)
-    return texts, given
+    return texts, given, max(position, (query.source, query.row))
 
 
 def _merge(accs: Iterable[_Acc]) -> _Acc:
     texts: dict[str, int] = {}
     given: str | None = None
-    for acc_texts, acc_given in accs:
+    position = _NO_POSITION
+    for acc_texts, acc_given, acc_position in accs:
         for text, count in acc_texts.items():
             texts[text] = texts.get(text, 0) + count
         if acc_given is not None:
             given = acc_given if given is None else min(given, acc_given)
-    return texts, given
+        position = max(position, acc_position)
+    return texts, given, position
 
 
 def _extract(acc: _Acc) -> Query:
-    texts, given = acc
+    texts, given, (source, row) = acc
     # Representative text: the most frequent spelling, ties to the smallest string.
     text = min(texts, key=lambda t: (-texts[t], t))
-    return Query(query_id=given or derive_query_id(query_key(text)), text=text, count=sum(texts.values()))
+    return Query(
+        query_id=given or derive_query_id(query_key(text)), text=text, count=sum(texts.values()), source=source, row=row
+    )
 
 
 def merge_duplicates(queries: Iterable[Query]) -> Query:
     """One query from rows sharing a ``query_key``: counts summed, the most frequent spelling
     as text (ties: smallest), the smallest id given in the log, else the derived id."""
-    acc: _Acc = ({}, None)
+    acc: _Acc = ({}, None, _NO_POSITION)
     for q in queries:
         acc = _add(acc, q)
     if not acc[0]:
@@ -383,34 +394,33 @@ def merge_duplicates(queries: Iterable[Query]) -> Query:
     return _extract(acc)
 
 
-def resolve_id_collisions(queries: Sequence[Query]) -> list[Query]:
-    """Distinct queries given the same id in the log each fall back to their derived id.
+def resolve_id_collisions(queries: Iterable[Query]) -> tuple[Query, list[DeadLetter]]:
+    """Distinct queries (different texts) given the same id in the log: one is kept.
 
-    Otherwise their judgements would merge under one id in qrels and runs.
+    **The last row in (file path, row number) order wins**, the rule of the index job's
+    duplicate document ids; the others become dead letters naming the kept row. Keeping
+    both would merge their judgements under one id in qrels and runs, and a run file that
+    ranks the id could only mean one of them.
     """
-    if len(queries) <= 1:
-        return list(queries)
-    return sorted(
-        (dataclasses.replace(q, query_id=derive_query_id(query_key(q.text))) for q in queries),
-        key=lambda q: q.query_id,
-    )
-
-
-def dedup_queries(queries: Iterable[Query]) -> list[Query]:
-    """In-memory ``DedupQueries``: the same result, sorted by query id (tests, small logs)."""
-    groups: dict[str, list[Query]] = {}
-    for q in queries:
-        groups.setdefault(query_key(q.text), []).append(q)
-    merged = [merge_duplicates(g) for g in groups.values()]
-    by_id: dict[str, list[Query]] = {}
-    for q in merged:
-        by_id.setdefault(q.query_id, []).append(q)
-    return sorted((r for g in by_id.values() for r in resolve_id_collisions(g)), key=lambda q: q.query_id)
+    ordered = sorted(queries, key=lambda q: (q.source, q.row, q.text))
+    kept = ordered[-1]
+    where = row_position(kept.source, kept.row) if kept.row >= 0 else kept.source or "an unknown row"
+    letters = [
+        DeadLetter.of(
+            "dedup",
+            f"duplicate query id {kept.query_id!r} with a different text: {len(ordered)} queries share it; "
+            f"kept {where} (the last in file-path and row order)",
+            row_position(q.source, q.row) if q.row >= 0 else q.source,
+            {"query_id": q.query_id, "query": q.text, "count": q.count},
+        )
+        for q in ordered[:-1]
+    ]
+    return kept, letters
 
 
 class _MergeDuplicatesFn(beam.CombineFn):
     def create_accumulator(self) -> _Acc:
-        return {}, None
+        return {}, None, _NO_POSITION
 
     def add_input(self, acc: _Acc, query: Query) -> _Acc:
         return _add(acc, query)
@@ -428,28 +438,32 @@ class _ResolveIdCollisionsFn(beam.DoFn):
 
     def process(self, element: tuple[str, Iterable[Query]]):
         _, queries = element
-        queries = list(queries)
-        if len(queries) > 1:
-            self.collisions.inc(len(queries))
-        yield from resolve_id_collisions(queries)
+        kept, letters = resolve_id_collisions(queries)
+        self.collisions.inc(len(letters))
+        for letter in letters:
+            yield beam.pvalue.TaggedOutput(DEAD, letter)
+        yield kept
 
 
 class DedupQueries(beam.PTransform):
-    """``Query`` rows → one ``Query`` per ``query_key`` (counts summed; see ``merge_duplicates``).
+    """``Query`` rows → ``{"queries": one Query per query_key, "dead_letter": ...}``.
 
-    A second grouping by id catches logs that give one id to different texts.
+    Rows with the same ``query_key`` merge (counts summed; see ``merge_duplicates``). A second
+    grouping by id catches logs that give one id to different texts: one is kept
+    (``resolve_id_collisions``), the others are dead letters.
     """
 
     def expand(self, queries):
-        return (
+        resolved = (
             queries
             | "KeyByQueryKey" >> beam.WithKeys(lambda q: query_key(q.text))
             | "MergeDuplicates" >> beam.CombinePerKey(_MergeDuplicatesFn())
             | "DropKey" >> beam.Values()
             | "KeyById" >> beam.WithKeys(lambda q: q.query_id)
             | "GroupById" >> beam.GroupByKey()
-            | "ResolveIdCollisions" >> beam.ParDo(_ResolveIdCollisionsFn())
+            | "ResolveIdCollisions" >> beam.ParDo(_ResolveIdCollisionsFn()).with_outputs(DEAD, main="queries")
         )
+        return {"queries": resolved.queries, DEAD: resolved[DEAD]}
 
 
 # ---------------------------------------------------------------------------------------------

@@ -1,9 +1,14 @@
-"""Reading documents from Parquet (local paths or ``gs://``) through Beam's own Parquet reader.
+"""Reading documents from Parquet (local paths or ``gs://``).
 
-Files are read by row group (``ReadAllFromParquetBatched``), so memory follows the
-row-group size, not the file size. Columns are checked against every matched file's
-footer before the pipeline starts, so a typo in ``--text-column`` fails in seconds with
-the file and column named, not an hour into a Dataflow job.
+Files are read by row group, so memory follows the row-group size, not the file size,
+and row groups are spread over workers (a reshuffle after listing them). Every row
+carries its file and row number: dead letters point at the row, and the duplicate-id
+rule ("the last row in file-path and row order wins") can be stated and tested. Beam's
+``ReadAllFromParquetBatched`` splits files the same way but gives no row numbers, and a
+corrupt page there fails the whole job; here it is a dead letter naming the file and row
+group, and every other row group is still read. Columns are checked against every
+matched file's footer before the pipeline starts, so a typo in ``--text-column`` fails in
+seconds with the file and column named, not an hour into a Dataflow job.
 """
 
 from __future__ import annotations
@@ -18,7 +23,6 @@ from typing import Any
 import apache_beam as beam
 import pyarrow.parquet as pq
 from apache_beam.io.filesystems import FileSystems
-from apache_beam.io.parquetio import ReadAllFromParquetBatched
 from apache_beam.metrics import Metrics
 
 from transforms.types import DeadLetter, Document, content_hash
@@ -58,8 +62,54 @@ def validate_columns(pattern: str, required: Sequence[str]) -> list[str]:
     return files
 
 
+# (source file, 0-based row number in the file, {column: value})
+Row = tuple[str, int, dict[str, Any]]
+
+
+def row_position(source: str, row_number: int) -> str:
+    """How a row is named in messages: ``row 7 of gs://b/docs-2.parquet`` (1-based, as people count)."""
+    return f"row {row_number + 1} of {source}"
+
+
+def _row_groups(path: str) -> Iterable[tuple[str, int, int]]:
+    """``(path, row group, number of its first row)`` for every row group of a file (footer only)."""
+    with FileSystems.open(path) as f:
+        meta = pq.ParquetFile(f).metadata
+    first = 0
+    for rg in range(meta.num_row_groups):
+        yield path, rg, first
+        first += meta.row_group(rg).num_rows
+
+
+class _ReadRowGroup(beam.DoFn):
+    def __init__(self, columns: list[str]) -> None:
+        self.columns = columns
+        self.unreadable = Metrics.counter("corpus_etl", "row_groups_unreadable")
+
+    def process(self, element: tuple[str, int, int]):
+        path, rg, first = element
+        try:
+            with FileSystems.open(path) as f:
+                table = pq.ParquetFile(f).read_row_group(rg, columns=self.columns)
+        except Exception as exc:  # a corrupt page: this row group is lost, the others are not
+            self.unreadable.inc()
+            reason = f"unreadable row group {rg} (rows from {first + 1}): {type(exc).__name__}: {exc}"
+            yield beam.pvalue.TaggedOutput(DEAD, DeadLetter.of("read", reason, path, {"row_group": rg}))
+            return
+        n = first
+        for batch in table.to_batches(max_chunksize=1024):
+            for row in batch.to_pylist():
+                yield path, n, row
+                n += 1
+
+
 class ReadParquetRows(beam.PTransform):
-    """``pattern`` → ``(source_file, row_dict)`` for the given columns, read by row group."""
+    """``pattern`` → ``{"rows": (source_file, row_number, row_dict), "dead_letter": DeadLetter}``.
+
+    Files are listed when the job runs, one element per row group is reshuffled across
+    workers, and each row group is read with the given columns. A row group that cannot be
+    read becomes one dead letter (file, row group, error); the job goes on.
+    """
 
     def __init__(self, pattern: str, columns: Sequence[str]) -> None:
         super().__init__()
@@ -67,19 +117,15 @@ class ReadParquetRows(beam.PTransform):
         self.columns = list(dict.fromkeys(columns))
 
     def expand(self, pbegin):
-        return (
+        read = (
             pbegin
             | "Pattern" >> beam.Create([self.pattern])
-            | "ReadRowGroups" >> ReadAllFromParquetBatched(columns=self.columns, with_filename=True)
-            | "ToRows" >> beam.FlatMap(_table_rows)
+            | "MatchFiles" >> beam.FlatMap(match_files)
+            | "ListRowGroups" >> beam.FlatMap(_row_groups)
+            | "SpreadRowGroups" >> beam.Reshuffle()
+            | "ReadRowGroups" >> beam.ParDo(_ReadRowGroup(self.columns)).with_outputs(DEAD, main="rows")
         )
-
-
-def _table_rows(element: tuple[str, Any]) -> Iterable[tuple[str, dict[str, Any]]]:
-    source, table = element
-    for batch in table.to_batches(max_chunksize=1024):
-        for row in batch.to_pylist():
-            yield source, row
+        return {"rows": read.rows, DEAD: read[DEAD]}
 
 
 def jsonable(value: Any) -> Any:
@@ -114,13 +160,16 @@ class DocumentColumns:
         return list(dict.fromkeys(cols))
 
 
-def row_to_document(source: str, row: dict[str, Any], columns: DocumentColumns) -> Document | DeadLetter:
+def row_to_document(
+    source: str, row: dict[str, Any], columns: DocumentColumns, row_number: int = -1
+) -> Document | DeadLetter:
     """One Parquet row as a ``Document``, or a ``DeadLetter`` saying what is wrong with it."""
     raw_id = row.get(columns.id)
     text = row.get(columns.text)
 
     def reject(reason: str) -> DeadLetter:
-        return DeadLetter.of("read", reason, source, {k: jsonable(v) for k, v in row.items()})
+        where = row_position(source, row_number) if row_number >= 0 else source
+        return DeadLetter.of("read", reason, where, {k: jsonable(v) for k, v in row.items()})
 
     if raw_id is None:
         return reject(f"null id (column {columns.id!r})")
@@ -139,7 +188,7 @@ def row_to_document(source: str, row: dict[str, Any], columns: DocumentColumns) 
     if title is not None and not isinstance(title, str):
         title = str(jsonable(title))
     metadata = {c: jsonable(row.get(c)) for c in columns.metadata}
-    return Document(doc_id=doc_id, text=text, title=title or None, metadata=metadata, source=source)
+    return Document(doc_id=doc_id, text=text, title=title or None, metadata=metadata, source=source, row=row_number)
 
 
 class _ParseDocuments(beam.DoFn):
@@ -148,10 +197,10 @@ class _ParseDocuments(beam.DoFn):
         self.read = Metrics.counter("corpus_etl", "rows_read")
         self.rejected = Metrics.counter("corpus_etl", "rows_rejected")
 
-    def process(self, element: tuple[str, dict[str, Any]]):
-        source, row = element
+    def process(self, element: Row):
+        source, row_number, row = element
         self.read.inc()
-        result = row_to_document(source, row, self.columns)
+        result = row_to_document(source, row, self.columns, row_number)
         if isinstance(result, DeadLetter):
             self.rejected.inc()
             yield beam.pvalue.TaggedOutput(DEAD, result)
@@ -160,18 +209,21 @@ class _ParseDocuments(beam.DoFn):
 
 
 def pick_duplicate(doc_id: str, docs: Iterable[Document]) -> tuple[Document, list[DeadLetter]]:
-    """Keep one document per id, chosen by content (not arrival order), so reruns agree.
+    """Keep one document per id: **the last row in (file path, row number) order wins**.
 
-    The kept one is the smallest by (source file, text hash); every other row with the
-    same id becomes a dead letter naming where the kept one came from.
+    A rule a user can predict, and the one of an append-only export: a later file (e.g.
+    ``docs-2026-11-25.parquet`` after ``docs-2026-11-24.parquet``), or a later row of the
+    same file, supersedes an earlier one. Arrival order plays no part, so reruns agree.
+    Every other row with the same id becomes a dead letter naming the row that was kept.
     """
-    ordered = sorted(docs, key=lambda d: (d.source, content_hash(d.text), d.title or ""))
-    kept, rest = ordered[0], ordered[1:]
+    ordered = sorted(docs, key=lambda d: (d.source, d.row, content_hash(d.text), d.title or ""))
+    kept, rest = ordered[-1], ordered[:-1]
     letters = [
         DeadLetter.of(
             "read",
-            f"duplicate id {doc_id!r}: {len(ordered)} rows share it; kept the one from {kept.source}",
-            d.source,
+            f"duplicate id {doc_id!r}: {len(ordered)} rows share it; kept {row_position(kept.source, kept.row)} "
+            "(the last in file-path and row order)",
+            row_position(d.source, d.row),
             {"id": d.doc_id, "text": d.text, "title": d.title, **d.metadata},
         )
         for d in rest
@@ -207,16 +259,13 @@ class ReadDocuments(beam.PTransform):
         self.columns = columns
 
     def expand(self, pbegin):
-        parsed = (
-            pbegin
-            | "ReadParquet" >> ReadParquetRows(self.pattern, self.columns.all)
-            | "Parse" >> beam.ParDo(_ParseDocuments(self.columns)).with_outputs(DEAD, main="docs")
-        )
+        rows = pbegin | "ReadParquet" >> ReadParquetRows(self.pattern, self.columns.all)
+        parsed = rows["rows"] | "Parse" >> beam.ParDo(_ParseDocuments(self.columns)).with_outputs(DEAD, main="docs")
         unique = (
             parsed.docs
             | "KeyById" >> beam.WithKeys(lambda d: d.doc_id)
             | "GroupById" >> beam.GroupByKey()
             | "DropDuplicateIds" >> beam.ParDo(_DropDuplicateIds()).with_outputs(DEAD, main="docs")
         )
-        dead = (parsed[DEAD], unique[DEAD]) | "FlattenDead" >> beam.Flatten()
+        dead = (rows[DEAD], parsed[DEAD], unique[DEAD]) | "FlattenDead" >> beam.Flatten()
         return {"documents": unique.docs, DEAD: dead}

@@ -342,6 +342,43 @@ def _cache_of(output: Any) -> Any:
 
 
 # -- Beam ----------------------------------------------------------------------------------
+def check_reranker(model: str) -> None:
+    """Refuse, before any Beam work, a reranker that cannot be loaded or is not a yes/no causal LM.
+
+    Reads only the config and tokenizer files (local directory, hub cache, or the hub when it
+    is reachable): a missing model offline, a wrong id, or an embedding model fails here in
+    seconds with one ``ValueError`` naming the id and what to do, not in every worker later.
+    """
+    from transformers import AutoConfig, AutoTokenizer
+    from transformers.utils import cached_file
+
+    path = resolve_model(model)
+    try:
+        config = AutoConfig.from_pretrained(path)
+        tokenizer = AutoTokenizer.from_pretrained(path)
+        weights = [
+            cached_file(path, name, _raise_exceptions_for_missing_entries=False)
+            for name in ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin")
+        ]
+    except (OSError, ValueError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ValueError(
+            f"cannot load reranker {model!r}: {first} (offline or a wrong id? pass a local directory with "
+            f"--reranker PATH, or download it first: huggingface-cli download {model})"
+        ) from exc
+    architectures = list(getattr(config, "architectures", None) or [])
+    if not any(a.endswith("ForCausalLM") for a in architectures):
+        raise ValueError(
+            f"reranker {model!r} is not a causal language model (architectures: {', '.join(architectures) or '?'}); "
+            "--reranker needs a Qwen3-Reranker, which answers yes/no, e.g. Qwen/Qwen3-Reranker-0.6B"
+        )
+    for word in ("yes", "no"):
+        if tokenizer.convert_tokens_to_ids(word) in (None, tokenizer.unk_token_id):
+            raise ValueError(f"reranker {model!r}: its tokenizer has no single token {word!r}; not a Qwen3-Reranker")
+    if not any(weights):
+        raise ValueError(f"reranker {model!r} has config files but no weights (model.safetensors)")
+
+
 @dataclasses.dataclass(frozen=True)
 class PairTokenEstimate:
     """Cheap token count of a ``RerankPair`` for Beam's batch weights (no tokenizer).
@@ -479,6 +516,13 @@ def _judge(pair: RerankPair, score: float | None, reason: str | None) -> Judgeme
     )
 
 
+def pair_key(element: RerankPair | QueryPairs) -> str:
+    """A pair's (or a query group's) unique id, which places it in a batch."""
+    if isinstance(element, QueryPairs):
+        return element.query_id
+    return f"{element.query_id}\t{element.doc_id}"
+
+
 def pair_source(pair: RerankPair) -> tuple[str, Any]:
     """Dead-letter source and record of a pair whose batch failed."""
     return f"{pair.query_id}/{pair.doc_id}", {"query_id": pair.query_id, "doc_id": pair.doc_id}
@@ -517,6 +561,7 @@ class RerankByQuery(beam.PTransform):
                 stage="rerank",
                 max_batch_weight=self.max_batch_weight,
                 element_size_fn=PairTokenEstimate(max_length=self.max_length),
+                key_fn=pair_key,
                 describe=pair_source,
                 members=lambda group: group.pairs,
             )

@@ -21,13 +21,11 @@ from apache_beam.metrics import Metrics
 from transforms.embed import Embed, EmbeddingModelHandler
 from transforms.qdrant import QdrantConfig, search_documents, shared_client
 from transforms.read import DEAD
-from transforms.types import Candidate, DeadLetter, Document, Query, RerankPair
+from transforms.types import Candidate, DeadLetter, Document, Query, RerankPair, titled_text
 
 
 def candidate_text(payload: dict[str, Any]) -> str:
-    title = payload.get("title")
-    text = payload.get("text", "")
-    return f"{title}\n{text}" if title else text
+    return titled_text(payload.get("title"), payload.get("text", ""))
 
 
 class _SearchIndex(beam.DoFn):
@@ -90,7 +88,7 @@ class _ParseRun(beam.DoFn):
             return
         parsed = parse_run_line(line)
         if isinstance(parsed, str):
-            yield beam.pvalue.TaggedOutput(DEAD, DeadLetter.of("candidates", parsed, self.path, {"line": line}))
+            yield beam.pvalue.TaggedOutput(DEAD, DeadLetter.of("run", parsed, self.path, {"line": line}))
         else:
             yield parsed
 
@@ -104,14 +102,33 @@ def top_candidates(candidates: Iterable[Candidate], top_k: int) -> list[Candidat
     return [Candidate(c.doc_id, c.score, i + 1) for i, c in enumerate(ordered)]
 
 
-def _query_candidates(element: tuple[str, dict[str, list]], top_k: int):
-    qid, grouped = element
-    queries, candidates = grouped["query"], grouped["candidates"]
-    if not queries:
-        return  # the run has queries the (sampled) log does not: not ours to label
-    query = queries[0]
-    for cand in top_candidates(candidates, top_k):
-        yield cand.doc_id, (query, cand)
+class _QueryCandidates(beam.DoFn):
+    """A query's run lines → its top-k ``(doc_id, (query, candidate))``; run lines of a query
+    that is not among the log's valid queries → one dead letter for the query id."""
+
+    def __init__(self, top_k: int, run_file: str) -> None:
+        self.top_k, self.run_file = top_k, run_file
+        self.unknown = Metrics.counter("corpus_etl", "run_queries_not_in_log")
+
+    def process(self, element: tuple[str, dict[str, list]]):
+        qid, grouped = element
+        queries, candidates = grouped["query"], grouped["candidates"]
+        if queries:
+            for cand in top_candidates(candidates, self.top_k):
+                yield cand.doc_id, (queries[0], cand)
+        elif candidates and not grouped["known"]:
+            self.unknown.inc()
+            yield beam.pvalue.TaggedOutput(
+                DEAD,
+                DeadLetter.of(
+                    "run",
+                    f"run lists a query that is not in the log: query id {qid!r} ({len(candidates)} lines)",
+                    self.run_file,
+                    {"query_id": qid, "lines": len(candidates)},
+                ),
+            )
+        # else: a log query left out by --max-queries/--sample, or a query without run lines
+        # (the label step reports it with its reason)
 
 
 class _JoinDocuments(beam.DoFn):
@@ -128,13 +145,13 @@ class _JoinDocuments(beam.DoFn):
                 yield beam.pvalue.TaggedOutput(
                     DEAD,
                     DeadLetter.of(
-                        "candidates", f"candidate {doc_id!r} is not in the corpus {self.corpus}", query.query_id,
+                        "candidates", f"candidate not in the corpus: {doc_id!r} is not in {self.corpus}", query.query_id,
                         {"query_id": query.query_id, "doc_id": doc_id, "rank": cand.rank},
                     ),
                 )
                 continue
             doc = docs[0]
-            text = f"{doc.title}\n{doc.text}" if doc.title else doc.text
+            text = titled_text(doc.title, doc.text)
             yield RerankPair(query.query_id, query.text, doc_id, text, cand.score, cand.rank)
 
 
@@ -142,12 +159,17 @@ class RetrieveFromRun(beam.PTransform):
     """``Query`` + a TREC run file + corpus ``Document`` s → ``RerankPair`` (+ dead letters).
 
     Run lines are matched to queries by query id (the log must carry the ids the run uses)
-    and to documents by doc id; a candidate missing from the corpus is a dead letter.
+    and to documents by doc id. Dead letters: a malformed run line; a candidate missing from
+    the corpus (one per candidate); the run lines of a query id that is not among
+    ``known_ids`` (the log's valid query ids, before sampling), one per query id.
     """
 
-    def __init__(self, run_file: str, documents: beam.PCollection, corpus: str, top_k: int) -> None:
+    def __init__(
+        self, run_file: str, documents: beam.PCollection, corpus: str, top_k: int, known_ids: beam.PCollection
+    ) -> None:
         super().__init__()
         self.run_file, self.documents, self.corpus, self.top_k = run_file, documents, corpus, top_k
+        self.known_ids = known_ids
 
     def expand(self, queries):
         p = queries.pipeline
@@ -156,16 +178,19 @@ class RetrieveFromRun(beam.PTransform):
             | "ReadRun" >> beam.io.ReadFromText(self.run_file)
             | "ParseRun" >> beam.ParDo(_ParseRun(self.run_file)).with_outputs(DEAD, main="candidates")
         )
-        top_k = self.top_k
         wanted = (
-            {"query": queries | "KeyQueries" >> beam.WithKeys(lambda q: q.query_id), "candidates": run.candidates}
+            {
+                "query": queries | "KeyQueries" >> beam.WithKeys(lambda q: q.query_id),
+                "candidates": run.candidates,
+                "known": self.known_ids | "KeyKnown" >> beam.Map(lambda qid: (qid, True)),
+            }
             | "JoinQueries" >> beam.CoGroupByKey()
-            | "TopK" >> beam.FlatMap(_query_candidates, top_k)
+            | "TopK" >> beam.ParDo(_QueryCandidates(self.top_k, self.run_file)).with_outputs(DEAD, main="wanted")
         )
         joined = (
-            {"doc": self.documents | "KeyDocs" >> beam.WithKeys(lambda d: d.doc_id), "wanted": wanted}
+            {"doc": self.documents | "KeyDocs" >> beam.WithKeys(lambda d: d.doc_id), "wanted": wanted.wanted}
             | "JoinDocuments" >> beam.CoGroupByKey()
             | "Pairs" >> beam.ParDo(_JoinDocuments(self.corpus)).with_outputs(DEAD, main="pairs")
         )
-        dead = (run[DEAD], joined[DEAD]) | "FlattenDead" >> beam.Flatten()
-        return {"pairs": joined.pairs, DEAD: dead}
+        dead = (run[DEAD], wanted[DEAD]) | "FlattenDead" >> beam.Flatten()
+        return {"pairs": joined.pairs, "unknown_candidates": joined[DEAD], DEAD: dead}

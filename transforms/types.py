@@ -28,6 +28,15 @@ def content_hash(text: str) -> str:
     return hashlib.sha256(text.encode("utf-8")).hexdigest()[:16]
 
 
+def title_prefix(title: str | None) -> str:
+    return f"{title}\n" if title else ""
+
+
+def titled_text(title: str | None, text: str) -> str:
+    """What a model reads of a document: the title, when there is one, on the first line."""
+    return title_prefix(title) + text
+
+
 @dataclasses.dataclass(frozen=True)
 class Document:
     doc_id: str
@@ -35,6 +44,7 @@ class Document:
     title: str | None = None
     metadata: dict[str, Any] = dataclasses.field(default_factory=dict)
     source: str = ""
+    row: int = -1  # 0-based row number in ``source``; -1 when not read from a file
 
 
 @dataclasses.dataclass(frozen=True)
@@ -77,6 +87,10 @@ class Query:
     query_id: str
     text: str
     count: int = 1
+    # Where the query was read (the last of its rows, after de-duplication): names the kept
+    # row when an id repeats. Not part of equality: the same query read elsewhere is equal.
+    source: str = dataclasses.field(default="", compare=False)
+    row: int = dataclasses.field(default=-1, compare=False)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -454,3 +454,22 @@ def build_qwen3_reranker(
 def _write_json(path: Path, payload: Any) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(payload, indent=2) + "\n", encoding="utf-8")
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m tests.qwen_offline reranker|embedding --out DIR``: build a tiny random-weight
+    Qwen3 model directory on the real Qwen tokenizer (for offline demos: its outputs are meaningless)."""
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="python -m tests.qwen_offline", description=main.__doc__)
+    parser.add_argument("kind", choices=("reranker", "embedding"))
+    parser.add_argument("--out", required=True, help="directory to write the model into")
+    parser.add_argument("--seed", type=int, default=0, help="weights seed")
+    args = parser.parse_args(argv)
+    build = build_qwen3_reranker if args.kind == "reranker" else build_qwen3_embedding
+    print(build(args.out, seed=args.seed))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
