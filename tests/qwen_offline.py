@@ -466,6 +466,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", required=True, help="directory to write the model into")
     parser.add_argument("--seed", type=int, default=0, help="weights seed")
     args = parser.parse_args(argv)
+    from huggingface_hub.utils import disable_progress_bars
+
+    disable_progress_bars()  # one "Writing model shards" bar is noise in a demo's log
     build = build_qwen3_reranker if args.kind == "reranker" else build_qwen3_embedding
     print(build(args.out, seed=args.seed))
     return 0

@@ -309,3 +309,21 @@ def test_a_reranker_that_cannot_serve_fails_before_the_job(tmp_path, sample_dir,
 
     with pytest.raises(ValueError, match=message):
         check_reranker(minilm_path if reranker == "MINILM" else reranker)
+
+
+def test_the_cli_says_a_missing_reranker_in_one_line(tmp_path, sample_dir):
+    import subprocess
+    import sys
+
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    argv = [sys.executable, "-m", "pipelines.cli", "label", "--queries", sample_dir["query_log"], "--out",
+            str(tmp_path / "out"), "--candidates", sample_dir["queries"], "--corpus", sample_dir["corpus"],
+            "--reranker", "Qwen/Qwen3-Reranker-0.6B"]  # fmt: skip
+    done = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode != 0 and done.stdout == ""
+    assert done.stderr.splitlines() == [
+        "corpus-etl label: error: cannot load reranker 'Qwen/Qwen3-Reranker-0.6B': not in the local cache and "
+        "HF_HUB_OFFLINE is set (offline or a wrong id? pass a local directory with --reranker PATH, or download it "
+        "first: huggingface-cli download Qwen/Qwen3-Reranker-0.6B)"
+    ]
+    assert not (tmp_path / "out").exists()

@@ -342,6 +342,26 @@ def _cache_of(output: Any) -> Any:
 
 
 # -- Beam ----------------------------------------------------------------------------------
+def _probe_hub(model: str, hint: str) -> None:
+    """A hub id that is not in the local cache: one request, no retries, or a clear error.
+
+    transformers' own download retries five times with backoff (~30 s offline) before failing.
+    """
+    from huggingface_hub import constants, try_to_load_from_cache
+
+    if isinstance(try_to_load_from_cache(model, "config.json"), str):
+        return  # cached: loads without the network
+    if constants.HF_HUB_OFFLINE:
+        raise ValueError(f"cannot load reranker {model!r}: not in the local cache and HF_HUB_OFFLINE is set {hint}")
+    from huggingface_hub import model_info
+
+    try:
+        model_info(model, timeout=10)
+    except Exception as exc:  # noqa: BLE001 - any failure here means the weights cannot be had
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise ValueError(f"cannot load reranker {model!r}: {first} {hint}") from exc
+
+
 def check_reranker(model: str) -> None:
     """Refuse, before any Beam work, a reranker that cannot be loaded or is not a yes/no causal LM.
 
@@ -353,6 +373,10 @@ def check_reranker(model: str) -> None:
     from transformers.utils import cached_file
 
     path = resolve_model(model)
+    hint = (f"(offline or a wrong id? pass a local directory with --reranker PATH, or download it first: "
+            f"huggingface-cli download {model})")
+    if not os.path.isdir(path):
+        _probe_hub(model, hint)
     try:
         config = AutoConfig.from_pretrained(path)
         tokenizer = AutoTokenizer.from_pretrained(path)
@@ -362,10 +386,7 @@ def check_reranker(model: str) -> None:
         ]
     except (OSError, ValueError) as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise ValueError(
-            f"cannot load reranker {model!r}: {first} (offline or a wrong id? pass a local directory with "
-            f"--reranker PATH, or download it first: huggingface-cli download {model})"
-        ) from exc
+        raise ValueError(f"cannot load reranker {model!r}: {first} {hint}") from exc
     architectures = list(getattr(config, "architectures", None) or [])
     if not any(a.endswith("ForCausalLM") for a in architectures):
         raise ValueError(
