@@ -14,6 +14,7 @@ import argparse
 import dataclasses
 import logging
 import time
+from collections.abc import Sequence
 from typing import Any
 
 import apache_beam as beam
@@ -29,7 +30,7 @@ from pipelines.common import (
     start_pipeline,
     write_json,
 )
-from transforms.chunk import ChunkDocuments, ChunkSettings
+from transforms.chunk import ChunkDocuments, ChunkSettings, load_chunker
 from transforms.dead_letter import WriteDeadLetters
 from transforms.embed import Embed, EmbeddingModelHandler
 from transforms.models import embedding_size
@@ -41,7 +42,8 @@ from transforms.qdrant import (
     point_alias,
     shared_client,
 )
-from transforms.read import DEAD, DocumentColumns, ReadDocuments, validate_columns
+from transforms.read import DEAD, DocumentColumns, ReadDocuments, check_files
+from transforms.types import DeadLetter
 
 _LOG = logging.getLogger(__name__)
 
@@ -63,6 +65,7 @@ class IndexConfig:
     alias: str | None = None
     progress_interval_s: float = 30.0
     upsert_batch_points: int = 256
+    skip_bad_files: bool = False
 
     def __post_init__(self) -> None:
         if not self.input:
@@ -92,9 +95,15 @@ class IndexConfig:
         )
 
 
-def build_pipeline(p: beam.Pipeline, config: IndexConfig) -> dict[str, beam.PCollection]:
-    """Wire the index job onto ``p``. Returns the named outputs (for tests and composition)."""
-    read = p | "ReadDocuments" >> ReadDocuments(config.input, config.columns)
+def build_pipeline(
+    p: beam.Pipeline, config: IndexConfig, files: Sequence[str] | None = None, skipped: Sequence[DeadLetter] = ()
+) -> dict[str, beam.PCollection]:
+    """Wire the index job onto ``p``. Returns the named outputs (for tests and composition).
+
+    ``files``: the input files the driver checked (default: ``config.input``, matched when the
+    job runs); ``skipped``: file-level dead letters of the files ``--skip-bad-files`` left out.
+    """
+    read = p | "ReadDocuments" >> ReadDocuments(files or config.input, config.columns)
     chunked = read["documents"] | "ChunkDocuments" >> ChunkDocuments(
         config.model, config.chunking, config.max_length
     )
@@ -102,7 +111,8 @@ def build_pipeline(p: beam.Pipeline, config: IndexConfig) -> dict[str, beam.PCol
     written = embedded["embedded"] | "WriteToQdrant" >> WriteToQdrant(
         config.qdrant, config.collection, config.model, batch_points=config.upsert_batch_points
     )
-    dead = (read[DEAD], chunked[DEAD], embedded[DEAD]) | "AllDeadLetters" >> beam.Flatten()
+    skipped_files = p | "SkippedFiles" >> beam.Create(list(skipped), reshuffle=False)
+    dead = (skipped_files, read[DEAD], chunked[DEAD], embedded[DEAD]) | "AllDeadLetters" >> beam.Flatten()
     dead | "WriteDeadLetters" >> WriteDeadLetters(config.dead_letter)
     return {"documents": read["documents"], "chunks": chunked["chunks"], "embedded": embedded["embedded"], "dead_letters": dead,
             "written": written}
@@ -135,6 +145,11 @@ def build_arg_parser() -> argparse.ArgumentParser:
         help="after a successful run, atomically point this Qdrant alias at --collection (blue/green reindexing)",
     )
     out.add_argument("--progress-interval", type=float, default=30.0, help="seconds between progress lines")
+    out.add_argument(
+        "--skip-bad-files", action="store_true",
+        help="index the readable files when some cannot be read (each skipped file is a dead letter and the run "
+        "ends as partial); without it any bad file stops the job before anything is written",
+    )
     out.add_argument("-v", "--verbose", action="store_true")
     return parser
 
@@ -160,6 +175,7 @@ def config_from_args(args: argparse.Namespace) -> IndexConfig:
         summary_out=args.summary_out,
         alias=args.alias,
         progress_interval_s=args.progress_interval,
+        skip_bad_files=args.skip_bad_files,
     )
 
 
@@ -177,7 +193,8 @@ def run(argv: list[str] | None = None, test_pipeline: beam.Pipeline | None = Non
 def run_config(config: IndexConfig, beam_args: list[str] | None = None, test_pipeline=None) -> dict[str, Any]:
     started = time.time()
     p = start_pipeline(test_pipeline, beam_args, config.device)
-    files = validate_columns(config.input, config.columns.all)
+    files, skipped = check_files(config.input, config.columns.all, skip_bad=config.skip_bad_files)
+    load_chunker(config.model, config.chunking, config.max_length)  # chunk size vs the model's limit, tokenizer loads
     size = embedding_size(config.model, config.dim)
     client, lock = shared_client(config.qdrant)
     with lock:
@@ -186,7 +203,7 @@ def run_config(config: IndexConfig, beam_args: list[str] | None = None, test_pip
         "indexing %d file(s) into %s/%s (%s, size %d, %s)",
         len(files), config.qdrant.where, config.collection, config.model, size, "created" if created else "exists",
     )
-    build_pipeline(p, config)
+    build_pipeline(p, config, files, skipped)
     result = p.run()
     result.wait_until_finish()
     elapsed = time.time() - started
@@ -194,10 +211,18 @@ def run_config(config: IndexConfig, beam_args: list[str] | None = None, test_pip
     with lock:
         points = client.count(config.collection, exact=True).count
         previous = point_alias(client, config.alias, config.collection) if config.alias else None
+    partial = []
+    if skipped:
+        partial.append(f"{len(skipped)} input file(s) skipped")
+    if counts.get("row_groups_unreadable"):
+        partial.append(f"{counts['row_groups_unreadable']} row group(s) could not be read")
     summary = {
         "pipeline": "index",
+        "status": "partial" if partial else "ok",
+        "partial_reasons": partial,
         "input": config.input,
         "files": len(files),
+        "files_skipped": [letter.source for letter in skipped],
         "collection": config.collection,
         "qdrant": config.qdrant.where,
         "model": config.model,
@@ -222,7 +247,8 @@ def format_summary(summary: dict[str, Any]) -> str:
     c = summary["counters"]
     return "\n".join(
         [
-            f"index: {summary['collection']} at {summary['qdrant']} ({summary['model']}, {summary['vector_size']} dims)",
+            f"index: {summary['collection']} at {summary['qdrant']} ({summary['model']}, {summary['vector_size']} dims)"
+            + ("" if summary["status"] == "ok" else f"  PARTIAL: {'; '.join(summary['partial_reasons'])} (see the dead letters)"),
             f"  rows read        {c.get('rows_read', 0)}",
             f"  documents        {c.get('documents_read', 0)}  (truncated {c.get('documents_truncated', 0)})",
             f"  chunks           {c.get('chunks', 0)}  tokens {c.get('tokens', 0)}",

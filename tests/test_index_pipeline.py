@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 
 import apache_beam as beam
 import numpy as np
@@ -178,3 +179,51 @@ def test_two_runs_embed_bitwise_equal_vectors(tmp_path, sample_dir, minilm_path)
     close_client(config.qdrant)
     assert len(dumps[0]) > 300  # many chunks, many batches
     assert dumps[0] == dumps[1]
+
+
+def _three_files(tmp_path, sample_dir) -> list:
+    rows = pq.read_table(sample_dir["corpus"]).to_pylist()[:15]
+    paths = []
+    for i in range(3):
+        path = tmp_path / f"part-{i}.parquet"
+        pq.write_table(pa.Table.from_pylist(rows[5 * i : 5 * i + 5]), path)
+        paths.append(path)
+    return paths
+
+
+def test_a_corrupt_page_in_one_of_three_files_indexes_every_row_of_the_other_two(tmp_path, sample_dir, minilm_path):
+    from tests.test_read import corrupt_a_data_page
+
+    paths = _three_files(tmp_path, sample_dir)
+    corrupt_a_data_page(paths[1])
+    qdrant_path = str(tmp_path / "q")
+    summary = _index(["--input", str(tmp_path / "part-*.parquet"), "--collection", "c", "--model", minilm_path,
+                      "--qdrant-path", qdrant_path, "--chunk-tokens", "0", "--dead-letter", str(tmp_path / "dead.jsonl")])  # fmt: skip
+    points = _points(qdrant_path, "c")
+    close_client(QdrantConfig(path=qdrant_path))
+    expected = {r["id"] for p in (paths[0], paths[2]) for r in pq.read_table(p).to_pylist()}
+    assert {payload["doc_id"] for payload, _ in points.values()} == expected and len(points) == 10
+    assert (summary["status"], summary["partial_reasons"]) == ("partial", ["1 row group(s) could not be read"])
+    dead = [json.loads(line) for line in (tmp_path / "dead.jsonl").read_text().splitlines()]
+    assert [(d["source"], d["reason"].split(":")[0]) for d in dead] == [(str(paths[1]), "unreadable row group 0 (rows from 1)")]
+
+
+def test_bad_files_stop_the_job_before_anything_is_written_unless_skipped(tmp_path, sample_dir, minilm_path):
+    paths = _three_files(tmp_path, sample_dir)
+    paths[2].write_text("not parquet")
+    qdrant_path = str(tmp_path / "q")
+    argv = ["--input", str(tmp_path / "part-*.parquet"), "--collection", "c", "--model", minilm_path,
+            "--qdrant-path", qdrant_path, "--chunk-tokens", "0", "--dead-letter", str(tmp_path / "dead.jsonl")]  # fmt: skip
+    with pytest.raises(ValueError, match=r"^1 of 3 input file\(s\) cannot be read \(.*part-2.parquet: not a readable"):
+        _index(argv)
+    assert not os.path.exists(qdrant_path)  # refused before the store was opened
+    summary = _index([*argv, "--skip-bad-files"])
+    close_client(QdrantConfig(path=qdrant_path))
+    assert (summary["status"], summary["files_skipped"], summary["points_in_collection"]) == ("partial", [str(paths[2])], 10)
+
+
+def test_a_chunk_size_above_the_model_limit_is_refused_before_the_collection_exists(tmp_path, sample_dir, minilm_path):
+    qdrant_path = str(tmp_path / "q")
+    with pytest.raises(ValueError, match=r"^--chunk-tokens 512 is more than the model's maximum input length 256; pass"):
+        _index(["--input", sample_dir["corpus"], "--collection", "c", "--model", minilm_path, "--qdrant-path", qdrant_path])
+    assert not os.path.exists(qdrant_path)

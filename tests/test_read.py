@@ -11,7 +11,15 @@ import pytest
 from apache_beam.testing.test_pipeline import TestPipeline
 from apache_beam.testing.util import assert_that, equal_to
 
-from transforms.read import DEAD, DocumentColumns, ReadDocuments, pick_duplicate, validate_columns
+from transforms.read import (
+    DEAD,
+    BadFilesError,
+    DocumentColumns,
+    ReadDocuments,
+    check_files,
+    pick_duplicate,
+    validate_columns,
+)
 from transforms.types import Document
 
 
@@ -88,10 +96,51 @@ def test_duplicate_choice_does_not_depend_on_arrival_order():
     assert sorted(d.source for d in letters) == ["row 4 of f2", "row 41 of f1"]
 
 
-def test_missing_columns_fail_before_the_job_naming_file_and_column(messy_inputs):
+def test_missing_columns_fail_before_the_job_naming_every_file_and_column(messy_inputs):
     with pytest.raises(ValueError) as err:
         validate_columns(str(messy_inputs / "*.parquet"), ["id", "body"])
-    assert str(err.value).startswith(f"{messy_inputs / 'a.parquet'}: missing column(s) body; the file has: id, text, lang")
+    a, b, c = (messy_inputs / f"{n}.parquet" for n in "abc")
+    assert str(err.value) == (
+        f"3 of 3 input file(s) cannot be read ({a}: missing column(s) body; the file has: id, text, lang; "
+        f"{b}: missing column(s) body; the file has: id, text, lang; {c}: missing column(s) body; the file has: "
+        "id, text, lang); fix or remove them, or pass --skip-bad-files to index the others"
+    )
+
+
+def test_bad_files_are_named_or_skipped_as_dead_letters(messy_inputs):
+    (messy_inputs / "d.parquet").write_text("not parquet at all")
+    pq.write_table(pa.table({"id": ["z"], "body": ["no text column"]}), messy_inputs / "e.parquet")
+    with pytest.raises(BadFilesError, match=r"^2 of 5 input file\(s\) cannot be read \(.*d.parquet: not a readable "
+                       r"Parquet file: .*e.parquet: missing column\(s\) text; the file has: id, body\)"):
+        check_files(str(messy_inputs / "*.parquet"), ["id", "text"])
+    good, letters = check_files(str(messy_inputs / "*.parquet"), ["id", "text"], skip_bad=True)
+    assert good == [str(messy_inputs / f"{n}.parquet") for n in "abc"]
+    assert [(d.stage, d.source, d.reason.split(":")[0]) for d in letters] == [
+        ("read", str(messy_inputs / "d.parquet"), "file skipped"), ("read", str(messy_inputs / "e.parquet"), "file skipped")
+    ]
+
+
+def corrupt_a_data_page(path) -> None:
+    """Overwrite the first page header after the magic bytes: the footer stays valid, reading fails."""
+    data = bytearray(path.read_bytes())
+    data[4:40] = b"\xff" * 36
+    path.write_bytes(bytes(data))
+
+
+def test_a_corrupt_row_group_is_a_dead_letter_and_the_other_files_are_read(tmp_path):
+    for name in "abc":
+        pq.write_table(pa.table({"id": [f"{name}{i}" for i in range(5)], "text": ["t"] * 5}), tmp_path / f"{name}.parquet")
+    corrupt_a_data_page(tmp_path / "b.parquet")
+    assert check_files(str(tmp_path / "*.parquet"), ["id", "text"])[0]  # the footer still reads
+    with TestPipeline() as p:
+        out = p | ReadDocuments(str(tmp_path / "*.parquet"), DocumentColumns())
+        assert_that(out["documents"] | beam.Map(lambda d: d.doc_id),
+                    equal_to([f"{n}{i}" for n in "ac" for i in range(5)]), label="docs")  # fmt: skip
+        assert_that(
+            out[DEAD] | beam.Map(lambda d: (d.source, d.reason.split(":")[0])),
+            equal_to([(str(tmp_path / "b.parquet"), "unreadable row group 0 (rows from 1)")]),
+            label="dead",
+        )
 
 
 def test_no_matching_files_is_a_clear_error(tmp_path):

@@ -45,7 +45,8 @@ class Chunker:
             raise ValueError("chunking needs a fast tokenizer (offset mapping)")
         if settings.chunk_tokens > max_length:
             raise ValueError(
-                f"--chunk-tokens {settings.chunk_tokens} is more than the model's maximum input length {max_length}"
+                f"--chunk-tokens {settings.chunk_tokens} is more than the model's maximum input length {max_length}; "
+                f"pass --chunk-tokens {max_length} or less (0: one chunk per document, truncated)"
             )
         self.tokenizer = tokenizer
         self.settings = settings

@@ -42,24 +42,51 @@ def match_files(pattern: str) -> list[str]:
     return paths
 
 
+def file_problem(path: str, required: Sequence[str]) -> str | None:
+    """Why ``path`` cannot be read for ``required`` columns (footer only), or None when it can."""
+    try:
+        with FileSystems.open(path) as f:
+            schema = pq.ParquetFile(f).schema_arrow
+    except Exception as exc:
+        return f"not a readable Parquet file: {type(exc).__name__}: {exc}"
+    missing = [c for c in required if c not in schema.names]
+    if missing:
+        return f"missing column(s) {', '.join(missing)}; the file has: {', '.join(schema.names)}"
+    return None
+
+
+class BadFilesError(ValueError):
+    """Input files that cannot be read: every one is named, nothing was written."""
+
+
+def check_files(pattern: str, required: Sequence[str], *, skip_bad: bool = False) -> tuple[list[str], list[DeadLetter]]:
+    """The readable files of ``pattern`` and, with ``skip_bad``, a file-level dead letter per bad one.
+
+    Reads only the Parquet footers. Without ``skip_bad`` any bad file is a ``BadFilesError``
+    naming every bad file (not only the first) with its reason, before the job starts.
+    """
+    files = match_files(pattern)
+    problems = [(path, why) for path in files if (why := file_problem(path, required)) is not None]
+    if problems and not skip_bad:
+        listed = "; ".join(f"{path}: {why}" for path, why in problems)
+        raise BadFilesError(
+            f"{len(problems)} of {len(files)} input file(s) cannot be read ({listed}); "
+            "fix or remove them, or pass --skip-bad-files to index the others"
+        )
+    bad = {path for path, _ in problems}
+    good = [f for f in files if f not in bad]
+    if not good:
+        raise BadFilesError(f"no readable input file among the {len(files)} matching {pattern!r}")
+    letters = [DeadLetter.of("read", f"file skipped: {why}", path, {"file": path}) for path, why in problems]
+    return good, letters
+
+
 def validate_columns(pattern: str, required: Sequence[str]) -> list[str]:
     """Check that every file matching ``pattern`` has ``required`` columns; return the files.
 
-    Reads only the Parquet footers. Raises ``ValueError`` naming the file and the columns.
+    Reads only the Parquet footers. Raises ``ValueError`` naming every bad file and why.
     """
-    files = match_files(pattern)
-    for path in files:
-        try:
-            with FileSystems.open(path) as f:
-                schema = pq.ParquetFile(f).schema_arrow
-        except Exception as exc:
-            raise ValueError(f"{path}: not a readable Parquet file: {exc}") from exc
-        missing = [c for c in required if c not in schema.names]
-        if missing:
-            raise ValueError(
-                f"{path}: missing column(s) {', '.join(missing)}; the file has: {', '.join(schema.names)}"
-            )
-    return files
+    return check_files(pattern, required)[0]
 
 
 # (source file, 0-based row number in the file, {column: value})
@@ -104,23 +131,26 @@ class _ReadRowGroup(beam.DoFn):
 
 
 class ReadParquetRows(beam.PTransform):
-    """``pattern`` → ``{"rows": (source_file, row_number, row_dict), "dead_letter": DeadLetter}``.
+    """A pattern, or a list of files → ``{"rows": (source_file, row_number, row_dict), "dead_letter": ...}``.
 
-    Files are listed when the job runs, one element per row group is reshuffled across
-    workers, and each row group is read with the given columns. A row group that cannot be
-    read becomes one dead letter (file, row group, error); the job goes on.
+    A pattern is matched when the job runs; a list (files already checked by the driver) is
+    read as given. One element per row group is reshuffled across workers, and each row
+    group is read with the given columns. A row group that cannot be read becomes one dead
+    letter (file, row group, error); the job goes on.
     """
 
-    def __init__(self, pattern: str, columns: Sequence[str]) -> None:
+    def __init__(self, pattern: str | Sequence[str], columns: Sequence[str]) -> None:
         super().__init__()
         self.pattern = pattern
         self.columns = list(dict.fromkeys(columns))
 
     def expand(self, pbegin):
+        if isinstance(self.pattern, str):
+            files = pbegin | "Pattern" >> beam.Create([self.pattern]) | "MatchFiles" >> beam.FlatMap(match_files)
+        else:
+            files = pbegin | "Files" >> beam.Create(list(self.pattern))
         read = (
-            pbegin
-            | "Pattern" >> beam.Create([self.pattern])
-            | "MatchFiles" >> beam.FlatMap(match_files)
+            files
             | "ListRowGroups" >> beam.FlatMap(_row_groups)
             | "SpreadRowGroups" >> beam.Reshuffle()
             | "ReadRowGroups" >> beam.ParDo(_ReadRowGroup(self.columns)).with_outputs(DEAD, main="rows")
@@ -253,7 +283,7 @@ class ReadDocuments(beam.PTransform):
     are dead-lettered with the reason; every other row comes out exactly once.
     """
 
-    def __init__(self, pattern: str, columns: DocumentColumns) -> None:
+    def __init__(self, pattern: str | Sequence[str], columns: DocumentColumns) -> None:
         super().__init__()
         self.pattern = pattern
         self.columns = columns
