@@ -19,20 +19,20 @@ from typing import Any
 import apache_beam as beam
 
 from pipelines.common import (
-    BEAM_OPTIONS_EPILOG,
-    HelpFormatter,
-    add_model_arguments,
-    add_qdrant_arguments,
     counters,
     qdrant_config,
     setup_logging,
     start_pipeline,
     write_json,
 )
+from pipelines.errors import PreflightError, UsageError
+from pipelines.flags import index_parser, split_beam_args
+from pipelines.security import redact_url
 from transforms.chunk import ChunkDocuments, ChunkSettings
 from transforms.dead_letter import WriteDeadLetters
 from transforms.embed import Embed, EmbeddingModelHandler
 from transforms.models import embedding_size
+from transforms.progress import report_progress, reset_reporters
 from transforms.qdrant import (
     RESERVED_PAYLOAD_KEYS,
     QdrantConfig,
@@ -92,15 +92,25 @@ class IndexConfig:
         )
 
 
+def _document_counts(doc: Any) -> dict[str, int]:
+    return {"documents": 1}
+
+
+def _chunk_counts(chunk: Any) -> dict[str, int]:
+    return {"documents": int(chunk.chunk_index == 0), "chunks": 1, "tokens": chunk.n_tokens}
+
+
 def build_pipeline(p: beam.Pipeline, config: IndexConfig) -> dict[str, beam.PCollection]:
     """Wire the index job onto ``p``. Returns the named outputs (for tests and composition)."""
+    interval = config.progress_interval_s  # embed and write report from their own steps
     read = p | "ReadDocuments" >> ReadDocuments(config.input, config.columns)
-    chunked = read["documents"] | "ChunkDocuments" >> ChunkDocuments(
-        config.model, config.chunking, config.max_length
-    )
-    embedded = chunked["chunks"] | "EmbedChunks" >> Embed(config.embedding_handler())
+    documents = read["documents"] | "ReadProgress" >> report_progress("read", interval, _document_counts)
+    chunked = documents | "ChunkDocuments" >> ChunkDocuments(config.model, config.chunking, config.max_length)
+    chunks = chunked["chunks"] | "ChunkProgress" >> report_progress("chunk", interval, _chunk_counts)
+    embedded = chunks | "EmbedChunks" >> Embed(config.embedding_handler())
     written = embedded["embedded"] | "WriteToQdrant" >> WriteToQdrant(
-        config.qdrant, config.collection, config.model, batch_points=config.upsert_batch_points
+        config.qdrant, config.collection, config.model, batch_points=config.upsert_batch_points,
+        progress_interval_s=interval,
     )
     dead = (read[DEAD], chunked[DEAD], embedded[DEAD]) | "AllDeadLetters" >> beam.Flatten()
     dead | "WriteDeadLetters" >> WriteDeadLetters(config.dead_letter)
@@ -108,35 +118,7 @@ def build_pipeline(p: beam.Pipeline, config: IndexConfig) -> dict[str, beam.PCol
             "written": written}
 
 
-def build_arg_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="corpus-etl index",
-        description="Embed Parquet documents into a Qdrant collection (idempotent: reruns overwrite).",
-        formatter_class=HelpFormatter,
-        epilog=BEAM_OPTIONS_EPILOG,
-    )
-    parser.add_argument("--input", required=True, help="Parquet file or glob, local or gs://")
-    parser.add_argument("--collection", required=True, help="Qdrant collection (created when missing)")
-    cols = parser.add_argument_group("input columns")
-    cols.add_argument("--id-column", default="id")
-    cols.add_argument("--text-column", default="text")
-    cols.add_argument("--title-column", default=None, help="prefixed to every chunk when given")
-    cols.add_argument("--metadata-columns", default="", help="comma-separated columns copied into the payload")
-    chunk = parser.add_argument_group("chunking")
-    chunk.add_argument("--chunk-tokens", type=int, default=512, help="tokens per chunk; 0: one chunk per document")
-    chunk.add_argument("--chunk-overlap", type=int, default=64, help="tokens shared by consecutive chunks")
-    add_model_arguments(parser)
-    add_qdrant_arguments(parser)
-    out = parser.add_argument_group("outputs")
-    out.add_argument("--dead-letter", default=None, help="rejected rows with reasons (.jsonl or .parquet)")
-    out.add_argument("--summary-out", default=None, help="run summary as JSON")
-    out.add_argument(
-        "--alias", default=None,
-        help="after a successful run, atomically point this Qdrant alias at --collection (blue/green reindexing)",
-    )
-    out.add_argument("--progress-interval", type=float, default=30.0, help="seconds between progress lines")
-    out.add_argument("-v", "--verbose", action="store_true")
-    return parser
+build_arg_parser = index_parser  # kept here for callers of the old name
 
 
 def config_from_args(args: argparse.Namespace) -> IndexConfig:
@@ -165,41 +147,59 @@ def config_from_args(args: argparse.Namespace) -> IndexConfig:
 
 def run(argv: list[str] | None = None, test_pipeline: beam.Pipeline | None = None) -> dict[str, Any]:
     """Run the index job; returns the summary (also printed, and written to ``--summary-out``)."""
-    args, beam_args = build_arg_parser().parse_known_args(argv)
+    args, beam_args = split_beam_args(build_arg_parser(), argv)
+    return run_args(args, beam_args, test_pipeline)
+
+
+def run_args(args: argparse.Namespace, beam_args: list[str], test_pipeline: beam.Pipeline | None = None) -> dict[str, Any]:
+    """The job for parsed flags (``corpus-etl index`` parses them in ``pipelines.flags``)."""
     setup_logging(args.verbose)
     try:
         config = config_from_args(args)
     except ValueError as exc:
-        raise SystemExit(f"corpus-etl index: {exc}") from exc
+        raise UsageError(str(exc)) from exc
     return run_config(config, beam_args, test_pipeline)
 
 
 def run_config(config: IndexConfig, beam_args: list[str] | None = None, test_pipeline=None) -> dict[str, Any]:
     started = time.time()
+    where = redact_url(config.qdrant.where)
+    reset_reporters()  # this job's progress lines start afresh, even after another job in this process
     p = start_pipeline(test_pipeline, beam_args, config.device)
-    files = validate_columns(config.input, config.columns.all)
+    try:
+        files = validate_columns(config.input, config.columns.all)
+    except FileNotFoundError as exc:
+        raise PreflightError(f"--input: {exc}; check the path or glob (local or gs://)") from exc
     size = embedding_size(config.model, config.dim)
     client, lock = shared_client(config.qdrant)
     with lock:
+        if config.alias and _is_collection_not_alias(client, config.alias):
+            raise PreflightError(
+                f"--alias {config.alias!r} is the name of a collection at {where}, not an alias; choose another --alias"
+            )
         created = ensure_collection(client, config.collection, size)
     _LOG.info(
         "indexing %d file(s) into %s/%s (%s, size %d, %s)",
-        len(files), config.qdrant.where, config.collection, config.model, size, "created" if created else "exists",
+        len(files), where, config.collection, config.model, size, "created" if created else "exists",
     )
     build_pipeline(p, config)
     result = p.run()
     result.wait_until_finish()
     elapsed = time.time() - started
     counts = counters(result)
+    refused = None
     with lock:
         points = client.count(config.collection, exact=True).count
-        previous = point_alias(client, config.alias, config.collection) if config.alias else None
+        try:
+            previous = point_alias(client, config.alias, config.collection) if config.alias else None
+        except ValueError as exc:  # e.g. a collection of that name appeared while the job ran
+            previous, refused = None, str(exc)
     summary = {
         "pipeline": "index",
         "input": config.input,
         "files": len(files),
         "collection": config.collection,
-        "qdrant": config.qdrant.where,
+        "qdrant": where,
         "model": config.model,
         "vector_size": size,
         "chunk_tokens": config.chunking.chunk_tokens,
@@ -207,15 +207,38 @@ def run_config(config: IndexConfig, beam_args: list[str] | None = None, test_pip
         "counters": counts,
         "points_in_collection": points,
         "dead_letter": config.dead_letter,
-        "alias": {"name": config.alias, "previous": previous} if config.alias else None,
+        "alias": _alias_summary(config.alias, previous, refused),
         "elapsed_s": round(elapsed, 2),
         "documents_per_s": round(counts.get("documents_read", 0) / elapsed, 2),
         "tokens_per_s": round(counts.get("tokens", 0) / elapsed, 1),
+        "partial": _partial(counts, config, refused),
     }
     print(format_summary(summary), flush=True)
     if config.summary_out:
         write_json(config.summary_out, summary)
     return summary
+
+
+def _is_collection_not_alias(client: Any, name: str) -> bool:
+    return client.collection_exists(name) and not any(a.alias_name == name for a in client.get_aliases().aliases)
+
+
+def _alias_summary(alias: str | None, previous: str | None, refused: str | None) -> dict[str, Any] | None:
+    if not alias:
+        return None
+    return {"name": alias, "previous": previous, **({"refused": refused} if refused else {})}
+
+
+def _partial(counts: dict[str, int], config: IndexConfig, alias_refused: str | None) -> str | None:
+    """Why the job is only partly done (exit status 3), or None."""
+    reasons = []
+    dead = counts.get("dead_letters", 0)
+    if dead:
+        reasons.append(f"{dead} dead letter(s)" + (f" in {config.dead_letter}" if config.dead_letter else
+                                                  " (pass --dead-letter PATH to keep them)"))
+    if alias_refused:
+        reasons.append(f"--alias {config.alias} not switched to {config.collection}: {alias_refused}")
+    return "; ".join(reasons) or None
 
 
 def format_summary(summary: dict[str, Any]) -> str:
@@ -230,7 +253,10 @@ def format_summary(summary: dict[str, Any]) -> str:
             f"  (collection now holds {summary['points_in_collection']})",
             f"  dead letters     {c.get('dead_letters', 0)}" + (f" -> {summary['dead_letter']}" if summary["dead_letter"] else ""),
             *([f"  alias            {summary['alias']['name']} -> {summary['collection']}"
-               f" (was {summary['alias']['previous']})"] if summary.get("alias") else []),
+               f" (was {summary['alias']['previous']})"] if summary.get("alias") and "refused" not in summary["alias"]
+              else []),
+            *([f"  alias            REFUSED: {summary['alias']['refused']}"] if (summary.get("alias") or {}).get("refused")
+              else []),
             f"  time             {summary['elapsed_s']}s  ({summary['documents_per_s']} docs/s, "
             f"{summary['tokens_per_s']} tokens/s)",
         ]

@@ -1,9 +1,11 @@
-"""A progress line every few seconds on long local runs.
+"""A progress line every few seconds on long local runs, from every phase.
 
 Beam's DirectRunner returns from ``run()`` only when the job is done, so progress is
-reported from inside the workers: each process keeps its own totals and logs a line
-(documents/s, tokens/s) at most once per interval. On Dataflow the same lines land in
-the worker logs, next to the Beam counters that the monitoring UI shows.
+reported from inside the workers: each process keeps its own totals per phase (read,
+chunk, embed, write, rerank) and logs a line (documents/s, tokens/s) at once on its first
+element, then at most once per interval, so even a short job shows every phase once.
+On Dataflow the same lines land in the worker logs, next to the Beam counters that the
+monitoring UI shows.
 """
 
 from __future__ import annotations
@@ -11,6 +13,8 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections.abc import Callable
+from typing import Any
 
 _LOG = logging.getLogger("corpus_etl.progress")
 
@@ -21,7 +25,7 @@ class ProgressReporter:
         self.interval_s = interval_s
         self._lock = threading.Lock()
         self._start = time.monotonic()
-        self._last = self._start
+        self._last: float | None = None  # None: the first add() logs at once
         self.totals: dict[str, int] = {}
 
     def add(self, **counts: int) -> None:
@@ -29,7 +33,7 @@ class ProgressReporter:
             for key, value in counts.items():
                 self.totals[key] = self.totals.get(key, 0) + value
             now = time.monotonic()
-            if now - self._last < self.interval_s:
+            if self._last is not None and now - self._last < self.interval_s:
                 return
             self._last = now
             line = self.line(now)
@@ -45,6 +49,12 @@ _REPORTERS: dict[str, ProgressReporter] = {}
 _REPORTERS_LOCK = threading.Lock()
 
 
+def reset_reporters() -> None:
+    """Forget every phase's totals: the next job in this process starts its lines (and rates) afresh."""
+    with _REPORTERS_LOCK:
+        _REPORTERS.clear()
+
+
 def reporter(label: str, interval_s: float = 30.0) -> ProgressReporter:
     """The process-wide reporter for ``label`` (one per worker process, shared by its threads)."""
     with _REPORTERS_LOCK:
@@ -53,3 +63,37 @@ def reporter(label: str, interval_s: float = 30.0) -> ProgressReporter:
             rep = _REPORTERS[label] = ProgressReporter(label, interval_s)
         rep.interval_s = interval_s
         return rep
+
+
+class _Report:
+    """Pass-through step that adds ``counts(element)`` to the phase's reporter."""
+
+    def __init__(self, label: str, interval_s: float, counts: Callable[[Any], dict[str, int]]) -> None:
+        self.label = label
+        self.interval_s = interval_s
+        self.counts = counts
+
+    def __call__(self, element: Any) -> Any:
+        reporter(self.label, self.interval_s).add(**self.counts(element))
+        return element
+
+
+def report_progress(label: str, interval_s: float, counts: Callable[[Any], dict[str, int]]):
+    """A Beam step (``pcoll | "P" >> report_progress(...)``) that logs ``label``'s progress, elements unchanged."""
+    import apache_beam as beam
+
+    return beam.Map(_Report(label, interval_s, counts))
+
+
+def disable_library_progress_bars() -> None:
+    """No tqdm bars from huggingface_hub downloads or transformers' "Loading weights" in batch logs."""
+    import os
+
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    try:
+        from huggingface_hub.utils import disable_progress_bars
+        from transformers.utils import logging as hf_logging
+    except ImportError:  # pragma: no cover - both come with transformers
+        return
+    disable_progress_bars()
+    hf_logging.disable_progress_bar()
