@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import os
+import re
 import sys
 import traceback
 from collections.abc import Callable
@@ -89,8 +90,11 @@ def _run(name: str, job: Callable[[], Any], verbose: bool, args: argparse.Namesp
         error = translate(exc, qdrant_url=getattr(args, "qdrant_url", None), models=_models(args))
         if error is not None:
             message, status = str(error), error.exit_status
-        elif raised_by_job(exc):
-            message, status = f"the job failed: {type(exc).__name__}: {first_line(exc)}", EXIT_FAILED
+        elif raised_by_job(exc):  # Beam re-raises a step's error with its type and step in the message
+            reason = first_line(exc)
+            if not re.match(r"^[\w.]+(Error|Exception): ", reason):
+                reason = f"{type(exc).__name__}: {reason}"
+            message, status = f"the job failed: {reason}", EXIT_FAILED
         else:
             message, status = f"{type(exc).__name__}: {first_line(exc)}", EXIT_FAILED
         hint = "" if verbose or error is not None else " (-v shows the traceback)"

@@ -7,6 +7,7 @@ import json
 import logging
 import os
 import sys
+import warnings
 from typing import Any
 
 from apache_beam.io.filesystems import FileSystems
@@ -46,6 +47,9 @@ def setup_logging(verbose: bool = False) -> None:
     )
     for name in ("corpus_etl", "transforms", "pipelines"):
         logging.getLogger(name).setLevel(logging.DEBUG if verbose else logging.INFO)
+    # A failing step is logged by Beam with its traceback, then raised to the command, which prints
+    # it as one line (with the traceback under -v): once is enough.
+    logging.getLogger("apache_beam.runners.common").setLevel(logging.DEBUG if verbose else logging.CRITICAL)
 
 
 def quiet_libraries() -> None:
@@ -57,6 +61,9 @@ def quiet_libraries() -> None:
     """
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     logging.getLogger("huggingface_hub").propagate = False
+    # qdrant_config() already refused a key over plain http to another host; the ones left are allowed
+    # (loopback, or --allow-insecure-api-key), so qdrant-client's warning would only repeat that choice.
+    warnings.filterwarnings("ignore", message="Api key is used with an insecure connection")
 
 
 def beam_options(beam_args: list[str]) -> PipelineOptions:

@@ -19,12 +19,18 @@ from typing import Any
 _LOG = logging.getLogger("corpus_etl.progress")
 
 
+# Rates are per second since the job started in this process (``reset_reporters``, called by
+# the driver), or since this module was imported in a worker: a phase's clock starting at its
+# first element would make the first line's rates meaningless.
+_JOB_START = time.monotonic()
+
+
 class ProgressReporter:
-    def __init__(self, label: str, interval_s: float = 30.0) -> None:
+    def __init__(self, label: str, interval_s: float = 30.0, start: float | None = None) -> None:
         self.label = label
         self.interval_s = interval_s
         self._lock = threading.Lock()
-        self._start = time.monotonic()
+        self._start = time.monotonic() if start is None else start
         self._last: float | None = None  # None: the first add() logs at once
         self.totals: dict[str, int] = {}
 
@@ -41,7 +47,10 @@ class ProgressReporter:
 
     def line(self, now: float | None = None) -> str:
         elapsed = max((now or time.monotonic()) - self._start, 1e-9)
-        parts = [f"{k}={v} ({v / elapsed:,.1f}/s)" for k, v in sorted(self.totals.items())]
+        if elapsed < 1.0:  # a rate over a fraction of a second says nothing
+            parts = [f"{k}={v}" for k, v in sorted(self.totals.items())]
+        else:
+            parts = [f"{k}={v} ({v / elapsed:,.1f}/s)" for k, v in sorted(self.totals.items())]
         return f"[{self.label}] {elapsed:,.0f}s " + " ".join(parts)
 
 
@@ -51,8 +60,10 @@ _REPORTERS_LOCK = threading.Lock()
 
 def reset_reporters() -> None:
     """Forget every phase's totals: the next job in this process starts its lines (and rates) afresh."""
+    global _JOB_START
     with _REPORTERS_LOCK:
         _REPORTERS.clear()
+        _JOB_START = time.monotonic()
 
 
 def reporter(label: str, interval_s: float = 30.0) -> ProgressReporter:
@@ -60,7 +71,7 @@ def reporter(label: str, interval_s: float = 30.0) -> ProgressReporter:
     with _REPORTERS_LOCK:
         rep = _REPORTERS.get(label)
         if rep is None:
-            rep = _REPORTERS[label] = ProgressReporter(label, interval_s)
+            rep = _REPORTERS[label] = ProgressReporter(label, interval_s, start=_JOB_START)
         rep.interval_s = interval_s
         return rep
 
