@@ -117,6 +117,18 @@ def test_the_reranker_instruction_in_help_is_the_one_used():
     assert flags.DEFAULT_RERANK_INSTRUCTION == DEFAULT_INSTRUCTION
 
 
+def test_a_hub_warning_is_printed_once():
+    """huggingface_hub logs through its own handler and the root one: after setup_logging, only once."""
+    code = (
+        "import logging\nfrom pipelines.common import setup_logging\nsetup_logging()\n"
+        "import huggingface_hub.utils.logging as hub_logging\n"
+        "hub_logging.get_logger('huggingface_hub.utils._http').warning('Retrying in 1s [Retry 1/5].')"
+    )
+    result = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=_env(), capture_output=True, text=True,
+                            timeout=120)
+    assert result.stderr.count("Retrying in 1s [Retry 1/5].") == 1, result.stderr
+
+
 # -- errors for people: one line, documented status -------------------------------------------
 def test_unreachable_store_names_the_url_with_credentials_redacted():
     result = cli("search", "--collection", "c", "--model", MINILM, "--qdrant-url", "http://admin:s3cret@127.0.0.1:9", "hi")
@@ -290,6 +302,7 @@ def test_dead_letters_finish_with_status_3_and_every_phase_reports_progress(corp
     for phase in ("[read]", "[chunk]", "[embed]", "[write]"):
         assert sum(phase in line for line in result.stderr.splitlines()) == 1, (phase, result.stderr)
     assert "points written   2 in 1 batches" in result.stdout
+    assert "Loading weights" not in result.stderr and "it/s]" not in result.stderr  # no tqdm bars in batch logs
 
 
 @pytest.mark.slow
