@@ -20,7 +20,7 @@ from typing import Any
 
 from pipelines import flags
 from pipelines.errors import EXIT_FAILED, EXIT_OK, EXIT_PARTIAL, EXIT_USAGE, first_line, raised_by_job, translate
-from pipelines.security import check_qdrant_flags
+from pipelines.security import check_qdrant_flags, redact_text
 
 COMMANDS = {
     "index": ("pipelines.index", "embed Parquet documents into a Qdrant collection (Beam job)"),
@@ -86,8 +86,11 @@ def _run(name: str, job: Callable[[], Any], verbose: bool, args: argparse.Namesp
         return 130
     except Exception as exc:  # noqa: BLE001 - every failure becomes one line and a status
         if verbose:
-            traceback.print_exception(exc)
-        error = translate(exc, qdrant_url=getattr(args, "qdrant_url", None), models=_models(args))
+            print(redact_text("".join(traceback.format_exception(exc))), end="", file=sys.stderr)
+        try:
+            error = translate(exc, qdrant_url=getattr(args, "qdrant_url", None), models=_models(args))
+        except Exception:  # noqa: BLE001 - a bug in the translation must not hide the failure itself
+            error = None
         if error is not None:
             message, status = str(error), error.exit_status
         elif raised_by_job(exc):  # Beam re-raises a step's error with its type and step in the message
@@ -98,7 +101,8 @@ def _run(name: str, job: Callable[[], Any], verbose: bool, args: argparse.Namesp
         else:
             message, status = f"{type(exc).__name__}: {first_line(exc)}", EXIT_FAILED
         hint = "" if verbose or error is not None else " (-v shows the traceback)"
-        print(f"corpus-etl {name}: error: {message}{hint}", file=sys.stderr, flush=True)
+        # A library's message may quote the URL it was given, credentials and all.
+        print(redact_text(f"corpus-etl {name}: error: {message}{hint}"), file=sys.stderr, flush=True)
         return status
     partial = result.get("partial") if isinstance(result, dict) else None
     if partial:

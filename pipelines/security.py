@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import ipaddress
 import os
+import re
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 from pipelines.errors import UsageError
@@ -41,6 +42,14 @@ def redact_url(url: str | None) -> str | None:
         if any(_is_secret(k) for k, _ in pairs):
             query = urlencode([(k, REDACTED if _is_secret(k) else v) for k, v in pairs], safe="*")
     return urlunsplit((parts.scheme, netloc, parts.path, query, parts.fragment))
+
+
+_URL_USERINFO = re.compile(r"(?P<scheme>\b[a-zA-Z][a-zA-Z0-9+.-]*://)[^\s/@'\"]+@")
+
+
+def redact_text(text: str) -> str:
+    """``text`` with the user info of every URL in it replaced: for messages and tracebacks from libraries."""
+    return _URL_USERINFO.sub(lambda m: m["scheme"] + REDACTED + "@", text)
 
 
 def _is_secret(name: str) -> bool:

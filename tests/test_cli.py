@@ -141,10 +141,12 @@ def test_unreachable_store_names_the_url_with_credentials_redacted():
 
 
 def test_verbose_adds_the_traceback_before_the_line():
-    result = cli("search", "-v", "--collection", "c", "--model", MINILM, "--qdrant-url", "http://127.0.0.1:9", "hi")
+    result = cli("search", "-v", "--collection", "c", "--model", MINILM, "--qdrant-url", "http://admin:s3cret@127.0.0.1:9",
+                 "hi")
     assert result.returncode == EXIT_USAGE
     assert "Traceback (most recent call last)" in result.stderr
-    assert result.stderr.splitlines()[-1].startswith("corpus-etl search: error: cannot reach Qdrant at http://127.0.0.1:9")
+    assert result.stderr.splitlines()[-1].startswith("corpus-etl search: error: cannot reach Qdrant at http://***@127.0.0.1:9")
+    assert "s3cret" not in result.stderr
 
 
 def test_locked_store_folder_names_the_folder(tmp_path):
@@ -315,3 +317,21 @@ def test_a_failing_job_is_one_line_with_status_1(corpus_with_a_bad_row, tmp_path
         "corpus-etl index: error: the job failed: FileNotFoundError: [Errno 2] No such file or directory: "
         "'/proc/corpus-etl' [while running 'WriteDeadLetters/Write'] (-v shows the traceback)"
     ]
+
+
+def test_alias_refused_after_the_job_is_partial_and_shown_in_the_summary():
+    from pipelines.index import IndexConfig, _alias_summary, _partial, format_summary
+
+    config = IndexConfig(input="x.parquet", collection="v2", model=MINILM, alias="live", dead_letter="dead.jsonl")
+    refused = "--alias 'live' is the name of a collection, not an alias"
+    assert _alias_summary("live", None, refused) == {"name": "live", "previous": None, "refused": refused}
+    assert _alias_summary("live", "v1", None) == {"name": "live", "previous": "v1"}
+    assert _partial({"dead_letters": 0}, config, None) is None
+    assert _partial({"dead_letters": 2}, config, refused) == (
+        f"2 dead letter(s) in dead.jsonl; --alias live not switched to v2: {refused}"
+    )
+    summary = {"collection": "v2", "qdrant": "local:/q", "model": MINILM, "vector_size": 384, "counters": {},
+               "points_in_collection": 0, "dead_letter": None, "alias": _alias_summary("live", None, refused),
+               "elapsed_s": 1.0, "documents_per_s": 0.0, "tokens_per_s": 0.0}
+    assert f"  alias            REFUSED: {refused}" in format_summary(summary).splitlines()
+    assert "live -> v2" not in format_summary(summary)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from pipelines.errors import UsageError
-from pipelines.security import check_api_key_transport, is_loopback, redact_url
+from pipelines.security import check_api_key_transport, is_loopback, redact_text, redact_url
 
 
 @pytest.mark.parametrize(
@@ -55,3 +55,10 @@ def test_api_key_over_plain_http_to_another_host_is_refused(url):
         check_api_key_transport(url, "KEY")
     assert "secret" not in str(info.value)
     assert info.value.exit_status == 2
+
+
+def test_redact_text_removes_user_info_from_every_url_in_a_message():
+    text = "GET 'http://u:pw@h:6333/collections' failed; retry https://tok@h2/x or see http://docs.example/y"
+    assert redact_text(text) == (
+        "GET 'http://***@h:6333/collections' failed; retry https://***@h2/x or see http://docs.example/y"
+    )
