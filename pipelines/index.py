@@ -25,7 +25,7 @@ from pipelines.common import (
     start_pipeline,
     write_json,
 )
-from pipelines.errors import PreflightError, UsageError
+from pipelines.errors import JobFailed, PreflightError, UsageError, first_line, translate
 from pipelines.flags import index_parser, split_beam_args
 from pipelines.security import redact_url
 from transforms.chunk import ChunkDocuments, ChunkSettings
@@ -188,12 +188,16 @@ def run_config(config: IndexConfig, beam_args: list[str] | None = None, test_pip
     elapsed = time.time() - started
     counts = counters(result)
     refused = None
-    with lock:
-        points = client.count(config.collection, exact=True).count
-        try:
-            previous = point_alias(client, config.alias, config.collection) if config.alias else None
-        except ValueError as exc:  # e.g. a collection of that name appeared while the job ran
-            previous, refused = None, str(exc)
+    try:
+        with lock:
+            points = client.count(config.collection, exact=True).count
+            try:
+                previous = point_alias(client, config.alias, config.collection) if config.alias else None
+            except ValueError as exc:  # e.g. a collection of that name appeared while the job ran
+                previous, refused = None, str(exc)
+    except Exception as exc:  # the points are written: not a pre-flight failure, whatever the cause
+        reason = translate(exc, qdrant_url=config.qdrant.url) or f"{type(exc).__name__}: {first_line(exc)}"
+        raise JobFailed(f"the job ran, then reading the collection back failed: {reason}") from exc
     summary = {
         "pipeline": "index",
         "input": config.input,
