@@ -104,8 +104,19 @@ def _type_names(exc: BaseException) -> set[str]:
 
 def _innermost_reason(exc: BaseException) -> str:
     """The most specific message in the chain: e.g. ``[Errno 111] Connection refused``."""
-    reasons = [first_line(e) for e in _chain(exc) if str(e).strip()]
+    reasons = [_grpc_reason(e) or first_line(e) for e in _chain(exc) if str(e).strip()]
     return reasons[-1] if reasons else type(exc).__name__
+
+
+def _grpc_reason(exc: BaseException) -> str | None:
+    """``UNAVAILABLE: failed to connect ...`` for a grpc.RpcError (its str() is a multi-line repr)."""
+    code, details = getattr(exc, "code", None), getattr(exc, "details", None)
+    if not (callable(code) and callable(details)):
+        return None
+    try:
+        return f"{getattr(code(), 'name', code())}: {(details() or '').strip().splitlines()[0]}"
+    except Exception:  # noqa: BLE001 - an RpcError without a status
+        return None
 
 
 def _grpc_unavailable(exc: BaseException) -> bool:

@@ -140,6 +140,15 @@ def test_unreachable_store_names_the_url_with_credentials_redacted():
     assert "s3cret" not in result.stdout + result.stderr
 
 
+def test_unreachable_store_over_grpc():
+    result = cli("search", "--collection", "c", "--model", MINILM, "--qdrant-url", "http://127.0.0.1:9", "--qdrant-grpc",
+                 "hi")
+    line = one_line(result)  # gRPC's own error text is a multi-line repr: only its code and details are kept
+    assert line.startswith("corpus-etl search: error: cannot reach Qdrant at http://127.0.0.1:9: UNAVAILABLE: "), line
+    assert line.endswith("; is the server running?"), line
+    assert result.returncode == EXIT_USAGE
+
+
 def test_verbose_adds_the_traceback_before_the_line():
     result = cli("search", "-v", "--collection", "c", "--model", MINILM, "--qdrant-url", "http://admin:s3cret@127.0.0.1:9",
                  "hi")
