@@ -11,6 +11,7 @@ from pipelines.errors import PreflightError
 from pipelines.flags import search_parser
 from pipelines.security import redact_url
 from transforms.embed import TextEncoder
+from transforms.models import embedding_size
 from transforms.qdrant import QdrantConfig, ensure_collection, search_documents, shared_client
 
 
@@ -65,6 +66,9 @@ def check_collection(qdrant: QdrantConfig, collection: str) -> None:
 def searcher_from_args(args: argparse.Namespace) -> Searcher:
     qdrant = qdrant_config(args)
     check_collection(qdrant, args.collection)
+    # The model's config alone first: a model that cannot be found fails after one round of hub
+    # retries, not after one round per optional sentence-transformers file that loading reads.
+    embedding_size(args.model, args.dim)
     return Searcher(qdrant, args.collection, encoder_from_args(args))
 
 
