@@ -5,39 +5,32 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
+import warnings
 from typing import Any
 
 from apache_beam.io.filesystems import FileSystems
 from apache_beam.options.pipeline_options import PipelineOptions
 
-from transforms.qdrant import QdrantConfig
-
-DEFAULT_EMBEDDING_MODEL = "Qwen/Qwen3-Embedding-0.6B"
-BEAM_OPTIONS_EPILOG = (
-    "Any other --flag is passed to Beam as a pipeline option, e.g. --runner DataflowRunner "
-    "--project P --region R --temp_location gs://B/tmp --setup_file ./setup.py "
-    "--direct_num_workers 1 (see `python -m apache_beam.examples.wordcount --help` for the full list)."
+from pipelines.flags import (  # noqa: F401 - re-exported: the parsers' helpers lived here
+    BEAM_OPTIONS_EPILOG,
+    DEFAULT_EMBEDDING_MODEL,
+    HelpFormatter,
+    add_model_arguments,
+    add_qdrant_arguments,
 )
-
-
-class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
-    pass
-
-
-def add_qdrant_arguments(parser: argparse.ArgumentParser) -> None:
-    group = parser.add_argument_group("Qdrant")
-    where = group.add_mutually_exclusive_group()
-    where.add_argument("--qdrant-path", default="./qdrant_data", help="local mode: folder that holds the collections")
-    where.add_argument("--qdrant-url", default=None, help="Qdrant server, e.g. http://qdrant:6333 (instead of local mode)")
-    group.add_argument(
-        "--qdrant-api-key-env", default=None, metavar="VAR", help="name of the environment variable holding the API key"
-    )
-    group.add_argument("--qdrant-grpc", action="store_true", help="talk gRPC to the server (port 6334)")
-    group.add_argument("--qdrant-timeout", type=int, default=60, help="request timeout, seconds")
+from pipelines.security import check_qdrant_flags
+from transforms.qdrant import QdrantConfig
 
 
 def qdrant_config(args: argparse.Namespace) -> QdrantConfig:
+    """The Qdrant settings of the flags, refused (``UsageError``) when they would leak the API key.
+
+    An API key goes only over https or to a loopback host unless ``--allow-insecure-api-key``;
+    a named key variable must be set, checked here, before any job starts.
+    """
+    check_qdrant_flags(args)
     return QdrantConfig(
         path=None if args.qdrant_url else args.qdrant_path,
         url=args.qdrant_url,
@@ -47,34 +40,30 @@ def qdrant_config(args: argparse.Namespace) -> QdrantConfig:
     )
 
 
-def add_model_arguments(parser: argparse.ArgumentParser, *, with_batching: bool = True) -> None:
-    group = parser.add_argument_group("embedding model")
-    group.add_argument(
-        "--model", default=DEFAULT_EMBEDDING_MODEL, help="Hugging Face id or local directory of the embedding model"
-    )
-    group.add_argument("--dim", type=int, default=None, help="truncate vectors to N dimensions (Matryoshka), then L2-normalise")
-    group.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N (cuda without a GPU is an error)")
-    group.add_argument("--max-length", type=int, default=None, help="override the model's maximum input length (tokens)")
-    group.add_argument(
-        "--query-instruction",
-        default=None,
-        help="task for queries, sent as 'Instruct: {task}\\nQuery:' (default: the model's own query prompt)",
-    )
-    if with_batching:
-        group.add_argument(
-            "--max-batch-tokens",
-            type=int,
-            default=None,
-            help="padded tokens per forward pass (default: from free GPU memory; 2048 on CPU, measured fastest in bench/index_cpu.py)",
-        )
-
-
 def setup_logging(verbose: bool = False) -> None:
+    quiet_libraries()
     logging.basicConfig(
         level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr
     )
     for name in ("corpus_etl", "transforms", "pipelines"):
         logging.getLogger(name).setLevel(logging.DEBUG if verbose else logging.INFO)
+    # A failing step is logged by Beam with its traceback, then raised to the command, which prints
+    # it as one line (with the traceback under -v): once is enough.
+    logging.getLogger("apache_beam.runners.common").setLevel(logging.DEBUG if verbose else logging.CRITICAL)
+
+
+def quiet_libraries() -> None:
+    """No progress bars in batch logs, and each Hugging Face hub warning printed once.
+
+    The environment variable reaches DirectRunner's worker processes too (workers elsewhere
+    turn the bars off when they load a model: ``transforms.progress.disable_library_progress_bars``).
+    huggingface_hub logs through its own handler *and* propagates to the root one: once is enough.
+    """
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    logging.getLogger("huggingface_hub").propagate = False
+    # qdrant_config() already refused a key over plain http to another host; the ones left are allowed
+    # (loopback, or --allow-insecure-api-key), so qdrant-client's warning would only repeat that choice.
+    warnings.filterwarnings("ignore", message="Api key is used with an insecure connection")
 
 
 def beam_options(beam_args: list[str]) -> PipelineOptions:

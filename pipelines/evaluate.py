@@ -1,31 +1,36 @@
 """`corpus-etl evaluate`: retrieval quality of a collection on BEIR-style queries and qrels.
 
 Chunk hits are aggregated to documents (max score per ``doc_id``) before scoring.
-Metrics are computed by ir_measures: nDCG@10, MRR@10 (RR@10) and Recall@100.
+Metrics are computed by ir_measures: nDCG@10, MRR@10 (RR@10) and Recall@k, k = ``--top-k``
+(the depth retrieved: a recall deeper than the run would only repeat Recall@k).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-from typing import Any
+from collections.abc import Callable
+from typing import Any, TypeVar
 
 import ir_measures
 import pyarrow.parquet as pq
 from apache_beam.io.filesystems import FileSystems
 from ir_measures import RR, R, nDCG
 
-from pipelines.common import (
-    HelpFormatter,
-    add_model_arguments,
-    add_qdrant_arguments,
-    qdrant_config,
-    setup_logging,
-    write_json,
-)
-from pipelines.search import Searcher, encoder_from_args
+from pipelines.common import setup_logging, write_json
+from pipelines.errors import PreflightError, first_line
+from pipelines.flags import evaluate_parser
+from pipelines.search import searcher_from_args
 
-MEASURES = {"nDCG@10": nDCG @ 10, "MRR@10": RR @ 10, "Recall@100": R @ 100}
+T = TypeVar("T")
+
+
+def measures(top_k: int = 100) -> dict[str, Any]:
+    """The metrics reported for a run retrieved ``top_k`` deep: nDCG@10, MRR@10, Recall@top_k."""
+    return {"nDCG@10": nDCG @ 10, "MRR@10": RR @ 10, f"Recall@{top_k}": R @ top_k}
+
+
+MEASURES = measures(100)
 
 
 def _read_text(path: str) -> str:
@@ -72,40 +77,46 @@ def read_qrels(path: str) -> dict[str, dict[str, int]]:
     return qrels
 
 
-def evaluate(run: dict[str, dict[str, float]], qrels: dict[str, dict[str, int]]) -> dict[str, float]:
-    agg = ir_measures.calc_aggregate(list(MEASURES.values()), qrels, run)
-    return {name: round(float(agg[m]), 6) for name, m in MEASURES.items()}
+def evaluate(run: dict[str, dict[str, float]], qrels: dict[str, dict[str, int]], top_k: int = 100) -> dict[str, float]:
+    wanted = measures(top_k)
+    agg = ir_measures.calc_aggregate(list(wanted.values()), qrels, run)
+    return {name: round(float(agg[m]), 6) for name, m in wanted.items()}
 
 
-def build_arg_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="corpus-etl evaluate", description=__doc__, formatter_class=HelpFormatter
-    )
-    parser.add_argument("--collection", required=True)
-    parser.add_argument("--queries", required=True, help="BEIR queries.jsonl or Parquet")
-    parser.add_argument("--qrels", required=True, help="BEIR qrels TSV (query-id corpus-id score) or Parquet")
-    parser.add_argument("--top-k", type=int, default=100)
-    parser.add_argument("--out", default=None, help="write metrics as JSON here")
-    add_model_arguments(parser, with_batching=False)
-    add_qdrant_arguments(parser)
-    return parser
+build_arg_parser = evaluate_parser  # kept here for callers of the old name
+
+
+def _read(reader: Callable[[str], T], flag: str, path: str) -> T:
+    try:
+        return reader(path)
+    except OSError as exc:  # Beam's BeamIOError is one too
+        reason = exc.strerror or first_line(exc)
+        raise PreflightError(f"{flag} {path}: cannot read it ({reason}); check the path") from exc
 
 
 def run(argv: list[str] | None = None) -> dict[str, Any]:
-    args = build_arg_parser().parse_args(argv)
-    setup_logging()
-    queries = read_queries(args.queries)
-    qrels = read_qrels(args.qrels)
+    return run_args(build_arg_parser().parse_args(argv))
+
+
+def run_args(args: argparse.Namespace, beam_args: list[str] | None = None) -> dict[str, Any]:
+    """The evaluation for parsed flags (``corpus-etl evaluate`` parses them in ``pipelines.flags``)."""
+    setup_logging(args.verbose)
+    if args.top_k < 1:
+        raise PreflightError(f"--top-k must be >= 1, got {args.top_k}")
+    queries = _read(read_queries, "--queries", args.queries)
+    qrels = _read(read_qrels, "--qrels", args.qrels)
     judged = {q: t for q, t in sorted(queries.items()) if q in qrels}
     if not judged:
-        raise SystemExit(f"no query in {args.queries} has judgements in {args.qrels}")
-    searcher = Searcher(qdrant_config(args), args.collection, encoder_from_args(args))
+        raise PreflightError(
+            f"no query in {args.queries} has judgements in {args.qrels}; check that their query ids match"
+        )
+    searcher = searcher_from_args(args)
     hits = searcher.search(list(judged.values()), args.top_k)
     run_ = {qid: {h["doc_id"]: h["score"] for h in hs} for qid, hs in zip(judged, hits)}
-    metrics = evaluate(run_, {q: qrels[q] for q in judged})
+    metrics = evaluate(run_, {q: qrels[q] for q in judged}, args.top_k)
     result = {"collection": args.collection, "model": args.model, "queries": len(judged), "top_k": args.top_k, **metrics}
-    for name in MEASURES:
-        print(f"{name:<11} {metrics[name]:.4f}")
+    for name, value in metrics.items():
+        print(f"{name:<11} {value:.4f}")
     print(f"({len(judged)} queries, top {args.top_k})")
     if args.out:
         write_json(args.out, result)

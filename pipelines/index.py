@@ -20,20 +20,20 @@ from typing import Any
 import apache_beam as beam
 
 from pipelines.common import (
-    BEAM_OPTIONS_EPILOG,
-    HelpFormatter,
-    add_model_arguments,
-    add_qdrant_arguments,
     counters,
     qdrant_config,
     setup_logging,
     start_pipeline,
     write_json,
 )
+from pipelines.errors import JobFailed, PreflightError, UsageError, first_line, translate
+from pipelines.flags import index_parser, split_beam_args
+from pipelines.security import redact_url
 from transforms.chunk import ChunkDocuments, ChunkSettings, load_chunker
 from transforms.dead_letter import WriteDeadLetters
 from transforms.embed import Embed, EmbeddingModelHandler
 from transforms.models import embedding_size
+from transforms.progress import report_progress, reset_reporters
 from transforms.qdrant import (
     RESERVED_PAYLOAD_KEYS,
     QdrantConfig,
@@ -42,7 +42,7 @@ from transforms.qdrant import (
     point_alias,
     shared_client,
 )
-from transforms.read import DEAD, DocumentColumns, ReadDocuments, check_files
+from transforms.read import DEAD, BadFilesError, DocumentColumns, ReadDocuments, check_files
 from transforms.types import DeadLetter
 
 _LOG = logging.getLogger(__name__)
@@ -95,6 +95,14 @@ class IndexConfig:
         )
 
 
+def _document_counts(doc: Any) -> dict[str, int]:
+    return {"documents": 1}
+
+
+def _chunk_counts(chunk: Any) -> dict[str, int]:
+    return {"documents": int(chunk.chunk_index == 0), "chunks": 1, "tokens": chunk.n_tokens}
+
+
 def build_pipeline(
     p: beam.Pipeline, config: IndexConfig, files: Sequence[str] | None = None, skipped: Sequence[DeadLetter] = ()
 ) -> dict[str, beam.PCollection]:
@@ -103,13 +111,15 @@ def build_pipeline(
     ``files``: the input files the driver checked (default: ``config.input``, matched when the
     job runs); ``skipped``: file-level dead letters of the files ``--skip-bad-files`` left out.
     """
+    interval = config.progress_interval_s  # embed and write report from their own steps
     read = p | "ReadDocuments" >> ReadDocuments(files or config.input, config.columns)
-    chunked = read["documents"] | "ChunkDocuments" >> ChunkDocuments(
-        config.model, config.chunking, config.max_length
-    )
-    embedded = chunked["chunks"] | "EmbedChunks" >> Embed(config.embedding_handler())
+    documents = read["documents"] | "ReadProgress" >> report_progress("read", interval, _document_counts)
+    chunked = documents | "ChunkDocuments" >> ChunkDocuments(config.model, config.chunking, config.max_length)
+    chunks = chunked["chunks"] | "ChunkProgress" >> report_progress("chunk", interval, _chunk_counts)
+    embedded = chunks | "EmbedChunks" >> Embed(config.embedding_handler())
     written = embedded["embedded"] | "WriteToQdrant" >> WriteToQdrant(
-        config.qdrant, config.collection, config.model, batch_points=config.upsert_batch_points
+        config.qdrant, config.collection, config.model, batch_points=config.upsert_batch_points,
+        progress_interval_s=interval,
     )
     skipped_files = p | "SkippedFiles" >> beam.Create(list(skipped), reshuffle=False)
     dead = (skipped_files, read[DEAD], chunked[DEAD], embedded[DEAD]) | "AllDeadLetters" >> beam.Flatten()
@@ -118,40 +128,7 @@ def build_pipeline(
             "written": written}
 
 
-def build_arg_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="corpus-etl index",
-        description="Embed Parquet documents into a Qdrant collection (idempotent: reruns overwrite).",
-        formatter_class=HelpFormatter,
-        epilog=BEAM_OPTIONS_EPILOG,
-    )
-    parser.add_argument("--input", required=True, help="Parquet file or glob, local or gs://")
-    parser.add_argument("--collection", required=True, help="Qdrant collection (created when missing)")
-    cols = parser.add_argument_group("input columns")
-    cols.add_argument("--id-column", default="id")
-    cols.add_argument("--text-column", default="text")
-    cols.add_argument("--title-column", default=None, help="prefixed to every chunk when given")
-    cols.add_argument("--metadata-columns", default="", help="comma-separated columns copied into the payload")
-    chunk = parser.add_argument_group("chunking")
-    chunk.add_argument("--chunk-tokens", type=int, default=512, help="tokens per chunk; 0: one chunk per document")
-    chunk.add_argument("--chunk-overlap", type=int, default=64, help="tokens shared by consecutive chunks")
-    add_model_arguments(parser)
-    add_qdrant_arguments(parser)
-    out = parser.add_argument_group("outputs")
-    out.add_argument("--dead-letter", default=None, help="rejected rows with reasons (.jsonl or .parquet)")
-    out.add_argument("--summary-out", default=None, help="run summary as JSON")
-    out.add_argument(
-        "--alias", default=None,
-        help="after a successful run, atomically point this Qdrant alias at --collection (blue/green reindexing)",
-    )
-    out.add_argument("--progress-interval", type=float, default=30.0, help="seconds between progress lines")
-    out.add_argument(
-        "--skip-bad-files", action="store_true",
-        help="index the readable files when some cannot be read (each skipped file is a dead letter and the run "
-        "ends as partial); without it any bad file stops the job before anything is written",
-    )
-    out.add_argument("-v", "--verbose", action="store_true")
-    return parser
+build_arg_parser = index_parser  # kept here for callers of the old name
 
 
 def config_from_args(args: argparse.Namespace) -> IndexConfig:
@@ -181,50 +158,72 @@ def config_from_args(args: argparse.Namespace) -> IndexConfig:
 
 def run(argv: list[str] | None = None, test_pipeline: beam.Pipeline | None = None) -> dict[str, Any]:
     """Run the index job; returns the summary (also printed, and written to ``--summary-out``)."""
-    args, beam_args = build_arg_parser().parse_known_args(argv)
+    args, beam_args = split_beam_args(build_arg_parser(), argv)
+    return run_args(args, beam_args, test_pipeline)
+
+
+def run_args(args: argparse.Namespace, beam_args: list[str], test_pipeline: beam.Pipeline | None = None) -> dict[str, Any]:
+    """The job for parsed flags (``corpus-etl index`` parses them in ``pipelines.flags``)."""
     setup_logging(args.verbose)
     try:
         config = config_from_args(args)
     except ValueError as exc:
-        raise SystemExit(f"corpus-etl index: {exc}") from exc
+        raise UsageError(str(exc)) from exc
     return run_config(config, beam_args, test_pipeline)
 
 
 def run_config(config: IndexConfig, beam_args: list[str] | None = None, test_pipeline=None) -> dict[str, Any]:
     started = time.time()
+    where = redact_url(config.qdrant.where)
+    reset_reporters()  # this job's progress lines start afresh, even after another job in this process
     p = start_pipeline(test_pipeline, beam_args, config.device)
-    files, skipped = check_files(config.input, config.columns.all, skip_bad=config.skip_bad_files)
-    load_chunker(config.model, config.chunking, config.max_length)  # chunk size vs the model's limit, tokenizer loads
+    try:
+        files, skipped = check_files(config.input, config.columns.all, skip_bad=config.skip_bad_files)
+    except FileNotFoundError as exc:
+        raise PreflightError(f"--input: {exc}; check the path or glob (local or gs://)") from exc
+    except BadFilesError as exc:
+        raise PreflightError(f"--input: {exc}") from exc
+    try:  # chunk size against the model's limit; the tokenizer loads
+        load_chunker(config.model, config.chunking, config.max_length)
+    except ValueError as exc:
+        raise PreflightError(str(exc)) from exc
     size = embedding_size(config.model, config.dim)
     client, lock = shared_client(config.qdrant)
     with lock:
+        if config.alias and _is_collection_not_alias(client, config.alias):
+            raise PreflightError(
+                f"--alias {config.alias!r} is the name of a collection at {where}, not an alias; choose another --alias"
+            )
         created = ensure_collection(client, config.collection, size)
     _LOG.info(
         "indexing %d file(s) into %s/%s (%s, size %d, %s)",
-        len(files), config.qdrant.where, config.collection, config.model, size, "created" if created else "exists",
+        len(files), where, config.collection, config.model, size, "created" if created else "exists",
     )
     build_pipeline(p, config, files, skipped)
     result = p.run()
     result.wait_until_finish()
     elapsed = time.time() - started
     counts = counters(result)
-    with lock:
-        points = client.count(config.collection, exact=True).count
-        previous = point_alias(client, config.alias, config.collection) if config.alias else None
-    partial = []
-    if skipped:
-        partial.append(f"{len(skipped)} input file(s) skipped")
-    if counts.get("row_groups_unreadable"):
-        partial.append(f"{counts['row_groups_unreadable']} row group(s) could not be read")
+    refused = None
+    try:
+        with lock:
+            points = client.count(config.collection, exact=True).count
+            try:
+                previous = point_alias(client, config.alias, config.collection) if config.alias else None
+            except ValueError as exc:  # e.g. a collection of that name appeared while the job ran
+                previous, refused = None, str(exc)
+    except Exception as exc:  # the points are written: not a pre-flight failure, whatever the cause
+        reason = translate(exc, qdrant_url=config.qdrant.url) or f"{type(exc).__name__}: {first_line(exc)}"
+        raise JobFailed(f"the job ran, then reading the collection back failed: {reason}") from exc
+    partial = _partial(counts, config, refused, skipped)
     summary = {
         "pipeline": "index",
         "status": "partial" if partial else "ok",
-        "partial_reasons": partial,
         "input": config.input,
         "files": len(files),
         "files_skipped": [letter.source for letter in skipped],
         "collection": config.collection,
-        "qdrant": config.qdrant.where,
+        "qdrant": where,
         "model": config.model,
         "vector_size": size,
         "chunk_tokens": config.chunking.chunk_tokens,
@@ -232,10 +231,11 @@ def run_config(config: IndexConfig, beam_args: list[str] | None = None, test_pip
         "counters": counts,
         "points_in_collection": points,
         "dead_letter": config.dead_letter,
-        "alias": {"name": config.alias, "previous": previous} if config.alias else None,
+        "alias": _alias_summary(config.alias, previous, refused),
         "elapsed_s": round(elapsed, 2),
         "documents_per_s": round(counts.get("documents_read", 0) / elapsed, 2),
         "tokens_per_s": round(counts.get("tokens", 0) / elapsed, 1),
+        "partial": partial,
     }
     print(format_summary(summary), flush=True)
     if config.summary_out:
@@ -243,12 +243,39 @@ def run_config(config: IndexConfig, beam_args: list[str] | None = None, test_pip
     return summary
 
 
+def _is_collection_not_alias(client: Any, name: str) -> bool:
+    return client.collection_exists(name) and not any(a.alias_name == name for a in client.get_aliases().aliases)
+
+
+def _alias_summary(alias: str | None, previous: str | None, refused: str | None) -> dict[str, Any] | None:
+    if not alias:
+        return None
+    return {"name": alias, "previous": previous, **({"refused": refused} if refused else {})}
+
+
+def _partial(
+    counts: dict[str, int], config: IndexConfig, alias_refused: str | None, skipped: Sequence[DeadLetter] = ()
+) -> str | None:
+    """Why the job is only partly done (exit status 3), or None."""
+    reasons = []
+    if skipped:
+        reasons.append(f"{len(skipped)} input file(s) skipped")
+    if counts.get("row_groups_unreadable"):
+        reasons.append(f"{counts['row_groups_unreadable']} row group(s) could not be read")
+    dead = counts.get("dead_letters", 0)
+    if dead:
+        reasons.append(f"{dead} dead letter(s)" + (f" in {config.dead_letter}" if config.dead_letter else
+                                                  " (pass --dead-letter PATH to keep them)"))
+    if alias_refused:
+        reasons.append(f"--alias {config.alias} not switched to {config.collection}: {alias_refused}")
+    return "; ".join(reasons) or None
+
+
 def format_summary(summary: dict[str, Any]) -> str:
     c = summary["counters"]
     return "\n".join(
         [
-            f"index: {summary['collection']} at {summary['qdrant']} ({summary['model']}, {summary['vector_size']} dims)"
-            + ("" if summary["status"] == "ok" else f"  PARTIAL: {'; '.join(summary['partial_reasons'])} (see the dead letters)"),
+            f"index: {summary['collection']} at {summary['qdrant']} ({summary['model']}, {summary['vector_size']} dims)",
             f"  rows read        {c.get('rows_read', 0)}",
             f"  documents        {c.get('documents_read', 0)}  (truncated {c.get('documents_truncated', 0)})",
             f"  chunks           {c.get('chunks', 0)}  tokens {c.get('tokens', 0)}",
@@ -256,7 +283,10 @@ def format_summary(summary: dict[str, Any]) -> str:
             f"  (collection now holds {summary['points_in_collection']})",
             f"  dead letters     {c.get('dead_letters', 0)}" + (f" -> {summary['dead_letter']}" if summary["dead_letter"] else ""),
             *([f"  alias            {summary['alias']['name']} -> {summary['collection']}"
-               f" (was {summary['alias']['previous']})"] if summary.get("alias") else []),
+               f" (was {summary['alias']['previous']})"] if summary.get("alias") and "refused" not in summary["alias"]
+              else []),
+            *([f"  alias            REFUSED: {summary['alias']['refused']}"] if (summary.get("alias") or {}).get("refused")
+              else []),
             f"  time             {summary['elapsed_s']}s  ({summary['documents_per_s']} docs/s, "
             f"{summary['tokens_per_s']} tokens/s)",
         ]

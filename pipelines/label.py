@@ -26,16 +26,16 @@ from apache_beam.io.filesystems import FileSystems
 from apache_beam.metrics import Metrics
 
 from pipelines.common import (
-    BEAM_OPTIONS_EPILOG,
     DEFAULT_EMBEDDING_MODEL,
-    HelpFormatter,
-    add_qdrant_arguments,
     counters,
     qdrant_config,
     setup_logging,
     start_pipeline,
     write_json,
 )
+from pipelines.errors import JobFailed, UsageError
+from pipelines.flags import DEFAULT_RERANKER, label_parser, split_beam_args
+from pipelines.security import redact_url
 from transforms.datasets import (
     MANIFEST_FILE,
     LabelDatasetsConfig,
@@ -74,7 +74,6 @@ from transforms.retrieve import RetrieveFromIndex, RetrieveFromRun
 from transforms.types import DeadLetter, Judgement, Query, RerankPair
 
 _LOG = logging.getLogger(__name__)
-DEFAULT_RERANKER = "Qwen/Qwen3-Reranker-0.6B"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -324,7 +323,7 @@ def provenance_of(config: LabelConfig, query_files: list[str], corpus_files: lis
     }
     if config.collection:
         prov["first_stage"] = {
-            "kind": "index", "collection": config.collection, "qdrant": config.qdrant.url or "local",
+            "kind": "index", "collection": config.collection, "qdrant": redact_url(config.qdrant.url) or "local",
             "model": config.model, "revision": model_revision(config.model), "dim": config.dim,
             "query_instruction": config.query_instruction,
         }
@@ -334,53 +333,7 @@ def provenance_of(config: LabelConfig, query_files: list[str], corpus_files: lis
 
 
 # -- command line ----------------------------------------------------------------------------
-def build_arg_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="corpus-etl label",
-        description="Label offline query logs with Qwen3-Reranker into evaluation (BEIR, TREC) and distillation sets.",
-        formatter_class=HelpFormatter,
-        epilog=BEAM_OPTIONS_EPILOG,
-    )
-    parser.add_argument("--queries", required=True, help="query log Parquet file or glob, local or gs://")
-    parser.add_argument("--out", required=True, help="output folder, local or gs://")
-    parser.add_argument("--reranker", default=DEFAULT_RERANKER, help="Hugging Face id or local directory")
-    first = parser.add_argument_group("first stage: an index (--collection) or a run file (--candidates + --corpus)")
-    first.add_argument("--collection", default=None, help="Qdrant collection built by `corpus-etl index`")
-    first.add_argument("--model", default=DEFAULT_EMBEDDING_MODEL, help="the embedding model the index was built with")
-    first.add_argument("--dim", type=int, default=None, help="the --dim the index was built with")
-    first.add_argument("--query-instruction", default=None, help="embedding instruction for queries")
-    first.add_argument("--candidates", default=None, metavar="RUN_FILE", help="TREC run file: qid Q0 docid rank score tag")
-    first.add_argument("--corpus", default=None, metavar="GLOB", help="Parquet documents the run file ranks")
-    first.add_argument("--id-column", default="id", help="--corpus id column")
-    first.add_argument("--text-column", default="text", help="--corpus text column")
-    first.add_argument("--title-column", default=None, help="--corpus title column (prefixed to the text)")
-    first.add_argument("--top-k", type=int, default=100, help="candidates per query")
-    add_qdrant_arguments(parser)
-    log = parser.add_argument_group("query log")
-    log.add_argument("--query-column", default="query")
-    log.add_argument("--query-id-column", default=None, help="ids to keep (default: 'query_id' when present, else derived)")
-    log.add_argument("--count-column", default=None, help="frequencies (default: 'count' when present, else 1)")
-    log.add_argument("--max-queries", type=int, default=None)
-    log.add_argument("--sample", default=None, metavar="HEAD:TORSO:TAIL",
-                     help="stratified sample by frequency, e.g. 50:30:20 (needs --max-queries)")
-    log.add_argument("--seed", type=int, default=0)
-    lab = parser.add_argument_group("labels")
-    lab.add_argument("--instruction", default=None, help=f"reranker instruction (default: {DEFAULT_INSTRUCTION!r})")
-    lab.add_argument("--label-thresholds", default="0.5,0.9", help="P(yes) cut points: below the first -> 0, then 1, 2 ...")
-    lab.add_argument("--eval-fraction", type=float, default=0.2, help="share of queries (by hash) in the evaluation set")
-    run = parser.add_argument_group("execution")
-    run.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
-    run.add_argument("--max-length", type=int, default=8192, help="reranker pair length limit (tokens)")
-    run.add_argument("--max-batch-tokens", type=int, default=None, help="padded tokens per forward pass")
-    run.add_argument(
-        "--share-prefix", action="store_true",
-        help="group pairs by query and run each query's prompt head once per forward pass (same scores, ~15-20%% "
-        "fewer tokens at 300-token documents; 5%% faster on CPU in BENCHMARKS.md, not yet measured on GPU)",
-    )
-    run.add_argument("--progress-interval", type=float, default=30.0, help="seconds between progress lines")
-    run.add_argument("--summary-out", default=None, help="run summary as JSON (local or gs://)")
-    run.add_argument("-v", "--verbose", action="store_true")
-    return parser
+build_arg_parser = label_parser  # the parser lives in pipelines.flags (no heavy imports for --help)
 
 
 def config_from_args(args: argparse.Namespace) -> LabelConfig:
@@ -421,12 +374,17 @@ def config_from_args(args: argparse.Namespace) -> LabelConfig:
 
 
 def run(argv: list[str] | None = None, test_pipeline: beam.Pipeline | None = None) -> dict[str, Any]:
-    args, beam_args = build_arg_parser().parse_known_args(argv)
+    args, beam_args = split_beam_args(build_arg_parser(), argv)
+    return run_args(args, beam_args, test_pipeline)
+
+
+def run_args(args: argparse.Namespace, beam_args: list[str], test_pipeline: beam.Pipeline | None = None) -> dict[str, Any]:
+    """The job for parsed flags (``corpus-etl label`` parses them in ``pipelines.flags``)."""
     setup_logging(args.verbose)
     try:
         config = config_from_args(args)
     except ValueError as exc:
-        raise SystemExit(f"corpus-etl label: {exc}") from exc
+        raise UsageError(str(exc)) from exc
     return run_config(config, beam_args, test_pipeline)
 
 
@@ -474,6 +432,9 @@ def run_config(config: LabelConfig, beam_args: list[str] | None = None, test_pip
         "counters": counters(result),
         "elapsed_s": round(elapsed, 2),
         "pairs_per_s": round(acct["pairs_scored"] / elapsed, 2),
+        # Rejected queries are accounted for and expected in a log; unreadable input is not.
+        "partial": f"{acct['input_rows_rejected']} input dead letter(s) (unreadable row groups or rows)"
+        if acct["input_rows_rejected"] else None,
     }
     print(format_summary(summary), flush=True)
     if config.summary_out:
@@ -486,7 +447,7 @@ def run_config(config: LabelConfig, beam_args: list[str] | None = None, test_pip
     return summary
 
 
-class LabelFailed(ValueError):
+class LabelFailed(JobFailed):
     """The job ran and labelled nothing: no dataset was written (the manifest says why)."""
 
 

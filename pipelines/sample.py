@@ -22,6 +22,8 @@ import warnings
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from pipelines.flags import sample_parser
+
 MODULES = (
     "argparse", "asyncio", "base64", "bisect", "calendar", "collections", "contextlib", "copy", "csv",
     "dataclasses", "datetime", "decimal", "difflib", "email", "enum", "fileinput", "fnmatch", "fractions",
@@ -128,11 +130,10 @@ def write_sample(out: str) -> dict[str, str]:
 
 
 def run(argv: list[str] | None = None) -> dict[str, str]:
-    parser = argparse.ArgumentParser(
-        prog="corpus-etl sample-data", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    parser.add_argument("--out", default="demo_data", help="output folder")
-    args = parser.parse_args(argv)
+    return run_args(sample_parser().parse_args(argv))
+
+
+def run_args(args: argparse.Namespace, beam_args: list[str] | None = None) -> dict[str, str]:
     paths = write_sample(args.out)
     for kind, path in paths.items():
         print(f"{kind:10s} {path}")

@@ -6,8 +6,12 @@ import argparse
 import json
 from typing import Any
 
-from pipelines.common import HelpFormatter, add_model_arguments, add_qdrant_arguments, qdrant_config, setup_logging
+from pipelines.common import qdrant_config, setup_logging
+from pipelines.errors import PreflightError
+from pipelines.flags import search_parser
+from pipelines.security import redact_url
 from transforms.embed import TextEncoder
+from transforms.models import embedding_size
 from transforms.qdrant import QdrantConfig, ensure_collection, search_documents, shared_client
 
 
@@ -37,18 +41,7 @@ class Searcher:
         return out
 
 
-def build_arg_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="corpus-etl search", description="Search a collection built by `corpus-etl index`.",
-        formatter_class=HelpFormatter,
-    )
-    parser.add_argument("query", nargs="+", help="the query text")
-    parser.add_argument("--collection", required=True)
-    parser.add_argument("--top-k", type=int, default=10)
-    parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
-    add_model_arguments(parser, with_batching=False)
-    add_qdrant_arguments(parser)
-    return parser
+build_arg_parser = search_parser  # kept here for callers of the old name
 
 
 def encoder_from_args(args: argparse.Namespace) -> TextEncoder:
@@ -58,11 +51,36 @@ def encoder_from_args(args: argparse.Namespace) -> TextEncoder:
     ).load()
 
 
+def check_collection(qdrant: QdrantConfig, collection: str) -> None:
+    """Fail fast, before the model loads (seconds), when the store is unreachable or lacks the collection."""
+    client, lock = shared_client(qdrant)
+    with lock:
+        exists = client.collection_exists(collection)
+    if not exists:
+        raise PreflightError(
+            f"collection {collection!r} does not exist at {redact_url(qdrant.where)}; "
+            "check --collection, or build it with `corpus-etl index`"
+        )
+
+
+def searcher_from_args(args: argparse.Namespace) -> Searcher:
+    qdrant = qdrant_config(args)
+    check_collection(qdrant, args.collection)
+    # The model's config alone first: a model that cannot be found fails after one round of hub
+    # retries, not after one round per optional sentence-transformers file that loading reads.
+    embedding_size(args.model, args.dim)
+    return Searcher(qdrant, args.collection, encoder_from_args(args))
+
+
 def run(argv: list[str] | None = None) -> list[dict[str, Any]]:
-    args = build_arg_parser().parse_args(argv)
-    setup_logging()
+    return run_args(build_arg_parser().parse_args(argv))
+
+
+def run_args(args: argparse.Namespace, beam_args: list[str] | None = None) -> list[dict[str, Any]]:
+    """The search for parsed flags (``corpus-etl search`` parses them in ``pipelines.flags``)."""
+    setup_logging(args.verbose)
     query = " ".join(args.query)
-    searcher = Searcher(qdrant_config(args), args.collection, encoder_from_args(args))
+    searcher = searcher_from_args(args)
     hits = searcher.search([query], args.top_k)[0]
     if args.json:
         print(json.dumps({"query": query, "hits": hits}, ensure_ascii=False, indent=2))

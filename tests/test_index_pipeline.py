@@ -93,6 +93,38 @@ def test_search_and_evaluate_on_real_queries(whole_docs_index, sample_dir, minil
     # MiniLM on hand-written questions about stdlib modules: a real quality bar, not a smoke test.
     assert metrics["nDCG@10"] >= 0.7 and metrics["MRR@10"] >= 0.7 and metrics["Recall@100"] >= 0.95
     assert "nDCG@10" in capsys.readouterr().out
+    shallow = evaluate.run(qdrant + ["--queries", sample_dir["queries"], "--qrels", sample_dir["qrels"], "--top-k", "10"])
+    printed = capsys.readouterr().out.splitlines()
+    assert [line.split()[0] for line in printed[:3]] == ["nDCG@10", "MRR@10", "Recall@10"]  # the k it retrieved
+    assert "Recall@10" in shallow and "Recall@100" not in shallow
+
+
+def test_credentials_in_the_url_never_reach_output_logs_or_summary(tmp_path, sample_dir, minilm_path, monkeypatch,
+                                                                   capsys, caplog):
+    """A server URL with user info: every print, log line and the summary JSON show it redacted."""
+    import pipelines.index
+    import transforms.qdrant
+
+    local = QdrantConfig(path=str(tmp_path / "q"))  # stands in for the server: same client API
+    monkeypatch.setattr(pipelines.index, "shared_client", lambda config: shared_client(local))
+    monkeypatch.setattr(transforms.qdrant, "shared_client", lambda config: shared_client(local))
+    rows = pq.read_table(sample_dir["corpus"]).to_pylist()[:3]
+    pq.write_table(pa.Table.from_pylist(rows), tmp_path / "docs.parquet")
+    with caplog.at_level(logging.INFO):
+        summary = _index(
+            [
+                "--input", str(tmp_path / "docs.parquet"), "--collection", "c", "--model", minilm_path,
+                "--qdrant-url", "http://admin:s3cret@qdrant.internal:6333", "--chunk-tokens", "0",
+                "--summary-out", str(tmp_path / "summary.json"),
+            ]
+        )  # fmt: skip
+    close_client(local)
+    assert summary["qdrant"] == "http://***@qdrant.internal:6333"
+    out = capsys.readouterr()
+    logged = "\n".join(r.getMessage() for r in caplog.records)
+    assert "http://***@qdrant.internal:6333" in out.out and "http://***@qdrant.internal:6333" in logged
+    for text in (out.out, out.err, logged, (tmp_path / "summary.json").read_text()):
+        assert "s3cret" not in text and "admin" not in text
 
 
 def test_reindexing_is_idempotent_with_bad_rows_dead_lettered(tmp_path, sample_dir, minilm_path, caplog):
@@ -112,7 +144,10 @@ def test_reindexing_is_idempotent_with_bad_rows_dead_lettered(tmp_path, sample_d
     ]  # fmt: skip
     with caplog.at_level(logging.INFO, logger="corpus_etl.progress"):
         first = _index(argv)
-    assert any("[embed]" in m and "documents=" in m and "tokens=" in m for m in (r.getMessage() for r in caplog.records))
+    messages = [r.getMessage() for r in caplog.records]
+    assert any("[embed]" in m and "documents=" in m and "tokens=" in m for m in messages)
+    for phase in ("[read]", "[chunk]", "[write]"):
+        assert any(m.startswith(phase) for m in messages), phase
     before = _points(qdrant_path, "chunks")
     second = _index(argv)
     after = _points(qdrant_path, "chunks")

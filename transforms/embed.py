@@ -35,7 +35,7 @@ from apache_beam.ml.inference.base import ModelHandler
 from transforms.gpu import default_dtype, default_token_budget, resolve_device, run_in_token_budget
 from transforms.inference import DEAD, RunInferenceByTokens
 from transforms.models import SentenceTransformerSettings, max_input_length, resolve_model
-from transforms.progress import reporter
+from transforms.progress import disable_library_progress_bars, reporter
 from transforms.types import Chunk, DeadLetter, EmbeddedChunk, Query
 
 _LOG = logging.getLogger(__name__)
@@ -84,9 +84,8 @@ class TextEncoder:
     # -- loading -------------------------------------------------------------------------
     def load(self) -> TextEncoder:
         from transformers import AutoModel
-        from transformers.utils import logging as hf_logging
 
-        hf_logging.disable_progress_bar()  # one bar per worker process is noise in job logs
+        disable_library_progress_bars()  # one bar per worker process is noise in job logs
         path = resolve_model(self.model_id)
         self.settings = SentenceTransformerSettings.read(path)
         if self.settings.pooling not in ("mean", "cls", "lasttoken", "max"):

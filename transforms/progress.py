@@ -1,9 +1,11 @@
-"""A progress line every few seconds on long local runs.
+"""A progress line every few seconds on long local runs, from every phase.
 
 Beam's DirectRunner returns from ``run()`` only when the job is done, so progress is
-reported from inside the workers: each process keeps its own totals and logs a line
-(documents/s, tokens/s) at most once per interval. On Dataflow the same lines land in
-the worker logs, next to the Beam counters that the monitoring UI shows.
+reported from inside the workers: each process keeps its own totals per phase (read,
+chunk, embed, write, rerank) and logs a line (documents/s, tokens/s) at once on its first
+element, then at most once per interval, so even a short job shows every phase once.
+On Dataflow the same lines land in the worker logs, next to the Beam counters that the
+monitoring UI shows.
 """
 
 from __future__ import annotations
@@ -11,17 +13,25 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections.abc import Callable
+from typing import Any
 
 _LOG = logging.getLogger("corpus_etl.progress")
 
 
+# Rates are per second since the job started in this process (``reset_reporters``, called by
+# the driver), or since this module was imported in a worker: a phase's clock starting at its
+# first element would make the first line's rates meaningless.
+_JOB_START = time.monotonic()
+
+
 class ProgressReporter:
-    def __init__(self, label: str, interval_s: float = 30.0) -> None:
+    def __init__(self, label: str, interval_s: float = 30.0, start: float | None = None) -> None:
         self.label = label
         self.interval_s = interval_s
         self._lock = threading.Lock()
-        self._start = time.monotonic()
-        self._last = self._start
+        self._start = time.monotonic() if start is None else start
+        self._last: float | None = None  # None: the first add() logs at once
         self.totals: dict[str, int] = {}
 
     def add(self, **counts: int) -> None:
@@ -29,7 +39,7 @@ class ProgressReporter:
             for key, value in counts.items():
                 self.totals[key] = self.totals.get(key, 0) + value
             now = time.monotonic()
-            if now - self._last < self.interval_s:
+            if self._last is not None and now - self._last < self.interval_s:
                 return
             self._last = now
             line = self.line(now)
@@ -37,7 +47,10 @@ class ProgressReporter:
 
     def line(self, now: float | None = None) -> str:
         elapsed = max((now or time.monotonic()) - self._start, 1e-9)
-        parts = [f"{k}={v} ({v / elapsed:,.1f}/s)" for k, v in sorted(self.totals.items())]
+        if elapsed < 1.0:  # a rate over a fraction of a second says nothing
+            parts = [f"{k}={v}" for k, v in sorted(self.totals.items())]
+        else:
+            parts = [f"{k}={v} ({v / elapsed:,.1f}/s)" for k, v in sorted(self.totals.items())]
         return f"[{self.label}] {elapsed:,.0f}s " + " ".join(parts)
 
 
@@ -45,11 +58,53 @@ _REPORTERS: dict[str, ProgressReporter] = {}
 _REPORTERS_LOCK = threading.Lock()
 
 
+def reset_reporters() -> None:
+    """Forget every phase's totals: the next job in this process starts its lines (and rates) afresh."""
+    global _JOB_START
+    with _REPORTERS_LOCK:
+        _REPORTERS.clear()
+        _JOB_START = time.monotonic()
+
+
 def reporter(label: str, interval_s: float = 30.0) -> ProgressReporter:
     """The process-wide reporter for ``label`` (one per worker process, shared by its threads)."""
     with _REPORTERS_LOCK:
         rep = _REPORTERS.get(label)
         if rep is None:
-            rep = _REPORTERS[label] = ProgressReporter(label, interval_s)
+            rep = _REPORTERS[label] = ProgressReporter(label, interval_s, start=_JOB_START)
         rep.interval_s = interval_s
         return rep
+
+
+class _Report:
+    """Pass-through step that adds ``counts(element)`` to the phase's reporter."""
+
+    def __init__(self, label: str, interval_s: float, counts: Callable[[Any], dict[str, int]]) -> None:
+        self.label = label
+        self.interval_s = interval_s
+        self.counts = counts
+
+    def __call__(self, element: Any) -> Any:
+        reporter(self.label, self.interval_s).add(**self.counts(element))
+        return element
+
+
+def report_progress(label: str, interval_s: float, counts: Callable[[Any], dict[str, int]]):
+    """A Beam step (``pcoll | "P" >> report_progress(...)``) that logs ``label``'s progress, elements unchanged."""
+    import apache_beam as beam
+
+    return beam.Map(_Report(label, interval_s, counts))
+
+
+def disable_library_progress_bars() -> None:
+    """No tqdm bars from huggingface_hub downloads or transformers' "Loading weights" in batch logs."""
+    import os
+
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    try:
+        from huggingface_hub.utils import disable_progress_bars
+        from transformers.utils import logging as hf_logging
+    except ImportError:  # pragma: no cover - both come with transformers
+        return
+    disable_progress_bars()
+    hf_logging.disable_progress_bar()

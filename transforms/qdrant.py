@@ -41,6 +41,7 @@ from qdrant_client import QdrantClient, models
 from qdrant_client.http.exceptions import ResponseHandlingException, UnexpectedResponse
 from qdrant_client.local.qdrant_local import QdrantLocal
 
+from transforms.progress import reporter
 from transforms.types import Candidate, EmbeddedChunk, point_id
 
 _LOG = logging.getLogger(__name__)
@@ -241,7 +242,9 @@ def point_bytes(point: models.PointStruct) -> int:
 
 
 class _UpsertPoints(beam.DoFn):
-    def __init__(self, config: QdrantConfig, collection: str, model_id: str, batch_points: int, batch_bytes: int):
+    def __init__(self, config: QdrantConfig, collection: str, model_id: str, batch_points: int, batch_bytes: int,
+                 progress_interval_s: float = 30.0):
+        self.progress_interval_s = progress_interval_s
         self.config = config
         self.collection = collection
         self.model_id = model_id
@@ -304,6 +307,7 @@ class _UpsertPoints(beam.DoFn):
         with_retries(upsert, on_retry=lambda exc, attempt: self.retries.inc())
         self.written.inc(len(points))
         self.batches.inc()
+        reporter("write", self.progress_interval_s).add(points=len(points), batches=1)
 
 
 class WriteToQdrant(beam.PTransform):
@@ -321,11 +325,12 @@ class WriteToQdrant(beam.PTransform):
         *,
         batch_points: int = 256,
         batch_bytes: int = 8 * 1024 * 1024,
+        progress_interval_s: float = 30.0,
     ) -> None:
         super().__init__()
         if not 0 < batch_bytes < MAX_REQUEST_BYTES:
             raise ValueError(f"batch_bytes must be in (0, {MAX_REQUEST_BYTES})")
-        self.args = (config, collection, model_id, batch_points, batch_bytes)
+        self.args = (config, collection, model_id, batch_points, batch_bytes, progress_interval_s)
 
     def expand(self, pcoll):
         return pcoll | "Upsert" >> beam.ParDo(_UpsertPoints(*self.args))

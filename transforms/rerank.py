@@ -46,7 +46,7 @@ from apache_beam.ml.inference.base import ModelHandler
 from transforms.gpu import default_dtype, default_token_budget, resolve_device, run_in_token_budget
 from transforms.inference import RunInferenceByTokens
 from transforms.models import resolve_model
-from transforms.progress import reporter
+from transforms.progress import disable_library_progress_bars, reporter
 from transforms.types import DeadLetter, Judgement, QueryPairs, RerankPair
 
 _LOG = logging.getLogger(__name__)
@@ -106,6 +106,7 @@ class Qwen3Reranker:
     def load(self) -> Qwen3Reranker:
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
+        disable_library_progress_bars()  # one bar per worker process is noise in job logs
         path = resolve_model(self.model_id)
         self.device = resolve_device(self.device_name)
         dtype = self.dtype or default_dtype(self.device)

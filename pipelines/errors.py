@@ -1,0 +1,194 @@
+"""Expected failures as one line for people, with a documented exit status. Standard library only.
+
+Exit statuses (README, "Exit status"):
+
+    0  success
+    1  the job failed (it started; some output may be written)
+    2  usage or pre-flight error: nothing was written
+    3  the job finished, but partially (dead letters) or the alias switch was refused
+
+``translate`` turns the library exceptions that an expected failure raises (qdrant-client
+connection errors, the local store's folder lock, transformers / huggingface_hub model
+loading, missing input files) into a ``CliError`` whose message names the thing (URL with
+credentials redacted, folder, model id) and what to do. It reads exception types by name
+and tracebacks by file, so this module never imports torch, Beam or qdrant-client.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import re
+from collections.abc import Iterator
+from types import TracebackType
+
+EXIT_OK = 0
+EXIT_FAILED = 1
+EXIT_USAGE = 2
+EXIT_PARTIAL = 3
+
+
+class CliError(Exception):
+    """An expected failure: ``str(exc)`` is the whole message for the user."""
+
+    exit_status = EXIT_FAILED
+
+
+class UsageError(CliError):
+    """Flags that cannot work together, or a value the command refuses; nothing was written."""
+
+    exit_status = EXIT_USAGE
+
+
+class PreflightError(CliError):
+    """A check before the job starts failed (store, model, inputs); nothing was written."""
+
+    exit_status = EXIT_USAGE
+
+
+class JobFailed(CliError):
+    """The job started and failed."""
+
+    exit_status = EXIT_FAILED
+
+
+class PartialResult(CliError):
+    """The job finished, but not everything it was asked for is done (dead letters, alias refused)."""
+
+    exit_status = EXIT_PARTIAL
+
+
+_MODEL_HINT = "offline? set {flag} to a local directory"
+_LOCK_MESSAGE = re.compile(r"Storage folder (?P<path>.+?) is already accessed by another instance of Qdrant client")
+_CONNECTION_TYPES = {
+    "ResponseHandlingException",  # qdrant-client REST: wraps httpx errors
+    "ConnectionError", "ConnectionRefusedError", "ConnectionResetError", "ConnectionAbortedError",
+    "ConnectError", "ConnectTimeout", "ReadTimeout", "WriteTimeout", "PoolTimeout", "TimeoutException",
+    "RemoteProtocolError", "NetworkError", "TransportError", "TimeoutError", "gaierror",
+}  # fmt: skip
+
+
+def first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0].strip() if text else type(exc).__name__
+
+
+def _chain(exc: BaseException) -> Iterator[BaseException]:
+    seen: set[int] = set()
+    current: BaseException | None = exc
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        yield current
+        current = current.__cause__ or current.__context__
+
+
+def _frames(tb: TracebackType | None) -> Iterator[str]:
+    while tb is not None:
+        yield tb.tb_frame.f_code.co_filename.replace("\\", "/")
+        tb = tb.tb_next
+
+
+def _raised_in(exc: BaseException, package: str) -> bool:
+    """Whether ``exc`` (or an exception it chains to) passed through ``package``'s files."""
+    needle = f"/{package}/"
+    return any(needle in f for e in _chain(exc) for f in _frames(e.__traceback__))
+
+
+def raised_by_job(exc: BaseException) -> bool:
+    """Whether ``exc`` came out of a running Beam job (the runner), not a pre-flight check."""
+    return _raised_in(exc, "apache_beam/runners")
+
+
+def _type_names(exc: BaseException) -> set[str]:
+    return {cls.__name__ for e in _chain(exc) for cls in type(e).__mro__}
+
+
+def _innermost_reason(exc: BaseException) -> str:
+    """The most specific message in the chain: e.g. ``[Errno 111] Connection refused``."""
+    reasons = [_grpc_reason(e) or first_line(e) for e in _chain(exc) if str(e).strip()]
+    return reasons[-1] if reasons else type(exc).__name__
+
+
+def _grpc_reason(exc: BaseException) -> str | None:
+    """``UNAVAILABLE: failed to connect ...`` for a grpc.RpcError (its str() is a multi-line repr)."""
+    code, details = getattr(exc, "code", None), getattr(exc, "details", None)
+    if not (callable(code) and callable(details)):
+        return None
+    try:
+        return f"{getattr(code(), 'name', code())}: {(details() or '').strip().splitlines()[0]}"
+    except Exception:  # noqa: BLE001 - an RpcError without a status
+        return None
+
+
+def _grpc_unavailable(exc: BaseException) -> bool:
+    for e in _chain(exc):
+        code = getattr(e, "code", None)
+        if callable(code):
+            with contextlib.suppress(Exception):
+                if getattr(code(), "name", "") in ("UNAVAILABLE", "DEADLINE_EXCEEDED"):
+                    return True
+    return False
+
+
+def translate(
+    exc: BaseException,
+    *,
+    qdrant_url: str | None = None,
+    models: dict[str, str] | None = None,
+) -> CliError | None:
+    """The ``CliError`` for an expected failure, or None for a bug (shown with its type; ``-v`` traceback).
+
+    ``models`` maps a flag to its model id (``{"--model": "Qwen/..."}``): a model that fails to
+    load is named by the flag whose id its message mentions, else by the first.
+    """
+    from pipelines.security import redact_url
+
+    if isinstance(exc, CliError):
+        return exc
+    in_job = raised_by_job(exc)
+    kind: type[CliError] = JobFailed if in_job else PreflightError
+    prefix = "the job failed: " if in_job else ""
+    names = _type_names(exc)
+
+    for e in _chain(exc):
+        match = _LOCK_MESSAGE.search(str(e))
+        if match:
+            return kind(
+                f"{prefix}store folder {match['path']} is in use by another process (a local Qdrant store allows "
+                "one at a time); wait for it to finish, or use a Qdrant server (--qdrant-url) for concurrent jobs"
+            )
+
+    if _raised_in(exc, "transformers") or _raised_in(exc, "huggingface_hub"):
+        if isinstance(exc, (OSError, ValueError)) or "HfHubHTTPError" in names or "OfflineModeIsEnabled" in names:
+            subject, hint = _which_model(exc, models or {})
+            return kind(f"{prefix}cannot load {subject}: {first_line(exc)} ({hint})")
+
+    if _raised_in(exc, "qdrant_client"):
+        url = redact_url(qdrant_url) or "the configured URL"
+        status = next((getattr(e, "status_code", None) for e in _chain(exc) if getattr(e, "status_code", None)), None)
+        if status in (401, 403):
+            return kind(
+                f"{prefix}Qdrant at {url} refused the request ({status}): check the key that --qdrant-api-key-env names"
+            )
+        if names & _CONNECTION_TYPES or _grpc_unavailable(exc):
+            return kind(f"{prefix}cannot reach Qdrant at {url}: {_innermost_reason(exc)}; is the server running?")
+
+    if in_job:
+        return None  # a failure inside the job that is not one of the above: shown as a failed job
+    if names & {"FileNotFoundError", "NotADirectoryError", "IsADirectoryError", "PermissionError", "BeamIOError"}:
+        return PreflightError(first_line(exc))
+    if names & {"ValueError", "DeviceUnavailableError"}:
+        return PreflightError(first_line(exc))
+    return None
+
+
+def _which_model(exc: BaseException, models: dict[str, str]) -> tuple[str, str]:
+    """(``model ID``, what to do) for the flag whose id the error mentions; all of them when none is named."""
+    text = " ".join(str(e) for e in _chain(exc))
+    named = {flag: model for flag, model in models.items() if model and model in text} or models
+    if len(named) == 1:
+        flag, model = next(iter(named.items()))
+        return f"model {model}", _MODEL_HINT.format(flag=flag)
+    if not named:
+        return "the model", _MODEL_HINT.format(flag="--model")
+    listed = " or ".join(f"{flag} {model}" for flag, model in named.items())
+    return f"a model ({listed})", "offline? set it to a local directory"

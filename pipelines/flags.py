@@ -1,0 +1,222 @@
+"""Every command's argument parser. Standard library only.
+
+``corpus-etl COMMAND --help`` and argument errors are answered from here without importing
+torch, Beam or qdrant-client (seconds of CPU); the jobs import them only once the flags parse.
+tests/test_cli.py checks it on ``sys.modules``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import textwrap
+
+DEFAULT_EMBEDDING_MODEL = "Qwen/Qwen3-Embedding-0.6B"
+DEFAULT_RERANKER = "Qwen/Qwen3-Reranker-0.6B"
+# transforms/rerank.py's DEFAULT_INSTRUCTION, repeated so that --help need not import torch (a test compares them).
+DEFAULT_RERANK_INSTRUCTION = "Given a web search query, retrieve relevant passages that answer the query"
+BEAM_OPTIONS_EPILOG = textwrap.fill(
+    "Any other --flag is passed to Beam as a pipeline option, e.g. --runner DataflowRunner "
+    "--project P --region R --temp_location gs://B/tmp --setup_file ./setup.py "
+    "--direct_num_workers 1 (see `python -m apache_beam.examples.wordcount --help` for the full list).",
+    width=100,
+)
+EXIT_STATUS_EPILOG = """exit status:
+  0  success
+  1  the job failed
+  2  usage or pre-flight error (store, model, inputs): nothing written
+  3  finished, but partial (dead letters) or the alias switch refused"""
+
+
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """Shows a default once: not when the help already says it, nor for None / False (nothing to show)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        help_ = action.help or ""
+        if "default" in help_ or action.default in (None, False, argparse.SUPPRESS, "", []):
+            return help_
+        return super()._get_help_string(action)
+
+
+def new_parser(prog: str, description: str | None, *, beam: bool = False) -> argparse.ArgumentParser:
+    epilog = f"{BEAM_OPTIONS_EPILOG}\n\n{EXIT_STATUS_EPILOG}" if beam else EXIT_STATUS_EPILOG
+    return argparse.ArgumentParser(prog=prog, description=description, formatter_class=HelpFormatter, epilog=epilog)
+
+
+def add_verbose(parser: argparse.ArgumentParser | argparse._ArgumentGroup) -> None:
+    parser.add_argument(
+        "-v", "--verbose", action="store_true", help="debug logging, and the traceback of an error"
+    )
+
+
+def add_qdrant_arguments(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("Qdrant")
+    where = group.add_mutually_exclusive_group()
+    where.add_argument("--qdrant-path", default="./qdrant_data", help="local mode: folder that holds the collections")
+    where.add_argument(
+        "--qdrant-url", default=None,
+        help="Qdrant server, e.g. https://qdrant:6333 (instead of local mode); credentials in it are redacted in output",
+    )
+    group.add_argument(
+        "--qdrant-api-key-env", default=None, metavar="VAR", help="name of the environment variable holding the API key"
+    )
+    group.add_argument(
+        "--allow-insecure-api-key", action="store_true",
+        help="send the API key over plain http to a non-loopback host (refused otherwise)",
+    )
+    group.add_argument("--qdrant-grpc", action="store_true", help="talk gRPC to the server (port 6334)")
+    group.add_argument("--qdrant-timeout", type=int, default=60, help="request timeout, seconds")
+
+
+def add_model_arguments(parser: argparse.ArgumentParser, *, with_batching: bool = True) -> None:
+    group = parser.add_argument_group("embedding model")
+    group.add_argument(
+        "--model", default=DEFAULT_EMBEDDING_MODEL, help="Hugging Face id or local directory of the embedding model"
+    )
+    group.add_argument("--dim", type=int, default=None, help="truncate vectors to N dimensions (Matryoshka), then L2-normalise")
+    group.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N (cuda without a GPU is an error)")
+    group.add_argument(
+        "--max-length", type=int, default=None,
+        help="override the model's maximum input length in tokens (default: the model's own)",
+    )
+    group.add_argument(
+        "--query-instruction",
+        default=None,
+        help="task for queries, sent as 'Instruct: {task}\\nQuery:' (default: the model's own query prompt)",
+    )
+    if with_batching:
+        group.add_argument(
+            "--max-batch-tokens",
+            type=int,
+            default=None,
+            help="padded tokens per forward pass (default: from free GPU memory; 2048 on CPU, measured fastest in bench/index_cpu.py)",
+        )
+
+
+def index_parser() -> argparse.ArgumentParser:
+    parser = new_parser(
+        "corpus-etl index", "Embed Parquet documents into a Qdrant collection (idempotent: reruns overwrite).", beam=True
+    )
+    parser.add_argument("--input", required=True, help="Parquet file or glob, local or gs://")
+    parser.add_argument("--collection", required=True, help="Qdrant collection (created when missing)")
+    cols = parser.add_argument_group("input columns")
+    cols.add_argument("--id-column", default="id", help="document id column")
+    cols.add_argument("--text-column", default="text", help="document text column")
+    cols.add_argument("--title-column", default=None, help="prefixed to every chunk when given")
+    cols.add_argument("--metadata-columns", default="", help="comma-separated columns copied into the payload")
+    chunk = parser.add_argument_group("chunking")
+    chunk.add_argument("--chunk-tokens", type=int, default=512, help="tokens per chunk; 0: one chunk per document")
+    chunk.add_argument("--chunk-overlap", type=int, default=64, help="tokens shared by consecutive chunks")
+    add_model_arguments(parser)
+    add_qdrant_arguments(parser)
+    out = parser.add_argument_group("outputs")
+    out.add_argument("--dead-letter", default=None, help="rejected rows with reasons (.jsonl or .parquet)")
+    out.add_argument("--summary-out", default=None, help="run summary as JSON")
+    out.add_argument(
+        "--alias", default=None,
+        help="after a successful run, atomically point this Qdrant alias at --collection (blue/green reindexing)",
+    )
+    out.add_argument("--progress-interval", type=float, default=30.0, help="seconds between progress lines")
+    out.add_argument(
+        "--skip-bad-files", action="store_true",
+        help="index the readable files when some cannot be read (each skipped file is a dead letter and the run "
+        "ends as partial); without it any bad file stops the job before anything is written",
+    )
+    add_verbose(out)
+    return parser
+
+
+def label_parser() -> argparse.ArgumentParser:
+    parser = new_parser(
+        "corpus-etl label",
+        "Label offline query logs with Qwen3-Reranker into evaluation (BEIR, TREC) and distillation sets.",
+        beam=True,
+    )
+    parser.add_argument("--queries", required=True, help="query log Parquet file or glob, local or gs://")
+    parser.add_argument("--out", required=True, help="output folder, local or gs://")
+    parser.add_argument("--reranker", default=DEFAULT_RERANKER, help="Hugging Face id or local directory")
+    first = parser.add_argument_group("first stage: an index (--collection) or a run file (--candidates + --corpus)")
+    first.add_argument("--collection", default=None, help="Qdrant collection built by `corpus-etl index`")
+    first.add_argument("--model", default=DEFAULT_EMBEDDING_MODEL, help="the embedding model the index was built with")
+    first.add_argument("--dim", type=int, default=None, help="the --dim the index was built with")
+    first.add_argument("--query-instruction", default=None, help="embedding instruction for queries")
+    first.add_argument("--candidates", default=None, metavar="RUN_FILE", help="TREC run file: qid Q0 docid rank score tag")
+    first.add_argument("--corpus", default=None, metavar="GLOB", help="Parquet documents the run file ranks")
+    first.add_argument("--id-column", default="id", help="--corpus id column")
+    first.add_argument("--text-column", default="text", help="--corpus text column")
+    first.add_argument("--title-column", default=None, help="--corpus title column (prefixed to the text)")
+    first.add_argument("--top-k", type=int, default=100, help="candidates per query")
+    add_qdrant_arguments(parser)
+    log = parser.add_argument_group("query log")
+    log.add_argument("--query-column", default="query", help="query text column")
+    log.add_argument("--query-id-column", default=None, help="ids to keep (default: 'query_id' when present, else derived)")
+    log.add_argument("--count-column", default=None, help="frequencies (default: 'count' when present, else 1)")
+    log.add_argument("--max-queries", type=int, default=None, help="label at most N queries (default: all)")
+    log.add_argument("--sample", default=None, metavar="HEAD:TORSO:TAIL",
+                     help="stratified sample by frequency, e.g. 50:30:20 (needs --max-queries)")
+    log.add_argument("--seed", type=int, default=0, help="seed of the sample")
+    lab = parser.add_argument_group("labels")
+    lab.add_argument("--instruction", default=None, help=f"reranker instruction (default: {DEFAULT_RERANK_INSTRUCTION!r})")
+    lab.add_argument("--label-thresholds", default="0.5,0.9", help="P(yes) cut points: below the first -> 0, then 1, 2 ...")
+    lab.add_argument("--eval-fraction", type=float, default=0.2, help="share of queries (by hash) in the evaluation set")
+    run = parser.add_argument_group("execution")
+    run.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
+    run.add_argument("--max-length", type=int, default=8192, help="reranker pair length limit (tokens)")
+    run.add_argument("--max-batch-tokens", type=int, default=None, help="padded tokens per forward pass")
+    run.add_argument(
+        "--share-prefix", action="store_true",
+        help="group pairs by query and run each query's prompt head once per forward pass (same scores, ~15-20%% "
+        "fewer tokens at 300-token documents; 5%% faster on CPU in BENCHMARKS.md, not yet measured on GPU)",
+    )
+    run.add_argument("--progress-interval", type=float, default=30.0, help="seconds between progress lines")
+    run.add_argument("--summary-out", default=None, help="run summary as JSON (local or gs://)")
+    add_verbose(run)
+    return parser
+
+
+def _add_search_arguments(parser: argparse.ArgumentParser, top_k: int) -> None:
+    parser.add_argument("--collection", required=True, help="collection or alias built by `corpus-etl index`")
+    parser.add_argument("--top-k", type=int, default=top_k, help="documents per query")
+    add_model_arguments(parser, with_batching=False)
+    add_qdrant_arguments(parser)
+    add_verbose(parser)
+
+
+def search_parser() -> argparse.ArgumentParser:
+    parser = new_parser("corpus-etl search", "Search a collection built by `corpus-etl index`.")
+    parser.add_argument("query", nargs="+", help="the query text")
+    parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    _add_search_arguments(parser, top_k=10)
+    return parser
+
+
+def evaluate_parser() -> argparse.ArgumentParser:
+    parser = new_parser(
+        "corpus-etl evaluate",
+        "Retrieval quality of a collection on BEIR-style queries and qrels: nDCG@10, MRR@10 and Recall@k "
+        "(k = --top-k). Chunk hits are aggregated to documents (max score per doc_id) before scoring.",
+    )
+    parser.add_argument("--queries", required=True, help="BEIR queries.jsonl or Parquet")
+    parser.add_argument("--qrels", required=True, help="BEIR qrels TSV (query-id corpus-id score) or Parquet")
+    parser.add_argument("--out", default=None, help="write metrics as JSON here")
+    _add_search_arguments(parser, top_k=100)
+    return parser
+
+
+def sample_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="corpus-etl sample-data", formatter_class=HelpFormatter, epilog=EXIT_STATUS_EPILOG,
+        description="Write a small real-text corpus (Python standard library docs), queries, qrels (BEIR) and a "
+        "query log: corpus.parquet, queries.jsonl, qrels/test.tsv, query_log.parquet.",
+    )
+    parser.add_argument("--out", default="demo_data", help="output folder")
+    add_verbose(parser)
+    return parser
+
+
+def split_beam_args(parser: argparse.ArgumentParser, argv: list[str] | None) -> tuple[argparse.Namespace, list[str]]:
+    """Our flags, and the rest for Beam; a short option Beam cannot take (``-x``) is a usage error."""
+    args, rest = parser.parse_known_args(argv)
+    unknown = [a for a in rest if a.startswith("-") and not a.startswith("--")]
+    if unknown:
+        parser.error(f"unrecognized arguments: {' '.join(unknown)}")
+    return args, rest

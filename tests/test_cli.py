@@ -1,0 +1,346 @@
+"""The ``corpus-etl`` command as a user meets it: start-up imports, one-line errors and exit statuses.
+
+Every test runs the command in a subprocess (``python -m pipelines.cli``), as a shell would,
+and checks the exact line on stderr and the exit status documented in the README.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from pipelines import flags
+from pipelines.errors import EXIT_FAILED, EXIT_PARTIAL, EXIT_USAGE
+
+REPO = Path(__file__).resolve().parent.parent
+MINILM = "sentence-transformers/all-MiniLM-L6-v2"
+HEAVY = ("torch", "apache_beam", "qdrant_client", "transformers")
+
+
+def _env(**extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("CORPUS_ETL_TEST_")}
+    env.update(HF_HUB_OFFLINE="1", TRANSFORMERS_VERBOSITY="error", TOKENIZERS_PARALLELISM="false", **extra)
+    return env
+
+
+def cli(*argv: str, env: dict[str, str] | None = None, timeout: float = 300) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "pipelines.cli", *argv],
+        cwd=REPO, env=env or _env(), capture_output=True, text=True, timeout=timeout,
+    )
+
+
+def one_line(result: subprocess.CompletedProcess) -> str:
+    """stderr, which must be exactly one line."""
+    lines = result.stderr.splitlines()
+    assert len(lines) == 1, result.stderr
+    return lines[0]
+
+
+# -- start-up --------------------------------------------------------------------------------
+_PROBE = """
+import json, sys
+from pipelines.cli import main
+try:
+    status = main(sys.argv[1:])
+except SystemExit as exc:
+    status = exc.code
+heavy = sorted({m.split(".")[0] for m in sys.modules} & set(json.loads(sys.stdin.read())))
+print(json.dumps({"status": status, "heavy": heavy}), file=sys.stderr)
+"""
+
+
+def _probe(*argv: str, env: dict[str, str] | None = None) -> dict:
+    result = subprocess.run(
+        [sys.executable, "-c", _PROBE, *argv], input=json.dumps(HEAVY), cwd=REPO, env=env or _env(),
+        capture_output=True, text=True, timeout=120,
+    )
+    return json.loads(result.stderr.splitlines()[-1])
+
+
+@pytest.mark.parametrize("command", ["index", "label", "search", "evaluate", "sample-data"])
+def test_help_imports_no_torch_beam_or_qdrant(command):
+    assert _probe(command, "--help") == {"status": 0, "heavy": []}
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["index", "--input", "x.parquet"],  # --collection missing
+        ["label", "--queries", "q.parquet", "--out", "o", "--top-k", "many"],
+        ["search", "--collection", "c"],  # no query
+        ["evaluate", "--collection", "c", "--queries", "q.jsonl"],  # --qrels missing
+        ["index", "--input", "x", "--collection", "c", "-x"],  # a short flag Beam cannot take
+    ],
+)
+def test_argument_errors_import_no_torch_beam_or_qdrant(argv):
+    assert _probe(*argv) == {"status": EXIT_USAGE, "heavy": []}
+
+
+def test_top_level_usage_and_unknown_command():
+    assert _probe("--help") == {"status": 0, "heavy": []}
+    result = cli("reindex")
+    assert result.returncode == EXIT_USAGE
+    assert result.stderr.splitlines()[0] == "corpus-etl: error: unknown command 'reindex'"
+
+
+# -- help texts ------------------------------------------------------------------------------
+PARSERS = [flags.index_parser, flags.label_parser, flags.search_parser, flags.evaluate_parser, flags.sample_parser]
+
+
+@pytest.mark.parametrize("make_parser", PARSERS, ids=lambda f: f.__name__)
+def test_every_option_has_help_and_shows_its_default_once(make_parser):
+    parser = make_parser()
+    for action in parser._actions:
+        assert action.help, f"{parser.prog} {action.option_strings or action.dest} has no help"
+        text = parser._get_formatter()._get_help_string(action) % {"default": action.default, "prog": parser.prog}
+        assert text.count("(default") <= 1, text
+        assert "(default: None)" not in text, text
+    assert "(default: None)" not in parser.format_help()
+
+
+def test_help_names_the_exit_statuses():
+    out = cli("index", "--help").stdout
+    assert "exit status:\n  0  success\n  1  the job failed\n  2  usage or pre-flight error" in out
+
+
+def test_the_reranker_instruction_in_help_is_the_one_used():
+    from transforms.rerank import DEFAULT_INSTRUCTION
+
+    assert flags.DEFAULT_RERANK_INSTRUCTION == DEFAULT_INSTRUCTION
+
+
+def test_a_hub_warning_is_printed_once():
+    """huggingface_hub logs through its own handler and the root one: after setup_logging, only once."""
+    code = (
+        "import logging\nfrom pipelines.common import setup_logging\nsetup_logging()\n"
+        "import huggingface_hub.utils.logging as hub_logging\n"
+        "hub_logging.get_logger('huggingface_hub.utils._http').warning('Retrying in 1s [Retry 1/5].')"
+    )
+    result = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=_env(), capture_output=True, text=True,
+                            timeout=120)
+    assert result.stderr.count("Retrying in 1s [Retry 1/5].") == 1, result.stderr
+
+
+# -- errors for people: one line, documented status -------------------------------------------
+def test_unreachable_store_names_the_url_with_credentials_redacted():
+    result = cli("search", "--collection", "c", "--model", MINILM, "--qdrant-url", "http://admin:s3cret@127.0.0.1:9", "hi")
+    assert one_line(result) == (
+        "corpus-etl search: error: cannot reach Qdrant at http://***@127.0.0.1:9: [Errno 111] Connection refused; "
+        "is the server running?"
+    )
+    assert result.returncode == EXIT_USAGE
+    assert "s3cret" not in result.stdout + result.stderr
+
+
+def test_unreachable_store_over_grpc():
+    result = cli("search", "--collection", "c", "--model", MINILM, "--qdrant-url", "http://127.0.0.1:9", "--qdrant-grpc",
+                 "hi")
+    line = one_line(result)  # gRPC's own error text is a multi-line repr: only its code and details are kept
+    assert line.startswith("corpus-etl search: error: cannot reach Qdrant at http://127.0.0.1:9: UNAVAILABLE: "), line
+    assert line.endswith("; is the server running?"), line
+    assert result.returncode == EXIT_USAGE
+
+
+def test_verbose_adds_the_traceback_before_the_line():
+    result = cli("search", "-v", "--collection", "c", "--model", MINILM, "--qdrant-url", "http://admin:s3cret@127.0.0.1:9",
+                 "hi")
+    assert result.returncode == EXIT_USAGE
+    assert "Traceback (most recent call last)" in result.stderr
+    assert result.stderr.splitlines()[-1].startswith("corpus-etl search: error: cannot reach Qdrant at http://***@127.0.0.1:9")
+    assert "s3cret" not in result.stderr
+
+
+def test_locked_store_folder_names_the_folder(tmp_path):
+    folder = tmp_path / "store"
+    holder = subprocess.Popen(
+        [sys.executable, "-c", f"from qdrant_client import QdrantClient\nc = QdrantClient(path={str(folder)!r})\n"
+         "print('locked', flush=True)\nimport sys; sys.stdin.read()"],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, cwd=REPO,
+    )
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        result = cli("search", "--collection", "c", "--model", MINILM, "--qdrant-path", str(folder), "hi")
+    finally:
+        holder.stdin.close()
+        holder.wait(timeout=60)
+    assert one_line(result) == (
+        f"corpus-etl search: error: store folder {folder} is in use by another process (a local Qdrant store allows "
+        "one at a time); wait for it to finish, or use a Qdrant server (--qdrant-url) for concurrent jobs"
+    )
+    assert result.returncode == EXIT_USAGE
+
+
+def test_model_not_loadable_offline_names_the_model(sample_dir, tmp_path):
+    result = cli("index", "--input", sample_dir["corpus"], "--collection", "c", "--model", "nosuch/model",
+                 "--qdrant-path", str(tmp_path / "q"))
+    line = one_line(result)
+    assert line.startswith("corpus-etl index: error: cannot load model nosuch/model: "), line
+    assert line.endswith(" (offline? set --model to a local directory)"), line
+    assert result.returncode == EXIT_USAGE
+    assert not (tmp_path / "q").exists()  # nothing written
+
+
+def test_model_folder_without_a_model_names_it(tmp_path):
+    empty = tmp_path / "not-a-model"
+    empty.mkdir()
+    result = cli("search", "--collection", "c", "--model", str(empty), "--qdrant-path", str(tmp_path / "q"), "hi")
+    # the store check comes first (it is fast): make the collection exist so that the model is loaded
+    assert one_line(result) == (
+        f"corpus-etl search: error: collection 'c' does not exist at local:{tmp_path / 'q'}; "
+        "check --collection, or build it with `corpus-etl index`"
+    )
+    from qdrant_client import QdrantClient, models
+
+    client = QdrantClient(path=str(tmp_path / "q"))
+    client.create_collection("c", vectors_config=models.VectorParams(size=4, distance=models.Distance.COSINE))
+    client.close()
+    result = cli("search", "--collection", "c", "--model", str(empty), "--qdrant-path", str(tmp_path / "q"), "hi")
+    line = one_line(result)
+    assert line.startswith(f"corpus-etl search: error: cannot load model {empty}: "), line
+    assert line.endswith(" (offline? set --model to a local directory)"), line
+    assert result.returncode == EXIT_USAGE
+
+
+def test_input_glob_matching_nothing(tmp_path):
+    pattern = str(tmp_path / "nope" / "*.parquet")
+    result = cli("index", "--input", pattern, "--collection", "c", "--model", MINILM, "--qdrant-path", str(tmp_path / "q"))
+    assert one_line(result) == (
+        f"corpus-etl index: error: --input: no files match {pattern!r}; check the path or glob (local or gs://)"
+    )
+    assert result.returncode == EXIT_USAGE
+
+
+def test_input_missing_a_column(tmp_path):
+    path = tmp_path / "docs.parquet"
+    pq.write_table(pa.Table.from_pylist([{"id": "a", "body": "text"}]), path)
+    result = cli("index", "--input", str(path), "--collection", "c", "--model", MINILM, "--qdrant-path", str(tmp_path / "q"))
+    assert one_line(result) == f"corpus-etl index: error: {path}: missing column(s) text; the file has: id, body"
+    assert result.returncode == EXIT_USAGE
+
+
+def test_evaluate_queries_file_missing(tmp_path):
+    result = cli("evaluate", "--collection", "c", "--model", MINILM, "--qdrant-path", str(tmp_path / "q"),
+                 "--queries", str(tmp_path / "queries.jsonl"), "--qrels", str(tmp_path / "qrels.tsv"))
+    assert one_line(result) == (
+        f"corpus-etl evaluate: error: --queries {tmp_path / 'queries.jsonl'}: cannot read it (No such file or "
+        "directory); check the path"
+    )
+    assert result.returncode == EXIT_USAGE
+
+
+def test_invalid_flag_values_are_usage_errors(tmp_path):
+    result = cli("index", "--input", "x.parquet", "--collection", "c", "--chunk-tokens", "64", "--chunk-overlap", "64")
+    assert one_line(result) == (
+        "corpus-etl index: error: --chunk-overlap must be in [0, --chunk-tokens), got 64 with --chunk-tokens 64"
+    )
+    assert result.returncode == EXIT_USAGE
+
+
+def test_alias_that_names_a_collection_is_refused_before_the_job(sample_dir, tmp_path):
+    from qdrant_client import QdrantClient, models
+
+    client = QdrantClient(path=str(tmp_path / "q"))
+    client.create_collection("live", vectors_config=models.VectorParams(size=384, distance=models.Distance.COSINE))
+    client.close()
+    result = cli("index", "--input", sample_dir["corpus"], "--collection", "v2", "--alias", "live", "--model", MINILM,
+                 "--qdrant-path", str(tmp_path / "q"))
+    assert one_line(result) == (
+        f"corpus-etl index: error: --alias 'live' is the name of a collection at local:{tmp_path / 'q'}, not an "
+        "alias; choose another --alias"
+    )
+    assert result.returncode == EXIT_USAGE
+
+
+# -- API keys --------------------------------------------------------------------------------
+def test_api_key_over_plain_http_to_a_remote_host_is_refused_without_imports():
+    env = _env(QDRANT_KEY="k")
+    argv = ["search", "--collection", "c", "--qdrant-url", "http://user:pw@qdrant.example:6333",
+            "--qdrant-api-key-env", "QDRANT_KEY", "hi"]
+    result = cli(*argv, env=env)
+    assert one_line(result) == (
+        "corpus-etl search: error: --qdrant-api-key-env QDRANT_KEY would send the API key unencrypted to "
+        "http://***@qdrant.example:6333; use an https:// URL, or pass --allow-insecure-api-key if the network is trusted"
+    )
+    assert result.returncode == EXIT_USAGE
+    assert _probe(*argv, env=env) == {"status": EXIT_USAGE, "heavy": []}
+
+
+def test_api_key_to_loopback_or_with_the_override_goes_on_to_connect():
+    env = _env(QDRANT_KEY="k")
+    for url, extra in (("http://127.0.0.1:9", []), ("http://localhost:9", []), ("http://127.0.0.1:9", ["--allow-insecure-api-key"])):
+        result = cli("search", "--collection", "c", "--model", MINILM, "--qdrant-url", url, "--qdrant-api-key-env",
+                     "QDRANT_KEY", *extra, "hi", env=env)
+        assert result.returncode == EXIT_USAGE
+        assert one_line(result).startswith(f"corpus-etl search: error: cannot reach Qdrant at {url}: "), result.stderr
+
+
+def test_api_key_variable_not_set():
+    result = cli("search", "--collection", "c", "--qdrant-url", "https://qdrant.example:6333",
+                 "--qdrant-api-key-env", "CORPUS_ETL_TEST_UNSET_KEY", "hi")
+    assert one_line(result) == (
+        "corpus-etl search: error: --qdrant-api-key-env CORPUS_ETL_TEST_UNSET_KEY: the environment variable "
+        "CORPUS_ETL_TEST_UNSET_KEY is not set"
+    )
+    assert result.returncode == EXIT_USAGE
+
+
+# -- whole jobs: partial (3) and failed (1) ----------------------------------------------------
+@pytest.fixture()
+def corpus_with_a_bad_row(tmp_path) -> str:
+    path = tmp_path / "docs.parquet"
+    rows = [{"id": "a", "text": "hello world"}, {"id": None, "text": "no id"}, {"id": "b", "text": "a second doc"}]
+    pq.write_table(pa.Table.from_pylist(rows), path)
+    return str(path)
+
+
+@pytest.mark.slow
+def test_dead_letters_finish_with_status_3_and_every_phase_reports_progress(corpus_with_a_bad_row, tmp_path):
+    dead = tmp_path / "dead.jsonl"
+    result = cli("index", "--input", corpus_with_a_bad_row, "--collection", "c", "--model", MINILM, "--chunk-tokens", "0",
+                 "--qdrant-path", str(tmp_path / "q"), "--dead-letter", str(dead), "--progress-interval", "30")
+    assert result.returncode == EXIT_PARTIAL, result.stderr
+    assert result.stderr.splitlines()[-1] == f"corpus-etl index: partial: 1 dead letter(s) in {dead}"
+    assert "Traceback" not in result.stderr
+    # a 3-document job still shows every phase once, though it is far shorter than the interval
+    for phase in ("[read]", "[chunk]", "[embed]", "[write]"):
+        assert sum(phase in line for line in result.stderr.splitlines()) == 1, (phase, result.stderr)
+    assert "points written   2 in 1 batches" in result.stdout
+    assert "Loading weights" not in result.stderr and "it/s]" not in result.stderr  # no tqdm bars in batch logs
+
+
+@pytest.mark.slow
+def test_a_failing_job_is_one_line_with_status_1(corpus_with_a_bad_row, tmp_path):
+    result = cli("index", "--input", corpus_with_a_bad_row, "--collection", "c", "--model", MINILM, "--chunk-tokens", "0",
+                 "--qdrant-path", str(tmp_path / "q"), "--dead-letter", "/proc/corpus-etl/dead.jsonl")
+    assert result.returncode == EXIT_FAILED
+    errors = [line for line in result.stderr.splitlines() if " INFO " not in line]
+    assert errors == [
+        "corpus-etl index: error: the job failed: FileNotFoundError: [Errno 2] No such file or directory: "
+        "'/proc/corpus-etl' [while running 'WriteDeadLetters/Write'] (-v shows the traceback)"
+    ]
+
+
+def test_alias_refused_after_the_job_is_partial_and_shown_in_the_summary():
+    from pipelines.index import IndexConfig, _alias_summary, _partial, format_summary
+
+    config = IndexConfig(input="x.parquet", collection="v2", model=MINILM, alias="live", dead_letter="dead.jsonl")
+    refused = "--alias 'live' is the name of a collection, not an alias"
+    assert _alias_summary("live", None, refused) == {"name": "live", "previous": None, "refused": refused}
+    assert _alias_summary("live", "v1", None) == {"name": "live", "previous": "v1"}
+    assert _partial({"dead_letters": 0}, config, None) is None
+    assert _partial({"dead_letters": 2}, config, refused) == (
+        f"2 dead letter(s) in dead.jsonl; --alias live not switched to v2: {refused}"
+    )
+    summary = {"collection": "v2", "qdrant": "local:/q", "model": MINILM, "vector_size": 384, "counters": {},
+               "points_in_collection": 0, "dead_letter": None, "alias": _alias_summary("live", None, refused),
+               "elapsed_s": 1.0, "documents_per_s": 0.0, "tokens_per_s": 0.0}
+    assert f"  alias            REFUSED: {refused}" in format_summary(summary).splitlines()
+    assert "live -> v2" not in format_summary(summary)
