@@ -14,10 +14,8 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import hashlib
 import json
 import logging
-import os
 import time
 from typing import Any
 
@@ -47,7 +45,8 @@ from transforms.datasets import (
 from transforms.dead_letter import WriteDeadLetters
 from transforms.embed import EmbeddingModelHandler
 from transforms.inference import RunInferenceByTokens
-from transforms.models import embedding_size
+from transforms.models import embedding_size, model_revision
+from transforms.progress import report_progress, reset_reporters
 from transforms.qdrant import QdrantConfig, ensure_collection, shared_client
 from transforms.queries import (
     DedupQueries,
@@ -203,6 +202,10 @@ class _BuildQueryJudgements(beam.DoFn):
         return item
 
 
+def _row_counts(_: Any) -> dict[str, int]:
+    return {"query_rows": 1}
+
+
 def _query_id_of(letter: DeadLetter) -> str:
     return json.loads(letter.record)["query_id"]
 
@@ -216,7 +219,8 @@ def build_pipeline(p: beam.Pipeline, config: LabelConfig, provenance: dict[str, 
                    started_at: float | None = None) -> dict[str, beam.PCollection]:
     """Wire the label job onto ``p``; returns its named outputs."""
     log = p | "ReadQueryLog" >> ReadParquetRows(config.queries, config.query_columns.all)
-    parsed = log["rows"] | "ParseQueries" >> ParseQueryRows(config.query_columns)
+    rows = log["rows"] | "ReadProgress" >> report_progress("read", config.progress_interval_s, _row_counts)
+    parsed = rows | "ParseQueries" >> ParseQueryRows(config.query_columns)
     deduped = parsed["queries"] | "DedupQueries" >> DedupQueries()
     queries = deduped["queries"] | "SampleQueries" >> SampleQueries(config.sample)
     dead = [log[DEAD], parsed[DEAD], deduped[DEAD]]
@@ -283,33 +287,6 @@ def build_pipeline(p: beam.Pipeline, config: LabelConfig, provenance: dict[str, 
 
 
 # -- provenance ------------------------------------------------------------------------------
-def model_revision(model: str) -> str:
-    """A revision for the manifest: the hub commit of a cached model, or a digest of a local one.
-
-    For a local directory: sha256 over its config and tokenizer files and the safetensors
-    headers (tensor names, shapes, offsets), which change whenever the weights do.
-    """
-    from transforms.models import resolve_model
-
-    path = resolve_model(model)
-    if not os.path.isdir(path):
-        ref = os.path.join(os.environ.get("HF_HUB_CACHE", os.path.expanduser("~/.cache/huggingface/hub")),
-                           "models--" + model.replace("/", "--"), "refs", "main")
-        return open(ref).read().strip() if os.path.exists(ref) else "unknown"
-    digest = hashlib.sha256()
-    for name in sorted(os.listdir(path)):
-        full = os.path.join(path, name)
-        if not os.path.isfile(full):
-            continue
-        if name.endswith(".json") or name.endswith(".txt"):
-            digest.update(name.encode() + open(full, "rb").read())
-        elif name.endswith(".safetensors"):
-            with open(full, "rb") as f:
-                n = int.from_bytes(f.read(8), "little")
-                digest.update(name.encode() + f.read(n))
-    return "sha256:" + digest.hexdigest()[:16]
-
-
 def provenance_of(config: LabelConfig, query_files: list[str], corpus_files: list[str]) -> dict[str, Any]:
     prov: dict[str, Any] = {
         "reranker": {"model": config.reranker, "revision": model_revision(config.reranker),
@@ -404,6 +381,7 @@ def run_config(config: LabelConfig, beam_args: list[str] | None = None, test_pip
     the manifest the job wrote, so it is exact on every runner. Raises ``ValueError`` before
     the job when a check fails, and ``LabelFailed`` after it when no query was labelled."""
     started = time.time()
+    reset_reporters()  # this job's progress lines start afresh, even after another job in this process
     p = start_pipeline(test_pipeline, beam_args, config.device)
     query_files = validate_columns(config.queries, config.checked_query_columns)
     corpus_files: list[str] = []
@@ -416,6 +394,7 @@ def run_config(config: LabelConfig, beam_args: list[str] | None = None, test_pip
             ensure_collection(client, config.collection, embedding_size(config.model, config.dim), create=False)
     check_reranker(config.reranker)
     provenance = provenance_of(config, query_files, corpus_files)
+    _LOG.info("labelling %d query log file(s) into %s (reranker %s)", len(query_files), config.out, config.reranker)
     build_pipeline(p, config, provenance, started)
     result = p.run()
     result.wait_until_finish()

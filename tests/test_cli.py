@@ -222,7 +222,10 @@ def test_input_missing_a_column(tmp_path):
     path = tmp_path / "docs.parquet"
     pq.write_table(pa.Table.from_pylist([{"id": "a", "body": "text"}]), path)
     result = cli("index", "--input", str(path), "--collection", "c", "--model", MINILM, "--qdrant-path", str(tmp_path / "q"))
-    assert one_line(result) == f"corpus-etl index: error: {path}: missing column(s) text; the file has: id, body"
+    assert one_line(result) == (
+        f"corpus-etl index: error: --input: 1 of 1 input file(s) cannot be read ({path}: missing column(s) text; "
+        "the file has: id, body); fix or remove them, or pass --skip-bad-files to index the others"
+    )
     assert result.returncode == EXIT_USAGE
 
 
@@ -251,7 +254,7 @@ def test_alias_that_names_a_collection_is_refused_before_the_job(sample_dir, tmp
     client.create_collection("live", vectors_config=models.VectorParams(size=384, distance=models.Distance.COSINE))
     client.close()
     result = cli("index", "--input", sample_dir["corpus"], "--collection", "v2", "--alias", "live", "--model", MINILM,
-                 "--qdrant-path", str(tmp_path / "q"))
+                 "--qdrant-path", str(tmp_path / "q"), "--chunk-tokens", "128")
     assert one_line(result) == (
         f"corpus-etl index: error: --alias 'live' is the name of a collection at local:{tmp_path / 'q'}, not an "
         "alias; choose another --alias"

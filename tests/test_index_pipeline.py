@@ -14,6 +14,7 @@ import pytest
 from apache_beam.testing.test_pipeline import TestPipeline
 
 from pipelines import evaluate, index, search
+from pipelines.errors import PreflightError
 from transforms.chunk import ChunkSettings
 from transforms.models import embedding_size
 from transforms.qdrant import QdrantConfig, close_client, ensure_collection, shared_client
@@ -238,7 +239,9 @@ def test_a_corrupt_page_in_one_of_three_files_indexes_every_row_of_the_other_two
     close_client(QdrantConfig(path=qdrant_path))
     expected = {r["id"] for p in (paths[0], paths[2]) for r in pq.read_table(p).to_pylist()}
     assert {payload["doc_id"] for payload, _ in points.values()} == expected and len(points) == 10
-    assert (summary["status"], summary["partial_reasons"]) == ("partial", ["1 row group(s) could not be read"])
+    assert (summary["status"], summary["partial"]) == (
+        "partial", f"1 row group(s) could not be read; 1 dead letter(s) in {tmp_path / 'dead.jsonl'}"
+    )
     dead = [json.loads(line) for line in (tmp_path / "dead.jsonl").read_text().splitlines()]
     assert [(d["source"], d["reason"].split(":")[0]) for d in dead] == [(str(paths[1]), "unreadable row group 0 (rows from 1)")]
 
@@ -249,7 +252,7 @@ def test_bad_files_stop_the_job_before_anything_is_written_unless_skipped(tmp_pa
     qdrant_path = str(tmp_path / "q")
     argv = ["--input", str(tmp_path / "part-*.parquet"), "--collection", "c", "--model", minilm_path,
             "--qdrant-path", qdrant_path, "--chunk-tokens", "0", "--dead-letter", str(tmp_path / "dead.jsonl")]  # fmt: skip
-    with pytest.raises(ValueError, match=r"^1 of 3 input file\(s\) cannot be read \(.*part-2.parquet: not a readable"):
+    with pytest.raises(PreflightError, match=r"^--input: 1 of 3 input file\(s\) cannot be read \(.*part-2.parquet: not a readable"):
         _index(argv)
     assert not os.path.exists(qdrant_path)  # refused before the store was opened
     summary = _index([*argv, "--skip-bad-files"])
@@ -259,6 +262,6 @@ def test_bad_files_stop_the_job_before_anything_is_written_unless_skipped(tmp_pa
 
 def test_a_chunk_size_above_the_model_limit_is_refused_before_the_collection_exists(tmp_path, sample_dir, minilm_path):
     qdrant_path = str(tmp_path / "q")
-    with pytest.raises(ValueError, match=r"^--chunk-tokens 512 is more than the model's maximum input length 256; pass"):
+    with pytest.raises(PreflightError, match=r"^--chunk-tokens 512 is more than the model's maximum input length 256; pass"):
         _index(["--input", sample_dir["corpus"], "--collection", "c", "--model", minilm_path, "--qdrant-path", qdrant_path])
     assert not os.path.exists(qdrant_path)

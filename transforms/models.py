@@ -8,6 +8,7 @@ hub when one is reachable), so nothing here special-cases either.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import os
 from typing import Any
@@ -137,3 +138,28 @@ def embedding_size(model: str, dim: int | None = None) -> int:
     if dim is not None and not 1 <= dim <= hidden:
         raise ValueError(f"--dim {dim} is outside 1..{hidden} for {model}")
     return dim or hidden
+
+
+def model_revision(model: str) -> str:
+    """A revision for the manifest: the hub commit of a cached model, or a digest of a local one.
+
+    For a local directory: sha256 over its config and tokenizer files and the safetensors
+    headers (tensor names, shapes, offsets), which change whenever the weights do.
+    """
+    path = resolve_model(model)
+    if not os.path.isdir(path):
+        ref = os.path.join(os.environ.get("HF_HUB_CACHE", os.path.expanduser("~/.cache/huggingface/hub")),
+                           "models--" + model.replace("/", "--"), "refs", "main")
+        return open(ref).read().strip() if os.path.exists(ref) else "unknown"
+    digest = hashlib.sha256()
+    for name in sorted(os.listdir(path)):
+        full = os.path.join(path, name)
+        if not os.path.isfile(full):
+            continue
+        if name.endswith(".json") or name.endswith(".txt"):
+            digest.update(name.encode() + open(full, "rb").read())
+        elif name.endswith(".safetensors"):
+            with open(full, "rb") as f:
+                n = int.from_bytes(f.read(8), "little")
+                digest.update(name.encode() + f.read(n))
+    return "sha256:" + digest.hexdigest()[:16]
