@@ -28,8 +28,8 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescript
 def add_qdrant_arguments(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("Qdrant")
     where = group.add_mutually_exclusive_group()
-    where.add_argument("--qdrant-path", default="./qdrant_data", help="local mode: folder that holds the collections")
-    where.add_argument("--qdrant-url", default=None, help="Qdrant server, e.g. http://qdrant:6333 (instead of local mode)")
+    where.add_argument("--qdrant-path", default="./qdrant_data", help="embedded store (Qdrant Edge): folder that holds the collections")
+    where.add_argument("--qdrant-url", default=None, help="Qdrant server, e.g. http://qdrant:6333 (instead of the embedded store)")
     group.add_argument(
         "--qdrant-api-key-env", default=None, metavar="VAR", help="name of the environment variable holding the API key"
     )

@@ -100,7 +100,10 @@ def run(argv: list[str] | None = None) -> dict[str, Any]:
     if not judged:
         raise SystemExit(f"no query in {args.queries} has judgements in {args.qrels}")
     searcher = Searcher(qdrant_config(args), args.collection, encoder_from_args(args))
-    hits = searcher.search(list(judged.values()), args.top_k)
+    try:
+        hits = searcher.search(list(judged.values()), args.top_k)
+    finally:
+        searcher.close()
     run_ = {qid: {h["doc_id"]: h["score"] for h in hs} for qid, hs in zip(judged, hits)}
     metrics = evaluate(run_, {q: qrels[q] for q in judged})
     result = {"collection": args.collection, "model": args.model, "queries": len(judged), "top_k": args.top_k, **metrics}

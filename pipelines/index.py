@@ -33,15 +33,9 @@ from transforms.chunk import ChunkDocuments, ChunkSettings
 from transforms.dead_letter import WriteDeadLetters
 from transforms.embed import Embed, EmbeddingModelHandler
 from transforms.models import embedding_size
-from transforms.qdrant import (
-    RESERVED_PAYLOAD_KEYS,
-    QdrantConfig,
-    WriteToQdrant,
-    ensure_collection,
-    point_alias,
-    shared_client,
-)
+from transforms.qdrant import RESERVED_PAYLOAD_KEYS, QdrantConfig, WriteToQdrant
 from transforms.read import DEAD, DocumentColumns, ReadDocuments, validate_columns
+from transforms.store import CollectionSpec, HnswSettings, open_store
 
 _LOG = logging.getLogger(__name__)
 
@@ -63,6 +57,7 @@ class IndexConfig:
     alias: str | None = None
     progress_interval_s: float = 30.0
     upsert_batch_points: int = 256
+    hnsw: HnswSettings | None = None  # build an HNSW index after the job (embedded store)
 
     def __post_init__(self) -> None:
         if not self.input:
@@ -78,6 +73,8 @@ class IndexConfig:
             raise ValueError(f"--metadata-columns {sorted(clash)} clash with payload fields the index writes")
         if self.alias and self.alias == self.collection:
             raise ValueError("--alias must differ from --collection")
+        if self.hnsw and not self.qdrant.embedded:
+            raise ValueError("--hnsw applies to the embedded store (--qdrant-path); a server indexes by itself")
         if self.dead_letter and not self.dead_letter.endswith((".jsonl", ".json", ".parquet")):
             raise ValueError(f"--dead-letter must end in .jsonl or .parquet, got {self.dead_letter}")
 
@@ -135,6 +132,10 @@ def build_arg_parser() -> argparse.ArgumentParser:
         help="after a successful run, atomically point this Qdrant alias at --collection (blue/green reindexing)",
     )
     out.add_argument("--progress-interval", type=float, default=30.0, help="seconds between progress lines")
+    hnsw = parser.add_argument_group("HNSW index (embedded store)")
+    hnsw.add_argument("--hnsw", action="store_true", help="build an HNSW index when the job has written every point")
+    hnsw.add_argument("--hnsw-m", type=int, default=16, help="edges per node")
+    hnsw.add_argument("--hnsw-ef-construct", type=int, default=100, help="candidates while building")
     out.add_argument("-v", "--verbose", action="store_true")
     return parser
 
@@ -160,6 +161,7 @@ def config_from_args(args: argparse.Namespace) -> IndexConfig:
         summary_out=args.summary_out,
         alias=args.alias,
         progress_interval_s=args.progress_interval,
+        hnsw=HnswSettings(args.hnsw_m, args.hnsw_ef_construct) if args.hnsw else None,
     )
 
 
@@ -179,9 +181,13 @@ def run_config(config: IndexConfig, beam_args: list[str] | None = None, test_pip
     p = start_pipeline(test_pipeline, beam_args, config.device)
     files = validate_columns(config.input, config.columns.all)
     size = embedding_size(config.model, config.dim)
-    client, lock = shared_client(config.qdrant)
-    with lock:
-        created = ensure_collection(client, config.collection, size)
+    store = open_store(config.qdrant)  # the embedded store holds no shard open while workers write
+    spec = CollectionSpec(
+        size, model=config.model,
+        settings={"dim": config.dim, "chunk_tokens": config.chunking.chunk_tokens,
+                  "chunk_overlap": config.chunking.chunk_overlap, "max_length": config.max_length},
+    )  # fmt: skip
+    created = store.ensure_collection(config.collection, spec)
     _LOG.info(
         "indexing %d file(s) into %s/%s (%s, size %d, %s)",
         len(files), config.qdrant.where, config.collection, config.model, size, "created" if created else "exists",
@@ -191,9 +197,10 @@ def run_config(config: IndexConfig, beam_args: list[str] | None = None, test_pip
     result.wait_until_finish()
     elapsed = time.time() - started
     counts = counters(result)
-    with lock:
-        points = client.count(config.collection, exact=True).count
-        previous = point_alias(client, config.alias, config.collection) if config.alias else None
+    hnsw = store.build_index(config.collection, config.hnsw) if config.hnsw else None
+    points = store.count(config.collection)
+    previous = store.point_alias(config.alias, config.collection) if config.alias else None
+    store.close()
     summary = {
         "pipeline": "index",
         "input": config.input,
@@ -208,6 +215,7 @@ def run_config(config: IndexConfig, beam_args: list[str] | None = None, test_pip
         "points_in_collection": points,
         "dead_letter": config.dead_letter,
         "alias": {"name": config.alias, "previous": previous} if config.alias else None,
+        "hnsw": hnsw,
         "elapsed_s": round(elapsed, 2),
         "documents_per_s": round(counts.get("documents_read", 0) / elapsed, 2),
         "tokens_per_s": round(counts.get("tokens", 0) / elapsed, 1),
@@ -231,6 +239,9 @@ def format_summary(summary: dict[str, Any]) -> str:
             f"  dead letters     {c.get('dead_letters', 0)}" + (f" -> {summary['dead_letter']}" if summary["dead_letter"] else ""),
             *([f"  alias            {summary['alias']['name']} -> {summary['collection']}"
                f" (was {summary['alias']['previous']})"] if summary.get("alias") else []),
+            *([f"  hnsw             m={summary['hnsw']['m']} ef_construct={summary['hnsw']['ef_construct']}: "
+               f"{summary['hnsw']['indexed_vectors']} vectors indexed in {summary['hnsw']['seconds']}s"]
+              if summary.get("hnsw") else []),
             f"  time             {summary['elapsed_s']}s  ({summary['documents_per_s']} docs/s, "
             f"{summary['tokens_per_s']} tokens/s)",
         ]

@@ -39,7 +39,7 @@ from transforms.dead_letter import WriteDeadLetters
 from transforms.embed import EmbeddingModelHandler
 from transforms.inference import RunInferenceByTokens
 from transforms.models import embedding_size
-from transforms.qdrant import QdrantConfig, ensure_collection, shared_client
+from transforms.qdrant import QdrantConfig
 from transforms.queries import (
     DedupQueries,
     ParseQueryRows,
@@ -377,9 +377,11 @@ def run_config(config: LabelConfig, beam_args: list[str] | None = None, test_pip
         match_files(config.candidates)
         corpus_files = validate_columns(config.corpus, config.corpus_columns.all)
     else:
-        client, lock = shared_client(config.qdrant)
-        with lock:  # exists, and holds vectors of this model's size
-            ensure_collection(client, config.collection, embedding_size(config.model, config.dim), create=False)
+        from transforms.store import CollectionSpec, open_store
+
+        store = open_store(config.qdrant)  # exists, and holds vectors of this model's size
+        store.ensure_collection(config.collection, CollectionSpec(embedding_size(config.model, config.dim)), create=False)
+        store.close()
     provenance = provenance_of(config, query_files, corpus_files)
     build_pipeline(p, config, provenance, started)
     result = p.run()

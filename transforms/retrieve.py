@@ -4,7 +4,7 @@ Both paths end in the same records: ``RerankPair`` (query, document text, first-
 score and 1-based rank), one per (query, document), at most ``top_k`` per query.
 
 From the index, the query is embedded with the model's query prompt (as ``search``
-does) and chunk hits are grouped by ``doc_id`` by Qdrant (max score per document); the
+does) and chunk hits are grouped by ``doc_id`` by the store (max score per document); the
 document text given to the reranker is its best-matching chunk, title first, which is
 what the first stage actually matched.
 """
@@ -19,7 +19,7 @@ import apache_beam as beam
 from apache_beam.metrics import Metrics
 
 from transforms.embed import Embed, EmbeddingModelHandler
-from transforms.qdrant import QdrantConfig, search_documents, shared_client
+from transforms.qdrant import QdrantConfig
 from transforms.read import DEAD
 from transforms.types import Candidate, DeadLetter, Document, Query, RerankPair
 
@@ -40,13 +40,17 @@ class _SearchIndex(beam.DoFn):
         self.search_ms = Metrics.counter("corpus_etl", "search_ms")
 
     def setup(self) -> None:
-        self.client, self.lock = shared_client(self.qdrant)
+        from transforms.store import open_store
+
+        self.store = open_store(self.qdrant)  # embedded: shards opened per query, so workers take turns
+
+    def teardown(self) -> None:
+        self.store.close()
 
     def process(self, element: tuple[Query, Any]):
         query, vector = element
         started = time.perf_counter()
-        with self.lock:
-            hits = search_documents(self.client, self.collection, vector, self.top_k)
+        hits = self.store.search_documents(self.collection, vector, self.top_k)
         self.search_ms.inc(int((time.perf_counter() - started) * 1000))
         if not hits:
             self.no_hits.inc()
