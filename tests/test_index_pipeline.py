@@ -12,20 +12,14 @@ import pytest
 from apache_beam.testing.test_pipeline import TestPipeline
 
 from pipelines import evaluate, index, search
-from transforms.qdrant import QdrantConfig, close_client, shared_client
+from transforms.edge_store import EdgeStore
 from transforms.types import point_id
 
 pytestmark = pytest.mark.slow
 
 
 def _points(qdrant_path: str, collection: str) -> dict[str, tuple[dict, np.ndarray]]:
-    client, _ = shared_client(QdrantConfig(path=qdrant_path))
-    out, offset = {}, None
-    while True:
-        page, offset = client.scroll(collection, limit=256, offset=offset, with_vectors=True)
-        out.update({str(p.id): (p.payload, np.asarray(p.vector)) for p in page})
-        if offset is None:
-            return out
+    return {p.id: (p.payload, np.asarray(p.vector)) for p in EdgeStore(qdrant_path).scroll(collection)}
 
 
 def _index(argv: list[str]) -> dict:
@@ -45,7 +39,6 @@ def whole_docs_index(tmp_path_factory, sample_dir, minilm_path):
         ]
     )  # fmt: skip
     yield {"qdrant_path": qdrant_path, "summary": summary, "dir": tmp}
-    close_client(QdrantConfig(path=qdrant_path))
 
 
 def test_vectors_equal_sentence_transformers_encode(whole_docs_index, sample_dir, minilm_path):
@@ -111,7 +104,6 @@ def test_reindexing_is_idempotent_with_bad_rows_dead_lettered(tmp_path, sample_d
     before = _points(qdrant_path, "chunks")
     second = _index(argv)
     after = _points(qdrant_path, "chunks")
-    close_client(QdrantConfig(path=qdrant_path))
 
     assert first["counters"]["chunks"] == second["counters"]["chunks"] == len(before) == len(after)
     assert (first["alias"], second["alias"]) == ({"name": "live", "previous": None}, {"name": "live", "previous": "chunks"})
@@ -144,4 +136,3 @@ def test_cuda_without_a_gpu_is_an_error_not_a_fallback(tmp_path, sample_dir, min
                 "--qdrant-path", str(tmp_path / "q"), "--device", "cuda",
             ]
         )  # fmt: skip
-    close_client(QdrantConfig(path=str(tmp_path / "q")))
