@@ -188,3 +188,15 @@ def test_index_on_two_worker_processes_equals_in_process(tmp_path, sample_dir, m
     for pid, p in a.items():
         assert b[pid].payload == p.payload
         np.testing.assert_allclose(b[pid].vector, p.vector, atol=1e-6)
+
+    # `dump` of the two collections: the same file, vectors within 1e-6.
+    from pipelines import dump
+
+    for name in ("single", "multi"):
+        dump.run(["--collection", name, "--qdrant-path", path, "--out", str(tmp_path / f"{name}.parquet")])
+    ta, tb = pq.read_table(tmp_path / "single.parquet"), pq.read_table(tmp_path / "multi.parquet")
+    assert ta.schema == tb.schema and ta.num_rows == len(a)
+    assert ta.drop(["vector"]).equals(tb.drop(["vector"]))
+    assert ta.column("id").to_pylist() == sorted(a)
+    va = np.asarray(ta.column("vector").to_pylist())
+    np.testing.assert_allclose(np.asarray(tb.column("vector").to_pylist()), va, atol=1e-6)

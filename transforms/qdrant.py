@@ -36,7 +36,7 @@ import os
 import random
 import threading
 import time
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import Any, TypeVar
 
 import apache_beam as beam
@@ -262,7 +262,7 @@ def store_point(item: EmbeddedChunk, model_id: str) -> StorePoint:
     return StorePoint(str(point.id), point.vector, point.payload)  # type: ignore[arg-type]
 
 
-class _PointBuffer:
+class PointBuffer:
     """Points of one batch, bounded by count and by bytes, with the chunk-0 documents in it."""
 
     def __init__(self, batch_points: int, batch_bytes: int) -> None:
@@ -274,10 +274,10 @@ class _PointBuffer:
     def fits(self, size: int) -> bool:
         return not self.points or self.bytes + size <= self.batch_bytes
 
-    def add(self, point: StorePoint, size: int, item: EmbeddedChunk) -> None:
+    def add(self, point: StorePoint, size: int, item: EmbeddedChunk | None = None) -> None:
         self.points.append(point)
         self.bytes += size
-        if item.chunk.chunk_index == 0:
+        if item is not None and item.chunk.chunk_index == 0:
             self.first_chunks[item.chunk.doc_id] = item.chunk.n_chunks
 
     @property
@@ -315,7 +315,7 @@ class _UpsertPoints(beam.DoFn):
         self.store = open_store(self.config)
 
     def start_bundle(self) -> None:
-        self.buffer = _PointBuffer(self.batch_points, self.batch_bytes)
+        self.buffer = PointBuffer(self.batch_points, self.batch_bytes)
 
     def process(self, item: EmbeddedChunk):
         point = store_point(item, self.model_id)
@@ -341,6 +341,43 @@ class _UpsertPoints(beam.DoFn):
             self.counters.pruned.inc(pruned)
         self.counters.written.inc(len(points))
         self.counters.batches.inc()
+
+
+def copy_points(
+    points: Iterable[StorePoint],
+    target: VectorStore,
+    collection: str,
+    *,
+    batch_points: int = 256,
+    batch_bytes: int = 8 * 1024 * 1024,
+    sleep: Callable[[float], None] = time.sleep,
+) -> dict[str, int]:
+    """Upsert ``points`` (ids kept) into ``target`` as the writer does: batches bounded by count
+    and bytes, each retried on transient errors. Returns points, batches and retries."""
+    if not 0 < batch_bytes < MAX_REQUEST_BYTES:
+        raise ValueError(f"batch_bytes must be in (0, {MAX_REQUEST_BYTES})")
+    stats = {"points": 0, "batches": 0, "retries": 0}
+    buffer = PointBuffer(batch_points, batch_bytes)
+
+    def on_retry(exc: BaseException, attempt: int) -> None:
+        stats["retries"] += 1
+
+    def flush() -> None:
+        batch, _ = buffer.take()
+        with_retries(lambda: target.upsert(collection, batch), on_retry=on_retry, sleep=sleep)
+        stats["points"] += len(batch)
+        stats["batches"] += 1
+
+    for point in points:
+        size = point_bytes(point)
+        if not buffer.fits(size):
+            flush()
+        buffer.add(point, size)
+        if buffer.full:
+            flush()
+    if buffer.points:
+        flush()
+    return stats
 
 
 class _KeyByShard(beam.DoFn):
@@ -385,7 +422,7 @@ class _WriteShard(beam.DoFn):
     def process(self, element: tuple[int, Any]):
         index, items = element
         name, meta, paths = self.store._shards(self.collection)
-        buffer = _PointBuffer(self.batch_points, self.batch_bytes)
+        buffer = PointBuffer(self.batch_points, self.batch_bytes)
         with self.store.shard(paths[index]) as shard:
 
             def flush() -> None:
