@@ -125,7 +125,7 @@ def test_hnsw_build_is_recorded_and_searches_agree_with_exact(tmp_path):
         StorePoint(point_id(f"d{i}", 0), rng.standard_normal(16).tolist(), {"doc_id": f"d{i}", "chunk_index": 0})
         for i in range(3000)
     ])  # fmt: skip
-    report = store.build_index("c", HnswSettings(m=16, ef_construct=64))
+    report = store.build_index("c", HnswSettings(m=16, ef_construct=64, full_scan_threshold_kb=1))
     assert (report["m"], report["ef_construct"], report["indexed_vectors"]) == (16, 64, 3000)
     assert store.meta("c").hnsw == {"m": 16, "ef_construct": 64}
     assert store.count("c") == 3000

@@ -169,7 +169,7 @@ def test_index_on_two_worker_processes_equals_in_process(tmp_path, sample_dir, m
     env = {**os.environ, "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1"}
     multi = [
         sys.executable, "-m", "pipelines.cli", "index", *common, "--collection", "multi",
-        "--summary-out", str(tmp_path / "multi.json"),
+        "--summary-out", str(tmp_path / "multi.json"), "--hnsw", "--hnsw-m", "8", "--hnsw-ef-construct", "32",
         "--direct_running_mode=multi_processing", "--direct_num_workers=2",
     ]  # fmt: skip
     with started(multi, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) as proc:
@@ -184,6 +184,8 @@ def test_index_on_two_worker_processes_equals_in_process(tmp_path, sample_dir, m
     a = {p.id: p for p in store.scroll("single")}
     b = {p.id: p for p in store.scroll("multi")}
     assert summary["points_in_collection"] == single["points_in_collection"] == len(a) == len(b) > len(rows)
+    assert summary["hnsw"]["m"] == 8 and summary["hnsw"]["indexed_vectors"] == len(b)
+    assert store.meta("multi").hnsw == {"m": 8, "ef_construct": 32} and store.meta("single").hnsw is None
     assert a.keys() == b.keys()
     for pid, p in a.items():
         assert b[pid].payload == p.payload

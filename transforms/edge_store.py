@@ -63,7 +63,6 @@ FORMAT = "corpus-etl/qdrant-edge-collection"
 FORMAT_VERSION = 1
 ALIASES_FILE = "aliases.json"
 DEFAULT_SHARDS = 4
-HNSW_FULL_SCAN_THRESHOLD_KB = 10_000  # Qdrant's default: smaller segments are scanned, not walked
 
 
 class LegacyLocalModeError(ValueError):
@@ -259,7 +258,7 @@ class EdgeStore(VectorStore):
         return EdgeConfig(
             vectors=vectors,
             hnsw_config=HnswIndexConfig(
-                m=hnsw.m, ef_construct=hnsw.ef_construct, full_scan_threshold=HNSW_FULL_SCAN_THRESHOLD_KB
+                m=hnsw.m, ef_construct=hnsw.ef_construct, full_scan_threshold=hnsw.full_scan_threshold_kb
             ),
             optimizers=EdgeOptimizersConfig(indexing_threshold=1),
         )
