@@ -174,8 +174,8 @@ def bench_edge(path: str, vectors, owner, texts, queries, args, *, hnsw: bool) -
     from transforms.edge_store import EdgeStore
     from transforms.store import CollectionSpec, HnswSettings
 
-    store = EdgeStore(path, shards=args.shards)
-    store.ensure_collection("bench", CollectionSpec(vectors.shape[1]))
+    EdgeStore(path, shards=args.shards).ensure_collection("bench", CollectionSpec(vectors.shape[1]))
+    store = EdgeStore(path, keep_open=True)  # one writer holding its shards, as the job's shard writers do
     n = len(vectors)
     started = time.perf_counter()
     for start in range(0, n, 256):

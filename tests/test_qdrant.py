@@ -195,7 +195,9 @@ def test_embedded_search_equals_a_brute_force_top_k(tmp_path):
             points.append(StorePoint(point_id(d, j), v.tolist(), {"doc_id": d, "chunk_index": j}))
     store.upsert("c", points)
     matrix = np.stack(vectors)
-    for q in rng.standard_normal((5, 16)):
+    queries = rng.standard_normal((5, 16))
+    batch = store.search_documents_batch("c", queries.tolist(), 25)
+    for q, batched in zip(queries, batch):
         scores = matrix @ (q / np.linalg.norm(q))
         best: dict[str, float] = {}
         for d, s in zip(owners, scores):
@@ -203,6 +205,7 @@ def test_embedded_search_equals_a_brute_force_top_k(tmp_path):
         expected = sorted(best.items(), key=lambda kv: (-kv[1], kv[0]))[:25]
         got = store.search_documents("c", q.tolist(), 25)
         assert [c.doc_id for c, _ in got] == [d for d, _ in expected]
+        assert [(c.doc_id, c.score) for c, _ in batched] == [(c.doc_id, c.score) for c, _ in got]
         np.testing.assert_allclose([c.score for c, _ in got], [s for _, s in expected], atol=1e-5)
 
 

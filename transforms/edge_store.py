@@ -477,23 +477,36 @@ class EdgeStore(VectorStore):
         within its shard's top chunks whenever the document is in the global top ``top_k``,
         so the merge is exact.
         """
-        from qdrant_edge import Query, QueryRequest, SearchParams
+        return self.search_documents_batch(collection, [vector], top_k, hnsw_ef=hnsw_ef)[0]
+
+    def search_documents_batch(
+        self, collection: str, vectors: Sequence[Sequence[float]], top_k: int, *, hnsw_ef: int | None = None
+    ) -> list[list[tuple[Candidate, dict[str, Any]]]]:
+        """``search_documents`` for many queries, opening each shard once for all of them."""
+        from qdrant_edge import SearchParams
 
         _, _, paths = self._shards(collection)
         params = SearchParams(hnsw_ef=hnsw_ef) if hnsw_ef else SearchParams(exact=True)
-        query = [float(x) for x in vector]
-        hits: list[tuple[str, float, dict[str, Any]]] = []
+        queries = [[float(x) for x in v] for v in vectors]
+        hits: list[list[tuple[str, float, dict[str, Any]]]] = [[] for _ in queries]
         for path in paths:
-            limit = max(4 * top_k, 32)
             with self.shard(path) as shard:
-                while True:
-                    found = shard.query(QueryRequest(limit=limit, query=Query.Nearest(query), with_payload=True, params=params))
-                    docs = {(p.payload or {}).get("doc_id") for p in found}
-                    if len(docs) >= top_k or len(found) < limit:
-                        break
-                    limit *= 2
-            hits += [(str((p.payload or {}).get("doc_id")), float(p.score), dict(p.payload or {})) for p in found]
-        return group_documents(hits, top_k)
+                for i, query in enumerate(queries):
+                    hits[i] += self._search_shard(shard, query, top_k, params)
+        return [group_documents(h, top_k) for h in hits]
+
+    @staticmethod
+    def _search_shard(shard: Any, query: list[float], top_k: int, params: Any) -> list[tuple[str, float, dict[str, Any]]]:
+        from qdrant_edge import Query, QueryRequest
+
+        limit = max(4 * top_k, 32)
+        while True:
+            found = shard.query(QueryRequest(limit=limit, query=Query.Nearest(query), with_payload=True, params=params))
+            docs = {(p.payload or {}).get("doc_id") for p in found}
+            if len(docs) >= top_k or len(found) < limit:
+                break
+            limit *= 2
+        return [(str((p.payload or {}).get("doc_id")), float(p.score), dict(p.payload or {})) for p in found]
 
     def build_index(self, collection: str, hnsw: HnswSettings) -> dict[str, Any]:
         """Build HNSW on every shard (``optimize``), then record it in ``collection.json``.

@@ -117,6 +117,12 @@ class VectorStore(abc.ABC):
         Exact unless ``hnsw_ef`` is given. Each candidate comes with its best chunk's payload.
         """
 
+    def search_documents_batch(
+        self, collection: str, vectors: Sequence[Sequence[float]], top_k: int, *, hnsw_ef: int | None = None
+    ) -> list[list[tuple[Candidate, dict[str, Any]]]]:
+        """``search_documents`` for each vector, in order (a store may share work between them)."""
+        return [self.search_documents(collection, v, top_k, hnsw_ef=hnsw_ef) for v in vectors]
+
     @abc.abstractmethod
     def count(self, collection: str) -> int:
         """Exact number of points."""
