@@ -8,14 +8,18 @@ Guarantees:
 - Point ids are ``uuid5(doc_id:chunk_index)``: a retried bundle (Beam retries with new
   batch boundaries), a rerun or a replay overwrites the same points; nothing duplicates.
 - Upserts are sent in batches bounded by point count and by bytes (default 8 MiB, well
-  under Qdrant's 32 MiB request limit), with ``wait=True`` so a finished bundle means
-  durable points.
+  under Qdrant's 32 MiB request limit), with ``wait=True`` (server) or through the WAL
+  (embedded), so a finished bundle means durable points.
 - A document that now has fewer chunks than when it was last indexed loses its stale
   points. Chunks are numbered 0..n-1, so a document has stale points exactly when the
   point ``(doc_id, n_chunks)`` exists: that is checked by id (one ``retrieve`` per upsert
-  batch, O(1) per document, on a server and in local mode), and only documents that did
-  shrink get a filtered delete of ``chunk_index >= n_chunks``. Only indexes this run
-  never writes are deleted, so the order of bundles does not matter.
+  batch, O(1) per document, on a server and in the embedded store, where it stays within
+  the document's shard), and only documents that did shrink get a filtered delete of
+  ``chunk_index >= n_chunks``. Only indexes this run never writes are deleted, so the
+  order of bundles does not matter.
+- Server writes are retried as a whole batch (upsert, probe, delete); embedded writes are
+  not retried here (a shard held by another process is waited for, see ``edge_store``),
+  and Beam retries a failed element, which rewrites the same ids.
 - Transient failures (connection errors, timeouts, HTTP 429/5xx, gRPC UNAVAILABLE and the
   like) are retried with exponential backoff and jitter; client errors (HTTP 4xx, gRPC
   INVALID_ARGUMENT...) are raised at once with Qdrant's message, since retrying them
