@@ -146,7 +146,6 @@ STAGES = Stages()
 def run_ours(parquet: str, qdrant_path: str, collection: str) -> dict[str, Any]:
     """Our index job through its CLI entry point, chunking off, every other flag at its default."""
     from pipelines.index import run
-    from transforms.qdrant import QdrantConfig, close_client
 
     argv = [
         "--input", parquet, "--collection", collection, "--model", MODEL,
@@ -155,7 +154,6 @@ def run_ours(parquet: str, qdrant_path: str, collection: str) -> dict[str, Any]:
     started = time.perf_counter()
     summary = run(argv)
     elapsed = time.perf_counter() - started
-    close_client(QdrantConfig(path=qdrant_path))
     return {"seconds": elapsed, "points": summary["points_in_collection"], "counters": summary["counters"]}
 
 
@@ -221,24 +219,27 @@ def retrieval_identity(model_path: str, ours: tuple[str, str], beams: tuple[str,
     st = SentenceTransformer(model_path, device="cpu")
     texts = [text for text, _ in QUERIES.values()]
     vectors = st.encode(texts, normalize_embeddings=True)
-    c_ours, c_beam = QdrantClient(path=ours[0]), QdrantClient(path=beams[0])
+    from transforms.edge_store import EdgeStore
+
+    # Ours is the embedded store (Qdrant Edge); Beam's writer uses qdrant-client's local mode.
+    c_ours, c_beam = EdgeStore(ours[0], keep_open=True), QdrantClient(path=beams[0])
     try:
-        n_ours = c_ours.count(ours[1], exact=True).count
+        n_ours = c_ours.count(ours[1])
         n_beam = c_beam.count(beams[1], exact=True).count
         identical, max_diff, overlap = 0, 0.0, []
         for vec in vectors:
-            a = c_ours.query_points(ours[1], query=vec.tolist(), limit=TOP_K, with_payload=True).points
+            a = c_ours.search_documents(ours[1], vec.tolist(), TOP_K)  # one chunk per document: = point search
             b = c_beam.query_points(beams[1], query=vec.tolist(), using="dense", limit=TOP_K, with_payload=True).points
-            ids_a = [h.payload["doc_id"] for h in a]
+            ids_a = [c.doc_id for c, _ in a]
             ids_b = [h.payload["doc_id"] for h in b]
             identical += ids_a == ids_b
             overlap.append(len(set(ids_a) & set(ids_b)) / TOP_K)
             score_b = {h.payload["doc_id"]: h.score for h in b}
-            for h in a:
-                if h.payload["doc_id"] in score_b:
-                    max_diff = max(max_diff, abs(h.score - score_b[h.payload["doc_id"]]))
+            for c, _ in a:
+                if c.doc_id in score_b:
+                    max_diff = max(max_diff, abs(c.score - score_b[c.doc_id]))
         # Every stored vector, point by point (same ids in both collections).
-        va = {str(p.id): np.asarray(p.vector) for p in _all_points(c_ours, ours[1])}
+        va = {p.id: np.asarray(p.vector) for p in c_ours.scroll(ours[1])}
         vb = {str(p.id): np.asarray(p.vector["dense"]) for p in _all_points(c_beam, beams[1])}
         same_ids = set(va) == set(vb)
         max_vec = max((float(np.abs(va[k] - vb[k]).max()) for k in va if k in vb), default=float("nan"))

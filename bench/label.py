@@ -29,7 +29,6 @@ from apache_beam.testing.test_pipeline import TestPipeline  # noqa: E402
 from bench.common import machine, replace_section  # noqa: E402
 from pipelines import index, label  # noqa: E402
 from pipelines.sample import QUERIES, write_sample  # noqa: E402
-from transforms.qdrant import QdrantConfig, close_client  # noqa: E402
 
 
 def step_latency_s(result, step_fragment: str) -> float:
@@ -92,7 +91,6 @@ def main() -> None:
     pq.write_table(pa.Table.from_pylist(log_rows), log)
     reranker = str(build_qwen3_reranker(os.path.join(tmp, "reranker"), RERANKER_CONFIGS.get(args.reranker)))
     r = run_once(args, tmp, reranker, qdrant, log, os.path.join(tmp, "out"))
-    close_client(QdrantConfig(path=qdrant))
     other = max(r["wall_s"] - r["retrieval_s"] - r["scoring_s"] - r["writing_s"], 0.0)
     share = {k: v / r["wall_s"] for k, v in
              (("retrieval", r["retrieval_s"]), ("scoring", r["scoring_s"]), ("writing", r["writing_s"]), ("other", other))}

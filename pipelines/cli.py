@@ -27,6 +27,8 @@ COMMANDS = {
     "label": ("pipelines.label", "label query logs with Qwen3-Reranker into eval and distillation sets (Beam job)"),
     "search": ("pipelines.search", "search a collection"),
     "evaluate": ("pipelines.evaluate", "nDCG@10 / MRR@10 / Recall@k of a collection on BEIR queries and qrels"),
+    "copy": ("pipelines.copy", "copy an embedded collection into a Qdrant server collection (optionally switch an alias)"),
+    "dump": ("pipelines.dump", "write every point of a collection to one Parquet file, sorted by id"),
     "sample-data": ("pipelines.sample", "write a small real-text corpus, queries, qrels and a query log"),
 }
 # Commands whose parser lives in pipelines.flags: (parser factory, whether unknown --flags go to Beam).

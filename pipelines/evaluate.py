@@ -83,6 +83,29 @@ def evaluate(run: dict[str, dict[str, float]], qrels: dict[str, dict[str, int]],
     return {name: round(float(agg[m]), 6) for name, m in wanted.items()}
 
 
+def evaluate_collection(
+    qdrant: Any, collection: str, model: str, queries_path: str, qrels_path: str, *, top_k: int = 100,
+    dim: int | None = None, device: str = "auto",
+) -> dict[str, float]:
+    """The metrics of ``collection`` (or an alias) on BEIR queries and qrels: what ``evaluate`` prints,
+    as a function (the index job's quality gate compares two collections with it)."""
+    from pipelines.search import Searcher
+    from transforms.embed import TextEncoder
+
+    queries = _read(read_queries, "--gate-queries", queries_path)
+    qrels = _read(read_qrels, "--gate-qrels", qrels_path)
+    judged = {q: t for q, t in sorted(queries.items()) if q in qrels}
+    if not judged:
+        raise PreflightError(f"no query in {queries_path} has judgements in {qrels_path}")
+    searcher = Searcher(qdrant, collection, TextEncoder(model, device=device, dim=dim).load())
+    try:
+        hits = searcher.search(list(judged.values()), top_k)
+    finally:
+        searcher.close()
+    run_ = {qid: {h["doc_id"]: h["score"] for h in hs} for qid, hs in zip(judged, hits)}
+    return evaluate(run_, {q: qrels[q] for q in judged}, top_k)
+
+
 build_arg_parser = evaluate_parser  # kept here for callers of the old name
 
 
@@ -111,7 +134,10 @@ def run_args(args: argparse.Namespace, beam_args: list[str] | None = None) -> di
             f"no query in {args.queries} has judgements in {args.qrels}; check that their query ids match"
         )
     searcher = searcher_from_args(args)
-    hits = searcher.search(list(judged.values()), args.top_k)
+    try:
+        hits = searcher.search(list(judged.values()), args.top_k)
+    finally:
+        searcher.close()
     run_ = {qid: {h["doc_id"]: h["score"] for h in hs} for qid, hs in zip(judged, hits)}
     metrics = evaluate(run_, {q: qrels[q] for q in judged}, args.top_k)
     result = {"collection": args.collection, "model": args.model, "queries": len(judged), "top_k": args.top_k, **metrics}

@@ -51,7 +51,7 @@ def add_verbose(parser: argparse.ArgumentParser | argparse._ArgumentGroup) -> No
 def add_qdrant_arguments(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("Qdrant")
     where = group.add_mutually_exclusive_group()
-    where.add_argument("--qdrant-path", default="./qdrant_data", help="local mode: folder that holds the collections")
+    where.add_argument("--qdrant-path", default="./qdrant_data", help="embedded store (Qdrant Edge): folder that holds the collections")
     where.add_argument(
         "--qdrant-url", default=None,
         help="Qdrant server, e.g. https://qdrant:6333 (instead of local mode); credentials in it are redacted in output",
@@ -116,6 +116,33 @@ def index_parser() -> argparse.ArgumentParser:
         help="after a successful run, atomically point this Qdrant alias at --collection (blue/green reindexing)",
     )
     out.add_argument("--progress-interval", type=float, default=30.0, help="seconds between progress lines")
+    inc = parser.add_argument_group("reindexing")
+    inc.add_argument(
+        "--force", action="store_true",
+        help="embed every chunk; by default a chunk whose stored fingerprint (text, model and settings) matches "
+        "is left as it is",
+    )
+    inc.add_argument(
+        "--delete-missing", action="store_true",
+        help="after every input was read, delete the points of documents the input no longer holds (as rsync "
+        "--delete); listed in deleted_documents.txt beside --summary-out",
+    )
+    gate = parser.add_argument_group("alias guards (with --alias)")
+    gate.add_argument(
+        "--max-rejected-fraction", type=float, default=0.01,
+        help="refuse the alias switch when more than this share of rows became dead letters",
+    )
+    gate.add_argument("--gate-queries", default=None, help="BEIR queries for the quality gate of the alias switch")
+    gate.add_argument("--gate-qrels", default=None, help="BEIR qrels for the quality gate")
+    gate.add_argument("--gate-metric", default="nDCG@10", help="nDCG@10, MRR@10 or Recall@100")
+    gate.add_argument(
+        "--gate-tolerance", type=float, default=0.01,
+        help="switch when the new collection scores at least the current target minus this",
+    )
+    hnsw = parser.add_argument_group("HNSW index (embedded store)")
+    hnsw.add_argument("--hnsw", action="store_true", help="build an HNSW index when the job has written every point")
+    hnsw.add_argument("--hnsw-m", type=int, default=16, help="edges per node")
+    hnsw.add_argument("--hnsw-ef-construct", type=int, default=100, help="candidates while building")
     out.add_argument(
         "--skip-bad-files", action="store_true",
         help="index the readable files when some cannot be read (each skipped file is a dead letter and the run "
@@ -176,6 +203,10 @@ def label_parser() -> argparse.ArgumentParser:
 def _add_search_arguments(parser: argparse.ArgumentParser, top_k: int) -> None:
     parser.add_argument("--collection", required=True, help="collection or alias built by `corpus-etl index`")
     parser.add_argument("--top-k", type=int, default=top_k, help="documents per query")
+    parser.add_argument(
+        "--hnsw-ef", type=int, default=None,
+        help="search the HNSW index with this ef (approximate); default: exact search in the embedded store",
+    )
     add_model_arguments(parser, with_batching=False)
     add_qdrant_arguments(parser)
     add_verbose(parser)

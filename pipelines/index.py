@@ -4,20 +4,29 @@
     build_pipeline(p, config)            # pure wiring, no I/O at construction
     run(argv)                            # flags → config → checks → job → summary
 
-``run`` checks what can be checked before any worker starts (input columns, the
-collection's size and distance) and prints a summary built from Beam's counters.
+``run`` checks everything it can before anything is created (input files, chunk size against
+the model, the store and the names in it), runs the job, then deletes what the input no
+longer holds (``--delete-missing``), builds HNSW (``--hnsw``), switches the alias when every
+guard passes (``--alias``), and prints the summary (also ``--summary-out``, with a ``status``).
+
+Reindexing is incremental (``transforms.incremental``): only chunks whose text or embedding
+settings changed are embedded; ``--force`` embeds everything.
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import logging
+import os
+import tempfile
 import time
 from collections.abc import Sequence
 from typing import Any
 
 import apache_beam as beam
+from apache_beam.io.filesystems import FileSystems
 
 from pipelines.common import (
     counters,
@@ -32,20 +41,33 @@ from pipelines.security import redact_url
 from transforms.chunk import ChunkDocuments, ChunkSettings, load_chunker
 from transforms.dead_letter import WriteDeadLetters
 from transforms.embed import Embed, EmbeddingModelHandler
-from transforms.models import embedding_size
+from transforms.incremental import REUSED, SkipUnchanged, missing_documents, settings_digest
+from transforms.models import embedding_size, model_revision
 from transforms.progress import report_progress, reset_reporters
-from transforms.qdrant import (
-    RESERVED_PAYLOAD_KEYS,
-    QdrantConfig,
-    WriteToQdrant,
-    ensure_collection,
-    point_alias,
-    shared_client,
-)
+from transforms.qdrant import RESERVED_PAYLOAD_KEYS, QdrantConfig, WriteToQdrant, chunk_payload
 from transforms.read import DEAD, BadFilesError, DocumentColumns, ReadDocuments, check_files
+from transforms.store import CollectionSpec, HnswSettings, VectorStore, open_store
 from transforms.types import DeadLetter
 
 _LOG = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass(frozen=True)
+class GateConfig:
+    """``--gate-queries/--gate-qrels``: the new collection must score at least the alias's
+    current target minus ``tolerance`` on ``metric``, both evaluated with the same model."""
+
+    queries: str
+    qrels: str
+    metric: str = "nDCG@10"
+    tolerance: float = 0.01
+    top_k: int = 100
+
+    def __post_init__(self) -> None:
+        if self.metric not in ("nDCG@10", "MRR@10", f"Recall@{self.top_k}"):
+            raise ValueError(f"--gate-metric must be nDCG@10, MRR@10 or Recall@{self.top_k}, got {self.metric!r}")
+        if self.tolerance < 0:
+            raise ValueError(f"--gate-tolerance must be >= 0, got {self.tolerance}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -66,6 +88,11 @@ class IndexConfig:
     progress_interval_s: float = 30.0
     upsert_batch_points: int = 256
     skip_bad_files: bool = False
+    hnsw: HnswSettings | None = None  # build an HNSW index after the job (embedded store)
+    force: bool = False  # embed every chunk, even those whose stored fingerprint matches
+    delete_missing: bool = False  # delete the points of documents this run's input does not hold
+    max_rejected_fraction: float = 0.01  # alias guard: dead letters per row read
+    gate: GateConfig | None = None  # alias guard: quality against the current target
 
     def __post_init__(self) -> None:
         if not self.input:
@@ -81,6 +108,12 @@ class IndexConfig:
             raise ValueError(f"--metadata-columns {sorted(clash)} clash with payload fields the index writes")
         if self.alias and self.alias == self.collection:
             raise ValueError("--alias must differ from --collection")
+        if self.hnsw and not self.qdrant.embedded:
+            raise ValueError("--hnsw applies to the embedded store (--qdrant-path); a server indexes by itself")
+        if not 0.0 <= self.max_rejected_fraction <= 1.0:
+            raise ValueError(f"--max-rejected-fraction must be in [0, 1], got {self.max_rejected_fraction}")
+        if self.gate and not self.alias:
+            raise ValueError("--gate-queries/--gate-qrels guard the alias switch: give --alias too")
         if self.dead_letter and not self.dead_letter.endswith((".jsonl", ".json", ".parquet")):
             raise ValueError(f"--dead-letter must end in .jsonl or .parquet, got {self.dead_letter}")
 
@@ -104,34 +137,57 @@ def _chunk_counts(chunk: Any) -> dict[str, int]:
 
 
 def build_pipeline(
-    p: beam.Pipeline, config: IndexConfig, files: Sequence[str] | None = None, skipped: Sequence[DeadLetter] = ()
+    p: beam.Pipeline,
+    config: IndexConfig,
+    files: Sequence[str] | None = None,
+    skipped: Sequence[DeadLetter] = (),
+    digest: str = "",
+    doc_ids_prefix: str | None = None,
 ) -> dict[str, beam.PCollection]:
     """Wire the index job onto ``p``. Returns the named outputs (for tests and composition).
 
     ``files``: the input files the driver checked (default: ``config.input``, matched when the
-    job runs); ``skipped``: file-level dead letters of the files ``--skip-bad-files`` left out.
+    job runs); ``skipped``: file-level dead letters of the files ``--skip-bad-files`` left out;
+    ``digest``: the embedding settings' digest that every point's fingerprint includes;
+    ``doc_ids_prefix``: where to write this run's valid document ids (for ``--delete-missing``).
     """
     interval = config.progress_interval_s  # embed and write report from their own steps
     read = p | "ReadDocuments" >> ReadDocuments(files or config.input, config.columns)
     documents = read["documents"] | "ReadProgress" >> report_progress("read", interval, _document_counts)
     chunked = documents | "ChunkDocuments" >> ChunkDocuments(config.model, config.chunking, config.max_length)
     chunks = chunked["chunks"] | "ChunkProgress" >> report_progress("chunk", interval, _chunk_counts)
-    embedded = chunks | "EmbedChunks" >> Embed(config.embedding_handler())
-    written = embedded["embedded"] | "WriteToQdrant" >> WriteToQdrant(
+    fresh = chunks | "SkipUnchanged" >> SkipUnchanged(
+        functools.partial(open_store, config.qdrant), config.collection,
+        functools.partial(chunk_payload, model_id=config.model, digest=digest), force=config.force,
+    )  # fmt: skip
+    embedded = fresh["to_embed"] | "EmbedChunks" >> Embed(config.embedding_handler())
+    to_write = (embedded["embedded"], fresh[REUSED]) | "ToWrite" >> beam.Flatten()
+    written = to_write | "WriteToQdrant" >> WriteToQdrant(
         config.qdrant, config.collection, config.model, batch_points=config.upsert_batch_points,
-        progress_interval_s=interval,
-    )
+        settings_digest=digest, progress_interval_s=interval,
+    )  # fmt: skip
+    if doc_ids_prefix:
+        _ = (
+            read["documents"]
+            | "DocIds" >> beam.Map(lambda d: d.doc_id)
+            | "WriteDocIds" >> beam.io.WriteToText(doc_ids_prefix, shard_name_template="-SSSSS-of-NNNNN")
+        )
     skipped_files = p | "SkippedFiles" >> beam.Create(list(skipped), reshuffle=False)
     dead = (skipped_files, read[DEAD], chunked[DEAD], embedded[DEAD]) | "AllDeadLetters" >> beam.Flatten()
     dead | "WriteDeadLetters" >> WriteDeadLetters(config.dead_letter)
-    return {"documents": read["documents"], "chunks": chunked["chunks"], "embedded": embedded["embedded"], "dead_letters": dead,
-            "written": written}
+    return {"documents": read["documents"], "chunks": chunked["chunks"], "embedded": embedded["embedded"],
+            "dead_letters": dead, "written": written}
 
 
 build_arg_parser = index_parser  # kept here for callers of the old name
 
 
 def config_from_args(args: argparse.Namespace) -> IndexConfig:
+    gate = None
+    if args.gate_queries or args.gate_qrels:
+        if not (args.gate_queries and args.gate_qrels):
+            raise ValueError("--gate-queries and --gate-qrels go together")
+        gate = GateConfig(args.gate_queries, args.gate_qrels, args.gate_metric, args.gate_tolerance)
     return IndexConfig(
         input=args.input,
         collection=args.collection,
@@ -153,6 +209,11 @@ def config_from_args(args: argparse.Namespace) -> IndexConfig:
         alias=args.alias,
         progress_interval_s=args.progress_interval,
         skip_bad_files=args.skip_bad_files,
+        hnsw=HnswSettings(args.hnsw_m, args.hnsw_ef_construct) if args.hnsw else None,
+        force=args.force,
+        delete_missing=args.delete_missing,
+        max_rejected_fraction=args.max_rejected_fraction,
+        gate=gate,
     )
 
 
@@ -172,11 +233,33 @@ def run_args(args: argparse.Namespace, beam_args: list[str], test_pipeline: beam
     return run_config(config, beam_args, test_pipeline)
 
 
+def embedding_settings(config: IndexConfig) -> dict[str, Any]:
+    """Everything a vector depends on besides its text: what the points' fingerprints include."""
+    return {"model": config.model, "revision": model_revision(config.model), "dim": config.dim,
+            "max_length": config.max_length, "chunk_tokens": config.chunking.chunk_tokens,
+            "chunk_overlap": config.chunking.chunk_overlap}  # fmt: skip
+
+
+def check_names(store: VectorStore, config: IndexConfig, where: str) -> None:
+    """``--collection`` must not be an alias, ``--alias`` must not be a collection: refused before any write."""
+    aliases = store.aliases()
+    if config.collection in aliases:
+        raise PreflightError(
+            f"--collection {config.collection!r} is an alias (of {aliases[config.collection]!r}) at {where}; index "
+            f"into a new collection and pass --alias {config.collection} to switch it when the run succeeds"
+        )
+    if config.alias and config.alias not in aliases and store.collection_exists(config.alias):
+        raise PreflightError(
+            f"--alias {config.alias!r} is the name of a collection at {where}, not an alias; choose another --alias"
+        )
+
+
 def run_config(config: IndexConfig, beam_args: list[str] | None = None, test_pipeline=None) -> dict[str, Any]:
     started = time.time()
     where = redact_url(config.qdrant.where)
     reset_reporters()  # this job's progress lines start afresh, even after another job in this process
     p = start_pipeline(test_pipeline, beam_args, config.device)
+    # -- checks: nothing is created before all of them pass
     try:
         files, skipped = check_files(config.input, config.columns.all, skip_bad=config.skip_bad_files)
     except FileNotFoundError as exc:
@@ -188,37 +271,97 @@ def run_config(config: IndexConfig, beam_args: list[str] | None = None, test_pip
     except ValueError as exc:
         raise PreflightError(str(exc)) from exc
     size = embedding_size(config.model, config.dim)
-    client, lock = shared_client(config.qdrant)
-    with lock:
-        if config.alias and _is_collection_not_alias(client, config.alias):
-            raise PreflightError(
-                f"--alias {config.alias!r} is the name of a collection at {where}, not an alias; choose another --alias"
-            )
-        created = ensure_collection(client, config.collection, size)
-    _LOG.info(
-        "indexing %d file(s) into %s/%s (%s, size %d, %s)",
-        len(files), where, config.collection, config.model, size, "created" if created else "exists",
-    )
-    build_pipeline(p, config, files, skipped)
-    result = p.run()
-    result.wait_until_finish()
-    elapsed = time.time() - started
-    counts = counters(result)
-    refused = None
+    digest = settings_digest(embedding_settings(config))
+    store = open_store(config.qdrant)  # the embedded store holds no shard open while workers write
     try:
-        with lock:
-            points = client.count(config.collection, exact=True).count
-            try:
-                previous = point_alias(client, config.alias, config.collection) if config.alias else None
-            except ValueError as exc:  # e.g. a collection of that name appeared while the job ran
-                previous, refused = None, str(exc)
-    except Exception as exc:  # the points are written: not a pre-flight failure, whatever the cause
-        reason = translate(exc, qdrant_url=config.qdrant.url) or f"{type(exc).__name__}: {first_line(exc)}"
-        raise JobFailed(f"the job ran, then reading the collection back failed: {reason}") from exc
-    partial = _partial(counts, config, refused, skipped)
-    summary = {
+        check_names(store, config, where)
+        spec = CollectionSpec(size, model=config.model, settings=embedding_settings(config))
+        created = store.ensure_collection(config.collection, spec)
+        _LOG.info(
+            "indexing %d file(s) into %s/%s (%s, size %d, %s)",
+            len(files), where, config.collection, config.model, size, "created" if created else "exists",
+        )
+        doc_ids_dir = tempfile.mkdtemp(prefix="corpus-etl-docs-") if config.delete_missing else None
+        doc_ids_prefix = _doc_ids_prefix(p, doc_ids_dir) if doc_ids_dir else None
+        build_pipeline(p, config, files, skipped, digest, doc_ids_prefix)
+        summary: dict[str, Any] = {"pipeline": "index", "status": "running", "input": config.input,
+                                   "collection": config.collection, "qdrant": where}  # fmt: skip
+        try:
+            result = p.run()
+            result.wait_until_finish()
+        except Exception as exc:
+            _write_summary(config, {**summary, "status": "failed", "error": first_line(exc)})
+            raise
+        elapsed = time.time() - started
+        counts = counters(result)
+        try:
+            summary = _finish(config, store, counts, files, skipped, doc_ids_prefix, size, where)
+        except Exception as exc:  # the points are written: not a pre-flight failure, whatever the cause
+            reason = translate(exc, qdrant_url=config.qdrant.url) or f"{type(exc).__name__}: {first_line(exc)}"
+            raise JobFailed(f"the job ran, then finishing it failed: {reason}") from exc
+    finally:
+        store.close()
+    summary.update(
+        elapsed_s=round(elapsed, 2),
+        documents_per_s=round(counts.get("documents_read", 0) / elapsed, 2),
+        tokens_per_s=round(counts.get("tokens", 0) / elapsed, 1),
+    )
+    print(format_summary(summary), flush=True)
+    _write_summary(config, summary)
+    return summary
+
+
+def _doc_ids_prefix(p: beam.Pipeline, local_dir: str) -> str:
+    """Where the job writes its valid document ids: ``--temp_location`` when set (remote runners), else a local folder."""
+    from apache_beam.options.pipeline_options import GoogleCloudOptions
+
+    temp = p.options.view_as(GoogleCloudOptions).temp_location
+    base = FileSystems.join(temp, f"corpus-etl-docs-{os.path.basename(local_dir)}") if temp else local_dir
+    return FileSystems.join(base, "doc_ids")
+
+
+def _read_doc_ids(prefix: str) -> set[str]:
+    matches = FileSystems.match([prefix + "-*"])[0].metadata_list
+    ids: set[str] = set()
+    for m in matches:
+        with FileSystems.open(m.path) as f:
+            ids.update(line for line in f.read().decode("utf-8").splitlines() if line)
+    FileSystems.delete([m.path for m in matches])
+    return ids
+
+
+def _write_summary(config: IndexConfig, summary: dict[str, Any]) -> None:
+    if config.summary_out:
+        write_json(config.summary_out, summary)
+
+
+def _finish(
+    config: IndexConfig,
+    store: VectorStore,
+    counts: dict[str, int],
+    files: Sequence[str],
+    skipped: Sequence[DeadLetter],
+    doc_ids_prefix: str | None,
+    size: int,
+    where: str,
+) -> dict[str, Any]:
+    """After the job: deletions, HNSW, the guarded alias switch, the summary."""
+    unread = []
+    if skipped:
+        unread.append(f"{len(skipped)} input file(s) skipped")
+    if counts.get("row_groups_unreadable"):
+        unread.append(f"{counts['row_groups_unreadable']} row group(s) could not be read")
+    deletion = _delete_missing(config, store, doc_ids_prefix, unread)
+    hnsw = store.build_index(config.collection, config.hnsw) if config.hnsw else None
+    points = store.count(config.collection)
+    alias = _switch_alias(config, store, counts, points, unread) if config.alias else None
+    refused = (alias or {}).get("refused")
+    partial = _partial(counts, config, refused, unread)
+    status = "alias_refused" if refused else "partial" if partial else "ok"
+    return {
         "pipeline": "index",
-        "status": "partial" if partial else "ok",
+        "status": status,
+        "partial": partial,
         "input": config.input,
         "files": len(files),
         "files_skipped": [letter.source for letter in skipped],
@@ -229,39 +372,101 @@ def run_config(config: IndexConfig, beam_args: list[str] | None = None, test_pip
         "chunk_tokens": config.chunking.chunk_tokens,
         "chunk_overlap": config.chunking.chunk_overlap,
         "counters": counts,
+        "documents_unchanged": counts.get("documents_unchanged", 0),
+        "chunks_reused": counts.get("chunks_reused", 0),
+        "chunks_embedded": counts.get("chunks_embedded", 0),
+        "deletion": deletion,
         "points_in_collection": points,
         "dead_letter": config.dead_letter,
-        "alias": _alias_summary(config.alias, previous, refused),
-        "elapsed_s": round(elapsed, 2),
-        "documents_per_s": round(counts.get("documents_read", 0) / elapsed, 2),
-        "tokens_per_s": round(counts.get("tokens", 0) / elapsed, 1),
-        "partial": partial,
+        "alias": alias,
+        "hnsw": hnsw,
     }
-    print(format_summary(summary), flush=True)
-    if config.summary_out:
-        write_json(config.summary_out, summary)
-    return summary
 
 
-def _is_collection_not_alias(client: Any, name: str) -> bool:
-    return client.collection_exists(name) and not any(a.alias_name == name for a in client.get_aliases().aliases)
+def _delete_missing(
+    config: IndexConfig, store: VectorStore, doc_ids_prefix: str | None, unread: list[str]
+) -> dict[str, Any] | None:
+    """``--delete-missing``: the points of documents this run's input does not hold, deleted and listed.
 
-
-def _alias_summary(alias: str | None, previous: str | None, refused: str | None) -> dict[str, Any] | None:
-    if not alias:
+    Never when an input was not read completely: what was not seen is not deleted.
+    """
+    if not config.delete_missing or not doc_ids_prefix:
         return None
-    return {"name": alias, "previous": previous, **({"refused": refused} if refused else {})}
+    valid = _read_doc_ids(doc_ids_prefix)
+    if unread:
+        return {"skipped": f"not every input was read ({'; '.join(unread)}): nothing deleted",
+                "documents_deleted": 0, "points_deleted": 0}  # fmt: skip
+    points_per_doc: dict[str, int] = {}
+    for point in store.scroll(config.collection, with_vectors=False):
+        doc = str(point.payload.get("doc_id"))
+        points_per_doc[doc] = points_per_doc.get(doc, 0) + 1
+    missing = missing_documents(list(points_per_doc), valid)
+    for start in range(0, len(missing), 256):
+        store.delete_chunks_from(config.collection, {d: 0 for d in missing[start : start + 256]})
+    listed = None
+    if config.summary_out and missing:
+        listed = FileSystems.join(os.path.dirname(config.summary_out) or ".", "deleted_documents.txt")
+        with FileSystems.create(listed) as f:
+            f.write("".join(d + "\n" for d in missing).encode("utf-8"))
+    return {"documents_deleted": len(missing), "points_deleted": sum(points_per_doc[d] for d in missing),
+            "list": listed}  # fmt: skip
+
+
+def _switch_alias(
+    config: IndexConfig, store: VectorStore, counts: dict[str, int], points: int, unread: list[str]
+) -> dict[str, Any]:
+    """Point ``--alias`` at the new collection only when every guard passes; else say why, untouched."""
+    alias = config.alias or ""
+    current = store.aliases().get(alias)
+    reasons = []
+    if points == 0:
+        reasons.append("the collection holds no points")
+    rows, dead = counts.get("rows_read", 0), counts.get("dead_letters", 0)
+    fraction = dead / rows if rows else 1.0
+    if fraction > config.max_rejected_fraction:
+        reasons.append(f"{dead} of {rows} rows rejected ({fraction:.1%} > --max-rejected-fraction "
+                       f"{config.max_rejected_fraction:.1%})")  # fmt: skip
+    if unread:
+        reasons.append(f"not every input was read ({'; '.join(unread)})")
+    gate = None
+    if config.gate and not reasons:
+        gate = _gate(config, current)
+        if gate["refused"]:
+            reasons.append(gate["refused"])
+    if reasons:
+        return {"name": alias, "previous": current, "refused": "; ".join(reasons), "gate": gate}
+    try:
+        previous = store.point_alias(alias, config.collection)
+    except ValueError as exc:  # e.g. a collection of that name appeared while the job ran
+        return {"name": alias, "previous": current, "refused": str(exc), "gate": gate}
+    return {"name": alias, "previous": previous, "gate": gate}
+
+
+def _gate(config: IndexConfig, current: str | None) -> dict[str, Any]:
+    """The gate metric of the new collection and of the alias's current target, same model and queries."""
+    from pipelines.evaluate import evaluate_collection
+
+    gate = config.gate
+    assert gate is not None
+    new = evaluate_collection(config.qdrant, config.collection, config.model, gate.queries, gate.qrels,
+                              top_k=gate.top_k, dim=config.dim, device=config.device)[gate.metric]  # fmt: skip
+    out: dict[str, Any] = {"metric": gate.metric, "new": round(new, 6), "current": None, "refused": None}
+    if current is None:
+        return out  # nothing to compare with: the first switch only needs the other guards
+    old = evaluate_collection(config.qdrant, current, config.model, gate.queries, gate.qrels,
+                              top_k=gate.top_k, dim=config.dim, device=config.device)[gate.metric]  # fmt: skip
+    out["current"] = round(old, 6)
+    if new < old - gate.tolerance:
+        out["refused"] = (f"{gate.metric} {new:.4f} of {config.collection} is below {old:.4f} of {current} "
+                          f"minus --gate-tolerance {gate.tolerance}")  # fmt: skip
+    return out
 
 
 def _partial(
-    counts: dict[str, int], config: IndexConfig, alias_refused: str | None, skipped: Sequence[DeadLetter] = ()
+    counts: dict[str, int], config: IndexConfig, alias_refused: str | None, unread: Sequence[str] = ()
 ) -> str | None:
     """Why the job is only partly done (exit status 3), or None."""
-    reasons = []
-    if skipped:
-        reasons.append(f"{len(skipped)} input file(s) skipped")
-    if counts.get("row_groups_unreadable"):
-        reasons.append(f"{counts['row_groups_unreadable']} row group(s) could not be read")
+    reasons = list(unread)
     dead = counts.get("dead_letters", 0)
     if dead:
         reasons.append(f"{dead} dead letter(s)" + (f" in {config.dead_letter}" if config.dead_letter else
@@ -273,20 +478,29 @@ def _partial(
 
 def format_summary(summary: dict[str, Any]) -> str:
     c = summary["counters"]
+    deletion = summary.get("deletion")
+    alias = summary.get("alias") or {}
     return "\n".join(
         [
-            f"index: {summary['collection']} at {summary['qdrant']} ({summary['model']}, {summary['vector_size']} dims)",
+            f"index: {summary['collection']} at {summary['qdrant']} ({summary['model']}, {summary['vector_size']} dims)"
+            f"  [{summary['status']}]",
             f"  rows read        {c.get('rows_read', 0)}",
-            f"  documents        {c.get('documents_read', 0)}  (truncated {c.get('documents_truncated', 0)})",
-            f"  chunks           {c.get('chunks', 0)}  tokens {c.get('tokens', 0)}",
+            f"  documents        {c.get('documents_read', 0)}  (unchanged {summary['documents_unchanged']}, "
+            f"truncated {c.get('documents_truncated', 0)})",
+            f"  chunks           {c.get('chunks', 0)}  (embedded {summary['chunks_embedded']}, reused "
+            f"{summary['chunks_reused']})  tokens {c.get('tokens', 0)}",
             f"  points written   {c.get('points_written', 0)} in {c.get('upsert_batches', 0)} batches"
             f"  (collection now holds {summary['points_in_collection']})",
+            *([f"  deleted          {deletion['documents_deleted']} documents, {deletion['points_deleted']} points"
+               + (f"  ({deletion['skipped']})" if deletion.get("skipped") else "")] if deletion else []),
             f"  dead letters     {c.get('dead_letters', 0)}" + (f" -> {summary['dead_letter']}" if summary["dead_letter"] else ""),
-            *([f"  alias            {summary['alias']['name']} -> {summary['collection']}"
-               f" (was {summary['alias']['previous']})"] if summary.get("alias") and "refused" not in summary["alias"]
-              else []),
-            *([f"  alias            REFUSED: {summary['alias']['refused']}"] if (summary.get("alias") or {}).get("refused")
-              else []),
+            *([f"  alias            {alias['name']} -> {summary['collection']} (was {alias['previous']})"]
+              if alias and not alias.get("refused") else []),
+            *([f"  alias            REFUSED, {alias['name']} stays on {alias['previous']}: {alias['refused']}"]
+              if alias.get("refused") else []),
+            *([f"  hnsw             m={summary['hnsw']['m']} ef_construct={summary['hnsw']['ef_construct']}: "
+               f"{summary['hnsw']['indexed_vectors']} vectors indexed in {summary['hnsw']['seconds']}s"]
+              if summary.get("hnsw") else []),
             f"  time             {summary['elapsed_s']}s  ({summary['documents_per_s']} docs/s, "
             f"{summary['tokens_per_s']} tokens/s)",
         ]

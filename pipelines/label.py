@@ -47,7 +47,7 @@ from transforms.embed import EmbeddingModelHandler
 from transforms.inference import RunInferenceByTokens
 from transforms.models import embedding_size, model_revision
 from transforms.progress import report_progress, reset_reporters
-from transforms.qdrant import QdrantConfig, ensure_collection, shared_client
+from transforms.qdrant import QdrantConfig
 from transforms.queries import (
     DedupQueries,
     ParseQueryRows,
@@ -389,9 +389,15 @@ def run_config(config: LabelConfig, beam_args: list[str] | None = None, test_pip
         check_run_file(config.candidates)
         corpus_files = validate_columns(config.corpus, config.corpus_columns.all)
     else:
-        client, lock = shared_client(config.qdrant)
-        with lock:  # exists, and holds vectors of this model's size
-            ensure_collection(client, config.collection, embedding_size(config.model, config.dim), create=False)
+        from transforms.store import CollectionSpec, open_store
+
+        store = open_store(config.qdrant)  # exists, and holds vectors of this model's size
+        try:
+            store.ensure_collection(
+                config.collection, CollectionSpec(embedding_size(config.model, config.dim)), create=False
+            )
+        finally:
+            store.close()
     check_reranker(config.reranker)
     provenance = provenance_of(config, query_files, corpus_files)
     _LOG.info("labelling %d query log file(s) into %s (reranker %s)", len(query_files), config.out, config.reranker)

@@ -12,25 +12,31 @@ from pipelines.flags import search_parser
 from pipelines.security import redact_url
 from transforms.embed import TextEncoder
 from transforms.models import embedding_size
-from transforms.qdrant import QdrantConfig, ensure_collection, search_documents, shared_client
+from transforms.qdrant import QdrantConfig
+from transforms.store import CollectionSpec, open_store
 
 
 class Searcher:
     """Embeds queries with the model's query prompt and returns documents (chunk hits grouped, max score)."""
 
-    def __init__(self, qdrant: QdrantConfig, collection: str, encoder: TextEncoder) -> None:
-        self.client, self.lock = shared_client(qdrant)
+    def __init__(
+        self, qdrant: QdrantConfig, collection: str, encoder: TextEncoder, *, hnsw_ef: int | None = None
+    ) -> None:
+        self.store = open_store(qdrant, keep_open=True)
         self.collection = collection
         self.encoder = encoder
-        with self.lock:  # exists, and holds vectors of the encoder's size
-            ensure_collection(self.client, collection, encoder.dimension, create=False)
+        self.hnsw_ef = hnsw_ef
+        # exists, and holds vectors of the encoder's size
+        self.store.ensure_collection(collection, CollectionSpec(encoder.dimension), create=False)
+
+    def close(self) -> None:
+        self.store.close()
 
     def search(self, queries: list[str], top_k: int) -> list[list[dict[str, Any]]]:
         vectors = self.encoder.encode(queries, is_query=True)
         out = []
         for vector in vectors:
-            with self.lock:
-                hits = search_documents(self.client, self.collection, vector, top_k)
+            hits = self.store.search_documents(self.collection, vector, top_k, hnsw_ef=self.hnsw_ef)
             out.append(
                 [
                     {"rank": c.rank, "doc_id": c.doc_id, "score": round(c.score, 6), "chunk_index": p.get("chunk_index"),
@@ -53,9 +59,11 @@ def encoder_from_args(args: argparse.Namespace) -> TextEncoder:
 
 def check_collection(qdrant: QdrantConfig, collection: str) -> None:
     """Fail fast, before the model loads (seconds), when the store is unreachable or lacks the collection."""
-    client, lock = shared_client(qdrant)
-    with lock:
-        exists = client.collection_exists(collection)
+    store = open_store(qdrant)
+    try:
+        exists = store.collection_exists(collection)
+    finally:
+        store.close()
     if not exists:
         raise PreflightError(
             f"collection {collection!r} does not exist at {redact_url(qdrant.where)}; "
@@ -69,7 +77,7 @@ def searcher_from_args(args: argparse.Namespace) -> Searcher:
     # The model's config alone first: a model that cannot be found fails after one round of hub
     # retries, not after one round per optional sentence-transformers file that loading reads.
     embedding_size(args.model, args.dim)
-    return Searcher(qdrant, args.collection, encoder_from_args(args))
+    return Searcher(qdrant, args.collection, encoder_from_args(args), hnsw_ef=args.hnsw_ef)
 
 
 def run(argv: list[str] | None = None) -> list[dict[str, Any]]:
@@ -81,7 +89,10 @@ def run_args(args: argparse.Namespace, beam_args: list[str] | None = None) -> li
     setup_logging(args.verbose)
     query = " ".join(args.query)
     searcher = searcher_from_args(args)
-    hits = searcher.search([query], args.top_k)[0]
+    try:
+        hits = searcher.search([query], args.top_k)[0]
+    finally:
+        searcher.close()
     if args.json:
         print(json.dumps({"query": query, "hits": hits}, ensure_ascii=False, indent=2))
     else:

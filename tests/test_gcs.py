@@ -10,7 +10,7 @@ import pytest
 from apache_beam.testing.test_pipeline import TestPipeline
 
 from pipelines import index
-from transforms.qdrant import QdrantConfig, close_client, shared_client
+from transforms.edge_store import EdgeStore
 from transforms.read import validate_columns
 
 pytestmark = pytest.mark.slow
@@ -68,9 +68,7 @@ def test_index_reads_gs_paths(gcs, sample_dir, minilm_path, tmp_path):
     # Both files hold the same ids: each id is indexed once from part-1 (the last file wins), part-0's copy is a
     # dead letter naming its row.
     assert (c["rows_read"], c["documents_read"], c["points_written"], c["dead_letters"]) == (2 * n, n, n, n)
-    client, _ = shared_client(QdrantConfig(path=qdrant))
-    assert client.count("gcs", exact=True).count == n
-    close_client(QdrantConfig(path=qdrant))
+    assert EdgeStore(qdrant).count("gcs") == n
     dead = (tmp_path / "dead.jsonl").read_text().splitlines()
     assert len(dead) == n and all(
         re.search(r'"source": "row \d+ of gs://corpus/docs/part-0.parquet"', line) for line in dead

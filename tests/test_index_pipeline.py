@@ -16,22 +16,18 @@ from apache_beam.testing.test_pipeline import TestPipeline
 from pipelines import evaluate, index, search
 from pipelines.errors import PreflightError
 from transforms.chunk import ChunkSettings
+from transforms.edge_store import EdgeStore
 from transforms.models import embedding_size
-from transforms.qdrant import QdrantConfig, close_client, ensure_collection, shared_client
+from transforms.qdrant import QdrantConfig
 from transforms.read import DocumentColumns
+from transforms.store import CollectionSpec, open_store
 from transforms.types import point_id
 
 pytestmark = pytest.mark.slow
 
 
 def _points(qdrant_path: str, collection: str) -> dict[str, tuple[dict, np.ndarray]]:
-    client, _ = shared_client(QdrantConfig(path=qdrant_path))
-    out, offset = {}, None
-    while True:
-        page, offset = client.scroll(collection, limit=256, offset=offset, with_vectors=True)
-        out.update({str(p.id): (p.payload, np.asarray(p.vector)) for p in page})
-        if offset is None:
-            return out
+    return {p.id: (p.payload, np.asarray(p.vector)) for p in EdgeStore(qdrant_path).scroll(collection)}
 
 
 def _index(argv: list[str]) -> dict:
@@ -51,7 +47,6 @@ def whole_docs_index(tmp_path_factory, sample_dir, minilm_path):
         ]
     )  # fmt: skip
     yield {"qdrant_path": qdrant_path, "summary": summary, "dir": tmp}
-    close_client(QdrantConfig(path=qdrant_path))
 
 
 def test_vectors_equal_sentence_transformers_encode(whole_docs_index, sample_dir, minilm_path):
@@ -103,11 +98,10 @@ def test_search_and_evaluate_on_real_queries(whole_docs_index, sample_dir, minil
 def test_credentials_in_the_url_never_reach_output_logs_or_summary(tmp_path, sample_dir, minilm_path, monkeypatch,
                                                                    capsys, caplog):
     """A server URL with user info: every print, log line and the summary JSON show it redacted."""
-    import pipelines.index
     import transforms.qdrant
+    from transforms.qdrant import close_client, shared_client
 
-    local = QdrantConfig(path=str(tmp_path / "q"))  # stands in for the server: same client API
-    monkeypatch.setattr(pipelines.index, "shared_client", lambda config: shared_client(local))
+    local = QdrantConfig(path=str(tmp_path / "q"))  # qdrant-client's local mode stands in for the server
     monkeypatch.setattr(transforms.qdrant, "shared_client", lambda config: shared_client(local))
     rows = pq.read_table(sample_dir["corpus"]).to_pylist()[:3]
     pq.write_table(pa.Table.from_pylist(rows), tmp_path / "docs.parquet")
@@ -142,6 +136,7 @@ def test_reindexing_is_idempotent_with_bad_rows_dead_lettered(tmp_path, sample_d
         "--input", str(corpus), "--collection", "chunks", "--model", minilm_path, "--qdrant-path", qdrant_path,
         "--title-column", "title", "--chunk-tokens", "128", "--chunk-overlap", "16",
         "--dead-letter", str(tmp_path / "dead.jsonl"), "--progress-interval", "0", "--alias", "live",
+        "--max-rejected-fraction", "0.25",
     ]  # fmt: skip
     with caplog.at_level(logging.INFO, logger="corpus_etl.progress"):
         first = _index(argv)
@@ -152,10 +147,12 @@ def test_reindexing_is_idempotent_with_bad_rows_dead_lettered(tmp_path, sample_d
     before = _points(qdrant_path, "chunks")
     second = _index(argv)
     after = _points(qdrant_path, "chunks")
-    close_client(QdrantConfig(path=qdrant_path))
 
     assert first["counters"]["chunks"] == second["counters"]["chunks"] == len(before) == len(after)
-    assert (first["alias"], second["alias"]) == ({"name": "live", "previous": None}, {"name": "live", "previous": "chunks"})
+    # The rerun embeds nothing: every chunk's fingerprint and payload match what is stored.
+    assert (first["chunks_embedded"], second["chunks_embedded"], second["chunks_reused"]) == (len(before), 0, len(before))
+    assert second["documents_unchanged"] == len(rows) and second["counters"].get("points_written", 0) == 0
+    assert (first["alias"], second["alias"]) == ({"name": "live", "previous": None, "gate": None}, {"name": "live", "previous": "chunks", "gate": None})
     assert {payload["doc_id"] for payload, _ in after.values()} == {r["id"] for r in rows}
     assert before.keys() == after.keys()
     for pid, (payload, vector) in before.items():
@@ -190,7 +187,6 @@ def test_cuda_without_a_gpu_is_an_error_not_a_fallback(tmp_path, sample_dir, min
                 "--qdrant-path", str(tmp_path / "q"), "--device", "cuda",
             ]
         )  # fmt: skip
-    close_client(QdrantConfig(path=str(tmp_path / "q")))
 
 
 def test_two_runs_embed_bitwise_equal_vectors(tmp_path, sample_dir, minilm_path):
@@ -199,9 +195,9 @@ def test_two_runs_embed_bitwise_equal_vectors(tmp_path, sample_dir, minilm_path)
         input=sample_dir["corpus"], collection="bits", model=minilm_path, qdrant=QdrantConfig(path=str(tmp_path / "q")),
         columns=DocumentColumns(title="title"), chunking=ChunkSettings(96, 16), device="cpu",
     )  # fmt: skip
-    client, lock = shared_client(config.qdrant)
-    with lock:
-        ensure_collection(client, "bits", embedding_size(minilm_path))
+    store = open_store(config.qdrant)
+    store.ensure_collection("bits", CollectionSpec(embedding_size(minilm_path)))
+    store.close()
     dumps = []
     for run in range(2):
         with TestPipeline() as p:
@@ -212,7 +208,6 @@ def test_two_runs_embed_bitwise_equal_vectors(tmp_path, sample_dir, minilm_path)
                 | beam.io.WriteToText(str(tmp_path / f"vectors{run}"), shard_name_template="")
             )
         dumps.append(sorted((tmp_path / f"vectors{run}").read_text().splitlines()))
-    close_client(config.qdrant)
     assert len(dumps[0]) > 300  # many chunks, many batches
     assert dumps[0] == dumps[1]
 
@@ -236,7 +231,6 @@ def test_a_corrupt_page_in_one_of_three_files_indexes_every_row_of_the_other_two
     summary = _index(["--input", str(tmp_path / "part-*.parquet"), "--collection", "c", "--model", minilm_path,
                       "--qdrant-path", qdrant_path, "--chunk-tokens", "0", "--dead-letter", str(tmp_path / "dead.jsonl")])  # fmt: skip
     points = _points(qdrant_path, "c")
-    close_client(QdrantConfig(path=qdrant_path))
     expected = {r["id"] for p in (paths[0], paths[2]) for r in pq.read_table(p).to_pylist()}
     assert {payload["doc_id"] for payload, _ in points.values()} == expected and len(points) == 10
     assert (summary["status"], summary["partial"]) == (
@@ -256,7 +250,6 @@ def test_bad_files_stop_the_job_before_anything_is_written_unless_skipped(tmp_pa
         _index(argv)
     assert not os.path.exists(qdrant_path)  # refused before the store was opened
     summary = _index([*argv, "--skip-bad-files"])
-    close_client(QdrantConfig(path=qdrant_path))
     assert (summary["status"], summary["files_skipped"], summary["points_in_collection"]) == ("partial", [str(paths[2])], 10)
 
 

@@ -16,7 +16,6 @@ from apache_beam.testing.test_pipeline import TestPipeline
 from pipelines import index, label
 from pipelines.sample import QUERIES
 from tests.qwen_reference import CardReference
-from transforms.qdrant import QdrantConfig, close_client
 from transforms.queries import derive_query_id, query_key
 
 pytestmark = pytest.mark.slow
@@ -43,7 +42,6 @@ def indexed(tmp_path_factory, sample_dir, minilm_path):
     log_path = tmp / "log.parquet"
     pq.write_table(pa.Table.from_pylist(log), log_path)
     yield {"qdrant": qdrant, "log": str(log_path), "tmp": tmp}
-    close_client(QdrantConfig(path=qdrant))
 
 
 def _label(indexed, minilm_path, reranker_dir, out) -> dict:

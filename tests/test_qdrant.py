@@ -1,26 +1,31 @@
-"""Qdrant collection checks, the idempotent writer and the retry policy (local mode, real client)."""
+"""The store interface on both stores (Qdrant Edge on disk; qdrant-client in memory for the server),
+the idempotent writer and the retry policy."""
 
 from __future__ import annotations
 
+import json
+
 import apache_beam as beam
+import numpy as np
 import pytest
 from apache_beam.testing.test_pipeline import TestPipeline
 from qdrant_client import models
 from qdrant_client.http.exceptions import ResponseHandlingException, UnexpectedResponse
 
 from pipelines.common import counters
+from transforms.edge_store import EdgeStore
 from transforms.qdrant import (
     QdrantConfig,
+    ServerStore,
     WriteToQdrant,
-    close_client,
-    ensure_collection,
+    _UpsertPoints,
     is_transient,
     point_bytes,
-    search_documents,
-    shared_client,
+    store_point,
     to_point,
     with_retries,
 )
+from transforms.store import CollectionSpec, StorePoint
 from transforms.types import Chunk, EmbeddedChunk, point_id
 
 
@@ -37,20 +42,44 @@ def _item(doc: str, i: int, vec: list[float], text: str = "t") -> EmbeddedChunk:
 
 @pytest.fixture()
 def qdrant(tmp_path):
-    config = QdrantConfig(path=str(tmp_path / "q"))
+    """An embedded store with one shard (batch counts below are exact per shard)."""
+    config = QdrantConfig(path=str(tmp_path / "q"), shards=1)
     yield config
-    close_client(config)
 
 
-def test_collection_is_created_once_and_a_mismatch_is_refused(qdrant):
-    client, _ = shared_client(qdrant)
-    assert ensure_collection(client, "c", 4) is True
-    assert ensure_collection(client, "c", 4) is False
+def _store(config: QdrantConfig) -> EdgeStore:
+    return EdgeStore(config.path or "", shards=config.shards)
+
+
+@pytest.fixture(params=["edge", "server"])
+def any_store(request, tmp_path):
+    """Both implementations: the embedded store, and the server store over qdrant-client (in memory)."""
+    if request.param == "edge":
+        store = EdgeStore(str(tmp_path / "edge"), shards=3)
+    else:
+        from qdrant_client import QdrantClient
+
+        store = ServerStore(client=QdrantClient(":memory:"))
+    yield store
+    store.close()
+
+
+def test_collection_is_created_once_and_a_mismatch_is_refused(any_store):
+    assert any_store.ensure_collection("c", CollectionSpec(4)) is True
+    assert any_store.ensure_collection("c", CollectionSpec(4)) is False
     with pytest.raises(ValueError, match="exists with size 4 and distance Cosine; this job writes size 8"):
-        ensure_collection(client, "c", 8)
+        any_store.ensure_collection("c", CollectionSpec(8))
+    with pytest.raises(ValueError, match="collection 'missing' does not exist"):
+        any_store.ensure_collection("missing", CollectionSpec(4), create=False)
+
+
+def test_a_server_collection_with_another_distance_is_refused():
+    from qdrant_client import QdrantClient
+
+    client = QdrantClient(":memory:")
     client.create_collection("dot", vectors_config=models.VectorParams(size=4, distance=models.Distance.DOT))
     with pytest.raises(ValueError, match="distance Dot"):
-        ensure_collection(client, "dot", 4)
+        ServerStore(client=client).ensure_collection("dot", CollectionSpec(4))
 
 
 def test_payload_carries_position_text_and_provenance():
@@ -71,43 +100,113 @@ def _write(qdrant, items, **kwargs):
 
 
 def test_rewrites_overwrite_and_batches_respect_the_byte_bound(qdrant):
-    client, _ = shared_client(qdrant)
-    ensure_collection(client, "c", 4)
+    store = _store(qdrant)
+    store.ensure_collection("c", CollectionSpec(4))
     items = [_item(f"d{i}", 0, [1, i, 0, 0], "x" * 200) for i in range(10)]
     bound = 3 * point_bytes(to_point(items[0], "m")) + 10  # three points per request
     first = _write(qdrant, items, batch_bytes=bound)
     assert first["points_written"] == 10 and first["upsert_batches"] == 4
     changed = [_item("d0", 0, [0, 0, 1, 0], "y")] + items[1:]
     _write(qdrant, changed)
-    assert client.count("c", exact=True).count == 10  # same ids: overwritten, not duplicated
-    (d0,) = client.retrieve("c", [point_id("d0", 0)], with_vectors=True)
+    assert store.count("c") == 10  # same ids: overwritten, not duplicated
+    (d0,) = store.retrieve("c", [point_id("d0", 0)], with_vectors=True)
     assert d0.payload["text"] == "y" and d0.vector == pytest.approx([0, 0, 1, 0])
 
 
-def test_a_shorter_document_loses_its_stale_chunks(qdrant):
-    client, _ = shared_client(qdrant)
-    ensure_collection(client, "c", 2)
+def test_the_server_writer_bounds_batches_by_bytes_and_count():
+    from qdrant_client import QdrantClient
 
-    def doc(doc_id: str, n: int) -> list[EmbeddedChunk]:
-        return [
-            EmbeddedChunk(Chunk(doc_id, i, "t", 0, 1, 3, "t", n_chunks=n), (1.0, float(i))) for i in range(n)
-        ]
+    sizes: list[int] = []
 
-    _write(qdrant, doc("long", 4) + doc("other", 3))
-    assert _write(qdrant, doc("long", 4) + doc("other", 3)).get("documents_pruned_of_stale_chunks", 0) == 0
-    counts = _write(qdrant, doc("long", 2))  # the document was edited down to two chunks
+    class Recording(ServerStore):
+        def upsert(self, collection, points):
+            sizes.append(len(points))
+            super().upsert(collection, points)
+
+    store = Recording(client=QdrantClient(":memory:"))
+    store.ensure_collection("c", CollectionSpec(4))
+    items = [_item(f"d{i}", 0, [1, i, 0, 0], "x" * 200) for i in range(10)]
+    bound = 3 * point_bytes(to_point(items[0], "m")) + 10
+    fn = _UpsertPoints(QdrantConfig(url="http://unused:6333"), "c", "m", 4, bound)
+    fn.store = store
+    fn.start_bundle()
+    for item in items:
+        fn.process(item)
+    fn.finish_bundle()
+    assert sizes == [3, 3, 3, 1] and store.count("c") == 10
+    fn = _UpsertPoints(QdrantConfig(url="http://unused:6333"), "c", "m", 4, 8 * 1024 * 1024)
+    fn.store, sizes[:] = store, []
+    fn.start_bundle()
+    for item in items:
+        fn.process(item)
+    fn.finish_bundle()
+    assert sizes == [4, 4, 2] and store.count("c") == 10
+
+
+def _doc(doc_id: str, n: int) -> list[EmbeddedChunk]:
+    return [EmbeddedChunk(Chunk(doc_id, i, "t", 0, 1, 3, "t", n_chunks=n), (1.0, float(i))) for i in range(n)]
+
+
+@pytest.mark.parametrize("shards", [1, 3])
+def test_a_shorter_document_loses_its_stale_chunks(tmp_path, shards):
+    qdrant = QdrantConfig(path=str(tmp_path / "q"), shards=shards)
+    store = _store(qdrant)
+    store.ensure_collection("c", CollectionSpec(2))
+    _write(qdrant, _doc("long", 4) + _doc("other", 3))
+    assert _write(qdrant, _doc("long", 4) + _doc("other", 3)).get("documents_pruned_of_stale_chunks", 0) == 0
+    counts = _write(qdrant, _doc("long", 2))  # the document was edited down to two chunks
     assert counts["documents_pruned_of_stale_chunks"] == 1
-    left = sorted((p.payload["doc_id"], p.payload["chunk_index"]) for p in client.scroll("c", limit=100)[0])
+    left = sorted((p.payload["doc_id"], p.payload["chunk_index"]) for p in store.scroll("c"))
     assert left == [("long", 0), ("long", 1), ("other", 0), ("other", 1), ("other", 2)]
 
 
-def test_search_groups_chunks_by_document(qdrant):
-    client, _ = shared_client(qdrant)
-    ensure_collection(client, "c", 2)
-    _write(qdrant, [_item("a", 0, [1, 0]), _item("a", 1, [0.9, 0.1]), _item("b", 0, [0.5, 0.5]), _item("c", 0, [0, 1])])
-    hits = search_documents(client, "c", [1, 0], top_k=2)
+def test_write_batch_prunes_stale_chunks_on_both_stores(any_store):
+    any_store.ensure_collection("c", CollectionSpec(2))
+    points = [store_point(item, "m") for item in _doc("long", 4) + _doc("other", 3)]
+    assert any_store.write_batch("c", points, {"long": 4, "other": 3}) == 0
+    shorter = [store_point(item, "m") for item in _doc("long", 2)]
+    assert any_store.write_batch("c", shorter, {"long": 2}) == 1
+    left = sorted((p.payload["doc_id"], p.payload["chunk_index"]) for p in any_store.scroll("c"))
+    assert left == [("long", 0), ("long", 1), ("other", 0), ("other", 1), ("other", 2)]
+    assert any_store.count("c") == 5
+
+
+def test_search_groups_chunks_by_document(any_store):
+    any_store.ensure_collection("c", CollectionSpec(2))
+    items = [_item("a", 0, [1, 0]), _item("a", 1, [0.9, 0.1]), _item("b", 0, [0.5, 0.5]), _item("c", 0, [0, 1])]
+    any_store.upsert("c", [store_point(i, "m") for i in items])
+    hits = any_store.search_documents("c", [1, 0], top_k=2)
     assert [(c.doc_id, c.rank, p["chunk_index"]) for c, p in hits] == [("a", 1, 0), ("b", 2, 0)]
     assert hits[0][0].score == pytest.approx(1.0)
+
+
+def test_embedded_search_equals_a_brute_force_top_k(tmp_path):
+    """Many chunks per document across shards: grouped exact search == numpy max-per-document top k."""
+    rng = np.random.default_rng(7)
+    store = EdgeStore(str(tmp_path / "q"), shards=4)
+    store.ensure_collection("c", CollectionSpec(16))
+    docs = [f"doc{i:03d}" for i in range(120)]
+    vectors, owners, points = [], [], []
+    for d in docs:
+        for j in range(int(rng.integers(1, 9))):
+            v = rng.standard_normal(16)
+            vectors.append(v / np.linalg.norm(v))
+            owners.append(d)
+            points.append(StorePoint(point_id(d, j), v.tolist(), {"doc_id": d, "chunk_index": j}))
+    store.upsert("c", points)
+    matrix = np.stack(vectors)
+    queries = rng.standard_normal((5, 16))
+    batch = store.search_documents_batch("c", queries.tolist(), 25)
+    for q, batched in zip(queries, batch):
+        scores = matrix @ (q / np.linalg.norm(q))
+        best: dict[str, float] = {}
+        for d, s in zip(owners, scores):
+            best[d] = max(best.get(d, -2.0), float(s))
+        expected = sorted(best.items(), key=lambda kv: (-kv[1], kv[0]))[:25]
+        got = store.search_documents("c", q.tolist(), 25)
+        assert [c.doc_id for c, _ in got] == [d for d, _ in expected]
+        assert [(c.doc_id, c.score) for c, _ in batched] == [(c.doc_id, c.score) for c, _ in got]
+        np.testing.assert_allclose([c.score for c, _ in got], [s for _, s in expected], atol=1e-5)
 
 
 def _unexpected(status: int) -> UnexpectedResponse:
@@ -179,17 +278,28 @@ def test_api_key_is_read_from_the_named_variable_only(monkeypatch):
         QdrantConfig(path="x", api_key_env="K")
 
 
-def test_alias_switches_atomically_between_collections(qdrant):
-    from transforms.qdrant import point_alias
-
-    client, _ = shared_client(qdrant)
+def test_alias_switches_atomically_between_collections(any_store):
     for name, vec in (("v1", [1.0, 0.0]), ("v2", [0.0, 1.0])):
-        ensure_collection(client, name, 2)
-        client.upsert(name, [models.PointStruct(id=point_id(name, 0), vector=vec, payload={"doc_id": name})])
-    assert point_alias(client, "live", "v1") is None
-    assert [c.doc_id for c, _ in search_documents(client, "live", [1, 0], 5)] == ["v1"]
-    assert point_alias(client, "live", "v2") == "v1"
-    assert [c.doc_id for c, _ in search_documents(client, "live", [1, 0], 5)] == ["v2"]
-    assert [(a.alias_name, a.collection_name) for a in client.get_aliases().aliases] == [("live", "v2")]
+        any_store.ensure_collection(name, CollectionSpec(2))
+        any_store.upsert(name, [StorePoint(point_id(name, 0), vec, {"doc_id": name})])
+    assert any_store.point_alias("live", "v1") is None
+    assert [c.doc_id for c, _ in any_store.search_documents("live", [1, 0], 5)] == ["v1"]
+    assert any_store.point_alias("live", "v2") == "v1"
+    assert [c.doc_id for c, _ in any_store.search_documents("live", [1, 0], 5)] == ["v2"]
+    assert any_store.aliases() == {"live": "v2"}
+    assert any_store.count("live") == 1 and any_store.collection_exists("live")
     with pytest.raises(ValueError, match="is the name of a collection"):
-        point_alias(client, "v1", "v2")
+        any_store.point_alias("v1", "v2")
+
+
+def test_embedded_aliases_live_in_one_file_that_another_process_reads(tmp_path):
+    store = EdgeStore(str(tmp_path / "q"))
+    store.ensure_collection("v1", CollectionSpec(2))
+    store.point_alias("live", "v1")
+    assert json.loads((tmp_path / "q" / "aliases.json").read_text()) == {"aliases": {"live": "v1"}}
+    assert sorted(p.name for p in (tmp_path / "q").iterdir()) == [".store.lock", "aliases.json", "v1"]
+    meta = json.loads((tmp_path / "q" / "v1" / "collection.json").read_text())
+    assert (meta["size"], meta["distance"], meta["shards"]) == (2, "Cosine", 4)
+    assert store.ensure_collection("live", CollectionSpec(2)) is False  # the alias's collection exists
+    with pytest.raises(ValueError, match="'live' is an alias; a collection cannot take its name"):
+        store.create_collection("live", CollectionSpec(2), shards=1)

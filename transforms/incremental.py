@@ -110,7 +110,8 @@ class _SkipUnchanged(beam.DoFn):
         for chunk in chunks:
             want = self.payload_of(chunk)
             have = stored.get(chunk.point_id)
-            if have is None or have.get("fingerprint") != want["fingerprint"]:
+            wanted_fp = want.get("fingerprint")  # None: no settings digest, nothing can be proven unchanged
+            if have is None or wanted_fp is None or have.get("fingerprint") != wanted_fp:
                 changed_docs.add(chunk.doc_id)
                 self.to_embed.inc()
                 yield chunk

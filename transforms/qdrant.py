@@ -1,17 +1,25 @@
-"""Qdrant: connection settings, collection management, and the idempotent point writer.
+"""Qdrant: connection settings, the server store, and the idempotent point writer.
+
+``--qdrant-path`` is the embedded store (Qdrant Edge, ``transforms/edge_store.py``);
+``--qdrant-url`` is a server through qdrant-client (``ServerStore`` here). Both sit behind
+``transforms.store.VectorStore``; jobs call only that interface.
 
 Guarantees:
 - Point ids are ``uuid5(doc_id:chunk_index)``: a retried bundle (Beam retries with new
   batch boundaries), a rerun or a replay overwrites the same points; nothing duplicates.
 - Upserts are sent in batches bounded by point count and by bytes (default 8 MiB, well
-  under Qdrant's 32 MiB request limit), with ``wait=True`` so a finished bundle means
-  durable points.
+  under Qdrant's 32 MiB request limit), with ``wait=True`` (server) or through the WAL
+  (embedded), so a finished bundle means durable points.
 - A document that now has fewer chunks than when it was last indexed loses its stale
   points. Chunks are numbered 0..n-1, so a document has stale points exactly when the
   point ``(doc_id, n_chunks)`` exists: that is checked by id (one ``retrieve`` per upsert
-  batch, O(1) per document, on a server and in local mode), and only documents that did
-  shrink get a filtered delete of ``chunk_index >= n_chunks``. Only indexes this run
-  never writes are deleted, so the order of bundles does not matter.
+  batch, O(1) per document, on a server and in the embedded store, where it stays within
+  the document's shard), and only documents that did shrink get a filtered delete of
+  ``chunk_index >= n_chunks``. Only indexes this run never writes are deleted, so the
+  order of bundles does not matter.
+- Server writes are retried as a whole batch (upsert, probe, delete); embedded writes are
+  not retried here (a shard held by another process is waited for, see ``edge_store``),
+  and Beam retries a failed element, which rewrites the same ids.
 - Transient failures (connection errors, timeouts, HTTP 429/5xx, gRPC UNAVAILABLE and the
   like) are retried with exponential backoff and jitter; client errors (HTTP 4xx, gRPC
   INVALID_ARGUMENT...) are raised at once with Qdrant's message, since retrying them
@@ -32,7 +40,7 @@ import os
 import random
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import Any, TypeVar
 
 import apache_beam as beam
@@ -41,41 +49,55 @@ from qdrant_client import QdrantClient, models
 from qdrant_client.http.exceptions import ResponseHandlingException, UnexpectedResponse
 from qdrant_client.local.qdrant_local import QdrantLocal
 
+from transforms.incremental import fingerprint
 from transforms.progress import reporter
-from transforms.types import Candidate, EmbeddedChunk, point_id
+from transforms.store import CollectionSpec, StorePoint, VectorStore
+from transforms.types import Candidate, Chunk, EmbeddedChunk
 
 _LOG = logging.getLogger(__name__)
 T = TypeVar("T")
 
 RESERVED_PAYLOAD_KEYS = frozenset(
-    {"doc_id", "chunk_index", "text", "char_start", "char_end", "title", "model", "content_hash", "n_tokens"}
+    {"doc_id", "chunk_index", "text", "char_start", "char_end", "title", "model", "content_hash", "n_tokens",
+     "fingerprint"}
 )
 MAX_REQUEST_BYTES = 32 * 1024 * 1024
 
 
 @dataclasses.dataclass(frozen=True)
 class QdrantConfig:
-    """Where the collection lives: local mode on disk (``path``) or a server (``url``)."""
+    """Where the collection lives: the embedded store on disk (``path``) or a server (``url``).
+
+    ``shards`` (embedded only) is the shard count of collections this config creates;
+    ``lock_wait_s`` how long an embedded operation waits for a shard another process holds.
+    """
 
     path: str | None = "./qdrant_data"
     url: str | None = None
     api_key_env: str | None = None
     prefer_grpc: bool = False
     timeout_s: int = 60
+    shards: int = 4
+    lock_wait_s: float = 300.0
 
     def __post_init__(self) -> None:
         if self.url:
             object.__setattr__(self, "path", None)
         if not self.url and not self.path:
-            raise ValueError("give --qdrant-path (local mode) or --qdrant-url (server)")
+            raise ValueError("give --qdrant-path (embedded store) or --qdrant-url (server)")
         if self.api_key_env and not self.url:
             raise ValueError("--qdrant-api-key-env only applies with --qdrant-url")
 
     @property
     def where(self) -> str:
-        return self.url or f"local:{os.path.abspath(self.path or '')}"
+        return self.url or f"edge:{os.path.abspath(self.path or '')}"
+
+    @property
+    def embedded(self) -> bool:
+        return not self.url
 
     def connect(self) -> QdrantClient:
+        """A qdrant-client for the server (``url``); with only a ``path``, qdrant-client's local mode."""
         if self.url:
             api_key = None
             if self.api_key_env:
@@ -87,11 +109,11 @@ class QdrantConfig:
         return QdrantClient(path=self.path)
 
 
-_CLIENTS: dict[QdrantConfig, tuple[QdrantClient, threading.Lock]] = {}
+_CLIENTS: dict[QdrantConfig, tuple[QdrantClient, threading.RLock]] = {}
 _CLIENTS_LOCK = threading.Lock()
 
 
-def shared_client(config: QdrantConfig) -> tuple[QdrantClient, threading.Lock]:
+def shared_client(config: QdrantConfig) -> tuple[QdrantClient, threading.RLock]:
     """One client per config per process, with a lock for local mode.
 
     Local mode holds a file lock on its folder, so a second client in the same process
@@ -101,7 +123,7 @@ def shared_client(config: QdrantConfig) -> tuple[QdrantClient, threading.Lock]:
     with _CLIENTS_LOCK:
         entry = _CLIENTS.get(config)
         if entry is None:
-            entry = _CLIENTS[config] = (config.connect(), threading.Lock())
+            entry = _CLIENTS[config] = (config.connect(), threading.RLock())
         return entry
 
 
@@ -207,8 +229,9 @@ def with_retries(
 
 
 # -- points --------------------------------------------------------------------------------
-def to_point(item: EmbeddedChunk, model_id: str) -> models.PointStruct:
-    chunk = item.chunk
+def chunk_payload(chunk: Chunk, model_id: str, digest: str = "") -> dict[str, Any]:
+    """The payload of a chunk's point. ``fingerprint`` (with the settings ``digest``) is what the
+    vector depends on: incremental runs compare it to skip chunks (``transforms.incremental``)."""
     payload: dict[str, Any] = {
         "doc_id": chunk.doc_id,
         "chunk_index": chunk.chunk_index,
@@ -219,10 +242,17 @@ def to_point(item: EmbeddedChunk, model_id: str) -> models.PointStruct:
         "model": model_id,
         "content_hash": chunk.content_hash,
     }
+    if digest:
+        payload["fingerprint"] = fingerprint(chunk.embed_text, digest)
     if chunk.title is not None:
         payload["title"] = chunk.title
     payload.update(chunk.metadata)
-    return models.PointStruct(id=chunk.point_id, vector=list(item.vector), payload=payload)
+    return payload
+
+
+def to_point(item: EmbeddedChunk, model_id: str, digest: str = "") -> models.PointStruct:
+    chunk = item.chunk
+    return models.PointStruct(id=chunk.point_id, vector=list(item.vector), payload=chunk_payload(chunk, model_id, digest))
 
 
 def stale_chunks_filter(doc_id: str, n_chunks: int) -> models.Filter:
@@ -235,83 +265,215 @@ def stale_chunks_filter(doc_id: str, n_chunks: int) -> models.Filter:
     )
 
 
-def point_bytes(point: models.PointStruct) -> int:
+def point_bytes(point: models.PointStruct | StorePoint) -> int:
     """Size of the point in a JSON request, closely enough to bound a batch under the limit."""
     vector = point.vector if isinstance(point.vector, list) else []
     return 20 * len(vector) + len(json.dumps(point.payload, ensure_ascii=False).encode("utf-8")) + 64
 
 
-class _UpsertPoints(beam.DoFn):
-    def __init__(self, config: QdrantConfig, collection: str, model_id: str, batch_points: int, batch_bytes: int,
-                 progress_interval_s: float = 30.0):
-        self.progress_interval_s = progress_interval_s
-        self.config = config
-        self.collection = collection
-        self.model_id = model_id
-        self.batch_points = batch_points
-        self.batch_bytes = batch_bytes
+def store_point(item: EmbeddedChunk, model_id: str, digest: str = "") -> StorePoint:
+    """The chunk as a store point: same id and payload as ``to_point``, the vector as a list."""
+    return StorePoint(item.chunk.point_id, list(item.vector), chunk_payload(item.chunk, model_id, digest))
+
+
+class PointBuffer:
+    """Points of one batch, bounded by count and by bytes, with the chunk-0 documents in it."""
+
+    def __init__(self, batch_points: int, batch_bytes: int) -> None:
+        self.batch_points, self.batch_bytes = batch_points, batch_bytes
+        self.points: list[StorePoint] = []
+        self.bytes = 0
+        self.first_chunks: dict[str, int] = {}
+
+    def fits(self, size: int) -> bool:
+        return not self.points or self.bytes + size <= self.batch_bytes
+
+    def add(self, point: StorePoint, size: int, item: EmbeddedChunk | None = None) -> None:
+        self.points.append(point)
+        self.bytes += size
+        if item is not None and item.chunk.chunk_index == 0:
+            self.first_chunks[item.chunk.doc_id] = item.chunk.n_chunks
+
+    @property
+    def full(self) -> bool:
+        return len(self.points) >= self.batch_points
+
+    def take(self) -> tuple[list[StorePoint], dict[str, int]]:
+        out = (self.points, self.first_chunks)
+        self.points, self.bytes, self.first_chunks = [], 0, {}
+        return out
+
+
+class _Counters:
+    def __init__(self) -> None:
         self.written = Metrics.counter("corpus_etl", "points_written")
         self.batches = Metrics.counter("corpus_etl", "upsert_batches")
         self.retries = Metrics.counter("corpus_etl", "upsert_retries")
         self.pruned = Metrics.counter("corpus_etl", "documents_pruned_of_stale_chunks")
 
+
+class _UpsertPoints(beam.DoFn):
+    """Server writer: a per-bundle buffer, flushed (upsert + stale-chunk prune, retried as one) when full."""
+
+    def __init__(self, config: QdrantConfig, collection: str, model_id: str, batch_points: int, batch_bytes: int,
+                 digest: str = "", progress_interval_s: float = 30.0):
+        self.config = config
+        self.collection = collection
+        self.model_id = model_id
+        self.batch_points = batch_points
+        self.batch_bytes = batch_bytes
+        self.digest = digest
+        self.progress_interval_s = progress_interval_s
+        self.counters = _Counters()
+
     def setup(self) -> None:
-        self.client, self.lock = shared_client(self.config)
+        from transforms.store import open_store
+
+        self.store = open_store(self.config)
 
     def start_bundle(self) -> None:
-        self.buffer: list[models.PointStruct] = []
-        self.buffer_bytes = 0
-        self.first_chunks: dict[str, int] = {}
+        self.buffer = PointBuffer(self.batch_points, self.batch_bytes)
 
     def process(self, item: EmbeddedChunk):
-        point = to_point(item, self.model_id)
-        if item.chunk.chunk_index == 0:
-            self.first_chunks[item.chunk.doc_id] = item.chunk.n_chunks
+        point = store_point(item, self.model_id, self.digest)
         size = point_bytes(point)
-        if self.buffer and self.buffer_bytes + size > self.batch_bytes:
+        if not self.buffer.fits(size):
             self._flush()
-        self.buffer.append(point)
-        self.buffer_bytes += size
-        if len(self.buffer) >= self.batch_points:
+        self.buffer.add(point, size, item)
+        if self.buffer.full:
             self._flush()
 
     def finish_bundle(self) -> None:
         self._flush()
 
-    def _shrunk(self, docs: dict[str, int]) -> list[str]:
-        """Documents that still have a point at index ``n_chunks``: they were longer before."""
-        if not docs:
-            return []
-        probe = {point_id(d, n): d for d, n in docs.items()}
-        found = self.client.retrieve(self.collection, list(probe), with_payload=False, with_vectors=False)
-        return sorted(probe[str(p.id)] for p in found)
-
     def _flush(self) -> None:
-        if not self.buffer:
+        if not self.buffer.points:
             return
-        points, self.buffer, self.buffer_bytes = self.buffer, [], 0
-        docs, self.first_chunks = self.first_chunks, {}
-
-        def upsert() -> None:
-            with self.lock:
-                self.client.upsert(self.collection, points=points, wait=True)
-                shrunk = self._shrunk(docs)
-                if shrunk:
-                    stale = [stale_chunks_filter(d, docs[d]) for d in shrunk]
-                    self.client.delete(
-                        self.collection, points_selector=models.FilterSelector(filter=models.Filter(should=stale)),
-                        wait=True,
-                    )
-                    self.pruned.inc(len(shrunk))
-
-        with_retries(upsert, on_retry=lambda exc, attempt: self.retries.inc())
-        self.written.inc(len(points))
-        self.batches.inc()
+        points, docs = self.buffer.take()
+        pruned = with_retries(
+            lambda: self.store.write_batch(self.collection, points, docs),
+            on_retry=lambda exc, attempt: self.counters.retries.inc(),
+        )
+        if pruned:
+            self.counters.pruned.inc(pruned)
+        self.counters.written.inc(len(points))
+        self.counters.batches.inc()
         reporter("write", self.progress_interval_s).add(points=len(points), batches=1)
+
+
+def copy_points(
+    points: Iterable[StorePoint],
+    target: VectorStore,
+    collection: str,
+    *,
+    batch_points: int = 256,
+    batch_bytes: int = 8 * 1024 * 1024,
+    sleep: Callable[[float], None] = time.sleep,
+) -> dict[str, int]:
+    """Upsert ``points`` (ids kept) into ``target`` as the writer does: batches bounded by count
+    and bytes, each retried on transient errors. Returns points, batches and retries."""
+    if not 0 < batch_bytes < MAX_REQUEST_BYTES:
+        raise ValueError(f"batch_bytes must be in (0, {MAX_REQUEST_BYTES})")
+    stats = {"points": 0, "batches": 0, "retries": 0}
+    buffer = PointBuffer(batch_points, batch_bytes)
+
+    def on_retry(exc: BaseException, attempt: int) -> None:
+        stats["retries"] += 1
+
+    def flush() -> None:
+        batch, _ = buffer.take()
+        with_retries(lambda: target.upsert(collection, batch), on_retry=on_retry, sleep=sleep)
+        stats["points"] += len(batch)
+        stats["batches"] += 1
+
+    for point in points:
+        size = point_bytes(point)
+        if not buffer.fits(size):
+            flush()
+        buffer.add(point, size)
+        if buffer.full:
+            flush()
+    if buffer.points:
+        flush()
+    return stats
+
+
+class _KeyByShard(beam.DoFn):
+    """``EmbeddedChunk`` → ``(shard, chunk)``: the embedded collection's shard of the chunk's document."""
+
+    def __init__(self, config: QdrantConfig, collection: str) -> None:
+        self.config, self.collection = config, collection
+
+    def setup(self) -> None:
+        from transforms.edge_store import EdgeStore
+
+        self.shards = EdgeStore(self.config.path or ".").meta(self.collection).shards
+
+    def process(self, item: EmbeddedChunk):
+        from transforms.edge_store import shard_of
+
+        yield shard_of(item.chunk.doc_id, self.shards), item
+
+
+class _WriteShard(beam.DoFn):
+    """Embedded writer: all of one shard's points, written by this worker alone, in bounded batches.
+
+    Beam's ``GroupByKey`` on the shard number hands each shard to one ``process`` call,
+    so no two workers write a shard at once; the shard is opened once for the call (a
+    process still holding it makes this wait, see ``open_shard``) and closed after it.
+    A retried element rewrites the same ids.
+    """
+
+    def __init__(self, config: QdrantConfig, collection: str, model_id: str, batch_points: int, batch_bytes: int,
+                 digest: str = "", progress_interval_s: float = 30.0):
+        self.config = config
+        self.collection = collection
+        self.model_id = model_id
+        self.batch_points = batch_points
+        self.batch_bytes = batch_bytes
+        self.digest = digest
+        self.progress_interval_s = progress_interval_s
+        self.counters = _Counters()
+
+    def setup(self) -> None:
+        from transforms.edge_store import EdgeStore
+
+        self.store = EdgeStore(self.config.path or ".", lock_wait_s=self.config.lock_wait_s)
+
+    def process(self, element: tuple[int, Any]):
+        index, items = element
+        name, meta, paths = self.store._shards(self.collection)
+        buffer = PointBuffer(self.batch_points, self.batch_bytes)
+        with self.store.shard(paths[index]) as shard:
+
+            def flush() -> None:
+                points, docs = buffer.take()
+                pruned = self.store.write_shard(shard, points, docs)
+                if pruned:
+                    self.counters.pruned.inc(pruned)
+                self.counters.written.inc(len(points))
+                self.counters.batches.inc()
+                reporter("write", self.progress_interval_s).add(points=len(points), batches=1)
+
+            for item in items:
+                point = store_point(item, self.model_id, self.digest)
+                size = point_bytes(point)
+                if not buffer.fits(size):
+                    flush()
+                buffer.add(point, size, item)
+                if buffer.full:
+                    flush()
+            if buffer.points:
+                flush()
+        return []
 
 
 class WriteToQdrant(beam.PTransform):
     """Upsert ``EmbeddedChunk`` s as points; see the module docstring for what is guaranteed.
+
+    On a server, each bundle writes its own batches. In the embedded store, points are
+    shuffled to their shard first (``GroupByKey``), so each shard has one writer at a time
+    and worker processes never fight over a shard's lock.
 
     The collection must exist (the pipeline's ``run`` calls ``ensure_collection`` before
     the job starts, so a size mismatch fails before any work is done).
@@ -325,28 +487,40 @@ class WriteToQdrant(beam.PTransform):
         *,
         batch_points: int = 256,
         batch_bytes: int = 8 * 1024 * 1024,
+        settings_digest: str = "",
         progress_interval_s: float = 30.0,
     ) -> None:
         super().__init__()
         if not 0 < batch_bytes < MAX_REQUEST_BYTES:
             raise ValueError(f"batch_bytes must be in (0, {MAX_REQUEST_BYTES})")
-        self.args = (config, collection, model_id, batch_points, batch_bytes, progress_interval_s)
+        self.args = (config, collection, model_id, batch_points, batch_bytes, settings_digest, progress_interval_s)
 
     def expand(self, pcoll):
-        return pcoll | "Upsert" >> beam.ParDo(_UpsertPoints(*self.args))
+        config, collection = self.args[0], self.args[1]
+        if not config.embedded:
+            return pcoll | "Upsert" >> beam.ParDo(_UpsertPoints(*self.args))
+        return (
+            pcoll
+            | "KeyByShard" >> beam.ParDo(_KeyByShard(config, collection))
+            | "GroupByShard" >> beam.GroupByKey()
+            | "Upsert" >> beam.ParDo(_WriteShard(*self.args))
+        )
 
 
 # -- search --------------------------------------------------------------------------------
 def search_documents(
-    client: QdrantClient, collection: str, vector: Sequence[float], top_k: int
+    client: QdrantClient, collection: str, vector: Sequence[float], top_k: int, *, hnsw_ef: int | None = None
 ) -> list[tuple[Candidate, dict[str, Any]]]:
     """Top ``top_k`` documents for a query vector: chunk hits grouped by ``doc_id``, max score each.
 
-    Qdrant's grouping API does the aggregation server-side. Ties are broken by ``doc_id``
-    so the order is deterministic. Returns each candidate with its best chunk's payload.
+    Qdrant's grouping API does the aggregation server-side, with the server's own search
+    parameters unless ``hnsw_ef`` is given. Ties are broken by ``doc_id`` so the order is
+    deterministic. Returns each candidate with its best chunk's payload.
     """
+    params = models.SearchParams(hnsw_ef=hnsw_ef) if hnsw_ef else None
     result = client.query_points_groups(
-        collection, query=list(vector), group_by="doc_id", limit=top_k, group_size=1, with_payload=True
+        collection, query=list(vector), group_by="doc_id", limit=top_k, group_size=1, with_payload=True,
+        search_params=params,
     )
     hits = []
     for group in result.groups:
@@ -354,3 +528,91 @@ def search_documents(
         hits.append((str(group.id), float(best.score), best.payload or {}))
     hits.sort(key=lambda h: (-h[1], h[0]))
     return [(Candidate(doc_id=d, score=s, rank=i + 1), p) for i, (d, s, p) in enumerate(hits)]
+
+
+# -- the server store ------------------------------------------------------------------------
+class ServerStore(VectorStore):
+    """``VectorStore`` over qdrant-client: a Qdrant server (``--qdrant-url``), or any client given.
+
+    Every call is the one qdrant-client call the jobs made before the interface existed
+    (``wait=True`` upserts and deletes, server-side grouping, one alias request), under
+    the client's process lock. The writer retries ``write_batch`` as a whole on transient
+    errors (``with_retries``); single calls here are not retried.
+    """
+
+    def __init__(self, config: QdrantConfig | None = None, *, client: QdrantClient | None = None) -> None:
+        if client is not None:
+            self.client, self.lock = client, threading.RLock()
+            self.where = "client"
+        elif config is not None:
+            self.client, self.lock = shared_client(config)
+            self.where = config.where
+        else:
+            raise ValueError("ServerStore needs a config or a client")
+
+    def ensure_collection(self, name: str, spec: CollectionSpec, *, create: bool = True) -> bool:
+        with self.lock:
+            return ensure_collection(self.client, name, spec.size, create=create)
+
+    def collection_exists(self, name: str) -> bool:
+        with self.lock:
+            return self.client.collection_exists(name)
+
+    def upsert(self, collection: str, points: Sequence[StorePoint]) -> None:
+        structs = [models.PointStruct(id=p.id, vector=list(p.vector or ()), payload=p.payload) for p in points]
+        with self.lock:
+            self.client.upsert(collection, points=structs, wait=True)
+
+    @staticmethod
+    def _point(r: Any, with_vectors: bool) -> StorePoint:
+        vector = r.vector if with_vectors else None
+        return StorePoint(str(r.id), list(vector) if vector is not None else None, dict(r.payload or {}))
+
+    def retrieve(
+        self, collection: str, ids: Sequence[str], *, with_payload: bool = True, with_vectors: bool = False
+    ) -> list[StorePoint]:
+        with self.lock:
+            found = self.client.retrieve(collection, list(ids), with_payload=with_payload, with_vectors=with_vectors)
+        return [self._point(r, with_vectors) for r in found]
+
+    def delete_chunks_from(self, collection: str, docs: Mapping[str, int]) -> None:
+        stale = [stale_chunks_filter(d, n) for d, n in sorted(docs.items())]
+        with self.lock:
+            self.client.delete(
+                collection, points_selector=models.FilterSelector(filter=models.Filter(should=stale)), wait=True
+            )
+
+    def search_documents(
+        self, collection: str, vector: Sequence[float], top_k: int, *, hnsw_ef: int | None = None
+    ) -> list[tuple[Candidate, dict[str, Any]]]:
+        with self.lock:
+            return search_documents(self.client, collection, vector, top_k, hnsw_ef=hnsw_ef)
+
+    def count(self, collection: str) -> int:
+        with self.lock:
+            return self.client.count(collection, exact=True).count
+
+    def scroll(self, collection: str, *, with_vectors: bool = True, page: int = 256) -> Iterator[StorePoint]:
+        offset = None
+        while True:
+            with self.lock:
+                records, offset = self.client.scroll(
+                    collection, limit=page, offset=offset, with_payload=True, with_vectors=with_vectors
+                )
+            for r in records:
+                yield self._point(r, with_vectors)
+            if offset is None:
+                return
+
+    def aliases(self) -> dict[str, str]:
+        with self.lock:
+            return {a.alias_name: a.collection_name for a in self.client.get_aliases().aliases}
+
+    def point_alias(self, alias: str, collection: str) -> str | None:
+        with self.lock:
+            return point_alias(self.client, alias, collection)
+
+    def write_batch(self, collection: str, points: Sequence[StorePoint], first_chunks: Mapping[str, int]) -> int:
+        """Upsert, probe and prune under one hold of the client lock (as the writer always did)."""
+        with self.lock:  # re-entrant: the calls below take it again
+            return super().write_batch(collection, points, first_chunks)

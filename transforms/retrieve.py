@@ -4,7 +4,7 @@ Both paths end in the same records: ``RerankPair`` (query, document text, first-
 score and 1-based rank), one per (query, document), at most ``top_k`` per query.
 
 From the index, the query is embedded with the model's query prompt (as ``search``
-does) and chunk hits are grouped by ``doc_id`` by Qdrant (max score per document); the
+does) and chunk hits are grouped by ``doc_id`` by the store (max score per document); the
 document text given to the reranker is its best-matching chunk, title first, which is
 what the first stage actually matched.
 """
@@ -19,7 +19,7 @@ import apache_beam as beam
 from apache_beam.metrics import Metrics
 
 from transforms.embed import Embed, EmbeddingModelHandler
-from transforms.qdrant import QdrantConfig, search_documents, shared_client
+from transforms.qdrant import QdrantConfig
 from transforms.read import DEAD
 from transforms.types import Candidate, DeadLetter, Document, Query, RerankPair, titled_text
 
@@ -29,6 +29,14 @@ def candidate_text(payload: dict[str, Any]) -> str:
 
 
 class _SearchIndex(beam.DoFn):
+    """Searches queries in batches of ``BATCH`` (and at the end of a bundle).
+
+    The embedded store opens each shard once per batch and releases it after, so worker
+    processes take turns on the shards without holding them across bundles.
+    """
+
+    BATCH = 64
+
     def __init__(self, qdrant: QdrantConfig, collection: str, top_k: int) -> None:
         self.qdrant = qdrant
         self.collection = collection
@@ -38,19 +46,45 @@ class _SearchIndex(beam.DoFn):
         self.search_ms = Metrics.counter("corpus_etl", "search_ms")
 
     def setup(self) -> None:
-        self.client, self.lock = shared_client(self.qdrant)
+        from transforms.store import open_store
 
-    def process(self, element: tuple[Query, Any]):
+        self.store = open_store(self.qdrant)
+
+    def teardown(self) -> None:
+        self.store.close()
+
+    def start_bundle(self) -> None:
+        self.pending: list[tuple[Query, Any, Any, Any]] = []
+
+    def process(self, element: tuple[Query, Any], window=beam.DoFn.WindowParam, timestamp=beam.DoFn.TimestampParam):
         query, vector = element
+        self.pending.append((query, vector, window, timestamp))
+        if len(self.pending) >= self.BATCH:
+            for pair, _, _ in self._flush():
+                yield pair
+
+    def finish_bundle(self):
+        from apache_beam.utils.windowed_value import WindowedValue
+
+        for pair, window, timestamp in self._flush():
+            yield WindowedValue(pair, timestamp, [window])
+
+    def _flush(self) -> list[tuple[RerankPair, Any, Any]]:
+        pending, self.pending = self.pending, []
+        if not pending:
+            return []
         started = time.perf_counter()
-        with self.lock:
-            hits = search_documents(self.client, self.collection, vector, self.top_k)
+        results = self.store.search_documents_batch(self.collection, [v for _, v, _, _ in pending], self.top_k)
         self.search_ms.inc(int((time.perf_counter() - started) * 1000))
-        if not hits:
-            self.no_hits.inc()
-        self.candidates.inc(len(hits))
-        for cand, payload in hits:
-            yield RerankPair(query.query_id, query.text, cand.doc_id, candidate_text(payload), cand.score, cand.rank)
+        out = []
+        for (query, _, window, timestamp), hits in zip(pending, results):
+            if not hits:
+                self.no_hits.inc()
+            self.candidates.inc(len(hits))
+            for cand, payload in hits:
+                pair = RerankPair(query.query_id, query.text, cand.doc_id, candidate_text(payload), cand.score, cand.rank)
+                out.append((pair, window, timestamp))
+        return out
 
 
 class RetrieveFromIndex(beam.PTransform):

@@ -1,0 +1,98 @@
+"""`corpus-etl copy`: an embedded collection (``--qdrant-path``) into a Qdrant server collection.
+
+    corpus-etl copy --collection docs-2026-11-24 --qdrant-path ./qdrant_data \\
+        --to-url http://qdrant:6333 [--to-collection NAME] [--alias docs]
+
+The points are scrolled from every shard and upserted with their own ids through the
+writer's batching (``copy_points``: batches bounded by count and bytes, transient errors
+retried), so a copy that fails half-way is finished by running it again. The target
+collection is created when missing (size from the source, cosine, payload indexes); an
+existing one of another size is refused before anything is written. After every point is
+in, ``--alias`` is switched on the target in one request (blue/green). ``--to-path`` puts
+another embedded store in place of the server (where no server exists, e.g. in tests).
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from typing import Any
+
+
+def build_arg_parser() -> argparse.ArgumentParser:
+    from pipelines.common import HelpFormatter
+
+    parser = argparse.ArgumentParser(prog="corpus-etl copy", description=__doc__, formatter_class=HelpFormatter)
+    parser.add_argument("--collection", required=True, help="source collection or alias in --qdrant-path")
+    parser.add_argument("--qdrant-path", default="./qdrant_data", help="the embedded store to copy from")
+    target = parser.add_argument_group("target")
+    where = target.add_mutually_exclusive_group(required=True)
+    where.add_argument("--to-url", default=None, help="Qdrant server, e.g. http://qdrant:6333")
+    where.add_argument("--to-path", default=None, help="another embedded store instead of a server")
+    target.add_argument("--to-collection", default=None, help="target collection (default: the source's name)")
+    target.add_argument("--alias", default=None, help="after the copy, point this alias of the target at it")
+    target.add_argument("--qdrant-api-key-env", default=None, metavar="VAR", help="variable holding the server's API key")
+    target.add_argument("--qdrant-grpc", action="store_true", help="talk gRPC to the server")
+    target.add_argument("--qdrant-timeout", type=int, default=60, help="request timeout, seconds")
+    target.add_argument("--batch-points", type=int, default=256, help="points per upsert request (bytes bound: 8 MiB)")
+    return parser
+
+
+def copy_collection(
+    source: Any, collection: str, target: Any, to_collection: str, *, alias: str | None = None,
+    batch_points: int = 256,
+) -> dict[str, Any]:
+    """Copy every point of ``collection`` (an alias is resolved) from ``source`` into ``target``."""
+    from transforms.qdrant import copy_points
+    from transforms.store import CollectionSpec
+
+    meta = source.meta(collection)
+    if alias and alias == to_collection:
+        raise ValueError("--alias must differ from the target collection")
+    created = target.ensure_collection(to_collection, CollectionSpec(meta.size, model=meta.model, settings=meta.settings))
+    started = time.perf_counter()
+    stats = copy_points(source.scroll(collection, with_vectors=True, page=512), target, to_collection,
+                        batch_points=batch_points)  # fmt: skip
+    count = target.count(to_collection)
+    if count < stats["points"]:
+        raise RuntimeError(f"target {to_collection!r} holds {count} points after {stats['points']} were copied")
+    previous = target.point_alias(alias, to_collection) if alias else None
+    return {
+        "source": f"{source.where}/{collection}", "target": f"{target.where}/{to_collection}", "created": created,
+        **stats, "points_in_target": count, "seconds": round(time.perf_counter() - started, 2),
+        "alias": {"name": alias, "previous": previous} if alias else None,
+    }  # fmt: skip
+
+
+def run(argv: list[str] | None = None) -> dict[str, Any]:
+    from pipelines.common import setup_logging
+    from transforms.edge_store import EdgeStore
+    from transforms.qdrant import QdrantConfig
+    from transforms.store import open_store
+
+    args = build_arg_parser().parse_args(argv)
+    setup_logging()
+    source = EdgeStore(args.qdrant_path)
+    if args.to_url:
+        target_config = QdrantConfig(
+            path=None, url=args.to_url, api_key_env=args.qdrant_api_key_env, prefer_grpc=args.qdrant_grpc,
+            timeout_s=args.qdrant_timeout,
+        )  # fmt: skip
+    else:
+        target_config = QdrantConfig(path=args.to_path)
+    target = open_store(target_config)
+    try:
+        report = copy_collection(
+            source, args.collection, target, args.to_collection or source.resolve(args.collection),
+            alias=args.alias, batch_points=args.batch_points,
+        )  # fmt: skip
+    finally:
+        target.close()
+        source.close()
+    print(
+        f"copy: {report['points']} points {report['source']} -> {report['target']} in {report['batches']} batches "
+        f"({report['retries']} retries, {report['seconds']}s); target holds {report['points_in_target']}"
+        + (f"; alias {args.alias} -> {report['target']} (was {report['alias']['previous']})" if args.alias else ""),
+        flush=True,
+    )
+    return report

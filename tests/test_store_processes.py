@@ -1,0 +1,204 @@
+"""The embedded store across processes: locks, kill -9 of a writer, and the index job on 2 worker processes.
+
+Every subprocess runs in its own session and is killed with its whole process group when
+a test ends or times out (a killed SDK worker can hang Beam's multi-process runner).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from apache_beam.testing.test_pipeline import TestPipeline
+
+from transforms.edge_store import EdgeStore, open_shard
+from transforms.store import CollectionSpec, StoreInUseError, StorePoint
+from transforms.types import point_id
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@contextlib.contextmanager
+def started(args: list[str], **kwargs):
+    """A subprocess in its own process group; the group is killed on the way out, whatever happened."""
+    proc = subprocess.Popen(args, cwd=ROOT, start_new_session=True, **kwargs)
+    try:
+        yield proc
+    finally:
+        if proc.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+
+
+def wait_for_line(proc: subprocess.Popen, marker: str, timeout_s: float = 120) -> None:
+    """Read the child's stdout until a line contains ``marker`` (or fail after ``timeout_s``)."""
+    deadline = time.monotonic() + timeout_s
+    assert proc.stdout is not None
+    while time.monotonic() < deadline:
+        line = proc.stdout.readline()
+        if not line:
+            raise AssertionError(f"child exited before printing {marker!r} (rc {proc.poll()})")
+        if marker in line:
+            return
+    raise AssertionError(f"no {marker!r} within {timeout_s}s")
+
+
+def _points(n: int, dim: int, seed: int) -> list[StorePoint]:
+    rng = np.random.default_rng(seed)
+    vectors = rng.standard_normal((n, dim)).astype(np.float32)
+    vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
+    return [
+        StorePoint(point_id(f"d{i // 3}", i % 3), vectors[i].tolist(), {"doc_id": f"d{i // 3}", "chunk_index": i % 3})
+        for i in range(n)
+    ]
+
+
+WRITER = textwrap.dedent(
+    """
+    import sys
+    sys.path.insert(0, {root!r})
+    from tests.test_store_processes import _points
+    from transforms.edge_store import EdgeStore
+    store = EdgeStore({path!r})
+    points = _points({n}, {dim}, 0)
+    for start in range(0, len(points), 500):
+        store.upsert("c", points[start:start + 500])
+        print("wrote", start + 500, flush=True)
+        {hold}
+    """
+)
+
+
+def test_a_writer_killed_mid_write_leaves_readable_shards_and_a_rerun_is_exact(tmp_path):
+    path, n, dim = str(tmp_path / "q"), 20_000, 64
+    EdgeStore(path, shards=4).ensure_collection("c", CollectionSpec(dim))
+    code = WRITER.format(root=ROOT, path=path, n=n, dim=dim, hold="")
+    with started([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True) as proc:
+        wait_for_line(proc, "wrote 4000")
+        os.killpg(proc.pid, signal.SIGKILL)  # mid-write: it is upserting the next batches
+        proc.wait()
+    store = EdgeStore(path)
+    partial = store.count("c")
+    assert 4000 <= partial < n  # every returned upsert survived the kill; every shard opens
+    store.upsert("c", _points(n, dim, 0))  # the rerun
+    assert store.count("c") == n
+    expected = {p.id: p for p in _points(n, dim, 0)}
+    got = {p.id: p for p in store.scroll("c")}
+    assert got.keys() == expected.keys()
+    worst = max(float(np.abs(np.subtract(got[i].vector, expected[i].vector)).max()) for i in expected)
+    assert worst <= 1e-6
+    assert got[point_id("d7", 1)].payload == {"doc_id": "d7", "chunk_index": 1}
+
+
+def test_a_shard_held_by_another_process_is_reported_as_store_in_use(tmp_path):
+    path = str(tmp_path / "q")
+    EdgeStore(path, shards=1).ensure_collection("c", CollectionSpec(8))
+    hold = textwrap.dedent(
+        f"""
+        from qdrant_edge import EdgeShard
+        shard = EdgeShard.load({os.path.join(path, 'c', 'shard-000')!r})
+        print("holding", flush=True)
+        import time; time.sleep(60)
+        """
+    )
+    with started([sys.executable, "-c", hold], stdout=subprocess.PIPE, text=True) as proc:
+        wait_for_line(proc, "holding")
+        with pytest.raises(StoreInUseError, match="store in use by another process: .*shard-000 stayed locked"):
+            EdgeStore(path, lock_wait_s=0.3).count("c")
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    assert EdgeStore(path, lock_wait_s=5).count("c") == 0  # the lock died with its process
+
+
+def test_open_shard_waits_for_a_lock_that_is_released(tmp_path):
+    path = str(tmp_path / "q")
+    EdgeStore(path, shards=1).ensure_collection("c", CollectionSpec(8))
+    hold = textwrap.dedent(
+        f"""
+        from qdrant_edge import EdgeShard
+        shard = EdgeShard.load({os.path.join(path, 'c', 'shard-000')!r})
+        print("holding", flush=True)
+        import sys; sys.stdin.readline()
+        shard.close()
+        print("released", flush=True)
+        import time; time.sleep(60)
+        """
+    )
+    with started([sys.executable, "-c", hold], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True) as proc:
+        wait_for_line(proc, "holding")
+        sleeps: list[float] = []
+
+        def release_on_first_wait(seconds: float) -> None:
+            if not sleeps:
+                proc.stdin.write("go\n")
+                proc.stdin.flush()
+                wait_for_line(proc, "released")
+            sleeps.append(seconds)
+
+        shard = open_shard(os.path.join(path, "c", "shard-000"), lock_wait_s=30, sleep=release_on_first_wait)
+        shard.close()
+        assert len(sleeps) == 1
+
+
+# -- the index job on worker processes ----------------------------------------------------------
+@pytest.mark.slow
+def test_index_on_two_worker_processes_equals_in_process(tmp_path, sample_dir, minilm_path):
+    """2 SDK worker processes (multi_processing) and an in-process run, at the same time, into two
+    collections of one folder: both succeed, with the same ids, payloads and vectors (1e-6)."""
+    from pipelines import index
+
+    rows = pq.read_table(sample_dir["corpus"]).to_pylist()[:24]
+    corpus = tmp_path / "corpus.parquet"
+    pq.write_table(pa.Table.from_pylist(rows), corpus)
+    path = str(tmp_path / "q")
+    common = [
+        "--input", str(corpus), "--model", minilm_path, "--qdrant-path", path, "--title-column", "title",
+        "--chunk-tokens", "128", "--chunk-overlap", "16", "--device", "cpu",
+    ]  # fmt: skip
+    env = {**os.environ, "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1"}
+    multi = [
+        sys.executable, "-m", "pipelines.cli", "index", *common, "--collection", "multi",
+        "--summary-out", str(tmp_path / "multi.json"), "--hnsw", "--hnsw-m", "8", "--hnsw-ef-construct", "32",
+        "--direct_running_mode=multi_processing", "--direct_num_workers=2",
+    ]  # fmt: skip
+    with started(multi, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) as proc:
+        single = index.run([*common, "--collection", "single"], test_pipeline=TestPipeline())
+        try:
+            out, _ = proc.communicate(timeout=600)
+        except subprocess.TimeoutExpired:
+            pytest.fail("the multi-process index job did not finish in 600 s")
+        assert proc.returncode == 0, out[-4000:]
+    summary = json.loads((tmp_path / "multi.json").read_text())
+    store = EdgeStore(path)
+    a = {p.id: p for p in store.scroll("single")}
+    b = {p.id: p for p in store.scroll("multi")}
+    assert summary["points_in_collection"] == single["points_in_collection"] == len(a) == len(b) > len(rows)
+    assert summary["hnsw"]["m"] == 8 and summary["hnsw"]["indexed_vectors"] == len(b)
+    assert store.meta("multi").hnsw == {"m": 8, "ef_construct": 32} and store.meta("single").hnsw is None
+    assert a.keys() == b.keys()
+    for pid, p in a.items():
+        assert b[pid].payload == p.payload
+        np.testing.assert_allclose(b[pid].vector, p.vector, atol=1e-6)
+
+    # `dump` of the two collections: the same file, vectors within 1e-6.
+    from pipelines import dump
+
+    for name in ("single", "multi"):
+        dump.run(["--collection", name, "--qdrant-path", path, "--out", str(tmp_path / f"{name}.parquet")])
+    ta, tb = pq.read_table(tmp_path / "single.parquet"), pq.read_table(tmp_path / "multi.parquet")
+    assert ta.schema == tb.schema and ta.num_rows == len(a)
+    assert ta.drop(["vector"]).equals(tb.drop(["vector"]))
+    assert ta.column("id").to_pylist() == sorted(a)
+    va = np.asarray(ta.column("vector").to_pylist())
+    np.testing.assert_allclose(np.asarray(tb.column("vector").to_pylist()), va, atol=1e-6)
