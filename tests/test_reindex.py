@@ -1,0 +1,148 @@
+"""Scheduled reindexing on the embedded store: incremental runs, exact chunk sets, --delete-missing,
+bad inputs and the guarded alias switch (issue: re-embed only what changed, never switch to a broken index)."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from apache_beam.testing.test_pipeline import TestPipeline
+
+from pipelines import index
+from pipelines.errors import PreflightError
+from transforms.edge_store import EdgeStore
+from transforms.store import StorePoint
+from transforms.types import point_id
+
+pytestmark = pytest.mark.slow
+ARGS = ["--title-column", "title", "--chunk-tokens", "96", "--chunk-overlap", "16", "--device", "cpu"]
+
+
+def _index(tmp_path, minilm_path, corpus, collection, *extra) -> dict:
+    return index.run(
+        ["--input", str(corpus), "--collection", collection, "--model", minilm_path, "--qdrant-path",
+         str(tmp_path / "q"), *ARGS, "--summary-out", str(tmp_path / f"{collection}.json"), *extra],
+        test_pipeline=TestPipeline(),
+    )  # fmt: skip
+
+
+def _points(tmp_path, collection) -> dict[str, tuple[dict, np.ndarray]]:
+    return {p.id: (p.payload, np.asarray(p.vector)) for p in EdgeStore(str(tmp_path / "q")).scroll(collection)}
+
+
+def _write(path, rows) -> str:
+    pq.write_table(pa.Table.from_pylist(rows), path)
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def versions(sample_dir):
+    """v1: 30 documents. v2: 5 changed, 5 shortened, 1 grown, 5 deleted, 1 emptied, 5 new, 13 as they were."""
+    rows = pq.read_table(sample_dir["corpus"]).to_pylist()
+    v1 = rows[:30]
+    v2 = []
+    for i, r in enumerate(v1):
+        if i < 5:  # changed
+            v2.append({**r, "text": "Revised. " + r["text"]})
+        elif i < 10:  # shortened
+            v2.append({**r, "text": r["text"][: max(40, len(r["text"]) // 4)]})
+        elif i == 10:  # grown
+            v2.append({**r, "text": r["text"] + "\n" + rows[40]["text"]})
+        elif i < 16:  # deleted
+            continue
+        elif i == 16:  # emptied: a dead letter now
+            v2.append({**r, "text": "   "})
+        else:
+            v2.append(r)
+    v2 += rows[30:35]  # new
+    return v1, v2
+
+
+def test_v1_then_v2_gives_exactly_a_fresh_index_of_v2(tmp_path, minilm_path, versions):
+    v1, v2 = versions
+    first = _index(tmp_path, minilm_path, _write(tmp_path / "v1.parquet", v1), "docs")
+    second = _index(tmp_path, minilm_path, _write(tmp_path / "v2.parquet", v2), "docs", "--delete-missing")
+    fresh = _index(tmp_path, minilm_path, tmp_path / "v2.parquet", "fresh")
+    got, want = _points(tmp_path, "docs"), _points(tmp_path, "fresh")
+    assert sorted(got) == sorted(want) and len(got) == fresh["points_in_collection"]
+    for pid, (payload, vector) in want.items():
+        assert got[pid][0] == payload
+        np.testing.assert_allclose(got[pid][1], vector, atol=1e-6)
+    assert second["deletion"]["documents_deleted"] == 6  # 5 deleted + 1 emptied (not a valid document now)
+    deleted = (tmp_path / "deleted_documents.txt").read_text().split()
+    assert deleted == sorted([r["id"] for r in v1[11:17]])
+    assert second["documents_unchanged"] == 13
+    # Only what changed is embedded: fewer chunks than a fresh run, and at least the changed documents' chunks.
+    assert 0 < second["chunks_embedded"] < fresh["chunks_embedded"] == fresh["counters"]["chunks"]
+    assert second["chunks_embedded"] + second["chunks_reused"] == second["counters"]["chunks"]
+    assert first["status"] == "ok" and second["status"] == "partial"  # the emptied document is a dead letter
+    assert json.loads((tmp_path / "docs.json").read_text())["status"] == "partial"
+
+
+def test_seeded_gaps_and_leftovers_leave_no_stale_chunk(tmp_path, minilm_path, versions):
+    v1, _ = versions
+    corpus = _write(tmp_path / "v1.parquet", v1[:6])
+    _index(tmp_path, minilm_path, corpus, "docs")
+    before = _points(tmp_path, "docs")
+    store = EdgeStore(str(tmp_path / "q"))
+    doc = v1[0]["id"]
+    n = sum(1 for p, _ in before.values() if p["doc_id"] == doc)
+    # What a crashed run of a longer version leaves: chunks n+1, n+4 and n+9, with gaps between them.
+    vector = next(iter(before.values()))[1].tolist()
+    stale = [StorePoint(point_id(doc, i), vector, {"doc_id": doc, "chunk_index": i, "text": "stale"}) for i in (n + 1, n + 4, n + 9)]
+    store.upsert("docs", stale)
+    assert store.count("docs") == len(before) + 3
+    again = _index(tmp_path, minilm_path, corpus, "docs")
+    assert sorted(_points(tmp_path, "docs")) == sorted(before)
+    assert again["documents_unchanged"] == 6 and again["chunks_embedded"] == 0
+
+
+def test_force_re_embeds_everything_and_a_setting_change_re_embeds_automatically(tmp_path, minilm_path, versions):
+    corpus = _write(tmp_path / "v1.parquet", versions[0][:4])
+    first = _index(tmp_path, minilm_path, corpus, "docs")
+    forced = _index(tmp_path, minilm_path, corpus, "docs", "--force")
+    assert forced["chunks_embedded"] == first["chunks_embedded"] > 0 and forced["chunks_reused"] == 0
+    other = index.run(
+        ["--input", corpus, "--collection", "docs", "--model", minilm_path, "--qdrant-path", str(tmp_path / "q"),
+         "--title-column", "title", "--chunk-tokens", "96", "--chunk-overlap", "16", "--device", "cpu",
+         "--max-length", "200"],
+        test_pipeline=TestPipeline(),
+    )  # fmt: skip  (another maximum length: every fingerprint changes)
+    assert other["chunks_embedded"] == first["chunks_embedded"] and other["chunks_reused"] == 0
+
+
+def test_all_bad_input_leaves_the_alias_where_it_was(tmp_path, minilm_path, versions):
+    good = _write(tmp_path / "good.parquet", versions[0][:4])
+    _index(tmp_path, minilm_path, good, "docs-1", "--alias", "docs")
+    bad = _write(tmp_path / "bad.parquet", [{"id": None, "title": "t", "text": "x", "n_members": 0}] * 3)
+    summary = _index(tmp_path, minilm_path, bad, "docs-2", "--alias", "docs")
+    assert summary["status"] == "alias_refused" and summary["points_in_collection"] == 0
+    assert summary["alias"]["refused"] == (
+        "the collection holds no points; 3 of 3 rows rejected (100.0% > --max-rejected-fraction 1.0%)"
+    )
+    assert EdgeStore(str(tmp_path / "q")).aliases() == {"docs": "docs-1"}
+
+
+def test_an_alias_as_collection_is_refused_before_any_point_is_written(tmp_path, minilm_path, versions):
+    corpus = _write(tmp_path / "c.parquet", versions[0][:3])
+    _index(tmp_path, minilm_path, corpus, "docs-1", "--alias", "docs")
+    count = EdgeStore(str(tmp_path / "q")).count("docs-1")
+    with pytest.raises(PreflightError, match=r"^--collection 'docs' is an alias \(of 'docs-1'\) at edge:.*; index into"):
+        _index(tmp_path, minilm_path, _write(tmp_path / "d.parquet", versions[0][3:6]), "docs")
+    assert EdgeStore(str(tmp_path / "q")).count("docs-1") == count
+
+
+def test_the_quality_gate_refuses_a_worse_collection(tmp_path, minilm_path, sample_dir):
+    gate = ["--gate-queries", sample_dir["queries"], "--gate-qrels", sample_dir["qrels"]]
+    good = _index(tmp_path, minilm_path, sample_dir["corpus"], "good", "--alias", "live", *gate)
+    assert good["alias"]["gate"]["current"] is None and good["alias"]["gate"]["new"] >= 0.7
+    # A worse index of the same corpus: titles only, the texts cut to their first 20 characters.
+    rows = [{**r, "text": r["text"][:20]} for r in pq.read_table(sample_dir["corpus"]).to_pylist()]
+    worse = _index(tmp_path, minilm_path, _write(tmp_path / "worse.parquet", rows), "worse", "--alias", "live", *gate)
+    assert worse["status"] == "alias_refused"
+    assert worse["alias"]["refused"].startswith("nDCG@10 ") and " of worse is below " in worse["alias"]["refused"]
+    assert worse["alias"]["gate"]["new"] < worse["alias"]["gate"]["current"] - 0.01
+    assert EdgeStore(str(tmp_path / "q")).aliases() == {"live": "good"}
