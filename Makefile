@@ -11,7 +11,7 @@ DEMO_MODEL ?= sentence-transformers/all-MiniLM-L6-v2
 PYTEST_ARGS ?=
 
 .DEFAULT_GOAL := help
-.PHONY: help install demo demo-label test lint bench-cpu bench-label bench-prefix bench-store bench-gpu clean
+.PHONY: help install demo demo-label test lint bench-cpu bench-label bench-prefix bench-store bench-reindex bench-gpu clean
 
 help: ## list the targets
 	@grep -E '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  \033[36m%-12s\033[0m %s\n", $$1, $$2}'
@@ -62,6 +62,9 @@ bench-prefix: install ## reranker shared prompt head vs whole pairs, A/B (writes
 
 bench-store: install ## embedded store: qdrant-client local mode vs Qdrant Edge at 100k points (writes BENCHMARKS.md)
 	$(BIN)/python bench/store.py --points 100000 --write
+
+bench-reindex: install ## incremental reindex of 5,000 real-text documents vs a full index (writes BENCHMARKS.md)
+	$(BIN)/python bench/reindex.py --write
 
 bench-gpu: ## GPU machines only, with their CUDA torch (GPU_PYTHON=python): embedding and reranking (writes BENCHMARKS.md)
 	$(GPU_PYTHON) bench/gpu_embed.py --size 0.6b --write
