@@ -201,9 +201,13 @@ def bench_edge(path: str, vectors, owner, texts, queries, args, *, hnsw: bool, p
         settings = HnswSettings(args.m, args.ef_construct, full_scan_threshold_kb=1)
         built = store.build_index("bench", settings)
         store = EdgeStore(path, keep_open=True)
-        times, approx = timed_queries(lambda q: store.search_documents("bench", q, 10, hnsw_ef=args.hnsw_ef), queries)
-        result |= {"hnsw_build_s": built["seconds"], "hnsw_p50_ms": pct(times, 50), "hnsw_p95_ms": pct(times, 95),
-                   "recall_at_10": recall(approx, exact)}  # fmt: skip
+        result["hnsw_build_s"] = built["seconds"]
+        for i, ef in enumerate(args.hnsw_ef):
+            times, approx = timed_queries(lambda q, ef=ef: store.search_documents("bench", q, 10, hnsw_ef=ef), queries)
+            measured = {"hnsw_p50_ms": pct(times, 50), "hnsw_p95_ms": pct(times, 95), "recall_at_10": recall(approx, exact)}
+            result[f"ef_{ef}"] = measured
+            if i == 0:
+                result |= measured
     delete = doomed(n, per_doc)
     started = time.perf_counter()
     store.delete_chunks_from("bench", delete)
@@ -301,7 +305,7 @@ def markdown(results: list[dict[str, Any]], real: dict[str, Any], args, command:
         f"Command: `{command}`  ",
         f"Machine: {machine()} (shared with other jobs); {datetime.date.today().isoformat()}; "
         f"qdrant-edge-py 0.9.0, {args.shards} shards; HNSW m={args.m} ef_construct={args.ef_construct}, "
-        f"searched with hnsw_ef={args.hnsw_ef} (passed explicitly).",
+        f"searched with hnsw_ef={args.hnsw_ef[0]} (passed explicitly; other ef below the table).",
         "",
         f"Vectors: MiniLM ({MINILM}) embeddings of {args.base} real docstrings; larger sets are those plus "
         f"N(0, {args.sigma}) noise per dimension, renormalised. {args.queries} queries: first sentences of other "
@@ -319,6 +323,11 @@ def markdown(results: list[dict[str, Any]], real: dict[str, Any], args, command:
             f"| {fmt(r.get('hnsw_build_s'))} | {fmt(r.get('hnsw_p50_ms'))} / {fmt(r.get('hnsw_p95_ms'))} "
             f"| {fmt(r.get('recall_at_10'), 3)} | {fmt(r['delete_ms'])} | {fmt(r['reopen_s'], 2)} | {fmt(r['disk_mb'])} |"
         )
+    for r in [real] + results:
+        others = [f"ef={ef}: recall {r[f'ef_{ef}']['recall_at_10']:.3f}, p50 {r[f'ef_{ef}']['hnsw_p50_ms']:.1f} ms, "
+                  f"p95 {r[f'ef_{ef}']['hnsw_p95_ms']:.1f} ms" for ef in args.hnsw_ef[1:] if f"ef_{ef}" in r]  # fmt: skip
+        if others:
+            lines += ["", f"{r['points']:,} points{' (real)' if r is real else ''}, HNSW at other ef: " + "; ".join(others) + "."]
     by = {(r["store"], r["points"]): r for r in results}
     for n in sorted({r["points"] for r in results}):
         edge, local = by.get(("Qdrant Edge", n)), by.get(("qdrant-client local mode", n))
@@ -343,12 +352,13 @@ def main() -> None:
     parser.add_argument("--shards", type=int, default=4)
     parser.add_argument("--m", type=int, default=16)
     parser.add_argument("--ef-construct", type=int, default=100)
-    parser.add_argument("--hnsw-ef", type=int, default=128)
+    parser.add_argument("--hnsw-ef", type=int, action="append", help="search ef (repeatable; first in the table; default 128)")
     parser.add_argument("--workdir", default=None, help="keep the embeddings cache and stores here")
     parser.add_argument("--ef-sweep", action="store_true", help="only: recall and latency vs hnsw_ef on the real set")
     parser.add_argument("--write", action="store_true", help="write the table into BENCHMARKS.md")
     args = parser.parse_args()
     args.points = args.points or [100_000]
+    args.hnsw_ef = args.hnsw_ef or [128]
     workdir = args.workdir or tempfile.mkdtemp(prefix="bench-store-")
     os.makedirs(workdir, exist_ok=True)
     base, queries, texts = embeddings(workdir, args.base, args.queries)

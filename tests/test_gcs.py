@@ -103,3 +103,22 @@ def test_label_reads_and_writes_gs_paths(gcs, sample_dir, qwen3_reranker_dir, tm
     run = bucket.blob("labels/runs/retrieval.trec").download_as_text().splitlines()
     assert [line.split()[:4] for line in run] == [["q1", "Q0", "json", "1"], ["q1", "Q0", "csv", "2"]]
     assert bucket.blob("labels/queries.jsonl").download_as_text() == '{"_id": "q1", "text": "encode JSON"}\n'
+
+
+def test_dump_writes_gs_paths(gcs, tmp_path):
+    import io
+
+    import pyarrow.parquet as pq
+
+    from pipelines import dump
+    from transforms.store import CollectionSpec, StorePoint
+    from transforms.types import point_id
+
+    store = EdgeStore(str(tmp_path / "q"), shards=2)
+    store.ensure_collection("c", CollectionSpec(2))
+    points = [StorePoint(point_id(f"d{i}", 0), [1.0, float(i)], {"doc_id": f"d{i}", "chunk_index": 0}) for i in range(5)]
+    store.upsert("c", points)
+    dump.run(["--collection", "c", "--qdrant-path", store.path, "--out", "gs://corpus/dumps/c.parquet"])
+    table = pq.read_table(io.BytesIO(gcs.bucket("corpus").blob("dumps/c.parquet").download_as_bytes()))
+    assert table.column("id").to_pylist() == sorted(p.id for p in points)
+    assert table.column_names == ["id", "chunk_index", "doc_id", "vector"] and table.num_rows == 5
