@@ -37,6 +37,7 @@ def qdrant_config(args: argparse.Namespace) -> QdrantConfig:
         api_key_env=args.qdrant_api_key_env,
         prefer_grpc=args.qdrant_grpc,
         timeout_s=args.qdrant_timeout,
+        lock_wait_s=args.store_lock_wait,
     )
 
 

@@ -157,6 +157,13 @@ def translate(
                 "one at a time); wait for it to finish, or use a Qdrant server (--qdrant-url) for concurrent jobs"
             )
 
+    for e in _chain(exc):
+        if type(e).__name__ == "StoreInUseError":
+            return kind(
+                f"{prefix}{first_line(e)}; wait for the other job to finish (jobs writing different collections "
+                "can run together), or raise --store-lock-wait"
+            )
+
     if _raised_in(exc, "transformers") or _raised_in(exc, "huggingface_hub"):
         if isinstance(exc, (OSError, ValueError)) or "HfHubHTTPError" in names or "OfflineModeIsEnabled" in names:
             subject, hint = _which_model(exc, models or {})

@@ -54,7 +54,8 @@ def add_qdrant_arguments(parser: argparse.ArgumentParser) -> None:
     where.add_argument("--qdrant-path", default="./qdrant_data", help="embedded store (Qdrant Edge): folder that holds the collections")
     where.add_argument(
         "--qdrant-url", default=None,
-        help="Qdrant server, e.g. https://qdrant:6333 (instead of local mode); credentials in it are redacted in output",
+        help="Qdrant server, e.g. https://qdrant:6333 (instead of the embedded store); credentials in it are redacted "
+        "in output",
     )
     group.add_argument(
         "--qdrant-api-key-env", default=None, metavar="VAR", help="name of the environment variable holding the API key"
@@ -65,6 +66,10 @@ def add_qdrant_arguments(parser: argparse.ArgumentParser) -> None:
     )
     group.add_argument("--qdrant-grpc", action="store_true", help="talk gRPC to the server (port 6334)")
     group.add_argument("--qdrant-timeout", type=int, default=60, help="request timeout, seconds")
+    group.add_argument(
+        "--store-lock-wait", type=float, default=300.0, metavar="SECONDS",
+        help="embedded store: how long to wait for a shard another process holds before failing",
+    )
 
 
 def add_model_arguments(parser: argparse.ArgumentParser, *, with_batching: bool = True) -> None:

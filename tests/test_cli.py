@@ -159,22 +159,28 @@ def test_verbose_adds_the_traceback_before_the_line():
 
 
 def test_locked_store_folder_names_the_folder(tmp_path):
+    from transforms.edge_store import EdgeStore
+    from transforms.store import CollectionSpec
+
     folder = tmp_path / "store"
+    EdgeStore(str(folder), shards=1).ensure_collection("c", CollectionSpec(384))
+    shard = folder / "c" / "shard-000"
     holder = subprocess.Popen(
-        [sys.executable, "-c", f"from qdrant_client import QdrantClient\nc = QdrantClient(path={str(folder)!r})\n"
+        [sys.executable, "-c", f"from qdrant_edge import EdgeShard\ns = EdgeShard.load({str(shard)!r})\n"
          "print('locked', flush=True)\nimport sys; sys.stdin.read()"],
         stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, cwd=REPO,
-    )
+    )  # fmt: skip
     try:
         assert holder.stdout.readline().strip() == "locked"
-        result = cli("search", "--collection", "c", "--model", MINILM, "--qdrant-path", str(folder), "hi")
+        result = cli("search", "--collection", "c", "--model", MINILM, "--qdrant-path", str(folder),
+                     "--store-lock-wait", "0.5", "hi")  # fmt: skip
     finally:
         holder.stdin.close()
         holder.wait(timeout=60)
-    assert one_line(result) == (
-        f"corpus-etl search: error: store folder {folder} is in use by another process (a local Qdrant store allows "
-        "one at a time); wait for it to finish, or use a Qdrant server (--qdrant-url) for concurrent jobs"
-    )
+    line = one_line(result)
+    assert line.startswith(f"corpus-etl search: error: store in use by another process: {shard} stayed locked for 0s"), line
+    assert line.endswith("; wait for the other job to finish (jobs writing different collections can run together), "
+                         "or raise --store-lock-wait"), line  # fmt: skip
     assert result.returncode == EXIT_USAGE
 
 
@@ -194,14 +200,13 @@ def test_model_folder_without_a_model_names_it(tmp_path):
     result = cli("search", "--collection", "c", "--model", str(empty), "--qdrant-path", str(tmp_path / "q"), "hi")
     # the store check comes first (it is fast): make the collection exist so that the model is loaded
     assert one_line(result) == (
-        f"corpus-etl search: error: collection 'c' does not exist at local:{tmp_path / 'q'}; "
+        f"corpus-etl search: error: collection 'c' does not exist at edge:{tmp_path / 'q'}; "
         "check --collection, or build it with `corpus-etl index`"
     )
-    from qdrant_client import QdrantClient, models
+    from transforms.edge_store import EdgeStore
+    from transforms.store import CollectionSpec
 
-    client = QdrantClient(path=str(tmp_path / "q"))
-    client.create_collection("c", vectors_config=models.VectorParams(size=4, distance=models.Distance.COSINE))
-    client.close()
+    EdgeStore(str(tmp_path / "q")).ensure_collection("c", CollectionSpec(4))
     result = cli("search", "--collection", "c", "--model", str(empty), "--qdrant-path", str(tmp_path / "q"), "hi")
     line = one_line(result)
     assert line.startswith(f"corpus-etl search: error: cannot load model {empty}: "), line
@@ -248,15 +253,14 @@ def test_invalid_flag_values_are_usage_errors(tmp_path):
 
 
 def test_alias_that_names_a_collection_is_refused_before_the_job(sample_dir, tmp_path):
-    from qdrant_client import QdrantClient, models
+    from transforms.edge_store import EdgeStore
+    from transforms.store import CollectionSpec
 
-    client = QdrantClient(path=str(tmp_path / "q"))
-    client.create_collection("live", vectors_config=models.VectorParams(size=384, distance=models.Distance.COSINE))
-    client.close()
+    EdgeStore(str(tmp_path / "q")).ensure_collection("live", CollectionSpec(384))
     result = cli("index", "--input", sample_dir["corpus"], "--collection", "v2", "--alias", "live", "--model", MINILM,
                  "--qdrant-path", str(tmp_path / "q"), "--chunk-tokens", "128")
     assert one_line(result) == (
-        f"corpus-etl index: error: --alias 'live' is the name of a collection at local:{tmp_path / 'q'}, not an "
+        f"corpus-etl index: error: --alias 'live' is the name of a collection at edge:{tmp_path / 'q'}, not an "
         "alias; choose another --alias"
     )
     assert result.returncode == EXIT_USAGE
@@ -315,7 +319,7 @@ def test_dead_letters_finish_with_status_3_and_every_phase_reports_progress(corp
     # a 3-document job still shows every phase once, though it is far shorter than the interval
     for phase in ("[read]", "[chunk]", "[embed]", "[write]"):
         assert sum(phase in line for line in result.stderr.splitlines()) == 1, (phase, result.stderr)
-    assert "points written   2 in 1 batches" in result.stdout
+    assert "points written   2 in " in result.stdout
     assert "Loading weights" not in result.stderr and "it/s]" not in result.stderr  # no tqdm bars in batch logs
 
 
@@ -332,18 +336,19 @@ def test_a_failing_job_is_one_line_with_status_1(corpus_with_a_bad_row, tmp_path
 
 
 def test_alias_refused_after_the_job_is_partial_and_shown_in_the_summary():
-    from pipelines.index import IndexConfig, _alias_summary, _partial, format_summary
+    from pipelines.index import IndexConfig, _partial, format_summary
 
     config = IndexConfig(input="x.parquet", collection="v2", model=MINILM, alias="live", dead_letter="dead.jsonl")
-    refused = "--alias 'live' is the name of a collection, not an alias"
-    assert _alias_summary("live", None, refused) == {"name": "live", "previous": None, "refused": refused}
-    assert _alias_summary("live", "v1", None) == {"name": "live", "previous": "v1"}
+    refused = "the collection holds no points"
     assert _partial({"dead_letters": 0}, config, None) is None
     assert _partial({"dead_letters": 2}, config, refused) == (
         f"2 dead letter(s) in dead.jsonl; --alias live not switched to v2: {refused}"
     )
-    summary = {"collection": "v2", "qdrant": "local:/q", "model": MINILM, "vector_size": 384, "counters": {},
-               "points_in_collection": 0, "dead_letter": None, "alias": _alias_summary("live", None, refused),
-               "elapsed_s": 1.0, "documents_per_s": 0.0, "tokens_per_s": 0.0}
-    assert f"  alias            REFUSED: {refused}" in format_summary(summary).splitlines()
+    summary = {"collection": "v2", "qdrant": "edge:/q", "model": MINILM, "vector_size": 384, "counters": {},
+               "status": "alias_refused", "documents_unchanged": 0, "chunks_embedded": 0, "chunks_reused": 0,
+               "points_in_collection": 0, "dead_letter": None, "deletion": None,
+               "alias": {"name": "live", "previous": "v1", "refused": refused, "gate": None},
+               "elapsed_s": 1.0, "documents_per_s": 0.0, "tokens_per_s": 0.0}  # fmt: skip
+    lines = format_summary(summary).splitlines()
+    assert f"  alias            REFUSED, live stays on v1: {refused}" in lines
     assert "live -> v2" not in format_summary(summary)

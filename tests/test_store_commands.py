@@ -65,7 +65,7 @@ def test_dump_gives_the_same_file_on_both_stores(edge, tmp_path):
 def test_dump_of_a_missing_collection_is_one_error_line(edge, tmp_path, capsys):
     rc = cli.main(["dump", "--collection", "nope", "--qdrant-path", edge.path, "--out", str(tmp_path / "x.parquet")])
     err = capsys.readouterr().err.strip()
-    assert rc == 1 and err == f"corpus-etl dump: error: collection 'nope' does not exist at edge:{edge.path}"
+    assert rc == 2 and err == f"corpus-etl dump: error: collection 'nope' does not exist at edge:{edge.path}"
 
 
 def test_copy_into_an_embedded_target_keeps_ids_and_switches_the_alias(edge, tmp_path):
@@ -147,6 +147,6 @@ def test_a_local_mode_folder_gets_one_clear_error_line(tmp_path, capsys):
         EdgeStore(old)
     rc = cli.main(["dump", "--collection", "docs", "--qdrant-path", old, "--out", str(tmp_path / "x.parquet")])
     err = capsys.readouterr().err.strip().splitlines()
-    assert rc == 1 and len(err) == 1
+    assert rc == 2 and len(err) == 1
     assert err[0].startswith(f"corpus-etl dump: error: {old} is a qdrant-client local-mode folder (collections: docs)")
     assert "Reindex into a new folder: corpus-etl index" in err[0]
