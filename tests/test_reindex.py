@@ -146,3 +146,37 @@ def test_the_quality_gate_refuses_a_worse_collection(tmp_path, minilm_path, samp
     assert worse["alias"]["refused"].startswith("nDCG@10 ") and " of worse is below " in worse["alias"]["refused"]
     assert worse["alias"]["gate"]["new"] < worse["alias"]["gate"]["current"] - 0.01
     assert EdgeStore(str(tmp_path / "q")).aliases() == {"live": "good"}
+
+
+def test_the_server_path_reindexes_the_same_way(tmp_path, minilm_path, versions, monkeypatch):
+    """--qdrant-url goes through ServerStore (qdrant-client); qdrant-client's local mode stands in for the server."""
+    import transforms.qdrant
+    from transforms.qdrant import QdrantConfig, close_client, shared_client
+
+    local = QdrantConfig(path=str(tmp_path / "server"))
+    monkeypatch.setattr(transforms.qdrant, "shared_client", lambda config: shared_client(local))
+    v1, v2 = versions
+    url = ["--qdrant-url", "http://127.0.0.1:6333"]
+
+    def run(corpus, *extra):
+        return index.run(["--input", corpus, "--collection", "docs", "--model", minilm_path, *url, *ARGS, *extra],
+                         test_pipeline=TestPipeline())  # fmt: skip
+
+    run(_write(tmp_path / "v1.parquet", v1[:20]))
+    v2_small = [r for r in v2 if r["id"] in {x["id"] for x in v1[:20]}] + v2[-2:]
+    second = run(_write(tmp_path / "v2.parquet", v2_small), "--delete-missing")
+    client, _ = shared_client(local)
+    stored = {}
+    offset = None
+    while True:
+        page, offset = client.scroll("docs", limit=256, offset=offset, with_payload=True)
+        stored.update({str(p.id): p.payload for p in page})
+        if offset is None:
+            break
+    close_client(local)
+    valid = {r["id"] for r in v2_small if r["text"].strip()}
+    assert {p["doc_id"] for p in stored.values()} == valid  # deleted and emptied documents are gone
+    assert second["deletion"]["documents_deleted"] == 6 and second["documents_unchanged"] == 3
+    for p in stored.values():  # exact chunk sets: every document's chunks are 0..n-1
+        n = sum(1 for q in stored.values() if q["doc_id"] == p["doc_id"])
+        assert 0 <= p["chunk_index"] < n
