@@ -312,8 +312,8 @@ class _Counters:
         self.pruned = Metrics.counter("corpus_etl", "documents_pruned_of_stale_chunks")
 
 
-class _UpsertPoints(beam.DoFn):
-    """Server writer: a per-bundle buffer, flushed (upsert + stale-chunk prune, retried as one) when full."""
+class _Writer(beam.DoFn):
+    """What both writers hold: where to write, how points are built and batched, their counters."""
 
     def __init__(self, config: QdrantConfig, collection: str, model_id: str, batch_points: int, batch_bytes: int,
                  digest: str = "", progress_interval_s: float = 30.0):
@@ -325,6 +325,10 @@ class _UpsertPoints(beam.DoFn):
         self.digest = digest
         self.progress_interval_s = progress_interval_s
         self.counters = _Counters()
+
+
+class _UpsertPoints(_Writer):
+    """Server writer: a per-bundle buffer, flushed (upsert + stale-chunk prune, retried as one) when full."""
 
     def setup(self) -> None:
         from transforms.store import open_store
@@ -415,7 +419,7 @@ class _KeyByShard(beam.DoFn):
         yield shard_of(item.chunk.doc_id, self.shards), item
 
 
-class _WriteShard(beam.DoFn):
+class _WriteShard(_Writer):
     """Embedded writer: all of one shard's points, written by this worker alone, in bounded batches.
 
     Beam's ``GroupByKey`` on the shard number hands each shard to one ``process`` call,
@@ -423,17 +427,6 @@ class _WriteShard(beam.DoFn):
     process still holding it makes this wait, see ``open_shard``) and closed after it.
     A retried element rewrites the same ids.
     """
-
-    def __init__(self, config: QdrantConfig, collection: str, model_id: str, batch_points: int, batch_bytes: int,
-                 digest: str = "", progress_interval_s: float = 30.0):
-        self.config = config
-        self.collection = collection
-        self.model_id = model_id
-        self.batch_points = batch_points
-        self.batch_bytes = batch_bytes
-        self.digest = digest
-        self.progress_interval_s = progress_interval_s
-        self.counters = _Counters()
 
     def setup(self) -> None:
         from transforms.edge_store import EdgeStore
