@@ -16,9 +16,8 @@ from apache_beam.metrics import Metrics
 
 from transforms.embed import load_tokenizer
 from transforms.models import SentenceTransformerSettings, max_input_length, resolve_model
-from transforms.types import Chunk, DeadLetter, Document, title_prefix
+from transforms.types import DEAD, Chunk, DeadLetter, Document, title_prefix
 
-DEAD = "dead_letter"
 MIN_WINDOW_TOKENS = 8
 
 

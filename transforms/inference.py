@@ -31,9 +31,7 @@ from typing import Any
 import apache_beam as beam
 from apache_beam.ml.inference.base import ModelHandler, RunInference
 
-from transforms.types import DeadLetter
-
-DEAD = "dead_letter"
+from transforms.types import DEAD, DeadLetter
 
 
 def _split(element: Any):

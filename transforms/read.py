@@ -25,9 +25,7 @@ import pyarrow.parquet as pq
 from apache_beam.io.filesystems import FileSystems
 from apache_beam.metrics import Metrics
 
-from transforms.types import DeadLetter, Document, content_hash
-
-DEAD = "dead_letter"
+from transforms.types import DEAD, DeadLetter, Document, content_hash
 
 
 def match_files(pattern: str) -> list[str]:

@@ -13,6 +13,9 @@ import json
 import uuid
 from typing import Any
 
+# The tag of every step's dead-letter output (``with_outputs(DEAD, main=...)``).
+DEAD = "dead_letter"
+
 # Fixed namespace for point ids: uuid5(NAMESPACE, "doc_id:chunk_index") is the same
 # on every worker, every retry and every rerun, so writes are idempotent overwrites.
 POINT_ID_NAMESPACE = uuid.UUID("6f0b3c1e-8f53-5a2b-9a57-2d4a6b0c7e11")
