@@ -3,8 +3,10 @@
 Every point carries a ``fingerprint`` of everything its vector depends on: the text the
 model reads (title prefix included) and the embedding settings (model id and revision,
 ``--dim``, maximum length, chunking). Before embedding, ``SkipUnchanged`` looks up each
-document's points by id (one batched ``retrieve`` per few hundred chunks: the cost follows
-the documents in the input, never the collection) and sorts its chunks:
+document's points by id (one batched ``retrieve`` per few thousand chunks: the cost follows
+the documents in the input, never the collection; 2,048 chunks a lookup: with 256, the
+5,000-document incremental run of ``bench/reindex.py`` took 32.1 s instead of 22.2 s, each
+lookup opening the embedded store's shards) and sorts its chunks:
 
 =====================  ===========================================  ============================
 stored point           what happens                                 counted as
@@ -58,7 +60,7 @@ class _SkipUnchanged(beam.DoFn):
         collection: str,
         payload_of: Callable[[Chunk], dict[str, Any]],
         *,
-        batch_chunks: int = 256,
+        batch_chunks: int = 2048,
         force: bool = False,
     ) -> None:
         self.open_store = open_store
@@ -141,7 +143,7 @@ class SkipUnchanged(beam.PTransform):
         payload_of: Callable[[Chunk], dict[str, Any]],
         *,
         force: bool = False,
-        batch_chunks: int = 256,
+        batch_chunks: int = 2048,
     ) -> None:
         super().__init__()
         self.args = (open_store, collection, payload_of)
