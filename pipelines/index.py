@@ -22,6 +22,7 @@ import logging
 import os
 import tempfile
 import time
+import uuid
 from collections.abc import Sequence
 from typing import Any
 
@@ -271,18 +272,18 @@ def run_config(config: IndexConfig, beam_args: list[str] | None = None, test_pip
     except ValueError as exc:
         raise PreflightError(str(exc)) from exc
     size = embedding_size(config.model, config.dim)
-    digest = settings_digest(embedding_settings(config))
+    settings = embedding_settings(config)  # hashes the model's files: once per job
+    digest = settings_digest(settings)
     store = open_store(config.qdrant)  # the embedded store holds no shard open while workers write
     try:
         check_names(store, config, where)
-        spec = CollectionSpec(size, model=config.model, settings=embedding_settings(config))
+        spec = CollectionSpec(size, model=config.model, settings=settings)
         created = store.ensure_collection(config.collection, spec)
         _LOG.info(
             "indexing %d file(s) into %s/%s (%s, size %d, %s)",
             len(files), where, config.collection, config.model, size, "created" if created else "exists",
         )
-        doc_ids_dir = tempfile.mkdtemp(prefix="corpus-etl-docs-") if config.delete_missing else None
-        doc_ids_prefix = _doc_ids_prefix(p, doc_ids_dir) if doc_ids_dir else None
+        doc_ids_prefix = _doc_ids_prefix(p) if config.delete_missing else None
         build_pipeline(p, config, files, skipped, digest, doc_ids_prefix)
         summary: dict[str, Any] = {"pipeline": "index", "status": "running", "input": config.input,
                                    "collection": config.collection, "qdrant": where}  # fmt: skip
@@ -311,13 +312,15 @@ def run_config(config: IndexConfig, beam_args: list[str] | None = None, test_pip
     return summary
 
 
-def _doc_ids_prefix(p: beam.Pipeline, local_dir: str) -> str:
-    """Where the job writes its valid document ids: ``--temp_location`` when set (remote runners), else a local folder."""
+def _doc_ids_prefix(p: beam.Pipeline) -> str:
+    """Where the job writes its valid document ids: under ``--temp_location`` when set (remote
+    runners), else a new local folder. ``_read_doc_ids`` deletes the files once read."""
     from apache_beam.options.pipeline_options import GoogleCloudOptions
 
     temp = p.options.view_as(GoogleCloudOptions).temp_location
-    base = FileSystems.join(temp, f"corpus-etl-docs-{os.path.basename(local_dir)}") if temp else local_dir
-    return FileSystems.join(base, "doc_ids")
+    if temp:
+        return FileSystems.join(temp, f"corpus-etl-docs-{uuid.uuid4().hex}", "doc_ids")
+    return os.path.join(tempfile.mkdtemp(prefix="corpus-etl-docs-"), "doc_ids")
 
 
 def _read_doc_ids(prefix: str) -> set[str]:
@@ -327,6 +330,9 @@ def _read_doc_ids(prefix: str) -> set[str]:
         with FileSystems.open(m.path) as f:
             ids.update(line for line in f.read().decode("utf-8").splitlines() if line)
     FileSystems.delete([m.path for m in matches])
+    local = os.path.dirname(prefix)
+    if os.path.isdir(local) and not os.listdir(local):
+        os.rmdir(local)
     return ids
 
 

@@ -87,14 +87,14 @@ class _SkipUnchanged(beam.DoFn):
         self.buffer.append(chunk)
 
     def finish_bundle(self):
-        from apache_beam.transforms.window import GlobalWindow
-        from apache_beam.utils.windowed_value import WindowedValue
+        from apache_beam.transforms.window import GlobalWindows
 
+        # finish_bundle has no element window: the job runs in the global window (batch).
         for out in self._flush():
             if isinstance(out, beam.pvalue.TaggedOutput):
-                yield beam.pvalue.TaggedOutput(out.tag, WindowedValue(out.value, 0, [GlobalWindow()]))
+                yield beam.pvalue.TaggedOutput(out.tag, GlobalWindows.windowed_value(out.value))
             else:
-                yield WindowedValue(out, 0, [GlobalWindow()])
+                yield GlobalWindows.windowed_value(out)
 
     def _flush(self):
         chunks, self.buffer = self.buffer, []
