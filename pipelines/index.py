@@ -9,7 +9,7 @@ the model, the store and the names in it), runs the job, then deletes what the i
 longer holds (``--delete-missing``), builds HNSW (``--hnsw``), switches the alias when every
 guard passes (``--alias``), and prints the summary (also ``--summary-out``, with a ``status``).
 
-Reindexing is incremental (``transforms.incremental``): only chunks whose text or embedding
+Reindexing is incremental (``transforms.io.incremental``): only chunks whose text or embedding
 settings changed are embedded; ``--force`` embeds everything.
 """
 
@@ -39,16 +39,16 @@ from pipelines.common import (
 from pipelines.errors import JobFailed, PreflightError, UsageError, first_line, translate
 from pipelines.flags import index_parser, split_beam_args
 from pipelines.security import redact_url
-from transforms.chunk import ChunkDocuments, ChunkSettings, load_chunker
-from transforms.dead_letter import WriteDeadLetters
-from transforms.embed import Embed, EmbeddingModelHandler
-from transforms.incremental import REUSED, SkipUnchanged, missing_documents, settings_digest
-from transforms.models import embedding_size, model_revision
+from transforms.inference.embed import Embed, EmbeddingModelHandler
+from transforms.io.dead_letters import WriteDeadLetters
+from transforms.io.incremental import REUSED, SkipUnchanged, missing_documents, settings_digest
+from transforms.io.parquet import BadFilesError, DocumentColumns, ReadDocuments, check_files
+from transforms.io.qdrant import RESERVED_PAYLOAD_KEYS, QdrantConfig, WriteToQdrant, chunk_payload
+from transforms.io.store import CollectionSpec, HnswSettings, VectorStore, open_store
+from transforms.models.settings import embedding_size, model_revision
 from transforms.progress import report_progress, reset_reporters
-from transforms.qdrant import RESERVED_PAYLOAD_KEYS, QdrantConfig, WriteToQdrant, chunk_payload
-from transforms.read import DEAD, BadFilesError, DocumentColumns, ReadDocuments, check_files
-from transforms.store import CollectionSpec, HnswSettings, VectorStore, open_store
-from transforms.types import DeadLetter
+from transforms.text.chunk import ChunkDocuments, ChunkSettings, load_chunker
+from transforms.types import DEAD, DeadLetter
 
 _LOG = logging.getLogger(__name__)
 
