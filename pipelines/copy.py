@@ -20,7 +20,7 @@ from typing import Any
 
 
 def build_arg_parser() -> argparse.ArgumentParser:
-    from pipelines.common import HelpFormatter
+    from pipelines.flags import HelpFormatter
 
     parser = argparse.ArgumentParser(prog="corpus-etl copy", description=__doc__, formatter_class=HelpFormatter)
     parser.add_argument("--collection", required=True, help="source collection or alias in --qdrant-path")

@@ -19,7 +19,7 @@ from transforms.io.edge_store import EdgeStore
 from transforms.io.parquet import DocumentColumns
 from transforms.io.qdrant import QdrantConfig
 from transforms.io.store import CollectionSpec, open_store
-from transforms.models.settings import embedding_size
+from transforms.models.settings import EmbeddingSpec
 from transforms.text.chunk import ChunkSettings
 from transforms.types import point_id
 
@@ -196,7 +196,7 @@ def test_two_runs_embed_bitwise_equal_vectors(tmp_path, sample_dir, minilm_path)
         columns=DocumentColumns(title="title"), chunking=ChunkSettings(96, 16), device="cpu",
     )  # fmt: skip
     store = open_store(config.qdrant)
-    store.ensure_collection("bits", CollectionSpec(embedding_size(minilm_path)))
+    store.ensure_collection("bits", CollectionSpec(EmbeddingSpec.read(minilm_path).size))
     store.close()
     dumps = []
     for run in range(2):

@@ -137,8 +137,11 @@ def test_runs_qrels_and_labels_agree(labelled):
     for q in qrels:  # graded from the teacher score: below 0.2 -> 0, [0.2, 0.35) -> 1, else 2
         score = teacher[(q.query_id, q.doc_id)]
         assert q.relevance == (0 if score < THRESHOLDS[0] else 1 if score < THRESHOLDS[1] else 2)
-    for qid in eval_ids:  # teacher order is by descending teacher score
-        scores = [r.score for r in sorted((r for r in rerank if r.query_id == qid), key=lambda r: r.score, reverse=True)]
+    lines = [line.split() for line in (out / "runs" / "rerank.trec").read_text().splitlines()]
+    for qid in eval_ids:  # the rerank run's ranks follow descending teacher score: rank 1 is the best
+        by_rank = sorted((int(rank), float(score)) for q, _, _, rank, score, _ in lines if q == qid)
+        assert [rank for rank, _ in by_rank] == list(range(1, TOP_K + 1))
+        scores = [score for _, score in by_rank]
         assert scores == sorted(scores, reverse=True)
 
 

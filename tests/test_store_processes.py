@@ -218,14 +218,14 @@ def test_index_job_killed_while_writing_then_rerun_is_exact(tmp_path, sample_dir
     """kill -9 of the whole multi-process job (driver and SDK workers) as soon as a shard changes,
     then a rerun: every shard opens, and the collection equals a clean run's (ids, payloads, vectors)."""
     from pipelines import index
-    from transforms.models.settings import embedding_size
+    from transforms.models.settings import EmbeddingSpec
 
     path = str(tmp_path / "q")
     common = [
         "--input", sample_dir["corpus"], "--model", minilm_path, "--qdrant-path", path, "--title-column", "title",
         "--chunk-tokens", "128", "--chunk-overlap", "16", "--device", "cpu",
     ]  # fmt: skip
-    EdgeStore(path).ensure_collection("killed", CollectionSpec(embedding_size(minilm_path, None)))
+    EdgeStore(path).ensure_collection("killed", CollectionSpec(EmbeddingSpec.read(minilm_path).size))
     shards = os.path.join(path, "killed")
     before = _newest_write(shards)
     env = {**os.environ, "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1"}

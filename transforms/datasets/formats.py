@@ -174,13 +174,11 @@ def validate_thresholds(thresholds: Sequence[float]) -> None:
 
 
 def parse_thresholds(spec: str) -> tuple[float, ...]:
-    """``"0.5,0.9"`` → ``(0.5, 0.9)``, validated."""
+    """``"0.5,0.9"`` → ``(0.5, 0.9)``; ``LabelDatasetsConfig`` validates the values."""
     try:
-        thresholds = tuple(float(p) for p in spec.split(","))
+        return tuple(float(p) for p in spec.split(","))
     except ValueError:
         raise ValueError(f"--label-thresholds must be comma-separated numbers, got {spec!r}") from None
-    validate_thresholds(thresholds)
-    return thresholds
 
 
 def grade(score: float, thresholds: Sequence[float]) -> int:

@@ -7,20 +7,18 @@ pairs by query so a query's candidates go through the scorer together (shared pr
 from __future__ import annotations
 
 import dataclasses
-import logging
 import math
 from collections.abc import Iterable, Sequence
 from typing import Any
 
 import apache_beam as beam
-from apache_beam.ml.inference.base import ModelHandler
 
 from transforms.inference.batching import RunInferenceByTokens
+from transforms.inference.handlers import TokenBatchedHandler
+from transforms.models.devices import TokenBudgets
 from transforms.models.reranker import Qwen3Reranker
 from transforms.progress import reporter
 from transforms.types import DeadLetter, Judgement, QueryPairs, RerankPair
-
-_LOG = logging.getLogger(__name__)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -43,16 +41,15 @@ class PairTokenEstimate:
         return min(self.prompt_tokens + math.ceil(chars / self.chars_per_token), self.max_length)
 
 
-class RerankModelHandler(ModelHandler[RerankPair, Judgement | DeadLetter, Qwen3Reranker]):
+class RerankModelHandler(TokenBatchedHandler):
     """``RunInference`` handler: ``RerankPair`` → ``Judgement`` (teacher score = P(yes)), or
     ``QueryPairs`` → a list of them, one per pair (``RerankByQuery`` uses this, so that a
     query's candidates can share their prompt head in the scorer: ``share_prefix=True``).
 
-    The scorer is loaded once per worker process and shared by its threads (RunInference keeps
-    it in a ``Shared`` handle). Beam batches are sized by estimated tokens
-    (``max_batch_tokens``, from characters: cheap, no tokenizer on the batching path); inside, pairs are tokenised, sorted and cut again by the forward
-    pass's padded-token budget (``token_budget``). A pair that runs out of memory even alone
-    comes back as a ``DeadLetter(stage="rerank")``; the rest of its batch is scored.
+    Beam batches are sized by estimated tokens (``PairTokenEstimate``: from characters, no
+    tokenizer on the batching path); inside, pairs are tokenised, sorted and cut again by the
+    forward pass's padded-token budget. A pair that runs out of memory even alone comes back as
+    a ``DeadLetter(stage="rerank")``; the rest of its batch is scored.
     ``inference_args={"instruction": ...}`` overrides the instruction for a call.
     """
 
@@ -64,48 +61,24 @@ class RerankModelHandler(ModelHandler[RerankPair, Judgement | DeadLetter, Qwen3R
         dtype: str | None = None,
         max_length: int = 8192,
         instruction: str | None = None,
-        token_budget: int | None = None,
-        max_batch_tokens: int = 65536,
+        budgets: TokenBudgets | None = None,
         chars_per_token: float = 3.0,
         attn_implementation: str | None = None,
         progress_interval_s: float = 30.0,
         large_model: bool = False,
         share_prefix: bool = False,
     ) -> None:
-        # Beam 2.77's BatchElements takes no ``max_batch_weight`` (ModelHandler accepts it and
-        # RunInference then fails with a TypeError); with ``element_size_fn`` its batch sizes are
-        # summed weights, so min = max = the token target gives batches of ~max_batch_tokens.
-        # The estimate is capped at max_length, so one pair never exceeds the target alone.
-        batch_tokens = max(max_batch_tokens, max_length)
         super().__init__(
-            min_batch_size=batch_tokens,
-            max_batch_size=batch_tokens,
-            element_size_fn=PairTokenEstimate(chars_per_token=chars_per_token, max_length=max_length),
+            Qwen3Reranker,
+            dict(model=model, device=device, dtype=dtype, max_length=max_length, instruction=instruction,
+                 attn_implementation=attn_implementation, share_prefix=share_prefix),
+            budgets=budgets or TokenBudgets.from_flag(None, max_length),
+            # Capped at max_length, so one pair never outweighs a batch alone.
+            element_weight=PairTokenEstimate(chars_per_token=chars_per_token, max_length=max_length),
+            progress_interval_s=progress_interval_s,
             large_model=large_model,
         )
-        self._scorer_args: dict[str, Any] = dict(
-            model=model,
-            device=device,
-            dtype=dtype,
-            max_length=max_length,
-            instruction=instruction,
-            token_budget=token_budget,
-            attn_implementation=attn_implementation,
-            share_prefix=share_prefix,
-        )
-        self._progress_interval_s = progress_interval_s
-
-    def load_model(self) -> Qwen3Reranker:
-        args = dict(self._scorer_args)
-        scorer = Qwen3Reranker(args.pop("model"), **args).load()
-        _LOG.info(
-            "loaded reranker %s on %s (max_length %d, token budget %d)",
-            scorer.model_id,
-            scorer.device,
-            scorer.max_length,
-            scorer.token_budget,
-        )
-        return scorer
+        self.share_prefix = share_prefix
 
     def validate_inference_args(self, inference_args: dict[str, Any] | None) -> None:
         unknown = set(inference_args or {}) - {"instruction"}
@@ -139,9 +112,6 @@ class RerankModelHandler(ModelHandler[RerankPair, Judgement | DeadLetter, Qwen3R
             start += len(group)
             results.append(answer if isinstance(element, QueryPairs) else answer[0])
         return results
-
-    def get_metrics_namespace(self) -> str:
-        return "corpus_etl"
 
     def get_num_bytes(self, batch: Sequence[RerankPair | QueryPairs]) -> int:
         pairs = (p for x in batch for p in (x.pairs if isinstance(x, QueryPairs) else (x,)))
@@ -177,22 +147,43 @@ def _query_pairs(query_id: str, pairs: Iterable[RerankPair]) -> QueryPairs:
     return QueryPairs(query_id, tuple(sorted(pairs, key=lambda p: (p.first_stage_rank, p.doc_id))))
 
 
+class Rerank(beam.PTransform):
+    """``RerankPair`` → ``Judgement`` (``results``) and ``DeadLetter`` (``dead_letter``).
+
+    Pairs go to the scorer in token-sized batches composed the same on every run; with a
+    handler built with ``share_prefix=True`` they are grouped by query first (``RerankByQuery``)
+    so that a query's prompt head is run once per forward pass.
+    """
+
+    def __init__(self, handler: RerankModelHandler) -> None:
+        super().__init__()
+        self.handler = handler
+
+    def expand(self, pairs):
+        if self.handler.share_prefix:  # a query's pairs must reach the scorer together to share its head
+            return pairs | "ByQuery" >> RerankByQuery(self.handler)
+        return pairs | "ByTokens" >> RunInferenceByTokens(
+            self.handler,
+            stage="rerank",
+            key_fn=pair_key,
+            describe=pair_source,
+        )
+
+
 class RerankByQuery(beam.PTransform):
     """``RerankPair`` → ``Judgement`` (``results``) and ``DeadLetter`` (``dead_letter``).
 
     Pairs are grouped by query first (one shuffle of the pair texts), so each query's
     candidates reach one scorer call together and, with a handler built with
     ``share_prefix=True``, its prompt head is run once per forward pass instead of once per pair. Batches are sized by estimated tokens
-    (``max_batch_weight``); a query heavier than that is a batch of its own, which the scorer
+    (the handler's ``budgets.batch``); a query heavier than that is a batch of its own, which the scorer
     still cuts into forward passes by its token budget. A pair that fails alone, or every pair
     of a batch that raises, becomes a dead letter: no pair is dropped silently.
     """
 
-    def __init__(self, handler: RerankModelHandler, *, max_batch_weight: int, max_length: int = 8192) -> None:
+    def __init__(self, handler: RerankModelHandler) -> None:
         super().__init__()
         self.handler = handler
-        self.max_batch_weight = max_batch_weight
-        self.max_length = max_length
 
     def expand(self, pairs):
         return (
@@ -203,8 +194,6 @@ class RerankByQuery(beam.PTransform):
             | "Score" >> RunInferenceByTokens(
                 self.handler,
                 stage="rerank",
-                max_batch_weight=self.max_batch_weight,
-                element_size_fn=PairTokenEstimate(max_length=self.max_length),
                 key_fn=pair_key,
                 describe=pair_source,
                 members=lambda group: group.pairs,

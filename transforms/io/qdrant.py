@@ -33,6 +33,7 @@ Guarantees:
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import logging
@@ -109,21 +110,28 @@ class QdrantConfig:
         return QdrantClient(path=self.path)
 
 
-_CLIENTS: dict[QdrantConfig, tuple[QdrantClient, threading.RLock]] = {}
+_CLIENTS: dict[QdrantConfig, tuple[QdrantClient, Any]] = {}
 _CLIENTS_LOCK = threading.Lock()
 
 
-def shared_client(config: QdrantConfig) -> tuple[QdrantClient, threading.RLock]:
-    """One client per config per process, with a lock for local mode.
+def client_lock(client: QdrantClient) -> Any:
+    """What calls on ``client`` are made under: a re-entrant lock for local mode, which is not
+    thread-safe; nothing for a server, whose HTTP and gRPC clients are, so threads run in parallel."""
+    return threading.RLock() if isinstance(getattr(client, "_client", None), QdrantLocal) else contextlib.nullcontext()
+
+
+def shared_client(config: QdrantConfig) -> tuple[QdrantClient, Any]:
+    """One client per config per process, and its lock (``client_lock``).
 
     Local mode holds a file lock on its folder, so a second client in the same process
-    would fail; every DoFn instance, the driver and the CLI share this one. Local mode is
-    one process: parallel workers need a server (``--qdrant-url``).
+    would fail; every DoFn instance, the driver and the CLI share this one. For a server,
+    one client per process reuses its connections.
     """
     with _CLIENTS_LOCK:
         entry = _CLIENTS.get(config)
         if entry is None:
-            entry = _CLIENTS[config] = (config.connect(), threading.RLock())
+            client = config.connect()
+            entry = _CLIENTS[config] = (client, client_lock(client))
         return entry
 
 
@@ -529,13 +537,13 @@ class ServerStore(VectorStore):
 
     Every call is the one qdrant-client call the jobs made before the interface existed
     (``wait=True`` upserts and deletes, server-side grouping, one alias request), under
-    the client's process lock. The writer retries ``write_batch`` as a whole on transient
+    the client's lock (``client_lock``: local mode only). The writer retries ``write_batch`` as a whole on transient
     errors (``with_retries``); single calls here are not retried.
     """
 
     def __init__(self, config: QdrantConfig | None = None, *, client: QdrantClient | None = None) -> None:
         if client is not None:
-            self.client, self.lock = client, threading.RLock()
+            self.client, self.lock = client, client_lock(client)
             self.where = "client"
         elif config is not None:
             self.client, self.lock = shared_client(config)
@@ -606,6 +614,7 @@ class ServerStore(VectorStore):
             return point_alias(self.client, alias, collection)
 
     def write_batch(self, collection: str, points: Sequence[StorePoint], first_chunks: Mapping[str, int]) -> int:
-        """Upsert, probe and prune under one hold of the client lock (as the writer always did)."""
+        """Upsert, probe and prune under one hold of the client lock (local mode), so no other
+        thread's call falls between them."""
         with self.lock:  # re-entrant: the calls below take it again
             return super().write_batch(collection, points, first_chunks)

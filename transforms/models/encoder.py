@@ -25,31 +25,31 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
-from typing import Any
 
 import numpy as np
 import torch
 
-from transforms.models.devices import default_dtype, default_token_budget, resolve_device, run_in_token_budget
-from transforms.models.settings import SentenceTransformerSettings, load_tokenizer, max_input_length, resolve_model
-from transforms.progress import disable_library_progress_bars
+from transforms.models.devices import TorchModel, run_in_token_budget
+from transforms.models.settings import EmbeddingSpec, load_tokenizer
 
 _LOG = logging.getLogger(__name__)
 
 QWEN3_INSTRUCTION_FORMAT = "Instruct: {task}\nQuery:"
 
 
-class TextEncoder:
+class TextEncoder(TorchModel):
     """Encodes texts to L2-normalised float32 vectors, optionally truncated to ``dim`` (Matryoshka).
 
-    Construction is cheap and picklable; ``load()`` reads the weights. Documents get the
-    repository's document prompt (none for Qwen3-Embedding); queries get its query prompt,
-    or ``Instruct: {query_instruction}\\nQuery:`` when an instruction is given.
+    Construction is cheap and picklable; ``load()`` reads the tokenizer and weights. ``model``
+    is the job's ``EmbeddingSpec`` (settings read once, in the driver), or an id or directory,
+    read at load time with ``dim`` and ``max_length``. Documents get the repository's document
+    prompt (none for Qwen3-Embedding); queries get its query prompt, or
+    ``Instruct: {query_instruction}\\nQuery:`` when an instruction is given.
     """
 
     def __init__(
         self,
-        model: str,
+        model: EmbeddingSpec | str,
         *,
         device: str = "auto",
         dtype: torch.dtype | str | None = None,
@@ -60,45 +60,32 @@ class TextEncoder:
         packing: bool = False,
         attn_implementation: str | None = None,
     ) -> None:
-        self.model_id = model
-        self.device_name = device
-        self.dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
-        self.dim = dim
-        self.max_length_override = max_length
+        self.spec = model if isinstance(model, EmbeddingSpec) else None
+        super().__init__(
+            self.spec.model if self.spec else model,
+            device=device,
+            dtype=dtype,
+            token_budget=token_budget,
+            attn_implementation=attn_implementation,
+        )
+        self._spec_args = {"dim": dim, "max_length": max_length}
         self.query_instruction = query_instruction
-        self.token_budget_override = token_budget
         self.packing = packing
-        self.attn_implementation = attn_implementation
-        self._model: torch.nn.Module | None = None
 
     # -- loading -------------------------------------------------------------------------
     def load(self) -> TextEncoder:
         from transformers import AutoModel
 
-        disable_library_progress_bars()  # one bar per worker process is noise in job logs
-        path = resolve_model(self.model_id)
-        self.settings = SentenceTransformerSettings.read(path)
-        if self.settings.pooling not in ("mean", "cls", "lasttoken", "max"):
-            raise ValueError(f"{self.model_id}: pooling mode {self.settings.pooling!r} is not supported")
-        self.device = resolve_device(self.device_name)
-        dtype = self.dtype or default_dtype(self.device)
+        spec = self.spec or EmbeddingSpec.read(self.model_id, **self._spec_args)
+        self.spec = spec
+        self.settings = spec.settings
+        self.max_length = spec.max_length
+        self.dim = spec.dim
+        self.dimension = spec.size
         # Last-token pooling reads position -1, which left padding makes every row's last token.
-        padding_side = "left" if self.settings.pooling == "lasttoken" else None
-        kwargs = {"padding_side": padding_side} if padding_side else {}
-        self.tokenizer = load_tokenizer(path, **kwargs)
-        kwargs_model: dict[str, Any] = {"dtype": dtype}
-        if self.attn_implementation:
-            kwargs_model["attn_implementation"] = self.attn_implementation
-        model = AutoModel.from_pretrained(path, **kwargs_model)
-        self._model = model.to(self.device).eval()
-        config = model.config
-        self.max_length = self.max_length_override or max_input_length(path, self.tokenizer, self.settings)
-        hidden = int(config.hidden_size)
-        if self.dim is not None and not 1 <= self.dim <= hidden:
-            raise ValueError(f"--dim {self.dim} is outside 1..{hidden} for {self.model_id}")
-        self.dimension = self.dim or hidden
-        self.token_budget = self.token_budget_override or default_token_budget(self._model, self.device)
-        self.token_budget = max(self.token_budget, self.max_length)
+        kwargs = {"padding_side": "left"} if spec.settings.pooling == "lasttoken" else {}
+        self.tokenizer = load_tokenizer(spec.path, **kwargs)
+        self._load_weights(AutoModel, spec.path, spec.max_length)
         if self.packing:
             self._check_packing()
         return self
@@ -117,12 +104,6 @@ class TextEncoder:
                 f"{self.model_id}: packing is not supported with attention {attn!r} (packed vs padded cosine "
                 f"{cosine:.3f} < {floor}: the texts of a packed row attend to each other); run without packing"
             )
-
-    @property
-    def model(self) -> torch.nn.Module:
-        if self._model is None:
-            raise RuntimeError("TextEncoder.load() must be called before encoding")
-        return self._model
 
     # -- text preparation ------------------------------------------------------------------
     def prompt(self, is_query: bool) -> str:

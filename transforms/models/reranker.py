@@ -39,9 +39,8 @@ from typing import Any
 
 import torch
 
-from transforms.models.devices import default_dtype, default_token_budget, resolve_device, run_in_token_budget
-from transforms.models.settings import resolve_model
-from transforms.progress import disable_library_progress_bars
+from transforms.models.devices import TorchModel, run_in_token_budget
+from transforms.models.settings import load_tokenizer, resolve_model
 
 _LOG = logging.getLogger(__name__)
 
@@ -64,7 +63,7 @@ def format_instruction(instruction: str | None, query: str, doc: str) -> str:
     return PAIR_FORMAT.format(instruction=instruction, query=query, doc=doc)
 
 
-class Qwen3Reranker:
+class Qwen3Reranker(TorchModel):
     """Scores (query, document) pairs with a Qwen3-Reranker checkpoint.
 
     Construction is cheap and picklable; ``load()`` reads the tokenizer and weights.
@@ -86,25 +85,19 @@ class Qwen3Reranker:
         attn_implementation: str | None = None,
         share_prefix: bool = False,
     ) -> None:
-        self.model_id = model
-        self.device_name = device
-        self.dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
+        super().__init__(
+            model, device=device, dtype=dtype, token_budget=token_budget, attn_implementation=attn_implementation
+        )
         self.max_length = max_length
         self.instruction = instruction
-        self.token_budget_override = token_budget
-        self.attn_implementation = attn_implementation
         self.share_prefix = share_prefix
-        self._model: torch.nn.Module | None = None
 
     # -- loading -------------------------------------------------------------------------
     def load(self) -> Qwen3Reranker:
-        from transformers import AutoModelForCausalLM, AutoTokenizer
+        from transformers import AutoModelForCausalLM
 
-        disable_library_progress_bars()  # one bar per worker process is noise in job logs
         path = resolve_model(self.model_id)
-        self.device = resolve_device(self.device_name)
-        dtype = self.dtype or default_dtype(self.device)
-        self.tokenizer = AutoTokenizer.from_pretrained(path, padding_side="left")
+        self.tokenizer = load_tokenizer(path, padding_side="left")
         self.prefix_ids: list[int] = self.tokenizer.encode(PROMPT_PREFIX, add_special_tokens=False)
         self.suffix_ids: list[int] = self.tokenizer.encode(PROMPT_SUFFIX, add_special_tokens=False)
         self.pair_max_length = self.max_length - len(self.prefix_ids) - len(self.suffix_ids)
@@ -113,11 +106,7 @@ class Qwen3Reranker:
                 f"max_length {self.max_length} leaves no room for a pair after the prompt's "
                 f"{len(self.prefix_ids) + len(self.suffix_ids)} tokens"
             )
-        kwargs: dict[str, Any] = {"dtype": dtype}
-        if self.attn_implementation:
-            kwargs["attn_implementation"] = self.attn_implementation
-        model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
-        self._model = model.to(self.device).eval()
+        self._load_weights(AutoModelForCausalLM, path, self.max_length)
 
         self.no_id = self.tokenizer.convert_tokens_to_ids("no")
         self.yes_id = self.tokenizer.convert_tokens_to_ids("yes")
@@ -131,15 +120,7 @@ class Qwen3Reranker:
         bias = getattr(head, "bias", None)
         self._head_bias = None if bias is None else bias.detach().index_select(0, rows)
 
-        self.token_budget = self.token_budget_override or default_token_budget(self._model, self.device)
-        self.token_budget = max(self.token_budget, self.max_length)
         return self
-
-    @property
-    def model(self) -> torch.nn.Module:
-        if self._model is None:
-            raise RuntimeError("Qwen3Reranker.load() must be called before scoring")
-        return self._model
 
     # -- inputs --------------------------------------------------------------------------
     def format(self, query: str, doc: str, instruction: str | None = None) -> str:
