@@ -93,7 +93,8 @@ def add_model_arguments(parser: argparse.ArgumentParser, *, with_batching: bool 
             "--max-batch-tokens",
             type=int,
             default=None,
-            help="padded tokens per forward pass (default: from free GPU memory; 2048 on CPU, measured fastest in bench/index_cpu.py)",
+            help="padded tokens per forward pass (default: from free GPU memory; 2048 on CPU, measured fastest in "
+            "bench/index_cpu.py); Beam batches hold 4 passes' worth (TokenBudgets)",
         )
 
 
@@ -193,7 +194,11 @@ def label_parser() -> argparse.ArgumentParser:
     run = parser.add_argument_group("execution")
     run.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
     run.add_argument("--max-length", type=int, default=8192, help="reranker pair length limit (tokens)")
-    run.add_argument("--max-batch-tokens", type=int, default=None, help="padded tokens per forward pass")
+    run.add_argument(
+        "--max-batch-tokens", type=int, default=None,
+        help="padded tokens per forward pass (default: from free GPU memory; 2048 on CPU); Beam batches hold 4 "
+        "passes' worth (TokenBudgets)",
+    )
     run.add_argument(
         "--share-prefix", action="store_true",
         help="group pairs by query and run each query's prompt head once per forward pass (same scores, ~15-20%% "
