@@ -4,8 +4,8 @@ Three contestants index the same Parquet corpus with the same model (all-MiniLM-
 copy) in one process, each into its own store folder:
 
 - ours:    ``pipelines.index.run`` (``--chunk-tokens 0``: one point per document, truncated at
-  the model's 256 tokens; every other flag at its CLI default, or ``--backend B`` for the rows
-  ``ours, --backend B``), i.e. ReadDocuments → ChunkDocuments → Embed (length-bucketed token
+  the model's 256 tokens; every other flag at its CLI default, or the flags of ``--ours`` variants,
+  e.g. ``--backend onnx``), i.e. ReadDocuments → ChunkDocuments → Embed (length-bucketed token
   batches + RunInference) → WriteToQdrant (Qdrant Edge, the embedded store).
 - script:  the 20-line script a user would write: read the Parquet file, ``SentenceTransformer
   .encode(texts, batch_size=32, normalize_embeddings=True)``, then upserts of 256 points
@@ -34,7 +34,7 @@ ids must match ours.
 
     python bench/index_cpu.py --write                        # both corpora, writes BENCHMARKS.md
     python bench/index_cpu.py --corpus long --docs 200 --repeats 1   # quick check
-    python bench/index_cpu.py --ours-backends default,onnx,compile --contestants ours,script
+    python bench/index_cpu.py --ours default,backend=onnx,backend=compile,cpu-workers=1 --contestants ours,script
 """
 
 from __future__ import annotations
@@ -51,6 +51,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import warnings
 from typing import Any
@@ -203,7 +204,9 @@ class Stages:
         self.seconds: dict[str, float] = {}
         self.forwards = 0
         self.padded_tokens = 0
-        self._depth = 0
+        self.encoders: list[Any] = []  # ours' TextEncoders loaded in the run (their one-time costs)
+        self._local = threading.local()
+        self._encoding = 0  # inside ours' encode_ids: its forward passes may run on several threads at once
 
     def add(self, key: str, seconds: float) -> None:
         self.seconds[key] = self.seconds.get(key, 0.0) + seconds
@@ -215,22 +218,25 @@ class Stages:
         stages = self
 
         def timed(*args, **kwargs):
+            if torch.compiler.is_compiling():  # traced by torch.compile / export: stay out of the graph
+                return original(*args, **kwargs)
             if on_call:
                 on_call(*args, **kwargs)
-            if outermost:  # a forward that calls another wrapped forward counts once
-                stages._depth += 1
-                if stages._depth > 1:
+            local = stages._local
+            if outermost:  # a forward inside another timed forward, or inside encode_ids, is not timed again
+                local.depth = getattr(local, "depth", 0) + 1
+                if local.depth > 1 or stages._encoding:
                     try:
                         return original(*args, **kwargs)
                     finally:
-                        stages._depth -= 1
+                        local.depth -= 1
             started = time.perf_counter()
             try:
                 return original(*args, **kwargs)
             finally:
                 stages.add(key, time.perf_counter() - started)
                 if outermost:
-                    stages._depth -= 1
+                    local.depth -= 1
 
         setattr(owner, name, kind(timed) if kind else timed)
 
@@ -256,6 +262,23 @@ class Stages:
         self.wrap(_SentenceTransformerModelHandler, "load_model", "model load")
         self.wrap(Chunker, "chunk", "tokenise: chunker (ours)")
         self.wrap(TextEncoder, "tokenize", "tokenise: encoder (ours)")
+        original_encode, original_load = TextEncoder.encode_ids, TextEncoder.load
+
+        def encode_ids(encoder, ids):  # ours' forward passes, run at once on several threads (--cpu-workers)
+            self._encoding += 1
+            started = time.perf_counter()
+            try:
+                return original_encode(encoder, ids)
+            finally:
+                self._encoding -= 1
+                self.add("model forward", time.perf_counter() - started)
+
+        def load(encoder):
+            out = original_load(encoder)
+            self.encoders.append(encoder)
+            return out
+
+        TextEncoder.encode_ids, TextEncoder.load = encode_ids, load
         self.wrap(SentenceTransformer, "tokenize", "tokenise (sentence-transformers)")
         self.wrap(EdgeStore, "upsert_into", "store upsert (Qdrant Edge)")
         self.wrap(EdgeStore, "create_collection", "store create_collection")
@@ -279,7 +302,18 @@ STAGES = Stages()
 
 
 # -- the contestants ---------------------------------------------------------------------------
-def run_ours(parquet: str, qdrant_path: str, collection: str, backend: str = "default") -> dict[str, Any]:
+def variant_flags(variant: str) -> list[str]:
+    """``default`` → no flag; ``backend=onnx+cpu-workers=1`` → ``--backend onnx --cpu-workers 1``."""
+    if variant == "default":
+        return []
+    flags: list[str] = []
+    for part in variant.split("+"):
+        name, _, value = part.partition("=")
+        flags += [f"--{name}"] + ([value] if value else [])
+    return flags
+
+
+def run_ours(parquet: str, qdrant_path: str, collection: str, variant: str = "default") -> dict[str, Any]:
     """Our index job through its CLI entry point, chunking off, every other flag at its default."""
     from pipelines.index import run
 
@@ -287,8 +321,7 @@ def run_ours(parquet: str, qdrant_path: str, collection: str, backend: str = "de
         "--input", parquet, "--collection", collection, "--model", MODEL,
         "--qdrant-path", qdrant_path, "--chunk-tokens", "0",
     ]  # fmt: skip
-    if backend != "default":
-        argv += ["--backend", backend]
+    argv += variant_flags(variant)
     started = time.perf_counter()
     summary = run(argv)
     elapsed = time.perf_counter() - started
@@ -460,6 +493,20 @@ def _all_points(client, collection: str):
             return
 
 
+def one_time_costs(encoders: list[Any]) -> dict[str, float]:
+    """Seconds of ONNX export, ONNX Runtime session start and torch.compile in the encoders of one run."""
+    try:
+        from transforms.models.fast import describe
+    except ImportError:
+        return {}
+    out: dict[str, float] = {}
+    for encoder in encoders:
+        for key, value in describe(getattr(encoder, "_runner", None)).items():
+            if key.endswith("_s"):
+                out[key] = out.get(key, 0.0) + float(value)
+    return out
+
+
 # -- machine and report ------------------------------------------------------------------------
 def machine() -> str:
     cpu = platform.processor() or "unknown CPU"
@@ -531,7 +578,7 @@ CORPUS_TEXT = {
 
 def label(name: str) -> str:
     if name.startswith("ours:"):
-        return f"ours, `--backend {name.split(':', 1)[1]}`"
+        return f"ours, `{' '.join(variant_flags(name.split(':', 1)[1]))}`"
     return LABELS[name]
 
 
@@ -547,15 +594,17 @@ def render(args, corpus: dict[str, Any], results: dict[str, list[dict]], ident: 
         cpu = statistics.median(r["cpu"] for r in runs)
         load = ", ".join(f"{r['load1']:.1f}" for r in runs)
         per_run = ", ".join(f"{s:.1f}" for s in secs)
+        costs = [r.get("one_time", {}) for r in runs]
+        once = ", ".join("+".join(f"{k.removesuffix('_s')} {v:.1f}" for k, v in c.items()) or "0" for c in costs)
         return (
             f"| {label(name)} | {corpus['docs'] / med:.1f} | {corpus['tokens'] / med:.0f} | {med:.1f} | {per_run} | "
-            f"{cpu:.1f} | {load} |"
+            f"{cpu:.1f} | {load} | {once} |"
         )
 
     med = {n: statistics.median(r["seconds"] for r in runs) for n, runs in results.items()}
     loads = [r["load1"] for runs in results.values() for r in runs]
     lines = [
-        SECTION.format(corpus=corpus["name"]),
+        args.title.format(corpus=corpus["name"]),
         "",
         f"Command: `{args.command}`",
         "",
@@ -578,11 +627,21 @@ def render(args, corpus: dict[str, Any], results: dict[str, list[dict]], ident: 
         f"construction, model load, read, embed, write. 1-minute load average at each run: "
         f"{min(loads):.1f}–{max(loads):.1f}",
         "",
-        "| contestant | docs/s (median) | tokens/s (median) | median s | per-run s | CPU s (median) | load per run |",
-        "|---|---|---|---|---|---|---|",
+        "| contestant | docs/s (median) | tokens/s (median) | median s | per-run s | CPU s (median) | load per run "
+        "| export / compile s inside each run |",
+        "|---|---|---|---|---|---|---|---|",
         *(row(name, runs) for name, runs in results.items()),
         "",
     ]
+    first = {n: c for n, c in corpus.get("warmup_costs", {}).items() if c}
+    if first:
+        lines += [
+            "One-time costs in the untimed warm-up run (the first load: ONNX export into an empty cache folder, "
+            "session start, compilation of the warm-up's shapes): "
+            + "; ".join(f"{label(n)}: " + ", ".join(f"{k.removesuffix('_s')} {v:.1f} s" for k, v in c.items())
+                        for n, c in first.items()) + ".",
+            "",
+        ]
     ours = [n for n in results if n == "ours" or n.startswith("ours:")]
     for mine in ours:
         for other, goal in GOALS.items():
@@ -684,14 +743,17 @@ def bench_corpus(args, name: str, model_path: str, work: str) -> tuple[str, dict
             return lambda path, run_id: run_beam(
                 path, folder(contestant, run_id), "bench", model_path, folder("mlt", run_id)
             )
-        backend = contestant.split(":", 1)[1] if ":" in contestant else "default"
-        return lambda path, run_id: run_ours(path, folder(contestant, run_id), "bench", backend)
+        variant = contestant.split(":", 1)[1] if ":" in contestant else "default"
+        return lambda path, run_id: run_ours(path, folder(contestant, run_id), "bench", variant)
 
-    contestants = [("ours" if b == "default" else f"ours:{b}") for b in args.ours_backends]
+    contestants = [("ours" if v == "default" else f"ours:{v}") for v in args.ours]
     contestants += [c for c in args.contestants if c != "ours"]
+    warmup_costs: dict[str, dict[str, float]] = {}
     if args.warmup_docs:
         for c in contestants:
+            STAGES.reset()
             runner(c)(warm, "warmup")
+            warmup_costs[c] = one_time_costs(STAGES.encoders)
     results: dict[str, list[dict]] = {c: [] for c in contestants}
     for i in range(args.repeats):
         for c in contestants:
@@ -702,6 +764,7 @@ def bench_corpus(args, name: str, model_path: str, work: str) -> tuple[str, dict
             out["cpu"] = cpu_seconds() - cpu0
             out["stages"] = dict(STAGES.seconds)
             out["forwards"], out["padded_tokens"] = STAGES.forwards, STAGES.padded_tokens
+            out["one_time"] = one_time_costs(STAGES.encoders)
             out["load1"] = max(load, load1())
             if out["points"] != corpus["docs"]:
                 raise SystemExit(f"{name} {c} run {i}: {out['points']} points for {corpus['docs']} docs")
@@ -716,6 +779,7 @@ def bench_corpus(args, name: str, model_path: str, work: str) -> tuple[str, dict
     when = subprocess.run(["date", "-u"], capture_output=True, text=True).stdout.strip() or str(
         datetime.datetime.now(datetime.timezone.utc)
     )
+    corpus["warmup_costs"] = warmup_costs
     return render(args, corpus, results, ident, when), {"corpus": corpus, "results": results, "identity": ident}
 
 
@@ -724,14 +788,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--corpus", default="short,long", help="comma-separated: short, long")
     parser.add_argument("--contestants", default="ours,script,beam", help="comma-separated: ours, script, beam")
     parser.add_argument(
-        "--ours-backends", default="default",
-        help="comma-separated --backend values for ours ('default': the flag left out), e.g. default,onnx,compile",
+        "--ours", default="default",
+        help="comma-separated variants of ours: 'default' (flags at their defaults) or NAME=VALUE flags joined by '+', "
+        "e.g. default,backend=onnx,backend=compile,cpu-workers=1",
     )
     parser.add_argument("--docs", type=int, default=None, help="documents per corpus (default: all of them)")
     parser.add_argument("--repeats", type=int, default=3, help="timed runs of each contestant")
     parser.add_argument("--warmup-docs", type=int, default=32, help="untimed warm-up run of each on this many docs")
     parser.add_argument("--threads", type=int, default=os.cpu_count(), help="torch threads, same for all")
     parser.add_argument("--write", action="store_true", help="replace the corpora's sections in BENCHMARKS.md")
+    parser.add_argument("--title", default=SECTION, help="section title ({corpus}: short or long)")
     parser.add_argument("--benchmarks", default=os.path.join(REPO, "BENCHMARKS.md"))
     parser.add_argument("--workdir", default=None, help="keep Parquet and store folders here (default: temp)")
     args = parser.parse_args(argv)
@@ -739,7 +805,7 @@ def main(argv: list[str] | None = None) -> int:
     args.code = code_version()  # before the runs: the code that is imported is the code measured
     corpora = [c.strip() for c in args.corpus.split(",") if c.strip()]
     args.contestants = [c.strip() for c in args.contestants.split(",") if c.strip()]
-    args.ours_backends = [b.strip() for b in args.ours_backends.split(",") if b.strip()] if "ours" in args.contestants else []
+    args.ours = [v.strip() for v in args.ours.split(",") if v.strip()] if "ours" in args.contestants else []
     bad = [c for c in corpora if c not in CORPORA] + [c for c in args.contestants if c not in CONTESTANTS]
     if bad:
         parser.error(f"unknown corpus or contestant: {', '.join(bad)}")
@@ -763,7 +829,7 @@ def main(argv: list[str] | None = None) -> int:
         print()
         print(section)
         if args.write:
-            title = SECTION.format(corpus=name)
+            title = args.title.format(corpus=name)
             write_section(args.benchmarks, title, section)
             print(f"wrote {title!r} to {args.benchmarks}")
     if not args.workdir:

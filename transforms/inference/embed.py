@@ -50,12 +50,15 @@ class EmbeddingModelHandler(TokenBatchedHandler):
         kind: str = "document",
         progress_interval_s: float = 30.0,
         large_model: bool = False,
+        backend: str = "eager",
+        cpu_workers: int | None = None,
     ) -> None:
         if kind not in ("document", "query"):
             raise ValueError(f"kind must be 'document' or 'query', not {kind!r}")
         super().__init__(
             TextEncoder,
-            dict(model=model, device=device, dim=dim, max_length=max_length, query_instruction=query_instruction),
+            dict(model=model, device=device, dim=dim, max_length=max_length, query_instruction=query_instruction,
+                 backend=backend, cpu_workers=cpu_workers),
             budgets=budgets,
             element_weight=_chunk_weight if kind == "document" else _query_weight,
             progress_interval_s=progress_interval_s,
