@@ -751,12 +751,14 @@ def bench_corpus(args, name: str, model_path: str, work: str) -> tuple[str, dict
     warmup_costs: dict[str, dict[str, float]] = {}
     if args.warmup_docs:
         for c in contestants:
+            torch.set_num_threads(args.threads)
             STAGES.reset()
             runner(c)(warm, "warmup")
             warmup_costs[c] = one_time_costs(STAGES.encoders)
     results: dict[str, list[dict]] = {c: [] for c in contestants}
     for i in range(args.repeats):
         for c in contestants:
+            torch.set_num_threads(args.threads)  # ours' encoder sets 1 for the process (--cpu-workers)
             load = load1()
             cpu0 = cpu_seconds()
             STAGES.reset()

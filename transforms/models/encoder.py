@@ -26,19 +26,20 @@ Runtime); see ``transforms.models.fast``. ``overlap=True`` (the default on CUDA)
 next batch (padding, pinned host memory, the non-blocking copy to the device) in a second
 thread while the current one runs.
 
-On CPU, ``cpu_workers`` (default: torch's thread count) forward passes run at once, each on one
-thread, instead of one pass at a time over all threads: a pass of a small encoder is a few
-hundred ms of GEMMs whose OpenMP threads meet at a barrier after every op, and on a busy machine
-one descheduled thread stalls the others (bench/index_cpu.py measured 5.5-11 s against 8-25 s
-on the same 150 documents, CPU time 10.5-11.6 s against 13-23 s, bitwise the same vectors).
+On CPU, ``cpu_workers`` (default: torch's thread count when the first encoder loads) forward
+passes run at once, each on one thread, instead of one pass at a time over all threads: a pass
+of a small encoder is a few hundred ms of GEMMs whose OpenMP threads meet at a barrier after
+every op, and on a busy machine one descheduled thread stalls the others (150 long documents:
+5.5-11 s against 8-25 s, CPU time 10.5-11.6 s against 13-23 s, bitwise the same vectors). The
+encoder then sets torch's intra-op threads to 1 for the process, once, at load: switching them
+back and forth around each batch cost ~0.8 s a call in the job (oneDNN re-creates its kernels).
 """
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import threading
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
@@ -117,7 +118,13 @@ class TextEncoder(TorchModel):
         self._load_weights(AutoModel, spec.path, spec.max_length)
         self.overlap = self.device.type == "cuda" if self.overlap_setting is None else self.overlap_setting
         cpu = self.device.type == "cpu"
-        self.cpu_workers = (self.cpu_workers_setting or torch.get_num_threads()) if cpu else 1
+        self.cpu_workers = (self.cpu_workers_setting or cpu_threads()) if cpu else 1
+        self._pool = None
+        if self.cpu_workers > 1 and self.backend == "eager" and not self.packing:
+            from concurrent.futures import ThreadPoolExecutor
+
+            torch.set_num_threads(1)  # for the process, once (see the module docstring)
+            self._pool = ThreadPoolExecutor(self.cpu_workers, thread_name_prefix="encoder")
         self.buckets: list[int] | None = None
         pad_id = self.tokenizer.pad_token_id or 0
         if self.backend == "compile":
@@ -207,6 +214,10 @@ class TextEncoder(TorchModel):
         if self.buckets:
             lengths = [bucket_of(n, self.buckets) for n in lengths]
         batches = budget_batches(lengths, self.token_budget)
+        if self._pool is not None and len(batches) < self.cpu_workers <= len(ids) // 2:
+            # Fewer passes than workers (a small Beam batch): smaller passes, one per worker.
+            share = -(-sum(lengths) // self.cpu_workers)
+            batches = budget_batches(lengths, max(share + max(lengths), max(lengths)))
         out: list[np.ndarray | None] = [None] * len(ids)
         failures: list[tuple[int, str]] = []
 
@@ -221,11 +232,9 @@ class TextEncoder(TorchModel):
                 out[i] = r
             failures.extend((batch[j], reason) for j, reason in fails)
 
-        if self.cpu_workers > 1 and len(batches) > 1 and self.backend == "eager" and not self.packing:
-            from concurrent.futures import ThreadPoolExecutor
-
-            with _single_threaded_ops(), ThreadPoolExecutor(self.cpu_workers, thread_name_prefix="encoder") as pool_:
-                for _ in pool_.map(run, batches):
+        if self._pool is not None and len(batches) > 1:
+            with _POOL_LOCK:  # one encode_ids at a time on the workers: the cores are theirs
+                for _ in self._pool.map(run, batches):
                     pass
         elif self.overlap and not self.packing and len(batches) > 1:
             from concurrent.futures import ThreadPoolExecutor
@@ -293,19 +302,15 @@ class TextEncoder(TorchModel):
         return list(pooled.cpu().numpy())
 
 
-_THREADS_LOCK = threading.Lock()
+_POOL_LOCK = threading.Lock()
+_CPU_THREADS: list[int] = []
 
 
-@contextlib.contextmanager
-def _single_threaded_ops() -> Iterator[None]:
-    """Torch ops on one thread each for the block (one block at a time in the process), then as before."""
-    with _THREADS_LOCK:
-        before = torch.get_num_threads()
-        torch.set_num_threads(1)
-        try:
-            yield
-        finally:
-            torch.set_num_threads(before)
+def cpu_threads() -> int:
+    """Torch's intra-op thread count before any encoder set it to 1 (the default ``cpu_workers``)."""
+    if not _CPU_THREADS:
+        _CPU_THREADS.append(torch.get_num_threads())
+    return _CPU_THREADS[0]
 
 
 def pool(hidden: torch.Tensor, mask: torch.Tensor, mode: str) -> torch.Tensor:
