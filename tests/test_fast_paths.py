@@ -59,6 +59,11 @@ def test_overlapped_preparation_gives_the_same_vectors(minilm_path, eager):
     overlapped = TextEncoder(minilm_path, device="cpu", token_budget=256, overlap=True, cpu_workers=1).load()
     assert overlapped.overlap
     np.testing.assert_allclose(overlapped.encode(TEXTS), eager.encode(TEXTS), atol=1e-5)
+    # Texts tokenised batch by batch in the preparing thread, batches cut by known token counts.
+    lengths = eager.count_tokens(TEXTS)
+    vectors, failures = overlapped.encode_texts(TEXTS, lengths)
+    assert not failures
+    np.testing.assert_allclose(np.stack(vectors), eager.encode(TEXTS), atol=1e-5)
 
 
 def test_backend_and_cpu_workers_flags_reach_the_config():

@@ -73,10 +73,15 @@ class EmbeddingModelHandler(TokenBatchedHandler):
             return
         is_query = self._kind == "query"
         texts = [e.text if is_query else e.embed_text for e in batch]
-        ids = model.tokenize(texts, is_query=is_query)
-        vectors, failures = model.encode_ids(ids)
+        if model.overlap and not is_query:
+            # Batches cut by the chunker's token counts, each tokenised while the previous one runs.
+            vectors, failures = model.encode_texts(texts, [c.n_tokens for c in batch])
+            n_tokens = sum(c.n_tokens for c in batch)
+        else:
+            ids = model.tokenize(texts, is_query=is_query)
+            vectors, failures = model.encode_ids(ids)
+            n_tokens = sum(len(x) for x in ids)
         reasons = dict(failures)
-        n_tokens = sum(len(x) for x in ids)
         if is_query:
             counts = {"queries": len(batch), "tokens": n_tokens}
         else:  # a document's first chunk stands for the document

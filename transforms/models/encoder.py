@@ -209,42 +209,61 @@ class TextEncoder(TorchModel):
         count as their bucket's). With ``overlap``, the next batch is padded, pinned and copied
         in a second thread while the current one runs.
         """
+        return self._encode([len(x) for x in ids], lambda batch: [ids[i] for i in batch])
+
+    def encode_texts(
+        self, texts: Sequence[str], lengths: Sequence[int], *, is_query: bool = False
+    ) -> tuple[list[np.ndarray | None], list[tuple[int, str]]]:
+        """``encode_ids`` for texts whose token counts are known (a chunk's ``n_tokens``): batches are
+        cut by ``lengths`` and each is tokenised only when it is prepared, so with ``overlap`` the
+        tokenisation of the next batch runs while the current one is on the device."""
+        return self._encode(list(lengths), lambda batch: self.tokenize([texts[i] for i in batch], is_query=is_query))
+
+    def _encode(
+        self, lengths: list[int], fetch: Any
+    ) -> tuple[list[np.ndarray | None], list[tuple[int, str]]]:
         forward = self._forward_packed if self.packing else self._forward
-        lengths = [len(x) for x in ids]
         if self.buckets:
             lengths = [bucket_of(n, self.buckets) for n in lengths]
         batches = budget_batches(lengths, self.token_budget)
-        if self._pool is not None and len(batches) < self.cpu_workers <= len(ids) // 2:
+        if self._pool is not None and len(batches) < self.cpu_workers <= len(lengths) // 2:
             # Fewer passes than workers (a small Beam batch): smaller passes, one per worker.
             share = -(-sum(lengths) // self.cpu_workers)
             batches = budget_batches(lengths, max(share + max(lengths), max(lengths)))
-        out: list[np.ndarray | None] = [None] * len(ids)
+        out: list[np.ndarray | None] = [None] * len(lengths)
         failures: list[tuple[int, str]] = []
 
         def run(batch: list[int], prepared: Any = None) -> None:
+            batch_ids = fetch(batch) if prepared is None else prepared[0]
+
             def call(sub: Sequence[int]) -> list[np.ndarray]:
                 if prepared is not None and len(sub) == len(batch):
-                    return self._forward_prepared(*prepared)
-                return forward([ids[i] for i in sub])
+                    return self._forward_prepared(*prepared[1])
+                where = {i: k for k, i in enumerate(batch)}
+                return forward([batch_ids[where[i]] for i in sub])
 
             results, fails = run_splitting_on_oom(call, batch)
             for i, r in zip(batch, results):
                 out[i] = r
             failures.extend((batch[j], reason) for j, reason in fails)
 
+        def prepare(batch: list[int]) -> tuple[list[list[int]], tuple[torch.Tensor, torch.Tensor]]:
+            batch_ids = fetch(batch)
+            return batch_ids, self._prepare(batch_ids)
+
         if self._pool is not None and len(batches) > 1:
-            with _POOL_LOCK:  # one encode_ids at a time on the workers: the cores are theirs
+            with _POOL_LOCK:  # one encode at a time on the workers: the cores are theirs
                 for _ in self._pool.map(run, batches):
                     pass
         elif self.overlap and not self.packing and len(batches) > 1:
             from concurrent.futures import ThreadPoolExecutor
 
             with ThreadPoolExecutor(1, thread_name_prefix="encoder-prep") as prep:
-                pending = prep.submit(self._prepare, [ids[i] for i in batches[0]])
+                pending = prep.submit(prepare, batches[0])
                 for k, batch in enumerate(batches):
                     prepared = pending.result()
                     if k + 1 < len(batches):
-                        pending = prep.submit(self._prepare, [ids[i] for i in batches[k + 1]])
+                        pending = prep.submit(prepare, batches[k + 1])
                     run(batch, prepared)
         else:
             for batch in batches:
