@@ -104,8 +104,8 @@ def add_model_arguments(parser: argparse.ArgumentParser, *, with_batching: bool 
         )
         group.add_argument(
             "--cpu-workers", type=int, default=None, metavar="N",
-            help="on CPU, forward passes run at once, one thread each (default: torch's thread count; 1: one pass at "
-            "a time over all threads, as before)",
+            help="on CPU, forward passes run at once, one thread each, and torch's intra-op threads are set to 1 "
+            "in the worker (default: torch's thread count; 1: one pass at a time over all threads, as before)",
         )
 
 

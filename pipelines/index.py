@@ -115,7 +115,7 @@ def embedding_handler(config: IndexConfig, spec: EmbeddingSpec) -> EmbeddingMode
         budgets=TokenBudgets.from_flag(config.max_batch_tokens, spec.max_length),
         progress_interval_s=config.progress_interval_s,
         backend=config.backend,
-        cpu_workers=config.cpu_workers,
+        cpu_workers=0 if config.cpu_workers is None else config.cpu_workers,  # 0: the worker's torch threads
     )
 
 

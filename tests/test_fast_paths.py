@@ -51,6 +51,7 @@ def test_cpu_workers_give_the_vectors_of_one_pass_at_a_time(minilm_path, eager, 
     parallel = TextEncoder(minilm_path, device="cpu", token_budget=256, cpu_workers=2).load()
     serial = TextEncoder(minilm_path, device="cpu", token_budget=256, cpu_workers=1).load()
     assert parallel.cpu_workers == 2
+    assert TextEncoder(minilm_path, device="cpu").cpu_workers_setting is None  # default: one pass at a time
     np.testing.assert_allclose(parallel.encode(TEXTS), serial.encode(TEXTS), atol=1e-6)
     np.testing.assert_allclose(parallel.encode(TEXTS), eager.encode(TEXTS), atol=1e-5)
 

@@ -26,8 +26,9 @@ Runtime); see ``transforms.models.fast``. ``overlap=True`` (the default on CUDA)
 next batch (padding, pinned host memory, the non-blocking copy to the device) in a second
 thread while the current one runs.
 
-On CPU, ``cpu_workers`` (default: torch's thread count when the first encoder loads) forward
-passes run at once, each on one thread, instead of one pass at a time over all threads: a pass
+On CPU, ``cpu_workers`` forward passes run at once (``0``: torch's thread count when the first
+encoder loads, the index job's default; ``None``: 1, one pass at a time over all threads, for the
+processes that also run other torch models, e.g. the label job's reranker), each on one thread: a pass
 of a small encoder is a few hundred ms of GEMMs whose OpenMP threads meet at a barrier after
 every op, and on a busy machine one descheduled thread stalls the others (150 long documents:
 5.5-11 s against 8-25 s, CPU time 10.5-11.6 s against 13-23 s, bitwise the same vectors). The
@@ -97,8 +98,8 @@ class TextEncoder(TorchModel):
         self.packing = packing
         self.backend = backend
         self.overlap_setting = overlap
-        if cpu_workers is not None and cpu_workers < 1:
-            raise ValueError(f"--cpu-workers must be >= 1, got {cpu_workers}")
+        if cpu_workers is not None and cpu_workers < 0:
+            raise ValueError(f"--cpu-workers must be >= 0 (0: torch's thread count), got {cpu_workers}")
         self.cpu_workers_setting = cpu_workers
         self._runner: CompiledRunner | OnnxRunner | None = None
 
@@ -118,7 +119,8 @@ class TextEncoder(TorchModel):
         self._load_weights(AutoModel, spec.path, spec.max_length)
         self.overlap = self.device.type == "cuda" if self.overlap_setting is None else self.overlap_setting
         cpu = self.device.type == "cpu"
-        self.cpu_workers = (self.cpu_workers_setting or cpu_threads()) if cpu else 1
+        setting = self.cpu_workers_setting
+        self.cpu_workers = (cpu_threads() if setting == 0 else setting or 1) if cpu else 1
         self._pool = None
         if self.cpu_workers > 1 and self.backend == "eager" and not self.packing:
             from concurrent.futures import ThreadPoolExecutor
