@@ -33,6 +33,7 @@ import torch
 from apache_beam.ml.inference.base import ModelHandler
 
 from transforms.gpu import default_dtype, default_token_budget, resolve_device, run_in_token_budget
+from transforms.hooks import pause_point, record_model_load
 from transforms.inference import DEAD, RunInferenceByTokens
 from transforms.models import SentenceTransformerSettings, max_input_length, resolve_model
 from transforms.progress import disable_library_progress_bars, reporter
@@ -293,6 +294,7 @@ class EmbeddingModelHandler(ModelHandler[Any, Any, TextEncoder]):
     def load_model(self) -> TextEncoder:
         args = dict(self._encoder_args)
         encoder = TextEncoder(args.pop("model"), **args).load()
+        record_model_load(self._kind, encoder.model_id)
         _LOG.info(
             "loaded %s on %s (dim %d, max_length %d, token budget %d)",
             encoder.model_id, encoder.device, encoder.dimension, encoder.max_length, encoder.token_budget,
@@ -304,6 +306,7 @@ class EmbeddingModelHandler(ModelHandler[Any, Any, TextEncoder]):
     ) -> Iterable[Any]:
         if not batch:  # BatchElements emits an empty batch when one element outweighs its target
             return
+        pause_point("embed")
         is_query = self._kind == "query"
         texts = [e.text if is_query else e.embed_text for e in batch]
         ids = model.tokenize(texts, is_query=is_query)

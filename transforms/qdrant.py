@@ -49,6 +49,7 @@ from qdrant_client import QdrantClient, models
 from qdrant_client.http.exceptions import ResponseHandlingException, UnexpectedResponse
 from qdrant_client.local.qdrant_local import QdrantLocal
 
+from transforms.hooks import pause_point
 from transforms.incremental import fingerprint
 from transforms.progress import reporter
 from transforms.store import CollectionSpec, StorePoint, VectorStore
@@ -447,6 +448,7 @@ class _WriteShard(_Writer):
                 self.counters.written.inc(len(points))
                 self.counters.batches.inc()
                 reporter("write", self.progress_interval_s).add(points=len(points), batches=1)
+                pause_point("write")
 
             for item in items:
                 point = store_point(item, self.model_id, self.digest)

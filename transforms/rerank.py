@@ -44,6 +44,7 @@ import torch
 from apache_beam.ml.inference.base import ModelHandler
 
 from transforms.gpu import default_dtype, default_token_budget, resolve_device, run_in_token_budget
+from transforms.hooks import record_model_load
 from transforms.inference import RunInferenceByTokens
 from transforms.models import resolve_model
 from transforms.progress import disable_library_progress_bars, reporter
@@ -476,6 +477,7 @@ class RerankModelHandler(ModelHandler[RerankPair, Judgement | DeadLetter, Qwen3R
     def load_model(self) -> Qwen3Reranker:
         args = dict(self._scorer_args)
         scorer = Qwen3Reranker(args.pop("model"), **args).load()
+        record_model_load("rerank", scorer.model_id)
         _LOG.info(
             "loaded reranker %s on %s (max_length %d, token budget %d)",
             scorer.model_id,
