@@ -19,7 +19,16 @@ from collections.abc import Callable
 from typing import Any
 
 from pipelines import flags
-from pipelines.errors import EXIT_FAILED, EXIT_OK, EXIT_PARTIAL, EXIT_USAGE, first_line, raised_by_job, translate
+from pipelines.errors import (
+    EXIT_FAILED,
+    EXIT_OK,
+    EXIT_PARTIAL,
+    EXIT_USAGE,
+    JobAbandoned,
+    first_line,
+    raised_by_job,
+    translate,
+)
 from pipelines.security import check_qdrant_flags, redact_text
 
 COMMANDS = {
@@ -105,6 +114,9 @@ def _run(name: str, job: Callable[[], Any], verbose: bool, args: argparse.Namesp
         hint = "" if verbose or error is not None else " (-v shows the traceback)"
         # A library's message may quote the URL it was given, credentials and all.
         print(redact_text(f"corpus-etl {name}: error: {message}{hint}"), file=sys.stderr, flush=True)
+        if isinstance(exc, JobAbandoned):  # the runner's threads may never end: do not wait for them
+            sys.stdout.flush()
+            os._exit(status)
         return status
     partial = result.get("partial") if isinstance(result, dict) else None
     if partial:

@@ -97,6 +97,14 @@ def add_model_arguments(parser: argparse.ArgumentParser, *, with_batching: bool 
         )
 
 
+def add_job_timeout(group: argparse.ArgumentParser | argparse._ArgumentGroup) -> None:
+    group.add_argument(
+        "--job-timeout", type=float, default=None, metavar="SECONDS",
+        help="fail the job (exit 1) when it has not finished after this many seconds: it is cancelled, and local "
+        "SDK worker processes are killed; a bound for a hung or lost worker (default: none)",
+    )  # fmt: skip
+
+
 def index_parser() -> argparse.ArgumentParser:
     parser = new_parser(
         "corpus-etl index", "Embed Parquet documents into a Qdrant collection (idempotent: reruns overwrite).", beam=True
@@ -121,6 +129,7 @@ def index_parser() -> argparse.ArgumentParser:
         help="after a successful run, atomically point this Qdrant alias at --collection (blue/green reindexing)",
     )
     out.add_argument("--progress-interval", type=float, default=30.0, help="seconds between progress lines")
+    add_job_timeout(out)
     inc = parser.add_argument_group("reindexing")
     inc.add_argument(
         "--force", action="store_true",
@@ -200,6 +209,7 @@ def label_parser() -> argparse.ArgumentParser:
         "fewer tokens at 300-token documents; 5%% faster on CPU in BENCHMARKS.md, not yet measured on GPU)",
     )
     run.add_argument("--progress-interval", type=float, default=30.0, help="seconds between progress lines")
+    add_job_timeout(run)
     run.add_argument("--summary-out", default=None, help="run summary as JSON (local or gs://)")
     add_verbose(run)
     return parser

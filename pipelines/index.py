@@ -38,10 +38,12 @@ from pipelines.common import (
 )
 from pipelines.errors import JobFailed, PreflightError, UsageError, first_line, translate
 from pipelines.flags import index_parser, split_beam_args
+from pipelines.runner import run_pipeline
 from pipelines.security import redact_url
 from transforms.chunk import ChunkDocuments, ChunkSettings, load_chunker
 from transforms.dead_letter import WriteDeadLetters
 from transforms.embed import Embed, EmbeddingModelHandler
+from transforms.hooks import pause_point
 from transforms.incremental import REUSED, SkipUnchanged, missing_documents, settings_digest
 from transforms.models import embedding_size, model_revision
 from transforms.progress import report_progress, reset_reporters
@@ -94,6 +96,7 @@ class IndexConfig:
     delete_missing: bool = False  # delete the points of documents this run's input does not hold
     max_rejected_fraction: float = 0.01  # alias guard: dead letters per row read
     gate: GateConfig | None = None  # alias guard: quality against the current target
+    job_timeout_s: float | None = None  # --job-timeout: the job fails past it (pipelines.runner)
 
     def __post_init__(self) -> None:
         if not self.input:
@@ -115,6 +118,8 @@ class IndexConfig:
             raise ValueError(f"--max-rejected-fraction must be in [0, 1], got {self.max_rejected_fraction}")
         if self.gate and not self.alias:
             raise ValueError("--gate-queries/--gate-qrels guard the alias switch: give --alias too")
+        if self.job_timeout_s is not None and self.job_timeout_s <= 0:
+            raise ValueError(f"--job-timeout must be positive, got {self.job_timeout_s}")
         if self.dead_letter and not self.dead_letter.endswith((".jsonl", ".json", ".parquet")):
             raise ValueError(f"--dead-letter must end in .jsonl or .parquet, got {self.dead_letter}")
 
@@ -209,6 +214,7 @@ def config_from_args(args: argparse.Namespace) -> IndexConfig:
         summary_out=args.summary_out,
         alias=args.alias,
         progress_interval_s=args.progress_interval,
+        job_timeout_s=args.job_timeout,
         skip_bad_files=args.skip_bad_files,
         hnsw=HnswSettings(args.hnsw_m, args.hnsw_ef_construct) if args.hnsw else None,
         force=args.force,
@@ -288,11 +294,11 @@ def run_config(config: IndexConfig, beam_args: list[str] | None = None, test_pip
         summary: dict[str, Any] = {"pipeline": "index", "status": "running", "input": config.input,
                                    "collection": config.collection, "qdrant": where}  # fmt: skip
         try:
-            result = p.run()
-            result.wait_until_finish()
+            result = run_pipeline(p, config.job_timeout_s)
         except Exception as exc:
             _write_summary(config, {**summary, "status": "failed", "error": first_line(exc)})
             raise
+        pause_point("finish")  # tests: a kill here leaves the points written, nothing deleted, no alias
         elapsed = time.time() - started
         counts = counters(result)
         try:

@@ -33,6 +33,7 @@ from pipelines.common import (
 )
 from pipelines.errors import JobFailed, UsageError
 from pipelines.flags import DEFAULT_RERANKER, label_parser, split_beam_args
+from pipelines.runner import run_pipeline
 from pipelines.security import redact_url
 from transforms.datasets import (
     MANIFEST_FILE,
@@ -103,6 +104,7 @@ class LabelConfig:
     share_prefix: bool = False
     progress_interval_s: float = 30.0
     summary_out: str | None = None
+    job_timeout_s: float | None = None  # --job-timeout: the job fails past it (pipelines.runner)
 
     def __post_init__(self) -> None:
         if bool(self.collection) == bool(self.candidates):
@@ -115,6 +117,8 @@ class LabelConfig:
             raise ValueError(f"--eval-fraction must be in [0, 1], got {self.eval_fraction}")
         if self.max_batch_tokens is not None and self.max_batch_tokens < 1:
             raise ValueError("--max-batch-tokens must be positive")
+        if self.job_timeout_s is not None and self.job_timeout_s <= 0:
+            raise ValueError(f"--job-timeout must be positive, got {self.job_timeout_s}")
         LabelDatasetsConfig(thresholds=self.thresholds)  # validates the thresholds
 
     def reranker_handler(self) -> RerankModelHandler:
@@ -346,6 +350,7 @@ def config_from_args(args: argparse.Namespace) -> LabelConfig:
         max_batch_tokens=args.max_batch_tokens,
         share_prefix=args.share_prefix,
         progress_interval_s=args.progress_interval,
+        job_timeout_s=args.job_timeout,
         summary_out=args.summary_out,
     )
 
@@ -402,8 +407,7 @@ def run_config(config: LabelConfig, beam_args: list[str] | None = None, test_pip
     provenance = provenance_of(config, query_files, corpus_files)
     _LOG.info("labelling %d query log file(s) into %s (reranker %s)", len(query_files), config.out, config.reranker)
     build_pipeline(p, config, provenance, started)
-    result = p.run()
-    result.wait_until_finish()
+    result = run_pipeline(p, config.job_timeout_s)
     elapsed = time.time() - started
     with FileSystems.open(FileSystems.join(config.out, MANIFEST_FILE)) as f:
         manifest = json.loads(f.read())
