@@ -1,19 +1,18 @@
 """The embedded store across processes: locks, kill -9 of a writer, and the index job on 2 worker processes.
 
 Every subprocess runs in its own session and is killed with its whole process group when
-a test ends or times out (a killed SDK worker can hang Beam's multi-process runner).
+a test ends or times out (``tests/processes.py``). The index job killed at three moments,
+and with a worker killed, is in ``tests/test_runners.py``.
 """
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import signal
 import subprocess
 import sys
 import textwrap
-import time
 
 import numpy as np
 import pyarrow as pa
@@ -21,37 +20,10 @@ import pyarrow.parquet as pq
 import pytest
 from apache_beam.testing.test_pipeline import TestPipeline
 
+from tests.processes import ROOT, started, wait_for_line
 from transforms.edge_store import EdgeStore, open_shard
 from transforms.store import CollectionSpec, StoreInUseError, StorePoint
 from transforms.types import point_id
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-@contextlib.contextmanager
-def started(args: list[str], **kwargs):
-    """A subprocess in its own process group; the group is killed on the way out, whatever happened."""
-    proc = subprocess.Popen(args, cwd=ROOT, start_new_session=True, **kwargs)
-    try:
-        yield proc
-    finally:
-        if proc.poll() is None:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
-
-
-def wait_for_line(proc: subprocess.Popen, marker: str, timeout_s: float = 120) -> None:
-    """Read the child's stdout until a line contains ``marker`` (or fail after ``timeout_s``)."""
-    deadline = time.monotonic() + timeout_s
-    assert proc.stdout is not None
-    while time.monotonic() < deadline:
-        line = proc.stdout.readline()
-        if not line:
-            raise AssertionError(f"child exited before printing {marker!r} (rc {proc.poll()})")
-        if marker in line:
-            return
-    raise AssertionError(f"no {marker!r} within {timeout_s}s")
 
 
 def _points(n: int, dim: int, seed: int) -> list[StorePoint]:
@@ -202,50 +174,3 @@ def test_index_on_two_worker_processes_equals_in_process(tmp_path, sample_dir, m
     assert ta.column("id").to_pylist() == sorted(a)
     va = np.asarray(ta.column("vector").to_pylist())
     np.testing.assert_allclose(np.asarray(tb.column("vector").to_pylist()), va, atol=1e-6)
-
-
-def _newest_write(folder: str) -> float:
-    newest = 0.0
-    for root, _, files in os.walk(folder):
-        for name in files:
-            with contextlib.suppress(FileNotFoundError):
-                newest = max(newest, os.stat(os.path.join(root, name)).st_mtime)
-    return newest
-
-
-@pytest.mark.slow
-def test_index_job_killed_while_writing_then_rerun_is_exact(tmp_path, sample_dir, minilm_path):
-    """kill -9 of the whole multi-process job (driver and SDK workers) as soon as a shard changes,
-    then a rerun: every shard opens, and the collection equals a clean run's (ids, payloads, vectors)."""
-    from pipelines import index
-    from transforms.models import embedding_size
-
-    path = str(tmp_path / "q")
-    common = [
-        "--input", sample_dir["corpus"], "--model", minilm_path, "--qdrant-path", path, "--title-column", "title",
-        "--chunk-tokens", "128", "--chunk-overlap", "16", "--device", "cpu",
-    ]  # fmt: skip
-    EdgeStore(path).ensure_collection("killed", CollectionSpec(embedding_size(minilm_path, None)))
-    shards = os.path.join(path, "killed")
-    before = _newest_write(shards)
-    env = {**os.environ, "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1"}
-    job = [sys.executable, "-m", "pipelines.cli", "index", *common, "--collection", "killed",
-           "--direct_running_mode=multi_processing", "--direct_num_workers=2"]  # fmt: skip
-    with started(job, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL) as proc:
-        deadline = time.monotonic() + 600
-        while _newest_write(shards) <= before and proc.poll() is None and time.monotonic() < deadline:
-            time.sleep(0.02)
-        assert proc.poll() is None, "the job ended before it wrote: nothing was killed mid-write"
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
-    partial = EdgeStore(path, lock_wait_s=30).count("killed")  # every shard opens after the kill
-    rerun = index.run([*common, "--collection", "killed"], test_pipeline=TestPipeline())
-    index.run([*common, "--collection", "clean"], test_pipeline=TestPipeline())
-    store = EdgeStore(path)
-    a = {p.id: p for p in store.scroll("clean")}
-    b = {p.id: p for p in store.scroll("killed")}
-    assert partial < len(a) == len(b) == rerun["points_in_collection"]
-    assert a.keys() == b.keys()
-    for pid, p in a.items():
-        assert b[pid].payload == p.payload
-        np.testing.assert_allclose(b[pid].vector, p.vector, atol=1e-6)
