@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import json
 import logging
 import time
@@ -33,6 +34,7 @@ from pipelines.common import (
 )
 from pipelines.errors import JobFailed, UsageError
 from pipelines.flags import DEFAULT_RERANKER, label_parser, split_beam_args
+from pipelines.launch import build_only, format_built, model_resource_hints, write_job_file
 from pipelines.security import redact_url
 from transforms.datasets import (
     MANIFEST_FILE,
@@ -103,6 +105,7 @@ class LabelConfig:
     share_prefix: bool = False
     progress_interval_s: float = 30.0
     summary_out: str | None = None
+    resource_hints: tuple[tuple[str, str], ...] = ()  # on query embedding and reranking only
 
     def __post_init__(self) -> None:
         if bool(self.collection) == bool(self.candidates):
@@ -216,9 +219,17 @@ def _count(pcoll: beam.PCollection, name: str) -> beam.PCollection:
 
 
 def build_pipeline(p: beam.Pipeline, config: LabelConfig, provenance: dict[str, Any] | None = None,
-                   started_at: float | None = None) -> dict[str, beam.PCollection]:
-    """Wire the label job onto ``p``; returns its named outputs."""
-    log = p | "ReadQueryLog" >> ReadParquetRows(config.queries, config.query_columns.all)
+                   started_at: float | None = None,
+                   checked: dict[str, beam.PCollection] | None = None) -> dict[str, beam.PCollection]:
+    """Wire the label job onto ``p``; returns its named outputs.
+
+    ``checked``: the query log and corpus files a worker checked as the job started
+    (``LaunchChecks``, for a job built as a template or dry run); by default the patterns are
+    matched when the job runs (the driver checked them before).
+    """
+    checked = checked or {}
+    hints = dict(config.resource_hints)
+    log = checked.get("queries", p) | "ReadQueryLog" >> ReadParquetRows(config.queries, config.query_columns.all)
     rows = log["rows"] | "ReadProgress" >> report_progress("read", config.progress_interval_s, _row_counts)
     parsed = rows | "ParseQueries" >> ParseQueryRows(config.query_columns)
     deduped = parsed["queries"] | "DedupQueries" >> DedupQueries()
@@ -228,11 +239,11 @@ def build_pipeline(p: beam.Pipeline, config: LabelConfig, provenance: dict[str, 
     unknown = p | "NoUnknownCandidates" >> beam.Create([])
     if config.collection:
         first = queries | "RetrieveFromIndex" >> RetrieveFromIndex(
-            config.query_handler(), config.qdrant, config.collection, config.top_k
+            config.query_handler(), config.qdrant, config.collection, config.top_k, embed_hints=hints
         )
         failed = first[DEAD]  # a query whose embedding failed: written once, as its outcome
     else:
-        docs = p | "ReadCorpus" >> ReadDocuments(config.corpus, config.corpus_columns)
+        docs = checked.get("corpus", p) | "ReadCorpus" >> ReadDocuments(config.corpus, config.corpus_columns)
         dead.append(docs[DEAD])
         known = deduped["queries"] | "KnownIds" >> beam.Map(lambda q: q.query_id)
         first = queries | "RetrieveFromRun" >> RetrieveFromRun(
@@ -243,11 +254,9 @@ def build_pipeline(p: beam.Pipeline, config: LabelConfig, provenance: dict[str, 
     handler = config.reranker_handler()
     max_batch_weight = max(4 * (config.max_batch_tokens or 8192), config.max_length)
     if config.share_prefix:  # a query's pairs must reach the scorer together to share its head
-        scored = first["pairs"] | "Rerank" >> RerankByQuery(
-            handler, max_batch_weight=max_batch_weight, max_length=config.max_length
-        )
+        rerank: beam.PTransform = RerankByQuery(handler, max_batch_weight=max_batch_weight, max_length=config.max_length)
     else:
-        scored = first["pairs"] | "Rerank" >> RunInferenceByTokens(
+        rerank = RunInferenceByTokens(
             handler,
             stage="rerank",
             max_batch_weight=max_batch_weight,
@@ -255,6 +264,7 @@ def build_pipeline(p: beam.Pipeline, config: LabelConfig, provenance: dict[str, 
             key_fn=pair_key,
             describe=pair_source,
         )
+    scored = first["pairs"] | "Rerank" >> (rerank.with_resource_hints(**hints) if hints else rerank)
     dead.append(scored[DEAD])
     built = (
         {
@@ -347,6 +357,7 @@ def config_from_args(args: argparse.Namespace) -> LabelConfig:
         share_prefix=args.share_prefix,
         progress_interval_s=args.progress_interval,
         summary_out=args.summary_out,
+        resource_hints=tuple(model_resource_hints(args.accelerator, args.model_min_ram).items()),
     )
 
 
@@ -383,6 +394,9 @@ def run_config(config: LabelConfig, beam_args: list[str] | None = None, test_pip
     started = time.time()
     reset_reporters()  # this job's progress lines start afresh, even after another job in this process
     p = start_pipeline(test_pipeline, beam_args, config.device)
+    building = build_only(p.options)
+    if building:  # a dry run or a template: no store, no input here; the workers check them
+        return _build_job(config, p, building, started)
     query_files = validate_columns(config.queries, config.checked_query_columns)
     corpus_files: list[str] = []
     if config.candidates:
@@ -429,6 +443,59 @@ def run_config(config: LabelConfig, beam_args: list[str] | None = None, test_pip
             f"{manifest['status']}: {acct['queries_read']} queries read, {acct['queries_rejected']} rejected, "
             f"{acct['queries_not_sampled']} not sampled; reasons in {summary['dead_letters']}"
         )
+    return summary
+
+
+def check_collection(qdrant: QdrantConfig, collection: str, size: int) -> None:
+    """The index to retrieve from exists and holds vectors of the query model's size."""
+    from transforms.store import CollectionSpec, open_store
+
+    store = open_store(qdrant)
+    try:
+        store.ensure_collection(collection, CollectionSpec(size), create=False)
+    finally:
+        store.close()
+
+
+def _checked_run_file(pattern: str) -> tuple[list[str], list[DeadLetter]]:
+    return check_run_file(pattern), []
+
+
+def build_checked_pipeline(config: LabelConfig, p: beam.Pipeline, started: float | None = None) -> None:
+    """The job as a template or dry run builds it (``pipelines.launch``): from the flags and the models alone.
+
+    The reranker (and the query model) are read here; the index, the query log, the run file
+    and the corpus are checked by a worker when the job starts (``LaunchChecks``), before any
+    query is read. The accounting is in the manifest the job writes.
+    """
+    from transforms.preflight import LaunchChecks
+    from transforms.read import check_files
+
+    check_reranker(config.reranker)
+    store_check = None
+    inputs = {"queries": functools.partial(check_files, config.queries, config.checked_query_columns)}
+    if config.collection:
+        store_check = functools.partial(
+            check_collection, config.qdrant, config.collection, embedding_size(config.model, config.dim)
+        )
+    else:
+        inputs["candidates"] = functools.partial(_checked_run_file, config.candidates)
+        inputs["corpus"] = functools.partial(check_files, config.corpus, config.corpus_columns.all)
+    checks = p | "LaunchChecks" >> LaunchChecks(store_check, inputs)
+    provenance = provenance_of(config, [config.queries], [config.corpus] if config.corpus else [])
+    build_pipeline(p, config, provenance, started, checked={k: checks[k] for k in ("queries", "corpus") if k in checks})
+
+
+def _build_job(config: LabelConfig, p: beam.Pipeline, how: str, started: float) -> dict[str, Any]:
+    """Build (and, for a template, stage) the job without running it; the summary says so."""
+    build_checked_pipeline(config, p, started)
+    result = p.run()  # builds; with --template_location also stages and writes the template
+    summary = {"pipeline": "label", "status": "built", "built": how, "out": config.out,
+               "job_file": write_job_file(p.options, result), "counters": None,
+               "counters_unavailable": "the job was built, not run", "elapsed_s": round(time.time() - started, 2)}
+    print(format_built(summary), flush=True)
+    if config.summary_out:
+        write_json(config.summary_out, summary)
     return summary
 
 
