@@ -285,6 +285,21 @@ def evaluate_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def prune_parser() -> argparse.ArgumentParser:
+    parser = new_parser(
+        "corpus-etl prune-collections",
+        "Delete the oldest collections named <alias>-YYYYMMDD[-suffix] (or <alias>-YYYY-MM-DD...), keeping the "
+        "--keep most recent and always the alias's target (and any collection an alias points at). Other names "
+        "are never touched.",
+    )
+    parser.add_argument("--alias", required=True, help="the alias the nightly runs switch, e.g. docs")
+    parser.add_argument("--keep", type=int, required=True, help="how many of the most recent dated collections stay (>= 1)")
+    parser.add_argument("--dry-run", action="store_true", help="print what would be deleted, delete nothing")
+    add_qdrant_arguments(parser)
+    add_verbose(parser)
+    return parser
+
+
 def sample_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="corpus-etl sample-data", formatter_class=HelpFormatter, epilog=EXIT_STATUS_EPILOG,
