@@ -21,7 +21,7 @@ from pipelines.flags import (  # noqa: F401 - re-exported: the parsers' helpers 
     add_qdrant_arguments,
 )
 from pipelines.security import check_qdrant_flags
-from transforms.qdrant import QdrantConfig
+from transforms.io.qdrant import QdrantConfig
 
 
 def qdrant_config(args: argparse.Namespace) -> QdrantConfig:
@@ -105,7 +105,7 @@ def check_local_device(options: PipelineOptions, device: str) -> None:
     """
     from apache_beam.options.pipeline_options import StandardOptions
 
-    from transforms.gpu import resolve_device
+    from transforms.models.devices import resolve_device
 
     runner = options.view_as(StandardOptions).runner
     if runner is None or str(runner).lower() in ("directrunner", "direct", "prismrunner", "prism"):

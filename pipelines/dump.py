@@ -54,7 +54,7 @@ def dump(store: Any, collection: str, out: str) -> int:
 
 def run(argv: list[str] | None = None) -> dict[str, Any]:
     from pipelines.common import qdrant_config, setup_logging
-    from transforms.store import open_store
+    from transforms.io.store import open_store
 
     args = build_arg_parser().parse_args(argv)
     setup_logging()

@@ -9,7 +9,7 @@ the model, the store and the names in it), runs the job, then deletes what the i
 longer holds (``--delete-missing``), builds HNSW (``--hnsw``), switches the alias when every
 guard passes (``--alias``), and prints the summary (also ``--summary-out``, with a ``status``).
 
-Reindexing is incremental (``transforms.incremental``): only chunks whose text or embedding
+Reindexing is incremental (``transforms.io.incremental``): only chunks whose text or embedding
 settings changed are embedded; ``--force`` embeds everything.
 """
 
@@ -40,17 +40,17 @@ from pipelines.errors import JobFailed, PreflightError, UsageError, first_line, 
 from pipelines.flags import index_parser, split_beam_args
 from pipelines.launch import build_only, format_built, model_resource_hints, refuse_after_job_flags, write_job_file
 from pipelines.security import redact_url
-from transforms.chunk import ChunkDocuments, ChunkSettings, load_chunker
-from transforms.dead_letter import WriteDeadLetters
-from transforms.embed import Embed, EmbeddingModelHandler
-from transforms.incremental import REUSED, SkipUnchanged, missing_documents, settings_digest
-from transforms.models import embedding_size, model_revision
-from transforms.preflight import LaunchChecks
+from transforms.inference.embed import Embed, EmbeddingModelHandler
+from transforms.io.dead_letters import WriteDeadLetters
+from transforms.io.incremental import REUSED, SkipUnchanged, missing_documents, settings_digest
+from transforms.io.parquet import BadFilesError, DocumentColumns, ReadDocuments, check_files
+from transforms.io.preflight import LaunchChecks
+from transforms.io.qdrant import RESERVED_PAYLOAD_KEYS, QdrantConfig, WriteToQdrant, chunk_payload
+from transforms.io.store import CollectionSpec, HnswSettings, VectorStore, open_store
+from transforms.models.settings import embedding_size, model_revision
 from transforms.progress import report_progress, reset_reporters
-from transforms.qdrant import RESERVED_PAYLOAD_KEYS, QdrantConfig, WriteToQdrant, chunk_payload
-from transforms.read import DEAD, BadFilesError, DocumentColumns, ReadDocuments, check_files
-from transforms.store import CollectionSpec, HnswSettings, VectorStore, open_store
-from transforms.types import DeadLetter
+from transforms.text.chunk import ChunkDocuments, ChunkSettings, load_chunker
+from transforms.types import DEAD, DeadLetter
 
 _LOG = logging.getLogger(__name__)
 
@@ -157,7 +157,7 @@ def build_pipeline(
     ``doc_ids_prefix``: where to write this run's valid document ids (for ``--delete-missing``).
     """
     interval = config.progress_interval_s  # embed and write report from their own steps
-    # ``files`` is a PCollection when a worker checks the inputs as the job starts (transforms.preflight)
+    # ``files`` is a PCollection when a worker checks the inputs as the job starts (transforms.io.preflight)
     checked = isinstance(files, beam.pvalue.PCollection)
     source = files if checked else p
     read = source | "ReadDocuments" >> ReadDocuments(config.input if checked else files or config.input, config.columns)

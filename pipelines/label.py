@@ -36,21 +36,20 @@ from pipelines.errors import JobFailed, UsageError
 from pipelines.flags import DEFAULT_RERANKER, label_parser, split_beam_args
 from pipelines.launch import build_only, format_built, model_resource_hints, write_job_file
 from pipelines.security import redact_url
-from transforms.datasets import (
-    MANIFEST_FILE,
-    LabelDatasetsConfig,
-    QueryJudgements,
-    WriteLabelDatasets,
-    dead_letter_count,
-    parse_thresholds,
-)
-from transforms.dead_letter import WriteDeadLetters
-from transforms.embed import EmbeddingModelHandler
-from transforms.inference import RunInferenceByTokens
-from transforms.models import embedding_size, model_revision
+from transforms.datasets.formats import MANIFEST_FILE, LabelDatasetsConfig, QueryJudgements, parse_thresholds
+from transforms.datasets.report import dead_letter_count
+from transforms.datasets.write import WriteLabelDatasets
+from transforms.inference.batching import RunInferenceByTokens
+from transforms.inference.embed import EmbeddingModelHandler
+from transforms.inference.rerank import PairTokenEstimate, RerankByQuery, RerankModelHandler, pair_key, pair_source
+from transforms.io.dead_letters import WriteDeadLetters
+from transforms.io.parquet import DocumentColumns, ReadDocuments, ReadParquetRows, match_files, validate_columns
+from transforms.io.qdrant import QdrantConfig
+from transforms.io.retrieve import RetrieveFromIndex, RetrieveFromRun
+from transforms.models.reranker import DEFAULT_INSTRUCTION, check_reranker
+from transforms.models.settings import embedding_size, model_revision
 from transforms.progress import report_progress, reset_reporters
-from transforms.qdrant import QdrantConfig
-from transforms.queries import (
+from transforms.text.queries import (
     DedupQueries,
     ParseQueryRows,
     QueryColumns,
@@ -61,18 +60,7 @@ from transforms.queries import (
     parse_sample_spec,
     query_key,
 )
-from transforms.read import DEAD, DocumentColumns, ReadDocuments, ReadParquetRows, match_files, validate_columns
-from transforms.rerank import (
-    DEFAULT_INSTRUCTION,
-    PairTokenEstimate,
-    RerankByQuery,
-    RerankModelHandler,
-    check_reranker,
-    pair_key,
-    pair_source,
-)
-from transforms.retrieve import RetrieveFromIndex, RetrieveFromRun
-from transforms.types import DeadLetter, Judgement, Query, RerankPair
+from transforms.types import DEAD, DeadLetter, Judgement, Query, RerankPair
 
 _LOG = logging.getLogger(__name__)
 
@@ -403,7 +391,7 @@ def run_config(config: LabelConfig, beam_args: list[str] | None = None, test_pip
         check_run_file(config.candidates)
         corpus_files = validate_columns(config.corpus, config.corpus_columns.all)
     else:
-        from transforms.store import CollectionSpec, open_store
+        from transforms.io.store import CollectionSpec, open_store
 
         store = open_store(config.qdrant)  # exists, and holds vectors of this model's size
         try:
@@ -448,7 +436,7 @@ def run_config(config: LabelConfig, beam_args: list[str] | None = None, test_pip
 
 def check_collection(qdrant: QdrantConfig, collection: str, size: int) -> None:
     """The index to retrieve from exists and holds vectors of the query model's size."""
-    from transforms.store import CollectionSpec, open_store
+    from transforms.io.store import CollectionSpec, open_store
 
     store = open_store(qdrant)
     try:
@@ -468,8 +456,8 @@ def build_checked_pipeline(config: LabelConfig, p: beam.Pipeline, started: float
     and the corpus are checked by a worker when the job starts (``LaunchChecks``), before any
     query is read. The accounting is in the manifest the job writes.
     """
-    from transforms.preflight import LaunchChecks
-    from transforms.read import check_files
+    from transforms.io.parquet import check_files
+    from transforms.io.preflight import LaunchChecks
 
     check_reranker(config.reranker)
     store_check = None

@@ -12,7 +12,7 @@ Two ways to build a Dataflow job without running it:
 
 Neither needs the store nor the input: building a job must work where neither is reachable
 (a laptop, CI, the Flex Template launcher). The jobs' own checks then run in the workers when
-the job starts, before any document is read (``transforms.preflight.LaunchChecks``), and
+the job starts, before any document is read (``transforms.io.preflight.LaunchChecks``), and
 fail the job there in its first minutes. What only the driver can do after a job finished
 (``--alias``, ``--delete-missing``, ``--hnsw``, the quality gate, the label summary read
 from the manifest) does not happen: ``refuse_after_job_flags`` says so before anything is built.

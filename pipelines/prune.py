@@ -17,7 +17,7 @@ date is deleted, oldest first. A collection of another name (``docs-v2``, ``docs
 never touched, only listed. ``--dry-run`` prints the same plan and deletes nothing.
 
 Works on the embedded store (``--qdrant-path``) and a server (``--qdrant-url``) alike,
-through ``transforms.store.VectorStore``.
+through ``transforms.io.store.VectorStore``.
 """
 
 from __future__ import annotations
@@ -117,7 +117,7 @@ def format_report(report: Mapping[str, Any]) -> str:
 
 def run_args(args: argparse.Namespace, beam_args: list[str] | None = None) -> dict[str, Any]:
     from pipelines.common import qdrant_config, setup_logging
-    from transforms.store import open_store
+    from transforms.io.store import open_store
 
     setup_logging(args.verbose)
     try:

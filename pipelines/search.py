@@ -10,10 +10,10 @@ from pipelines.common import qdrant_config, setup_logging
 from pipelines.errors import PreflightError
 from pipelines.flags import search_parser
 from pipelines.security import redact_url
-from transforms.embed import TextEncoder
-from transforms.models import embedding_size
-from transforms.qdrant import QdrantConfig
-from transforms.store import CollectionSpec, open_store
+from transforms.io.qdrant import QdrantConfig
+from transforms.io.store import CollectionSpec, open_store
+from transforms.models.encoder import TextEncoder
+from transforms.models.settings import embedding_size
 
 
 class Searcher:

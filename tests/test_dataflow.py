@@ -7,7 +7,7 @@ Credentials (as in tests/test_gcs.py). The store is a TCP listener that counts c
 (it must see none) and the input glob matches nothing: building a job needs neither.
 
 Then, on DirectRunner, the job as a template builds it runs its pre-flight checks in the
-workers (``transforms.preflight.LaunchChecks``): it creates the collection and indexes, and
+workers (``transforms.io.preflight.LaunchChecks``): it creates the collection and indexes, and
 a wrong name or a missing input fails the job with the driver's message.
 """
 
@@ -281,8 +281,8 @@ def test_template_job_checks_and_creates_the_store_in_the_workers(sample_dir, mi
     from apache_beam.testing.test_pipeline import TestPipeline
 
     from pipelines import index
-    from transforms.edge_store import EdgeStore
-    from transforms.qdrant import QdrantConfig
+    from transforms.io.edge_store import EdgeStore
+    from transforms.io.qdrant import QdrantConfig
 
     corpus = _small_corpus(sample_dir, tmp_path / "corpus.parquet")
     config = index.IndexConfig(input=corpus, collection="docs-1", model=minilm_path,
@@ -314,7 +314,7 @@ def test_label_template_job_checks_the_index_in_the_workers(sample_dir, minilm_p
     from apache_beam.testing.test_pipeline import TestPipeline
 
     from pipelines import label
-    from transforms.qdrant import QdrantConfig
+    from transforms.io.qdrant import QdrantConfig
 
     config = label.LabelConfig(queries=sample_dir["query_log"], out=str(tmp_path / "out"),
                                reranker=str(qwen3_reranker_dir), collection="absent", model=minilm_path,

@@ -17,23 +17,19 @@ from apache_beam.testing.util import assert_that, equal_to
 from ir_measures import Qrel, ScoredDoc
 from PIL import Image
 
-from transforms.datasets import (
-    DISTILLATION_SCHEMA,
+from transforms.datasets.distill import DISTILLATION_SCHEMA, distillation_parquet, distillation_rows
+from transforms.datasets.formats import (
     LabelDatasetsConfig,
     QueryJudgements,
-    WriteLabelDatasets,
     beir_queries_lines,
-    build_label_files,
-    distillation_parquet,
-    distillation_rows,
-    evaluate_first_stage,
     grade,
     parse_thresholds,
     qrels_lines,
     trec_qrels_lines,
     trec_run_lines,
-    write_files,
 )
+from transforms.datasets.metrics import evaluate_first_stage
+from transforms.datasets.write import WriteLabelDatasets, build_label_files, write_files
 from transforms.types import Judgement, Query
 
 THRESHOLDS = (0.5, 0.9)

@@ -9,9 +9,9 @@ from apache_beam.ml.inference.base import RunInference
 from apache_beam.testing.test_pipeline import TestPipeline
 from apache_beam.testing.util import assert_that, equal_to
 
-from transforms.embed import Embed, EmbeddingModelHandler, TextEncoder
-from transforms.inference import DEAD
-from transforms.types import Chunk, Query
+from transforms.inference.embed import Embed, EmbeddingModelHandler
+from transforms.models.encoder import TextEncoder
+from transforms.types import DEAD, Chunk, Query
 
 TEXTS = ["a short one", "JSON encoder and decoder. " * 20, "regular expressions", "gzip files " * 60]
 
@@ -94,7 +94,7 @@ def test_a_failing_batch_becomes_dead_letters_and_the_rest_goes_on(minilm_path):
 
 @pytest.mark.parametrize("mode", ["mean", "max", "cls", "lasttoken"])
 def test_pool_packed_equals_pool_on_padded_rows(mode):
-    from transforms.embed import pool, pool_packed
+    from transforms.models.encoder import pool, pool_packed
 
     torch = pytest.importorskip("torch")
     gen = torch.Generator().manual_seed(0)

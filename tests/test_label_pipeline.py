@@ -16,7 +16,7 @@ from apache_beam.testing.test_pipeline import TestPipeline
 from pipelines import index, label
 from pipelines.sample import QUERIES
 from tests.qwen_reference import CardReference
-from transforms.queries import derive_query_id, query_key
+from transforms.text.queries import derive_query_id, query_key
 
 pytestmark = pytest.mark.slow
 THRESHOLDS = (0.2, 0.35)  # the tiny random reranker's scores sit around 0.1-0.5
@@ -303,7 +303,7 @@ def test_an_empty_run_file_fails_before_the_job(tmp_path, sample_dir, qwen3_rera
     ],
 )
 def test_a_reranker_that_cannot_serve_fails_before_the_job(tmp_path, sample_dir, minilm_path, reranker, message):
-    from transforms.rerank import check_reranker
+    from transforms.models.reranker import check_reranker
 
     with pytest.raises(ValueError, match=message):
         check_reranker(minilm_path if reranker == "MINILM" else reranker)

@@ -85,9 +85,9 @@ def test_index_summary_without_counters():
 
 def test_alias_switch_refused_without_counters(tmp_path):
     from pipelines.index import IndexConfig, _switch_alias
-    from transforms.edge_store import EdgeStore
-    from transforms.qdrant import QdrantConfig
-    from transforms.store import CollectionSpec
+    from transforms.io.edge_store import EdgeStore
+    from transforms.io.qdrant import QdrantConfig
+    from transforms.io.store import CollectionSpec
 
     store = EdgeStore(str(tmp_path))
     store.ensure_collection("c-1", CollectionSpec(2))

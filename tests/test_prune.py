@@ -9,8 +9,8 @@ import pytest
 from pipelines.cli import main
 from pipelines.errors import PreflightError, UsageError
 from pipelines.prune import collection_date, plan_prune, prune
-from transforms.edge_store import EdgeStore
-from transforms.store import CollectionSpec, StorePoint
+from transforms.io.edge_store import EdgeStore
+from transforms.io.store import CollectionSpec, StorePoint
 from transforms.types import point_id
 
 
@@ -120,7 +120,7 @@ def test_prune_on_the_server_path():
     """--qdrant-url goes through ServerStore; qdrant-client's local mode stands in for the server."""
     from qdrant_client import QdrantClient
 
-    from transforms.qdrant import ServerStore
+    from transforms.io.qdrant import ServerStore
 
     store = ServerStore(client=QdrantClient(":memory:"))
     for name in NAMES:

@@ -21,17 +21,10 @@ from apache_beam.testing.test_pipeline import TestPipeline
 from apache_beam.testing.util import BeamAssertException, assert_that, equal_to
 
 from tests.qwen_reference import CardReference, format_instruction  # noqa: F401
-from transforms.gpu import budget_batches
-from transforms.inference import DEAD
-from transforms.rerank import (
-    DEFAULT_INSTRUCTION,
-    HEAD_FORMAT,
-    PairTokenEstimate,
-    Qwen3Reranker,
-    RerankByQuery,
-    RerankModelHandler,
-)
-from transforms.types import DeadLetter, Judgement, QueryPairs, RerankPair
+from transforms.inference.rerank import PairTokenEstimate, RerankByQuery, RerankModelHandler
+from transforms.models.devices import budget_batches
+from transforms.models.reranker import DEFAULT_INSTRUCTION, HEAD_FORMAT, Qwen3Reranker
+from transforms.types import DEAD, DeadLetter, Judgement, QueryPairs, RerankPair
 
 TOL = 1e-4
 # The card pads with max_length and padding=True; transformers warns about it on every call.
@@ -173,7 +166,7 @@ def test_shared_head_cache_is_not_extended(shared):
     """The head's cache is read, not grown: a pass keeps no per-layer keys of the documents."""
     from transformers.cache_utils import DynamicLayer
 
-    from transforms import rerank
+    from transforms.models import reranker as rerank
 
     seen = []
     freeze = rerank._freeze

@@ -21,8 +21,8 @@ import pyarrow.parquet as pq
 import pytest
 from apache_beam.testing.test_pipeline import TestPipeline
 
-from transforms.edge_store import EdgeStore, open_shard
-from transforms.store import CollectionSpec, StoreInUseError, StorePoint
+from transforms.io.edge_store import EdgeStore, open_shard
+from transforms.io.store import CollectionSpec, StoreInUseError, StorePoint
 from transforms.types import point_id
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -69,7 +69,7 @@ WRITER = textwrap.dedent(
     import sys
     sys.path.insert(0, {root!r})
     from tests.test_store_processes import _points
-    from transforms.edge_store import EdgeStore
+    from transforms.io.edge_store import EdgeStore
     store = EdgeStore({path!r})
     points = _points({n}, {dim}, 0)
     for start in range(0, len(points), 500):
@@ -218,7 +218,7 @@ def test_index_job_killed_while_writing_then_rerun_is_exact(tmp_path, sample_dir
     """kill -9 of the whole multi-process job (driver and SDK workers) as soon as a shard changes,
     then a rerun: every shard opens, and the collection equals a clean run's (ids, payloads, vectors)."""
     from pipelines import index
-    from transforms.models import embedding_size
+    from transforms.models.settings import embedding_size
 
     path = str(tmp_path / "q")
     common = [

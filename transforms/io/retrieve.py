@@ -18,10 +18,9 @@ from typing import Any
 import apache_beam as beam
 from apache_beam.metrics import Metrics
 
-from transforms.embed import Embed, EmbeddingModelHandler
-from transforms.qdrant import QdrantConfig
-from transforms.read import DEAD
-from transforms.types import Candidate, DeadLetter, Document, Query, RerankPair, titled_text
+from transforms.inference.embed import Embed, EmbeddingModelHandler
+from transforms.io.qdrant import QdrantConfig
+from transforms.types import DEAD, Candidate, DeadLetter, Document, Query, RerankPair, titled_text
 
 
 def candidate_text(payload: dict[str, Any]) -> str:
@@ -46,7 +45,7 @@ class _SearchIndex(beam.DoFn):
         self.search_ms = Metrics.counter("corpus_etl", "search_ms")
 
     def setup(self) -> None:
-        from transforms.store import open_store
+        from transforms.io.store import open_store
 
         self.store = open_store(self.qdrant)
 

@@ -30,7 +30,7 @@ from typing import TYPE_CHECKING, Any
 from transforms.types import Candidate, point_id
 
 if TYPE_CHECKING:
-    from transforms.qdrant import QdrantConfig
+    from transforms.io.qdrant import QdrantConfig
 
 
 @dataclasses.dataclass(frozen=True)
@@ -204,9 +204,9 @@ def open_store(config: QdrantConfig, *, keep_open: bool = False) -> VectorStore:
     processes can take the shards between their writes.
     """
     if config.url:
-        from transforms.qdrant import ServerStore
+        from transforms.io.qdrant import ServerStore
 
         return ServerStore(config)
-    from transforms.edge_store import EdgeStore
+    from transforms.io.edge_store import EdgeStore
 
     return EdgeStore(config.path or ".", shards=config.shards, lock_wait_s=config.lock_wait_s, keep_open=keep_open)

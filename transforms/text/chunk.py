@@ -14,8 +14,7 @@ from typing import Any
 import apache_beam as beam
 from apache_beam.metrics import Metrics
 
-from transforms.embed import load_tokenizer
-from transforms.models import SentenceTransformerSettings, max_input_length, resolve_model
+from transforms.models.settings import SentenceTransformerSettings, load_tokenizer, max_input_length, resolve_model
 from transforms.types import DEAD, Chunk, DeadLetter, Document, title_prefix
 
 MIN_WINDOW_TOKENS = 8

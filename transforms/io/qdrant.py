@@ -2,7 +2,7 @@
 
 ``--qdrant-path`` is the embedded store (Qdrant Edge, ``transforms/edge_store.py``);
 ``--qdrant-url`` is a server through qdrant-client (``ServerStore`` here). Both sit behind
-``transforms.store.VectorStore``; jobs call only that interface.
+``transforms.io.store.VectorStore``; jobs call only that interface.
 
 Guarantees:
 - Point ids are ``uuid5(doc_id:chunk_index)``: a retried bundle (Beam retries with new
@@ -49,9 +49,9 @@ from qdrant_client import QdrantClient, models
 from qdrant_client.http.exceptions import ResponseHandlingException, UnexpectedResponse
 from qdrant_client.local.qdrant_local import QdrantLocal
 
-from transforms.incremental import fingerprint
+from transforms.io.incremental import fingerprint
+from transforms.io.store import CollectionSpec, StorePoint, VectorStore
 from transforms.progress import reporter
-from transforms.store import CollectionSpec, StorePoint, VectorStore
 from transforms.types import Candidate, Chunk, EmbeddedChunk
 
 _LOG = logging.getLogger(__name__)
@@ -231,7 +231,7 @@ def with_retries(
 # -- points --------------------------------------------------------------------------------
 def chunk_payload(chunk: Chunk, model_id: str, digest: str = "") -> dict[str, Any]:
     """The payload of a chunk's point. ``fingerprint`` (with the settings ``digest``) is what the
-    vector depends on: incremental runs compare it to skip chunks (``transforms.incremental``)."""
+    vector depends on: incremental runs compare it to skip chunks (``transforms.io.incremental``)."""
     payload: dict[str, Any] = {
         "doc_id": chunk.doc_id,
         "chunk_index": chunk.chunk_index,
@@ -331,7 +331,7 @@ class _UpsertPoints(_Writer):
     """Server writer: a per-bundle buffer, flushed (upsert + stale-chunk prune, retried as one) when full."""
 
     def setup(self) -> None:
-        from transforms.store import open_store
+        from transforms.io.store import open_store
 
         self.store = open_store(self.config)
 
@@ -409,12 +409,12 @@ class _KeyByShard(beam.DoFn):
         self.config, self.collection = config, collection
 
     def setup(self) -> None:
-        from transforms.edge_store import EdgeStore
+        from transforms.io.edge_store import EdgeStore
 
         self.shards = EdgeStore(self.config.path or ".").meta(self.collection).shards
 
     def process(self, item: EmbeddedChunk):
-        from transforms.edge_store import shard_of
+        from transforms.io.edge_store import shard_of
 
         yield shard_of(item.chunk.doc_id, self.shards), item
 
@@ -429,7 +429,7 @@ class _WriteShard(_Writer):
     """
 
     def setup(self) -> None:
-        from transforms.edge_store import EdgeStore
+        from transforms.io.edge_store import EdgeStore
 
         self.store = EdgeStore(self.config.path or ".", lock_wait_s=self.config.lock_wait_s)
 

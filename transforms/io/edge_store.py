@@ -47,14 +47,7 @@ import uuid
 from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
-from transforms.store import (
-    CollectionSpec,
-    HnswSettings,
-    StoreInUseError,
-    StorePoint,
-    VectorStore,
-    group_documents,
-)
+from transforms.io.store import CollectionSpec, HnswSettings, StoreInUseError, StorePoint, VectorStore, group_documents
 from transforms.types import Candidate
 
 _LOG = logging.getLogger(__name__)

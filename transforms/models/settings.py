@@ -33,6 +33,12 @@ def resolve_model(model: str) -> str:
     return model
 
 
+def load_tokenizer(model: str, **kwargs: Any):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(resolve_model(model), **kwargs)
+
+
 def read_json(model: str, filename: str) -> dict[str, Any] | list[Any] | None:
     """A JSON file of the model repository, or None when the repository has no such file."""
     path = cached_file(

@@ -144,7 +144,7 @@ class ReadParquetRows(beam.PTransform):
         self.columns = list(dict.fromkeys(columns))
 
     def expand(self, pbegin):
-        if isinstance(pbegin, beam.pvalue.PCollection):  # applied to files checked in the job (transforms.preflight)
+        if isinstance(pbegin, beam.pvalue.PCollection):  # applied to files checked in the job (transforms.io.preflight)
             files = pbegin
         elif isinstance(self.pattern, str):
             files = pbegin | "Pattern" >> beam.Create([self.pattern]) | "MatchFiles" >> beam.FlatMap(match_files)
