@@ -130,12 +130,16 @@ def built(tmp_path_factory, minilm_path, qwen3_reranker_dir):
              "--chunk-tokens", "256", "--dead-letter", "gs://bucket/runs/dead.jsonl", *qdrant]  # fmt: skip
     label = ["label", "--queries", "gs://bucket/logs/*.parquet", "--out", "gs://bucket/labels",
              "--reranker", str(qwen3_reranker_dir), "--collection", "docs", "--model", minilm_path, *qdrant]  # fmt: skip
-    jobs = {name: str(tmp / f"{name}.json") for name in ("index", "label", "index_cpu")}
+    jobs = {name: str(tmp / f"{name}.json") for name in ("index", "label", "index_cpu", "label_run")}
+    label_run = ["label", "--queries", "gs://bucket/logs/*.parquet", "--out", "gs://bucket/labels-run",
+                 "--reranker", str(qwen3_reranker_dir), "--candidates", "gs://bucket/runs/bm25.trec",
+                 "--corpus", "gs://bucket/docs/*.parquet"]  # fmt: skip
     commands = [
         [*index, *gpu, *_dataflow_options(dry_run="True", dataflow_job_file=jobs["index"])],
         [*label, *gpu, *_dataflow_options(dry_run="True", dataflow_job_file=jobs["label"])],
         [*index, *_dataflow_options(dry_run="True", dataflow_job_file=jobs["index_cpu"])],
         [*index, *gpu, *_dataflow_options(template_location="gs://bucket/templates/index.json")],
+        [*label_run, *_dataflow_options(dry_run="True", dataflow_job_file=jobs["label_run"])],
     ]
     env = {**os.environ, "STORAGE_EMULATOR_HOST": f"http://127.0.0.1:{port}", "QDRANT_API_KEY": SECRET,
            "HF_HUB_OFFLINE": "1", "NO_GCE_CHECK": "True", "PYTHONPATH": str(REPO)}  # fmt: skip
@@ -207,7 +211,7 @@ def _contains(blob: bytes, needle: str) -> bool:
 
 # -- the builds -----------------------------------------------------------------------------
 def test_builds_succeed_without_store_or_input(built):
-    assert built["statuses"] == [0, 0, 0, 0], built["out"][-4000:]
+    assert built["statuses"] == [0, 0, 0, 0, 0], built["out"][-4000:]
     assert built["store_connections"] == 0  # never connected to the store
     assert "[built: dry run]" in built["out"] and "counters         unavailable" in built["out"]
     assert not any(name.startswith("docs/") for name in built["blobs"])  # the input never existed
@@ -234,6 +238,14 @@ def test_label_job_steps_and_hints(built):
         assert all(h == GPU_HINTS for h in hinted.values()), hinted
     for step in ("LaunchChecks", "ReadQueryLog", "RetrieveFromIndex/SearchIndex", "WriteDatasets", "WriteDeadLetters"):
         assert not any(_under(leaves, step).values()), step
+
+
+def test_label_job_from_a_run_file_checks_its_inputs_in_the_workers(built):
+    leaves = _leaves(_pipeline(built["jobs"]["label_run"]))
+    for step in ("LaunchChecks/Check[queries]", "LaunchChecks/Check[candidates]", "LaunchChecks/Check[corpus]",
+                 "ReadCorpus/", "RetrieveFromRun/", "Rerank/"):  # fmt: skip
+        assert any(name.startswith(step) for name in leaves), (step, sorted(leaves))
+    assert not any(leaves.values())  # no --accelerator: no hints
 
 
 def test_cpu_job_has_no_hints(built):

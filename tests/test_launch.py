@@ -16,6 +16,8 @@ from pipelines import flags
         ("nvidia-tesla-t4:2", "type:nvidia-tesla-t4;count:2;install-nvidia-driver"),
         ("type:nvidia-h100-80gb;count:1", "type:nvidia-h100-80gb;count:1"),  # Dataflow's own form: kept
         ("type:nvidia-l4;count:1;install-nvidia-driver", "type:nvidia-l4;count:1;install-nvidia-driver"),
+        ("type:nvidia-l4;count:1;machine_type:g2-standard-8;install-nvidia-driver",
+         "type:nvidia-l4;count:1;machine_type:g2-standard-8;install-nvidia-driver"),
     ],
 )
 def test_accelerator_flag(value, hint):

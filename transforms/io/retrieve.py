@@ -219,7 +219,8 @@ class RetrieveFromRun(beam.PTransform):
         p = queries.pipeline
         run = (
             p
-            | "ReadRun" >> beam.io.ReadFromText(self.run_file)
+            # validate=False: matched when the job runs (the driver, or a template's LaunchChecks, checked it)
+            | "ReadRun" >> beam.io.ReadFromText(self.run_file, validate=False)
             | "ParseRun" >> beam.ParDo(_ParseRun(self.run_file)).with_outputs(DEAD, main="candidates")
         )
         wanted = (
