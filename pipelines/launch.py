@@ -24,13 +24,26 @@ import json
 from collections.abc import Mapping
 from typing import Any
 
-from apache_beam.options.pipeline_options import DebugOptions, GoogleCloudOptions, PipelineOptions, TestOptions
+from apache_beam.options.pipeline_options import (
+    DebugOptions,
+    GoogleCloudOptions,
+    PipelineOptions,
+    StandardOptions,
+    TestOptions,
+)
 
 from pipelines.errors import UsageError
 
 
 def build_only(options: PipelineOptions) -> str | None:
-    """How the job is only built, not run ("dry run", "template gs://..."), or None when it runs."""
+    """How the job is only built, not run ("dry run", "template gs://..."), or None when it runs.
+
+    Only DataflowRunner honours these options; any other runner (DirectRunner...) runs the job.
+    """
+    runner = options.view_as(StandardOptions).runner
+    name = runner if isinstance(runner, str) else type(runner).__name__ if runner is not None else ""
+    if "dataflow" not in name.lower():
+        return None
     if options.view_as(TestOptions).dry_run:
         return "dry run"
     template = options.view_as(GoogleCloudOptions).template_location
@@ -55,9 +68,10 @@ def model_resource_hints(accelerator: str | None, min_ram: str | None) -> dict[s
 def refuse_after_job_flags(how: str, flags: Mapping[str, Any]) -> None:
     """``flags``: {flag: value} of what runs in the driver after the job; any set one is a usage error."""
     given = [flag for flag, value in flags.items() if value]
+    kind = "template" if how.startswith("template") else "dry run"
     if given:
         raise UsageError(
-            f"{', '.join(given)} run(s) in the driver after the job, and a {how.split(' ')[0]} has no driver "
+            f"{', '.join(given)} run(s) in the driver after the job, and a {kind} has no driver "
             "after the job; run the command itself with --runner DataflowRunner (it waits for the job, then "
             "does them), or leave them out of the template"
         )

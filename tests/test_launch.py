@@ -61,9 +61,12 @@ def test_build_only():
 
     from pipelines.launch import build_only
 
-    assert build_only(PipelineOptions([])) is None
-    assert build_only(PipelineOptions(["--dry_run=True"])) == "dry run"
-    assert build_only(PipelineOptions(["--template_location=gs://b/t.json"])) == "template gs://b/t.json"
+    dataflow = ["--runner=DataflowRunner"]
+    assert build_only(PipelineOptions(dataflow)) is None
+    assert build_only(PipelineOptions([*dataflow, "--dry_run=True"])) == "dry run"
+    assert build_only(PipelineOptions([*dataflow, "--template_location=gs://b/t.json"])) == "template gs://b/t.json"
+    # Only DataflowRunner honours them: elsewhere the job runs, and is treated as running.
+    assert build_only(PipelineOptions(["--dry_run=True", "--template_location=gs://b/t.json"])) is None
 
 
 def test_counters_of_a_runner_without_metrics():
@@ -107,10 +110,16 @@ def test_build_only_refuses_what_runs_after_the_job(tmp_path):
 
     argv = ["--input", "x.parquet", "--collection", "docs-1", "--alias", "docs", "--delete-missing",
             "--qdrant-path", str(tmp_path)]  # fmt: skip
-    pipeline = TestPipeline(options=PipelineOptions(["--template_location=gs://b/t.json"]))
+    options = PipelineOptions(["--runner=DataflowRunner", "--template_location=gs://b/t.json"])
+    pipeline = TestPipeline(runner="DirectRunner", options=options)  # refused before anything is built or run
     with pytest.raises(UsageError, match=r"--alias, --delete-missing run\(s\) in the driver after the job, and a template"):
         index.run(argv, test_pipeline=pipeline)
     assert list(tmp_path.iterdir()) == []  # nothing created
+    from pipelines.launch import refuse_after_job_flags
+
+    with pytest.raises(UsageError, match=r"^--hnsw run\(s\) in the driver after the job, and a dry run has no driver"):
+        refuse_after_job_flags("dry run", {"--alias": None, "--hnsw": True})
+    refuse_after_job_flags("dry run", {"--alias": None, "--hnsw": False})  # nothing set: nothing refused
 
 
 def test_beam_validation_errors_in_one_line():
