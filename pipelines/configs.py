@@ -13,6 +13,7 @@ import dataclasses
 from typing import Any
 
 from pipelines.flags import DEFAULT_EMBEDDING_MODEL, DEFAULT_RERANKER
+from pipelines.launch import model_resource_hints
 from pipelines.security import check_qdrant_flags
 from transforms.datasets.formats import LabelDatasetsConfig, parse_thresholds
 from transforms.io.parquet import DocumentColumns
@@ -81,6 +82,7 @@ class IndexConfig:
     delete_missing: bool = False  # delete the points of documents this run's input does not hold
     max_rejected_fraction: float = 0.01  # alias guard: dead letters per row read
     gate: GateConfig | None = None  # alias guard: quality against the current target
+    resource_hints: tuple[tuple[str, str], ...] = ()  # on the embedding step only (--accelerator, --model-min-ram)
 
     def __post_init__(self) -> None:
         if not self.input:
@@ -135,6 +137,7 @@ def index_config(args: argparse.Namespace) -> IndexConfig:
         delete_missing=args.delete_missing,
         max_rejected_fraction=args.max_rejected_fraction,
         gate=gate,
+        resource_hints=tuple(model_resource_hints(args.accelerator, args.model_min_ram).items()),
     )
 
 
@@ -166,6 +169,7 @@ class LabelConfig:
     share_prefix: bool = False
     progress_interval_s: float = 30.0
     summary_out: str | None = None
+    resource_hints: tuple[tuple[str, str], ...] = ()  # on query embedding and reranking only
 
     def __post_init__(self) -> None:
         if bool(self.collection) == bool(self.candidates):
@@ -219,6 +223,7 @@ def label_config(args: argparse.Namespace) -> LabelConfig:
         share_prefix=args.share_prefix,
         progress_interval_s=args.progress_interval,
         summary_out=args.summary_out,
+        resource_hints=tuple(model_resource_hints(args.accelerator, args.model_min_ram).items()),
     )
 
 

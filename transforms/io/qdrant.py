@@ -609,6 +609,16 @@ class ServerStore(VectorStore):
         with self.lock:
             return {a.alias_name: a.collection_name for a in self.client.get_aliases().aliases}
 
+    def collections(self) -> list[str]:
+        with self.lock:
+            return sorted(c.name for c in self.client.get_collections().collections)
+
+    def delete_collection(self, name: str) -> None:
+        with self.lock:
+            if not self.client.collection_exists(name) or name in self.aliases():
+                raise ValueError(f"collection {name!r} does not exist")
+            self.client.delete_collection(name)
+
     def point_alias(self, alias: str, collection: str) -> str | None:
         with self.lock:
             return point_alias(self.client, alias, collection)
