@@ -55,7 +55,7 @@ from tests.qwen_offline import (  # noqa: E402
     build_qwen3_embedding,
     non_embedding_params,
 )
-from transforms.gpu import budget_batches  # noqa: E402
+from transforms.models.devices import budget_batches  # noqa: E402
 
 PEAK_FLOPS = 800e12  # H100 bf16 dense peak as this project counts it
 MFU_FORMULA = "MFU = 2 * N_non_embedding * tokens_per_s / 800e12"
@@ -251,7 +251,7 @@ def run_text_encoder(
     budget: int | None,
     packed_attention: str | None = None,
 ):
-    from transforms.embed import TextEncoder
+    from transforms.models.encoder import TextEncoder
 
     encoder = TextEncoder(
         path,
@@ -304,7 +304,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--benchmarks-file", default=str(REPO_ROOT / "BENCHMARKS.md"))
     args = parser.parse_args(argv)
 
-    from transforms.gpu import default_dtype, resolve_device
+    from transforms.models.devices import default_dtype, resolve_device
 
     device = resolve_device(args.device or ("cpu" if args.smoke else "cuda"))
     dtype = default_dtype(device)

@@ -59,7 +59,7 @@ from bench.gpu_embed import (  # noqa: E402
     write_section,
 )
 from tests.qwen_offline import RERANKER_CONFIGS, TINY_QWEN3, build_qwen3_reranker, non_embedding_params  # noqa: E402
-from transforms.rerank import DEFAULT_INSTRUCTION, Qwen3Reranker  # noqa: E402
+from transforms.models.reranker import DEFAULT_INSTRUCTION, Qwen3Reranker  # noqa: E402
 
 
 def tokens_run(ids: list[list[int]], heads: list[int], token_budget: int, shared: bool) -> int:
@@ -163,7 +163,7 @@ def main(argv: list[str] | None = None) -> None:
     # The card pads with max_length and padding=True, which transformers warns about on every batch.
     warnings.filterwarnings("ignore", message="`max_length` is ignored when `padding`")
 
-    from transforms.gpu import default_dtype, resolve_device
+    from transforms.models.devices import default_dtype, resolve_device
 
     device = resolve_device(args.device or ("cpu" if args.smoke else "cuda"))
     dtype = default_dtype(device)

@@ -125,7 +125,7 @@ class Stages:
         from qdrant_client import QdrantClient
         from transformers.models.bert import modeling_bert
 
-        from transforms.embed import EmbeddingModelHandler
+        from transforms.inference.embed import EmbeddingModelHandler
 
         def shape(_self, input_ids=None, *args, **kwargs):
             self.forwards += 1
@@ -219,7 +219,7 @@ def retrieval_identity(model_path: str, ours: tuple[str, str], beams: tuple[str,
     st = SentenceTransformer(model_path, device="cpu")
     texts = [text for text, _ in QUERIES.values()]
     vectors = st.encode(texts, normalize_embeddings=True)
-    from transforms.edge_store import EdgeStore
+    from transforms.io.edge_store import EdgeStore
 
     # Ours is the embedded store (Qdrant Edge); Beam's writer uses qdrant-client's local mode.
     c_ours, c_beam = EdgeStore(ours[0], keep_open=True), QdrantClient(path=beams[0])
@@ -477,7 +477,7 @@ def main(argv: list[str] | None = None) -> int:
     warnings.filterwarnings("ignore")
     torch.set_num_threads(args.threads)
 
-    from transforms.models import resolve_model
+    from transforms.models.settings import resolve_model
 
     model_path = resolve_model(MODEL)
     rows = paragraphs()[: args.docs]

@@ -67,7 +67,7 @@ def run_index(path: str, qdrant: str, collection: str, *extra: str) -> tuple[dic
 
 
 def points(qdrant: str, collection: str) -> dict[str, tuple[str, np.ndarray]]:
-    from transforms.edge_store import EdgeStore
+    from transforms.io.edge_store import EdgeStore
 
     return {p.id: (p.payload["doc_id"], np.asarray(p.vector)) for p in EdgeStore(qdrant).scroll(collection)}
 

@@ -35,8 +35,8 @@ from bench.gpu_embed import (  # noqa: E402
 )
 from bench.gpu_rerank import tokens_run  # noqa: E402
 from tests.qwen_offline import RERANKER_CONFIGS, build_qwen3_reranker  # noqa: E402
-from transforms.gpu import budget_batches, default_dtype, resolve_device  # noqa: E402
-from transforms.rerank import Qwen3Reranker  # noqa: E402
+from transforms.models.devices import budget_batches, default_dtype, resolve_device  # noqa: E402
+from transforms.models.reranker import Qwen3Reranker  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -110,7 +110,7 @@ def embeddings(workdir: str, n_base: int, n_queries: int) -> tuple[np.ndarray, n
     rng = np.random.default_rng(0)
     order = rng.permutation(len(texts))
     texts = [texts[i] for i in order]
-    from transforms.embed import TextEncoder
+    from transforms.models.encoder import TextEncoder
 
     encoder = TextEncoder(MINILM, device="cpu", max_length=256).load()
     started = time.perf_counter()
@@ -147,7 +147,7 @@ def pct(values: list[float], q: float) -> float:
 def points_of(
     vectors: np.ndarray, owner: np.ndarray, texts: list[str], start: int, stop: int, per_doc: int
 ) -> list[Any]:
-    from transforms.store import StorePoint
+    from transforms.io.store import StorePoint
     from transforms.types import point_id
 
     out = []
@@ -180,8 +180,8 @@ def doomed(n: int, per_doc: int) -> dict[str, int]:
 
 
 def bench_edge(path: str, vectors, owner, texts, queries, args, *, hnsw: bool, per_doc: int = 4) -> dict[str, Any]:
-    from transforms.edge_store import EdgeStore
-    from transforms.store import CollectionSpec, HnswSettings
+    from transforms.io.edge_store import EdgeStore
+    from transforms.io.store import CollectionSpec, HnswSettings
 
     EdgeStore(path, shards=args.shards).ensure_collection("bench", CollectionSpec(vectors.shape[1]))
     store = EdgeStore(path, keep_open=True)  # one writer holding its shards, as the job's shard writers do
@@ -226,7 +226,7 @@ def bench_edge(path: str, vectors, owner, texts, queries, args, *, hnsw: bool, p
 def bench_local(path: str, vectors, owner, texts, queries) -> dict[str, Any]:
     from qdrant_client import QdrantClient, models
 
-    from transforms.qdrant import search_documents
+    from transforms.io.qdrant import search_documents
 
     client = QdrantClient(path=path)
     client.create_collection("bench", vectors_config=models.VectorParams(size=vectors.shape[1], distance=models.Distance.COSINE))
@@ -264,8 +264,8 @@ def bench_real_recall(path: str, base: np.ndarray, texts: list[str], queries: np
 
 def ef_sweep(path: str, base: np.ndarray, texts: list[str], queries: np.ndarray, args) -> list[str]:
     """Recall@10 and latency against exact at several ``hnsw_ef`` on the real embeddings (one point per document)."""
-    from transforms.edge_store import EdgeStore
-    from transforms.store import CollectionSpec, HnswSettings
+    from transforms.io.edge_store import EdgeStore
+    from transforms.io.store import CollectionSpec, HnswSettings
 
     shutil.rmtree(path, ignore_errors=True)
     EdgeStore(path, shards=args.shards).ensure_collection("bench", CollectionSpec(base.shape[1]))

@@ -38,6 +38,7 @@ COMMANDS = {
     "evaluate": ("pipelines.evaluate", "nDCG@10 / MRR@10 / Recall@k of a collection on BEIR queries and qrels"),
     "copy": ("pipelines.copy", "copy an embedded collection into a Qdrant server collection (optionally switch an alias)"),
     "dump": ("pipelines.dump", "write every point of a collection to one Parquet file, sorted by id"),
+    "prune-collections": ("pipelines.prune", "delete an alias's oldest dated collections, keeping N and its target"),
     "sample-data": ("pipelines.sample", "write a small real-text corpus, queries, qrels and a query log"),
 }
 # Commands whose parser lives in pipelines.flags: (parser factory, whether unknown --flags go to Beam).
@@ -48,13 +49,14 @@ PARSERS: dict[str, tuple[Callable[[], argparse.ArgumentParser], bool]] = {
     "label": (flags.label_parser, True),
     "search": (flags.search_parser, False),
     "evaluate": (flags.evaluate_parser, False),
+    "prune-collections": (flags.prune_parser, False),
     "sample-data": (flags.sample_parser, False),
 }
 
 
 def usage() -> str:
     lines = ["usage: corpus-etl COMMAND [options]   (corpus-etl COMMAND --help for each)", "", "commands:"]
-    lines += [f"  {name:<12} {help_}" for name, (_, help_) in COMMANDS.items()]
+    lines += [f"  {name:<18} {help_}" for name, (_, help_) in COMMANDS.items()]
     return "\n".join(lines) + "\n\n" + flags.EXIT_STATUS_EPILOG
 
 

@@ -1,4 +1,4 @@
-"""Pieces every command shares: Qdrant and model flags, logging, metrics, JSON output."""
+"""Pieces every command shares: logging, Beam options, the run skeleton, metrics, JSON output."""
 
 from __future__ import annotations
 
@@ -8,37 +8,13 @@ import logging
 import os
 import sys
 import warnings
+from collections.abc import Callable
 from typing import Any
 
 from apache_beam.io.filesystems import FileSystems
 from apache_beam.options.pipeline_options import PipelineOptions
 
-from pipelines.flags import (  # noqa: F401 - re-exported: the parsers' helpers lived here
-    BEAM_OPTIONS_EPILOG,
-    DEFAULT_EMBEDDING_MODEL,
-    HelpFormatter,
-    add_model_arguments,
-    add_qdrant_arguments,
-)
-from pipelines.security import check_qdrant_flags
-from transforms.qdrant import QdrantConfig
-
-
-def qdrant_config(args: argparse.Namespace) -> QdrantConfig:
-    """The Qdrant settings of the flags, refused (``UsageError``) when they would leak the API key.
-
-    An API key goes only over https or to a loopback host unless ``--allow-insecure-api-key``;
-    a named key variable must be set, checked here, before any job starts.
-    """
-    check_qdrant_flags(args)
-    return QdrantConfig(
-        path=None if args.qdrant_url else args.qdrant_path,
-        url=args.qdrant_url,
-        api_key_env=args.qdrant_api_key_env,
-        prefer_grpc=args.qdrant_grpc,
-        timeout_s=args.qdrant_timeout,
-        lock_wait_s=args.store_lock_wait,
-    )
+from pipelines.errors import UsageError
 
 
 def setup_logging(verbose: bool = False) -> None:
@@ -74,10 +50,18 @@ def beam_options(beam_args: list[str]) -> PipelineOptions:
     return PipelineOptions(beam_args)
 
 
-def counters(result: Any) -> dict[str, int]:
-    """Beam counters of a finished job, by name (committed values where the runner has them)."""
+def counters(result: Any) -> dict[str, int] | None:
+    """Beam counters of a finished job, by name (committed values where the runner has them).
+
+    None when the runner keeps no metrics (``result.metrics()`` raises ``NotImplementedError``,
+    e.g. a Dataflow dry run or template): the summary says the counters are unavailable.
+    """
+    try:
+        metrics = result.metrics()
+    except NotImplementedError:
+        return None
     out: dict[str, int] = {}
-    for c in result.metrics().query()["counters"]:
+    for c in metrics.query()["counters"]:
         value = c.committed if c.committed is not None else c.attempted
         name = c.key.metric.name
         out[name] = out.get(name, 0) + int(value or 0)
@@ -97,7 +81,7 @@ def check_local_device(options: PipelineOptions, device: str) -> None:
     """
     from apache_beam.options.pipeline_options import StandardOptions
 
-    from transforms.gpu import resolve_device
+    from transforms.models.devices import resolve_device
 
     runner = options.view_as(StandardOptions).runner
     if runner is None or str(runner).lower() in ("directrunner", "direct", "prismrunner", "prism"):
@@ -116,3 +100,37 @@ def start_pipeline(test_pipeline: Any, beam_args: list[str] | None, device: str)
     FileSystems.set_options(p.options)
     check_local_device(p.options, device)
     return p
+
+
+def run_job(
+    args: argparse.Namespace,
+    beam_args: list[str],
+    test_pipeline: Any,
+    *,
+    to_config: Callable[[argparse.Namespace], Any],
+    run_config: Callable[[Any, list[str], Any], Any],
+) -> Any:
+    """The skeleton of both jobs: logging, flags → config (a bad value is a ``UsageError``),
+    then ``run_config(config, beam_args, test_pipeline)``: checks, the job, the summary."""
+    setup_logging(args.verbose)
+    try:
+        config = to_config(args)
+    except ValueError as exc:
+        raise UsageError(str(exc)) from exc
+    return run_config(config, beam_args, test_pipeline)
+
+
+def run_and_wait(p: Any, timeout_s: float | None = None) -> tuple[Any, dict[str, int]]:
+    """Run the pipeline to the end; the result and its counters (``counters``). Never forever:
+    ``--job-timeout`` and a lost local worker end the wait (``pipelines.runner``)."""
+    from pipelines.runner import run_pipeline
+
+    result = run_pipeline(p, timeout_s)
+    return result, counters(result)
+
+
+def publish_summary(summary: dict[str, Any], text: str, summary_out: str | None) -> None:
+    """The run summary: printed for people, and written as JSON to ``--summary-out`` when given."""
+    print(text, flush=True)
+    if summary_out:
+        write_json(summary_out, summary)

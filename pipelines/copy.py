@@ -20,7 +20,7 @@ from typing import Any
 
 
 def build_arg_parser() -> argparse.ArgumentParser:
-    from pipelines.common import HelpFormatter
+    from pipelines.flags import HelpFormatter
 
     parser = argparse.ArgumentParser(prog="corpus-etl copy", description=__doc__, formatter_class=HelpFormatter)
     parser.add_argument("--collection", required=True, help="source collection or alias in --qdrant-path")
@@ -43,8 +43,8 @@ def copy_collection(
     batch_points: int = 256,
 ) -> dict[str, Any]:
     """Copy every point of ``collection`` (an alias is resolved) from ``source`` into ``target``."""
-    from transforms.qdrant import copy_points
-    from transforms.store import CollectionSpec
+    from transforms.io.qdrant import copy_points
+    from transforms.io.store import CollectionSpec
 
     meta = source.meta(collection)
     if alias and alias == to_collection:
@@ -66,9 +66,9 @@ def copy_collection(
 
 def run(argv: list[str] | None = None) -> dict[str, Any]:
     from pipelines.common import setup_logging
-    from transforms.edge_store import EdgeStore
-    from transforms.qdrant import QdrantConfig
-    from transforms.store import open_store
+    from transforms.io.edge_store import EdgeStore
+    from transforms.io.qdrant import QdrantConfig
+    from transforms.io.store import open_store
 
     args = build_arg_parser().parse_args(argv)
     setup_logging()

@@ -16,7 +16,7 @@ ROW_GROUP = 16_384
 
 
 def build_arg_parser() -> argparse.ArgumentParser:
-    from pipelines.common import HelpFormatter, add_qdrant_arguments
+    from pipelines.flags import HelpFormatter, add_qdrant_arguments
 
     parser = argparse.ArgumentParser(prog="corpus-etl dump", description=__doc__, formatter_class=HelpFormatter)
     parser.add_argument("--collection", required=True, help="collection or alias")
@@ -53,8 +53,9 @@ def dump(store: Any, collection: str, out: str) -> int:
 
 
 def run(argv: list[str] | None = None) -> dict[str, Any]:
-    from pipelines.common import qdrant_config, setup_logging
-    from transforms.store import open_store
+    from pipelines.common import setup_logging
+    from pipelines.configs import qdrant_config
+    from transforms.io.store import open_store
 
     args = build_arg_parser().parse_args(argv)
     setup_logging()

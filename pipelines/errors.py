@@ -200,6 +200,8 @@ def translate(
 
     if in_job:
         return None  # a failure inside the job that is not one of the above: shown as a failed job
+    if str(exc).startswith("Pipeline has validations errors"):  # Beam lists them on the lines after this one
+        return UsageError("Beam options: " + "; ".join(line.strip() for line in str(exc).splitlines()[1:] if line.strip()))
     if names & {"FileNotFoundError", "NotADirectoryError", "IsADirectoryError", "PermissionError", "BeamIOError"}:
         return PreflightError(first_line(exc))
     if names & {"ValueError", "DeviceUnavailableError"}:

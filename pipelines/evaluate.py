@@ -90,7 +90,7 @@ def evaluate_collection(
     """The metrics of ``collection`` (or an alias) on BEIR queries and qrels: what ``evaluate`` prints,
     as a function (the index job's quality gate compares two collections with it)."""
     from pipelines.search import Searcher
-    from transforms.embed import TextEncoder
+    from transforms.models.encoder import TextEncoder
 
     queries = _read(read_queries, "--gate-queries", queries_path)
     qrels = _read(read_qrels, "--gate-qrels", qrels_path)

@@ -9,14 +9,13 @@ the model, the store and the names in it), runs the job, then deletes what the i
 longer holds (``--delete-missing``), builds HNSW (``--hnsw``), switches the alias when every
 guard passes (``--alias``), and prints the summary (also ``--summary-out``, with a ``status``).
 
-Reindexing is incremental (``transforms.incremental``): only chunks whose text or embedding
+Reindexing is incremental (``transforms.io.incremental``): only chunks whose text or embedding
 settings changed are embedded; ``--force`` embeds everything.
 """
 
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import functools
 import logging
 import os
@@ -29,109 +28,27 @@ from typing import Any
 import apache_beam as beam
 from apache_beam.io.filesystems import FileSystems
 
-from pipelines.common import (
-    counters,
-    qdrant_config,
-    setup_logging,
-    start_pipeline,
-    write_json,
-)
-from pipelines.errors import JobFailed, PreflightError, UsageError, first_line, translate
+from pipelines.common import publish_summary, run_and_wait, run_job, start_pipeline, write_json
+from pipelines.configs import IndexConfig, index_config
+from pipelines.errors import JobFailed, PreflightError, first_line, translate
 from pipelines.flags import index_parser, split_beam_args
-from pipelines.runner import run_pipeline
+from pipelines.launch import build_only, format_built, refuse_after_job_flags, write_job_file
 from pipelines.security import redact_url
-from transforms.chunk import ChunkDocuments, ChunkSettings, load_chunker
-from transforms.dead_letter import WriteDeadLetters
-from transforms.embed import Embed, EmbeddingModelHandler
 from transforms.hooks import pause_point
-from transforms.incremental import REUSED, SkipUnchanged, missing_documents, settings_digest
-from transforms.models import embedding_size, model_revision
+from transforms.inference.embed import Embed, EmbeddingModelHandler
+from transforms.io.dead_letters import WriteDeadLetters
+from transforms.io.incremental import REUSED, SkipUnchanged, missing_documents, settings_digest
+from transforms.io.parquet import BadFilesError, ReadDocuments, check_files
+from transforms.io.preflight import LaunchChecks
+from transforms.io.qdrant import WriteToQdrant, chunk_payload
+from transforms.io.store import CollectionSpec, VectorStore, open_store
+from transforms.models.devices import TokenBudgets
+from transforms.models.settings import EmbeddingSpec
 from transforms.progress import report_progress, reset_reporters
-from transforms.qdrant import RESERVED_PAYLOAD_KEYS, QdrantConfig, WriteToQdrant, chunk_payload
-from transforms.read import DEAD, BadFilesError, DocumentColumns, ReadDocuments, check_files
-from transforms.store import CollectionSpec, HnswSettings, VectorStore, open_store
-from transforms.types import DeadLetter
+from transforms.text.chunk import ChunkDocuments
+from transforms.types import DEAD, DeadLetter
 
 _LOG = logging.getLogger(__name__)
-
-
-@dataclasses.dataclass(frozen=True)
-class GateConfig:
-    """``--gate-queries/--gate-qrels``: the new collection must score at least the alias's
-    current target minus ``tolerance`` on ``metric``, both evaluated with the same model."""
-
-    queries: str
-    qrels: str
-    metric: str = "nDCG@10"
-    tolerance: float = 0.01
-    top_k: int = 100
-
-    def __post_init__(self) -> None:
-        if self.metric not in ("nDCG@10", "MRR@10", f"Recall@{self.top_k}"):
-            raise ValueError(f"--gate-metric must be nDCG@10, MRR@10 or Recall@{self.top_k}, got {self.metric!r}")
-        if self.tolerance < 0:
-            raise ValueError(f"--gate-tolerance must be >= 0, got {self.tolerance}")
-
-
-@dataclasses.dataclass(frozen=True)
-class IndexConfig:
-    input: str
-    collection: str
-    model: str
-    qdrant: QdrantConfig = dataclasses.field(default_factory=QdrantConfig)
-    columns: DocumentColumns = dataclasses.field(default_factory=DocumentColumns)
-    chunking: ChunkSettings = dataclasses.field(default_factory=ChunkSettings)
-    dim: int | None = None
-    device: str = "auto"
-    max_length: int | None = None
-    max_batch_tokens: int | None = None
-    dead_letter: str | None = None
-    summary_out: str | None = None
-    alias: str | None = None
-    progress_interval_s: float = 30.0
-    upsert_batch_points: int = 256
-    skip_bad_files: bool = False
-    hnsw: HnswSettings | None = None  # build an HNSW index after the job (embedded store)
-    force: bool = False  # embed every chunk, even those whose stored fingerprint matches
-    delete_missing: bool = False  # delete the points of documents this run's input does not hold
-    max_rejected_fraction: float = 0.01  # alias guard: dead letters per row read
-    gate: GateConfig | None = None  # alias guard: quality against the current target
-    job_timeout_s: float | None = None  # --job-timeout: the job fails past it (pipelines.runner)
-
-    def __post_init__(self) -> None:
-        if not self.input:
-            raise ValueError("--input is required")
-        if not self.collection:
-            raise ValueError("--collection is required")
-        if self.dim is not None and self.dim < 1:
-            raise ValueError(f"--dim must be positive, got {self.dim}")
-        if self.max_batch_tokens is not None and self.max_batch_tokens < 1:
-            raise ValueError(f"--max-batch-tokens must be positive, got {self.max_batch_tokens}")
-        clash = RESERVED_PAYLOAD_KEYS & set(self.columns.metadata)
-        if clash:
-            raise ValueError(f"--metadata-columns {sorted(clash)} clash with payload fields the index writes")
-        if self.alias and self.alias == self.collection:
-            raise ValueError("--alias must differ from --collection")
-        if self.hnsw and not self.qdrant.embedded:
-            raise ValueError("--hnsw applies to the embedded store (--qdrant-path); a server indexes by itself")
-        if not 0.0 <= self.max_rejected_fraction <= 1.0:
-            raise ValueError(f"--max-rejected-fraction must be in [0, 1], got {self.max_rejected_fraction}")
-        if self.gate and not self.alias:
-            raise ValueError("--gate-queries/--gate-qrels guard the alias switch: give --alias too")
-        if self.job_timeout_s is not None and self.job_timeout_s <= 0:
-            raise ValueError(f"--job-timeout must be positive, got {self.job_timeout_s}")
-        if self.dead_letter and not self.dead_letter.endswith((".jsonl", ".json", ".parquet")):
-            raise ValueError(f"--dead-letter must end in .jsonl or .parquet, got {self.dead_letter}")
-
-    def embedding_handler(self) -> EmbeddingModelHandler:
-        return EmbeddingModelHandler(
-            self.model,
-            device=self.device,
-            dim=self.dim,
-            max_length=self.max_length,
-            max_batch_tokens=self.max_batch_tokens,
-            progress_interval_s=self.progress_interval_s,
-        )
 
 
 def _document_counts(doc: Any) -> dict[str, int]:
@@ -145,28 +62,36 @@ def _chunk_counts(chunk: Any) -> dict[str, int]:
 def build_pipeline(
     p: beam.Pipeline,
     config: IndexConfig,
-    files: Sequence[str] | None = None,
-    skipped: Sequence[DeadLetter] = (),
+    spec: EmbeddingSpec | None = None,
+    files: Sequence[str] | beam.pvalue.PCollection | None = None,
+    skipped: Sequence[DeadLetter] | beam.pvalue.PCollection = (),
     digest: str = "",
     doc_ids_prefix: str | None = None,
 ) -> dict[str, beam.PCollection]:
     """Wire the index job onto ``p``. Returns the named outputs (for tests and composition).
 
+    ``spec``: the embedding model as the driver read it (default: read here from the config);
+
     ``files``: the input files the driver checked (default: ``config.input``, matched when the
-    job runs); ``skipped``: file-level dead letters of the files ``--skip-bad-files`` left out;
+    job runs; a PCollection: the files a worker checked as the job started, ``_build_job``);
+    ``skipped``: file-level dead letters of the files ``--skip-bad-files`` left out;
     ``digest``: the embedding settings' digest that every point's fingerprint includes;
     ``doc_ids_prefix``: where to write this run's valid document ids (for ``--delete-missing``).
     """
+    spec = spec or read_spec(config)
     interval = config.progress_interval_s  # embed and write report from their own steps
-    read = p | "ReadDocuments" >> ReadDocuments(files or config.input, config.columns)
+    # ``files`` is a PCollection when a worker checks the inputs as the job starts (transforms.io.preflight)
+    checked = isinstance(files, beam.pvalue.PCollection)
+    source = files if checked else p
+    read = source | "ReadDocuments" >> ReadDocuments(config.input if checked else files or config.input, config.columns)
     documents = read["documents"] | "ReadProgress" >> report_progress("read", interval, _document_counts)
-    chunked = documents | "ChunkDocuments" >> ChunkDocuments(config.model, config.chunking, config.max_length)
+    chunked = documents | "ChunkDocuments" >> ChunkDocuments(spec, config.chunking)
     chunks = chunked["chunks"] | "ChunkProgress" >> report_progress("chunk", interval, _chunk_counts)
     fresh = chunks | "SkipUnchanged" >> SkipUnchanged(
         functools.partial(open_store, config.qdrant), config.collection,
         functools.partial(chunk_payload, model_id=config.model, digest=digest), force=config.force,
     )  # fmt: skip
-    embedded = fresh["to_embed"] | "EmbedChunks" >> Embed(config.embedding_handler())
+    embedded = fresh["to_embed"] | "EmbedChunks" >> _with_hints(Embed(embedding_handler(config, spec)), config.resource_hints)
     to_write = (embedded["embedded"], fresh[REUSED]) | "ToWrite" >> beam.Flatten()
     written = to_write | "WriteToQdrant" >> WriteToQdrant(
         config.qdrant, config.collection, config.model, batch_points=config.upsert_batch_points,
@@ -178,71 +103,50 @@ def build_pipeline(
             | "DocIds" >> beam.Map(lambda d: d.doc_id)
             | "WriteDocIds" >> beam.io.WriteToText(doc_ids_prefix, shard_name_template="-SSSSS-of-NNNNN")
         )
-    skipped_files = p | "SkippedFiles" >> beam.Create(list(skipped), reshuffle=False)
+    if isinstance(skipped, beam.pvalue.PCollection):
+        skipped_files = skipped
+    else:
+        skipped_files = p | "SkippedFiles" >> beam.Create(list(skipped), reshuffle=False)
     dead = (skipped_files, read[DEAD], chunked[DEAD], embedded[DEAD]) | "AllDeadLetters" >> beam.Flatten()
     dead | "WriteDeadLetters" >> WriteDeadLetters(config.dead_letter)
     return {"documents": read["documents"], "chunks": chunked["chunks"], "embedded": embedded["embedded"],
             "dead_letters": dead, "written": written}
 
 
-build_arg_parser = index_parser  # kept here for callers of the old name
+def _with_hints(transform: beam.PTransform, hints: tuple[tuple[str, str], ...]) -> beam.PTransform:
+    return transform.with_resource_hints(**dict(hints)) if hints else transform
 
 
-def config_from_args(args: argparse.Namespace) -> IndexConfig:
-    gate = None
-    if args.gate_queries or args.gate_qrels:
-        if not (args.gate_queries and args.gate_qrels):
-            raise ValueError("--gate-queries and --gate-qrels go together")
-        gate = GateConfig(args.gate_queries, args.gate_qrels, args.gate_metric, args.gate_tolerance)
-    return IndexConfig(
-        input=args.input,
-        collection=args.collection,
-        model=args.model,
-        qdrant=qdrant_config(args),
-        columns=DocumentColumns(
-            id=args.id_column,
-            text=args.text_column,
-            title=args.title_column,
-            metadata=tuple(c.strip() for c in args.metadata_columns.split(",") if c.strip()),
-        ),
-        chunking=ChunkSettings(args.chunk_tokens, args.chunk_overlap),
-        dim=args.dim,
-        device=args.device,
-        max_length=args.max_length,
-        max_batch_tokens=args.max_batch_tokens,
-        dead_letter=args.dead_letter,
-        summary_out=args.summary_out,
-        alias=args.alias,
-        progress_interval_s=args.progress_interval,
-        job_timeout_s=args.job_timeout,
-        skip_bad_files=args.skip_bad_files,
-        hnsw=HnswSettings(args.hnsw_m, args.hnsw_ef_construct) if args.hnsw else None,
-        force=args.force,
-        delete_missing=args.delete_missing,
-        max_rejected_fraction=args.max_rejected_fraction,
-        gate=gate,
+def read_spec(config: IndexConfig) -> EmbeddingSpec:
+    """The embedding model's settings, read from its files: once per job, in the driver."""
+    return EmbeddingSpec.read(config.model, dim=config.dim, max_length=config.max_length)
+
+
+def embedding_handler(config: IndexConfig, spec: EmbeddingSpec) -> EmbeddingModelHandler:
+    return EmbeddingModelHandler(
+        spec,
+        device=config.device,
+        budgets=TokenBudgets.from_flag(config.max_batch_tokens, spec.max_length),
+        progress_interval_s=config.progress_interval_s,
     )
+
+
+build_arg_parser = index_parser  # kept here for callers of the old name
 
 
 def run(argv: list[str] | None = None, test_pipeline: beam.Pipeline | None = None) -> dict[str, Any]:
     """Run the index job; returns the summary (also printed, and written to ``--summary-out``)."""
-    args, beam_args = split_beam_args(build_arg_parser(), argv)
-    return run_args(args, beam_args, test_pipeline)
+    return run_args(*split_beam_args(index_parser(), argv), test_pipeline)
 
 
 def run_args(args: argparse.Namespace, beam_args: list[str], test_pipeline: beam.Pipeline | None = None) -> dict[str, Any]:
     """The job for parsed flags (``corpus-etl index`` parses them in ``pipelines.flags``)."""
-    setup_logging(args.verbose)
-    try:
-        config = config_from_args(args)
-    except ValueError as exc:
-        raise UsageError(str(exc)) from exc
-    return run_config(config, beam_args, test_pipeline)
+    return run_job(args, beam_args, test_pipeline, to_config=index_config, run_config=run_config)
 
 
-def embedding_settings(config: IndexConfig) -> dict[str, Any]:
+def embedding_settings(config: IndexConfig, spec: EmbeddingSpec) -> dict[str, Any]:
     """Everything a vector depends on besides its text: what the points' fingerprints include."""
-    return {"model": config.model, "revision": model_revision(config.model), "dim": config.dim,
+    return {"model": config.model, "revision": spec.revision, "dim": config.dim,
             "max_length": config.max_length, "chunk_tokens": config.chunking.chunk_tokens,
             "chunk_overlap": config.chunking.chunk_overlap}  # fmt: skip
 
@@ -266,6 +170,9 @@ def run_config(config: IndexConfig, beam_args: list[str] | None = None, test_pip
     where = redact_url(config.qdrant.where)
     reset_reporters()  # this job's progress lines start afresh, even after another job in this process
     p = start_pipeline(test_pipeline, beam_args, config.device)
+    building = build_only(p.options)
+    if building:  # a dry run or a template: no store, no input here; the workers check them
+        return _build_job(config, p, building, started)
     # -- checks: nothing is created before all of them pass
     try:
         files, skipped = check_files(config.input, config.columns.all, skip_bad=config.skip_bad_files)
@@ -273,48 +180,98 @@ def run_config(config: IndexConfig, beam_args: list[str] | None = None, test_pip
         raise PreflightError(f"--input: {exc}; check the path or glob (local or gs://)") from exc
     except BadFilesError as exc:
         raise PreflightError(f"--input: {exc}") from exc
-    try:  # chunk size against the model's limit; the tokenizer loads
-        load_chunker(config.model, config.chunking, config.max_length)
+    try:  # the model's files, read once; chunk size against the model's limit
+        spec = read_spec(config)
+        config.chunking.check_limit(spec.max_length)
     except ValueError as exc:
         raise PreflightError(str(exc)) from exc
-    size = embedding_size(config.model, config.dim)
-    settings = embedding_settings(config)  # hashes the model's files: once per job
+    size = spec.size
+    settings = embedding_settings(config, spec)
     digest = settings_digest(settings)
     store = open_store(config.qdrant)  # the embedded store holds no shard open while workers write
     try:
         check_names(store, config, where)
-        spec = CollectionSpec(size, model=config.model, settings=settings)
-        created = store.ensure_collection(config.collection, spec)
+        collection = CollectionSpec(size, model=config.model, settings=settings)
+        created = store.ensure_collection(config.collection, collection)
         _LOG.info(
             "indexing %d file(s) into %s/%s (%s, size %d, %s)",
             len(files), where, config.collection, config.model, size, "created" if created else "exists",
         )
         doc_ids_prefix = _doc_ids_prefix(p) if config.delete_missing else None
-        build_pipeline(p, config, files, skipped, digest, doc_ids_prefix)
+        build_pipeline(p, config, spec, files, skipped, digest, doc_ids_prefix)
         summary: dict[str, Any] = {"pipeline": "index", "status": "running", "input": config.input,
                                    "collection": config.collection, "qdrant": where}  # fmt: skip
         try:
-            result = run_pipeline(p, config.job_timeout_s)
+            _, counts = run_and_wait(p, config.job_timeout_s)  # counts None: the runner keeps no metrics
         except Exception as exc:
             _write_summary(config, {**summary, "status": "failed", "error": first_line(exc)})
             raise
         pause_point("finish")  # tests: a kill here leaves the points written, nothing deleted, no alias
         elapsed = time.time() - started
-        counts = counters(result)
         try:
-            summary = _finish(config, store, counts, files, skipped, doc_ids_prefix, size, where)
+            summary = _finish(config, store, counts or {}, files, skipped, doc_ids_prefix, size, where)
         except Exception as exc:  # the points are written: not a pre-flight failure, whatever the cause
             reason = translate(exc, qdrant_url=config.qdrant.url) or f"{type(exc).__name__}: {first_line(exc)}"
             raise JobFailed(f"the job ran, then finishing it failed: {reason}") from exc
     finally:
         store.close()
+    if counts is None:
+        summary.update(counters=None, counters_unavailable="the runner reports no metrics")
     summary.update(
         elapsed_s=round(elapsed, 2),
-        documents_per_s=round(counts.get("documents_read", 0) / elapsed, 2),
-        tokens_per_s=round(counts.get("tokens", 0) / elapsed, 1),
+        documents_per_s=round((counts or {}).get("documents_read", 0) / elapsed, 2),
+        tokens_per_s=round((counts or {}).get("tokens", 0) / elapsed, 1),
     )
-    print(format_summary(summary), flush=True)
-    _write_summary(config, summary)
+    publish_summary(summary, format_summary(summary), config.summary_out)
+    return summary
+
+
+def prepare_store(config: IndexConfig, collection: CollectionSpec) -> bool:
+    """The store half of the pre-flight, as a worker runs it when the job was built elsewhere
+    (``_build_job``): the names (``check_names``), then the collection, created when missing."""
+    store = open_store(config.qdrant)
+    try:
+        check_names(store, config, redact_url(config.qdrant.where))
+        return store.ensure_collection(config.collection, collection)
+    finally:
+        store.close()
+
+
+def build_checked_pipeline(config: IndexConfig, p: beam.Pipeline) -> int:
+    """The job as a template or dry run builds it (``pipelines.launch``): from the flags and the model alone.
+
+    The model is read here (chunk size against its limit, vector size, the settings digest
+    every fingerprint holds); the store and the input are not. A worker checks them when the
+    job starts (``LaunchChecks``: names, collection, then every input file's columns), before
+    any document is read, and fails the job naming what is wrong. Returns the vector size.
+    """
+    try:
+        spec = read_spec(config)
+        config.chunking.check_limit(spec.max_length)
+    except ValueError as exc:
+        raise PreflightError(str(exc)) from exc
+    settings = embedding_settings(config, spec)
+    collection = CollectionSpec(spec.size, model=config.model, settings=settings)
+    checks = p | "LaunchChecks" >> LaunchChecks(
+        functools.partial(prepare_store, config, collection),
+        {"input": functools.partial(check_files, config.input, config.columns.all, skip_bad=config.skip_bad_files)},
+    )
+    build_pipeline(p, config, spec, checks["input"], checks[DEAD], settings_digest(settings))
+    return spec.size
+
+
+def _build_job(config: IndexConfig, p: beam.Pipeline, how: str, started: float) -> dict[str, Any]:
+    """Build (and, for a template, stage) the job without running it; the summary says so."""
+    refuse_after_job_flags(how, {"--alias": config.alias, "--delete-missing": config.delete_missing,
+                                 "--hnsw": config.hnsw, "--gate-queries/--gate-qrels": config.gate})  # fmt: skip
+    size = build_checked_pipeline(config, p)
+    result = p.run()  # builds; with --template_location also stages and writes the template
+    summary = {"pipeline": "index", "status": "built", "built": how, "input": config.input,
+               "collection": config.collection, "qdrant": redact_url(config.qdrant.where), "model": config.model,
+               "vector_size": size, "job_file": write_job_file(p.options, result), "counters": None,
+               "counters_unavailable": "the job was built, not run",
+               "elapsed_s": round(time.time() - started, 2)}  # fmt: skip
+    publish_summary(summary, format_summary(summary), config.summary_out)
     return summary
 
 
@@ -435,7 +392,10 @@ def _switch_alias(
         reasons.append("the collection holds no points")
     rows, dead = counts.get("rows_read", 0), counts.get("dead_letters", 0)
     fraction = dead / rows if rows else 1.0
-    if fraction > config.max_rejected_fraction:
+    if "rows_read" not in counts:
+        reasons.append("no rows_read counter (the runner reports no metrics, or read nothing): the dead-letter "
+                       "guard cannot be checked")  # fmt: skip
+    elif fraction > config.max_rejected_fraction:
         reasons.append(f"{dead} of {rows} rows rejected ({fraction:.1%} > --max-rejected-fraction "
                        f"{config.max_rejected_fraction:.1%})")  # fmt: skip
     if unread:
@@ -489,7 +449,9 @@ def _partial(
 
 
 def format_summary(summary: dict[str, Any]) -> str:
-    c = summary["counters"]
+    if summary["status"] == "built":
+        return format_built(summary)
+    c = summary["counters"] or {}
     deletion = summary.get("deletion")
     alias = summary.get("alias") or {}
     return "\n".join(
@@ -513,6 +475,8 @@ def format_summary(summary: dict[str, Any]) -> str:
             *([f"  hnsw             m={summary['hnsw']['m']} ef_construct={summary['hnsw']['ef_construct']}: "
                f"{summary['hnsw']['indexed_vectors']} vectors indexed in {summary['hnsw']['seconds']}s"]
               if summary.get("hnsw") else []),
+            *([f"  counters         unavailable: {summary['counters_unavailable']}"]
+              if summary.get("counters_unavailable") else []),
             f"  time             {summary['elapsed_s']}s  ({summary['documents_per_s']} docs/s, "
             f"{summary['tokens_per_s']} tokens/s)",
         ]

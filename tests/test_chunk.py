@@ -6,7 +6,7 @@ import random
 
 import pytest
 
-from transforms.chunk import ChunkSettings, load_chunker
+from transforms.text.chunk import ChunkSettings, load_chunker
 from transforms.types import DeadLetter, Document
 
 WORDS = "one two three four five six seven eight nine ten eleven twelve thirteen fourteen fifteen sixteen " \

@@ -112,7 +112,7 @@ def test_help_names_the_exit_statuses():
 
 
 def test_the_reranker_instruction_in_help_is_the_one_used():
-    from transforms.rerank import DEFAULT_INSTRUCTION
+    from transforms.models.reranker import DEFAULT_INSTRUCTION
 
     assert flags.DEFAULT_RERANK_INSTRUCTION == DEFAULT_INSTRUCTION
 
@@ -159,8 +159,8 @@ def test_verbose_adds_the_traceback_before_the_line():
 
 
 def test_locked_store_folder_names_the_folder(tmp_path):
-    from transforms.edge_store import EdgeStore
-    from transforms.store import CollectionSpec
+    from transforms.io.edge_store import EdgeStore
+    from transforms.io.store import CollectionSpec
 
     folder = tmp_path / "store"
     EdgeStore(str(folder), shards=1).ensure_collection("c", CollectionSpec(384))
@@ -203,8 +203,8 @@ def test_model_folder_without_a_model_names_it(tmp_path):
         f"corpus-etl search: error: collection 'c' does not exist at edge:{tmp_path / 'q'}; "
         "check --collection, or build it with `corpus-etl index`"
     )
-    from transforms.edge_store import EdgeStore
-    from transforms.store import CollectionSpec
+    from transforms.io.edge_store import EdgeStore
+    from transforms.io.store import CollectionSpec
 
     EdgeStore(str(tmp_path / "q")).ensure_collection("c", CollectionSpec(4))
     result = cli("search", "--collection", "c", "--model", str(empty), "--qdrant-path", str(tmp_path / "q"), "hi")
@@ -253,8 +253,8 @@ def test_invalid_flag_values_are_usage_errors(tmp_path):
 
 
 def test_alias_that_names_a_collection_is_refused_before_the_job(sample_dir, tmp_path):
-    from transforms.edge_store import EdgeStore
-    from transforms.store import CollectionSpec
+    from transforms.io.edge_store import EdgeStore
+    from transforms.io.store import CollectionSpec
 
     EdgeStore(str(tmp_path / "q")).ensure_collection("live", CollectionSpec(384))
     result = cli("index", "--input", sample_dir["corpus"], "--collection", "v2", "--alias", "live", "--model", MINILM,

@@ -17,23 +17,19 @@ from apache_beam.testing.util import assert_that, equal_to
 from ir_measures import Qrel, ScoredDoc
 from PIL import Image
 
-from transforms.datasets import (
-    DISTILLATION_SCHEMA,
+from transforms.datasets.distill import DISTILLATION_SCHEMA, distillation_parquet, distillation_rows
+from transforms.datasets.formats import (
     LabelDatasetsConfig,
     QueryJudgements,
-    WriteLabelDatasets,
     beir_queries_lines,
-    build_label_files,
-    distillation_parquet,
-    distillation_rows,
-    evaluate_first_stage,
     grade,
     parse_thresholds,
     qrels_lines,
     trec_qrels_lines,
     trec_run_lines,
-    write_files,
 )
+from transforms.datasets.metrics import evaluate_first_stage
+from transforms.datasets.write import WriteLabelDatasets, build_label_files, write_files
 from transforms.types import Judgement, Query
 
 THRESHOLDS = (0.5, 0.9)
@@ -96,9 +92,12 @@ def test_grade_single_threshold_and_nan() -> None:
 def test_parse_thresholds() -> None:
     assert parse_thresholds("0.5,0.9") == (0.5, 0.9)
     assert parse_thresholds("0.3") == (0.3,)
-    for bad in ("0.9,0.5", "0.5,0.5", "a,b", "", "0.5,nan"):
-        with pytest.raises(ValueError):
+    for bad in ("a,b", ""):
+        with pytest.raises(ValueError, match="comma-separated numbers"):
             parse_thresholds(bad)
+    for bad in ("0.9,0.5", "0.5,0.5", "0.5,nan"):  # numbers, refused by the config that takes them
+        with pytest.raises(ValueError):
+            LabelDatasetsConfig(thresholds=parse_thresholds(bad))
 
 
 # ---------------------------------------------------------------------------------------------

@@ -9,9 +9,11 @@ from apache_beam.ml.inference.base import RunInference
 from apache_beam.testing.test_pipeline import TestPipeline
 from apache_beam.testing.util import assert_that, equal_to
 
-from transforms.embed import Embed, EmbeddingModelHandler, TextEncoder
-from transforms.inference import DEAD
-from transforms.types import Chunk, Query
+from tests import recording
+from transforms.inference.embed import Embed, EmbeddingModelHandler
+from transforms.models.devices import TokenBudgets, budget_batches
+from transforms.models.encoder import TextEncoder
+from transforms.types import DEAD, Chunk, Query
 
 TEXTS = ["a short one", "JSON encoder and decoder. " * 20, "regular expressions", "gzip files " * 60]
 
@@ -35,11 +37,38 @@ def _vectors_close(expected: dict[str, np.ndarray], atol: float = 1e-5):
     return check
 
 
+class _RecordingHandler(recording.Recording, EmbeddingModelHandler):
+    pass
+
+
+def test_the_handler_cuts_a_batch_into_forward_passes_by_padded_tokens(minilm_path, encoder):
+    """Sorted by length, then cut where (rows x longest) would pass the forward budget."""
+    budget = 128
+    handler = _RecordingHandler(minilm_path, device="cpu", budgets=TokenBudgets(forward=budget, batch=10_000))
+    lengths = [len(ids) for ids in encoder.tokenize(TEXTS)]
+    order = sorted(range(len(TEXTS)), key=lambda i: lengths[i])
+    expected = [(len(group), max(lengths[order[i]] for i in group)) for group in budget_batches(sorted(lengths), budget)]
+    assert len(expected) < len(TEXTS)  # the budget lets some texts share a pass: a real check
+    recording.reset()
+    model = handler.load_model()
+    list(handler.run_inference(_chunks(), model))
+    assert recording.PASSES == expected
+    assert recording.BATCH_WEIGHTS == [sum(c.n_tokens for c in _chunks())]
+
+
 def test_plain_run_inference_batches_by_tokens(minilm_path, encoder):
+    """Plain RunInference with the handler: Beam batches by the elements' token weights."""
     expected = {f"d{i}": v for i, v in enumerate(encoder.encode(TEXTS))}
+    weights = sorted(c.n_tokens for c in _chunks())
+    batch = weights[-1] + weights[0]  # no batch may hold the two longest chunks
+    handler = _RecordingHandler(minilm_path, device="cpu", budgets=TokenBudgets(forward=64, batch=batch))
+    recording.reset()
     with TestPipeline() as p:
-        out = p | beam.Create(_chunks()) | RunInference(EmbeddingModelHandler(minilm_path, device="cpu"))
+        out = p | beam.Create(_chunks()) | RunInference(handler)
         assert_that(out, _vectors_close(expected))
+    recording.assert_within_budgets(batch, 64)
+    assert sum(recording.BATCH_WEIGHTS) == sum(weights)
+    assert sum(rows for rows, _ in recording.PASSES) == len(TEXTS)
 
 
 def test_embed_transform_and_matryoshka_dim(minilm_path, encoder):
@@ -80,8 +109,7 @@ class _FailsOnGzip(EmbeddingModelHandler):
 def test_a_failing_batch_becomes_dead_letters_and_the_rest_goes_on(minilm_path):
     chunks = _chunks()
     # A budget so small that every chunk is its own batch: only the gzip one fails.
-    handler = _FailsOnGzip(minilm_path, device="cpu", max_batch_tokens=1)
-    handler.max_batch_weight = 1
+    handler = _FailsOnGzip(minilm_path, device="cpu", budgets=TokenBudgets(forward=1, batch=1))
     with TestPipeline() as p:
         out = p | beam.Create(chunks) | Embed(handler)
         assert_that(out["embedded"] | beam.Map(lambda e: e.chunk.doc_id), equal_to(["d0", "d1", "d2"]), label="ok")
@@ -94,7 +122,7 @@ def test_a_failing_batch_becomes_dead_letters_and_the_rest_goes_on(minilm_path):
 
 @pytest.mark.parametrize("mode", ["mean", "max", "cls", "lasttoken"])
 def test_pool_packed_equals_pool_on_padded_rows(mode):
-    from transforms.embed import pool, pool_packed
+    from transforms.models.encoder import pool, pool_packed
 
     torch = pytest.importorskip("torch")
     gen = torch.Generator().manual_seed(0)

@@ -10,8 +10,8 @@ import pytest
 from apache_beam.testing.test_pipeline import TestPipeline
 
 from pipelines import index
-from transforms.edge_store import EdgeStore
-from transforms.read import validate_columns
+from transforms.io.edge_store import EdgeStore
+from transforms.io.parquet import validate_columns
 
 pytestmark = pytest.mark.slow
 
@@ -111,7 +111,7 @@ def test_dump_writes_gs_paths(gcs, tmp_path):
     import pyarrow.parquet as pq
 
     from pipelines import dump
-    from transforms.store import CollectionSpec, StorePoint
+    from transforms.io.store import CollectionSpec, StorePoint
     from transforms.types import point_id
 
     store = EdgeStore(str(tmp_path / "q"), shards=2)

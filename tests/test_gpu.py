@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from transforms.gpu import budget_batches, resolve_device, run_in_token_budget
+from transforms.models.devices import budget_batches, resolve_device, run_in_token_budget
 
 
 def test_batches_are_length_sorted_and_fit_the_padded_budget():

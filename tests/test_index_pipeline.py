@@ -15,12 +15,12 @@ from apache_beam.testing.test_pipeline import TestPipeline
 
 from pipelines import evaluate, index, search
 from pipelines.errors import PreflightError
-from transforms.chunk import ChunkSettings
-from transforms.edge_store import EdgeStore
-from transforms.models import embedding_size
-from transforms.qdrant import QdrantConfig
-from transforms.read import DocumentColumns
-from transforms.store import CollectionSpec, open_store
+from transforms.io.edge_store import EdgeStore
+from transforms.io.parquet import DocumentColumns
+from transforms.io.qdrant import QdrantConfig
+from transforms.io.store import CollectionSpec, open_store
+from transforms.models.settings import EmbeddingSpec
+from transforms.text.chunk import ChunkSettings
 from transforms.types import point_id
 
 pytestmark = pytest.mark.slow
@@ -98,11 +98,11 @@ def test_search_and_evaluate_on_real_queries(whole_docs_index, sample_dir, minil
 def test_credentials_in_the_url_never_reach_output_logs_or_summary(tmp_path, sample_dir, minilm_path, monkeypatch,
                                                                    capsys, caplog):
     """A server URL with user info: every print, log line and the summary JSON show it redacted."""
-    import transforms.qdrant
-    from transforms.qdrant import close_client, shared_client
+    import transforms.io.qdrant
+    from transforms.io.qdrant import close_client, shared_client
 
     local = QdrantConfig(path=str(tmp_path / "q"))  # qdrant-client's local mode stands in for the server
-    monkeypatch.setattr(transforms.qdrant, "shared_client", lambda config: shared_client(local))
+    monkeypatch.setattr(transforms.io.qdrant, "shared_client", lambda config: shared_client(local))
     rows = pq.read_table(sample_dir["corpus"]).to_pylist()[:3]
     pq.write_table(pa.Table.from_pylist(rows), tmp_path / "docs.parquet")
     with caplog.at_level(logging.INFO):
@@ -196,7 +196,7 @@ def test_two_runs_embed_bitwise_equal_vectors(tmp_path, sample_dir, minilm_path)
         columns=DocumentColumns(title="title"), chunking=ChunkSettings(96, 16), device="cpu",
     )  # fmt: skip
     store = open_store(config.qdrant)
-    store.ensure_collection("bits", CollectionSpec(embedding_size(minilm_path)))
+    store.ensure_collection("bits", CollectionSpec(EmbeddingSpec.read(minilm_path).size))
     store.close()
     dumps = []
     for run in range(2):

@@ -1,5 +1,5 @@
 """Deterministic batch composition: the same elements give the same batches, whatever their
-order, bundling or worker (``transforms.inference.BatchDeterministically``)."""
+order, bundling or worker (``transforms.inference.batching.BatchDeterministically``)."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ import pytest
 from apache_beam.testing.test_pipeline import TestPipeline
 from apache_beam.testing.util import assert_that, equal_to
 
-from transforms.inference import BatchDeterministically, cut_group, length_bucket, stable_shard
+from transforms.inference.batching import BatchDeterministically, cut_group, length_bucket, stable_shard
 
 # (key, weight): weights 3..40, so several length buckets
 ELEMENTS = [(f"e{i:02d}", 3 + (i * 7) % 38) for i in range(40)]
@@ -41,7 +41,7 @@ def test_cut_group_sorts_by_weight_then_key_and_cuts_at_the_budget():
 def test_buckets_and_shards_are_stable_across_processes():
     assert [length_bucket(w) for w in (1, 2, 3, 4, 16, 19, 20, 512)] == [0, 4, 6, 8, 16, 16, 17, 36]
     # Workers are separate processes, and Python salts str hashes per process: a shard must not use hash().
-    code = "from transforms.inference import stable_shard; print([stable_shard(f'doc-{i}:0', 7) for i in range(20)])"
+    code = "from transforms.inference.batching import stable_shard; print([stable_shard(f'doc-{i}:0', 7) for i in range(20)])"
     here = [stable_shard(f"doc-{i}:0", 7) for i in range(20)]
     for seed in ("1", "2"):
         env = {**os.environ, "PYTHONHASHSEED": seed}

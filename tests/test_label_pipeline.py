@@ -16,7 +16,7 @@ from apache_beam.testing.test_pipeline import TestPipeline
 from pipelines import index, label
 from pipelines.sample import QUERIES
 from tests.qwen_reference import CardReference
-from transforms.queries import derive_query_id, query_key
+from transforms.text.queries import derive_query_id, query_key
 
 pytestmark = pytest.mark.slow
 THRESHOLDS = (0.2, 0.35)  # the tiny random reranker's scores sit around 0.1-0.5
@@ -137,8 +137,11 @@ def test_runs_qrels_and_labels_agree(labelled):
     for q in qrels:  # graded from the teacher score: below 0.2 -> 0, [0.2, 0.35) -> 1, else 2
         score = teacher[(q.query_id, q.doc_id)]
         assert q.relevance == (0 if score < THRESHOLDS[0] else 1 if score < THRESHOLDS[1] else 2)
-    for qid in eval_ids:  # teacher order is by descending teacher score
-        scores = [r.score for r in sorted((r for r in rerank if r.query_id == qid), key=lambda r: r.score, reverse=True)]
+    lines = [line.split() for line in (out / "runs" / "rerank.trec").read_text().splitlines()]
+    for qid in eval_ids:  # the rerank run's ranks follow descending teacher score: rank 1 is the best
+        by_rank = sorted((int(rank), float(score)) for q, _, _, rank, score, _ in lines if q == qid)
+        assert [rank for rank, _ in by_rank] == list(range(1, TOP_K + 1))
+        scores = [score for _, score in by_rank]
         assert scores == sorted(scores, reverse=True)
 
 
@@ -303,7 +306,7 @@ def test_an_empty_run_file_fails_before_the_job(tmp_path, sample_dir, qwen3_rera
     ],
 )
 def test_a_reranker_that_cannot_serve_fails_before_the_job(tmp_path, sample_dir, minilm_path, reranker, message):
-    from transforms.rerank import check_reranker
+    from transforms.models.reranker import check_reranker
 
     with pytest.raises(ValueError, match=message):
         check_reranker(minilm_path if reranker == "MINILM" else reranker)

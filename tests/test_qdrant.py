@@ -13,8 +13,8 @@ from qdrant_client import models
 from qdrant_client.http.exceptions import ResponseHandlingException, UnexpectedResponse
 
 from pipelines.common import counters
-from transforms.edge_store import EdgeStore
-from transforms.qdrant import (
+from transforms.io.edge_store import EdgeStore
+from transforms.io.qdrant import (
     QdrantConfig,
     ServerStore,
     WriteToQdrant,
@@ -25,7 +25,7 @@ from transforms.qdrant import (
     to_point,
     with_retries,
 )
-from transforms.store import CollectionSpec, StorePoint
+from transforms.io.store import CollectionSpec, StorePoint
 from transforms.types import Chunk, EmbeddedChunk, point_id
 
 

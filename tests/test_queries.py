@@ -9,8 +9,7 @@ import pytest
 from apache_beam.testing.test_pipeline import TestPipeline as BeamTestPipeline
 from apache_beam.testing.util import assert_that, equal_to
 
-from transforms.queries import (
-    DEAD,
+from transforms.text.queries import (
     DedupQueries,
     ParseQueryRows,
     QueryColumns,
@@ -29,7 +28,7 @@ from transforms.queries import (
     select_queries,
     stratified_sample,
 )
-from transforms.types import DeadLetter, Query
+from transforms.types import DEAD, DeadLetter, Query
 
 COLUMNS = QueryColumns()
 

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from transformers import AutoModel, AutoTokenizer
 
-from transforms.embed import TextEncoder
+from transforms.models.encoder import TextEncoder
 
 TOL = 1e-4
 DEFAULT_TASK = "Given a web search query, retrieve relevant passages that answer the query"

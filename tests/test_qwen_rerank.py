@@ -20,18 +20,12 @@ from apache_beam.ml.inference.base import RunInference
 from apache_beam.testing.test_pipeline import TestPipeline
 from apache_beam.testing.util import BeamAssertException, assert_that, equal_to
 
+from tests import recording
 from tests.qwen_reference import CardReference, format_instruction  # noqa: F401
-from transforms.gpu import budget_batches
-from transforms.inference import DEAD
-from transforms.rerank import (
-    DEFAULT_INSTRUCTION,
-    HEAD_FORMAT,
-    PairTokenEstimate,
-    Qwen3Reranker,
-    RerankByQuery,
-    RerankModelHandler,
-)
-from transforms.types import DeadLetter, Judgement, QueryPairs, RerankPair
+from transforms.inference.rerank import PairTokenEstimate, RerankByQuery, RerankModelHandler
+from transforms.models.devices import TokenBudgets, budget_batches
+from transforms.models.reranker import DEFAULT_INSTRUCTION, HEAD_FORMAT, Qwen3Reranker
+from transforms.types import DEAD, DeadLetter, Judgement, QueryPairs, RerankPair
 
 TOL = 1e-4
 # The card pads with max_length and padding=True; transformers warns about it on every call.
@@ -173,7 +167,7 @@ def test_shared_head_cache_is_not_extended(shared):
     """The head's cache is read, not grown: a pass keeps no per-layer keys of the documents."""
     from transformers.cache_utils import DynamicLayer
 
-    from transforms import rerank
+    from transforms.models import reranker as rerank
 
     seen = []
     freeze = rerank._freeze
@@ -279,10 +273,10 @@ def test_cuda_without_gpu_raises(qwen3_reranker_dir):
 def test_constructor_is_cheap_and_picklable(qwen3_reranker_dir):
     import pickle
 
-    handler = RerankModelHandler(str(qwen3_reranker_dir), device="cpu", max_batch_tokens=4096)
+    handler = RerankModelHandler(str(qwen3_reranker_dir), device="cpu", budgets=TokenBudgets.from_flag(4096, 8192))
     kwargs = pickle.loads(pickle.dumps(handler)).batch_elements_kwargs()
-    # Token-weighted batches: sizes are summed estimates, never below max_length.
-    assert (kwargs["min_batch_size"], kwargs["max_batch_size"]) == (8192, 8192)
+    # Token-weighted batches: sizes are summed estimates, 4 forward passes' worth, never below max_length.
+    assert (kwargs["min_batch_size"], kwargs["max_batch_size"]) == (1, 16384)
     assert isinstance(kwargs["element_size_fn"], PairTokenEstimate)
     beam.BatchElements(**kwargs)  # the kwargs are ones Beam's batching accepts
     assert pickle.loads(pickle.dumps(Qwen3Reranker("x")))._model is None
@@ -323,13 +317,23 @@ def test_run_inference_pipeline(ref_scores, qwen3_reranker_dir):
     expected = [
         Judgement(p.query_id, p.doc_id, s, p.first_stage_score, p.first_stage_rank) for p, s in zip(pairs, ref_scores)
     ]
-    # A small Beam batch weight so the pairs arrive in several batches.
-    handler = RerankModelHandler(
-        str(qwen3_reranker_dir), device="cpu", dtype="float32", max_length=512, max_batch_tokens=600
-    )
+    # Small budgets, so the pairs arrive in several Beam batches and several forward passes.
+    budgets = TokenBudgets(forward=600, batch=600)
+    estimate = PairTokenEstimate(max_length=512)
+    assert sum(estimate(p) for p in pairs) > budgets.batch
+    handler = _RecordingReranker(str(qwen3_reranker_dir), device="cpu", dtype="float32", max_length=512, budgets=budgets)
+    recording.reset()
     with TestPipeline() as p:
         judged = p | beam.Create(pairs) | RunInference(handler)
         assert_that(judged, equal_to(expected, equals_fn=_judgement_equals))
+    recording.assert_within_budgets(budgets.batch, budgets.forward)
+    assert len(recording.BATCH_WEIGHTS) >= 2
+    assert sum(recording.BATCH_WEIGHTS) == sum(estimate(p) for p in pairs)
+    assert sum(rows for rows, _ in recording.PASSES) == len(pairs)
+
+
+class _RecordingReranker(recording.Recording, RerankModelHandler):
+    pass
 
 
 def _grid_pairs() -> list[RerankPair]:
@@ -360,10 +364,11 @@ def test_rerank_by_query_pipeline(grid_ref_scores, qwen3_reranker_dir):
     shuffled = pairs[:]
     random.Random(5).shuffle(shuffled)
     handler = RerankModelHandler(
-        str(qwen3_reranker_dir), device="cpu", dtype="float32", max_length=512, share_prefix=True
+        str(qwen3_reranker_dir), device="cpu", dtype="float32", max_length=512, share_prefix=True,
+        budgets=TokenBudgets(batch=1500),
     )
     with TestPipeline() as p:
-        out = p | beam.Create(shuffled) | RerankByQuery(handler, max_batch_weight=1500, max_length=512)
+        out = p | beam.Create(shuffled) | RerankByQuery(handler)
         assert_that(out["results"], equal_to(expected, equals_fn=_judgement_equals), label="judgements")
         assert_that(out[DEAD], equal_to([]), label="no dead letters")
 
@@ -377,10 +382,11 @@ def test_rerank_by_query_dead_letters_every_pair_of_a_failed_batch(grid_ref_scor
     ]
     # A weight below one query's: each query is a batch of its own, and only q2's fails.
     handler = _FailingQuery(
-        str(qwen3_reranker_dir), device="cpu", dtype="float32", max_length=512, share_prefix=True, query_id="q2"
+        str(qwen3_reranker_dir), device="cpu", dtype="float32", max_length=512, share_prefix=True, query_id="q2",
+        budgets=TokenBudgets(batch=100),
     )
     with TestPipeline() as p:
-        out = p | beam.Create(pairs) | RerankByQuery(handler, max_batch_weight=100, max_length=512)
+        out = p | beam.Create(pairs) | RerankByQuery(handler)
         assert_that(out["results"], equal_to(expected, equals_fn=_judgement_equals), label="judgements")
         letters = out[DEAD] | beam.Map(lambda d: (d.stage, d.source, d.reason, json.loads(d.record)))
         reason = "inference failed for its batch: ValueError: broken batch with q2"

@@ -11,8 +11,7 @@ import pytest
 from apache_beam.testing.test_pipeline import TestPipeline
 from apache_beam.testing.util import assert_that, equal_to
 
-from transforms.read import (
-    DEAD,
+from transforms.io.parquet import (
     BadFilesError,
     DocumentColumns,
     ReadDocuments,
@@ -20,7 +19,7 @@ from transforms.read import (
     pick_duplicate,
     validate_columns,
 )
-from transforms.types import Document
+from transforms.types import DEAD, Document
 
 
 @pytest.fixture()
@@ -149,7 +148,7 @@ def test_no_matching_files_is_a_clear_error(tmp_path):
 
 
 def test_dead_letters_are_written_sorted_as_jsonl_or_parquet(tmp_path):
-    from transforms.dead_letter import write_dead_letters
+    from transforms.io.dead_letters import write_dead_letters
     from transforms.types import DeadLetter
 
     letters = [DeadLetter.of("read", "null id", "b.parquet", {"x": 1}), DeadLetter.of("chunk", "too long", "a.parquet", {})]

@@ -13,8 +13,8 @@ from apache_beam.testing.test_pipeline import TestPipeline
 
 from pipelines import index
 from pipelines.errors import PreflightError
-from transforms.edge_store import EdgeStore
-from transforms.store import StorePoint
+from transforms.io.edge_store import EdgeStore
+from transforms.io.store import StorePoint
 from transforms.types import point_id
 
 pytestmark = pytest.mark.slow
@@ -150,11 +150,11 @@ def test_the_quality_gate_refuses_a_worse_collection(tmp_path, minilm_path, samp
 
 def test_the_server_path_reindexes_the_same_way(tmp_path, minilm_path, versions, monkeypatch):
     """--qdrant-url goes through ServerStore (qdrant-client); qdrant-client's local mode stands in for the server."""
-    import transforms.qdrant
-    from transforms.qdrant import QdrantConfig, close_client, shared_client
+    import transforms.io.qdrant
+    from transforms.io.qdrant import QdrantConfig, close_client, shared_client
 
     local = QdrantConfig(path=str(tmp_path / "server"))
-    monkeypatch.setattr(transforms.qdrant, "shared_client", lambda config: shared_client(local))
+    monkeypatch.setattr(transforms.io.qdrant, "shared_client", lambda config: shared_client(local))
     v1, v2 = versions
     url = ["--qdrant-url", "http://127.0.0.1:6333"]
 

@@ -48,9 +48,10 @@ from apache_beam.testing.test_pipeline import TestPipeline
 
 from pipelines import dump, index, label
 from tests.processes import free_port, kill_group, started, wait_for_file
-from transforms.edge_store import EdgeStore
 from transforms.hooks import ENV as HOOKS_ENV
-from transforms.hooks import LOADS_FILE, PAUSE_AT_FILE, PAUSED_FILE
+from transforms.hooks import PAUSE_AT_FILE, PAUSED_FILE
+from transforms.inference.handlers import LOAD_LOG_ENV
+from transforms.io.edge_store import EdgeStore
 
 pytestmark = pytest.mark.slow
 
@@ -66,6 +67,8 @@ LOST_WORKER = re.compile(
 ENV = {**os.environ, "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1", "HF_HUB_DISABLE_PROGRESS_BARS": "1",
        "OMP_NUM_THREADS": "1"}  # fmt: skip
 ENV.pop(HOOKS_ENV, None)
+ENV.pop(LOAD_LOG_ENV, None)
+LOADS = "model_loads.txt"  # in the hooks folder: CORPUS_ETL_LOAD_LOG, '<pid> <model>' per load_model
 MULTI = ["--direct_running_mode=multi_processing", "--direct_num_workers=2"]
 
 
@@ -109,21 +112,25 @@ def aliases(store: str) -> dict[str, str]:
     return EdgeStore(store).aliases()
 
 
-def model_loads(hooks: Path) -> list[tuple[int, str, str]]:
+def model_loads(hooks: Path) -> list[tuple[int, str]]:
     with contextlib.suppress(FileNotFoundError):
-        lines = (hooks / LOADS_FILE).read_text().splitlines()
-        return [(int(pid), kind, model) for pid, kind, model in (line.split("\t") for line in lines)]
+        return [(int(pid), model) for pid, model in (line.split(" ", 1) for line in (hooks / LOADS).read_text().splitlines())]
     return []
 
 
 def assert_each_model_loaded_once_per_process(
-    loads: list[tuple[int, str, str]], driver: int, kinds: set[str], optional: set[str] = frozenset()
+    loads: list[tuple[int, str]], driver: int, models: set[str], optional: set[str] = frozenset()
 ) -> None:
-    """Each (process, model) once; the models of ``kinds`` loaded, of ``optional`` maybe, no other."""
+    """Each (process, model) once; ``models`` loaded, ``optional`` maybe, no other; never by the driver."""
     repeated = {k: n for k, n in Counter(loads).items() if n > 1}
     assert not repeated, f"a worker process loaded a model more than once: {repeated}"
-    assert kinds <= {kind for _, kind, _ in loads} <= kinds | optional
-    assert driver not in {pid for pid, _, _ in loads}, "the driver ran a model: the job did not run on the workers"
+    assert models <= {model for _, model in loads} <= models | optional
+    assert driver not in {pid for pid, _ in loads}, "the driver ran a model: the job did not run on the workers"
+
+
+def hooks_env(hooks: Path) -> dict[str, str]:
+    """The environment of a process whose SDK workers (itself included) report to ``hooks``."""
+    return {**ENV, HOOKS_ENV: str(hooks), LOAD_LOG_ENV: str(hooks / LOADS)}
 
 
 class Job:
@@ -206,8 +213,7 @@ def portable(tmp_path_factory):
     hooks = tmp / "hooks"
     hooks.mkdir()
     pool_port, port_file = free_port(), tmp / "job_service.port"
-    pool_env = {**ENV, "PATH": os.path.dirname(sys.executable) + os.pathsep + ENV.get("PATH", ""),
-                HOOKS_ENV: str(hooks)}  # fmt: skip
+    pool_env = {**hooks_env(hooks), "PATH": os.path.dirname(sys.executable) + os.pathsep + ENV.get("PATH", "")}
     with contextlib.ExitStack() as stack:
         pool_log = stack.enter_context(open(tmp / "pool.log", "w"))
         pool = stack.enter_context(started(
@@ -236,7 +242,7 @@ def _mode(name: str, request, tmp_path: Path) -> tuple[list[str], dict[str, str]
         return service["args"], ENV, service["hooks"]
     hooks = tmp_path / "hooks"
     hooks.mkdir(exist_ok=True)
-    return MULTI, {**ENV, HOOKS_ENV: str(hooks)}, hooks
+    return MULTI, hooks_env(hooks), hooks
 
 
 def _workers_started(request, name: str) -> int:
@@ -253,32 +259,32 @@ def test_index_rerun_and_label_equal_the_in_process_run(
     runner, env, hooks = _mode(mode, request, tmp_path)
     store = str(tmp_path / "store")
 
-    def job(args: list[str], kinds: set[str], optional: set[str] = frozenset()) -> dict:
+    def job(args: list[str], models: set[str], optional: set[str] = frozenset()) -> dict:
         loaded, workers = len(model_loads(hooks)), _workers_started(request, mode)
         summary_out = tmp_path / f"summary-{loaded}-{time.monotonic_ns()}.json"
         driver, _ = run_job([*args, *runner, "--summary-out", str(summary_out)], env)
-        assert_each_model_loaded_once_per_process(model_loads(hooks)[loaded:], driver, kinds, optional)
+        assert_each_model_loaded_once_per_process(model_loads(hooks)[loaded:], driver, models, optional)
         if mode == "portable":
             assert _workers_started(request, mode) - workers == 2  # the pool started 2 SDK workers for the job
         return json.loads(summary_out.read_text())
 
     # every bundle twice: each worker runs several bundles per model, and replays every write
     first = job(["index", *index_args(store, corpus["v1"], minilm_path), "--direct_runner_bundle_repeat=1"],
-                {"document"})  # fmt: skip
+                {minilm_path})  # fmt: skip
     want = reference["summary"]
     assert first["status"] == "ok"
     assert first["chunks_embedded"] == want["chunks_embedded"] == first["points_in_collection"] > len(V1_DOCS)
     assert first["counters"] == want["counters"]
     assert_same_points(dumped(store, tmp_path / "first.parquet"), reference["dump"])
 
-    again = job(["index", *index_args(store, corpus["v1"], minilm_path)], set(), {"document"})  # nothing to embed
+    again = job(["index", *index_args(store, corpus["v1"], minilm_path)], set(), {minilm_path})  # nothing to embed
     assert again["chunks_embedded"] == 0 and again["documents_unchanged"] == len(V1_DOCS)
     assert again["chunks_reused"] == again["points_in_collection"] == first["points_in_collection"]
     assert_same_points(dumped(store, tmp_path / "again.parquet"), reference["dump"])
 
     out = tmp_path / "labels"
     labelled = job(["label", *label_args(store, out, corpus["queries"], minilm_path, qwen3_reranker_dir)],
-                   {"query", "rerank"})  # fmt: skip
+                   {minilm_path, str(qwen3_reranker_dir)})  # fmt: skip
     assert labelled["status"] == "ok" and labelled["pairs_scored"] > 0
     got = label_files(out)
     assert sorted(got) == sorted(reference["labels"])
@@ -346,7 +352,7 @@ def crashes(tmp_path_factory, request, corpus, reference, minilm_path) -> dict:
             store, summary = str(tmp / name / "store"), tmp / name / "summary.json"
             shutil.copytree(reference["store"], store)
             hooks = tmp / name / "hooks"
-            flags, env = [], {**ENV, HOOKS_ENV: str(hooks)}
+            flags, env = [], hooks_env(hooks)
             if runner == "portable":
                 service = request.getfixturevalue("portable")
                 hooks, flags, env = service["hooks"], service["args"], ENV

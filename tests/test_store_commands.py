@@ -9,9 +9,9 @@ from qdrant_client import QdrantClient
 from qdrant_client.http.exceptions import UnexpectedResponse
 
 from pipelines import cli, copy, dump
-from transforms.edge_store import EdgeStore, LegacyLocalModeError
-from transforms.qdrant import ServerStore, copy_points, point_bytes
-from transforms.store import CollectionSpec, HnswSettings, StorePoint
+from transforms.io.edge_store import EdgeStore, LegacyLocalModeError
+from transforms.io.qdrant import ServerStore, copy_points, point_bytes
+from transforms.io.store import CollectionSpec, HnswSettings, StorePoint
 from transforms.types import point_id
 
 

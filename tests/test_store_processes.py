@@ -21,8 +21,8 @@ import pytest
 from apache_beam.testing.test_pipeline import TestPipeline
 
 from tests.processes import ROOT, started, wait_for_line
-from transforms.edge_store import EdgeStore, open_shard
-from transforms.store import CollectionSpec, StoreInUseError, StorePoint
+from transforms.io.edge_store import EdgeStore, open_shard
+from transforms.io.store import CollectionSpec, StoreInUseError, StorePoint
 from transforms.types import point_id
 
 
@@ -41,7 +41,7 @@ WRITER = textwrap.dedent(
     import sys
     sys.path.insert(0, {root!r})
     from tests.test_store_processes import _points
-    from transforms.edge_store import EdgeStore
+    from transforms.io.edge_store import EdgeStore
     store = EdgeStore({path!r})
     points = _points({n}, {dim}, 0)
     for start in range(0, len(points), 500):

@@ -30,8 +30,8 @@ from typing import Any
 import apache_beam as beam
 from apache_beam.metrics import Metrics
 
-from transforms.read import DEAD, Row, jsonable, row_position
-from transforms.types import DeadLetter, Query
+from transforms.io.parquet import Row, jsonable, row_position
+from transforms.types import DEAD, DeadLetter, Query
 
 STAGE = "parse_query"
 MAX_QUERY_CHARS = 2048

@@ -30,7 +30,7 @@ from typing import TYPE_CHECKING, Any
 from transforms.types import Candidate, point_id
 
 if TYPE_CHECKING:
-    from transforms.qdrant import QdrantConfig
+    from transforms.io.qdrant import QdrantConfig
 
 
 @dataclasses.dataclass(frozen=True)
@@ -142,6 +142,14 @@ class VectorStore(abc.ABC):
         An alias that is the name of a collection is a ``ValueError``.
         """
 
+    def collections(self) -> list[str]:
+        """Every collection's name (aliases not included), sorted."""
+        raise NotImplementedError(f"{type(self).__name__} cannot list its collections")
+
+    def delete_collection(self, name: str) -> None:
+        """Delete the collection ``name`` (not an alias) and its points; a missing one is a ``ValueError``."""
+        raise NotImplementedError(f"{type(self).__name__} cannot delete collections")
+
     def build_index(self, collection: str, hnsw: HnswSettings) -> dict[str, Any]:
         """Build an HNSW index over the collection now; a report of what was built."""
         raise NotImplementedError(f"{type(self).__name__} builds its index itself")
@@ -196,9 +204,9 @@ def open_store(config: QdrantConfig, *, keep_open: bool = False) -> VectorStore:
     processes can take the shards between their writes.
     """
     if config.url:
-        from transforms.qdrant import ServerStore
+        from transforms.io.qdrant import ServerStore
 
         return ServerStore(config)
-    from transforms.edge_store import EdgeStore
+    from transforms.io.edge_store import EdgeStore
 
     return EdgeStore(config.path or ".", shards=config.shards, lock_wait_s=config.lock_wait_s, keep_open=keep_open)

@@ -33,6 +33,12 @@ def resolve_model(model: str) -> str:
     return model
 
 
+def load_tokenizer(model: str, **kwargs: Any):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(resolve_model(model), **kwargs)
+
+
 def read_json(model: str, filename: str) -> dict[str, Any] | list[Any] | None:
     """A JSON file of the model repository, or None when the repository has no such file."""
     path = cached_file(
@@ -110,7 +116,7 @@ def _pooling_mode(cfg: dict[str, Any]) -> str:
     raise ValueError(f"unsupported sentence-transformers pooling config: {cfg}")
 
 
-def max_input_length(model: str, tokenizer: Any, settings: SentenceTransformerSettings) -> int:
+def max_input_length(model: str, settings: SentenceTransformerSettings, config: dict[str, Any] | None = None) -> int:
     """The longest input the model takes, as sentence-transformers decides it.
 
     ``max_seq_length`` from ``sentence_bert_config.json`` when present, else the smaller of
@@ -118,26 +124,69 @@ def max_input_length(model: str, tokenizer: Any, settings: SentenceTransformerSe
     """
     if settings.max_seq_length:
         return int(settings.max_seq_length)
-    from transformers import AutoConfig
-
-    config = AutoConfig.from_pretrained(resolve_model(model))
-    limits = [getattr(config, "max_position_embeddings", None)]
-    if tokenizer.model_max_length < 10**7:  # transformers' "no limit" sentinel is ~1e30
-        limits.append(tokenizer.model_max_length)
+    config = config if config is not None else _config(model)
+    limits = [config.get("max_position_embeddings")]
+    tokenizer_max = (read_json(model, "tokenizer_config.json") or {}).get("model_max_length")
+    if tokenizer_max and tokenizer_max < 10**7:  # transformers' "no limit" sentinel is ~1e30
+        limits.append(tokenizer_max)
     limits = [int(v) for v in limits if v]
     if not limits:
         raise ValueError(f"{model}: cannot tell the model's maximum input length; pass --max-length")
     return min(limits)
 
 
-def embedding_size(model: str, dim: int | None = None) -> int:
-    """Vector size the encoder produces: the model's hidden size, or ``dim`` (Matryoshka) when given."""
+def _config(model: str) -> dict[str, Any]:
+    """The model's config; transformers raises its own ``OSError`` (naming the id or folder) when
+    the model cannot be found, locally or on the hub."""
     from transformers import AutoConfig
 
-    hidden = int(AutoConfig.from_pretrained(resolve_model(model)).hidden_size)
-    if dim is not None and not 1 <= dim <= hidden:
-        raise ValueError(f"--dim {dim} is outside 1..{hidden} for {model}")
-    return dim or hidden
+    return AutoConfig.from_pretrained(resolve_model(model)).to_dict()
+
+
+@dataclasses.dataclass(frozen=True)
+class EmbeddingSpec:
+    """What the job needs to know of the embedding model, read from its files once (in the driver)
+    and handed to the chunker and the encoder, which then read only the tokenizer and weights.
+
+    ``max_length`` is ``--max-length`` or the model's own limit; ``size`` is the vector size
+    (``dim`` when truncating, Matryoshka, else the hidden size); ``revision`` identifies the
+    files (``model_revision``).
+    """
+
+    model: str
+    path: str
+    settings: SentenceTransformerSettings
+    hidden_size: int
+    max_length: int
+    dim: int | None = None
+    revision: str = "unknown"
+
+    @property
+    def size(self) -> int:
+        return self.dim or self.hidden_size
+
+    @classmethod
+    def read(cls, model: str, *, dim: int | None = None, max_length: int | None = None) -> EmbeddingSpec:
+        """Raises ``ValueError`` naming the model for an unusable ``dim``, pooling or length."""
+        path = resolve_model(model)
+        config = _config(path)  # first: a missing model fails here, after one round of hub retries
+        settings = SentenceTransformerSettings.read(path)
+        if settings.pooling not in POOLING_MODES:
+            raise ValueError(f"{model}: pooling mode {settings.pooling!r} is not supported")
+        hidden = int(config["hidden_size"])
+        if dim is not None and not 1 <= dim <= hidden:
+            raise ValueError(f"--dim {dim} is outside 1..{hidden} for {model}")
+        if max_length is not None and max_length < 1:
+            raise ValueError(f"--max-length must be positive, got {max_length}")
+        return cls(
+            model=model,
+            path=path,
+            settings=settings,
+            hidden_size=hidden,
+            max_length=max_length or max_input_length(path, settings, config),
+            dim=dim,
+            revision=model_revision(model),
+        )
 
 
 def model_revision(model: str) -> str:

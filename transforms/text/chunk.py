@@ -14,8 +14,7 @@ from typing import Any
 import apache_beam as beam
 from apache_beam.metrics import Metrics
 
-from transforms.embed import load_tokenizer
-from transforms.models import SentenceTransformerSettings, max_input_length, resolve_model
+from transforms.models.settings import EmbeddingSpec, load_tokenizer
 from transforms.types import DEAD, Chunk, DeadLetter, Document, title_prefix
 
 MIN_WINDOW_TOKENS = 8
@@ -35,6 +34,14 @@ class ChunkSettings:
                 f"--chunk-tokens {self.chunk_tokens}"
             )
 
+    def check_limit(self, max_length: int) -> None:
+        """Chunks must fit the model: ``ValueError`` saying what to pass when they do not."""
+        if self.chunk_tokens > max_length:
+            raise ValueError(
+                f"--chunk-tokens {self.chunk_tokens} is more than the model's maximum input length {max_length}; "
+                f"pass --chunk-tokens {max_length} or less (0: one chunk per document, truncated)"
+            )
+
 
 class Chunker:
     """Pure chunking logic around a tokenizer (no Beam), so it is tested directly."""
@@ -42,11 +49,7 @@ class Chunker:
     def __init__(self, tokenizer: Any, settings: ChunkSettings, max_length: int, document_prompt: str = "") -> None:
         if not getattr(tokenizer, "is_fast", False):
             raise ValueError("chunking needs a fast tokenizer (offset mapping)")
-        if settings.chunk_tokens > max_length:
-            raise ValueError(
-                f"--chunk-tokens {settings.chunk_tokens} is more than the model's maximum input length {max_length}; "
-                f"pass --chunk-tokens {max_length} or less (0: one chunk per document, truncated)"
-            )
+        settings.check_limit(max_length)
         self.tokenizer = tokenizer
         self.settings = settings
         self.max_length = max_length
@@ -120,22 +123,21 @@ class Chunker:
         )
 
 
-def load_chunker(model: str, settings: ChunkSettings, max_length: int | None = None) -> Chunker:
-    path = resolve_model(model)
-    st = SentenceTransformerSettings.read(path)
-    tokenizer = load_tokenizer(path)
-    limit = max_length or max_input_length(path, tokenizer, st)
+def load_chunker(model: EmbeddingSpec | str, settings: ChunkSettings, max_length: int | None = None) -> Chunker:
+    """A chunker for the model's tokenizer; ``model`` is the job's ``EmbeddingSpec`` (or an id,
+    read here, with ``max_length`` overriding the model's limit)."""
+    spec = model if isinstance(model, EmbeddingSpec) else EmbeddingSpec.read(model, max_length=max_length)
+    tokenizer = load_tokenizer(spec.path)
     # Whole documents are tokenised here on purpose (to find windows); silence the
     # "sequence longer than the model's maximum" warning that would fire for each one.
     tokenizer.model_max_length = 1 << 40
-    return Chunker(tokenizer, settings, limit, st.document_prompt)
+    return Chunker(tokenizer, settings, spec.max_length, spec.settings.document_prompt)
 
 
 class _ChunkDocuments(beam.DoFn):
-    def __init__(self, model: str, settings: ChunkSettings, max_length: int | None) -> None:
-        self.model = model
+    def __init__(self, spec: EmbeddingSpec, settings: ChunkSettings) -> None:
+        self.spec = spec
         self.settings = settings
-        self.max_length = max_length
         self.chunks = Metrics.counter("corpus_etl", "chunks")
         self.tokens = Metrics.counter("corpus_etl", "tokens")
         self.truncated = Metrics.counter("corpus_etl", "documents_truncated")
@@ -143,7 +145,7 @@ class _ChunkDocuments(beam.DoFn):
         self.token_dist = Metrics.distribution("corpus_etl", "chunk_tokens")
 
     def setup(self) -> None:
-        self.chunker = load_chunker(self.model, self.settings, self.max_length)
+        self.chunker = load_chunker(self.spec, self.settings)
 
     def process(self, doc: Document):
         result = self.chunker.chunk(doc)
@@ -163,14 +165,13 @@ class _ChunkDocuments(beam.DoFn):
 class ChunkDocuments(beam.PTransform):
     """``Document`` → ``Chunk`` (main) and ``DeadLetter`` (tag ``dead_letter``)."""
 
-    def __init__(self, model: str, settings: ChunkSettings, max_length: int | None = None) -> None:
+    def __init__(self, spec: EmbeddingSpec, settings: ChunkSettings) -> None:
         super().__init__()
-        self.model = model
+        self.spec = spec
         self.settings = settings
-        self.max_length = max_length
 
     def expand(self, docs):
-        result = docs | "Chunk" >> beam.ParDo(_ChunkDocuments(self.model, self.settings, self.max_length)).with_outputs(
+        result = docs | "Chunk" >> beam.ParDo(_ChunkDocuments(self.spec, self.settings)).with_outputs(
             DEAD, main="chunks"
         )
         return {"chunks": result.chunks, DEAD: result[DEAD]}

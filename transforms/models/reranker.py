@@ -30,25 +30,17 @@ What is different is only how the work is done:
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import inspect
 import logging
-import math
 import os
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from typing import Any
 
-import apache_beam as beam
 import torch
-from apache_beam.ml.inference.base import ModelHandler
 
-from transforms.gpu import default_dtype, default_token_budget, resolve_device, run_in_token_budget
-from transforms.hooks import record_model_load
-from transforms.inference import RunInferenceByTokens
-from transforms.models import resolve_model
-from transforms.progress import disable_library_progress_bars, reporter
-from transforms.types import DeadLetter, Judgement, QueryPairs, RerankPair
+from transforms.models.devices import TorchModel, run_in_token_budget
+from transforms.models.settings import load_tokenizer, resolve_model
 
 _LOG = logging.getLogger(__name__)
 
@@ -71,7 +63,7 @@ def format_instruction(instruction: str | None, query: str, doc: str) -> str:
     return PAIR_FORMAT.format(instruction=instruction, query=query, doc=doc)
 
 
-class Qwen3Reranker:
+class Qwen3Reranker(TorchModel):
     """Scores (query, document) pairs with a Qwen3-Reranker checkpoint.
 
     Construction is cheap and picklable; ``load()`` reads the tokenizer and weights.
@@ -93,25 +85,19 @@ class Qwen3Reranker:
         attn_implementation: str | None = None,
         share_prefix: bool = False,
     ) -> None:
-        self.model_id = model
-        self.device_name = device
-        self.dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
+        super().__init__(
+            model, device=device, dtype=dtype, token_budget=token_budget, attn_implementation=attn_implementation
+        )
         self.max_length = max_length
         self.instruction = instruction
-        self.token_budget_override = token_budget
-        self.attn_implementation = attn_implementation
         self.share_prefix = share_prefix
-        self._model: torch.nn.Module | None = None
 
     # -- loading -------------------------------------------------------------------------
     def load(self) -> Qwen3Reranker:
-        from transformers import AutoModelForCausalLM, AutoTokenizer
+        from transformers import AutoModelForCausalLM
 
-        disable_library_progress_bars()  # one bar per worker process is noise in job logs
         path = resolve_model(self.model_id)
-        self.device = resolve_device(self.device_name)
-        dtype = self.dtype or default_dtype(self.device)
-        self.tokenizer = AutoTokenizer.from_pretrained(path, padding_side="left")
+        self.tokenizer = load_tokenizer(path, padding_side="left")
         self.prefix_ids: list[int] = self.tokenizer.encode(PROMPT_PREFIX, add_special_tokens=False)
         self.suffix_ids: list[int] = self.tokenizer.encode(PROMPT_SUFFIX, add_special_tokens=False)
         self.pair_max_length = self.max_length - len(self.prefix_ids) - len(self.suffix_ids)
@@ -120,11 +106,7 @@ class Qwen3Reranker:
                 f"max_length {self.max_length} leaves no room for a pair after the prompt's "
                 f"{len(self.prefix_ids) + len(self.suffix_ids)} tokens"
             )
-        kwargs: dict[str, Any] = {"dtype": dtype}
-        if self.attn_implementation:
-            kwargs["attn_implementation"] = self.attn_implementation
-        model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
-        self._model = model.to(self.device).eval()
+        self._load_weights(AutoModelForCausalLM, path, self.max_length)
 
         self.no_id = self.tokenizer.convert_tokens_to_ids("no")
         self.yes_id = self.tokenizer.convert_tokens_to_ids("yes")
@@ -138,15 +120,7 @@ class Qwen3Reranker:
         bias = getattr(head, "bias", None)
         self._head_bias = None if bias is None else bias.detach().index_select(0, rows)
 
-        self.token_budget = self.token_budget_override or default_token_budget(self._model, self.device)
-        self.token_budget = max(self.token_budget, self.max_length)
         return self
-
-    @property
-    def model(self) -> torch.nn.Module:
-        if self._model is None:
-            raise RuntimeError("Qwen3Reranker.load() must be called before scoring")
-        return self._model
 
     # -- inputs --------------------------------------------------------------------------
     def format(self, query: str, doc: str, instruction: str | None = None) -> str:
@@ -343,7 +317,6 @@ def _cache_of(output: Any) -> Any:
     return cache if cache is not None else output.past_key_values
 
 
-# -- Beam ----------------------------------------------------------------------------------
 def _probe_hub(model: str, hint: str) -> None:
     """A hub id that is not in the local cache: one request, no retries, or a clear error.
 
@@ -400,193 +373,3 @@ def check_reranker(model: str) -> None:
             raise ValueError(f"reranker {model!r}: its tokenizer has no single token {word!r}; not a Qwen3-Reranker")
     if not any(weights):
         raise ValueError(f"reranker {model!r} has config files but no weights (model.safetensors)")
-
-
-@dataclasses.dataclass(frozen=True)
-class PairTokenEstimate:
-    """Cheap token count of a ``RerankPair`` for Beam's batch weights (no tokenizer).
-
-    Characters / ``chars_per_token`` plus the fixed prompt (~70 Qwen3 tokens with the default
-    instruction), capped at ``max_length``; a ``QueryPairs`` weighs the sum of its pairs. English runs at ~4 characters per token; 3 errs on
-    the side of smaller batches.
-    """
-
-    chars_per_token: float = 3.0
-    prompt_tokens: int = 80
-    max_length: int = 8192
-
-    def __call__(self, pair: RerankPair | QueryPairs) -> int:
-        if isinstance(pair, QueryPairs):
-            return sum(self(p) for p in pair.pairs)
-        chars = len(pair.query) + len(pair.doc_text)
-        return min(self.prompt_tokens + math.ceil(chars / self.chars_per_token), self.max_length)
-
-
-class RerankModelHandler(ModelHandler[RerankPair, Judgement | DeadLetter, Qwen3Reranker]):
-    """``RunInference`` handler: ``RerankPair`` → ``Judgement`` (teacher score = P(yes)), or
-    ``QueryPairs`` → a list of them, one per pair (``RerankByQuery`` uses this, so that a
-    query's candidates can share their prompt head in the scorer: ``share_prefix=True``).
-
-    The scorer is loaded once per worker process and shared by its threads (RunInference keeps
-    it in a ``Shared`` handle). Beam batches are sized by estimated tokens
-    (``max_batch_tokens``, from characters: cheap, no tokenizer on the batching path); inside, pairs are tokenised, sorted and cut again by the forward
-    pass's padded-token budget (``token_budget``). A pair that runs out of memory even alone
-    comes back as a ``DeadLetter(stage="rerank")``; the rest of its batch is scored.
-    ``inference_args={"instruction": ...}`` overrides the instruction for a call.
-    """
-
-    def __init__(
-        self,
-        model: str,
-        *,
-        device: str = "auto",
-        dtype: str | None = None,
-        max_length: int = 8192,
-        instruction: str | None = None,
-        token_budget: int | None = None,
-        max_batch_tokens: int = 65536,
-        chars_per_token: float = 3.0,
-        attn_implementation: str | None = None,
-        progress_interval_s: float = 30.0,
-        large_model: bool = False,
-        share_prefix: bool = False,
-    ) -> None:
-        # Beam 2.77's BatchElements takes no ``max_batch_weight`` (ModelHandler accepts it and
-        # RunInference then fails with a TypeError); with ``element_size_fn`` its batch sizes are
-        # summed weights, so min = max = the token target gives batches of ~max_batch_tokens.
-        # The estimate is capped at max_length, so one pair never exceeds the target alone.
-        batch_tokens = max(max_batch_tokens, max_length)
-        super().__init__(
-            min_batch_size=batch_tokens,
-            max_batch_size=batch_tokens,
-            element_size_fn=PairTokenEstimate(chars_per_token=chars_per_token, max_length=max_length),
-            large_model=large_model,
-        )
-        self._scorer_args: dict[str, Any] = dict(
-            model=model,
-            device=device,
-            dtype=dtype,
-            max_length=max_length,
-            instruction=instruction,
-            token_budget=token_budget,
-            attn_implementation=attn_implementation,
-            share_prefix=share_prefix,
-        )
-        self._progress_interval_s = progress_interval_s
-
-    def load_model(self) -> Qwen3Reranker:
-        args = dict(self._scorer_args)
-        scorer = Qwen3Reranker(args.pop("model"), **args).load()
-        record_model_load("rerank", scorer.model_id)
-        _LOG.info(
-            "loaded reranker %s on %s (max_length %d, token budget %d)",
-            scorer.model_id,
-            scorer.device,
-            scorer.max_length,
-            scorer.token_budget,
-        )
-        return scorer
-
-    def validate_inference_args(self, inference_args: dict[str, Any] | None) -> None:
-        unknown = set(inference_args or {}) - {"instruction"}
-        if unknown:
-            raise ValueError(
-                f"RerankModelHandler takes only 'instruction' as inference_args, not {sorted(unknown)}"
-            )
-
-    def run_inference(
-        self,
-        batch: Sequence[RerankPair | QueryPairs],
-        model: Qwen3Reranker,
-        inference_args: dict[str, Any] | None = None,
-    ) -> Iterable[Judgement | DeadLetter | list[Judgement | DeadLetter]]:
-        if not batch:  # BatchElements emits an empty batch when one element outweighs its target
-            return []
-        instruction = (inference_args or {}).get("instruction")
-        members = [x.pairs if isinstance(x, QueryPairs) else (x,) for x in batch]
-        pairs = [p for group in members for p in group]
-        texts = [(p.query, p.doc_text) for p in pairs]
-        ids = model.encode_pairs(texts, instruction)
-        heads = model.head_lengths(texts, ids, instruction) if model.share_prefix else None
-        scores, failures = model.score_ids(ids, heads)
-        reasons = dict(failures)
-        reporter("rerank", self._progress_interval_s).add(pairs=len(pairs), tokens=sum(len(x) for x in ids))
-        flat = [_judge(pair, score, reasons.get(i)) for i, (pair, score) in enumerate(zip(pairs, scores))]
-        results: list[Judgement | DeadLetter | list[Judgement | DeadLetter]] = []
-        start = 0
-        for element, group in zip(batch, members):
-            answer = flat[start : start + len(group)]
-            start += len(group)
-            results.append(answer if isinstance(element, QueryPairs) else answer[0])
-        return results
-
-    def get_metrics_namespace(self) -> str:
-        return "corpus_etl"
-
-    def get_num_bytes(self, batch: Sequence[RerankPair | QueryPairs]) -> int:
-        pairs = (p for x in batch for p in (x.pairs if isinstance(x, QueryPairs) else (x,)))
-        return sum(len(p.query) + len(p.doc_text) for p in pairs)
-
-
-def _judge(pair: RerankPair, score: float | None, reason: str | None) -> Judgement | DeadLetter:
-    if score is None:
-        return DeadLetter.of("rerank", reason or "not scored", f"{pair.query_id}/{pair.doc_id}", dataclasses.asdict(pair))
-    return Judgement(
-        query_id=pair.query_id,
-        doc_id=pair.doc_id,
-        teacher_score=float(score),
-        first_stage_score=pair.first_stage_score,
-        first_stage_rank=pair.first_stage_rank,
-    )
-
-
-def pair_key(element: RerankPair | QueryPairs) -> str:
-    """A pair's (or a query group's) unique id, which places it in a batch."""
-    if isinstance(element, QueryPairs):
-        return element.query_id
-    return f"{element.query_id}\t{element.doc_id}"
-
-
-def pair_source(pair: RerankPair) -> tuple[str, Any]:
-    """Dead-letter source and record of a pair whose batch failed."""
-    return f"{pair.query_id}/{pair.doc_id}", {"query_id": pair.query_id, "doc_id": pair.doc_id}
-
-
-def _query_pairs(query_id: str, pairs: Iterable[RerankPair]) -> QueryPairs:
-    # Sorted, so a group (and its dead letters, if any) is the same whatever the shuffle order.
-    return QueryPairs(query_id, tuple(sorted(pairs, key=lambda p: (p.first_stage_rank, p.doc_id))))
-
-
-class RerankByQuery(beam.PTransform):
-    """``RerankPair`` → ``Judgement`` (``results``) and ``DeadLetter`` (``dead_letter``).
-
-    Pairs are grouped by query first (one shuffle of the pair texts), so each query's
-    candidates reach one scorer call together and, with a handler built with
-    ``share_prefix=True``, its prompt head is run once per forward pass instead of once per pair. Batches are sized by estimated tokens
-    (``max_batch_weight``); a query heavier than that is a batch of its own, which the scorer
-    still cuts into forward passes by its token budget. A pair that fails alone, or every pair
-    of a batch that raises, becomes a dead letter: no pair is dropped silently.
-    """
-
-    def __init__(self, handler: RerankModelHandler, *, max_batch_weight: int, max_length: int = 8192) -> None:
-        super().__init__()
-        self.handler = handler
-        self.max_batch_weight = max_batch_weight
-        self.max_length = max_length
-
-    def expand(self, pairs):
-        return (
-            pairs
-            | "KeyByQuery" >> beam.WithKeys(lambda p: p.query_id)
-            | "GroupByQuery" >> beam.GroupByKey()
-            | "ToQueryPairs" >> beam.MapTuple(_query_pairs)
-            | "Score" >> RunInferenceByTokens(
-                self.handler,
-                stage="rerank",
-                max_batch_weight=self.max_batch_weight,
-                element_size_fn=PairTokenEstimate(max_length=self.max_length),
-                key_fn=pair_key,
-                describe=pair_source,
-                members=lambda group: group.pairs,
-            )
-        )

@@ -2,7 +2,7 @@
 
 ``--qdrant-path`` is the embedded store (Qdrant Edge, ``transforms/edge_store.py``);
 ``--qdrant-url`` is a server through qdrant-client (``ServerStore`` here). Both sit behind
-``transforms.store.VectorStore``; jobs call only that interface.
+``transforms.io.store.VectorStore``; jobs call only that interface.
 
 Guarantees:
 - Point ids are ``uuid5(doc_id:chunk_index)``: a retried bundle (Beam retries with new
@@ -33,6 +33,7 @@ Guarantees:
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import logging
@@ -50,9 +51,9 @@ from qdrant_client.http.exceptions import ResponseHandlingException, UnexpectedR
 from qdrant_client.local.qdrant_local import QdrantLocal
 
 from transforms.hooks import pause_point
-from transforms.incremental import fingerprint
+from transforms.io.incremental import fingerprint
+from transforms.io.store import CollectionSpec, StorePoint, VectorStore
 from transforms.progress import reporter
-from transforms.store import CollectionSpec, StorePoint, VectorStore
 from transforms.types import Candidate, Chunk, EmbeddedChunk
 
 _LOG = logging.getLogger(__name__)
@@ -110,21 +111,28 @@ class QdrantConfig:
         return QdrantClient(path=self.path)
 
 
-_CLIENTS: dict[QdrantConfig, tuple[QdrantClient, threading.RLock]] = {}
+_CLIENTS: dict[QdrantConfig, tuple[QdrantClient, Any]] = {}
 _CLIENTS_LOCK = threading.Lock()
 
 
-def shared_client(config: QdrantConfig) -> tuple[QdrantClient, threading.RLock]:
-    """One client per config per process, with a lock for local mode.
+def client_lock(client: QdrantClient) -> Any:
+    """What calls on ``client`` are made under: a re-entrant lock for local mode, which is not
+    thread-safe; nothing for a server, whose HTTP and gRPC clients are, so threads run in parallel."""
+    return threading.RLock() if isinstance(getattr(client, "_client", None), QdrantLocal) else contextlib.nullcontext()
+
+
+def shared_client(config: QdrantConfig) -> tuple[QdrantClient, Any]:
+    """One client per config per process, and its lock (``client_lock``).
 
     Local mode holds a file lock on its folder, so a second client in the same process
-    would fail; every DoFn instance, the driver and the CLI share this one. Local mode is
-    one process: parallel workers need a server (``--qdrant-url``).
+    would fail; every DoFn instance, the driver and the CLI share this one. For a server,
+    one client per process reuses its connections.
     """
     with _CLIENTS_LOCK:
         entry = _CLIENTS.get(config)
         if entry is None:
-            entry = _CLIENTS[config] = (config.connect(), threading.RLock())
+            client = config.connect()
+            entry = _CLIENTS[config] = (client, client_lock(client))
         return entry
 
 
@@ -232,7 +240,7 @@ def with_retries(
 # -- points --------------------------------------------------------------------------------
 def chunk_payload(chunk: Chunk, model_id: str, digest: str = "") -> dict[str, Any]:
     """The payload of a chunk's point. ``fingerprint`` (with the settings ``digest``) is what the
-    vector depends on: incremental runs compare it to skip chunks (``transforms.incremental``)."""
+    vector depends on: incremental runs compare it to skip chunks (``transforms.io.incremental``)."""
     payload: dict[str, Any] = {
         "doc_id": chunk.doc_id,
         "chunk_index": chunk.chunk_index,
@@ -332,7 +340,7 @@ class _UpsertPoints(_Writer):
     """Server writer: a per-bundle buffer, flushed (upsert + stale-chunk prune, retried as one) when full."""
 
     def setup(self) -> None:
-        from transforms.store import open_store
+        from transforms.io.store import open_store
 
         self.store = open_store(self.config)
 
@@ -410,12 +418,12 @@ class _KeyByShard(beam.DoFn):
         self.config, self.collection = config, collection
 
     def setup(self) -> None:
-        from transforms.edge_store import EdgeStore
+        from transforms.io.edge_store import EdgeStore
 
         self.shards = EdgeStore(self.config.path or ".").meta(self.collection).shards
 
     def process(self, item: EmbeddedChunk):
-        from transforms.edge_store import shard_of
+        from transforms.io.edge_store import shard_of
 
         yield shard_of(item.chunk.doc_id, self.shards), item
 
@@ -430,7 +438,7 @@ class _WriteShard(_Writer):
     """
 
     def setup(self) -> None:
-        from transforms.edge_store import EdgeStore
+        from transforms.io.edge_store import EdgeStore
 
         self.store = EdgeStore(self.config.path or ".", lock_wait_s=self.config.lock_wait_s)
 
@@ -531,13 +539,13 @@ class ServerStore(VectorStore):
 
     Every call is the one qdrant-client call the jobs made before the interface existed
     (``wait=True`` upserts and deletes, server-side grouping, one alias request), under
-    the client's process lock. The writer retries ``write_batch`` as a whole on transient
+    the client's lock (``client_lock``: local mode only). The writer retries ``write_batch`` as a whole on transient
     errors (``with_retries``); single calls here are not retried.
     """
 
     def __init__(self, config: QdrantConfig | None = None, *, client: QdrantClient | None = None) -> None:
         if client is not None:
-            self.client, self.lock = client, threading.RLock()
+            self.client, self.lock = client, client_lock(client)
             self.where = "client"
         elif config is not None:
             self.client, self.lock = shared_client(config)
@@ -603,11 +611,22 @@ class ServerStore(VectorStore):
         with self.lock:
             return {a.alias_name: a.collection_name for a in self.client.get_aliases().aliases}
 
+    def collections(self) -> list[str]:
+        with self.lock:
+            return sorted(c.name for c in self.client.get_collections().collections)
+
+    def delete_collection(self, name: str) -> None:
+        with self.lock:
+            if not self.client.collection_exists(name) or name in self.aliases():
+                raise ValueError(f"collection {name!r} does not exist")
+            self.client.delete_collection(name)
+
     def point_alias(self, alias: str, collection: str) -> str | None:
         with self.lock:
             return point_alias(self.client, alias, collection)
 
     def write_batch(self, collection: str, points: Sequence[StorePoint], first_chunks: Mapping[str, int]) -> int:
-        """Upsert, probe and prune under one hold of the client lock (as the writer always did)."""
+        """Upsert, probe and prune under one hold of the client lock (local mode), so no other
+        thread's call falls between them."""
         with self.lock:  # re-entrant: the calls below take it again
             return super().write_batch(collection, points, first_chunks)

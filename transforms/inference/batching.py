@@ -178,7 +178,8 @@ class BatchDeterministically(beam.PTransform):
 class RunInferenceByTokens(beam.PTransform):
     """Elements → handler results (main) and ``DeadLetter`` (tag ``dead_letter``).
 
-    Batches hold at most ``max_batch_weight`` by ``element_size_fn`` (tokens) and are composed
+    Batches hold at most ``max_batch_weight`` by ``element_size_fn`` (tokens; by default the
+    handler's ``max_batch_weight`` and ``element_weight``) and are composed
     by ``BatchDeterministically`` (``key_fn``: each element's unique id), so results are
     bitwise the same on every run of the same inputs. The handler may yield ``DeadLetter`` s for single elements (e.g. out
     of memory alone); a batch that raises becomes one dead letter per element
@@ -193,10 +194,10 @@ class RunInferenceByTokens(beam.PTransform):
         handler: ModelHandler,
         *,
         stage: str,
-        max_batch_weight: int,
-        element_size_fn: Callable[[Any], int],
         key_fn: Callable[[Any], str],
         describe: Callable[[Any], tuple[str, Any]],
+        max_batch_weight: int | None = None,
+        element_size_fn: Callable[[Any], int] | None = None,
         max_batch_size: int = 4096,
         inference_args: dict[str, Any] | None = None,
         members: Callable[[Any], Iterable[Any]] = _itself,
@@ -204,8 +205,9 @@ class RunInferenceByTokens(beam.PTransform):
         super().__init__()
         self.handler = handler
         self.stage = stage
-        self.max_batch_weight = max_batch_weight
-        self.element_size_fn = element_size_fn
+        # By default the handler's own token budget and weights (``TokenBatchedHandler``).
+        self.max_batch_weight = max_batch_weight or handler.max_batch_weight
+        self.element_size_fn = element_size_fn or handler.element_weight
         self.key_fn = key_fn
         self.describe = describe
         self.max_batch_size = max_batch_size

@@ -1,10 +1,11 @@
-"""Device choice, token budgets and out-of-memory recovery shared by the model handlers."""
+"""What the two models share: device and dtype choice, token budgets, loading, out-of-memory recovery."""
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from collections.abc import Callable, Sequence
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import torch
 
@@ -65,6 +66,82 @@ def default_token_budget(model: torch.nn.Module, device: torch.device, *, cpu_bu
     per_token = (hidden * 6 + inter * 3) * bytes_per_value
     budget = int(free * 0.5 / per_token)
     return max(1024, min(budget, 262_144))
+
+
+# Without --max-batch-tokens, Beam batches are sized as if forward passes held this many tokens.
+DEFAULT_FORWARD_TOKENS = 8192
+# A Beam batch holds this many forward passes' worth: enough to sort by length inside it.
+PASSES_PER_BATCH = 4
+
+
+@dataclasses.dataclass(frozen=True)
+class TokenBudgets:
+    """The two token budgets of inference, both from ``--max-batch-tokens`` (``from_flag``).
+
+    ``forward``: padded tokens (longest row x rows) of one forward pass; ``None`` lets the model
+    choose at load time from free GPU memory (``default_token_budget``; 2048 on CPU).
+    ``batch``: tokens of the elements in one Beam batch handed to ``run_inference``, which cuts
+    it into forward passes; never below ``max_length``, so the longest element fits alone.
+    """
+
+    forward: int | None = None
+    batch: int = PASSES_PER_BATCH * DEFAULT_FORWARD_TOKENS
+
+    def __post_init__(self) -> None:
+        if self.forward is not None and self.forward < 1:
+            raise ValueError(f"--max-batch-tokens must be positive, got {self.forward}")
+        if self.batch < 1:
+            raise ValueError(f"the batch token budget must be positive, got {self.batch}")
+
+    @classmethod
+    def from_flag(cls, max_batch_tokens: int | None, max_length: int) -> TokenBudgets:
+        batch = PASSES_PER_BATCH * (max_batch_tokens or DEFAULT_FORWARD_TOKENS)
+        return cls(forward=max_batch_tokens, batch=max(batch, max_length))
+
+
+class TorchModel:
+    """Base of the encoder and the reranker: cheap, picklable construction; ``load()`` reads.
+
+    Shared: ``device`` (``auto``: CUDA when present), ``dtype`` (default bf16 on GPU, fp32 on
+    CPU), ``attn_implementation``, and ``token_budget``, the padded tokens of one forward pass
+    (default from free GPU memory, 2048 on CPU; never below the longest input).
+    """
+
+    def __init__(
+        self,
+        model: str,
+        *,
+        device: str = "auto",
+        dtype: torch.dtype | str | None = None,
+        token_budget: int | None = None,
+        attn_implementation: str | None = None,
+    ) -> None:
+        self.model_id = model
+        self.device_name = device
+        self.dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
+        self.token_budget_override = token_budget
+        self.attn_implementation = attn_implementation
+        self._model: torch.nn.Module | None = None
+
+    def _load_weights(self, auto_class: Any, path: str, longest_input: int) -> torch.nn.Module:
+        """Weights onto the device, eval mode; sets ``device`` and ``token_budget``."""
+        from transforms.progress import disable_library_progress_bars
+
+        disable_library_progress_bars()  # one bar per worker process is noise in job logs
+        self.device = resolve_device(self.device_name)
+        kwargs: dict[str, Any] = {"dtype": self.dtype or default_dtype(self.device)}
+        if self.attn_implementation:
+            kwargs["attn_implementation"] = self.attn_implementation
+        self._model = auto_class.from_pretrained(path, **kwargs).to(self.device).eval()
+        budget = self.token_budget_override or default_token_budget(self._model, self.device)
+        self.token_budget = max(budget, longest_input)
+        return self._model
+
+    @property
+    def model(self) -> torch.nn.Module:
+        if self._model is None:
+            raise RuntimeError(f"{type(self).__name__}.load() must be called first")
+        return self._model
 
 
 def is_oom(exc: BaseException) -> bool:

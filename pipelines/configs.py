@@ -1,0 +1,240 @@
+"""Flags → config objects: the one place where the command line meets the jobs.
+
+Each job's config is a frozen dataclass that validates itself (``ValueError`` naming the flag);
+``index_config``, ``label_config`` and ``qdrant_config`` build them from parsed flags
+(``pipelines.flags``). What is read from the model's files (sizes, limits, prompts) is not
+here: the driver reads it once (``EmbeddingSpec``) after the config is built.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+from typing import Any
+
+from pipelines.flags import DEFAULT_EMBEDDING_MODEL, DEFAULT_RERANKER
+from pipelines.launch import model_resource_hints
+from pipelines.security import check_qdrant_flags
+from transforms.datasets.formats import LabelDatasetsConfig, parse_thresholds
+from transforms.io.parquet import DocumentColumns
+from transforms.io.qdrant import RESERVED_PAYLOAD_KEYS, QdrantConfig
+from transforms.io.store import HnswSettings
+from transforms.models.devices import TokenBudgets
+from transforms.text.chunk import ChunkSettings
+from transforms.text.queries import QueryColumns, SampleConfig, parse_sample_spec
+
+
+def qdrant_config(args: argparse.Namespace) -> QdrantConfig:
+    """The Qdrant settings of the flags, refused (``UsageError``) when they would leak the API key.
+
+    An API key goes only over https or to a loopback host unless ``--allow-insecure-api-key``;
+    a named key variable must be set, checked here, before any job starts.
+    """
+    check_qdrant_flags(args)
+    return QdrantConfig(
+        path=None if args.qdrant_url else args.qdrant_path,
+        url=args.qdrant_url,
+        api_key_env=args.qdrant_api_key_env,
+        prefer_grpc=args.qdrant_grpc,
+        timeout_s=args.qdrant_timeout,
+        lock_wait_s=args.store_lock_wait,
+    )
+
+
+@dataclasses.dataclass(frozen=True)
+class GateConfig:
+    """``--gate-queries/--gate-qrels``: the new collection must score at least the alias's
+    current target minus ``tolerance`` on ``metric``, both evaluated with the same model."""
+
+    queries: str
+    qrels: str
+    metric: str = "nDCG@10"
+    tolerance: float = 0.01
+    top_k: int = 100
+
+    def __post_init__(self) -> None:
+        if self.metric not in ("nDCG@10", "MRR@10", f"Recall@{self.top_k}"):
+            raise ValueError(f"--gate-metric must be nDCG@10, MRR@10 or Recall@{self.top_k}, got {self.metric!r}")
+        if self.tolerance < 0:
+            raise ValueError(f"--gate-tolerance must be >= 0, got {self.tolerance}")
+
+
+def check_job_timeout(seconds: float | None) -> None:
+    if seconds is not None and seconds <= 0:
+        raise ValueError(f"--job-timeout must be positive, got {seconds}")
+
+
+@dataclasses.dataclass(frozen=True)
+class IndexConfig:
+    input: str
+    collection: str
+    model: str
+    qdrant: QdrantConfig = dataclasses.field(default_factory=QdrantConfig)
+    columns: DocumentColumns = dataclasses.field(default_factory=DocumentColumns)
+    chunking: ChunkSettings = dataclasses.field(default_factory=ChunkSettings)
+    dim: int | None = None
+    device: str = "auto"
+    max_length: int | None = None
+    max_batch_tokens: int | None = None
+    dead_letter: str | None = None
+    summary_out: str | None = None
+    alias: str | None = None
+    progress_interval_s: float = 30.0
+    upsert_batch_points: int = 256
+    skip_bad_files: bool = False
+    hnsw: HnswSettings | None = None  # build an HNSW index after the job (embedded store)
+    force: bool = False  # embed every chunk, even those whose stored fingerprint matches
+    delete_missing: bool = False  # delete the points of documents this run's input does not hold
+    max_rejected_fraction: float = 0.01  # alias guard: dead letters per row read
+    gate: GateConfig | None = None  # alias guard: quality against the current target
+    resource_hints: tuple[tuple[str, str], ...] = ()  # on the embedding step only (--accelerator, --model-min-ram)
+    job_timeout_s: float | None = None  # --job-timeout: the job fails past it (pipelines.runner)
+
+    def __post_init__(self) -> None:
+        if not self.input:
+            raise ValueError("--input is required")
+        if not self.collection:
+            raise ValueError("--collection is required")
+        TokenBudgets(forward=self.max_batch_tokens)  # validates it; --dim is checked against the model (EmbeddingSpec)
+        clash = RESERVED_PAYLOAD_KEYS & set(self.columns.metadata)
+        if clash:
+            raise ValueError(f"--metadata-columns {sorted(clash)} clash with payload fields the index writes")
+        if self.alias and self.alias == self.collection:
+            raise ValueError("--alias must differ from --collection")
+        if self.hnsw and not self.qdrant.embedded:
+            raise ValueError("--hnsw applies to the embedded store (--qdrant-path); a server indexes by itself")
+        if not 0.0 <= self.max_rejected_fraction <= 1.0:
+            raise ValueError(f"--max-rejected-fraction must be in [0, 1], got {self.max_rejected_fraction}")
+        if self.gate and not self.alias:
+            raise ValueError("--gate-queries/--gate-qrels guard the alias switch: give --alias too")
+        check_job_timeout(self.job_timeout_s)
+        if self.dead_letter and not self.dead_letter.endswith((".jsonl", ".json", ".parquet")):
+            raise ValueError(f"--dead-letter must end in .jsonl or .parquet, got {self.dead_letter}")
+
+
+def index_config(args: argparse.Namespace) -> IndexConfig:
+    gate = None
+    if args.gate_queries or args.gate_qrels:
+        if not (args.gate_queries and args.gate_qrels):
+            raise ValueError("--gate-queries and --gate-qrels go together")
+        gate = GateConfig(args.gate_queries, args.gate_qrels, args.gate_metric, args.gate_tolerance)
+    return IndexConfig(
+        input=args.input,
+        collection=args.collection,
+        model=args.model,
+        qdrant=qdrant_config(args),
+        columns=DocumentColumns(
+            id=args.id_column,
+            text=args.text_column,
+            title=args.title_column,
+            metadata=tuple(c.strip() for c in args.metadata_columns.split(",") if c.strip()),
+        ),
+        chunking=ChunkSettings(args.chunk_tokens, args.chunk_overlap),
+        dim=args.dim,
+        device=args.device,
+        max_length=args.max_length,
+        max_batch_tokens=args.max_batch_tokens,
+        dead_letter=args.dead_letter,
+        summary_out=args.summary_out,
+        alias=args.alias,
+        progress_interval_s=args.progress_interval,
+        job_timeout_s=args.job_timeout,
+        skip_bad_files=args.skip_bad_files,
+        hnsw=HnswSettings(args.hnsw_m, args.hnsw_ef_construct) if args.hnsw else None,
+        force=args.force,
+        delete_missing=args.delete_missing,
+        max_rejected_fraction=args.max_rejected_fraction,
+        gate=gate,
+        resource_hints=tuple(model_resource_hints(args.accelerator, args.model_min_ram).items()),
+    )
+
+
+@dataclasses.dataclass(frozen=True)
+class LabelConfig:
+    queries: str
+    out: str
+    reranker: str = DEFAULT_RERANKER
+    # first stage: an index ...
+    collection: str | None = None
+    model: str = DEFAULT_EMBEDDING_MODEL
+    qdrant: QdrantConfig = dataclasses.field(default_factory=QdrantConfig)
+    dim: int | None = None
+    query_instruction: str | None = None
+    # ... or a run file and the corpus it ranks
+    candidates: str | None = None
+    corpus: str | None = None
+    corpus_columns: DocumentColumns = dataclasses.field(default_factory=DocumentColumns)
+    top_k: int = 100
+    query_columns: QueryColumns = dataclasses.field(default_factory=QueryColumns)
+    checked_query_columns: tuple[str, ...] = ("query",)
+    instruction: str | None = None
+    sample: SampleConfig = dataclasses.field(default_factory=SampleConfig)
+    thresholds: tuple[float, ...] = (0.5, 0.9)
+    eval_fraction: float = 0.2
+    device: str = "auto"
+    max_length: int = 8192
+    max_batch_tokens: int | None = None
+    share_prefix: bool = False
+    progress_interval_s: float = 30.0
+    summary_out: str | None = None
+    resource_hints: tuple[tuple[str, str], ...] = ()  # on query embedding and reranking only
+    job_timeout_s: float | None = None  # --job-timeout: the job fails past it (pipelines.runner)
+
+    def __post_init__(self) -> None:
+        if bool(self.collection) == bool(self.candidates):
+            raise ValueError("give either --collection (retrieve from the index) or --candidates RUN_FILE --corpus GLOB")
+        if self.candidates and not self.corpus:
+            raise ValueError("--candidates needs --corpus (the Parquet documents the run ranks)")
+        if self.top_k < 1:
+            raise ValueError(f"--top-k must be >= 1, got {self.top_k}")
+        if not 0.0 <= self.eval_fraction <= 1.0:
+            raise ValueError(f"--eval-fraction must be in [0, 1], got {self.eval_fraction}")
+        TokenBudgets(forward=self.max_batch_tokens)  # validates it
+        LabelDatasetsConfig(thresholds=self.thresholds)  # validates the thresholds
+        check_job_timeout(self.job_timeout_s)
+
+    def datasets_config(self, provenance: dict[str, Any], started_at: float | None = None) -> LabelDatasetsConfig:
+        return LabelDatasetsConfig(
+            thresholds=self.thresholds, recall_k=min(20, self.top_k), provenance=provenance, started_at=started_at
+        )
+
+
+def label_config(args: argparse.Namespace) -> LabelConfig:
+    query_columns = QueryColumns(
+        query=args.query_column, query_id=args.query_id_column or "query_id", count=args.count_column or "count"
+    )
+    checked = tuple(c for c in (args.query_column, args.query_id_column, args.count_column) if c)
+    return LabelConfig(
+        queries=args.queries,
+        out=args.out,
+        reranker=args.reranker,
+        collection=args.collection,
+        model=args.model,
+        qdrant=qdrant_config(args),
+        dim=args.dim,
+        query_instruction=args.query_instruction,
+        candidates=args.candidates,
+        corpus=args.corpus,
+        corpus_columns=DocumentColumns(id=args.id_column, text=args.text_column, title=args.title_column),
+        top_k=args.top_k,
+        query_columns=query_columns,
+        checked_query_columns=checked,
+        instruction=args.instruction,
+        sample=SampleConfig(
+            max_queries=args.max_queries,
+            proportions=parse_sample_spec(args.sample) if args.sample else None,
+            seed=args.seed,
+        ),
+        thresholds=parse_thresholds(args.label_thresholds),
+        eval_fraction=args.eval_fraction,
+        device=args.device,
+        max_length=args.max_length,
+        max_batch_tokens=args.max_batch_tokens,
+        share_prefix=args.share_prefix,
+        progress_interval_s=args.progress_interval,
+        job_timeout_s=args.job_timeout,
+        summary_out=args.summary_out,
+        resource_hints=tuple(model_resource_hints(args.accelerator, args.model_min_ram).items()),
+    )
+
+

@@ -1,0 +1,71 @@
+"""The base of the two model handlers: load once per worker process, batch by tokens."""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Callable
+from typing import Any
+
+from apache_beam.ml.inference.base import ModelHandler
+
+from transforms.models.devices import TokenBudgets, TorchModel
+
+_LOG = logging.getLogger(__name__)
+
+# Set by tests: each load_model appends "<pid> <model id>" to this file, so a test can check
+# that a worker process loads a model once, whatever the number of bundles.
+LOAD_LOG_ENV = "CORPUS_ETL_LOAD_LOG"
+
+
+class TokenBatchedHandler(ModelHandler):
+    """``RunInference`` handler of a ``TorchModel``.
+
+    * The model is built from picklable arguments and loaded in ``load_model``, which Beam
+      calls once per worker process: ``RunInference`` keeps the result in a ``Shared`` handle
+      used by the process's threads and bundles.
+    * Beam batches weigh at most ``budgets.batch`` tokens by ``element_weight``.
+      ``RunInferenceByTokens`` composes them (the same on every run); a plain
+      ``RunInference(handler)`` batches by the same weights. The model cuts each batch again
+      into forward passes of its ``token_budget`` (``budgets.forward``).
+    """
+
+    def __init__(
+        self,
+        model_class: type[TorchModel],
+        model_args: dict[str, Any],
+        *,
+        budgets: TokenBudgets,
+        element_weight: Callable[[Any], int],
+        progress_interval_s: float = 30.0,
+        large_model: bool = False,
+    ) -> None:
+        # Beam 2.77's BatchElements takes no ``max_batch_weight`` (ModelHandler forwards it and
+        # RunInference fails); with ``element_size_fn`` its batch sizes are summed weights, so
+        # max_batch_size is the token target.
+        super().__init__(
+            min_batch_size=1, max_batch_size=budgets.batch, element_size_fn=element_weight, large_model=large_model
+        )
+        self.budgets = budgets
+        self.element_weight = element_weight
+        self._model_class = model_class
+        self._model_args = {**model_args, "token_budget": budgets.forward}
+        self._progress_interval_s = progress_interval_s
+
+    @property
+    def max_batch_weight(self) -> int:
+        return self.budgets.batch
+
+    def load_model(self) -> Any:
+        model = self._model_class(**self._model_args).load()
+        _LOG.info(
+            "loaded %s %s on %s in process %d (%d tokens per forward pass)",
+            self._model_class.__name__, model.model_id, model.device, os.getpid(), model.token_budget,
+        )
+        if os.environ.get(LOAD_LOG_ENV):
+            with open(os.environ[LOAD_LOG_ENV], "a", encoding="utf-8") as f:
+                f.write(f"{os.getpid()} {model.model_id}\n")
+        return model
+
+    def get_metrics_namespace(self) -> str:
+        return "corpus_etl"
