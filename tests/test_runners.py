@@ -396,7 +396,7 @@ def test_a_crashed_reindex_then_a_rerun_equals_a_clean_run(case, crashes, corpus
         assert LOST_WORKER.fullmatch(run["err"].strip().splitlines()[-1]), run["err"][-3000:]
         assert json.loads(Path(run["summary"]).read_text())["status"] == "failed"
     elif kill == "nothing":  # the job's --job-timeout ended it, and its workers with it
-        assert run["rc"] == 1 and run["elapsed_s"] < HUNG_TIMEOUT_S + 30, run
+        assert run["rc"] == 1 and run["elapsed_s"] < HUNG_TIMEOUT_S + 60, run  # from the command's start
         last = run["err"].strip().splitlines()[-1]
         assert last.startswith(f"corpus-etl index: error: the job did not finish within --job-timeout {HUNG_TIMEOUT_S}s")
         assert last.endswith("; rerun it: its writes are idempotent")
