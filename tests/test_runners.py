@@ -9,8 +9,9 @@ Modes, both on the embedded store (``--qdrant-path``), both with 2 SDK worker pr
   (``worker_pool_main``) that starts the workers: the path of Flink and Dataflow Runner v2, where
   the pipeline travels as a Runner API proto and the workers import the project.
 
-On each: the index job, a rerun that embeds nothing, and the label job with candidates from that
-index. The results equal the in-process run's (point ids and payloads, vectors within 1e-6, label
+On each: the index job (with an HNSW build; on ``multi_processing``, an in-process job writes
+another collection of the same folder meanwhile), a rerun that embeds nothing, and the label job
+with candidates from that index. The results equal the in-process run's (point ids and payloads, vectors within 1e-6, label
 files byte for byte), and each worker process loads each model once (``transforms.hooks``), with
 every bundle run twice (``--direct_runner_bundle_repeat=1``: more bundles than workers, and
 every write replayed).
@@ -35,6 +36,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from collections import Counter
 from pathlib import Path
@@ -73,8 +75,8 @@ MULTI = ["--direct_running_mode=multi_processing", "--direct_num_workers=2"]
 
 
 # -- arguments and results ------------------------------------------------------------------------
-def index_args(store: str, corpus: str, model: str, *extra: str) -> list[str]:
-    return ["--input", corpus, "--collection", "docs", "--model", model, "--qdrant-path", store,
+def index_args(store: str, corpus: str, model: str, *extra: str, collection: str = "docs") -> list[str]:
+    return ["--input", corpus, "--collection", collection, "--model", model, "--qdrant-path", store,
             "--title-column", "title", "--chunk-tokens", "128", "--chunk-overlap", "16", "--device", "cpu",
             *extra]  # fmt: skip
 
@@ -88,8 +90,8 @@ def label_args(store: str, out: Path, queries: str, model: str, reranker: Path) 
             "--eval-fraction", "0.3", "--device", "cpu"]  # fmt: skip
 
 
-def dumped(store: str, out: Path) -> pa.Table:
-    dump.run(["--collection", "docs", "--qdrant-path", store, "--out", str(out)])
+def dumped(store: str, out: Path, collection: str = "docs") -> pa.Table:
+    dump.run(["--collection", collection, "--qdrant-path", store, "--out", str(out)])
     return pq.read_table(out)
 
 
@@ -134,30 +136,34 @@ def hooks_env(hooks: Path) -> dict[str, str]:
 
 
 class Job:
-    """One ``corpus-etl`` command in its own process group (killed on the way out); ``wait()`` is bounded."""
+    """One ``corpus-etl`` command in its own process group (killed on the way out); ``wait()`` is bounded.
+    Its output goes to files: a pipe nobody reads while the test does something else could fill and block it."""
 
     def __init__(self, stack: contextlib.ExitStack, args: list[str], env: dict[str, str]) -> None:
         cmd = [sys.executable, "-m", "pipelines.cli", *args, "--job-timeout", str(JOB_TIMEOUT_S)]
         if "--job-timeout" in args:
             cmd = cmd[:-2]
-        self.proc = stack.enter_context(
-            started(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-        )
+        self.out, self.err = (stack.enter_context(tempfile.TemporaryFile("w+")) for _ in range(2))
+        self.proc = stack.enter_context(started(cmd, env=env, stdout=self.out, stderr=self.err, text=True))
         self.pid = self.proc.pid
 
     def wait(self, timeout_s: float = WAIT_S) -> tuple[int, str, str]:
         try:
-            out, err = self.proc.communicate(timeout=timeout_s)
+            self.proc.wait(timeout=timeout_s)
         except subprocess.TimeoutExpired:
             kill_group(self.proc)
             pytest.fail(f"{self.proc.args[3:5]} did not end within {timeout_s:.0f}s")
-        return self.proc.returncode, out, err
+        self.out.seek(0)
+        self.err.seek(0)
+        return self.proc.returncode, self.out.read(), self.err.read()
 
 
-def run_job(args: list[str], env: dict[str, str]) -> tuple[int, str]:
-    """Run a command to the end; returns (driver pid, stdout)."""
+def run_job(args: list[str], env: dict[str, str], alongside=None) -> tuple[int, str]:
+    """Run a command to the end (and ``alongside()`` here meanwhile); returns (driver pid, stdout)."""
     with contextlib.ExitStack() as stack:
         job = Job(stack, args, env)
+        if alongside:
+            alongside()
         rc, out, err = job.wait()
     assert rc == 0, f"exit {rc}\n{out[-2000:]}\n{err[-4000:]}"
     return job.pid, out
@@ -259,23 +265,33 @@ def test_index_rerun_and_label_equal_the_in_process_run(
     runner, env, hooks = _mode(mode, request, tmp_path)
     store = str(tmp_path / "store")
 
-    def job(args: list[str], models: set[str], optional: set[str] = frozenset()) -> dict:
+    def job(args: list[str], models: set[str], optional: set[str] = frozenset(), alongside=None) -> dict:
         loaded, workers = len(model_loads(hooks)), _workers_started(request, mode)
         summary_out = tmp_path / f"summary-{loaded}-{time.monotonic_ns()}.json"
-        driver, _ = run_job([*args, *runner, "--summary-out", str(summary_out)], env)
+        driver, _ = run_job([*args, *runner, "--summary-out", str(summary_out)], env, alongside)
         assert_each_model_loaded_once_per_process(model_loads(hooks)[loaded:], driver, models, optional)
         if mode == "portable":
             assert _workers_started(request, mode) - workers == 2  # the pool started 2 SDK workers for the job
         return json.loads(summary_out.read_text())
 
-    # every bundle twice: each worker runs several bundles per model, and replays every write
-    first = job(["index", *index_args(store, corpus["v1"], minilm_path), "--direct_runner_bundle_repeat=1"],
-                {minilm_path})  # fmt: skip
+    # Every bundle twice: each worker runs several bundles per model, and replays every write. With
+    # multi_processing, an in-process job writes another collection of the same folder meanwhile.
+    def in_process() -> None:
+        args = index_args(store, corpus["v1"], minilm_path, collection="single")
+        index.run(args, test_pipeline=TestPipeline())
+
+    hnsw = ["--hnsw", "--hnsw-m", "8", "--hnsw-ef-construct", "32"]
+    first = job(["index", *index_args(store, corpus["v1"], minilm_path), "--direct_runner_bundle_repeat=1", *hnsw],
+                {minilm_path}, alongside=in_process if mode == "multi_processing" else None)  # fmt: skip
     want = reference["summary"]
     assert first["status"] == "ok"
     assert first["chunks_embedded"] == want["chunks_embedded"] == first["points_in_collection"] > len(V1_DOCS)
     assert first["counters"] == want["counters"]
+    assert first["hnsw"]["m"] == 8 and first["hnsw"]["indexed_vectors"] == first["points_in_collection"]
+    assert EdgeStore(store).meta("docs").hnsw == {"m": 8, "ef_construct": 32}
     assert_same_points(dumped(store, tmp_path / "first.parquet"), reference["dump"])
+    if mode == "multi_processing":
+        assert_same_points(dumped(store, tmp_path / "single.parquet", "single"), reference["dump"])
 
     again = job(["index", *index_args(store, corpus["v1"], minilm_path)], set(), {minilm_path})  # nothing to embed
     assert again["chunks_embedded"] == 0 and again["documents_unchanged"] == len(V1_DOCS)
