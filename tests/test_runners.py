@@ -308,7 +308,7 @@ def test_index_rerun_and_label_equal_the_in_process_run(
 
 
 # -- crashes --------------------------------------------------------------------------------------
-HUNG_TIMEOUT_S = 45  # --job-timeout of the job whose worker hangs
+HUNG_TIMEOUT_S = 30  # --job-timeout of the job whose worker hangs
 CRASHES = {  # name: (runner, where the job pauses, what is then killed)
     "job-killed-while-embedding": ("in_process", "embed", "job"),
     "job-killed-while-writing": ("multi_processing", "write", "job"),
