@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import os
 from typing import Any
 
 from pipelines.flags import DEFAULT_EMBEDDING_MODEL, DEFAULT_RERANKER
@@ -22,6 +23,11 @@ from transforms.io.store import HnswSettings
 from transforms.models.devices import TokenBudgets
 from transforms.text.chunk import ChunkSettings
 from transforms.text.queries import QueryColumns, SampleConfig, parse_sample_spec
+
+
+def model_location(model: str) -> str:
+    """A local model folder as an absolute path (workers may run in another folder); a hub id as given."""
+    return os.path.abspath(model) if os.path.isdir(model) else model
 
 
 def qdrant_config(args: argparse.Namespace) -> QdrantConfig:
@@ -121,7 +127,7 @@ def index_config(args: argparse.Namespace) -> IndexConfig:
     return IndexConfig(
         input=args.input,
         collection=args.collection,
-        model=args.model,
+        model=model_location(args.model),
         qdrant=qdrant_config(args),
         columns=DocumentColumns(
             id=args.id_column,
@@ -207,9 +213,9 @@ def label_config(args: argparse.Namespace) -> LabelConfig:
     return LabelConfig(
         queries=args.queries,
         out=args.out,
-        reranker=args.reranker,
+        reranker=model_location(args.reranker),
         collection=args.collection,
-        model=args.model,
+        model=model_location(args.model),
         qdrant=qdrant_config(args),
         dim=args.dim,
         query_instruction=args.query_instruction,
