@@ -11,7 +11,7 @@ DEMO_MODEL ?= sentence-transformers/all-MiniLM-L6-v2
 PYTEST_ARGS ?=
 
 .DEFAULT_GOAL := help
-.PHONY: help install demo demo-label test lint bench-cpu bench-label bench-prefix bench-store bench-reindex bench-gpu clean
+.PHONY: help install demo demo-label test lint bench-cpu bench-label bench-prefix bench-store bench-reindex bench-scaling bench-gpu clean
 
 help: ## list the targets
 	@grep -E '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  \033[36m%-12s\033[0m %s\n", $$1, $$2}'
@@ -51,7 +51,7 @@ test: install ## run the test suite (CPU; GPU tests skip without CUDA)
 lint: install ## ruff
 	$(BIN)/ruff check pipelines transforms tests bench
 
-bench-cpu: install ## index throughput: this pipeline vs Beam's ml.rag stack (writes BENCHMARKS.md)
+bench-cpu: install ## index throughput: ours vs a plain sentence-transformers script vs Beam's ml.rag, short and long documents (writes BENCHMARKS.md)
 	$(BIN)/python bench/index_cpu.py --write
 
 bench-label: install ## label pipeline pairs/s on CPU (writes BENCHMARKS.md)
@@ -65,6 +65,9 @@ bench-store: install ## embedded store: qdrant-client local mode vs Qdrant Edge 
 
 bench-reindex: install ## incremental reindex of 5,000 real-text documents vs a full index (writes BENCHMARKS.md)
 	$(BIN)/python bench/reindex.py --write
+
+bench-scaling: install ## index job wall time and tokens/s at 1k, 5k and 20k documents (writes BENCHMARKS.md; ~10 min)
+	$(BIN)/python bench/scaling.py --write
 
 bench-gpu: ## GPU machines only, with their CUDA torch (GPU_PYTHON=python): embedding and reranking (writes BENCHMARKS.md)
 	$(GPU_PYTHON) bench/gpu_embed.py --size 0.6b --write

@@ -1,7 +1,8 @@
 """GPU embedding throughput: sentence-transformers vs a plain padded loop vs ``TextEncoder``.
 
     python bench/gpu_embed.py [--size 0.6b|4b|8b] [--docs N] [--write]
-    python bench/gpu_embed.py --smoke            # tiny config, few docs, CPU: checks it runs
+    python bench/gpu_embed.py --smoke            # tiny config, few docs, CPU: checks it runs (also --tiny)
+    python bench/gpu_embed.py --tiny --device cpu --variants padded,compiled,packed --doc-tokens 20,40
 
 The model is Qwen3-Embedding with the exact published config of ``--size`` and random bf16
 weights (same FLOPs and memory as the real one; the vectors are meaningless), built with
@@ -14,7 +15,11 @@ Compared, on the same documents:
   each batch to its longest text);
 * a plain transformers loop: tokenise, sort by length, cut into padded-token-budget batches,
   last-token pooling, normalise;
-* the project's ``TextEncoder`` (``transforms/embed.py``), padded batches (the default);
+* the project's ``TextEncoder`` (``transforms/models/encoder.py``), padded batches (the default;
+  on CUDA the next batch is padded, pinned and copied while one runs), and the same without that
+  overlap (``padded-serial``);
+* the same compiled over bucketed lengths (``--backend compile``: CUDA graphs with
+  ``mode="reduce-overhead"``, a static row count per bucket; compile time reported, not timed);
 * the same with ``packing=True``: padding-free rows, texts kept apart by their restarting
   positions (``--packed-attention``: flex_attention on CUDA; on CPU sdpa's dense block mask,
   which only shows it runs).
@@ -250,8 +255,16 @@ def run_text_encoder(
     dtype: torch.dtype,
     budget: int | None,
     packed_attention: str | None = None,
+    backend: str = "eager",
+    overlap: bool | None = None,
 ):
+    """``TextEncoder`` (ours): padded batches (eager, compiled buckets or ONNX Runtime), or packed rows.
+
+    The warm-up encodes every document once for ``compile`` (so each bucket's graph is built
+    before the timed run; the compile seconds are reported in the method name), 32 otherwise.
+    """
     from transforms.models.encoder import TextEncoder
+    from transforms.models.fast import bucket_of
 
     encoder = TextEncoder(
         path,
@@ -260,17 +273,38 @@ def run_text_encoder(
         token_budget=budget,
         packing=packed_attention is not None,
         attn_implementation=packed_attention,
+        backend=backend,
+        overlap=overlap,
+        cpu_workers=1,  # one pass at a time: the CPU smoke run stays comparable with the GPU rows
     ).load()
-    encoder.encode(docs[:32])  # warm-up
+    started = time.perf_counter()
+    encoder.encode(docs if backend == "compile" else docs[:32])  # warm-up (compiles every bucket)
+    warm_s = time.perf_counter() - started
     reset_memory(device)
     vectors, seconds = timed(device, lambda: encoder.encode(docs))
     lengths = encoder.count_tokens(docs)
-    padded = (
-        sum(lengths)  # packed rows compute no pad token
-        if packed_attention
-        else sum(max(lengths[i] for i in b) * len(b) for b in budget_batches(lengths, encoder.token_budget))
-    )
-    how = f"packed rows, {packed_attention}" if packed_attention else "padded batches"
+    sizes = [bucket_of(n, encoder.buckets) for n in lengths] if encoder.buckets else lengths
+    if packed_attention:
+        padded = sum(lengths)  # packed rows compute no pad token
+    else:
+        padded = 0
+        for b in budget_batches(sizes, encoder.token_budget):
+            rows = len(b)
+            if backend == "compile" and device.type == "cuda":  # CUDA graphs: static rows per bucket
+                rows = max(rows, encoder.token_budget // max(sizes[i] for i in b))
+            padded += max(sizes[i] for i in b) * rows
+    if packed_attention:
+        how = f"packed rows, {packed_attention}"
+    elif backend == "compile":
+        graphs = "CUDA graphs" if device.type == "cuda" else "inductor"
+        how = (f"padded batches, compiled over {len(encoder._runner.shapes)} bucket shapes ({graphs}; "
+               f"compile + warm-up {warm_s:.0f} s, not timed)")  # fmt: skip
+    elif backend == "onnx":
+        how = f"padded batches, ONNX Runtime (export {encoder._runner.export_seconds:.0f} s, not timed)"
+    else:
+        how = "padded batches" + ("" if encoder.overlap else ", no overlap")
+        if encoder.overlap:
+            how += ", next batch prepared (pinned, non-blocking copy) while one runs"
     result = Result(
         f"TextEncoder (ours), {how}, {encoder.token_budget} token budget",
         seconds,
@@ -280,6 +314,10 @@ def run_text_encoder(
         peak_gib(device),
     )
     return vectors, result, encoder.token_budget
+
+
+VARIANTS = ("st32", "st512", "loop", "padded", "padded-serial", "compiled", "packed", "onnx")
+DEFAULT_VARIANTS = "st32,st512,loop,padded,padded-serial,compiled,packed"
 
 
 # -- main ----------------------------------------------------------------------------------------
@@ -299,7 +337,16 @@ def main(argv: list[str] | None = None) -> None:
         help="attention for the packed TextEncoder row (default: flex_attention on CUDA, sdpa on CPU; "
         "'none' skips it)",
     )
-    parser.add_argument("--smoke", action="store_true", help="tiny config, 24 docs: checks the script runs")
+    parser.add_argument(
+        "--smoke", "--tiny", action="store_true", help="tiny config, 24 docs, CPU unless --device: checks the script runs"
+    )
+    parser.add_argument(
+        "--variants", default=DEFAULT_VARIANTS,
+        help=f"comma-separated, from {', '.join(VARIANTS)}: sentence-transformers at batch 32 and 512, the plain "
+        "loop, TextEncoder padded (overlapped preparation on CUDA), padded without overlap, compiled buckets, "
+        "packed rows, ONNX Runtime",
+    )
+    parser.add_argument("--doc-tokens", default="50,512", help="LOW,HIGH document lengths in tokens (mean at 62%%)")
     parser.add_argument("--write", action="store_true", help="append the figures to BENCHMARKS.md")
     parser.add_argument("--benchmarks-file", default=str(REPO_ROOT / "BENCHMARKS.md"))
     args = parser.parse_args(argv)
@@ -330,7 +377,8 @@ def main(argv: list[str] | None = None) -> None:
     from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(path)
-    lengths = sample_lengths(n_docs, low=50, high=512, mean=320, seed=args.seed)
+    low, high = (int(x) for x in args.doc_tokens.split(","))
+    lengths = sample_lengths(n_docs, low=low, high=high, mean=low + 0.62 * (high - low), seed=args.seed)
     docs = realish_texts(tok, lengths, seed=args.seed)
     print(
         f"{n_docs} documents, {sum(lengths):,} tokens (mean {np.mean(lengths):.0f}); {label}; "
@@ -338,33 +386,43 @@ def main(argv: list[str] | None = None) -> None:
         flush=True,
     )
 
-    # Ours first: its token budget (from free GPU memory unless given) is reused by the plain loop,
-    # so the two differ only in implementation.
+    variants = [v.strip() for v in args.variants.split(",") if v.strip()]
+    unknown = sorted(set(variants) - set(VARIANTS))
+    if unknown:
+        parser.error(f"unknown variants: {', '.join(unknown)}")
+    # Ours padded first: its vectors are the reference of the agreement column, and its token budget
+    # (from free GPU memory unless given) is reused by every other method, so they differ only in
+    # implementation.
     ours, ours_result, budget = run_text_encoder(path, docs, device, dtype, args.token_budget)
     reset_memory(device)
-    results = []
-    for run in (
-        lambda: run_sentence_transformers(path, docs, device, dtype, 32),
-        lambda: run_sentence_transformers(path, docs, device, dtype, 512),
-        lambda: run_plain_loop(path, docs, device, dtype, budget),
-    ):
-        vectors, result = run()
-        result.agreement = float((vectors * ours).sum(axis=1).min())
-        results.append(result)
-        reset_memory(device)
-        print(result.row(params, "docs"), flush=True)
-    results.append(ours_result)
     print(ours_result.row(params, "docs"), flush=True)
     packed_attention = args.packed_attention or ("flex_attention" if device.type == "cuda" else "sdpa")
-    if packed_attention != "none":
-        vectors, result, _ = run_text_encoder(path, docs, device, dtype, budget, packed_attention)
+    runs: dict[str, Callable[[], tuple[np.ndarray, Result]]] = {
+        "st32": lambda: run_sentence_transformers(path, docs, device, dtype, 32),
+        "st512": lambda: run_sentence_transformers(path, docs, device, dtype, 512),
+        "loop": lambda: run_plain_loop(path, docs, device, dtype, budget),
+        "padded-serial": lambda: run_text_encoder(path, docs, device, dtype, budget, overlap=False)[:2],
+        "compiled": lambda: run_text_encoder(path, docs, device, dtype, budget, backend="compile")[:2],
+        "packed": lambda: run_text_encoder(path, docs, device, dtype, budget, packed_attention)[:2],
+        "onnx": lambda: run_text_encoder(path, docs, device, dtype, budget, backend="onnx")[:2],
+    }
+    results = []
+    for name in variants:
+        if name == "padded":
+            results.append(ours_result)
+            continue
+        if name == "packed" and packed_attention == "none":
+            continue
+        if name == "padded-serial" and device.type != "cuda":
+            continue  # on CPU padded already runs without overlap
+        vectors, result = runs[name]()
         result.agreement = float((vectors * ours).sum(axis=1).min())
         results.append(result)
         reset_memory(device)
         print(result.row(params, "docs"), flush=True)
 
     lines = [
-        f"{label}, random {str(dtype).removeprefix('torch.')} weights; {n_docs} documents of 50-512 tokens "
+        f"{label}, random {str(dtype).removeprefix('torch.')} weights; {n_docs} documents of {low}-{high} tokens "
         f"(mean {np.mean(lengths):.0f}), {sum(r.tokens for r in results[-1:]):,} tokens.",
         "",
         *table_header("min cosine to ours"),

@@ -82,6 +82,8 @@ class IndexConfig:
     device: str = "auto"
     max_length: int | None = None
     max_batch_tokens: int | None = None
+    backend: str = "eager"  # --backend: eager | compile | onnx (transforms.models.fast)
+    cpu_workers: int | None = None  # --cpu-workers: forward passes at once on CPU (TextEncoder)
     dead_letter: str | None = None
     summary_out: str | None = None
     alias: str | None = None
@@ -101,6 +103,8 @@ class IndexConfig:
             raise ValueError("--input is required")
         if not self.collection:
             raise ValueError("--collection is required")
+        if self.cpu_workers is not None and self.cpu_workers < 1:
+            raise ValueError(f"--cpu-workers must be >= 1, got {self.cpu_workers}")
         TokenBudgets(forward=self.max_batch_tokens)  # validates it; --dim is checked against the model (EmbeddingSpec)
         clash = RESERVED_PAYLOAD_KEYS & set(self.columns.metadata)
         if clash:
@@ -140,6 +144,8 @@ def index_config(args: argparse.Namespace) -> IndexConfig:
         device=args.device,
         max_length=args.max_length,
         max_batch_tokens=args.max_batch_tokens,
+        backend=args.backend,
+        cpu_workers=args.cpu_workers,
         dead_letter=args.dead_letter,
         summary_out=args.summary_out,
         alias=args.alias,

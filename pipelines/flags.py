@@ -141,6 +141,17 @@ def add_model_arguments(parser: argparse.ArgumentParser, *, with_batching: bool 
             help="padded tokens per forward pass (default: from free GPU memory; 2048 on CPU, measured fastest in "
             "bench/index_cpu.py); Beam batches hold 4 passes' worth (TokenBudgets)",
         )
+        group.add_argument(
+            "--backend", default="eager", choices=("eager", "compile", "onnx"),
+            help="how forward passes run: eager (transformers), compile (torch.compile over bucketed lengths; CUDA "
+            "graphs on a GPU) or onnx (ONNX Runtime, model exported once into ~/.cache/corpus-etl; needs the onnx "
+            "extra); measured in BENCHMARKS.md",
+        )
+        group.add_argument(
+            "--cpu-workers", type=int, default=None, metavar="N",
+            help="on CPU, forward passes run at once, one thread each (default: torch's thread count; 1: one pass at "
+            "a time over all threads, as before)",
+        )
 
 
 def add_job_timeout(group: argparse.ArgumentParser | argparse._ArgumentGroup) -> None:

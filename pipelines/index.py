@@ -128,6 +128,8 @@ def embedding_handler(config: IndexConfig, spec: EmbeddingSpec) -> EmbeddingMode
         device=config.device,
         budgets=TokenBudgets.from_flag(config.max_batch_tokens, spec.max_length),
         progress_interval_s=config.progress_interval_s,
+        backend=config.backend,
+        cpu_workers=config.cpu_workers,
     )
 
 

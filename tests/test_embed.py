@@ -44,7 +44,9 @@ class _RecordingHandler(recording.Recording, EmbeddingModelHandler):
 def test_the_handler_cuts_a_batch_into_forward_passes_by_padded_tokens(minilm_path, encoder):
     """Sorted by length, then cut where (rows x longest) would pass the forward budget."""
     budget = 128
-    handler = _RecordingHandler(minilm_path, device="cpu", budgets=TokenBudgets(forward=budget, batch=10_000))
+    handler = _RecordingHandler(
+        minilm_path, device="cpu", budgets=TokenBudgets(forward=budget, batch=10_000), cpu_workers=1
+    )  # one pass at a time: the recorded order is the sorted order
     lengths = [len(ids) for ids in encoder.tokenize(TEXTS)]
     order = sorted(range(len(TEXTS)), key=lambda i: lengths[i])
     expected = [(len(group), max(lengths[order[i]] for i in group)) for group in budget_batches(sorted(lengths), budget)]

@@ -51,12 +51,15 @@ class EmbeddingModelHandler(TokenBatchedHandler):
         kind: str = "document",
         progress_interval_s: float = 30.0,
         large_model: bool = False,
+        backend: str = "eager",
+        cpu_workers: int | None = None,
     ) -> None:
         if kind not in ("document", "query"):
             raise ValueError(f"kind must be 'document' or 'query', not {kind!r}")
         super().__init__(
             TextEncoder,
-            dict(model=model, device=device, dim=dim, max_length=max_length, query_instruction=query_instruction),
+            dict(model=model, device=device, dim=dim, max_length=max_length, query_instruction=query_instruction,
+                 backend=backend, cpu_workers=cpu_workers),
             budgets=budgets,
             element_weight=_chunk_weight if kind == "document" else _query_weight,
             progress_interval_s=progress_interval_s,
@@ -72,10 +75,15 @@ class EmbeddingModelHandler(TokenBatchedHandler):
         pause_point("embed")
         is_query = self._kind == "query"
         texts = [e.text if is_query else e.embed_text for e in batch]
-        ids = model.tokenize(texts, is_query=is_query)
-        vectors, failures = model.encode_ids(ids)
+        if model.overlap and not is_query:
+            # Batches cut by the chunker's token counts, each tokenised while the previous one runs.
+            vectors, failures = model.encode_texts(texts, [c.n_tokens for c in batch])
+            n_tokens = sum(c.n_tokens for c in batch)
+        else:
+            ids = model.tokenize(texts, is_query=is_query)
+            vectors, failures = model.encode_ids(ids)
+            n_tokens = sum(len(x) for x in ids)
         reasons = dict(failures)
-        n_tokens = sum(len(x) for x in ids)
         if is_query:
             counts = {"queries": len(batch), "tokens": n_tokens}
         else:  # a document's first chunk stands for the document

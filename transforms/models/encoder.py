@@ -19,17 +19,34 @@ the GPU route, whose parity is tested on CPU through inductor; a dense mask with
 quadratic in the row and only fit for tests). No pad token
 is computed. Models that ignore the positions would mix texts silently, so ``load()``
 checks packed against padded vectors and refuses the setting when they differ.
+
+``backend`` (``--backend``) picks how a padded batch runs: ``eager`` (transformers as loaded),
+``compile`` (``torch.compile`` over bucketed lengths; CUDA graphs on a GPU) or ``onnx`` (ONNX
+Runtime); see ``transforms.models.fast``. ``overlap=True`` (the default on CUDA) prepares the
+next batch (padding, pinned host memory, the non-blocking copy to the device) in a second
+thread while the current one runs.
+
+On CPU, ``cpu_workers`` (default: torch's thread count when the first encoder loads) forward
+passes run at once, each on one thread, instead of one pass at a time over all threads: a pass
+of a small encoder is a few hundred ms of GEMMs whose OpenMP threads meet at a barrier after
+every op, and on a busy machine one descheduled thread stalls the others (150 long documents:
+5.5-11 s against 8-25 s, CPU time 10.5-11.6 s against 13-23 s, bitwise the same vectors). The
+encoder then sets torch's intra-op threads to 1 for the process, once, at load: switching them
+back and forth around each batch cost ~0.8 s a call in the job (oneDNN re-creates its kernels).
 """
 
 from __future__ import annotations
 
 import logging
+import threading
 from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 import torch
 
-from transforms.models.devices import TorchModel, run_in_token_budget
+from transforms.models.devices import TorchModel, budget_batches, run_splitting_on_oom
+from transforms.models.fast import BACKENDS, CompiledRunner, OnnxRunner, bucket_of, length_buckets
 from transforms.models.settings import EmbeddingSpec, load_tokenizer
 
 _LOG = logging.getLogger(__name__)
@@ -59,7 +76,14 @@ class TextEncoder(TorchModel):
         token_budget: int | None = None,
         packing: bool = False,
         attn_implementation: str | None = None,
+        backend: str = "eager",
+        overlap: bool | None = None,
+        cpu_workers: int | None = None,
     ) -> None:
+        if backend not in BACKENDS:
+            raise ValueError(f"--backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
+        if packing and backend != "eager":
+            raise ValueError("packing runs eager only (flex_attention is compiled by transformers itself)")
         self.spec = model if isinstance(model, EmbeddingSpec) else None
         super().__init__(
             self.spec.model if self.spec else model,
@@ -71,6 +95,12 @@ class TextEncoder(TorchModel):
         self._spec_args = {"dim": dim, "max_length": max_length}
         self.query_instruction = query_instruction
         self.packing = packing
+        self.backend = backend
+        self.overlap_setting = overlap
+        if cpu_workers is not None and cpu_workers < 1:
+            raise ValueError(f"--cpu-workers must be >= 1, got {cpu_workers}")
+        self.cpu_workers_setting = cpu_workers
+        self._runner: CompiledRunner | OnnxRunner | None = None
 
     # -- loading -------------------------------------------------------------------------
     def load(self) -> TextEncoder:
@@ -86,9 +116,46 @@ class TextEncoder(TorchModel):
         kwargs = {"padding_side": "left"} if spec.settings.pooling == "lasttoken" else {}
         self.tokenizer = load_tokenizer(spec.path, **kwargs)
         self._load_weights(AutoModel, spec.path, spec.max_length)
+        self.overlap = self.device.type == "cuda" if self.overlap_setting is None else self.overlap_setting
+        cpu = self.device.type == "cpu"
+        self.cpu_workers = (self.cpu_workers_setting or cpu_threads()) if cpu else 1
+        self._pool = None
+        if self.cpu_workers > 1 and self.backend == "eager" and not self.packing:
+            from concurrent.futures import ThreadPoolExecutor
+
+            torch.set_num_threads(1)  # for the process, once (see the module docstring)
+            self._pool = ThreadPoolExecutor(self.cpu_workers, thread_name_prefix="encoder")
+        self.buckets: list[int] | None = None
+        pad_id = self.tokenizer.pad_token_id or 0
+        if self.backend == "compile":
+            self.buckets = length_buckets(self.max_length)
+            cuda = self.device.type == "cuda"
+            self._runner = CompiledRunner(
+                self.model, buckets=self.buckets, token_budget=self.token_budget, static_rows=cuda,
+                mode="reduce-overhead" if cuda else None, pad_id=pad_id,
+            )  # fmt: skip
+        elif self.backend == "onnx":
+            self._runner = OnnxRunner(
+                self.model, model_path=spec.path, revision=spec.revision, device=self.device, pad_id=pad_id,
+                padding_side=self.tokenizer.padding_side,
+            )  # fmt: skip
+            self._check_backend()
         if self.packing:
             self._check_packing()
         return self
+
+    def _check_backend(self) -> None:
+        """The fast path's vectors of a few texts must match eager's, or the backend is refused."""
+        texts = ["a b c", "The capital of France is Paris; its river is the Seine.", "x " * 40]
+        ids = self.tokenize(texts)
+        runner, self._runner = self._runner, None
+        eager = np.stack(self._forward(ids))
+        self._runner = runner
+        fast = np.stack(self._forward(ids))
+        cosine = float((eager * fast).sum(axis=1).min())
+        if not cosine >= 1 - 1e-4:
+            raise ValueError(f"{self.model_id}: --backend {self.backend} gives other vectors than eager "
+                             f"(cosine {cosine:.5f}); run with --backend eager")  # fmt: skip
 
     def _check_packing(self) -> None:
         """Packed and padded vectors of a few texts must agree, or packing is refused."""
@@ -136,15 +203,100 @@ class TextEncoder(TorchModel):
         return np.stack(vectors) if vectors else np.zeros((0, self.dimension), np.float32)
 
     def encode_ids(self, ids: Sequence[list[int]]) -> tuple[list[np.ndarray | None], list[tuple[int, str]]]:
-        """Vectors for pre-tokenised inputs; failures (out of memory alone) are returned, not raised."""
-        return run_in_token_budget(ids, self.token_budget, self._forward_packed if self.packing else self._forward)
+        """Vectors for pre-tokenised inputs; failures (out of memory alone) are returned, not raised.
+
+        Batches are length-sorted and cut by the padded-token budget (with ``compile``, lengths
+        count as their bucket's). With ``overlap``, the next batch is padded, pinned and copied
+        in a second thread while the current one runs.
+        """
+        return self._encode([len(x) for x in ids], lambda batch: [ids[i] for i in batch])
+
+    def encode_texts(
+        self, texts: Sequence[str], lengths: Sequence[int], *, is_query: bool = False
+    ) -> tuple[list[np.ndarray | None], list[tuple[int, str]]]:
+        """``encode_ids`` for texts whose token counts are known (a chunk's ``n_tokens``): batches are
+        cut by ``lengths`` and each is tokenised only when it is prepared, so with ``overlap`` the
+        tokenisation of the next batch runs while the current one is on the device."""
+        return self._encode(list(lengths), lambda batch: self.tokenize([texts[i] for i in batch], is_query=is_query))
+
+    def _encode(
+        self, lengths: list[int], fetch: Any
+    ) -> tuple[list[np.ndarray | None], list[tuple[int, str]]]:
+        forward = self._forward_packed if self.packing else self._forward
+        if self.buckets:
+            lengths = [bucket_of(n, self.buckets) for n in lengths]
+        batches = budget_batches(lengths, self.token_budget)
+        if self._pool is not None and len(batches) < self.cpu_workers <= len(lengths) // 2:
+            # Fewer passes than workers (a small Beam batch): smaller passes, one per worker.
+            share = -(-sum(lengths) // self.cpu_workers)
+            batches = budget_batches(lengths, max(share + max(lengths), max(lengths)))
+        out: list[np.ndarray | None] = [None] * len(lengths)
+        failures: list[tuple[int, str]] = []
+
+        def run(batch: list[int], prepared: Any = None) -> None:
+            batch_ids = fetch(batch) if prepared is None else prepared[0]
+
+            def call(sub: Sequence[int]) -> list[np.ndarray]:
+                if prepared is not None and len(sub) == len(batch):
+                    return self._forward_prepared(*prepared[1])
+                where = {i: k for k, i in enumerate(batch)}
+                return forward([batch_ids[where[i]] for i in sub])
+
+            results, fails = run_splitting_on_oom(call, batch)
+            for i, r in zip(batch, results):
+                out[i] = r
+            failures.extend((batch[j], reason) for j, reason in fails)
+
+        def prepare(batch: list[int]) -> tuple[list[list[int]], tuple[torch.Tensor, torch.Tensor]]:
+            batch_ids = fetch(batch)
+            return batch_ids, self._prepare(batch_ids)
+
+        if self._pool is not None and len(batches) > 1:
+            with _POOL_LOCK:  # one encode at a time on the workers: the cores are theirs
+                for _ in self._pool.map(run, batches):
+                    pass
+        elif self.overlap and not self.packing and len(batches) > 1:
+            from concurrent.futures import ThreadPoolExecutor
+
+            with ThreadPoolExecutor(1, thread_name_prefix="encoder-prep") as prep:
+                pending = prep.submit(prepare, batches[0])
+                for k, batch in enumerate(batches):
+                    prepared = pending.result()
+                    if k + 1 < len(batches):
+                        pending = prep.submit(prepare, batches[k + 1])
+                    run(batch, prepared)
+        else:
+            for batch in batches:
+                run(batch)
+        return out, sorted(failures)
+
+    def _prepare(self, ids: Sequence[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Padded ``input_ids`` and mask on the device (to the batch's bucket with ``compile``).
+
+        On CUDA the host tensors are pinned and copied without blocking, so this can run in a
+        second thread while the device computes the previous batch.
+        """
+        longest = max(len(x) for x in ids)
+        target = bucket_of(longest, self.buckets) if self.buckets else longest
+        padded = self.tokenizer.pad(
+            {"input_ids": list(ids)}, padding="max_length", max_length=target, return_tensors="pt"
+        )
+        input_ids, mask = padded["input_ids"], padded["attention_mask"]
+        if self.device.type == "cuda":
+            input_ids, mask = input_ids.pin_memory(), mask.pin_memory()
+            return input_ids.to(self.device, non_blocking=True), mask.to(self.device, non_blocking=True)
+        return input_ids, mask
 
     @torch.inference_mode()
     def _forward(self, ids: Sequence[list[int]]) -> list[np.ndarray]:
-        padded = self.tokenizer.pad({"input_ids": list(ids)}, padding=True, return_tensors="pt")
-        input_ids = padded["input_ids"].to(self.device)
-        mask = padded["attention_mask"].to(self.device)
-        hidden = self.model(input_ids=input_ids, attention_mask=mask).last_hidden_state
+        return self._forward_prepared(*self._prepare(ids))
+
+    @torch.inference_mode()
+    def _forward_prepared(self, input_ids: torch.Tensor, mask: torch.Tensor) -> list[np.ndarray]:
+        if self._runner is not None:
+            hidden = self._runner(input_ids, mask)
+        else:
+            hidden = self.model(input_ids=input_ids, attention_mask=mask).last_hidden_state
         return self._finish(pool(hidden, mask, self.settings.pooling))
 
     @torch.inference_mode()
@@ -167,6 +319,17 @@ class TextEncoder(TorchModel):
             pooled = pooled[:, : self.dim]
         pooled = torch.nn.functional.normalize(pooled, p=2, dim=1)
         return list(pooled.cpu().numpy())
+
+
+_POOL_LOCK = threading.Lock()
+_CPU_THREADS: list[int] = []
+
+
+def cpu_threads() -> int:
+    """Torch's intra-op thread count before any encoder set it to 1 (the default ``cpu_workers``)."""
+    if not _CPU_THREADS:
+        _CPU_THREADS.append(torch.get_num_threads())
+    return _CPU_THREADS[0]
 
 
 def pool(hidden: torch.Tensor, mask: torch.Tensor, mode: str) -> torch.Tensor:

@@ -1,0 +1,109 @@
+"""The encoder's fast paths against eager: length buckets, ONNX Runtime, torch.compile, CPU workers, overlap.
+
+Parity is cosine >= 1 - 1e-4 per text against the eager encoder (in practice ~1 - 1e-7). The
+compiled path runs one bucket and two batch sizes on purpose: inductor compiles each new shape
+on CPU for seconds, and the whole file must stay under a minute.
+"""
+
+from __future__ import annotations
+
+import shutil
+
+import numpy as np
+import pytest
+
+from transforms.models.encoder import TextEncoder
+from transforms.models.fast import bucket_of, length_buckets
+
+SHORT = ["a b c", "gzip files", "regular expressions"]  # all within the 16-token bucket
+TEXTS = SHORT + ["JSON encoder and decoder. " * 20, "tar archives " * 60]
+
+
+def _cosines(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    return (a * b).sum(axis=1)
+
+
+@pytest.fixture(scope="module")
+def eager(minilm_path):
+    return TextEncoder(minilm_path, device="cpu", cpu_workers=1).load()
+
+
+def test_length_buckets_are_few_and_cover_every_length():
+    buckets = length_buckets(256)
+    assert buckets == [16, 24, 32, 48, 64, 96, 128, 184, 256]
+    assert len(length_buckets(8192)) == 19  # Qwen3's 32k-token models stay bounded too
+    for n in range(1, 257):
+        b = bucket_of(n, buckets)
+        assert b >= n and (b == 16 or b <= 1.5 * n)  # at most ~41% padding past the first bucket
+    assert bucket_of(300, buckets) == 300  # past the last bucket: the length itself
+
+
+@pytest.fixture
+def keep_torch_threads():
+    import torch
+
+    before = torch.get_num_threads()
+    yield
+    torch.set_num_threads(before)  # an encoder with cpu_workers > 1 sets it to 1 for the process
+
+
+def test_cpu_workers_give_the_vectors_of_one_pass_at_a_time(minilm_path, eager, keep_torch_threads):
+    parallel = TextEncoder(minilm_path, device="cpu", token_budget=256, cpu_workers=2).load()
+    serial = TextEncoder(minilm_path, device="cpu", token_budget=256, cpu_workers=1).load()
+    assert parallel.cpu_workers == 2
+    np.testing.assert_allclose(parallel.encode(TEXTS), serial.encode(TEXTS), atol=1e-6)
+    np.testing.assert_allclose(parallel.encode(TEXTS), eager.encode(TEXTS), atol=1e-5)
+
+
+def test_overlapped_preparation_gives_the_same_vectors(minilm_path, eager):
+    overlapped = TextEncoder(minilm_path, device="cpu", token_budget=256, overlap=True, cpu_workers=1).load()
+    assert overlapped.overlap
+    np.testing.assert_allclose(overlapped.encode(TEXTS), eager.encode(TEXTS), atol=1e-5)
+    # Texts tokenised batch by batch in the preparing thread, batches cut by known token counts.
+    lengths = eager.count_tokens(TEXTS)
+    vectors, failures = overlapped.encode_texts(TEXTS, lengths)
+    assert not failures
+    np.testing.assert_allclose(np.stack(vectors), eager.encode(TEXTS), atol=1e-5)
+
+
+def test_backend_and_cpu_workers_flags_reach_the_config():
+    from pipelines.configs import index_config
+    from pipelines.flags import index_parser
+
+    base = ["--input", "x.parquet", "--collection", "c"]
+    config = index_config(index_parser().parse_args(base + ["--backend", "onnx", "--cpu-workers", "1"]))
+    assert (config.backend, config.cpu_workers) == ("onnx", 1)
+    assert index_config(index_parser().parse_args(base)).backend == "eager"
+    with pytest.raises(ValueError, match="--backend"):
+        TextEncoder("m", backend="tensorrt")
+
+
+@pytest.mark.parametrize("which", ["minilm", "qwen3"])
+def test_onnx_backend_matches_eager_and_reuses_its_export(which, minilm_path, qwen3_embedding_dir, tmp_path, monkeypatch):
+    pytest.importorskip("onnxruntime")
+    pytest.importorskip("onnxscript")
+    monkeypatch.setenv("CORPUS_ETL_CACHE", str(tmp_path))
+    path = minilm_path if which == "minilm" else str(qwen3_embedding_dir)
+    reference = TextEncoder(path, device="cpu", cpu_workers=1).load().encode(TEXTS)
+    fast = TextEncoder(path, device="cpu", backend="onnx").load()
+    assert fast._runner.export_seconds > 0
+    assert _cosines(fast.encode(TEXTS), reference).min() >= 1 - 1e-4
+    assert _cosines(fast.encode(TEXTS[:1]), reference[:1]).min() >= 1 - 1e-4  # one row: the batch axis is dynamic
+    again = TextEncoder(path, device="cpu", backend="onnx").load()
+    assert again._runner.export_seconds == 0.0  # the cached export
+
+
+@pytest.mark.parametrize("which", ["minilm", "qwen3"])
+def test_compiled_backend_matches_eager_on_bucketed_lengths(which, minilm_path, qwen3_embedding_dir):
+    if not (shutil.which("cc") or shutil.which("gcc")):
+        pytest.skip("torch.compile on CPU needs a C compiler")
+    import torch._inductor.config
+
+    path = minilm_path if which == "minilm" else str(qwen3_embedding_dir)
+    reference = TextEncoder(path, device="cpu", cpu_workers=1).load().encode(SHORT)
+    fast = TextEncoder(path, device="cpu", backend="compile").load()
+    with torch._inductor.config.patch(compile_threads=1):  # no pool of compile workers to start
+        got = fast.encode(SHORT)
+        assert _cosines(got, reference).min() >= 1 - 1e-4
+        assert _cosines(fast.encode(SHORT[:2]), reference[:2]).min() >= 1 - 1e-4  # another row count, same graph
+    assert fast._runner.shapes == {(-1, 16)}  # one bucket, batch dimension dynamic
