@@ -19,7 +19,16 @@ from collections.abc import Callable
 from typing import Any
 
 from pipelines import flags
-from pipelines.errors import EXIT_FAILED, EXIT_OK, EXIT_PARTIAL, EXIT_USAGE, first_line, raised_by_job, translate
+from pipelines.errors import (
+    EXIT_FAILED,
+    EXIT_OK,
+    EXIT_PARTIAL,
+    EXIT_USAGE,
+    JobAbandoned,
+    first_line,
+    raised_by_job,
+    translate,
+)
 from pipelines.security import check_qdrant_flags, redact_text
 
 COMMANDS = {
@@ -29,6 +38,7 @@ COMMANDS = {
     "evaluate": ("pipelines.evaluate", "nDCG@10 / MRR@10 / Recall@k of a collection on BEIR queries and qrels"),
     "copy": ("pipelines.copy", "copy an embedded collection into a Qdrant server collection (optionally switch an alias)"),
     "dump": ("pipelines.dump", "write every point of a collection to one Parquet file, sorted by id"),
+    "prune-collections": ("pipelines.prune", "delete an alias's oldest dated collections, keeping N and its target"),
     "sample-data": ("pipelines.sample", "write a small real-text corpus, queries, qrels and a query log"),
 }
 # Commands whose parser lives in pipelines.flags: (parser factory, whether unknown --flags go to Beam).
@@ -39,13 +49,14 @@ PARSERS: dict[str, tuple[Callable[[], argparse.ArgumentParser], bool]] = {
     "label": (flags.label_parser, True),
     "search": (flags.search_parser, False),
     "evaluate": (flags.evaluate_parser, False),
+    "prune-collections": (flags.prune_parser, False),
     "sample-data": (flags.sample_parser, False),
 }
 
 
 def usage() -> str:
     lines = ["usage: corpus-etl COMMAND [options]   (corpus-etl COMMAND --help for each)", "", "commands:"]
-    lines += [f"  {name:<12} {help_}" for name, (_, help_) in COMMANDS.items()]
+    lines += [f"  {name:<18} {help_}" for name, (_, help_) in COMMANDS.items()]
     return "\n".join(lines) + "\n\n" + flags.EXIT_STATUS_EPILOG
 
 
@@ -105,6 +116,9 @@ def _run(name: str, job: Callable[[], Any], verbose: bool, args: argparse.Namesp
         hint = "" if verbose or error is not None else " (-v shows the traceback)"
         # A library's message may quote the URL it was given, credentials and all.
         print(redact_text(f"corpus-etl {name}: error: {message}{hint}"), file=sys.stderr, flush=True)
+        if isinstance(exc, JobAbandoned):  # the runner's threads may never end: do not wait for them
+            sys.stdout.flush()
+            os._exit(status)
         return status
     partial = result.get("partial") if isinstance(result, dict) else None
     if partial:

@@ -50,10 +50,18 @@ def beam_options(beam_args: list[str]) -> PipelineOptions:
     return PipelineOptions(beam_args)
 
 
-def counters(result: Any) -> dict[str, int]:
-    """Beam counters of a finished job, by name (committed values where the runner has them)."""
+def counters(result: Any) -> dict[str, int] | None:
+    """Beam counters of a finished job, by name (committed values where the runner has them).
+
+    None when the runner keeps no metrics (``result.metrics()`` raises ``NotImplementedError``,
+    e.g. a Dataflow dry run or template): the summary says the counters are unavailable.
+    """
+    try:
+        metrics = result.metrics()
+    except NotImplementedError:
+        return None
     out: dict[str, int] = {}
-    for c in result.metrics().query()["counters"]:
+    for c in metrics.query()["counters"]:
         value = c.committed if c.committed is not None else c.attempted
         name = c.key.metric.name
         out[name] = out.get(name, 0) + int(value or 0)
@@ -112,10 +120,12 @@ def run_job(
     return run_config(config, beam_args, test_pipeline)
 
 
-def run_and_wait(p: Any) -> tuple[Any, dict[str, int]]:
-    """Run the pipeline to the end; the result and its counters (``counters``)."""
-    result = p.run()
-    result.wait_until_finish()
+def run_and_wait(p: Any, timeout_s: float | None = None) -> tuple[Any, dict[str, int]]:
+    """Run the pipeline to the end; the result and its counters (``counters``). Never forever:
+    ``--job-timeout`` and a lost local worker end the wait (``pipelines.runner``)."""
+    from pipelines.runner import run_pipeline
+
+    result = run_pipeline(p, timeout_s)
     return result, counters(result)
 
 

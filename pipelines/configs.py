@@ -10,9 +10,11 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import os
 from typing import Any
 
 from pipelines.flags import DEFAULT_EMBEDDING_MODEL, DEFAULT_RERANKER
+from pipelines.launch import model_resource_hints
 from pipelines.security import check_qdrant_flags
 from transforms.datasets.formats import LabelDatasetsConfig, parse_thresholds
 from transforms.io.parquet import DocumentColumns
@@ -21,6 +23,11 @@ from transforms.io.store import HnswSettings
 from transforms.models.devices import TokenBudgets
 from transforms.text.chunk import ChunkSettings
 from transforms.text.queries import QueryColumns, SampleConfig, parse_sample_spec
+
+
+def model_location(model: str) -> str:
+    """A local model folder as an absolute path (workers may run in another folder); a hub id as given."""
+    return os.path.abspath(model) if os.path.isdir(model) else model
 
 
 def qdrant_config(args: argparse.Namespace) -> QdrantConfig:
@@ -58,6 +65,11 @@ class GateConfig:
             raise ValueError(f"--gate-tolerance must be >= 0, got {self.tolerance}")
 
 
+def check_job_timeout(seconds: float | None) -> None:
+    if seconds is not None and seconds <= 0:
+        raise ValueError(f"--job-timeout must be positive, got {seconds}")
+
+
 @dataclasses.dataclass(frozen=True)
 class IndexConfig:
     input: str
@@ -83,6 +95,8 @@ class IndexConfig:
     delete_missing: bool = False  # delete the points of documents this run's input does not hold
     max_rejected_fraction: float = 0.01  # alias guard: dead letters per row read
     gate: GateConfig | None = None  # alias guard: quality against the current target
+    resource_hints: tuple[tuple[str, str], ...] = ()  # on the embedding step only (--accelerator, --model-min-ram)
+    job_timeout_s: float | None = None  # --job-timeout: the job fails past it (pipelines.runner)
 
     def __post_init__(self) -> None:
         if not self.input:
@@ -103,6 +117,7 @@ class IndexConfig:
             raise ValueError(f"--max-rejected-fraction must be in [0, 1], got {self.max_rejected_fraction}")
         if self.gate and not self.alias:
             raise ValueError("--gate-queries/--gate-qrels guard the alias switch: give --alias too")
+        check_job_timeout(self.job_timeout_s)
         if self.dead_letter and not self.dead_letter.endswith((".jsonl", ".json", ".parquet")):
             raise ValueError(f"--dead-letter must end in .jsonl or .parquet, got {self.dead_letter}")
 
@@ -116,7 +131,7 @@ def index_config(args: argparse.Namespace) -> IndexConfig:
     return IndexConfig(
         input=args.input,
         collection=args.collection,
-        model=args.model,
+        model=model_location(args.model),
         qdrant=qdrant_config(args),
         columns=DocumentColumns(
             id=args.id_column,
@@ -135,12 +150,14 @@ def index_config(args: argparse.Namespace) -> IndexConfig:
         summary_out=args.summary_out,
         alias=args.alias,
         progress_interval_s=args.progress_interval,
+        job_timeout_s=args.job_timeout,
         skip_bad_files=args.skip_bad_files,
         hnsw=HnswSettings(args.hnsw_m, args.hnsw_ef_construct) if args.hnsw else None,
         force=args.force,
         delete_missing=args.delete_missing,
         max_rejected_fraction=args.max_rejected_fraction,
         gate=gate,
+        resource_hints=tuple(model_resource_hints(args.accelerator, args.model_min_ram).items()),
     )
 
 
@@ -172,6 +189,8 @@ class LabelConfig:
     share_prefix: bool = False
     progress_interval_s: float = 30.0
     summary_out: str | None = None
+    resource_hints: tuple[tuple[str, str], ...] = ()  # on query embedding and reranking only
+    job_timeout_s: float | None = None  # --job-timeout: the job fails past it (pipelines.runner)
 
     def __post_init__(self) -> None:
         if bool(self.collection) == bool(self.candidates):
@@ -184,6 +203,7 @@ class LabelConfig:
             raise ValueError(f"--eval-fraction must be in [0, 1], got {self.eval_fraction}")
         TokenBudgets(forward=self.max_batch_tokens)  # validates it
         LabelDatasetsConfig(thresholds=self.thresholds)  # validates the thresholds
+        check_job_timeout(self.job_timeout_s)
 
     def datasets_config(self, provenance: dict[str, Any], started_at: float | None = None) -> LabelDatasetsConfig:
         return LabelDatasetsConfig(
@@ -199,9 +219,9 @@ def label_config(args: argparse.Namespace) -> LabelConfig:
     return LabelConfig(
         queries=args.queries,
         out=args.out,
-        reranker=args.reranker,
+        reranker=model_location(args.reranker),
         collection=args.collection,
-        model=args.model,
+        model=model_location(args.model),
         qdrant=qdrant_config(args),
         dim=args.dim,
         query_instruction=args.query_instruction,
@@ -224,7 +244,9 @@ def label_config(args: argparse.Namespace) -> LabelConfig:
         max_batch_tokens=args.max_batch_tokens,
         share_prefix=args.share_prefix,
         progress_interval_s=args.progress_interval,
+        job_timeout_s=args.job_timeout,
         summary_out=args.summary_out,
+        resource_hints=tuple(model_resource_hints(args.accelerator, args.model_min_ram).items()),
     )
 
 

@@ -51,6 +51,11 @@ class JobFailed(CliError):
     exit_status = EXIT_FAILED
 
 
+class JobAbandoned(JobFailed):
+    """The job was given up while the runner may still wait (``--job-timeout``, a lost local worker:
+    ``pipelines.runner``); the command exits at once."""
+
+
 class PartialResult(CliError):
     """The job finished, but not everything it was asked for is done (dead letters, alias refused)."""
 
@@ -65,6 +70,16 @@ _CONNECTION_TYPES = {
     "ConnectError", "ConnectTimeout", "ReadTimeout", "WriteTimeout", "PoolTimeout", "TimeoutException",
     "RemoteProtocolError", "NetworkError", "TransportError", "TimeoutError", "gaierror",
 }  # fmt: skip
+# What Beam's runners say when an SDK worker process dies under a running bundle (kill -9, out of memory).
+_WORKER_LOST = ("Channel closed prematurely", "Worker subprocess exited with return code")
+
+
+def worker_lost(detail: str) -> str:
+    """The message of a job that lost an SDK worker process (``detail``: how it was noticed)."""
+    return (
+        f"the job failed: an SDK worker process was lost mid-job ({detail}): killed, or out of memory? "
+        "Rerun the job: its writes are idempotent"
+    )
 
 
 def first_line(exc: BaseException) -> str:
@@ -179,8 +194,14 @@ def translate(
         if names & _CONNECTION_TYPES or _grpc_unavailable(exc):
             return kind(f"{prefix}cannot reach Qdrant at {url}: {_innermost_reason(exc)}; is the server running?")
 
+    lost = next((m for e in _chain(exc) for m in _WORKER_LOST if m in str(e)), None)
+    if in_job and lost:
+        return JobFailed(worker_lost(f"Beam: {lost}"))
+
     if in_job:
         return None  # a failure inside the job that is not one of the above: shown as a failed job
+    if str(exc).startswith("Pipeline has validations errors"):  # Beam lists them on the lines after this one
+        return UsageError("Beam options: " + "; ".join(line.strip() for line in str(exc).splitlines()[1:] if line.strip()))
     if names & {"FileNotFoundError", "NotADirectoryError", "IsADirectoryError", "PermissionError", "BeamIOError"}:
         return PreflightError(first_line(exc))
     if names & {"ValueError", "DeviceUnavailableError"}:

@@ -8,6 +8,7 @@ tests/test_cli.py checks it on ``sys.modules``.
 from __future__ import annotations
 
 import argparse
+import re
 import textwrap
 
 DEFAULT_EMBEDDING_MODEL = "Qwen/Qwen3-Embedding-0.6B"
@@ -72,6 +73,50 @@ def add_qdrant_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
+# Dataflow's accelerator types (``gcloud compute accelerator-types list``): lower case, digits, dashes.
+_ACCELERATOR = re.compile(r"^(?P<type>[a-z][a-z0-9-]*):(?P<count>[1-9][0-9]*)$")
+_DATAFLOW_ACCELERATOR = re.compile(r"^type:[a-z][a-z0-9-]*;count:[1-9][0-9]*(;[a-z0-9_:=-]+)*$")
+_RAM = re.compile(r"^[0-9]+(\.[0-9]+)?(PiB|TiB|GiB|MiB|KiB|PB|TB|GB|MB|KB|B)$")
+
+
+def accelerator_hint(value: str) -> str:
+    """``TYPE:COUNT`` (``nvidia-l4:1``) → Beam's accelerator hint for Dataflow,
+    ``type:nvidia-l4;count:1;install-nvidia-driver``; a value already in that form is kept as given."""
+    value = value.strip()
+    if _DATAFLOW_ACCELERATOR.match(value):
+        return value
+    match = _ACCELERATOR.match(value)
+    if not match:
+        raise argparse.ArgumentTypeError(
+            f"expected TYPE:COUNT such as nvidia-l4:1, or Dataflow's type:T;count:N[;install-nvidia-driver], got {value!r}"
+        )
+    return f"type:{match['type']};count:{match['count']};install-nvidia-driver"
+
+
+def ram_size(value: str) -> str:
+    """A memory size Beam's ``min_ram`` hint reads: a number and a unit (16GB, 15.5GiB)."""
+    value = value.strip()
+    if not _RAM.match(value):
+        raise argparse.ArgumentTypeError(f"expected a size with a unit such as 16GB or 30GiB, got {value!r}")
+    return value
+
+
+def add_resource_arguments(parser: argparse.ArgumentParser, steps: str) -> None:
+    """``--accelerator`` and ``--model-min-ram``: Beam resource hints on the model steps only."""
+    group = parser.add_argument_group(
+        "worker resources (Beam resource hints on the model steps only; runners without hints ignore them)"
+    )
+    group.add_argument(
+        "--accelerator", type=accelerator_hint, default=None, metavar="TYPE:COUNT",
+        help=f"GPU for {steps}, e.g. nvidia-l4:1 (Dataflow: type:nvidia-l4;count:1;install-nvidia-driver); "
+        "reading and writing carry no hint, so Dataflow can run them on CPU workers; default: none",
+    )
+    group.add_argument(
+        "--model-min-ram", type=ram_size, default=None, metavar="SIZE",
+        help=f"least worker memory for {steps}, e.g. 16GB; default: none",
+    )
+
+
 def add_model_arguments(parser: argparse.ArgumentParser, *, with_batching: bool = True) -> None:
     group = parser.add_argument_group("embedding model")
     group.add_argument(
@@ -109,6 +154,14 @@ def add_model_arguments(parser: argparse.ArgumentParser, *, with_batching: bool 
         )
 
 
+def add_job_timeout(group: argparse.ArgumentParser | argparse._ArgumentGroup) -> None:
+    group.add_argument(
+        "--job-timeout", type=float, default=None, metavar="SECONDS",
+        help="fail the job (exit 1) when it has not finished after this many seconds: it is cancelled, and local "
+        "SDK worker processes are killed; a bound for a hung or lost worker (default: none)",
+    )  # fmt: skip
+
+
 def index_parser() -> argparse.ArgumentParser:
     parser = new_parser(
         "corpus-etl index", "Embed Parquet documents into a Qdrant collection (idempotent: reruns overwrite).", beam=True
@@ -133,6 +186,7 @@ def index_parser() -> argparse.ArgumentParser:
         help="after a successful run, atomically point this Qdrant alias at --collection (blue/green reindexing)",
     )
     out.add_argument("--progress-interval", type=float, default=30.0, help="seconds between progress lines")
+    add_job_timeout(out)
     inc = parser.add_argument_group("reindexing")
     inc.add_argument(
         "--force", action="store_true",
@@ -165,6 +219,7 @@ def index_parser() -> argparse.ArgumentParser:
         help="index the readable files when some cannot be read (each skipped file is a dead letter and the run "
         "ends as partial); without it any bad file stops the job before anything is written",
     )
+    add_resource_arguments(parser, "the embedding step")
     add_verbose(out)
     return parser
 
@@ -216,7 +271,9 @@ def label_parser() -> argparse.ArgumentParser:
         "fewer tokens at 300-token documents; 5%% faster on CPU in BENCHMARKS.md, not yet measured on GPU)",
     )
     run.add_argument("--progress-interval", type=float, default=30.0, help="seconds between progress lines")
+    add_job_timeout(run)
     run.add_argument("--summary-out", default=None, help="run summary as JSON (local or gs://)")
+    add_resource_arguments(parser, "query embedding and reranking")
     add_verbose(run)
     return parser
 
@@ -251,6 +308,21 @@ def evaluate_parser() -> argparse.ArgumentParser:
     parser.add_argument("--qrels", required=True, help="BEIR qrels TSV (query-id corpus-id score) or Parquet")
     parser.add_argument("--out", default=None, help="write metrics as JSON here")
     _add_search_arguments(parser, top_k=100)
+    return parser
+
+
+def prune_parser() -> argparse.ArgumentParser:
+    parser = new_parser(
+        "corpus-etl prune-collections",
+        "Delete the oldest collections named <alias>-YYYYMMDD[-suffix] (or <alias>-YYYY-MM-DD...), keeping the "
+        "--keep most recent and always the alias's target (and any collection an alias points at). Other names "
+        "are never touched.",
+    )
+    parser.add_argument("--alias", required=True, help="the alias the nightly runs switch, e.g. docs")
+    parser.add_argument("--keep", type=int, required=True, help="how many of the most recent dated collections stay (>= 1)")
+    parser.add_argument("--dry-run", action="store_true", help="print what would be deleted, delete nothing")
+    add_qdrant_arguments(parser)
+    add_verbose(parser)
     return parser
 
 

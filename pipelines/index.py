@@ -32,11 +32,14 @@ from pipelines.common import publish_summary, run_and_wait, run_job, start_pipel
 from pipelines.configs import IndexConfig, index_config
 from pipelines.errors import JobFailed, PreflightError, first_line, translate
 from pipelines.flags import index_parser, split_beam_args
+from pipelines.launch import build_only, format_built, refuse_after_job_flags, write_job_file
 from pipelines.security import redact_url
+from transforms.hooks import pause_point
 from transforms.inference.embed import Embed, EmbeddingModelHandler
 from transforms.io.dead_letters import WriteDeadLetters
 from transforms.io.incremental import REUSED, SkipUnchanged, missing_documents, settings_digest
 from transforms.io.parquet import BadFilesError, ReadDocuments, check_files
+from transforms.io.preflight import LaunchChecks
 from transforms.io.qdrant import WriteToQdrant, chunk_payload
 from transforms.io.store import CollectionSpec, VectorStore, open_store
 from transforms.models.devices import TokenBudgets
@@ -60,8 +63,8 @@ def build_pipeline(
     p: beam.Pipeline,
     config: IndexConfig,
     spec: EmbeddingSpec | None = None,
-    files: Sequence[str] | None = None,
-    skipped: Sequence[DeadLetter] = (),
+    files: Sequence[str] | beam.pvalue.PCollection | None = None,
+    skipped: Sequence[DeadLetter] | beam.pvalue.PCollection = (),
     digest: str = "",
     doc_ids_prefix: str | None = None,
 ) -> dict[str, beam.PCollection]:
@@ -70,13 +73,17 @@ def build_pipeline(
     ``spec``: the embedding model as the driver read it (default: read here from the config);
 
     ``files``: the input files the driver checked (default: ``config.input``, matched when the
-    job runs); ``skipped``: file-level dead letters of the files ``--skip-bad-files`` left out;
+    job runs; a PCollection: the files a worker checked as the job started, ``_build_job``);
+    ``skipped``: file-level dead letters of the files ``--skip-bad-files`` left out;
     ``digest``: the embedding settings' digest that every point's fingerprint includes;
     ``doc_ids_prefix``: where to write this run's valid document ids (for ``--delete-missing``).
     """
     spec = spec or read_spec(config)
     interval = config.progress_interval_s  # embed and write report from their own steps
-    read = p | "ReadDocuments" >> ReadDocuments(files or config.input, config.columns)
+    # ``files`` is a PCollection when a worker checks the inputs as the job starts (transforms.io.preflight)
+    checked = isinstance(files, beam.pvalue.PCollection)
+    source = files if checked else p
+    read = source | "ReadDocuments" >> ReadDocuments(config.input if checked else files or config.input, config.columns)
     documents = read["documents"] | "ReadProgress" >> report_progress("read", interval, _document_counts)
     chunked = documents | "ChunkDocuments" >> ChunkDocuments(spec, config.chunking)
     chunks = chunked["chunks"] | "ChunkProgress" >> report_progress("chunk", interval, _chunk_counts)
@@ -84,7 +91,7 @@ def build_pipeline(
         functools.partial(open_store, config.qdrant), config.collection,
         functools.partial(chunk_payload, model_id=config.model, digest=digest), force=config.force,
     )  # fmt: skip
-    embedded = fresh["to_embed"] | "EmbedChunks" >> Embed(embedding_handler(config, spec))
+    embedded = fresh["to_embed"] | "EmbedChunks" >> _with_hints(Embed(embedding_handler(config, spec)), config.resource_hints)
     to_write = (embedded["embedded"], fresh[REUSED]) | "ToWrite" >> beam.Flatten()
     written = to_write | "WriteToQdrant" >> WriteToQdrant(
         config.qdrant, config.collection, config.model, batch_points=config.upsert_batch_points,
@@ -96,11 +103,18 @@ def build_pipeline(
             | "DocIds" >> beam.Map(lambda d: d.doc_id)
             | "WriteDocIds" >> beam.io.WriteToText(doc_ids_prefix, shard_name_template="-SSSSS-of-NNNNN")
         )
-    skipped_files = p | "SkippedFiles" >> beam.Create(list(skipped), reshuffle=False)
+    if isinstance(skipped, beam.pvalue.PCollection):
+        skipped_files = skipped
+    else:
+        skipped_files = p | "SkippedFiles" >> beam.Create(list(skipped), reshuffle=False)
     dead = (skipped_files, read[DEAD], chunked[DEAD], embedded[DEAD]) | "AllDeadLetters" >> beam.Flatten()
     dead | "WriteDeadLetters" >> WriteDeadLetters(config.dead_letter)
     return {"documents": read["documents"], "chunks": chunked["chunks"], "embedded": embedded["embedded"],
             "dead_letters": dead, "written": written}
+
+
+def _with_hints(transform: beam.PTransform, hints: tuple[tuple[str, str], ...]) -> beam.PTransform:
+    return transform.with_resource_hints(**dict(hints)) if hints else transform
 
 
 def read_spec(config: IndexConfig) -> EmbeddingSpec:
@@ -158,6 +172,9 @@ def run_config(config: IndexConfig, beam_args: list[str] | None = None, test_pip
     where = redact_url(config.qdrant.where)
     reset_reporters()  # this job's progress lines start afresh, even after another job in this process
     p = start_pipeline(test_pipeline, beam_args, config.device)
+    building = build_only(p.options)
+    if building:  # a dry run or a template: no store, no input here; the workers check them
+        return _build_job(config, p, building, started)
     # -- checks: nothing is created before all of them pass
     try:
         files, skipped = check_files(config.input, config.columns.all, skip_bad=config.skip_bad_files)
@@ -187,23 +204,75 @@ def run_config(config: IndexConfig, beam_args: list[str] | None = None, test_pip
         summary: dict[str, Any] = {"pipeline": "index", "status": "running", "input": config.input,
                                    "collection": config.collection, "qdrant": where}  # fmt: skip
         try:
-            _, counts = run_and_wait(p)
+            _, counts = run_and_wait(p, config.job_timeout_s)  # counts None: the runner keeps no metrics
         except Exception as exc:
             _write_summary(config, {**summary, "status": "failed", "error": first_line(exc)})
             raise
+        pause_point("finish")  # tests: a kill here leaves the points written, nothing deleted, no alias
         elapsed = time.time() - started
         try:
-            summary = _finish(config, store, counts, files, skipped, doc_ids_prefix, size, where)
+            summary = _finish(config, store, counts or {}, files, skipped, doc_ids_prefix, size, where)
         except Exception as exc:  # the points are written: not a pre-flight failure, whatever the cause
             reason = translate(exc, qdrant_url=config.qdrant.url) or f"{type(exc).__name__}: {first_line(exc)}"
             raise JobFailed(f"the job ran, then finishing it failed: {reason}") from exc
     finally:
         store.close()
+    if counts is None:
+        summary.update(counters=None, counters_unavailable="the runner reports no metrics")
     summary.update(
         elapsed_s=round(elapsed, 2),
-        documents_per_s=round(counts.get("documents_read", 0) / elapsed, 2),
-        tokens_per_s=round(counts.get("tokens", 0) / elapsed, 1),
+        documents_per_s=round((counts or {}).get("documents_read", 0) / elapsed, 2),
+        tokens_per_s=round((counts or {}).get("tokens", 0) / elapsed, 1),
     )
+    publish_summary(summary, format_summary(summary), config.summary_out)
+    return summary
+
+
+def prepare_store(config: IndexConfig, collection: CollectionSpec) -> bool:
+    """The store half of the pre-flight, as a worker runs it when the job was built elsewhere
+    (``_build_job``): the names (``check_names``), then the collection, created when missing."""
+    store = open_store(config.qdrant)
+    try:
+        check_names(store, config, redact_url(config.qdrant.where))
+        return store.ensure_collection(config.collection, collection)
+    finally:
+        store.close()
+
+
+def build_checked_pipeline(config: IndexConfig, p: beam.Pipeline) -> int:
+    """The job as a template or dry run builds it (``pipelines.launch``): from the flags and the model alone.
+
+    The model is read here (chunk size against its limit, vector size, the settings digest
+    every fingerprint holds); the store and the input are not. A worker checks them when the
+    job starts (``LaunchChecks``: names, collection, then every input file's columns), before
+    any document is read, and fails the job naming what is wrong. Returns the vector size.
+    """
+    try:
+        spec = read_spec(config)
+        config.chunking.check_limit(spec.max_length)
+    except ValueError as exc:
+        raise PreflightError(str(exc)) from exc
+    settings = embedding_settings(config, spec)
+    collection = CollectionSpec(spec.size, model=config.model, settings=settings)
+    checks = p | "LaunchChecks" >> LaunchChecks(
+        functools.partial(prepare_store, config, collection),
+        {"input": functools.partial(check_files, config.input, config.columns.all, skip_bad=config.skip_bad_files)},
+    )
+    build_pipeline(p, config, spec, checks["input"], checks[DEAD], settings_digest(settings))
+    return spec.size
+
+
+def _build_job(config: IndexConfig, p: beam.Pipeline, how: str, started: float) -> dict[str, Any]:
+    """Build (and, for a template, stage) the job without running it; the summary says so."""
+    refuse_after_job_flags(how, {"--alias": config.alias, "--delete-missing": config.delete_missing,
+                                 "--hnsw": config.hnsw, "--gate-queries/--gate-qrels": config.gate})  # fmt: skip
+    size = build_checked_pipeline(config, p)
+    result = p.run()  # builds; with --template_location also stages and writes the template
+    summary = {"pipeline": "index", "status": "built", "built": how, "input": config.input,
+               "collection": config.collection, "qdrant": redact_url(config.qdrant.where), "model": config.model,
+               "vector_size": size, "job_file": write_job_file(p.options, result), "counters": None,
+               "counters_unavailable": "the job was built, not run",
+               "elapsed_s": round(time.time() - started, 2)}  # fmt: skip
     publish_summary(summary, format_summary(summary), config.summary_out)
     return summary
 
@@ -325,7 +394,10 @@ def _switch_alias(
         reasons.append("the collection holds no points")
     rows, dead = counts.get("rows_read", 0), counts.get("dead_letters", 0)
     fraction = dead / rows if rows else 1.0
-    if fraction > config.max_rejected_fraction:
+    if "rows_read" not in counts:
+        reasons.append("no rows_read counter (the runner reports no metrics, or read nothing): the dead-letter "
+                       "guard cannot be checked")  # fmt: skip
+    elif fraction > config.max_rejected_fraction:
         reasons.append(f"{dead} of {rows} rows rejected ({fraction:.1%} > --max-rejected-fraction "
                        f"{config.max_rejected_fraction:.1%})")  # fmt: skip
     if unread:
@@ -379,7 +451,9 @@ def _partial(
 
 
 def format_summary(summary: dict[str, Any]) -> str:
-    c = summary["counters"]
+    if summary["status"] == "built":
+        return format_built(summary)
+    c = summary["counters"] or {}
     deletion = summary.get("deletion")
     alias = summary.get("alias") or {}
     return "\n".join(
@@ -403,6 +477,8 @@ def format_summary(summary: dict[str, Any]) -> str:
             *([f"  hnsw             m={summary['hnsw']['m']} ef_construct={summary['hnsw']['ef_construct']}: "
                f"{summary['hnsw']['indexed_vectors']} vectors indexed in {summary['hnsw']['seconds']}s"]
               if summary.get("hnsw") else []),
+            *([f"  counters         unavailable: {summary['counters_unavailable']}"]
+              if summary.get("counters_unavailable") else []),
             f"  time             {summary['elapsed_s']}s  ({summary['documents_per_s']} docs/s, "
             f"{summary['tokens_per_s']} tokens/s)",
         ]

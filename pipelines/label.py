@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import json
 import logging
 import time
@@ -26,6 +27,7 @@ from pipelines.common import publish_summary, run_and_wait, run_job, start_pipel
 from pipelines.configs import LabelConfig, label_config
 from pipelines.errors import JobFailed
 from pipelines.flags import label_parser, split_beam_args
+from pipelines.launch import build_only, format_built, write_job_file
 from pipelines.security import redact_url
 from transforms.datasets.formats import MANIFEST_FILE
 from transforms.datasets.judgements import BuildQueryJudgements
@@ -35,6 +37,7 @@ from transforms.inference.embed import EmbeddingModelHandler
 from transforms.inference.rerank import Rerank, RerankModelHandler
 from transforms.io.dead_letters import WriteDeadLetters
 from transforms.io.parquet import ReadDocuments, ReadParquetRows, match_files, validate_columns
+from transforms.io.qdrant import QdrantConfig
 from transforms.io.retrieve import RetrieveFromIndex, RetrieveFromRun
 from transforms.models.devices import TokenBudgets
 from transforms.models.reranker import DEFAULT_INSTRUCTION, check_reranker
@@ -80,10 +83,18 @@ def _count(pcoll: beam.PCollection, name: str) -> beam.PCollection:
 
 
 def build_pipeline(p: beam.Pipeline, config: LabelConfig, provenance: dict[str, Any] | None = None,
-                   started_at: float | None = None, spec: EmbeddingSpec | None = None) -> dict[str, beam.PCollection]:
-    """Wire the label job onto ``p``; returns its named outputs. ``spec``: the embedding model
-    as the driver read it, for retrieval from the index (default: read here)."""
-    log = p | "ReadQueryLog" >> ReadParquetRows(config.queries, config.query_columns.all)
+                   started_at: float | None = None, spec: EmbeddingSpec | None = None,
+                   checked: dict[str, beam.PCollection] | None = None) -> dict[str, beam.PCollection]:
+    """Wire the label job onto ``p``; returns its named outputs.
+
+    ``spec``: the embedding model as the driver read it, for retrieval from the index (default:
+    read here). ``checked``: the query log and corpus files a worker checked as the job started
+    (``LaunchChecks``, for a job built as a template or dry run); by default the patterns are
+    matched when the job runs (the driver checked them before).
+    """
+    checked = checked or {}
+    hints = dict(config.resource_hints)
+    log = checked.get("queries", p) | "ReadQueryLog" >> ReadParquetRows(config.queries, config.query_columns.all)
     rows = log["rows"] | "ReadProgress" >> report_progress("read", config.progress_interval_s, _row_counts)
     parsed = rows | "ParseQueries" >> ParseQueryRows(config.query_columns)
     deduped = parsed["queries"] | "DedupQueries" >> DedupQueries()
@@ -94,11 +105,11 @@ def build_pipeline(p: beam.Pipeline, config: LabelConfig, provenance: dict[str, 
     if config.collection:
         spec = spec or EmbeddingSpec.read(config.model, dim=config.dim)
         first = queries | "RetrieveFromIndex" >> RetrieveFromIndex(
-            query_handler(config, spec), config.qdrant, config.collection, config.top_k
+            query_handler(config, spec), config.qdrant, config.collection, config.top_k, embed_hints=hints
         )
         failed = first[DEAD]  # a query whose embedding failed: written once, as its outcome
     else:
-        docs = p | "ReadCorpus" >> ReadDocuments(config.corpus, config.corpus_columns)
+        docs = checked.get("corpus", p) | "ReadCorpus" >> ReadDocuments(config.corpus, config.corpus_columns)
         dead.append(docs[DEAD])
         known = deduped["queries"] | "KnownIds" >> beam.Map(lambda q: q.query_id)
         first = queries | "RetrieveFromRun" >> RetrieveFromRun(
@@ -106,7 +117,8 @@ def build_pipeline(p: beam.Pipeline, config: LabelConfig, provenance: dict[str, 
         )
         unknown = first["unknown_candidates"]
         dead += [first[DEAD], unknown]
-    scored = first["pairs"] | "Rerank" >> Rerank(reranker_handler(config))
+    rerank = Rerank(reranker_handler(config))
+    scored = first["pairs"] | "Rerank" >> (rerank.with_resource_hints(**hints) if hints else rerank)
     dead.append(scored[DEAD])
     built = (
         {
@@ -192,6 +204,9 @@ def run_config(config: LabelConfig, beam_args: list[str] | None = None, test_pip
     started = time.time()
     reset_reporters()  # this job's progress lines start afresh, even after another job in this process
     p = start_pipeline(test_pipeline, beam_args, config.device)
+    building = build_only(p.options)
+    if building:  # a dry run or a template: no store, no input here; the workers check them
+        return _build_job(config, p, building, started)
     query_files = validate_columns(config.queries, config.checked_query_columns)
     corpus_files: list[str] = []
     spec = None
@@ -211,7 +226,7 @@ def run_config(config: LabelConfig, beam_args: list[str] | None = None, test_pip
     provenance = provenance_of(config, query_files, corpus_files, spec)
     _LOG.info("labelling %d query log file(s) into %s (reranker %s)", len(query_files), config.out, config.reranker)
     build_pipeline(p, config, provenance, started, spec)
-    _, counts = run_and_wait(p)
+    _, counts = run_and_wait(p, config.job_timeout_s)
     elapsed = time.time() - started
     with FileSystems.open(FileSystems.join(config.out, MANIFEST_FILE)) as f:
         manifest = json.loads(f.read())
@@ -235,6 +250,58 @@ def run_config(config: LabelConfig, beam_args: list[str] | None = None, test_pip
             f"{manifest['status']}: {acct['queries_read']} queries read, {acct['queries_rejected']} rejected, "
             f"{acct['queries_not_sampled']} not sampled; reasons in {summary['dead_letters']}"
         )
+    return summary
+
+
+def check_collection(qdrant: QdrantConfig, collection: str, size: int) -> None:
+    """The index to retrieve from exists and holds vectors of the query model's size."""
+    from transforms.io.store import CollectionSpec, open_store
+
+    store = open_store(qdrant)
+    try:
+        store.ensure_collection(collection, CollectionSpec(size), create=False)
+    finally:
+        store.close()
+
+
+def _checked_run_file(pattern: str) -> tuple[list[str], list[DeadLetter]]:
+    return check_run_file(pattern), []
+
+
+def build_checked_pipeline(config: LabelConfig, p: beam.Pipeline, started: float | None = None) -> None:
+    """The job as a template or dry run builds it (``pipelines.launch``): from the flags and the models alone.
+
+    The reranker (and the query model) are read here; the index, the query log, the run file
+    and the corpus are checked by a worker when the job starts (``LaunchChecks``), before any
+    query is read. The accounting is in the manifest the job writes.
+    """
+    from transforms.io.parquet import check_files
+    from transforms.io.preflight import LaunchChecks
+
+    check_reranker(config.reranker)
+    store_check = None
+    spec = None
+    inputs = {"queries": functools.partial(check_files, config.queries, config.checked_query_columns)}
+    if config.collection:
+        spec = EmbeddingSpec.read(config.model, dim=config.dim)
+        store_check = functools.partial(check_collection, config.qdrant, config.collection, spec.size)
+    else:
+        inputs["candidates"] = functools.partial(_checked_run_file, config.candidates)
+        inputs["corpus"] = functools.partial(check_files, config.corpus, config.corpus_columns.all)
+    checks = p | "LaunchChecks" >> LaunchChecks(store_check, inputs)
+    provenance = provenance_of(config, [config.queries], [config.corpus] if config.corpus else [], spec)
+    build_pipeline(p, config, provenance, started, spec,
+                   checked={k: checks[k] for k in ("queries", "corpus") if k in checks})  # fmt: skip
+
+
+def _build_job(config: LabelConfig, p: beam.Pipeline, how: str, started: float) -> dict[str, Any]:
+    """Build (and, for a template, stage) the job without running it; the summary says so."""
+    build_checked_pipeline(config, p, started)
+    result = p.run()  # builds; with --template_location also stages and writes the template
+    summary = {"pipeline": "label", "status": "built", "built": how, "out": config.out,
+               "job_file": write_job_file(p.options, result), "counters": None,
+               "counters_unavailable": "the job was built, not run", "elapsed_s": round(time.time() - started, 2)}
+    publish_summary(summary, format_built(summary), config.summary_out)
     return summary
 
 

@@ -1,57 +1,26 @@
-"""The embedded store across processes: locks, kill -9 of a writer, and the index job on 2 worker processes.
+"""The embedded store across processes: locks, and kill -9 of a writer.
 
 Every subprocess runs in its own session and is killed with its whole process group when
-a test ends or times out (a killed SDK worker can hang Beam's multi-process runner).
+a test ends or times out (``tests/processes.py``). The jobs on 2 worker processes (with an
+in-process job writing the same folder meanwhile), killed at three moments, and with a
+worker killed, are in ``tests/test_runners.py``.
 """
 
 from __future__ import annotations
 
-import contextlib
-import json
 import os
 import signal
 import subprocess
 import sys
 import textwrap
-import time
 
 import numpy as np
-import pyarrow as pa
-import pyarrow.parquet as pq
 import pytest
-from apache_beam.testing.test_pipeline import TestPipeline
 
+from tests.processes import ROOT, started, wait_for_line
 from transforms.io.edge_store import EdgeStore, open_shard
 from transforms.io.store import CollectionSpec, StoreInUseError, StorePoint
 from transforms.types import point_id
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-@contextlib.contextmanager
-def started(args: list[str], **kwargs):
-    """A subprocess in its own process group; the group is killed on the way out, whatever happened."""
-    proc = subprocess.Popen(args, cwd=ROOT, start_new_session=True, **kwargs)
-    try:
-        yield proc
-    finally:
-        if proc.poll() is None:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
-
-
-def wait_for_line(proc: subprocess.Popen, marker: str, timeout_s: float = 120) -> None:
-    """Read the child's stdout until a line contains ``marker`` (or fail after ``timeout_s``)."""
-    deadline = time.monotonic() + timeout_s
-    assert proc.stdout is not None
-    while time.monotonic() < deadline:
-        line = proc.stdout.readline()
-        if not line:
-            raise AssertionError(f"child exited before printing {marker!r} (rc {proc.poll()})")
-        if marker in line:
-            return
-    raise AssertionError(f"no {marker!r} within {timeout_s}s")
 
 
 def _points(n: int, dim: int, seed: int) -> list[StorePoint]:
@@ -149,103 +118,3 @@ def test_open_shard_waits_for_a_lock_that_is_released(tmp_path):
         shard = open_shard(os.path.join(path, "c", "shard-000"), lock_wait_s=30, sleep=release_on_first_wait)
         shard.close()
         assert len(sleeps) == 1
-
-
-# -- the index job on worker processes ----------------------------------------------------------
-@pytest.mark.slow
-def test_index_on_two_worker_processes_equals_in_process(tmp_path, sample_dir, minilm_path):
-    """2 SDK worker processes (multi_processing) and an in-process run, at the same time, into two
-    collections of one folder: both succeed, with the same ids, payloads and vectors (1e-6)."""
-    from pipelines import index
-
-    rows = pq.read_table(sample_dir["corpus"]).to_pylist()[:24]
-    corpus = tmp_path / "corpus.parquet"
-    pq.write_table(pa.Table.from_pylist(rows), corpus)
-    path = str(tmp_path / "q")
-    common = [
-        "--input", str(corpus), "--model", minilm_path, "--qdrant-path", path, "--title-column", "title",
-        "--chunk-tokens", "128", "--chunk-overlap", "16", "--device", "cpu",
-    ]  # fmt: skip
-    env = {**os.environ, "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1"}
-    multi = [
-        sys.executable, "-m", "pipelines.cli", "index", *common, "--collection", "multi",
-        "--summary-out", str(tmp_path / "multi.json"), "--hnsw", "--hnsw-m", "8", "--hnsw-ef-construct", "32",
-        "--direct_running_mode=multi_processing", "--direct_num_workers=2",
-    ]  # fmt: skip
-    with started(multi, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) as proc:
-        single = index.run([*common, "--collection", "single"], test_pipeline=TestPipeline())
-        try:
-            out, _ = proc.communicate(timeout=600)
-        except subprocess.TimeoutExpired:
-            pytest.fail("the multi-process index job did not finish in 600 s")
-        assert proc.returncode == 0, out[-4000:]
-    summary = json.loads((tmp_path / "multi.json").read_text())
-    store = EdgeStore(path)
-    a = {p.id: p for p in store.scroll("single")}
-    b = {p.id: p for p in store.scroll("multi")}
-    assert summary["points_in_collection"] == single["points_in_collection"] == len(a) == len(b) > len(rows)
-    assert summary["hnsw"]["m"] == 8 and summary["hnsw"]["indexed_vectors"] == len(b)
-    assert store.meta("multi").hnsw == {"m": 8, "ef_construct": 32} and store.meta("single").hnsw is None
-    assert a.keys() == b.keys()
-    for pid, p in a.items():
-        assert b[pid].payload == p.payload
-        np.testing.assert_allclose(b[pid].vector, p.vector, atol=1e-6)
-
-    # `dump` of the two collections: the same file, vectors within 1e-6.
-    from pipelines import dump
-
-    for name in ("single", "multi"):
-        dump.run(["--collection", name, "--qdrant-path", path, "--out", str(tmp_path / f"{name}.parquet")])
-    ta, tb = pq.read_table(tmp_path / "single.parquet"), pq.read_table(tmp_path / "multi.parquet")
-    assert ta.schema == tb.schema and ta.num_rows == len(a)
-    assert ta.drop(["vector"]).equals(tb.drop(["vector"]))
-    assert ta.column("id").to_pylist() == sorted(a)
-    va = np.asarray(ta.column("vector").to_pylist())
-    np.testing.assert_allclose(np.asarray(tb.column("vector").to_pylist()), va, atol=1e-6)
-
-
-def _newest_write(folder: str) -> float:
-    newest = 0.0
-    for root, _, files in os.walk(folder):
-        for name in files:
-            with contextlib.suppress(FileNotFoundError):
-                newest = max(newest, os.stat(os.path.join(root, name)).st_mtime)
-    return newest
-
-
-@pytest.mark.slow
-def test_index_job_killed_while_writing_then_rerun_is_exact(tmp_path, sample_dir, minilm_path):
-    """kill -9 of the whole multi-process job (driver and SDK workers) as soon as a shard changes,
-    then a rerun: every shard opens, and the collection equals a clean run's (ids, payloads, vectors)."""
-    from pipelines import index
-    from transforms.models.settings import EmbeddingSpec
-
-    path = str(tmp_path / "q")
-    common = [
-        "--input", sample_dir["corpus"], "--model", minilm_path, "--qdrant-path", path, "--title-column", "title",
-        "--chunk-tokens", "128", "--chunk-overlap", "16", "--device", "cpu",
-    ]  # fmt: skip
-    EdgeStore(path).ensure_collection("killed", CollectionSpec(EmbeddingSpec.read(minilm_path).size))
-    shards = os.path.join(path, "killed")
-    before = _newest_write(shards)
-    env = {**os.environ, "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1"}
-    job = [sys.executable, "-m", "pipelines.cli", "index", *common, "--collection", "killed",
-           "--direct_running_mode=multi_processing", "--direct_num_workers=2"]  # fmt: skip
-    with started(job, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL) as proc:
-        deadline = time.monotonic() + 600
-        while _newest_write(shards) <= before and proc.poll() is None and time.monotonic() < deadline:
-            time.sleep(0.02)
-        assert proc.poll() is None, "the job ended before it wrote: nothing was killed mid-write"
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
-    partial = EdgeStore(path, lock_wait_s=30).count("killed")  # every shard opens after the kill
-    rerun = index.run([*common, "--collection", "killed"], test_pipeline=TestPipeline())
-    index.run([*common, "--collection", "clean"], test_pipeline=TestPipeline())
-    store = EdgeStore(path)
-    a = {p.id: p for p in store.scroll("clean")}
-    b = {p.id: p for p in store.scroll("killed")}
-    assert partial < len(a) == len(b) == rerun["points_in_collection"]
-    assert a.keys() == b.keys()
-    for pid, p in a.items():
-        assert b[pid].payload == p.payload
-        np.testing.assert_allclose(b[pid].vector, p.vector, atol=1e-6)

@@ -11,6 +11,7 @@ from typing import Any
 
 import apache_beam as beam
 
+from transforms.hooks import pause_point
 from transforms.inference.batching import RunInferenceByTokens
 from transforms.inference.handlers import TokenBatchedHandler
 from transforms.models.devices import TokenBudgets
@@ -71,6 +72,7 @@ class EmbeddingModelHandler(TokenBatchedHandler):
     ) -> Iterable[Any]:
         if not batch:  # BatchElements emits an empty batch when one element outweighs its target
             return
+        pause_point("embed")
         is_query = self._kind == "query"
         texts = [e.text if is_query else e.embed_text for e in batch]
         if model.overlap and not is_query:

@@ -332,6 +332,30 @@ class EdgeStore(VectorStore):
             os.replace(building, folder)
             return True
 
+    def collections(self) -> list[str]:
+        if not os.path.isdir(self.path):
+            return []
+        return sorted(n for n in os.listdir(self.path) if not n.startswith(".") and n != ALIASES_FILE
+                      and self._is_collection(n))  # fmt: skip
+
+    def delete_collection(self, name: str) -> None:
+        """Renamed out of sight under the store lock (one step: no reader sees half a collection), then removed.
+
+        A collection an alias points at is refused (``ValueError``); a process still writing
+        it keeps writing into the removed files, as a server drops a deleted collection's writes.
+        """
+        with self._store_lock():
+            if name in self.aliases():
+                raise ValueError(f"{name!r} is an alias, not a collection")
+            if not self._is_collection(name):
+                raise ValueError(f"collection {name!r} does not exist")
+            pointing = sorted(a for a, c in self.aliases().items() if c == name)
+            if pointing:
+                raise ValueError(f"collection {name!r} is the target of alias(es) {', '.join(pointing)}")
+            doomed = os.path.join(self.path, f".deleting-{name}-{uuid.uuid4().hex[:8]}")
+            os.replace(self._collection_dir(name), doomed)
+        shutil.rmtree(doomed, ignore_errors=True)
+
     def point_alias(self, alias: str, collection: str) -> str | None:
         with self._store_lock():
             if self._is_collection(alias):

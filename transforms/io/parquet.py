@@ -129,7 +129,8 @@ class _ReadRowGroup(beam.DoFn):
 
 
 class ReadParquetRows(beam.PTransform):
-    """A pattern, or a list of files → ``{"rows": (source_file, row_number, row_dict), "dead_letter": ...}``.
+    """A pattern, or a list of files → ``{"rows": (source_file, row_number, row_dict), "dead_letter": ...}``;
+    applied to a PCollection of file paths instead of the pipeline, it reads those.
 
     A pattern is matched when the job runs; a list (files already checked by the driver) is
     read as given. One element per row group is reshuffled across workers, and each row
@@ -143,7 +144,9 @@ class ReadParquetRows(beam.PTransform):
         self.columns = list(dict.fromkeys(columns))
 
     def expand(self, pbegin):
-        if isinstance(self.pattern, str):
+        if isinstance(pbegin, beam.pvalue.PCollection):  # applied to files checked in the job (transforms.io.preflight)
+            files = pbegin
+        elif isinstance(self.pattern, str):
             files = pbegin | "Pattern" >> beam.Create([self.pattern]) | "MatchFiles" >> beam.FlatMap(match_files)
         else:
             files = pbegin | "Files" >> beam.Create(list(self.pattern))

@@ -50,6 +50,7 @@ from qdrant_client import QdrantClient, models
 from qdrant_client.http.exceptions import ResponseHandlingException, UnexpectedResponse
 from qdrant_client.local.qdrant_local import QdrantLocal
 
+from transforms.hooks import pause_point
 from transforms.io.incremental import fingerprint
 from transforms.io.store import CollectionSpec, StorePoint, VectorStore
 from transforms.progress import reporter
@@ -455,6 +456,7 @@ class _WriteShard(_Writer):
                 self.counters.written.inc(len(points))
                 self.counters.batches.inc()
                 reporter("write", self.progress_interval_s).add(points=len(points), batches=1)
+                pause_point("write")
 
             for item in items:
                 point = store_point(item, self.model_id, self.digest)
@@ -608,6 +610,16 @@ class ServerStore(VectorStore):
     def aliases(self) -> dict[str, str]:
         with self.lock:
             return {a.alias_name: a.collection_name for a in self.client.get_aliases().aliases}
+
+    def collections(self) -> list[str]:
+        with self.lock:
+            return sorted(c.name for c in self.client.get_collections().collections)
+
+    def delete_collection(self, name: str) -> None:
+        with self.lock:
+            if not self.client.collection_exists(name) or name in self.aliases():
+                raise ValueError(f"collection {name!r} does not exist")
+            self.client.delete_collection(name)
 
     def point_alias(self, alias: str, collection: str) -> str | None:
         with self.lock:

@@ -12,7 +12,7 @@ what the first stage actually matched.
 from __future__ import annotations
 
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 import apache_beam as beam
@@ -87,14 +87,25 @@ class _SearchIndex(beam.DoFn):
 
 
 class RetrieveFromIndex(beam.PTransform):
-    """``Query`` → ``RerankPair`` for the ``top_k`` documents of the collection (+ dead letters)."""
+    """``Query`` → ``RerankPair`` for the ``top_k`` documents of the collection (+ dead letters).
 
-    def __init__(self, handler: EmbeddingModelHandler, qdrant: QdrantConfig, collection: str, top_k: int) -> None:
+    ``embed_hints``: Beam resource hints (e.g. an accelerator) for the query embedding alone;
+    the search step carries none.
+    """
+
+    def __init__(
+        self, handler: EmbeddingModelHandler, qdrant: QdrantConfig, collection: str, top_k: int,
+        embed_hints: Mapping[str, str] | None = None,
+    ) -> None:
         super().__init__()
         self.handler, self.qdrant, self.collection, self.top_k = handler, qdrant, collection, top_k
+        self.embed_hints = dict(embed_hints or {})
 
     def expand(self, queries):
-        embedded = queries | "EmbedQueries" >> Embed(self.handler)
+        embed = Embed(self.handler)
+        if self.embed_hints:
+            embed = embed.with_resource_hints(**self.embed_hints)
+        embedded = queries | "EmbedQueries" >> embed
         pairs = embedded["embedded"] | "SearchIndex" >> beam.ParDo(_SearchIndex(self.qdrant, self.collection, self.top_k))
         return {"pairs": pairs, DEAD: embedded[DEAD]}
 
@@ -208,7 +219,8 @@ class RetrieveFromRun(beam.PTransform):
         p = queries.pipeline
         run = (
             p
-            | "ReadRun" >> beam.io.ReadFromText(self.run_file)
+            # validate=False: matched when the job runs (the driver, or a template's LaunchChecks, checked it)
+            | "ReadRun" >> beam.io.ReadFromText(self.run_file, validate=False)
             | "ParseRun" >> beam.ParDo(_ParseRun(self.run_file)).with_outputs(DEAD, main="candidates")
         )
         wanted = (

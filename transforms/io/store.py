@@ -142,6 +142,14 @@ class VectorStore(abc.ABC):
         An alias that is the name of a collection is a ``ValueError``.
         """
 
+    def collections(self) -> list[str]:
+        """Every collection's name (aliases not included), sorted."""
+        raise NotImplementedError(f"{type(self).__name__} cannot list its collections")
+
+    def delete_collection(self, name: str) -> None:
+        """Delete the collection ``name`` (not an alias) and its points; a missing one is a ``ValueError``."""
+        raise NotImplementedError(f"{type(self).__name__} cannot delete collections")
+
     def build_index(self, collection: str, hnsw: HnswSettings) -> dict[str, Any]:
         """Build an HNSW index over the collection now; a report of what was built."""
         raise NotImplementedError(f"{type(self).__name__} builds its index itself")

@@ -1,0 +1,206 @@
+"""Run a job and wait for it, never forever: ``--job-timeout``, a lost local worker, a runner's failure in one line.
+
+    result = run_pipeline(p, timeout_s)   # p.run() + wait_until_finish(), or JobAbandoned
+
+Why: an SDK worker process that dies under a bundle whose input the runner has already sent
+(kill -9, the out-of-memory killer) leaves Beam 2.77's ``FnApiRunner`` (DirectRunner
+``multi_processing``, and Beam's Python job service) waiting for the bundle's answer forever;
+a worker that dies while the runner still streams to it fails the job at once
+(``Channel closed prematurely``, translated in ``pipelines.errors``). So:
+
+- with ``multi_processing``, this driver starts the SDK workers itself: a worker process that
+  exits with an error status (Beam's thread for it raises, and nobody hears it) fails the job
+  within a second; as a fallback, their processes are watched (``/proc``), and one that
+  disappears while the job goes on past ``END_GRACE_S`` fails it too;
+- with ``timeout_s`` (``--job-timeout``), on any runner, the job fails when the time is up.
+
+Either way the job is cancelled where the runner can, the local workers are killed, and
+``JobAbandoned`` is raised; ``corpus-etl`` then exits at once (``os._exit``), as Beam's own
+threads may never end. The job runs in a daemon thread only in those cases (DirectRunner's
+``p.run()`` blocks until the end; a portable runner's returns and ``wait_until_finish`` blocks);
+otherwise, as before, in the caller's thread.
+
+A portable job service (Flink, Beam's Python job service) reports a failure as
+``Pipeline job-... failed in state FAILED: <last error message>``, where the last message is
+often a bare ``Error running pipeline.``; the cause is the last line of the traceback the
+service sent, which is what the error then says.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import signal
+import threading
+import time
+from typing import Any
+
+from pipelines.errors import JobAbandoned, first_line, worker_lost
+
+_LOG = logging.getLogger(__name__)
+POLL_S = 0.5
+END_GRACE_S = 15.0  # a job that ends stops its workers first: how long a vanished worker may precede the end
+_WORKER_MARK = b"sdk_worker"  # in the command line of DirectRunner's SDK worker processes (and their shell)
+
+
+def run_pipeline(p: Any, timeout_s: float | None = None) -> Any:
+    """``p.run()`` and wait for the end; ``JobAbandoned`` after ``timeout_s`` seconds (None: no
+    bound) or when a local SDK worker process is lost."""
+    watch_workers = _local_worker_processes(p.options)
+    if not timeout_s and not watch_workers:
+        result = p.run()
+        _wait(result)
+        return result
+    box: dict[str, Any] = {}
+
+    def job() -> None:
+        try:
+            box["result"] = p.run()
+            _wait(box["result"])
+        except BaseException as exc:  # noqa: BLE001 - handed to the caller's thread
+            box["error"] = exc
+
+    thread = threading.Thread(target=job, name="corpus-etl-job", daemon=True)
+    deadline = time.monotonic() + timeout_s if timeout_s else None
+    with _worker_exits() as exits:
+        thread.start()
+        _watch(thread, box, timeout_s, deadline, watch_workers, exits)
+    if "error" in box:
+        raise box["error"]
+    return box["result"]
+
+
+def _watch(
+    thread: threading.Thread, box: dict[str, Any], timeout_s: float | None, deadline: float | None,
+    watch_workers: bool, exits: list[str],
+) -> None:  # fmt: skip
+    seen: set[int] = set()
+    while thread.is_alive():
+        thread.join(POLL_S)
+        if not thread.is_alive():
+            break
+        if exits:  # Beam's thread for a worker process saw it exit with an error status
+            thread.join(POLL_S)
+            if thread.is_alive():
+                _stop(box.get("result"))
+                raise JobAbandoned(worker_lost(f"Beam: {exits[0]}"))
+        if deadline is not None and time.monotonic() >= deadline:
+            stopped = _stop(box.get("result"))
+            raise JobAbandoned(
+                f"the job did not finish within --job-timeout {timeout_s:g}s (a hung or lost worker?); it was "
+                f"cancelled{f' and its {stopped} local worker process(es) killed' if stopped else ''}; "
+                "rerun it: its writes are idempotent"
+            )
+        if watch_workers:
+            alive = set(worker_processes(os.getpid()))
+            lost = sorted(seen - alive)
+            seen |= alive
+            if lost:
+                thread.join(END_GRACE_S)
+                if thread.is_alive():
+                    _stop(box.get("result"))
+                    raise JobAbandoned(worker_lost(f"process {', '.join(map(str, lost))} ended"))
+
+
+@contextlib.contextmanager
+def _worker_exits():
+    """The ``Worker subprocess exited with return code N`` errors that DirectRunner's worker threads
+    raise (and nobody else sees) while the block runs; other thread errors go on to the usual hook."""
+    exits: list[str] = []
+    previous = threading.excepthook
+
+    def hook(args: Any) -> None:
+        if isinstance(args.exc_value, RuntimeError) and "Worker subprocess exited" in str(args.exc_value):
+            exits.append(first_line(args.exc_value))
+        previous(args)
+
+    threading.excepthook = hook
+    try:
+        yield exits
+    finally:
+        threading.excepthook = previous
+
+
+def _local_worker_processes(options: Any) -> bool:
+    """Whether the job's SDK workers are this driver's children (DirectRunner ``multi_processing``)."""
+    from apache_beam.options.pipeline_options import DirectOptions, StandardOptions
+
+    runner = str(options.view_as(StandardOptions).runner or "DirectRunner").lower()
+    mode = options.view_as(DirectOptions).direct_running_mode
+    return runner in ("directrunner", "direct") and mode == "multi_processing"
+
+
+def _wait(result: Any) -> None:
+    try:
+        result.wait_until_finish()
+    except Exception as exc:
+        cause = _job_service_cause(result)
+        if cause and cause not in first_line(exc):
+            raise RuntimeError(f"{cause} (the job service: {first_line(exc)})") from exc
+        raise
+
+
+def _job_service_cause(result: Any) -> str | None:
+    """The last line of the last traceback among a portable job's error messages, if any."""
+    texts = []
+    for message in getattr(result, "_messages", None) or ():
+        with contextlib.suppress(Exception):
+            if message.HasField("message_response"):
+                texts.append(message.message_response.message_text)
+    for text in reversed(texts):
+        if "Traceback (most recent call last)" in text:
+            lines = [line.strip() for line in text.strip().splitlines() if line.strip()]
+            return lines[-1] if lines else None
+    return None
+
+
+def _stop(result: Any) -> int:
+    """Cancel the job (where the runner can) and kill this process's descendants; how many were killed."""
+    if result is not None:
+        with contextlib.suppress(Exception):
+            result.cancel()
+    killed = 0
+    for pid in _descendants(os.getpid()):
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.kill(pid, signal.SIGKILL)
+            killed += 1
+    return killed
+
+
+def worker_processes(pid: int) -> list[int]:
+    """The live SDK worker processes below ``pid`` (zombies excluded)."""
+    out = []
+    for child in _descendants(pid):
+        try:
+            with open(f"/proc/{child}/cmdline", "rb") as f:
+                cmdline = f.read()
+        except OSError:
+            continue
+        if _WORKER_MARK in cmdline:  # a zombie's command line is empty
+            out.append(child)
+    return out
+
+
+def _descendants(pid: int) -> list[int]:
+    """Every process below ``pid``, from ``/proc`` (empty where there is no ``/proc``)."""
+    children: dict[int, list[int]] = {}
+    with contextlib.suppress(OSError):
+        for entry in os.listdir("/proc"):
+            if not entry.isdigit():
+                continue
+            try:
+                with open(f"/proc/{entry}/stat", encoding="utf-8", errors="replace") as f:
+                    stat = f.read()
+            except OSError:
+                continue
+            # "pid (comm) state ppid ...": comm may hold spaces and parentheses
+            ppid = int(stat[stat.rindex(")") + 2 :].split()[1])
+            children.setdefault(ppid, []).append(int(entry))
+    out: list[int] = []
+    todo = list(children.get(pid, []))
+    while todo:
+        child = todo.pop(0)
+        out.append(child)
+        todo.extend(children.get(child, []))
+    return out
