@@ -18,8 +18,9 @@ Compared, on the same documents:
 * the project's ``TextEncoder`` (``transforms/models/encoder.py``), padded batches (the default;
   on CUDA the next batch is padded, pinned and copied while one runs), and the same without that
   overlap (``padded-serial``);
-* the same compiled over bucketed lengths (``--backend compile``: CUDA graphs with
-  ``mode="reduce-overhead"``, a static row count per bucket; compile time reported, not timed);
+* the same compiled over bucketed lengths (``--backend compile``: inductor, a dynamic row count;
+  compile time reported, not timed), and ``compiled-graphs``: CUDA graphs with
+  ``mode="reduce-overhead"`` and a static row count per bucket (``cuda_graphs=True``);
 * the same with ``packing=True``: padding-free rows, texts kept apart by their restarting
   positions (``--packed-attention``: flex_attention on CUDA; on CPU sdpa's dense block mask,
   which only shows it runs).
@@ -36,6 +37,7 @@ import argparse
 import ast
 import datetime
 import gc
+import logging
 import os
 import random
 import shlex
@@ -43,6 +45,7 @@ import sys
 import sysconfig
 import tempfile
 import time
+import traceback
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -257,6 +260,7 @@ def run_text_encoder(
     packed_attention: str | None = None,
     backend: str = "eager",
     overlap: bool | None = None,
+    cuda_graphs: bool = False,
 ):
     """``TextEncoder`` (ours): padded batches (eager, compiled buckets or ONNX Runtime), or packed rows.
 
@@ -275,6 +279,7 @@ def run_text_encoder(
         attn_implementation=packed_attention,
         backend=backend,
         overlap=overlap,
+        cuda_graphs=cuda_graphs,
         cpu_workers=1,  # one pass at a time: the CPU smoke run stays comparable with the GPU rows
     ).load()
     started = time.perf_counter()
@@ -290,13 +295,13 @@ def run_text_encoder(
         padded = 0
         for b in budget_batches(sizes, encoder.token_budget):
             rows = len(b)
-            if backend == "compile" and device.type == "cuda":  # CUDA graphs: static rows per bucket
+            if backend == "compile" and cuda_graphs and device.type == "cuda":  # static rows per bucket
                 rows = max(rows, encoder.token_budget // max(sizes[i] for i in b))
             padded += max(sizes[i] for i in b) * rows
     if packed_attention:
         how = f"packed rows, {packed_attention}"
     elif backend == "compile":
-        graphs = "CUDA graphs" if device.type == "cuda" else "inductor"
+        graphs = "CUDA graphs, static rows" if cuda_graphs and device.type == "cuda" else "inductor, dynamic rows"
         how = (f"padded batches, compiled over {len(encoder._runner.shapes)} bucket shapes ({graphs}; "
                f"compile + warm-up {warm_s:.0f} s, not timed)")  # fmt: skip
     elif backend == "onnx":
@@ -316,8 +321,8 @@ def run_text_encoder(
     return vectors, result, encoder.token_budget
 
 
-VARIANTS = ("st32", "st512", "loop", "padded", "padded-serial", "compiled", "packed", "onnx")
-DEFAULT_VARIANTS = "st32,st512,loop,padded,padded-serial,compiled,packed"
+VARIANTS = ("st32", "st512", "loop", "padded", "padded-serial", "compiled", "compiled-graphs", "packed", "onnx")
+DEFAULT_VARIANTS = "st32,st512,loop,padded,padded-serial,compiled,compiled-graphs,packed"
 
 
 # -- main ----------------------------------------------------------------------------------------
@@ -343,13 +348,16 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument(
         "--variants", default=DEFAULT_VARIANTS,
         help=f"comma-separated, from {', '.join(VARIANTS)}: sentence-transformers at batch 32 and 512, the plain "
-        "loop, TextEncoder padded (overlapped preparation on CUDA), padded without overlap, compiled buckets, "
+        "loop, TextEncoder padded (overlapped preparation on CUDA), padded without overlap, compiled buckets "
+        "(dynamic rows; -graphs: CUDA graphs, static rows), "
         "packed rows, ONNX Runtime",
     )
     parser.add_argument("--doc-tokens", default="50,512", help="LOW,HIGH document lengths in tokens (mean at 62%%)")
     parser.add_argument("--write", action="store_true", help="append the figures to BENCHMARKS.md")
     parser.add_argument("--benchmarks-file", default=str(REPO_ROOT / "BENCHMARKS.md"))
     args = parser.parse_args(argv)
+    logging.basicConfig(format="%(asctime)s %(name)s: %(message)s")
+    logging.getLogger("transforms.models.fast").setLevel(logging.INFO)  # per-bucket compile times
 
     from transforms.models.devices import default_dtype, resolve_device
 
@@ -403,19 +411,30 @@ def main(argv: list[str] | None = None) -> None:
         "loop": lambda: run_plain_loop(path, docs, device, dtype, budget),
         "padded-serial": lambda: run_text_encoder(path, docs, device, dtype, budget, overlap=False)[:2],
         "compiled": lambda: run_text_encoder(path, docs, device, dtype, budget, backend="compile")[:2],
+        "compiled-graphs": lambda: run_text_encoder(
+            path, docs, device, dtype, budget, backend="compile", cuda_graphs=True
+        )[:2],
         "packed": lambda: run_text_encoder(path, docs, device, dtype, budget, packed_attention)[:2],
         "onnx": lambda: run_text_encoder(path, docs, device, dtype, budget, backend="onnx")[:2],
     }
     results = []
+    failed: list[str] = []
     for name in variants:
         if name == "padded":
             results.append(ours_result)
             continue
         if name == "packed" and packed_attention == "none":
             continue
-        if name == "padded-serial" and device.type != "cuda":
-            continue  # on CPU padded already runs without overlap
-        vectors, result = runs[name]()
+        if name in ("padded-serial", "compiled-graphs") and device.type != "cuda":
+            continue  # on CPU padded already runs without overlap, and there are no CUDA graphs
+        try:
+            vectors, result = runs[name]()
+        except Exception as exc:  # one broken variant must not cost the others' figures (one GPU lease)
+            traceback.print_exc()
+            failed.append(f"| {name} | failed: {type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''} |")
+            reset_memory(device)
+            print(failed[-1], flush=True)
+            continue
         result.agreement = float((vectors * ours).sum(axis=1).min())
         results.append(result)
         reset_memory(device)
@@ -427,6 +446,7 @@ def main(argv: list[str] | None = None) -> None:
         "",
         *table_header("min cosine to ours"),
         *(r.row(params, "docs") for r in results),
+        *failed,
         "",
         f"{MFU_FORMULA}, N_non_embedding = {params:,}; attention FLOPs not counted."
         + (SMOKE_NOTE if args.smoke else ""),

@@ -143,9 +143,9 @@ def add_model_arguments(parser: argparse.ArgumentParser, *, with_batching: bool 
         )
         group.add_argument(
             "--backend", default="eager", choices=("eager", "compile", "onnx"),
-            help="how forward passes run: eager (transformers), compile (torch.compile over bucketed lengths; CUDA "
-            "graphs on a GPU) or onnx (ONNX Runtime, model exported once into ~/.cache/corpus-etl; needs the onnx "
-            "extra); measured in BENCHMARKS.md",
+            help="how forward passes run: eager (transformers), compile (torch.compile over bucketed lengths, ~35 s "
+            "per bucket at worker start on a GPU; worth it for long GPU jobs) or onnx (ONNX Runtime, model exported "
+            "once into ~/.cache/corpus-etl; needs the onnx extra); measured in BENCHMARKS.md",
         )
         group.add_argument(
             "--cpu-workers", type=int, default=None, metavar="N",

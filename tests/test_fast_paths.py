@@ -11,9 +11,10 @@ import shutil
 
 import numpy as np
 import pytest
+import torch
 
 from transforms.models.encoder import TextEncoder
-from transforms.models.fast import bucket_of, length_buckets
+from transforms.models.fast import CompiledRunner, bucket_of, length_buckets
 
 SHORT = ["a b c", "gzip files", "regular expressions"]  # all within the 16-token bucket
 TEXTS = SHORT + ["JSON encoder and decoder. " * 20, "tar archives " * 60]
@@ -108,3 +109,29 @@ def test_compiled_backend_matches_eager_on_bucketed_lengths(which, minilm_path, 
         assert _cosines(got, reference).min() >= 1 - 1e-4
         assert _cosines(fast.encode(SHORT[:2]), reference[:2]).min() >= 1 - 1e-4  # another row count, same graph
     assert fast._runner.shapes == {(-1, 16)}  # one bucket, batch dimension dynamic
+
+
+def test_encoder_passes_build_no_kv_cache(qwen3_embedding_dir):
+    """Qwen3's config enables the KV cache, which an encoder never reads back: on the H200 the 0.6B
+    held ~30 GB of keys and values at a 262k-token pass (BENCHMARKS.md). Eager and compiled passes
+    must ask for none."""
+    encoder = TextEncoder(str(qwen3_embedding_dir), device="cpu", cpu_workers=1).load()
+    seen = []
+    hook = encoder.model.register_forward_hook(
+        lambda module, args, kwargs, out: seen.append((kwargs.get("use_cache"), out.past_key_values)),
+        with_kwargs=True,
+    )
+    try:
+        encoder.encode(SHORT)
+        assert seen and all(use_cache is False and cache is None for use_cache, cache in seen)
+
+        # The compiled path: the same arguments reach the compiled model (a recording stand-in
+        # for it, so nothing is compiled here).
+        runner = CompiledRunner(encoder.model, buckets=[16, 32], token_budget=64)
+        calls = []
+        runner.compiled = lambda **kwargs: (calls.append(kwargs), encoder.model(**kwargs))[1]
+        ids = torch.tensor([[1, 2, 3, 4] * 4])
+        runner(ids, torch.ones_like(ids))
+        assert calls[0]["use_cache"] is False and seen[-1] == (False, None)
+    finally:
+        hook.remove()

@@ -11,7 +11,7 @@ forward passes by a padded-token budget (``max_len * n <= budget``); every vecto
 independent of its batch neighbours (masked pooling, per-row positions), which the
 parity tests check against single-text encoding.
 
-``packing=True`` (opt-in, not measured on a GPU yet) runs a forward pass as one row of
+``packing=True`` (opt-in; 0.47x the padded path on an H200, BENCHMARKS.md) runs a forward pass as one row of
 concatenated texts with positions restarting at 0 for each, no attention mask and no cache:
 transformers then reads the boundaries from the positions and keeps texts apart
 (block-diagonal attention: a sparse block mask with ``attn_implementation="flex_attention"``,
@@ -21,7 +21,7 @@ is computed. Models that ignore the positions would mix texts silently, so ``loa
 checks packed against padded vectors and refuses the setting when they differ.
 
 ``backend`` (``--backend``) picks how a padded batch runs: ``eager`` (transformers as loaded),
-``compile`` (``torch.compile`` over bucketed lengths; CUDA graphs on a GPU) or ``onnx`` (ONNX
+``compile`` (``torch.compile`` over bucketed lengths; CUDA graphs only with ``cuda_graphs=True``) or ``onnx`` (ONNX
 Runtime); see ``transforms.models.fast``. ``overlap=True`` (the default on CUDA) prepares the
 next batch (padding, pinned host memory, the non-blocking copy to the device) in a second
 thread while the current one runs.
@@ -47,7 +47,7 @@ import numpy as np
 import torch
 
 from transforms.models.devices import TorchModel, budget_batches, run_splitting_on_oom
-from transforms.models.fast import BACKENDS, CompiledRunner, OnnxRunner, bucket_of, length_buckets
+from transforms.models.fast import BACKENDS, CompiledRunner, OnnxRunner, bucket_of, length_buckets, no_cache
 from transforms.models.settings import EmbeddingSpec, load_tokenizer
 
 _LOG = logging.getLogger(__name__)
@@ -80,6 +80,7 @@ class TextEncoder(TorchModel):
         backend: str = "eager",
         overlap: bool | None = None,
         cpu_workers: int | None = None,
+        cuda_graphs: bool = False,
     ) -> None:
         if backend not in BACKENDS:
             raise ValueError(f"--backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
@@ -101,6 +102,7 @@ class TextEncoder(TorchModel):
         if cpu_workers is not None and cpu_workers < 0:
             raise ValueError(f"--cpu-workers must be >= 0 (0: torch's thread count), got {cpu_workers}")
         self.cpu_workers_setting = cpu_workers
+        self.cuda_graphs = cuda_graphs
         self._runner: CompiledRunner | OnnxRunner | None = None
 
     # -- loading -------------------------------------------------------------------------
@@ -131,10 +133,13 @@ class TextEncoder(TorchModel):
         pad_id = self.tokenizer.pad_token_id or 0
         if self.backend == "compile":
             self.buckets = length_buckets(self.max_length)
-            cuda = self.device.type == "cuda"
+            # CUDA graphs need static shapes, so every pass of a bucket is padded to token_budget // bucket
+            # rows: 53% padding at the H200's 262k-token passes, where launch overhead is negligible
+            # anyway (BENCHMARKS.md, GPU). Off unless asked for; passes then keep a dynamic row count.
+            graphs = self.cuda_graphs and self.device.type == "cuda"
             self._runner = CompiledRunner(
-                self.model, buckets=self.buckets, token_budget=self.token_budget, static_rows=cuda,
-                mode="reduce-overhead" if cuda else None, pad_id=pad_id,
+                self.model, buckets=self.buckets, token_budget=self.token_budget, static_rows=graphs,
+                mode="reduce-overhead" if graphs else None, pad_id=pad_id,
             )  # fmt: skip
         elif self.backend == "onnx":
             self._runner = OnnxRunner(
@@ -298,7 +303,7 @@ class TextEncoder(TorchModel):
         if self._runner is not None:
             hidden = self._runner(input_ids, mask)
         else:
-            hidden = self.model(input_ids=input_ids, attention_mask=mask).last_hidden_state
+            hidden = self.model(input_ids=input_ids, attention_mask=mask, **no_cache(self.model)).last_hidden_state
         return self._finish(pool(hidden, mask, self.settings.pooling))
 
     @torch.inference_mode()

@@ -3,11 +3,12 @@
 * ``eager``: the transformers model as loaded (the reference every other path is tested against).
 * ``compile``: ``torch.compile`` (inductor) of the same model, fed sequence lengths rounded up to a
   few buckets (``length_buckets``: 2 per doubling of the length, multiples of 8) so it compiles a
-  bounded number of graphs, about ``2 * log2(max_length / 16)``. On CPU the batch dimension is
-  dynamic (one graph per bucket, whatever the number of rows); on CUDA each bucket's batch is
-  padded to a fixed number of rows (``token_budget // bucket``) and compiled with
-  ``mode="reduce-overhead"``, i.e. CUDA graphs over static shapes. The extra padding costs
-  compute: on short, spread-out lengths ~15-20% more tokens than length-sorted eager batches.
+  bounded number of graphs, about ``2 * log2(max_length / 16)``. The batch dimension is dynamic
+  (one graph per bucket, whatever the number of rows). With ``TextEncoder(cuda_graphs=True)`` on
+  CUDA each bucket's batch is instead padded to a fixed number of rows (``token_budget // bucket``)
+  and compiled with ``mode="reduce-overhead"``, i.e. CUDA graphs over static shapes: that pays
+  only where passes are small enough for launch overhead to matter; at the H200's default
+  262k-token passes it ran 53% padding against eager's 17% (BENCHMARKS.md, GPU).
 * ``onnx``: the model exported once with ``torch.onnx.export`` (the dynamo exporter; dynamic
   batch and sequence axes) into a cache folder keyed by the model's files and the torch and
   onnxruntime versions, then run by ONNX Runtime (CPU provider; CUDA when the device is a GPU
@@ -24,6 +25,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import inspect
 import logging
 import math
 import os
@@ -41,6 +43,16 @@ _LOG = logging.getLogger(__name__)
 BACKENDS = ("eager", "compile", "onnx")
 CACHE_ENV = "CORPUS_ETL_CACHE"
 _COMPILE_LOCK = threading.Lock()
+
+
+def no_cache(model: torch.nn.Module) -> dict[str, bool]:
+    """``{"use_cache": False}`` for a model whose forward takes it, else nothing.
+
+    Decoder configs (Qwen3) enable the KV cache by default, and an encoder pass never reads it
+    back: on the H200 the 0.6B model at a 262k-token pass held ~30 GB of keys and values for
+    nothing, and the compiled path returned them as CUDA-graph outputs (BENCHMARKS.md, GPU).
+    """
+    return {"use_cache": False} if "use_cache" in inspect.signature(model.forward).parameters else {}
 
 
 def length_buckets(max_length: int, *, per_doubling: int = 2, multiple: int = 8, smallest: int = 16) -> list[int]:
@@ -104,6 +116,7 @@ class CompiledRunner:
             if hasattr(dynamo_config, name) and getattr(dynamo_config, name) < wanted:
                 setattr(dynamo_config, name, wanted)
         self.compiled = torch.compile(model, dynamic=False, mode=mode)
+        self.kwargs = no_cache(model)
 
     def rows(self, bucket: int) -> int:
         return max(1, self.token_budget // bucket)
@@ -125,12 +138,16 @@ class CompiledRunner:
         first = shape not in self.shapes
         started = time.perf_counter()
         with _COMPILE_LOCK if first else contextlib.nullcontext():
-            hidden = self.compiled(input_ids=input_ids, attention_mask=mask).last_hidden_state
+            hidden = self.compiled(input_ids=input_ids, attention_mask=mask, **self.kwargs).last_hidden_state
             if first:
                 if hidden.is_cuda:
                     torch.cuda.synchronize(hidden.device)
                 self.shapes.add(shape)
-                self.compile_seconds += time.perf_counter() - started
+                took = time.perf_counter() - started
+                self.compile_seconds += took
+                # Compiling a bucket takes seconds to minutes: say so, or a long start looks hung.
+                _LOG.info("compiled shape %s in %.1f s (%d shapes, %.0f s so far)", shape, took,
+                          len(self.shapes), self.compile_seconds)  # fmt: skip
         if self.static_rows and hidden.is_cuda:
             hidden = hidden.clone()  # CUDA graph outputs are overwritten by the next replay
         return hidden[:n]
