@@ -36,6 +36,7 @@ from __future__ import annotations
 import argparse
 import ast
 import datetime
+import functools
 import gc
 import logging
 import os
@@ -72,6 +73,7 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 
 
 # -- shared with bench/gpu_rerank.py ---------------------------------------------------------------
+@functools.lru_cache(maxsize=4)  # parsing 400 modules takes seconds; the smoke tests call it twice
 def stdlib_text(max_files: int = 400) -> str:
     """English prose from the standard library's docstrings (module, class and function)."""
     root = Path(sysconfig.get_paths()["stdlib"])
