@@ -47,7 +47,7 @@ import numpy as np
 import torch
 
 from transforms.models.devices import TorchModel, budget_batches, run_splitting_on_oom
-from transforms.models.fast import BACKENDS, CompiledRunner, OnnxRunner, bucket_of, length_buckets, no_cache
+from transforms.models.fast import BACKENDS, CompiledRunner, OnnxRunner, bucket_of, length_buckets
 from transforms.models.settings import EmbeddingSpec, load_tokenizer
 
 _LOG = logging.getLogger(__name__)
@@ -119,6 +119,11 @@ class TextEncoder(TorchModel):
         kwargs = {"padding_side": "left"} if spec.settings.pooling == "lasttoken" else {}
         self.tokenizer = load_tokenizer(spec.path, **kwargs)
         self._load_weights(AutoModel, spec.path, spec.max_length)
+        if getattr(self.model.config, "use_cache", False):
+            # Decoder configs (Qwen3) turn the KV cache on, and an encoder never reads it back: on the
+            # H200 the 0.6B held ~30 GB of keys and values per 262k-token pass (BENCHMARKS.md, GPU).
+            # The config is what every path reads (eager, compiled, the ONNX export).
+            self.model.config.use_cache = False
         self.overlap = self.device.type == "cuda" if self.overlap_setting is None else self.overlap_setting
         cpu = self.device.type == "cpu"
         setting = self.cpu_workers_setting
@@ -303,7 +308,7 @@ class TextEncoder(TorchModel):
         if self._runner is not None:
             hidden = self._runner(input_ids, mask)
         else:
-            hidden = self.model(input_ids=input_ids, attention_mask=mask, **no_cache(self.model)).last_hidden_state
+            hidden = self.model(input_ids=input_ids, attention_mask=mask).last_hidden_state
         return self._finish(pool(hidden, mask, self.settings.pooling))
 
     @torch.inference_mode()

@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import inspect
 import logging
 import math
 import os
@@ -43,16 +42,6 @@ _LOG = logging.getLogger(__name__)
 BACKENDS = ("eager", "compile", "onnx")
 CACHE_ENV = "CORPUS_ETL_CACHE"
 _COMPILE_LOCK = threading.Lock()
-
-
-def no_cache(model: torch.nn.Module) -> dict[str, bool]:
-    """``{"use_cache": False}`` for a model whose forward takes it, else nothing.
-
-    Decoder configs (Qwen3) enable the KV cache by default, and an encoder pass never reads it
-    back: on the H200 the 0.6B model at a 262k-token pass held ~30 GB of keys and values for
-    nothing, and the compiled path returned them as CUDA-graph outputs (BENCHMARKS.md, GPU).
-    """
-    return {"use_cache": False} if "use_cache" in inspect.signature(model.forward).parameters else {}
 
 
 def length_buckets(max_length: int, *, per_doubling: int = 2, multiple: int = 8, smallest: int = 16) -> list[int]:
@@ -116,7 +105,6 @@ class CompiledRunner:
             if hasattr(dynamo_config, name) and getattr(dynamo_config, name) < wanted:
                 setattr(dynamo_config, name, wanted)
         self.compiled = torch.compile(model, dynamic=False, mode=mode)
-        self.kwargs = no_cache(model)
 
     def rows(self, bucket: int) -> int:
         return max(1, self.token_budget // bucket)
@@ -138,7 +126,7 @@ class CompiledRunner:
         first = shape not in self.shapes
         started = time.perf_counter()
         with _COMPILE_LOCK if first else contextlib.nullcontext():
-            hidden = self.compiled(input_ids=input_ids, attention_mask=mask, **self.kwargs).last_hidden_state
+            hidden = self.compiled(input_ids=input_ids, attention_mask=mask).last_hidden_state
             if first:
                 if hidden.is_cuda:
                     torch.cuda.synchronize(hidden.device)
