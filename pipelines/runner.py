@@ -63,9 +63,10 @@ def run_pipeline(p: Any, timeout_s: float | None = None) -> Any:
 
     thread = threading.Thread(target=job, name="corpus-etl-job", daemon=True)
     deadline = time.monotonic() + timeout_s if timeout_s else None
-    with _worker_exits() as exits:
+    killing = threading.Event()  # set once this run cancels its job and kills its workers
+    with _worker_exits(killing) as exits:
         thread.start()
-        _watch(thread, box, timeout_s, deadline, watch_workers, exits)
+        _watch(thread, box, timeout_s, deadline, watch_workers, exits, killing)
     if "error" in box:
         raise box["error"]
     return box["result"]
@@ -73,7 +74,7 @@ def run_pipeline(p: Any, timeout_s: float | None = None) -> Any:
 
 def _watch(
     thread: threading.Thread, box: dict[str, Any], timeout_s: float | None, deadline: float | None,
-    watch_workers: bool, exits: list[str],
+    watch_workers: bool, exits: list[str], killing: threading.Event,
 ) -> None:  # fmt: skip
     seen: set[int] = set()
     while thread.is_alive():
@@ -83,10 +84,10 @@ def _watch(
         if exits:  # Beam's thread for a worker process saw it exit with an error status
             thread.join(POLL_S)
             if thread.is_alive():
-                _stop(box.get("result"))
+                _stop(box.get("result"), killing)
                 raise JobAbandoned(worker_lost(f"Beam: {exits[0]}"))
         if deadline is not None and time.monotonic() >= deadline:
-            stopped = _stop(box.get("result"))
+            stopped = _stop(box.get("result"), killing)
             raise JobAbandoned(
                 f"the job did not finish within --job-timeout {timeout_s:g}s (a hung or lost worker?); it was "
                 f"cancelled{f' and its {stopped} local worker process(es) killed' if stopped else ''}; "
@@ -99,12 +100,12 @@ def _watch(
             if lost:
                 thread.join(END_GRACE_S)
                 if thread.is_alive():
-                    _stop(box.get("result"))
+                    _stop(box.get("result"), killing)
                     raise JobAbandoned(worker_lost(f"process {', '.join(map(str, lost))} ended"))
 
 
 @contextlib.contextmanager
-def _worker_exits():
+def _worker_exits(killing: threading.Event):
     """The ``Worker subprocess exited with return code N`` errors that DirectRunner's worker threads
     raise (and nobody else sees) while the block runs; other thread errors go on to the usual hook."""
     exits: list[str] = []
@@ -112,6 +113,8 @@ def _worker_exits():
 
     def hook(args: Any) -> None:
         if isinstance(args.exc_value, RuntimeError) and "Worker subprocess exited" in str(args.exc_value):
+            if killing.is_set():  # a worker we killed ourselves: the job's one error line says so already
+                return
             exits.append(first_line(args.exc_value))
         previous(args)
 
@@ -119,7 +122,10 @@ def _worker_exits():
     try:
         yield exits
     finally:
-        threading.excepthook = previous
+        # After _stop, Beam's worker threads notice the kills late, some after this block: keep
+        # the hook so their tracebacks do not follow the job's one-line error on stderr.
+        if not killing.is_set():
+            threading.excepthook = previous
 
 
 def _local_worker_processes(options: Any) -> bool:
@@ -155,8 +161,9 @@ def _job_service_cause(result: Any) -> str | None:
     return None
 
 
-def _stop(result: Any) -> int:
+def _stop(result: Any, killing: threading.Event) -> int:
     """Cancel the job (where the runner can) and kill this process's descendants; how many were killed."""
+    killing.set()
     if result is not None:
         with contextlib.suppress(Exception):
             result.cancel()
