@@ -11,7 +11,7 @@ DEMO_MODEL ?= sentence-transformers/all-MiniLM-L6-v2
 PYTEST_ARGS ?=
 
 .DEFAULT_GOAL := help
-.PHONY: help install demo demo-label test lint bench-cpu bench-label bench-prefix bench-store bench-reindex bench-scaling bench-tokenizer bench-gpu clean
+.PHONY: help install demo demo-label test lint bench-cpu bench-label bench-prefix bench-store bench-reindex bench-scaling bench-threads bench-tokenizer bench-gpu clean
 
 help: ## list the targets
 	@grep -E '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  \033[36m%-12s\033[0m %s\n", $$1, $$2}'
@@ -68,6 +68,9 @@ bench-reindex: install ## incremental reindex of 5,000 real-text documents vs a 
 
 bench-scaling: install ## index job wall time and tokens/s at 1k, 5k and 20k documents (writes BENCHMARKS.md; ~10 min)
 	$(BIN)/python bench/scaling.py --write
+
+bench-threads: install ## torch threads per worker process: W busy workers with cores/W threads vs one per core (writes BENCHMARKS.md; ~4 min)
+	$(BIN)/python bench/worker_threads.py --write
 
 bench-tokenizer: ## Qwen's and MiniLM's tokenisers on CPU, one core and the Rust pool (writes BENCHMARKS.md)
 	$(BIN)/python bench/tokenizer.py --write

@@ -16,6 +16,8 @@ from apache_beam.options.pipeline_options import PipelineOptions
 
 from pipelines.errors import UsageError
 
+_LOG = logging.getLogger(__name__)
+
 
 def setup_logging(verbose: bool = False) -> None:
     quiet_libraries()
@@ -86,6 +88,39 @@ def check_local_device(options: PipelineOptions, device: str) -> None:
     runner = options.view_as(StandardOptions).runner
     if runner is None or str(runner).lower() in ("directrunner", "direct", "prismrunner", "prism"):
         resolve_device(device)
+
+
+def worker_cpu_threads(options: PipelineOptions, flag: int | None = None) -> int | None:
+    """Torch's CPU threads in each worker process, or None to leave torch's default.
+
+    ``--cpu-threads`` when given. Otherwise, when DirectRunner runs W workers on this machine
+    (``--direct_running_mode multi_processing`` or ``multi_threading``, W = ``--direct_num_workers``,
+    0 meaning one per core as Beam reads it), the machine's cores divided among them: each
+    worker would otherwise start one thread per core, W times the cores in all, and OpenMP
+    threads that wait at every op's barrier spin against each other (the label job on 2 cores
+    with 2 workers: 18% slower, BENCHMARKS.md). None on other runners (their workers are on other
+    machines) and when ``OMP_NUM_THREADS`` is set (the user has chosen).
+    """
+    from apache_beam.options.pipeline_options import DirectOptions, StandardOptions
+
+    if flag:
+        return flag
+    if os.environ.get("OMP_NUM_THREADS"):
+        return None
+    runner = options.view_as(StandardOptions).runner
+    if runner is not None and str(runner).lower() not in ("directrunner", "direct"):
+        return None
+    direct = options.view_as(DirectOptions)
+    if direct.direct_running_mode not in ("multi_processing", "multi_threading"):
+        return None
+    workers = direct.direct_num_workers if direct.direct_num_workers != 0 else (os.cpu_count() or 1)
+    if not workers or workers <= 1:
+        return None
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    threads = max(1, cores // workers)
+    _LOG.info("%d DirectRunner workers share %d cores: torch runs %d thread(s) in each (--cpu-threads to change)",
+              workers, cores, threads)  # fmt: skip
+    return threads
 
 
 def start_pipeline(test_pipeline: Any, beam_args: list[str] | None, device: str):

@@ -65,6 +65,11 @@ class GateConfig:
             raise ValueError(f"--gate-tolerance must be >= 0, got {self.tolerance}")
 
 
+def check_cpu_threads(threads: int | None) -> None:
+    if threads is not None and threads < 1:
+        raise ValueError(f"--cpu-threads must be >= 1, got {threads}")
+
+
 def check_job_timeout(seconds: float | None) -> None:
     if seconds is not None and seconds <= 0:
         raise ValueError(f"--job-timeout must be positive, got {seconds}")
@@ -84,6 +89,7 @@ class IndexConfig:
     max_batch_tokens: int | None = None
     backend: str = "eager"  # --backend: eager | compile | onnx (transforms.models.fast)
     cpu_workers: int | None = None  # --cpu-workers: forward passes at once on CPU (TextEncoder)
+    cpu_threads: int | None = None  # --cpu-threads: torch threads per worker process (pipelines.common)
     dead_letter: str | None = None
     summary_out: str | None = None
     alias: str | None = None
@@ -105,6 +111,7 @@ class IndexConfig:
             raise ValueError("--collection is required")
         if self.cpu_workers is not None and self.cpu_workers < 1:
             raise ValueError(f"--cpu-workers must be >= 1, got {self.cpu_workers}")
+        check_cpu_threads(self.cpu_threads)
         TokenBudgets(forward=self.max_batch_tokens)  # validates it; --dim is checked against the model (EmbeddingSpec)
         clash = RESERVED_PAYLOAD_KEYS & set(self.columns.metadata)
         if clash:
@@ -146,6 +153,7 @@ def index_config(args: argparse.Namespace) -> IndexConfig:
         max_batch_tokens=args.max_batch_tokens,
         backend=args.backend,
         cpu_workers=args.cpu_workers,
+        cpu_threads=args.cpu_threads,
         dead_letter=args.dead_letter,
         summary_out=args.summary_out,
         alias=args.alias,
@@ -187,6 +195,7 @@ class LabelConfig:
     max_length: int = 8192
     max_batch_tokens: int | None = None
     share_prefix: bool = False
+    cpu_threads: int | None = None  # --cpu-threads: torch threads per worker process (pipelines.common)
     progress_interval_s: float = 30.0
     summary_out: str | None = None
     resource_hints: tuple[tuple[str, str], ...] = ()  # on query embedding and reranking only
@@ -202,6 +211,7 @@ class LabelConfig:
         if not 0.0 <= self.eval_fraction <= 1.0:
             raise ValueError(f"--eval-fraction must be in [0, 1], got {self.eval_fraction}")
         TokenBudgets(forward=self.max_batch_tokens)  # validates it
+        check_cpu_threads(self.cpu_threads)
         LabelDatasetsConfig(thresholds=self.thresholds)  # validates the thresholds
         check_job_timeout(self.job_timeout_s)
 
@@ -243,6 +253,7 @@ def label_config(args: argparse.Namespace) -> LabelConfig:
         max_length=args.max_length,
         max_batch_tokens=args.max_batch_tokens,
         share_prefix=args.share_prefix,
+        cpu_threads=args.cpu_threads,
         progress_interval_s=args.progress_interval,
         job_timeout_s=args.job_timeout,
         summary_out=args.summary_out,

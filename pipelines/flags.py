@@ -152,6 +152,16 @@ def add_model_arguments(parser: argparse.ArgumentParser, *, with_batching: bool 
             help="on CPU, forward passes run at once, one thread each, and torch's intra-op threads are set to 1 "
             "in the worker (default: torch's thread count; 1: one pass at a time over all threads, as before)",
         )
+        add_cpu_threads(group)
+
+
+def add_cpu_threads(group: argparse.ArgumentParser | argparse._ArgumentGroup) -> None:
+    group.add_argument(
+        "--cpu-threads", type=int, default=None, metavar="N",
+        help="torch's CPU threads in each worker process (default: with DirectRunner's multi_processing or "
+        "multi_threading, the machine's cores divided among --direct_num_workers; else torch's own, or "
+        "OMP_NUM_THREADS when set)",
+    )  # fmt: skip
 
 
 def add_job_timeout(group: argparse.ArgumentParser | argparse._ArgumentGroup) -> None:
@@ -270,6 +280,7 @@ def label_parser() -> argparse.ArgumentParser:
         help="group pairs by query and run each query's prompt head once per forward pass (same scores, ~15-20%% "
         "fewer tokens at 300-token documents; 5%% faster on CPU in BENCHMARKS.md, not yet measured on GPU)",
     )
+    add_cpu_threads(run)
     run.add_argument("--progress-interval", type=float, default=30.0, help="seconds between progress lines")
     add_job_timeout(run)
     run.add_argument("--summary-out", default=None, help="run summary as JSON (local or gs://)")

@@ -28,7 +28,7 @@ from typing import Any
 import apache_beam as beam
 from apache_beam.io.filesystems import FileSystems
 
-from pipelines.common import publish_summary, run_and_wait, run_job, start_pipeline, write_json
+from pipelines.common import publish_summary, run_and_wait, run_job, start_pipeline, worker_cpu_threads, write_json
 from pipelines.configs import IndexConfig, index_config
 from pipelines.errors import JobFailed, PreflightError, first_line, translate
 from pipelines.flags import index_parser, split_beam_args
@@ -91,7 +91,7 @@ def build_pipeline(
         functools.partial(open_store, config.qdrant), config.collection,
         functools.partial(chunk_payload, model_id=config.model, digest=digest), force=config.force,
     )  # fmt: skip
-    embedded = fresh["to_embed"] | "EmbedChunks" >> _with_hints(Embed(embedding_handler(config, spec)), config.resource_hints)
+    embedded = fresh["to_embed"] | "EmbedChunks" >> _with_hints(Embed(embedding_handler(config, spec, worker_cpu_threads(p.options, config.cpu_threads))), config.resource_hints)
     to_write = (embedded["embedded"], fresh[REUSED]) | "ToWrite" >> beam.Flatten()
     written = to_write | "WriteToQdrant" >> WriteToQdrant(
         config.qdrant, config.collection, config.model, batch_points=config.upsert_batch_points,
@@ -122,7 +122,7 @@ def read_spec(config: IndexConfig) -> EmbeddingSpec:
     return EmbeddingSpec.read(config.model, dim=config.dim, max_length=config.max_length)
 
 
-def embedding_handler(config: IndexConfig, spec: EmbeddingSpec) -> EmbeddingModelHandler:
+def embedding_handler(config: IndexConfig, spec: EmbeddingSpec, cpu_threads: int | None = None) -> EmbeddingModelHandler:
     return EmbeddingModelHandler(
         spec,
         device=config.device,
@@ -130,6 +130,7 @@ def embedding_handler(config: IndexConfig, spec: EmbeddingSpec) -> EmbeddingMode
         progress_interval_s=config.progress_interval_s,
         backend=config.backend,
         cpu_workers=0 if config.cpu_workers is None else config.cpu_workers,  # 0: the worker's torch threads
+        cpu_threads=cpu_threads,
     )
 
 

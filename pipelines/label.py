@@ -23,7 +23,7 @@ from typing import Any
 import apache_beam as beam
 from apache_beam.io.filesystems import FileSystems
 
-from pipelines.common import publish_summary, run_and_wait, run_job, start_pipeline
+from pipelines.common import publish_summary, run_and_wait, run_job, start_pipeline, worker_cpu_threads
 from pipelines.configs import LabelConfig, label_config
 from pipelines.errors import JobFailed
 from pipelines.flags import label_parser, split_beam_args
@@ -50,7 +50,7 @@ _LOG = logging.getLogger(__name__)
 
 
 # -- steps -------------------------------------------------------------------------------------
-def reranker_handler(config: LabelConfig) -> RerankModelHandler:
+def reranker_handler(config: LabelConfig, cpu_threads: int | None = None) -> RerankModelHandler:
     return RerankModelHandler(
         config.reranker,
         device=config.device,
@@ -59,13 +59,14 @@ def reranker_handler(config: LabelConfig) -> RerankModelHandler:
         budgets=TokenBudgets.from_flag(config.max_batch_tokens, config.max_length),
         share_prefix=config.share_prefix,
         progress_interval_s=config.progress_interval_s,
+        cpu_threads=cpu_threads,
     )
 
 
-def query_handler(config: LabelConfig, spec: EmbeddingSpec) -> EmbeddingModelHandler:
+def query_handler(config: LabelConfig, spec: EmbeddingSpec, cpu_threads: int | None = None) -> EmbeddingModelHandler:
     return EmbeddingModelHandler(
         spec, device=config.device, query_instruction=config.query_instruction, kind="query",
-        progress_interval_s=config.progress_interval_s,
+        progress_interval_s=config.progress_interval_s, cpu_threads=cpu_threads,
     )
 
 
@@ -94,6 +95,7 @@ def build_pipeline(p: beam.Pipeline, config: LabelConfig, provenance: dict[str, 
     """
     checked = checked or {}
     hints = dict(config.resource_hints)
+    threads = worker_cpu_threads(p.options, config.cpu_threads)
     log = checked.get("queries", p) | "ReadQueryLog" >> ReadParquetRows(config.queries, config.query_columns.all)
     rows = log["rows"] | "ReadProgress" >> report_progress("read", config.progress_interval_s, _row_counts)
     parsed = rows | "ParseQueries" >> ParseQueryRows(config.query_columns)
@@ -105,7 +107,7 @@ def build_pipeline(p: beam.Pipeline, config: LabelConfig, provenance: dict[str, 
     if config.collection:
         spec = spec or EmbeddingSpec.read(config.model, dim=config.dim)
         first = queries | "RetrieveFromIndex" >> RetrieveFromIndex(
-            query_handler(config, spec), config.qdrant, config.collection, config.top_k, embed_hints=hints
+            query_handler(config, spec, threads), config.qdrant, config.collection, config.top_k, embed_hints=hints
         )
         failed = first[DEAD]  # a query whose embedding failed: written once, as its outcome
     else:
@@ -117,7 +119,7 @@ def build_pipeline(p: beam.Pipeline, config: LabelConfig, provenance: dict[str, 
         )
         unknown = first["unknown_candidates"]
         dead += [first[DEAD], unknown]
-    rerank = Rerank(reranker_handler(config))
+    rerank = Rerank(reranker_handler(config, threads))
     scored = first["pairs"] | "Rerank" >> (rerank.with_resource_hints(**hints) if hints else rerank)
     dead.append(scored[DEAD])
     built = (

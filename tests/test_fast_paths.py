@@ -80,6 +80,55 @@ def test_backend_and_cpu_workers_flags_reach_the_config():
         TextEncoder("m", backend="tensorrt")
 
 
+@pytest.mark.parametrize(
+    ("beam_args", "flag", "omp", "want"),
+    [
+        ([], None, None, None),  # in-process DirectRunner: torch's default
+        (["--direct_running_mode=multi_processing", "--direct_num_workers=2"], None, None, "cores/2"),
+        (["--direct_running_mode=multi_threading", "--direct_num_workers=4"], None, None, "cores/4"),
+        (["--direct_running_mode=multi_processing", "--direct_num_workers=0"], None, None, "cores/cpu_count"),
+        (["--direct_running_mode=multi_processing", "--direct_num_workers=1"], None, None, None),
+        (["--direct_running_mode=multi_processing", "--direct_num_workers=2"], None, "3", None),  # the user's choice
+        (["--direct_running_mode=multi_processing", "--direct_num_workers=2"], 3, "1", 3),  # the flag wins
+        (["--runner=DataflowRunner", "--direct_running_mode=multi_processing", "--direct_num_workers=2"], None, None, None),
+        (["--runner=PortableRunner", "--direct_num_workers=2"], 2, None, 2),
+    ],
+)
+def test_worker_cpu_threads_divide_the_cores_among_local_workers(beam_args, flag, omp, want, monkeypatch):
+    import os
+
+    from apache_beam.options.pipeline_options import PipelineOptions
+
+    from pipelines.common import worker_cpu_threads
+
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    if omp:
+        monkeypatch.setenv("OMP_NUM_THREADS", omp)
+    monkeypatch.setattr(os, "sched_getaffinity", lambda _: set(range(8)))  # an 8-core machine
+    monkeypatch.setattr(os, "cpu_count", lambda: 16)
+    expected = {"cores/2": 4, "cores/4": 2, "cores/cpu_count": 1}.get(want, want)
+    assert worker_cpu_threads(PipelineOptions(beam_args), flag) == expected
+
+
+def test_cpu_threads_flag_reaches_both_jobs_and_the_worker(minilm_path, keep_torch_threads):
+    import torch
+
+    from pipelines.configs import index_config, label_config
+    from pipelines.flags import index_parser, label_parser
+    from transforms.inference.embed import EmbeddingModelHandler
+
+    base = ["--input", "x.parquet", "--collection", "c"]
+    assert index_config(index_parser().parse_args(base + ["--cpu-threads", "3"])).cpu_threads == 3
+    assert index_config(index_parser().parse_args(base)).cpu_threads is None
+    label = label_parser().parse_args(["--queries", "q.parquet", "--out", "o", "--collection", "c", "--cpu-threads", "2"])
+    assert label_config(label).cpu_threads == 2
+    with pytest.raises(ValueError, match="--cpu-threads must be >= 1"):
+        index_config(index_parser().parse_args(base + ["--cpu-threads", "0"]))
+    torch.set_num_threads(2)
+    model = EmbeddingModelHandler(minilm_path, device="cpu", cpu_workers=1, cpu_threads=1).load_model()
+    assert torch.get_num_threads() == 1 and model.cpu_workers == 1
+
+
 @pytest.mark.parametrize("which", ["minilm", "qwen3"])
 def test_onnx_backend_matches_eager_and_reuses_its_export(which, minilm_path, qwen3_embedding_dir, tmp_path, monkeypatch):
     pytest.importorskip("onnxruntime")

@@ -65,12 +65,13 @@ LOST_WORKER = re.compile(
     r"corpus-etl index: error: the job failed: an SDK worker process was lost mid-job \((Beam: Channel closed "
     r"prematurely|Beam: Worker subprocess exited with return code -?[0-9]+|process [0-9, ]+ ended)\): killed, or out of memory\? Rerun the job: its writes are idempotent"
 )
-# One torch thread per process: 2 workers with a thread per core each would spin against each other on 2 cores.
-ENV = {**os.environ, "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1", "HF_HUB_DISABLE_PROGRESS_BARS": "1",
-       "OMP_NUM_THREADS": "1"}  # fmt: skip
+# No OMP_NUM_THREADS: with multi_processing the job divides the cores among its workers itself
+# (pipelines.common.worker_cpu_threads, checked below); the portable pool's workers get it from their env.
+ENV = {**os.environ, "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1", "HF_HUB_DISABLE_PROGRESS_BARS": "1"}
+ENV.pop("OMP_NUM_THREADS", None)
 ENV.pop(HOOKS_ENV, None)
 ENV.pop(LOAD_LOG_ENV, None)
-LOADS = "model_loads.txt"  # in the hooks folder: CORPUS_ETL_LOAD_LOG, '<pid> <model>' per load_model
+LOADS = "model_loads.txt"  # in the hooks folder: CORPUS_ETL_LOAD_LOG, '<pid> <torch threads> <model>' per load_model
 MULTI = ["--direct_running_mode=multi_processing", "--direct_num_workers=2"]
 
 
@@ -115,8 +116,13 @@ def aliases(store: str) -> dict[str, str]:
 
 
 def model_loads(hooks: Path) -> list[tuple[int, str]]:
+    return [(pid, model) for pid, _, model in model_loads_with_threads(hooks)]
+
+
+def model_loads_with_threads(hooks: Path) -> list[tuple[int, int, str]]:
     with contextlib.suppress(FileNotFoundError):
-        return [(int(pid), model) for pid, model in (line.split(" ", 1) for line in (hooks / LOADS).read_text().splitlines())]
+        lines = (line.split(" ", 2) for line in (hooks / LOADS).read_text().splitlines())
+        return [(int(pid), int(threads), model) for pid, threads, model in lines]
     return []
 
 
@@ -219,7 +225,9 @@ def portable(tmp_path_factory):
     hooks = tmp / "hooks"
     hooks.mkdir()
     pool_port, port_file = free_port(), tmp / "job_service.port"
-    pool_env = {**hooks_env(hooks), "PATH": os.path.dirname(sys.executable) + os.pathsep + ENV.get("PATH", "")}
+    # A pool's workers are not the job's to size: one torch thread each, as the README says to start a pool.
+    pool_env = {**hooks_env(hooks), "PATH": os.path.dirname(sys.executable) + os.pathsep + ENV.get("PATH", ""),
+                "OMP_NUM_THREADS": "1"}  # fmt: skip
     with contextlib.ExitStack() as stack:
         pool_log = stack.enter_context(open(tmp / "pool.log", "w"))
         pool = stack.enter_context(started(
@@ -270,6 +278,10 @@ def test_index_rerun_and_label_equal_the_in_process_run(
         summary_out = tmp_path / f"summary-{loaded}-{time.monotonic_ns()}.json"
         driver, _ = run_job([*args, *runner, "--summary-out", str(summary_out)], env, alongside)
         assert_each_model_loaded_once_per_process(model_loads(hooks)[loaded:], driver, models, optional)
+        # 2 workers on this machine: each gets its share of the cores (multi_processing: the job's choice;
+        # portable: the pool's OMP_NUM_THREADS=1), never one thread per core each.
+        share = max(1, len(os.sched_getaffinity(0)) // 2) if mode == "multi_processing" else 1
+        assert {threads for _, threads, _ in model_loads_with_threads(hooks)[loaded:]} <= {share}
         if mode == "portable":
             assert _workers_started(request, mode) - workers == 2  # the pool started 2 SDK workers for the job
         return json.loads(summary_out.read_text())

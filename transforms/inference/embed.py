@@ -53,6 +53,7 @@ class EmbeddingModelHandler(TokenBatchedHandler):
         large_model: bool = False,
         backend: str = "eager",
         cpu_workers: int | None = None,
+        cpu_threads: int | None = None,
     ) -> None:
         if kind not in ("document", "query"):
             raise ValueError(f"kind must be 'document' or 'query', not {kind!r}")
@@ -64,6 +65,7 @@ class EmbeddingModelHandler(TokenBatchedHandler):
             element_weight=_chunk_weight if kind == "document" else _query_weight,
             progress_interval_s=progress_interval_s,
             large_model=large_model,
+            cpu_threads=cpu_threads,
         )
         self._kind = kind
 

@@ -7,14 +7,15 @@ import os
 from collections.abc import Callable
 from typing import Any
 
+import torch
 from apache_beam.ml.inference.base import ModelHandler
 
 from transforms.models.devices import TokenBudgets, TorchModel
 
 _LOG = logging.getLogger(__name__)
 
-# Set by tests: each load_model appends "<pid> <model id>" to this file, so a test can check
-# that a worker process loads a model once, whatever the number of bundles.
+# Set by tests: each load_model appends "<pid> <torch threads> <model id>" to this file, so a test can
+# check that a worker process loads a model once, whatever the number of bundles, and its threads.
 LOAD_LOG_ENV = "CORPUS_ETL_LOAD_LOG"
 
 
@@ -39,6 +40,7 @@ class TokenBatchedHandler(ModelHandler):
         element_weight: Callable[[Any], int],
         progress_interval_s: float = 30.0,
         large_model: bool = False,
+        cpu_threads: int | None = None,
     ) -> None:
         # Beam 2.77's BatchElements takes no ``max_batch_weight`` (ModelHandler forwards it and
         # RunInference fails); with ``element_size_fn`` its batch sizes are summed weights, so
@@ -51,12 +53,17 @@ class TokenBatchedHandler(ModelHandler):
         self._model_class = model_class
         self._model_args = {**model_args, "token_budget": budgets.forward}
         self._progress_interval_s = progress_interval_s
+        self.cpu_threads = cpu_threads
 
     @property
     def max_batch_weight(self) -> int:
         return self.budgets.batch
 
     def load_model(self) -> Any:
+        if self.cpu_threads:
+            # Process-wide, before the model loads: the encoder's --cpu-workers default reads it.
+            torch.set_num_threads(self.cpu_threads)
+        threads = torch.get_num_threads()  # before the load: a CPU encoder with --cpu-workers sets 1 for its passes
         model = self._model_class(**self._model_args).load()
         _LOG.info(
             "loaded %s %s on %s in process %d (%d tokens per forward pass)",
@@ -64,7 +71,7 @@ class TokenBatchedHandler(ModelHandler):
         )
         if os.environ.get(LOAD_LOG_ENV):
             with open(os.environ[LOAD_LOG_ENV], "a", encoding="utf-8") as f:
-                f.write(f"{os.getpid()} {model.model_id}\n")
+                f.write(f"{os.getpid()} {threads} {model.model_id}\n")
         return model
 
     def get_metrics_namespace(self) -> str:

@@ -67,6 +67,7 @@ class RerankModelHandler(TokenBatchedHandler):
         progress_interval_s: float = 30.0,
         large_model: bool = False,
         share_prefix: bool = False,
+        cpu_threads: int | None = None,
     ) -> None:
         super().__init__(
             Qwen3Reranker,
@@ -77,6 +78,7 @@ class RerankModelHandler(TokenBatchedHandler):
             element_weight=PairTokenEstimate(chars_per_token=chars_per_token, max_length=max_length),
             progress_interval_s=progress_interval_s,
             large_model=large_model,
+            cpu_threads=cpu_threads,
         )
         self.share_prefix = share_prefix
 
