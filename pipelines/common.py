@@ -97,8 +97,8 @@ def worker_cpu_threads(options: PipelineOptions, flag: int | None = None) -> int
     (``--direct_running_mode multi_processing`` or ``multi_threading``, W = ``--direct_num_workers``,
     0 meaning one per core as Beam reads it), the machine's cores divided among them: each
     worker would otherwise start one thread per core, W times the cores in all, and OpenMP
-    threads that wait at every op's barrier spin against each other (the label job on 2 cores
-    with 2 workers: 18% slower, BENCHMARKS.md). None on other runners (their workers are on other
+    threads that wait at every op's barrier spin against each other (two workers scoring at once
+    on 2 cores: 13-20% fewer pairs/s, BENCHMARKS.md "Torch threads per worker process"). None on other runners (their workers are on other
     machines) and when ``OMP_NUM_THREADS`` is set (the user has chosen).
     """
     from apache_beam.options.pipeline_options import DirectOptions, StandardOptions

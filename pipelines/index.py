@@ -91,7 +91,8 @@ def build_pipeline(
         functools.partial(open_store, config.qdrant), config.collection,
         functools.partial(chunk_payload, model_id=config.model, digest=digest), force=config.force,
     )  # fmt: skip
-    embedded = fresh["to_embed"] | "EmbedChunks" >> _with_hints(Embed(embedding_handler(config, spec, worker_cpu_threads(p.options, config.cpu_threads))), config.resource_hints)
+    handler = embedding_handler(config, spec, worker_cpu_threads(p.options, config.cpu_threads))
+    embedded = fresh["to_embed"] | "EmbedChunks" >> _with_hints(Embed(handler), config.resource_hints)
     to_write = (embedded["embedded"], fresh[REUSED]) | "ToWrite" >> beam.Flatten()
     written = to_write | "WriteToQdrant" >> WriteToQdrant(
         config.qdrant, config.collection, config.model, batch_points=config.upsert_batch_points,
