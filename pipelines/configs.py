@@ -20,7 +20,7 @@ from transforms.datasets.formats import LabelDatasetsConfig, parse_thresholds
 from transforms.io.parquet import DocumentColumns
 from transforms.io.qdrant import RESERVED_PAYLOAD_KEYS, QdrantConfig
 from transforms.io.store import HnswSettings
-from transforms.models.devices import TokenBudgets
+from transforms.models.devices import TokenBudgets, check_precision
 from transforms.text.chunk import ChunkSettings
 from transforms.text.queries import QueryColumns, SampleConfig, parse_sample_spec
 
@@ -85,6 +85,7 @@ class IndexConfig:
     chunking: ChunkSettings = dataclasses.field(default_factory=ChunkSettings)
     dim: int | None = None
     device: str = "auto"
+    precision: str = "auto"  # --precision (transforms.models.devices.resolve_precision)
     max_length: int | None = None
     max_batch_tokens: int | None = None
     backend: str = "eager"  # --backend: eager | compile | onnx (transforms.models.fast)
@@ -112,6 +113,10 @@ class IndexConfig:
         if self.cpu_workers is not None and self.cpu_workers < 1:
             raise ValueError(f"--cpu-workers must be >= 1, got {self.cpu_workers}")
         check_cpu_threads(self.cpu_threads)
+        check_precision(self.precision)
+        if self.backend == "onnx" and self.precision == "bf16-mixed":
+            raise ValueError("--backend onnx runs the exported graph in the weights' dtype; --precision bf16-mixed "
+                             "needs --backend eager or compile")  # fmt: skip
         TokenBudgets(forward=self.max_batch_tokens)  # validates it; --dim is checked against the model (EmbeddingSpec)
         clash = RESERVED_PAYLOAD_KEYS & set(self.columns.metadata)
         if clash:
@@ -149,6 +154,7 @@ def index_config(args: argparse.Namespace) -> IndexConfig:
         chunking=ChunkSettings(args.chunk_tokens, args.chunk_overlap),
         dim=args.dim,
         device=args.device,
+        precision=args.precision,
         max_length=args.max_length,
         max_batch_tokens=args.max_batch_tokens,
         backend=args.backend,
@@ -192,6 +198,7 @@ class LabelConfig:
     thresholds: tuple[float, ...] = (0.5, 0.9)
     eval_fraction: float = 0.2
     device: str = "auto"
+    precision: str = "auto"  # --precision, for the query encoder and the reranker
     max_length: int = 8192
     max_batch_tokens: int | None = None
     share_prefix: bool = False
@@ -212,6 +219,7 @@ class LabelConfig:
             raise ValueError(f"--eval-fraction must be in [0, 1], got {self.eval_fraction}")
         TokenBudgets(forward=self.max_batch_tokens)  # validates it
         check_cpu_threads(self.cpu_threads)
+        check_precision(self.precision)
         LabelDatasetsConfig(thresholds=self.thresholds)  # validates the thresholds
         check_job_timeout(self.job_timeout_s)
 
@@ -250,6 +258,7 @@ def label_config(args: argparse.Namespace) -> LabelConfig:
         thresholds=parse_thresholds(args.label_thresholds),
         eval_fraction=args.eval_fraction,
         device=args.device,
+        precision=args.precision,
         max_length=args.max_length,
         max_batch_tokens=args.max_batch_tokens,
         share_prefix=args.share_prefix,

@@ -85,7 +85,7 @@ def evaluate(run: dict[str, dict[str, float]], qrels: dict[str, dict[str, int]],
 
 def evaluate_collection(
     qdrant: Any, collection: str, model: str, queries_path: str, qrels_path: str, *, top_k: int = 100,
-    dim: int | None = None, device: str = "auto",
+    dim: int | None = None, device: str = "auto", precision: str = "auto",
 ) -> dict[str, float]:
     """The metrics of ``collection`` (or an alias) on BEIR queries and qrels: what ``evaluate`` prints,
     as a function (the index job's quality gate compares two collections with it)."""
@@ -97,7 +97,7 @@ def evaluate_collection(
     judged = {q: t for q, t in sorted(queries.items()) if q in qrels}
     if not judged:
         raise PreflightError(f"no query in {queries_path} has judgements in {qrels_path}")
-    searcher = Searcher(qdrant, collection, TextEncoder(model, device=device, dim=dim).load())
+    searcher = Searcher(qdrant, collection, TextEncoder(model, device=device, dim=dim, precision=precision).load())
     try:
         hits = searcher.search(list(judged.values()), top_k)
     finally:

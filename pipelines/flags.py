@@ -15,6 +15,8 @@ DEFAULT_EMBEDDING_MODEL = "Qwen/Qwen3-Embedding-0.6B"
 DEFAULT_RERANKER = "Qwen/Qwen3-Reranker-0.6B"
 # transforms/rerank.py's DEFAULT_INSTRUCTION, repeated so that --help need not import torch (a test compares them).
 DEFAULT_RERANK_INSTRUCTION = "Given a web search query, retrieve relevant passages that answer the query"
+# transforms/models/devices.py's PRECISIONS, repeated for the same reason (the same test compares them).
+PRECISIONS = ("auto", "fp32", "bf16", "fp16", "bf16-mixed")
 BEAM_OPTIONS_EPILOG = textwrap.fill(
     "Any other --flag is passed to Beam as a pipeline option, e.g. --runner DataflowRunner "
     "--project P --region R --temp_location gs://B/tmp --setup_file ./setup.py "
@@ -124,6 +126,7 @@ def add_model_arguments(parser: argparse.ArgumentParser, *, with_batching: bool 
     )
     group.add_argument("--dim", type=int, default=None, help="truncate vectors to N dimensions (Matryoshka), then L2-normalise")
     group.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N (cuda without a GPU is an error)")
+    add_precision(group)
     group.add_argument(
         "--max-length", type=int, default=None,
         help="override the model's maximum input length in tokens (default: the model's own)",
@@ -153,6 +156,17 @@ def add_model_arguments(parser: argparse.ArgumentParser, *, with_batching: bool 
             "in the worker (default: torch's thread count; 1: one pass at a time over all threads, as before)",
         )
         add_cpu_threads(group)
+
+
+def add_precision(group: argparse.ArgumentParser | argparse._ArgumentGroup, *, reranker: bool = False) -> None:
+    extra = "; the reranker stays fp32 on CPU under auto (bf16-mixed not measured for it)" if reranker else ""
+    group.add_argument(
+        "--precision", default="auto", choices=PRECISIONS,
+        help="what the model computes in: auto (bf16 weights on a GPU; on a CPU with AVX512-BF16 or AMX the "
+        "embedding model runs bf16-mixed, 1.8x fp32 on long documents with vectors within 1e-4 cosine, "
+        f"BENCHMARKS.md; fp32 on other CPUs{extra}), fp32, bf16, fp16, or bf16-mixed (fp32 weights, matrix "
+        "products in bf16 under torch.autocast)",
+    )  # fmt: skip
 
 
 def add_cpu_threads(group: argparse.ArgumentParser | argparse._ArgumentGroup) -> None:
@@ -269,6 +283,7 @@ def label_parser() -> argparse.ArgumentParser:
     lab.add_argument("--eval-fraction", type=float, default=0.2, help="share of queries (by hash) in the evaluation set")
     run = parser.add_argument_group("execution")
     run.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
+    add_precision(run, reranker=True)
     run.add_argument("--max-length", type=int, default=8192, help="reranker pair length limit (tokens)")
     run.add_argument(
         "--max-batch-tokens", type=int, default=None,

@@ -54,6 +54,7 @@ def reranker_handler(config: LabelConfig, cpu_threads: int | None = None) -> Rer
     return RerankModelHandler(
         config.reranker,
         device=config.device,
+        precision=config.precision,
         max_length=config.max_length,
         instruction=config.instruction,
         budgets=TokenBudgets.from_flag(config.max_batch_tokens, config.max_length),
@@ -65,7 +66,8 @@ def reranker_handler(config: LabelConfig, cpu_threads: int | None = None) -> Rer
 
 def query_handler(config: LabelConfig, spec: EmbeddingSpec, cpu_threads: int | None = None) -> EmbeddingModelHandler:
     return EmbeddingModelHandler(
-        spec, device=config.device, query_instruction=config.query_instruction, kind="query",
+        spec, device=config.device, precision=config.precision, query_instruction=config.query_instruction,
+        kind="query",
         progress_interval_s=config.progress_interval_s, cpu_threads=cpu_threads,
     )
 

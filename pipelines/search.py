@@ -55,7 +55,7 @@ def encoder_from_args(args: argparse.Namespace) -> TextEncoder:
     # The model's config files first (EmbeddingSpec): a model that cannot be found fails after one
     # round of hub retries, not after one round per optional sentence-transformers file.
     spec = EmbeddingSpec.read(args.model, dim=args.dim, max_length=args.max_length)
-    return TextEncoder(spec, device=args.device, query_instruction=args.query_instruction).load()
+    return TextEncoder(spec, device=args.device, precision=args.precision, query_instruction=args.query_instruction).load()
 
 
 def check_collection(qdrant: QdrantConfig, collection: str) -> None:

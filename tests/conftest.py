@@ -42,3 +42,12 @@ def sample_dir(tmp_path_factory) -> dict[str, str]:
 
 
 from tests.qwen_fixtures import *  # noqa: E402,F401,F403
+
+
+@pytest.fixture
+def keep_torch_threads():
+    import torch
+
+    before = torch.get_num_threads()
+    yield
+    torch.set_num_threads(before)  # an encoder with cpu_workers > 1 sets it to 1 for the process

@@ -117,6 +117,12 @@ def test_the_reranker_instruction_in_help_is_the_one_used():
     assert flags.DEFAULT_RERANK_INSTRUCTION == DEFAULT_INSTRUCTION
 
 
+def test_the_precisions_in_help_are_the_ones_the_models_take():
+    from transforms.models.devices import PRECISIONS
+
+    assert flags.PRECISIONS == PRECISIONS
+
+
 def test_a_hub_warning_is_printed_once():
     """huggingface_hub logs through its own handler and the root one: after setup_logging, only once."""
     code = (

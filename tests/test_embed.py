@@ -24,7 +24,9 @@ def _chunks() -> list[Chunk]:
 
 @pytest.fixture(scope="module")
 def encoder(minilm_path):
-    return TextEncoder(minilm_path, device="cpu").load()
+    # fp32 here and in the handlers compared with it: --precision auto runs bf16-mixed on a CPU with bf16,
+    # whose vectors move by ~1e-3 with batch boundaries (tests/test_precision.py).
+    return TextEncoder(minilm_path, device="cpu", precision="fp32").load()
 
 
 def _vectors_close(expected: dict[str, np.ndarray], atol: float = 1e-5):
@@ -63,7 +65,7 @@ def test_plain_run_inference_batches_by_tokens(minilm_path, encoder):
     expected = {f"d{i}": v for i, v in enumerate(encoder.encode(TEXTS))}
     weights = sorted(c.n_tokens for c in _chunks())
     batch = weights[-1] + weights[0]  # no batch may hold the two longest chunks
-    handler = _RecordingHandler(minilm_path, device="cpu", budgets=TokenBudgets(forward=64, batch=batch))
+    handler = _RecordingHandler(minilm_path, device="cpu", budgets=TokenBudgets(forward=64, batch=batch), precision="fp32")
     recording.reset()
     with TestPipeline() as p:
         out = p | beam.Create(_chunks()) | RunInference(handler)
@@ -77,7 +79,7 @@ def test_embed_transform_and_matryoshka_dim(minilm_path, encoder):
     full = encoder.encode(TEXTS)
     cut = full[:, :64] / np.linalg.norm(full[:, :64], axis=1, keepdims=True)
     with TestPipeline() as p:
-        out = p | beam.Create(_chunks()) | Embed(EmbeddingModelHandler(minilm_path, device="cpu", dim=64))
+        out = p | beam.Create(_chunks()) | Embed(EmbeddingModelHandler(minilm_path, device="cpu", dim=64, precision="fp32"))
         assert_that(out["embedded"], _vectors_close({f"d{i}": v for i, v in enumerate(cut)}), label="vectors")
         assert_that(out[DEAD], equal_to([]), label="no dead letters")
 

@@ -26,7 +26,9 @@ def _cosines(a: np.ndarray, b: np.ndarray) -> np.ndarray:
 
 @pytest.fixture(scope="module")
 def eager(minilm_path):
-    return TextEncoder(minilm_path, device="cpu", cpu_workers=1).load()
+    # fp32: batch boundaries move bf16-mixed vectors by ~1e-3 (tests/test_precision.py), which would hide
+    # what these tests look for.
+    return TextEncoder(minilm_path, device="cpu", cpu_workers=1, precision="fp32").load()
 
 
 def test_length_buckets_are_few_and_cover_every_length():
@@ -39,18 +41,9 @@ def test_length_buckets_are_few_and_cover_every_length():
     assert bucket_of(300, buckets) == 300  # past the last bucket: the length itself
 
 
-@pytest.fixture
-def keep_torch_threads():
-    import torch
-
-    before = torch.get_num_threads()
-    yield
-    torch.set_num_threads(before)  # an encoder with cpu_workers > 1 sets it to 1 for the process
-
-
 def test_cpu_workers_give_the_vectors_of_one_pass_at_a_time(minilm_path, eager, keep_torch_threads):
-    parallel = TextEncoder(minilm_path, device="cpu", token_budget=256, cpu_workers=2).load()
-    serial = TextEncoder(minilm_path, device="cpu", token_budget=256, cpu_workers=1).load()
+    parallel = TextEncoder(minilm_path, device="cpu", token_budget=256, cpu_workers=2, precision="fp32").load()
+    serial = TextEncoder(minilm_path, device="cpu", token_budget=256, cpu_workers=1, precision="fp32").load()
     assert parallel.cpu_workers == 2
     assert TextEncoder(minilm_path, device="cpu").cpu_workers_setting is None  # default: one pass at a time
     np.testing.assert_allclose(parallel.encode(TEXTS), serial.encode(TEXTS), atol=1e-6)
@@ -58,7 +51,9 @@ def test_cpu_workers_give_the_vectors_of_one_pass_at_a_time(minilm_path, eager, 
 
 
 def test_overlapped_preparation_gives_the_same_vectors(minilm_path, eager):
-    overlapped = TextEncoder(minilm_path, device="cpu", token_budget=256, overlap=True, cpu_workers=1).load()
+    overlapped = TextEncoder(
+        minilm_path, device="cpu", token_budget=256, overlap=True, cpu_workers=1, precision="fp32"
+    ).load()
     assert overlapped.overlap
     np.testing.assert_allclose(overlapped.encode(TEXTS), eager.encode(TEXTS), atol=1e-5)
     # Texts tokenised batch by batch in the preparing thread, batches cut by known token counts.
@@ -135,8 +130,9 @@ def test_onnx_backend_matches_eager_and_reuses_its_export(which, minilm_path, qw
     pytest.importorskip("onnxscript")
     monkeypatch.setenv("CORPUS_ETL_CACHE", str(tmp_path))
     path = minilm_path if which == "minilm" else str(qwen3_embedding_dir)
-    reference = TextEncoder(path, device="cpu", cpu_workers=1).load().encode(TEXTS)
+    reference = TextEncoder(path, device="cpu", cpu_workers=1, precision="fp32").load().encode(TEXTS)
     fast = TextEncoder(path, device="cpu", backend="onnx").load()
+    assert fast.precision.autocast is None  # --precision auto: the exported graph runs fp32
     assert fast._runner.export_seconds > 0
     assert _cosines(fast.encode(TEXTS), reference).min() >= 1 - 1e-4
     assert _cosines(fast.encode(TEXTS[:1]), reference[:1]).min() >= 1 - 1e-4  # one row: the batch axis is dynamic
@@ -144,18 +140,21 @@ def test_onnx_backend_matches_eager_and_reuses_its_export(which, minilm_path, qw
     assert again._runner.export_seconds == 0.0  # the cached export
 
 
-@pytest.mark.parametrize("which", ["minilm", "qwen3"])
-def test_compiled_backend_matches_eager_on_bucketed_lengths(which, minilm_path, qwen3_embedding_dir):
+@pytest.mark.parametrize(("which", "precision"), [("minilm", "fp32"), ("qwen3", "fp32"), ("minilm", "bf16-mixed")])
+def test_compiled_backend_matches_eager_on_bucketed_lengths(which, precision, minilm_path, qwen3_embedding_dir):
     if not (shutil.which("cc") or shutil.which("gcc")):
         pytest.skip("torch.compile on CPU needs a C compiler")
     import torch._inductor.config
 
     path = minilm_path if which == "minilm" else str(qwen3_embedding_dir)
-    reference = TextEncoder(path, device="cpu", cpu_workers=1).load().encode(SHORT)
-    fast = TextEncoder(path, device="cpu", backend="compile").load()
+    reference = TextEncoder(path, device="cpu", cpu_workers=1, precision=precision).load().encode(SHORT)
+    fast = TextEncoder(path, device="cpu", backend="compile", precision=precision).load()
     with torch._inductor.config.patch(compile_threads=1):  # no pool of compile workers to start
         got = fast.encode(SHORT)
         assert _cosines(got, reference).min() >= 1 - 1e-4
+        if precision != "fp32":  # autocast traced into the graph, and still fp32's vectors to 1e-4
+            fp32 = TextEncoder(path, device="cpu", cpu_workers=1, precision="fp32").load().encode(SHORT)
+            assert _cosines(got, fp32).min() >= 1 - 1e-4 and np.abs(got - fp32).max() > 1e-5
         assert _cosines(fast.encode(SHORT[:2]), reference[:2]).min() >= 1 - 1e-4  # another row count, same graph
     assert fast._runner.shapes == {(-1, 16)}  # one bucket, batch dimension dynamic
 

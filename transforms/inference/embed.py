@@ -54,13 +54,14 @@ class EmbeddingModelHandler(TokenBatchedHandler):
         backend: str = "eager",
         cpu_workers: int | None = None,
         cpu_threads: int | None = None,
+        precision: str = "auto",
     ) -> None:
         if kind not in ("document", "query"):
             raise ValueError(f"kind must be 'document' or 'query', not {kind!r}")
         super().__init__(
             TextEncoder,
             dict(model=model, device=device, dim=dim, max_length=max_length, query_instruction=query_instruction,
-                 backend=backend, cpu_workers=cpu_workers),
+                 backend=backend, cpu_workers=cpu_workers, precision=precision),
             budgets=budgets,
             element_weight=_chunk_weight if kind == "document" else _query_weight,
             progress_interval_s=progress_interval_s,

@@ -66,8 +66,9 @@ class TokenBatchedHandler(ModelHandler):
         threads = torch.get_num_threads()  # before the load: a CPU encoder with --cpu-workers sets 1 for its passes
         model = self._model_class(**self._model_args).load()
         _LOG.info(
-            "loaded %s %s on %s in process %d (%d tokens per forward pass)",
-            self._model_class.__name__, model.model_id, model.device, os.getpid(), model.token_budget,
+            "loaded %s %s on %s (%s) in process %d (%d tokens per forward pass)",
+            self._model_class.__name__, model.model_id, model.device, model.precision.describe(), os.getpid(),
+            model.token_budget,
         )
         if os.environ.get(LOAD_LOG_ENV):
             with open(os.environ[LOAD_LOG_ENV], "a", encoding="utf-8") as f:

@@ -68,11 +68,12 @@ class RerankModelHandler(TokenBatchedHandler):
         large_model: bool = False,
         share_prefix: bool = False,
         cpu_threads: int | None = None,
+        precision: str = "auto",
     ) -> None:
         super().__init__(
             Qwen3Reranker,
             dict(model=model, device=device, dtype=dtype, max_length=max_length, instruction=instruction,
-                 attn_implementation=attn_implementation, share_prefix=share_prefix),
+                 attn_implementation=attn_implementation, share_prefix=share_prefix, precision=precision),
             budgets=budgets or TokenBudgets.from_flag(None, max_length),
             # Capped at max_length, so one pair never outweighs a batch alone.
             element_weight=PairTokenEstimate(chars_per_token=chars_per_token, max_length=max_length),

@@ -84,9 +84,11 @@ class Qwen3Reranker(TorchModel):
         token_budget: int | None = None,
         attn_implementation: str | None = None,
         share_prefix: bool = False,
+        precision: str = "auto",
     ) -> None:
         super().__init__(
-            model, device=device, dtype=dtype, token_budget=token_budget, attn_implementation=attn_implementation
+            model, device=device, dtype=dtype, token_budget=token_budget, attn_implementation=attn_implementation,
+            precision=precision,
         )
         self.max_length = max_length
         self.instruction = instruction
@@ -210,9 +212,10 @@ class Qwen3Reranker(TorchModel):
         # Left padding, as the card's tokenizer does: column -1 is every row's last token.
         input_ids, mask, _ = self._left_pad(ids, [0] * len(ids))
         base = self.model.get_decoder()
-        hidden = base(
-            input_ids=input_ids.to(self.device), attention_mask=mask.to(self.device), use_cache=False
-        ).last_hidden_state[:, -1]
+        with self.autocast():
+            hidden = base(
+                input_ids=input_ids.to(self.device), attention_mask=mask.to(self.device), use_cache=False
+            ).last_hidden_state[:, -1]
         return self._p_yes(hidden)
 
     @torch.inference_mode()
@@ -236,22 +239,23 @@ class Qwen3Reranker(TorchModel):
         index = torch.tensor(which, dtype=torch.long)
         base = self.model.get_decoder()
         device = self.device
-        out = base(
-            input_ids=head_ids.to(device),
-            attention_mask=head_mask.to(device),
-            position_ids=head_pos.to(device),
-            use_cache=True,
-        )
-        cache = _cache_of(out)
-        cache.reorder_cache(index.to(device))  # one copy of its head's keys/values per row
-        _freeze(cache)
-        hidden = base(
-            input_ids=tail_ids.to(device),
-            attention_mask=torch.cat([head_mask[index], tail_mask], dim=1).to(device),
-            position_ids=tail_pos.to(device),
-            use_cache=True,
-            **{_cache_argument(base): cache},
-        ).last_hidden_state[:, -1]
+        with self.autocast():
+            out = base(
+                input_ids=head_ids.to(device),
+                attention_mask=head_mask.to(device),
+                position_ids=head_pos.to(device),
+                use_cache=True,
+            )
+            cache = _cache_of(out)
+            cache.reorder_cache(index.to(device))  # one copy of its head's keys/values per row
+            _freeze(cache)
+            hidden = base(
+                input_ids=tail_ids.to(device),
+                attention_mask=torch.cat([head_mask[index], tail_mask], dim=1).to(device),
+                position_ids=tail_pos.to(device),
+                use_cache=True,
+                **{_cache_argument(base): cache},
+            ).last_hidden_state[:, -1]
         return self._p_yes(hidden)
 
     def _left_pad(
