@@ -1,0 +1,109 @@
+"""``--precision`` on CPU: speed and parity of the encoder's forward passes, per precision.
+
+    python bench/precision.py [--docs 600] [--repeats 3] [--write]
+
+``TextEncoder`` with MiniLM encodes the long-document corpus of ``bench/index_cpu.py``
+(``long_documents()``, a few hundred tokens each, truncated at 256) at each precision, with
+the job's defaults otherwise (2,048-token passes, one single-thread pass per core). Runs
+alternate precisions after an untimed warm-up of each; the encode is timed alone
+(tokenised ids in, vectors out), so the figure is the forward passes' rate. Parity is against
+fp32: 1 - cosine per document (max, mean), and top-10 identity for the 25 queries of
+``pipelines/sample.py`` (embedded once in fp32) searched exactly over the documents' vectors.
+Also reports whether this CPU multiplies bf16 in hardware, which decides ``--precision auto``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import os
+import statistics
+import sys
+import time
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO)
+
+import numpy as np  # noqa: E402
+
+from bench.common import machine, replace_section  # noqa: E402
+
+MODEL = "sentence-transformers/all-MiniLM-L6-v2"
+SECTION = "Precision on CPU: MiniLM forward passes on long documents"
+PRECISIONS = ("fp32", "bf16-mixed", "bf16")
+TOP_K = 10
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--docs", type=int, default=600, help="long documents to encode")
+    parser.add_argument("--repeats", type=int, default=3, help="timed encodes of each precision")
+    parser.add_argument("--write", action="store_true", help=f"replace the {SECTION!r} section of BENCHMARKS.md")
+    args = parser.parse_args(argv)
+    command = "python bench/precision.py " + " ".join(argv if argv is not None else sys.argv[1:])
+
+    import torch
+
+    from bench.index_cpu import long_documents
+    from pipelines.sample import QUERIES
+    from transforms.models.devices import cpu_has_native_bf16
+    from transforms.models.encoder import TextEncoder
+
+    texts = [d["text"] for d in long_documents()[: args.docs]]
+    encoders = {p: TextEncoder(MODEL, device="cpu", precision=p).load() for p in PRECISIONS}
+    ids = encoders["fp32"].tokenize(texts)
+    tokens = sum(len(x) for x in ids)
+    for enc in encoders.values():
+        enc.encode_ids(ids[:64])  # warm-up: oneDNN builds its kernels for each dtype
+    seconds: dict[str, list[float]] = {p: [] for p in PRECISIONS}
+    vectors: dict[str, np.ndarray] = {}
+    for _ in range(args.repeats):
+        for p, enc in encoders.items():
+            started = time.perf_counter()
+            out, failures = enc.encode_ids(ids)
+            seconds[p].append(time.perf_counter() - started)
+            assert not failures
+            vectors[p] = np.stack(out)
+            print(f"{p:>10}: {seconds[p][-1]:6.2f} s  {tokens / seconds[p][-1]:8.0f} tokens/s", flush=True)
+
+    queries = encoders["fp32"].encode([text for text, _ in QUERIES.values()], is_query=True)
+    top = {p: np.argsort(-(queries @ v.T), axis=1)[:, :TOP_K] for p, v in vectors.items()}
+    base = statistics.median(seconds["fp32"])
+    rows = []
+    for p in PRECISIONS:
+        cos = (vectors[p] * vectors["fp32"]).sum(axis=1)
+        same = int(sum((top[p][q] == top["fp32"][q]).all() for q in range(len(queries))))
+        overlap = np.mean([len(set(top[p][q]) & set(top["fp32"][q])) / TOP_K for q in range(len(queries))])
+        med = statistics.median(seconds[p])
+        rows.append(
+            f"| {p} | {tokens / med:.0f} | {med:.2f} | {', '.join(f'{s:.2f}' for s in seconds[p])} | "
+            f"{base / med:.2f}× | {1 - cos.min():.1e} | {1 - cos.mean():.1e} | {same}/{len(queries)} | {overlap:.3f} |"
+        )
+    body = [
+        f"Command: `{command.strip()}`",
+        "",
+        f"- Machine: {machine()}; bf16 in hardware (AVX512-BF16 or AMX): "
+        f"{'yes' if cpu_has_native_bf16() else 'no'}, so `--precision auto` runs the encoder "
+        f"{'bf16-mixed' if cpu_has_native_bf16() else 'fp32'} here",
+        f"- Date: {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC; torch {torch.__version__}, "
+        f"{torch.get_num_threads()} cores, load average {os.getloadavg()[0]:.1f} at the end",
+        f"- Corpus: {len(texts)} documents of `long_documents()`, {tokens} MiniLM tokens (truncated at 256)",
+        "- `TextEncoder.encode_ids` timed alone, job defaults otherwise (2,048-token passes, one single-thread pass "
+        f"per core); {args.repeats} runs each, alternating, after a warm-up of each",
+        "- Parity against fp32: 1 - cosine per document; top-10 of the 25 `pipelines/sample.py` queries (embedded "
+        "in fp32) searched exactly over each precision's vectors",
+        "",
+        "| precision | tokens/s (median) | median s | per-run s | speed-up vs fp32 | max 1 - cos | mean 1 - cos "
+        "| identical top-10 | top-10 overlap |",
+        "|---|---|---|---|---|---|---|---|---|",
+        *rows,
+    ]
+    print("\n".join(body))
+    if args.write:
+        replace_section(os.path.join(REPO, "BENCHMARKS.md"), SECTION, body)
+        print(f"wrote {SECTION!r} to BENCHMARKS.md")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
