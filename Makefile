@@ -11,7 +11,7 @@ DEMO_MODEL ?= sentence-transformers/all-MiniLM-L6-v2
 PYTEST_ARGS ?=
 
 .DEFAULT_GOAL := help
-.PHONY: help install demo demo-label test lint bench-cpu bench-label bench-prefix bench-store bench-reindex bench-scaling bench-threads bench-tokenizer bench-gpu clean
+.PHONY: help install demo demo-label test lint bench-cpu bench-label bench-prefix bench-store bench-reindex bench-scaling bench-threads bench-tokenizer bench-precision bench-gpu clean
 
 help: ## list the targets
 	@grep -E '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  \033[36m%-12s\033[0m %s\n", $$1, $$2}'
@@ -51,8 +51,8 @@ test: install ## run the test suite (CPU; GPU tests skip without CUDA)
 lint: install ## ruff
 	$(BIN)/ruff check pipelines transforms tests bench
 
-bench-cpu: install ## index throughput: ours vs a plain sentence-transformers script vs Beam's ml.rag, short and long documents (writes BENCHMARKS.md)
-	$(BIN)/python bench/index_cpu.py --write
+bench-cpu: install ## index throughput: ours (and at --precision fp32) vs a plain sentence-transformers script (fp32, bf16 autocast) vs Beam's ml.rag, short and long documents (writes BENCHMARKS.md; ~20 min)
+	$(BIN)/python bench/index_cpu.py --write --contestants ours,script,script-bf16,beam --ours default,precision=fp32
 
 bench-label: install ## label pipeline pairs/s on CPU (writes BENCHMARKS.md)
 	$(BIN)/python bench/label.py --write
@@ -71,6 +71,9 @@ bench-scaling: install ## index job wall time and tokens/s at 1k, 5k and 20k doc
 
 bench-threads: install ## torch threads per worker process: W busy workers with cores/W threads vs one per core (writes BENCHMARKS.md; ~4 min)
 	$(BIN)/python bench/worker_threads.py --write
+
+bench-precision: install ## --precision on CPU: forward-pass speed and parity with fp32 of fp32, bf16-mixed and bf16 (writes BENCHMARKS.md; ~3 min)
+	$(BIN)/python bench/precision.py --write
 
 bench-tokenizer: ## Qwen's and MiniLM's tokenisers on CPU, one core and the Rust pool (writes BENCHMARKS.md)
 	$(BIN)/python bench/tokenizer.py --write

@@ -61,7 +61,7 @@ class TextEncoder(TorchModel):
 
     ``precision`` (``--precision``): ``auto`` runs bf16-mixed on CPUs that multiply bf16 in
     hardware (fp32 weights, matrix products in bf16 under autocast; MiniLM on long documents:
-    1.8x the fp32 forward pass, vectors within 3.4e-5 cosine of fp32's), fp32 on other CPUs and
+    1.6-1.7x the fp32 forward pass, vectors within 3.4e-5 cosine of fp32's), fp32 on other CPUs and
     bf16 weights on GPUs (``transforms.models.devices.resolve_precision``).
 
     Construction is cheap and picklable; ``load()`` reads the tokenizer and weights. ``model``
