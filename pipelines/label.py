@@ -158,7 +158,8 @@ def provenance_of(
 ) -> dict[str, Any]:
     prov: dict[str, Any] = {
         "reranker": {"model": config.reranker, "revision": model_revision(config.reranker),
-                     "instruction": config.instruction or DEFAULT_INSTRUCTION, "max_length": config.max_length},
+                     "instruction": config.instruction or DEFAULT_INSTRUCTION, "max_length": config.max_length,
+                     "precision": config.precision},  # the setting; each worker logs what it resolved to
         "query_log": {"files": query_files, "columns": dataclasses.asdict(config.query_columns)},
         "sampling": {"max_queries": config.sample.max_queries, "proportions": config.sample.proportions,
                      "seed": config.sample.seed},
@@ -170,7 +171,7 @@ def provenance_of(
         prov["first_stage"] = {
             "kind": "index", "collection": config.collection, "qdrant": redact_url(config.qdrant.url) or "local",
             "model": config.model, "revision": spec.revision if spec else model_revision(config.model), "dim": config.dim,
-            "query_instruction": config.query_instruction,
+            "query_instruction": config.query_instruction, "precision": config.precision,
         }
     else:
         prov["first_stage"] = {"kind": "run", "candidates": config.candidates, "corpus": corpus_files}

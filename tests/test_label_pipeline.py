@@ -48,7 +48,8 @@ def _label(indexed, minilm_path, reranker_dir, out) -> dict:
     return label.run(
         ["--queries", indexed["log"], "--out", str(out), "--reranker", str(reranker_dir), "--collection", "docs",
          "--model", minilm_path, "--qdrant-path", indexed["qdrant"], "--top-k", str(TOP_K),
-         "--label-thresholds", ",".join(map(str, THRESHOLDS)), "--eval-fraction", "0.3", "--device", "cpu"],
+         "--label-thresholds", ",".join(map(str, THRESHOLDS)), "--eval-fraction", "0.3", "--device", "cpu",
+         "--precision", "fp32"],
         test_pipeline=TestPipeline(),
     )  # fmt: skip
 
@@ -165,6 +166,7 @@ def test_bad_rows_are_dead_letters_and_counted(labelled):
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["provenance"]["top_k"] == TOP_K
     assert manifest["provenance"]["reranker"]["revision"].startswith("sha256:")
+    assert manifest["provenance"]["reranker"]["precision"] == manifest["provenance"]["first_stage"]["precision"] == "fp32"
 
 
 def test_report_has_metrics_and_a_histogram(labelled):
