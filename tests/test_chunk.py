@@ -93,3 +93,55 @@ def test_bad_settings_are_refused(tokens, overlap):
 def test_chunks_longer_than_the_model_are_refused(minilm_path):
     with pytest.raises(ValueError, match="maximum input length 256"):
         load_chunker(minilm_path, ChunkSettings(chunk_tokens=512, chunk_overlap=0))
+
+
+def _long_texts() -> list[str]:
+    """Real and awkward long documents: stdlib source (code and prose), one unbroken 'word' that spans
+    the cut, runs of spaces, combining accents, CJK without spaces, and texts just around the limit."""
+    import argparse
+    import inspect
+    import json
+
+    texts = [inspect.getsource(argparse)[:30_000], inspect.getsource(json)[:8_000]]
+    texts.append("abc" * 3000 + " tail words here")  # one pre-token of thousands of tokens
+    texts.append("x " * 100 + "Q" * 4000)  # a few short words, then a huge one
+    texts.append("word   " * 600 + "\n\n\n" * 50)
+    texts.append("cafe\u0301 na\u0308ive " * 400)  # combining marks (NFD)
+    texts.append("漢字かな交じり文。" * 400)
+    texts += [" ".join(WORDS[i % 20] for i in range(n)) for n in (253, 254, 255, 300, 2000)]
+    # WordPiece reads a word of over 100 characters as one [UNK]: a first cut that lands 95 characters
+    # into such a word (after ~230 words) sees its pieces instead, which is why the last words never count.
+    from transforms.text.chunk import CHARS_PER_TOKEN_GUESS
+
+    cut = CHARS_PER_TOKEN_GUESS * (254 + 16)  # the first prefix of MiniLM's 254-token budget
+    filler = " ".join(WORDS[i % 20] for i in range(230))
+    texts.append(filler + " " * (cut - 95 - len(filler)) + "a" * 150 + " " + " ".join(WORDS * 5))
+    return texts
+
+
+@pytest.mark.parametrize("which", ["minilm", "qwen3"])
+def test_chunking_off_tokenises_a_prefix_and_gives_the_whole_texts_chunk(which, minilm_path, qwen3_embedding_dir,
+                                                                          monkeypatch):
+    """One chunk per document tokenises only a prefix of a long text; the chunk (cut, tokens, flag)
+    must be exactly what tokenising the whole text gives."""
+    from transforms.text import chunk as chunk_module
+
+    path = minilm_path if which == "minilm" else str(qwen3_embedding_dir)
+    settings = ChunkSettings(chunk_tokens=0, chunk_overlap=0)
+    chunker = load_chunker(path, settings, max_length=256)  # the tiny Qwen3's own limit is 32k
+    seen: list[int] = []
+    tokenize = chunker.tokenizer.__class__.__call__
+
+    def spy(self, text, *args, **kwargs):
+        seen.append(len(text))
+        return tokenize(self, text, *args, **kwargs)
+
+    docs = [Document(f"d{i}", t, title="A title" if i % 2 else None) for i, t in enumerate(_long_texts())]
+    monkeypatch.setattr(chunker.tokenizer.__class__, "__call__", spy)
+    got = [chunker.chunk(d) for d in docs]
+    longest = max(seen)
+    monkeypatch.setattr(chunk_module, "CHARS_PER_TOKEN_GUESS", 10**9)  # the reference: whole texts
+    want = [chunker.chunk(d) for d in docs]
+    assert got == want
+    assert sum(c[0].truncated for c in got) >= 8  # most are cut, so the prefix path was taken ...
+    assert longest < len(docs[0].text)  # ... and the longest document was never tokenised whole
