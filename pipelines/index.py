@@ -425,13 +425,16 @@ def _gate(config: IndexConfig, current: str | None) -> dict[str, Any]:
 
     gate = config.gate
     assert gate is not None
-    new = evaluate_collection(config.qdrant, config.collection, config.model, gate.queries, gate.qrels,
-                              top_k=gate.top_k, dim=config.dim, device=config.device, precision=config.precision)[gate.metric]  # fmt: skip
+
+    def metric(collection: str) -> float:
+        return evaluate_collection(config.qdrant, collection, config.model, gate.queries, gate.qrels, top_k=gate.top_k,
+                                   dim=config.dim, device=config.device, precision=config.precision)[gate.metric]  # fmt: skip
+
+    new = metric(config.collection)
     out: dict[str, Any] = {"metric": gate.metric, "new": round(new, 6), "current": None, "refused": None}
     if current is None:
         return out  # nothing to compare with: the first switch only needs the other guards
-    old = evaluate_collection(config.qdrant, current, config.model, gate.queries, gate.qrels,
-                              top_k=gate.top_k, dim=config.dim, device=config.device, precision=config.precision)[gate.metric]  # fmt: skip
+    old = metric(current)
     out["current"] = round(old, 6)
     if new < old - gate.tolerance:
         out["refused"] = (f"{gate.metric} {new:.4f} of {config.collection} is below {old:.4f} of {current} "
