@@ -72,8 +72,9 @@ bench-scaling: install ## index job wall time and tokens/s at 1k, 5k and 20k doc
 bench-threads: install ## torch threads per worker process: W busy workers with cores/W threads vs one per core (writes BENCHMARKS.md; ~4 min)
 	$(BIN)/python bench/worker_threads.py --write
 
-bench-precision: install ## --precision on CPU: forward-pass speed and parity with fp32 of fp32, bf16-mixed and bf16 (writes BENCHMARKS.md; ~3 min)
+bench-precision: install ## --precision on CPU: speed and parity with fp32 of the encoder (fp32, bf16-mixed, bf16) and the reranker (writes BENCHMARKS.md; ~5 min)
 	$(BIN)/python bench/precision.py --write
+	$(BIN)/python bench/precision.py --reranker --pairs 16 --repeats 3 --write
 
 bench-tokenizer: ## Qwen's and MiniLM's tokenisers on CPU, one core and the Rust pool (writes BENCHMARKS.md)
 	$(BIN)/python bench/tokenizer.py --write

@@ -10,6 +10,11 @@ alternate precisions after an untimed warm-up of each; the encode is timed alone
 fp32: 1 - cosine per document (max, mean), and top-10 identity for the 25 queries of
 ``pipelines/sample.py`` (embedded once in fp32) searched exactly over the documents' vectors.
 Also reports whether this CPU multiplies bf16 in hardware, which decides ``--precision auto``.
+
+``--reranker``: the same for the Qwen3-Reranker-0.6B config with random weights (the real cost;
+``tests.qwen_offline``), scoring ``--pairs`` (query, document) pairs of stdlib prose, fp32 against
+bf16-mixed: pairs/s and the largest |P(yes) difference|. Random weights say nothing about a
+trained model's sensitivity, so that column is a bound on arithmetic, not on label quality.
 """
 
 from __future__ import annotations
@@ -30,6 +35,7 @@ from bench.common import machine, replace_section  # noqa: E402
 
 MODEL = "sentence-transformers/all-MiniLM-L6-v2"
 SECTION = "Precision on CPU: MiniLM forward passes on long documents"
+RERANK_SECTION = "Precision on CPU: Qwen3-Reranker-0.6B config scoring"
 PRECISIONS = ("fp32", "bf16-mixed", "bf16")
 TOP_K = 10
 
@@ -38,9 +44,13 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--docs", type=int, default=600, help="long documents to encode")
     parser.add_argument("--repeats", type=int, default=3, help="timed encodes of each precision")
-    parser.add_argument("--write", action="store_true", help=f"replace the {SECTION!r} section of BENCHMARKS.md")
+    parser.add_argument("--reranker", action="store_true", help="score reranker pairs instead (fp32, bf16-mixed)")
+    parser.add_argument("--pairs", type=int, default=16, help="with --reranker: pairs scored per run")
+    parser.add_argument("--write", action="store_true", help="replace this bench's section of BENCHMARKS.md")
     args = parser.parse_args(argv)
     command = "python bench/precision.py " + " ".join(argv if argv is not None else sys.argv[1:])
+    if args.reranker:
+        return rerank(args, command.strip())
 
     import torch
 
@@ -102,6 +112,61 @@ def main(argv: list[str] | None = None) -> int:
     if args.write:
         replace_section(os.path.join(REPO, "BENCHMARKS.md"), SECTION, body)
         print(f"wrote {SECTION!r} to BENCHMARKS.md")
+    return 0
+
+
+def rerank(args: argparse.Namespace, command: str) -> int:
+    import tempfile
+
+    import torch
+
+    from bench.index_cpu import long_documents
+    from tests.qwen_offline import RERANKER_CONFIGS, build_qwen3_reranker
+    from transforms.models.devices import cpu_has_native_bf16
+    from transforms.models.reranker import Qwen3Reranker
+
+    model_dir = str(build_qwen3_reranker(os.path.join(tempfile.mkdtemp(prefix="bench-precision-"), "r"),
+                                         RERANKER_CONFIGS.get("0.6b")))  # fmt: skip
+    docs = [d["text"][:600] for d in long_documents()[: args.pairs]]
+    pairs = [(f"what does module {i} provide", doc) for i, doc in enumerate(docs)]
+    models = {p: Qwen3Reranker(model_dir, device="cpu", precision=p).load() for p in ("fp32", "bf16-mixed")}
+    tokens = sum(models["fp32"].count_tokens(pair) for pair in pairs)
+    for m in models.values():
+        m.score(pairs[:2])  # warm-up
+    seconds: dict[str, list[float]] = {p: [] for p in models}
+    scores: dict[str, np.ndarray] = {}
+    for _ in range(args.repeats):
+        for p, m in models.items():
+            started = time.perf_counter()
+            scores[p] = np.array(m.score(pairs))
+            seconds[p].append(time.perf_counter() - started)
+            print(f"{p:>10}: {seconds[p][-1]:6.2f} s  {len(pairs) / seconds[p][-1]:6.2f} pairs/s", flush=True)
+    base = statistics.median(seconds["fp32"])
+    rows = [
+        f"| {p} | {len(pairs) / statistics.median(s):.2f} | {tokens / statistics.median(s):.0f} | "
+        f"{', '.join(f'{x:.2f}' for x in s)} | {base / statistics.median(s):.2f}× | "
+        f"{np.abs(scores[p] - scores['fp32']).max():.1e} |"
+        for p, s in seconds.items()
+    ]
+    body = [
+        f"Command: `{command}`",
+        "",
+        f"- Machine: {machine()}; bf16 in hardware: {'yes' if cpu_has_native_bf16() else 'no'}. `--precision auto` "
+        "keeps the reranker at fp32 on CPU whatever this says",
+        f"- Date: {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC; torch {torch.__version__}, "
+        f"{torch.get_num_threads()} threads, load average {os.getloadavg()[0]:.1f} at the end",
+        f"- {len(pairs)} pairs (a short query, 600 characters of a long document), {tokens} prompt tokens; "
+        f"`Qwen3Reranker.score` timed alone, {args.repeats} runs each, alternating, after a warm-up",
+        "- Random weights: the |P(yes)| column bounds arithmetic, not a trained model's labels",
+        "",
+        "| precision | pairs/s (median) | tokens/s | per-run s | speed-up vs fp32 | max abs P(yes) difference |",
+        "|---|---|---|---|---|---|",
+        *rows,
+    ]
+    print("\n".join(body))
+    if args.write:
+        replace_section(os.path.join(REPO, "BENCHMARKS.md"), RERANK_SECTION, body)
+        print(f"wrote {RERANK_SECTION!r} to BENCHMARKS.md")
     return 0
 
 
