@@ -342,6 +342,7 @@ def _finish(
         "collection": config.collection,
         "qdrant": where,
         "model": config.model,
+        "precision": config.precision,  # the setting; each worker logs what it resolved to
         "vector_size": size,
         "chunk_tokens": config.chunking.chunk_tokens,
         "chunk_overlap": config.chunking.chunk_overlap,

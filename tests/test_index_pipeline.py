@@ -70,7 +70,7 @@ def test_summary_counts_and_payload(whole_docs_index, sample_dir):
     assert written == summary
     c = summary["counters"]
     assert (c["rows_read"], c["documents_read"], c["chunks"], c["points_written"]) == (n, n, n, n)
-    assert summary["points_in_collection"] == n and summary["vector_size"] == 384
+    assert summary["points_in_collection"] == n and summary["vector_size"] == 384 and summary["precision"] == "auto"
     assert c.get("dead_letters", 0) == 0
     payload, _ = _points(whole_docs_index["qdrant_path"], "docs")[point_id("json", 0)]
     assert payload["doc_id"] == "json" and payload["title"] == "json" and payload["chunk_index"] == 0
