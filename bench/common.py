@@ -38,3 +38,11 @@ def replace_section(path: str, title: str, body: list[str]) -> None:
         text = text.rstrip() + "\n\n" + section
     with open(path, "w") as f:
         f.write(text)
+
+
+def report(path: str, title: str, body: list[str], write: bool) -> None:
+    """Print a bench's section and, with ``write``, replace the ``## title`` section of ``path`` with it."""
+    print("\n".join(body))
+    if write:
+        replace_section(path, title, body)
+        print(f"wrote {title!r} to {os.path.basename(path)}")

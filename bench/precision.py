@@ -31,7 +31,7 @@ sys.path.insert(0, REPO)
 
 import numpy as np  # noqa: E402
 
-from bench.common import machine, replace_section  # noqa: E402
+from bench.common import machine, report  # noqa: E402
 
 MODEL = "sentence-transformers/all-MiniLM-L6-v2"
 SECTION = "Precision on CPU: MiniLM forward passes on long documents"
@@ -52,7 +52,6 @@ def main(argv: list[str] | None = None) -> int:
     if args.reranker:
         return rerank(args, command.strip())
 
-    import torch
 
     from bench.index_cpu import long_documents
     from pipelines.sample import QUERIES
@@ -89,14 +88,9 @@ def main(argv: list[str] | None = None) -> int:
             f"| {p} | {tokens / med:.0f} | {med:.2f} | {', '.join(f'{s:.2f}' for s in seconds[p])} | "
             f"{base / med:.2f}× | {1 - cos.min():.1e} | {1 - cos.mean():.1e} | {same}/{len(queries)} | {overlap:.3f} |"
         )
+    auto = "bf16-mixed" if cpu_has_native_bf16() else "fp32"
     body = [
-        f"Command: `{command.strip()}`",
-        "",
-        f"- Machine: {machine()}; bf16 in hardware (AVX512-BF16 or AMX): "
-        f"{'yes' if cpu_has_native_bf16() else 'no'}, so `--precision auto` runs the encoder "
-        f"{'bf16-mixed' if cpu_has_native_bf16() else 'fp32'} here",
-        f"- Date: {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC; torch {torch.__version__}, "
-        f"{torch.get_num_threads()} cores, load average {os.getloadavg()[0]:.1f} at the end",
+        *_header(command, f"so `--precision auto` runs the encoder {auto} here"),
         f"- Corpus: {len(texts)} documents of `long_documents()`, {tokens} MiniLM tokens (truncated at 256)",
         "- `TextEncoder.encode_ids` timed alone, job defaults otherwise (2,048-token passes, one single-thread pass "
         f"per core); {args.repeats} runs each, alternating, after a warm-up of each",
@@ -108,21 +102,31 @@ def main(argv: list[str] | None = None) -> int:
         "|---|---|---|---|---|---|---|---|---|",
         *rows,
     ]
-    print("\n".join(body))
-    if args.write:
-        replace_section(os.path.join(REPO, "BENCHMARKS.md"), SECTION, body)
-        print(f"wrote {SECTION!r} to BENCHMARKS.md")
+    report(os.path.join(REPO, "BENCHMARKS.md"), SECTION, body, args.write)
     return 0
+
+
+def _header(command: str, auto: str) -> list[str]:
+    """Command, machine (with whether it multiplies bf16 in hardware) and date lines of a section."""
+    import torch
+
+    from transforms.models.devices import cpu_has_native_bf16
+
+    return [
+        f"Command: `{command.strip()}`",
+        "",
+        f"- Machine: {machine()}; bf16 in hardware (AVX512-BF16 or AMX): "
+        f"{'yes' if cpu_has_native_bf16() else 'no'}, {auto}",
+        f"- Date: {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC; torch {torch.__version__}, "
+        f"{torch.get_num_threads()} threads, load average {os.getloadavg()[0]:.1f} at the end",
+    ]
 
 
 def rerank(args: argparse.Namespace, command: str) -> int:
     import tempfile
 
-    import torch
-
     from bench.index_cpu import long_documents
     from tests.qwen_offline import RERANKER_CONFIGS, build_qwen3_reranker
-    from transforms.models.devices import cpu_has_native_bf16
     from transforms.models.reranker import Qwen3Reranker
 
     model_dir = str(build_qwen3_reranker(os.path.join(tempfile.mkdtemp(prefix="bench-precision-"), "r"),
@@ -149,12 +153,7 @@ def rerank(args: argparse.Namespace, command: str) -> int:
         for p, s in seconds.items()
     ]
     body = [
-        f"Command: `{command}`",
-        "",
-        f"- Machine: {machine()}; bf16 in hardware: {'yes' if cpu_has_native_bf16() else 'no'}. `--precision auto` "
-        "keeps the reranker at fp32 on CPU whatever this says",
-        f"- Date: {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC; torch {torch.__version__}, "
-        f"{torch.get_num_threads()} threads, load average {os.getloadavg()[0]:.1f} at the end",
+        *_header(command, "but `--precision auto` keeps the reranker at fp32 on CPU whatever this says"),
         f"- {len(pairs)} pairs (a short query, 600 characters of a long document), {tokens} prompt tokens; "
         f"`Qwen3Reranker.score` timed alone, {args.repeats} runs each, alternating, after a warm-up",
         "- Random weights: the |P(yes)| column bounds arithmetic, not a trained model's labels",
@@ -163,10 +162,7 @@ def rerank(args: argparse.Namespace, command: str) -> int:
         "|---|---|---|---|---|---|",
         *rows,
     ]
-    print("\n".join(body))
-    if args.write:
-        replace_section(os.path.join(REPO, "BENCHMARKS.md"), RERANK_SECTION, body)
-        print(f"wrote {RERANK_SECTION!r} to BENCHMARKS.md")
+    report(os.path.join(REPO, "BENCHMARKS.md"), RERANK_SECTION, body, args.write)
     return 0
 
 

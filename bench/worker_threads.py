@@ -25,7 +25,7 @@ import time
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
-from bench.common import machine, replace_section  # noqa: E402
+from bench.common import machine, report  # noqa: E402
 
 DOC = "The module provides functions for parsing command line arguments, with subcommands and help. " * 3
 SECTION = "Torch threads per worker process (CPU)"
@@ -94,9 +94,7 @@ def main() -> int:
         "|---|---|---|",
         *(f"| {label} | {', '.join(f'{s:.1f}' for s in secs)} | {rate:.2f} |" for label, secs, rate in rows),
     ]
-    print("\n".join(lines))
-    if args.write:
-        replace_section(os.path.join(REPO, "BENCHMARKS.md"), SECTION, lines)
+    report(os.path.join(REPO, "BENCHMARKS.md"), SECTION, lines, args.write)
     return 0
 
 

@@ -113,10 +113,7 @@ class IndexConfig:
         if self.cpu_workers is not None and self.cpu_workers < 1:
             raise ValueError(f"--cpu-workers must be >= 1, got {self.cpu_workers}")
         check_cpu_threads(self.cpu_threads)
-        check_precision(self.precision)
-        if self.backend == "onnx" and self.precision == "bf16-mixed":
-            raise ValueError("--backend onnx runs the exported graph in the weights' dtype; --precision bf16-mixed "
-                             "needs --backend eager or compile")  # fmt: skip
+        check_precision(self.precision, backend=self.backend)
         TokenBudgets(forward=self.max_batch_tokens)  # validates it; --dim is checked against the model (EmbeddingSpec)
         clash = RESERVED_PAYLOAD_KEYS & set(self.columns.metadata)
         if clash:

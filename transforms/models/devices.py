@@ -73,9 +73,13 @@ class Precision:
         return f"{name} weights, {str(self.autocast).removeprefix('torch.')} autocast" if self.autocast else name
 
 
-def check_precision(precision: str) -> None:
+def check_precision(precision: str, *, backend: str = "eager") -> None:
+    """``--precision`` is known, and runs with ``--backend`` (ONNX Runtime runs its exported graph as it is)."""
     if precision not in PRECISIONS:
         raise ValueError(f"--precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
+    if backend == "onnx" and precision == "bf16-mixed":
+        raise ValueError("--backend onnx runs the exported graph in the weights' dtype; --precision bf16-mixed "
+                         "needs --backend eager or compile")  # fmt: skip
 
 
 def cpu_has_native_bf16() -> bool:
@@ -165,9 +169,6 @@ class TorchModel:
     (default from free GPU memory, 2048 on CPU; never below the longest input).
     """
 
-    # Whether --precision auto may pick bf16-mixed on a CPU with native bf16 (measured per model).
-    CPU_MIXED_BY_DEFAULT = False
-
     def __init__(
         self,
         model: str,
@@ -196,7 +197,7 @@ class TorchModel:
         if self.dtype is not None:
             self.precision = Precision(self.dtype)
         else:
-            self.precision = resolve_precision(self.precision_setting, self.device, cpu_mixed=self.CPU_MIXED_BY_DEFAULT)
+            self.precision = resolve_precision(self.precision_setting, self.device, cpu_mixed=self.auto_cpu_mixed())
         kwargs: dict[str, Any] = {"dtype": self.precision.weights}
         if self.attn_implementation:
             kwargs["attn_implementation"] = self.attn_implementation
@@ -204,6 +205,11 @@ class TorchModel:
         budget = self.token_budget_override or default_token_budget(self._model, self.device)
         self.token_budget = max(budget, longest_input)
         return self._model
+
+    def auto_cpu_mixed(self) -> bool:
+        """Whether ``--precision auto`` may run this model bf16-mixed on a CPU with bf16 in hardware:
+        only where its parity with fp32 was measured (the encoder), so not by default."""
+        return False
 
     def autocast(self) -> contextlib.AbstractContextManager[Any]:
         """The precision's autocast around a forward pass (``Precision.context``)."""

@@ -38,7 +38,6 @@ back and forth around each batch cost ~0.8 s a call in the job (oneDNN re-create
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import threading
 from collections.abc import Sequence
@@ -47,7 +46,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from transforms.models.devices import TorchModel, budget_batches, run_splitting_on_oom
+from transforms.models.devices import TorchModel, budget_batches, check_precision, run_splitting_on_oom
 from transforms.models.fast import BACKENDS, CompiledRunner, OnnxRunner, bucket_of, length_buckets
 from transforms.models.settings import EmbeddingSpec, load_tokenizer
 
@@ -93,9 +92,7 @@ class TextEncoder(TorchModel):
             raise ValueError(f"--backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
         if packing and backend != "eager":
             raise ValueError("packing runs eager only (flex_attention is compiled by transformers itself)")
-        if backend == "onnx" and precision == "bf16-mixed":
-            raise ValueError("--backend onnx runs the exported graph in the weights' dtype; --precision bf16-mixed "
-                             "needs --backend eager or compile")  # fmt: skip
+        check_precision(precision, backend=backend)
         self.spec = model if isinstance(model, EmbeddingSpec) else None
         super().__init__(
             self.spec.model if self.spec else model,
@@ -116,9 +113,11 @@ class TextEncoder(TorchModel):
         self.cuda_graphs = cuda_graphs
         self._runner: CompiledRunner | OnnxRunner | None = None
 
-    CPU_MIXED_BY_DEFAULT = True  # parity with fp32 measured within 1e-4 cosine (tests/test_fast_paths.py)
-
     # -- loading -------------------------------------------------------------------------
+    def auto_cpu_mixed(self) -> bool:
+        # Parity with fp32 within 1e-4 cosine (tests/test_precision.py); the ONNX graph runs its own dtype.
+        return self.backend != "onnx"
+
     def load(self) -> TextEncoder:
         from transformers import AutoModel
 
@@ -132,10 +131,6 @@ class TextEncoder(TorchModel):
         kwargs = {"padding_side": "left"} if spec.settings.pooling == "lasttoken" else {}
         self.tokenizer = load_tokenizer(spec.path, **kwargs)
         self._load_weights(AutoModel, spec.path, spec.max_length)
-        if self.backend == "onnx" and self.precision.autocast is not None:
-            # Only reached from --precision auto (bf16-mixed with onnx is refused above): the exported
-            # graph runs in the weights' dtype, so auto means fp32 here.
-            self.precision = dataclasses.replace(self.precision, autocast=None)
         if getattr(self.model.config, "use_cache", False):
             # Decoder configs (Qwen3) turn the KV cache on, and an encoder never reads it back: on the
             # H200 the 0.6B held ~30 GB of keys and values per 262k-token pass (BENCHMARKS.md, GPU).
