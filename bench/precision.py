@@ -10,6 +10,8 @@ alternate precisions after an untimed warm-up of each; the encode is timed alone
 fp32: 1 - cosine per document (max, mean), and top-10 identity for the 25 queries of
 ``pipelines/sample.py`` (embedded once in fp32) searched exactly over the documents' vectors.
 Also reports whether this CPU multiplies bf16 in hardware, which decides ``--precision auto``.
+The bf16 rows run twice: as the job runs them, with the Linear layers' weights prepacked for
+oneDNN (``transforms.models.prepack``), and with ``CORPUS_ETL_CPU_PREPACK=0``.
 
 ``--reranker``: the same for the Qwen3-Reranker-0.6B config with random weights (the real cost;
 ``tests.qwen_offline``), scoring ``--pairs`` (query, document) pairs of stdlib prose, fp32 against
@@ -36,7 +38,23 @@ from bench.common import machine, report  # noqa: E402
 MODEL = "sentence-transformers/all-MiniLM-L6-v2"
 SECTION = "Precision on CPU: MiniLM forward passes on long documents"
 RERANK_SECTION = "Precision on CPU: Qwen3-Reranker-0.6B config scoring"
-PRECISIONS = ("fp32", "bf16-mixed", "bf16")
+UNPACKED = " (not prepacked)"  # the same precision with CORPUS_ETL_CPU_PREPACK=0 (transforms.models.prepack)
+ROWS = ("fp32", "bf16-mixed", "bf16-mixed" + UNPACKED, "bf16", "bf16" + UNPACKED)
+
+
+def load(cls, model: str, row: str, **kwargs):
+    """``cls(model, precision=...)`` loaded on CPU, with oneDNN prepacking off for the ``UNPACKED`` rows."""
+    from transforms.models import prepack
+
+    before = os.environ.get(prepack.ENV)
+    os.environ[prepack.ENV] = "0" if row.endswith(UNPACKED) else "1"
+    try:
+        return cls(model, device="cpu", precision=row.removesuffix(UNPACKED), **kwargs).load()
+    finally:
+        if before is None:
+            del os.environ[prepack.ENV]
+        else:
+            os.environ[prepack.ENV] = before
 TOP_K = 10
 
 
@@ -59,12 +77,12 @@ def main(argv: list[str] | None = None) -> int:
     from transforms.models.encoder import TextEncoder
 
     texts = [d["text"] for d in long_documents()[: args.docs]]
-    encoders = {p: TextEncoder(MODEL, device="cpu", precision=p).load() for p in PRECISIONS}
+    encoders = {row: load(TextEncoder, MODEL, row) for row in ROWS}
     ids = encoders["fp32"].tokenize(texts)
     tokens = sum(len(x) for x in ids)
     for enc in encoders.values():
         enc.encode_ids(ids[:64])  # warm-up: oneDNN builds its kernels for each dtype
-    seconds: dict[str, list[float]] = {p: [] for p in PRECISIONS}
+    seconds: dict[str, list[float]] = {p: [] for p in ROWS}
     vectors: dict[str, np.ndarray] = {}
     for _ in range(args.repeats):
         for p, enc in encoders.items():
@@ -73,13 +91,13 @@ def main(argv: list[str] | None = None) -> int:
             seconds[p].append(time.perf_counter() - started)
             assert not failures
             vectors[p] = np.stack(out)
-            print(f"{p:>10}: {seconds[p][-1]:6.2f} s  {tokens / seconds[p][-1]:8.0f} tokens/s", flush=True)
+            print(f"{p:>28}: {seconds[p][-1]:6.2f} s  {tokens / seconds[p][-1]:8.0f} tokens/s", flush=True)
 
     queries = encoders["fp32"].encode([text for text, _ in QUERIES.values()], is_query=True)
     top = {p: np.argsort(-(queries @ v.T), axis=1)[:, :TOP_K] for p, v in vectors.items()}
     base = statistics.median(seconds["fp32"])
     rows = []
-    for p in PRECISIONS:
+    for p in ROWS:
         cos = (vectors[p] * vectors["fp32"]).sum(axis=1)
         same = int(sum((top[p][q] == top["fp32"][q]).all() for q in range(len(queries))))
         overlap = np.mean([len(set(top[p][q]) & set(top["fp32"][q])) / TOP_K for q in range(len(queries))])
@@ -133,7 +151,7 @@ def rerank(args: argparse.Namespace, command: str) -> int:
                                          RERANKER_CONFIGS.get("0.6b")))  # fmt: skip
     docs = [d["text"][:600] for d in long_documents()[: args.pairs]]
     pairs = [(f"what does module {i} provide", doc) for i, doc in enumerate(docs)]
-    models = {p: Qwen3Reranker(model_dir, device="cpu", precision=p).load() for p in ("fp32", "bf16-mixed")}
+    models = {row: load(Qwen3Reranker, model_dir, row) for row in ("fp32", "bf16-mixed", "bf16-mixed" + UNPACKED)}
     tokens = sum(models["fp32"].count_tokens(pair) for pair in pairs)
     for m in models.values():
         m.score(pairs[:2])  # warm-up
@@ -144,7 +162,7 @@ def rerank(args: argparse.Namespace, command: str) -> int:
             started = time.perf_counter()
             scores[p] = np.array(m.score(pairs))
             seconds[p].append(time.perf_counter() - started)
-            print(f"{p:>10}: {seconds[p][-1]:6.2f} s  {len(pairs) / seconds[p][-1]:6.2f} pairs/s", flush=True)
+            print(f"{p:>28}: {seconds[p][-1]:6.2f} s  {len(pairs) / seconds[p][-1]:6.2f} pairs/s", flush=True)
     base = statistics.median(seconds["fp32"])
     rows = [
         f"| {p} | {len(pairs) / statistics.median(s):.2f} | {tokens / statistics.median(s):.0f} | "

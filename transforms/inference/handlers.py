@@ -67,7 +67,7 @@ class TokenBatchedHandler(ModelHandler):
         model = self._model_class(**self._model_args).load()
         _LOG.info(
             "loaded %s %s on %s (%s) in process %d (%d tokens per forward pass)",
-            self._model_class.__name__, model.model_id, model.device, model.precision.describe(), os.getpid(),
+            self._model_class.__name__, model.model_id, model.device, model.describe_compute(), os.getpid(),
             model.token_budget,
         )
         if os.environ.get(LOAD_LOG_ENV):

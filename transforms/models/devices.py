@@ -187,6 +187,7 @@ class TorchModel:
         self.token_budget_override = token_budget
         self.attn_implementation = attn_implementation
         self._model: torch.nn.Module | None = None
+        self.prepacked = 0
 
     def _load_weights(self, auto_class: Any, path: str, longest_input: int) -> torch.nn.Module:
         """Weights onto the device, eval mode; sets ``device`` and ``token_budget``."""
@@ -205,6 +206,19 @@ class TorchModel:
         budget = self.token_budget_override or default_token_budget(self._model, self.device)
         self.token_budget = max(budget, longest_input)
         return self._model
+
+    def _prepack(self) -> None:
+        """On CPU in bf16, pack the Linear layers' weights for oneDNN once (``transforms.models.prepack``);
+        called by a model's ``load`` where its forward passes run the transformers model eagerly."""
+        from transforms.models import prepack
+
+        if prepack.applies(self.device, self.precision.weights, self.precision.autocast):
+            self.prepacked = prepack.prepack_linears(self.model, rows_hint=self.token_budget)
+
+    def describe_compute(self) -> str:
+        """The precision, and the prepacked layers if any, for the worker's load log line."""
+        text = self.precision.describe()
+        return f"{text}, {self.prepacked} linear layers prepacked for oneDNN" if self.prepacked else text
 
     def auto_cpu_mixed(self) -> bool:
         """Whether ``--precision auto`` may run this model bf16-mixed on a CPU with bf16 in hardware:

@@ -148,6 +148,9 @@ class TextEncoder(TorchModel):
             self._pool = ThreadPoolExecutor(self.cpu_workers, thread_name_prefix="encoder")
         self.buckets: list[int] | None = None
         pad_id = self.tokenizer.pad_token_id or 0
+        if self.backend == "eager":
+            # compile and onnx trace the transformers model as loaded (inductor's freezing packs by itself)
+            self._prepack()
         if self.backend == "compile":
             self.buckets = length_buckets(self.max_length)
             # CUDA graphs need static shapes, so every pass of a bucket is padded to token_budget // bucket

@@ -109,6 +109,7 @@ class Qwen3Reranker(TorchModel):
                 f"{len(self.prefix_ids) + len(self.suffix_ids)} tokens"
             )
         self._load_weights(AutoModelForCausalLM, path, self.max_length)
+        self._prepack()  # leaves the output projection alone: the score reads two of its rows below
 
         self.no_id = self.tokenizer.convert_tokens_to_ids("no")
         self.yes_id = self.tokenizer.convert_tokens_to_ids("yes")
