@@ -164,7 +164,7 @@ def add_precision(group: argparse.ArgumentParser | argparse._ArgumentGroup, *, r
     group.add_argument(
         "--precision", default="auto", choices=PRECISIONS,
         help="what the model computes in: auto (bf16 weights on a GPU; on a CPU with AVX512-BF16 or AMX the "
-        "embedding model runs bf16-mixed, 1.6x fp32 on long documents with vectors within 1e-4 cosine, "
+        "embedding model runs bf16-mixed, 1.75x fp32 on long documents with vectors within 1e-4 cosine, "
         f"BENCHMARKS.md; fp32 on other CPUs{extra}), fp32, bf16, fp16, or bf16-mixed (fp32 weights, matrix "
         "products in bf16 under torch.autocast)",
     )  # fmt: skip

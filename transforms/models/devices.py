@@ -97,7 +97,7 @@ def resolve_precision(precision: str, device: torch.device, *, cpu_mixed: bool =
     ``auto``: bf16 weights on GPUs with bf16 (``default_dtype``), fp32 on other GPUs; on CPU fp32,
     or ``bf16-mixed`` when ``cpu_mixed`` (the model measured within 1e-4 cosine of fp32 in it, as
     the encoder) and the CPU multiplies bf16 in hardware (``cpu_has_native_bf16``). Measured on a
-    Zen 4 core with MiniLM: 1.6-1.7x the fp32 forward pass, vectors within 3.4e-5 cosine (BENCHMARKS.md).
+    Zen 4 core with MiniLM: 1.75x the fp32 forward pass (weights prepacked), vectors within 3.4e-5 cosine (BENCHMARKS.md).
     """
     check_precision(precision)
     if precision == "bf16-mixed":

@@ -60,8 +60,10 @@ class TextEncoder(TorchModel):
 
     ``precision`` (``--precision``): ``auto`` runs bf16-mixed on CPUs that multiply bf16 in
     hardware (fp32 weights, matrix products in bf16 under autocast; MiniLM on long documents:
-    1.6-1.7x the fp32 forward pass, vectors within 3.4e-5 cosine of fp32's), fp32 on other CPUs and
-    bf16 weights on GPUs (``transforms.models.devices.resolve_precision``).
+    1.75x the fp32 forward pass, vectors within 3.4e-5 cosine of fp32's), fp32 on other CPUs and
+    bf16 weights on GPUs (``transforms.models.devices.resolve_precision``). Computing in bf16 on a CPU
+    with ``backend="eager"``, the Linear weights are prepacked for oneDNN at load
+    (``transforms.models.prepack``; ``prepacked`` counts them).
 
     Construction is cheap and picklable; ``load()`` reads the tokenizer and weights. ``model``
     is the job's ``EmbeddingSpec`` (settings read once, in the driver), or an id or directory,
