@@ -70,6 +70,16 @@ def counters(result: Any) -> dict[str, int] | None:
     return dict(sorted(out.items()))
 
 
+def describe_precision(setting: str, computed: dict[str, int] | None) -> str:
+    """``--precision`` and what the workers ran under it, for a summary line:
+    ``auto -> bf16-mixed (350927 tokens)``; with several, each with its tokens."""
+    if computed is None:
+        return f"{setting} (counters unavailable)"
+    if not computed:
+        return f"{setting} (nothing run)"
+    return f"{setting} -> " + ", ".join(f"{name} ({tokens} tokens)" for name, tokens in computed.items())
+
+
 def write_json(path: str, obj: Any) -> None:
     with FileSystems.create(path) as f:
         f.write((json.dumps(obj, indent=2, sort_keys=True, ensure_ascii=False) + "\n").encode("utf-8"))

@@ -28,7 +28,15 @@ from typing import Any
 import apache_beam as beam
 from apache_beam.io.filesystems import FileSystems
 
-from pipelines.common import publish_summary, run_and_wait, run_job, start_pipeline, worker_cpu_threads, write_json
+from pipelines.common import (
+    describe_precision,
+    publish_summary,
+    run_and_wait,
+    run_job,
+    start_pipeline,
+    worker_cpu_threads,
+    write_json,
+)
 from pipelines.configs import IndexConfig, index_config
 from pipelines.errors import JobFailed, PreflightError, first_line, translate
 from pipelines.flags import index_parser, split_beam_args
@@ -36,6 +44,7 @@ from pipelines.launch import build_only, format_built, refuse_after_job_flags, w
 from pipelines.security import redact_url
 from transforms.hooks import pause_point
 from transforms.inference.embed import Embed, EmbeddingModelHandler
+from transforms.inference.handlers import tokens_by_precision
 from transforms.io.dead_letters import WriteDeadLetters
 from transforms.io.incremental import REUSED, SkipUnchanged, missing_documents, settings_digest
 from transforms.io.parquet import BadFilesError, ReadDocuments, check_files
@@ -342,7 +351,9 @@ def _finish(
         "collection": config.collection,
         "qdrant": where,
         "model": config.model,
-        "precision": config.precision,  # the setting; each worker logs what it resolved to
+        "precision": config.precision,  # the setting
+        # what the workers resolved it to (auto differs with their hardware): tokens embedded in each
+        "precision_computed": tokens_by_precision(counts, "embed"),
         "vector_size": size,
         "chunk_tokens": config.chunking.chunk_tokens,
         "chunk_overlap": config.chunking.chunk_overlap,
@@ -477,6 +488,7 @@ def format_summary(summary: dict[str, Any]) -> str:
             *([f"  deleted          {deletion['documents_deleted']} documents, {deletion['points_deleted']} points"
                + (f"  ({deletion['skipped']})" if deletion.get("skipped") else "")] if deletion else []),
             f"  dead letters     {c.get('dead_letters', 0)}" + (f" -> {summary['dead_letter']}" if summary["dead_letter"] else ""),
+            f"  precision        {describe_precision(summary['precision'], summary.get('precision_computed'))}",
             *([f"  alias            {alias['name']} -> {summary['collection']} (was {alias['previous']})"]
               if alias and not alias.get("refused") else []),
             *([f"  alias            REFUSED, {alias['name']} stays on {alias['previous']}: {alias['refused']}"]

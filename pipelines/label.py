@@ -23,7 +23,14 @@ from typing import Any
 import apache_beam as beam
 from apache_beam.io.filesystems import FileSystems
 
-from pipelines.common import publish_summary, run_and_wait, run_job, start_pipeline, worker_cpu_threads
+from pipelines.common import (
+    describe_precision,
+    publish_summary,
+    run_and_wait,
+    run_job,
+    start_pipeline,
+    worker_cpu_threads,
+)
 from pipelines.configs import LabelConfig, label_config
 from pipelines.errors import JobFailed
 from pipelines.flags import label_parser, split_beam_args
@@ -34,6 +41,7 @@ from transforms.datasets.judgements import BuildQueryJudgements
 from transforms.datasets.report import dead_letter_count
 from transforms.datasets.write import WriteLabelDatasets
 from transforms.inference.embed import EmbeddingModelHandler
+from transforms.inference.handlers import tokens_by_precision
 from transforms.inference.rerank import Rerank, RerankModelHandler
 from transforms.io.dead_letters import WriteDeadLetters
 from transforms.io.parquet import ReadDocuments, ReadParquetRows, match_files, validate_columns
@@ -243,6 +251,9 @@ def run_config(config: LabelConfig, beam_args: list[str] | None = None, test_pip
         **{k: v for k, v in acct.items()},
         "dead_letters": FileSystems.join(config.out, "dead_letters.jsonl"),
         "counters": counts,
+        "precision": config.precision,
+        # what the workers resolved it to (auto differs with their hardware): tokens run in each
+        "precision_computed": {stage: tokens_by_precision(counts, stage) for stage in ("rerank", "query")},
         "elapsed_s": round(elapsed, 2),
         "pairs_per_s": round(acct["pairs_scored"] / elapsed, 2),
         # Rejected queries are accounted for and expected in a log; unreadable input is not.
@@ -326,5 +337,13 @@ def format_summary(summary: dict[str, Any]) -> str:
         f"  pairs scored       {summary['pairs_scored']}  (candidates rejected {summary['candidates_rejected']}, "
         f"run lines rejected {summary['run_lines_rejected']})\n"
         f"  dead letters    -> {summary['dead_letters']}\n"
+        f"{_precision_lines(summary)}"
         f"  time               {summary['elapsed_s']}s  ({summary['pairs_per_s']} pairs/s)"
     )
+
+
+def _precision_lines(summary: dict[str, Any]) -> str:
+    computed = summary.get("precision_computed") or {}
+    lines = [f"  {stage + ' precision':<19}{describe_precision(summary['precision'], computed[stage])}\n"
+             for stage in ("rerank", "query") if stage in computed and computed[stage] != {}]  # fmt: skip
+    return "".join(lines)

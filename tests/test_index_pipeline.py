@@ -11,6 +11,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+import torch
 from apache_beam.testing.test_pipeline import TestPipeline
 
 from pipelines import evaluate, index, search
@@ -19,6 +20,7 @@ from transforms.io.edge_store import EdgeStore
 from transforms.io.parquet import DocumentColumns
 from transforms.io.qdrant import QdrantConfig
 from transforms.io.store import CollectionSpec, open_store
+from transforms.models.devices import resolve_precision
 from transforms.models.settings import EmbeddingSpec
 from transforms.text.chunk import ChunkSettings
 from transforms.types import point_id
@@ -71,6 +73,10 @@ def test_summary_counts_and_payload(whole_docs_index, sample_dir):
     c = summary["counters"]
     assert (c["rows_read"], c["documents_read"], c["chunks"], c["points_written"]) == (n, n, n, n)
     assert summary["points_in_collection"] == n and summary["vector_size"] == 384 and summary["precision"] == "auto"
+    # what auto resolved to on the worker (this machine), with every embedded token counted under it
+    resolved = resolve_precision("auto", torch.device("cpu"), cpu_mixed=True).name
+    assert summary["precision_computed"] == {resolved: c["tokens"]} and c["tokens"] > 0
+    assert f"precision        auto -> {resolved} ({c['tokens']} tokens)" in index.format_summary(summary)
     assert c.get("dead_letters", 0) == 0
     payload, _ = _points(whole_docs_index["qdrant_path"], "docs")[point_id("json", 0)]
     assert payload["doc_id"] == "json" and payload["title"] == "json" and payload["chunk_index"] == 0

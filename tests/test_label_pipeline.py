@@ -167,6 +167,12 @@ def test_bad_rows_are_dead_letters_and_counted(labelled):
     assert manifest["provenance"]["top_k"] == TOP_K
     assert manifest["provenance"]["reranker"]["revision"].startswith("sha256:")
     assert manifest["provenance"]["reranker"]["precision"] == manifest["provenance"]["first_stage"]["precision"] == "fp32"
+    computed = labelled["summary"]["precision_computed"]
+    assert set(computed) == {"rerank", "query"} and set(computed["rerank"]) == set(computed["query"]) == {"fp32"}
+    assert computed["rerank"]["fp32"] > computed["query"]["fp32"] > 0  # every pair's prompt, every query
+    text = label.format_summary(labelled["summary"])
+    assert f"  rerank precision   fp32 -> fp32 ({computed['rerank']['fp32']} tokens)\n" in text
+    assert f"  query precision    fp32 -> fp32 ({computed['query']['fp32']} tokens)\n" in text
 
 
 def test_report_has_metrics_and_a_histogram(labelled):

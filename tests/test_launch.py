@@ -83,9 +83,11 @@ def test_index_summary_without_counters():
     summary = {"status": "ok", "collection": "c", "qdrant": "edge:/q", "model": "m", "vector_size": 4,
                "counters": None, "counters_unavailable": "the runner reports no metrics", "documents_unchanged": 0,
                "chunks_embedded": 0, "chunks_reused": 0, "points_in_collection": 3, "dead_letter": None,
-               "elapsed_s": 1.0, "documents_per_s": 0.0, "tokens_per_s": 0.0}  # fmt: skip
+               "elapsed_s": 1.0, "documents_per_s": 0.0, "tokens_per_s": 0.0, "precision": "auto",
+               "precision_computed": None}  # fmt: skip
     text = format_summary(summary)
     assert "counters         unavailable: the runner reports no metrics" in text and "rows read        0" in text
+    assert "precision        auto (counters unavailable)" in text
 
 
 def test_alias_switch_refused_without_counters(tmp_path):

@@ -13,7 +13,7 @@ import apache_beam as beam
 
 from transforms.hooks import pause_point
 from transforms.inference.batching import RunInferenceByTokens
-from transforms.inference.handlers import TokenBatchedHandler
+from transforms.inference.handlers import TokenBatchedHandler, count_precision
 from transforms.models.devices import TokenBudgets
 from transforms.models.encoder import TextEncoder
 from transforms.models.settings import EmbeddingSpec
@@ -92,6 +92,7 @@ class EmbeddingModelHandler(TokenBatchedHandler):
         else:  # a document's first chunk stands for the document
             counts = {"documents": sum(c.chunk_index == 0 for c in batch), "chunks": len(batch), "tokens": n_tokens}
         reporter("embed", self._progress_interval_s).add(**counts)
+        count_precision("query" if is_query else "embed", model, n_tokens)
         for i, (element, vector) in enumerate(zip(batch, vectors)):
             if vector is None:
                 yield DeadLetter.of("embed", reasons[i], getattr(element, "doc_id", ""), _describe(element))

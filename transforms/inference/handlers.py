@@ -8,6 +8,7 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
+from apache_beam.metrics import Metrics
 from apache_beam.ml.inference.base import ModelHandler
 
 from transforms.models.devices import TokenBudgets, TorchModel
@@ -17,6 +18,24 @@ _LOG = logging.getLogger(__name__)
 # Set by tests: each load_model appends "<pid> <torch threads> <model id>" to this file, so a test can
 # check that a worker process loads a model once, whatever the number of bundles, and its threads.
 LOAD_LOG_ENV = "CORPUS_ETL_LOAD_LOG"
+NAMESPACE = "corpus_etl"
+# Counters "<stage>_tokens_in_<precision>": tokens each worker ran in the precision it resolved
+# (--precision auto differs by worker hardware); read back by ``tokens_by_precision``.
+PRECISION_COUNTER = "{stage}_tokens_in_{precision}"
+
+
+def count_precision(stage: str, model: TorchModel, tokens: int) -> None:
+    """Count ``tokens`` run by ``model`` under the precision it resolved to on this worker."""
+    name = PRECISION_COUNTER.format(stage=stage, precision=model.precision.name.replace("-", "_"))
+    Metrics.counter(NAMESPACE, name).inc(tokens)
+
+
+def tokens_by_precision(counters: dict[str, int] | None, stage: str) -> dict[str, int] | None:
+    """From a job's counters: tokens per resolved precision at ``stage`` (None without counters)."""
+    if counters is None:
+        return None
+    prefix = PRECISION_COUNTER.format(stage=stage, precision="")
+    return {k.removeprefix(prefix).replace("_", "-"): v for k, v in sorted(counters.items()) if k.startswith(prefix) and v}
 
 
 class TokenBatchedHandler(ModelHandler):
@@ -76,4 +95,4 @@ class TokenBatchedHandler(ModelHandler):
         return model
 
     def get_metrics_namespace(self) -> str:
-        return "corpus_etl"
+        return NAMESPACE

@@ -14,7 +14,7 @@ from typing import Any
 import apache_beam as beam
 
 from transforms.inference.batching import RunInferenceByTokens
-from transforms.inference.handlers import TokenBatchedHandler
+from transforms.inference.handlers import TokenBatchedHandler, count_precision
 from transforms.models.devices import TokenBudgets
 from transforms.models.reranker import Qwen3Reranker
 from transforms.progress import reporter
@@ -106,7 +106,9 @@ class RerankModelHandler(TokenBatchedHandler):
         heads = model.head_lengths(texts, ids, instruction) if model.share_prefix else None
         scores, failures = model.score_ids(ids, heads)
         reasons = dict(failures)
-        reporter("rerank", self._progress_interval_s).add(pairs=len(pairs), tokens=sum(len(x) for x in ids))
+        tokens = sum(len(x) for x in ids)
+        reporter("rerank", self._progress_interval_s).add(pairs=len(pairs), tokens=tokens)
+        count_precision("rerank", model, tokens)
         flat = [_judge(pair, score, reasons.get(i)) for i, (pair, score) in enumerate(zip(pairs, scores))]
         results: list[Judgement | DeadLetter | list[Judgement | DeadLetter]] = []
         start = 0

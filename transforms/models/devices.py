@@ -68,6 +68,13 @@ class Precision:
             return contextlib.nullcontext()
         return torch.autocast(device.type, dtype=self.autocast)
 
+    @property
+    def name(self) -> str:
+        """The ``--precision`` choice this resolves to: ``bf16-mixed``, ``fp32``, ``bf16`` or ``fp16``."""
+        if self.autocast is not None:
+            return "bf16-mixed"
+        return {dtype: name for name, dtype in _WEIGHTS.items()}.get(self.weights, str(self.weights))
+
     def describe(self) -> str:
         name = str(self.weights).removeprefix("torch.")
         return f"{name} weights, {str(self.autocast).removeprefix('torch.')} autocast" if self.autocast else name
