@@ -29,7 +29,10 @@ def machine() -> str:
 
 def replace_section(path: str, title: str, body: list[str]) -> None:
     """Replace (or append) the ``## title`` section of a Markdown file."""
-    text = open(path).read() if os.path.exists(path) else "# Benchmarks\n\nEvery figure below was measured by the command shown with it.\n"
+    text = "# Benchmarks\n\nEvery figure below was measured by the command shown with it.\n"
+    if os.path.exists(path):
+        with open(path) as f:
+            text = f.read()
     section = f"## {title}\n\n" + "\n".join(body).rstrip() + "\n"
     pattern = re.compile(rf"^## {re.escape(title)}\n.*?(?=^## |\Z)", re.S | re.M)
     if pattern.search(text):
