@@ -13,7 +13,9 @@ What it guarantees:
   input, weight and bias in bf16, fp32 accumulation, a bf16 result. Each layer is checked
   against that product on random rows when it is packed, and left as it was if they differ
   by more than bf16 rounding. On this project's Zen 4 machine MiniLM's vectors came out
-  bitwise equal (``tests/test_prepack.py``).
+  bitwise equal (``tests/test_prepack.py`` allows bf16 rounding, so as not to depend on the CPU).
+* **Memory.** The Linear, with its fp32 weight, is dropped for the packed bf16 copy, so unless the
+  weight is shared elsewhere those layers take half the memory they took.
 * **Where it applies.** Only on CPU, where the model computes in bf16 (``bf16-mixed`` or bf16
   weights), and only where torch has oneDNN and its packed-linear ops. fp32 is left alone: MKL's
   packed fp32 GEMM measured no faster than eager's, which runs near the core's FMA peak
