@@ -354,7 +354,9 @@ def test_alias_refused_after_the_job_is_partial_and_shown_in_the_summary():
                "status": "alias_refused", "documents_unchanged": 0, "chunks_embedded": 0, "chunks_reused": 0,
                "points_in_collection": 0, "dead_letter": None, "deletion": None,
                "alias": {"name": "live", "previous": "v1", "refused": refused, "gate": None},
-               "elapsed_s": 1.0, "documents_per_s": 0.0, "tokens_per_s": 0.0}  # fmt: skip
+               "elapsed_s": 1.0, "documents_per_s": 0.0, "tokens_per_s": 0.0, "precision": "auto",
+               "precision_computed": {}}  # fmt: skip
     lines = format_summary(summary).splitlines()
     assert f"  alias            REFUSED, live stays on v1: {refused}" in lines
+    assert "  precision        auto (nothing run)" in lines
     assert "live -> v2" not in format_summary(summary)
