@@ -51,6 +51,7 @@ def default_dtype(device: torch.device) -> torch.dtype:
 
 PRECISIONS = ("auto", "fp32", "bf16", "fp16", "bf16-mixed")
 _WEIGHTS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+_WEIGHT_NAMES = {dtype: name for name, dtype in _WEIGHTS.items()}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -73,7 +74,7 @@ class Precision:
         """The ``--precision`` choice this resolves to: ``bf16-mixed``, ``fp32``, ``bf16`` or ``fp16``."""
         if self.autocast is not None:
             return "bf16-mixed"
-        return {dtype: name for name, dtype in _WEIGHTS.items()}.get(self.weights, str(self.weights))
+        return _WEIGHT_NAMES.get(self.weights, str(self.weights))
 
     def describe(self) -> str:
         name = str(self.weights).removeprefix("torch.")

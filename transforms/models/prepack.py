@@ -21,20 +21,20 @@ What it guarantees:
   packed fp32 GEMM measured no faster than eager's, which runs near the core's FMA peak
   (BENCHMARKS.md, "Issue 13").
 * **What it leaves out.** The output projection of a causal LM (the reranker reads two of its
-  rows directly), and any Linear listed in ``skip``.
+  rows directly).
 * **Switching it off.** ``CORPUS_ETL_CPU_PREPACK=0`` in the worker's environment.
 
 Measured on a 2-core Zen 4 machine (BENCHMARKS.md, "Precision on CPU"): MiniLM's passes over long
 documents, 11,253 tokens/s prepacked against 10,635 under bf16-mixed (+6%), +8% with bf16 weights;
-the Qwen3-Reranker-0.6B config +7% under bf16-mixed. Compiling with inductor's freezing reached no
-more than that at two threads, after ~10-30 s of compiling per shape.
+the Qwen3-Reranker-0.6B config +7% under bf16-mixed. On one thread, compiling with inductor's
+freezing reached the same rate as eager prepacked, after ~10 s of compiling per shape; at two
+threads freezing added nothing to ``--backend compile``.
 """
 
 from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Iterable
 
 import torch
 
@@ -99,22 +99,18 @@ def _matches(linear: torch.nn.Linear, packed: PackedLinear, generator: torch.Gen
     return got.shape == want.shape and float((got - want).abs().max()) <= _BF16_RELATIVE * scale
 
 
-def prepack_linears(model: torch.nn.Module, *, rows_hint: int = 2048, skip: Iterable[torch.nn.Module] = ()) -> int:
+def prepack_linears(model: torch.nn.Module, *, rows_hint: int = 2048) -> int:
     """Replace the CPU ``nn.Linear`` layers of ``model`` by ``PackedLinear`` in place; returns how many.
 
-    The causal LM head (``get_output_embeddings``) and the modules in ``skip`` stay as they are. A
-    layer whose packed product differs from the plain bf16 one (beyond bf16 rounding) stays as it
-    is, with a warning.
+    The causal LM head (``get_output_embeddings``) stays as it is. A layer whose packed product
+    differs from the plain bf16 one (beyond bf16 rounding) stays as it is, with a warning.
     """
-    skipped = {id(m) for m in skip}
     head = getattr(model, "get_output_embeddings", lambda: None)()
-    if head is not None:
-        skipped.add(id(head))
     generator = torch.Generator().manual_seed(0)
     packed = refused = 0
     for parent in list(model.modules()):
         for name, child in list(parent.named_children()):
-            if type(child) is not torch.nn.Linear or id(child) in skipped or child.weight.device.type != "cpu":
+            if type(child) is not torch.nn.Linear or child is head or child.weight.device.type != "cpu":
                 continue
             candidate = PackedLinear(child, rows_hint)
             if not _matches(child, candidate, generator):
