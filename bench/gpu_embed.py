@@ -21,9 +21,10 @@ Compared, on the same documents:
 * the same compiled over bucketed lengths (``--backend compile``: inductor, a dynamic row count;
   compile time reported, not timed), and ``compiled-graphs``: CUDA graphs with
   ``mode="reduce-overhead"`` and a static row count per bucket (``cuda_graphs=True``);
-* the same with ``packing=True``: padding-free rows, texts kept apart by their restarting
-  positions (``--packed-attention``: flex_attention on CUDA; on CPU sdpa's dense block mask,
-  which only shows it runs).
+* the same with ``packing=True``: padding-free rows of texts back to back (``--packed-attention``,
+  default ``varlen``: PyTorch's FlashAttention-2 variable-length kernel on CUDA, a dense block mask on
+  CPU, which only shows it runs; ``flex_attention``: transformers' block mask), eager (``packed``)
+  or compiled with the row length dynamic (``packed-compiled``: ``--backend compile`` with packing).
 
 Reported: documents/s, tokens/s (real tokens, EOS included, padding not counted), padding
 overhead, peak GPU memory, and MFU = 2 * non-embedding params * tokens/s / 800e12 (the
@@ -289,7 +290,9 @@ def run_text_encoder(
     warm_s = time.perf_counter() - started
     reset_memory(device)
     vectors, seconds = timed(device, lambda: encoder.encode(docs))
+    started = time.perf_counter()
     lengths = encoder.count_tokens(docs)
+    tokenise_s = time.perf_counter() - started
     sizes = [bucket_of(n, encoder.buckets) for n in lengths] if encoder.buckets else lengths
     if packed_attention:
         padded = sum(lengths)  # packed rows compute no pad token
@@ -302,6 +305,11 @@ def run_text_encoder(
             padded += max(sizes[i] for i in b) * rows
     if packed_attention:
         how = f"packed rows, {packed_attention}"
+        if backend == "compile":
+            compile_s = encoder._packed_runner.compile_seconds
+            how += f", compiled, dynamic row length (compile {compile_s:.0f} s at load and warm-up, not timed)"
+        if encoder.overlap:
+            how += ", next row prepared while one runs"
     elif backend == "compile":
         graphs = "CUDA graphs, static rows" if cuda_graphs and device.type == "cuda" else "inductor, dynamic rows"
         how = (f"padded batches, compiled over {len(encoder._runner.shapes)} bucket shapes ({graphs}; "
@@ -313,7 +321,7 @@ def run_text_encoder(
         if encoder.overlap:
             how += ", next batch prepared (pinned, non-blocking copy) while one runs"
     result = Result(
-        f"TextEncoder (ours), {how}, {encoder.token_budget} token budget",
+        f"TextEncoder (ours), {how}, {encoder.token_budget} token budget (tokenising {tokenise_s:.2f} s of it)",
         seconds,
         len(docs),
         sum(lengths),
@@ -323,8 +331,11 @@ def run_text_encoder(
     return vectors, result, encoder.token_budget
 
 
-VARIANTS = ("st32", "st512", "loop", "padded", "padded-serial", "compiled", "compiled-graphs", "packed", "onnx")
-DEFAULT_VARIANTS = "st32,st512,loop,padded,padded-serial,compiled,compiled-graphs,packed"
+VARIANTS = (
+    "st32", "st512", "loop", "padded", "padded-serial", "compiled", "compiled-graphs", "packed", "packed-serial",
+    "packed-compiled", "packed-compiled-serial", "onnx",
+)
+DEFAULT_VARIANTS = "st32,st512,loop,padded,padded-serial,compiled,compiled-graphs,packed,packed-compiled"
 
 
 # -- main ----------------------------------------------------------------------------------------
@@ -341,8 +352,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument(
         "--packed-attention",
         default=None,
-        help="attention for the packed TextEncoder row (default: flex_attention on CUDA, sdpa on CPU; "
-        "'none' skips it)",
+        help="attention for the packed TextEncoder rows (default: varlen, transforms.models.varlen; "
+        "flex_attention; sdpa; 'none' skips them)",
     )
     parser.add_argument(
         "--smoke", "--tiny", action="store_true", help="tiny config, 24 docs, CPU unless --device: checks the script runs"
@@ -352,7 +363,7 @@ def main(argv: list[str] | None = None) -> None:
         help=f"comma-separated, from {', '.join(VARIANTS)}: sentence-transformers at batch 32 and 512, the plain "
         "loop, TextEncoder padded (overlapped preparation on CUDA), padded without overlap, compiled buckets "
         "(dynamic rows; -graphs: CUDA graphs, static rows), "
-        "packed rows, ONNX Runtime",
+        "packed rows (eager; compiled), ONNX Runtime",
     )
     parser.add_argument("--doc-tokens", default="50,512", help="LOW,HIGH document lengths in tokens (mean at 62%%)")
     parser.add_argument("--write", action="store_true", help="append the figures to BENCHMARKS.md")
@@ -406,7 +417,7 @@ def main(argv: list[str] | None = None) -> None:
     ours, ours_result, budget = run_text_encoder(path, docs, device, dtype, args.token_budget)
     reset_memory(device)
     print(ours_result.row(params, "docs"), flush=True)
-    packed_attention = args.packed_attention or ("flex_attention" if device.type == "cuda" else "sdpa")
+    packed_attention = args.packed_attention or "varlen"
     runs: dict[str, Callable[[], tuple[np.ndarray, Result]]] = {
         "st32": lambda: run_sentence_transformers(path, docs, device, dtype, 32),
         "st512": lambda: run_sentence_transformers(path, docs, device, dtype, 512),
@@ -417,6 +428,13 @@ def main(argv: list[str] | None = None) -> None:
             path, docs, device, dtype, budget, backend="compile", cuda_graphs=True
         )[:2],
         "packed": lambda: run_text_encoder(path, docs, device, dtype, budget, packed_attention)[:2],
+        "packed-compiled": lambda: run_text_encoder(
+            path, docs, device, dtype, budget, packed_attention, backend="compile"
+        )[:2],
+        "packed-serial": lambda: run_text_encoder(path, docs, device, dtype, budget, packed_attention, overlap=False)[:2],
+        "packed-compiled-serial": lambda: run_text_encoder(
+            path, docs, device, dtype, budget, packed_attention, backend="compile", overlap=False
+        )[:2],
         "onnx": lambda: run_text_encoder(path, docs, device, dtype, budget, backend="onnx")[:2],
     }
     results = []
@@ -425,9 +443,9 @@ def main(argv: list[str] | None = None) -> None:
         if name == "padded":
             results.append(ours_result)
             continue
-        if name == "packed" and packed_attention == "none":
+        if name.startswith("packed") and packed_attention == "none":
             continue
-        if name in ("padded-serial", "compiled-graphs") and device.type != "cuda":
+        if name in ("padded-serial", "compiled-graphs", "packed-serial", "packed-compiled-serial") and device.type != "cuda":
             continue  # on CPU padded already runs without overlap, and there are no CUDA graphs
         try:
             vectors, result = runs[name]()
@@ -442,6 +460,11 @@ def main(argv: list[str] | None = None) -> None:
         reset_memory(device)
         print(result.row(params, "docs"), flush=True)
 
+    # Every row's timed region tokenises its documents; this is that share, measured alone.
+    started = time.perf_counter()
+    tok(docs, truncation=True, max_length=high + 16)
+    tokenise_s = time.perf_counter() - started
+    parallel = os.environ.get("TOKENIZERS_PARALLELISM", "unset")
     lines = [
         f"{label}, random {str(dtype).removeprefix('torch.')} weights; {n_docs} documents of {low}-{high} tokens "
         f"(mean {np.mean(lengths):.0f}), {sum(r.tokens for r in results[-1:]):,} tokens.",
@@ -452,6 +475,8 @@ def main(argv: list[str] | None = None) -> None:
         "",
         f"{MFU_FORMULA}, N_non_embedding = {params:,}; attention FLOPs not counted."
         + (SMOKE_NOTE if args.smoke else ""),
+        f"Tokenising the documents alone, one call of the tokenizer: {tokenise_s:.2f} s (TOKENIZERS_PARALLELISM="
+        f"{parallel}), inside every row's wall time; TextEncoder tokenises slices on up to 8 threads.",
     ]
     print("\n".join(lines))
     if args.write:

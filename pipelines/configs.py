@@ -24,6 +24,9 @@ from transforms.models.devices import TokenBudgets, check_precision
 from transforms.text.chunk import ChunkSettings
 from transforms.text.queries import QueryColumns, SampleConfig, parse_sample_spec
 
+# --packing → TextEncoder(packing=...): None lets the encoder decide (transforms.models.encoder.resolve_packing)
+PACKING: dict[str, bool | None] = {"auto": None, "on": True, "off": False}
+
 
 def model_location(model: str) -> str:
     """A local model folder as an absolute path (workers may run in another folder); a hub id as given."""
@@ -89,6 +92,7 @@ class IndexConfig:
     max_length: int | None = None
     max_batch_tokens: int | None = None
     backend: str = "eager"  # --backend: eager | compile | onnx (transforms.models.fast)
+    packing: str = "auto"  # --packing: auto | on | off (transforms.models.encoder.resolve_packing)
     cpu_workers: int | None = None  # --cpu-workers: forward passes at once on CPU (TextEncoder)
     cpu_threads: int | None = None  # --cpu-threads: torch threads per worker process (pipelines.common)
     dead_letter: str | None = None
@@ -114,6 +118,10 @@ class IndexConfig:
             raise ValueError(f"--cpu-workers must be >= 1, got {self.cpu_workers}")
         check_cpu_threads(self.cpu_threads)
         check_precision(self.precision, backend=self.backend)
+        if self.packing not in PACKING:
+            raise ValueError(f"--packing must be one of {', '.join(PACKING)}, got {self.packing!r}")
+        if self.packing == "on" and self.backend == "onnx":
+            raise ValueError("--packing on runs with --backend eager or compile, not onnx")
         TokenBudgets(forward=self.max_batch_tokens)  # validates it; --dim is checked against the model (EmbeddingSpec)
         clash = RESERVED_PAYLOAD_KEYS & set(self.columns.metadata)
         if clash:
@@ -155,6 +163,7 @@ def index_config(args: argparse.Namespace) -> IndexConfig:
         max_length=args.max_length,
         max_batch_tokens=args.max_batch_tokens,
         backend=args.backend,
+        packing=args.packing,
         cpu_workers=args.cpu_workers,
         cpu_threads=args.cpu_threads,
         dead_letter=args.dead_letter,

@@ -146,9 +146,16 @@ def add_model_arguments(parser: argparse.ArgumentParser, *, with_batching: bool 
         )
         group.add_argument(
             "--backend", default="eager", choices=("eager", "compile", "onnx"),
-            help="how forward passes run: eager (transformers), compile (torch.compile over bucketed lengths, ~35 s "
-            "per bucket at worker start on a GPU; worth it for long GPU jobs) or onnx (ONNX Runtime, model exported "
-            "once into ~/.cache/corpus-etl; needs the onnx extra); measured in BENCHMARKS.md",
+            help="how forward passes run: eager (transformers), compile (torch.compile; on a GPU with packed rows one "
+            "graph, ~95 s at worker start, ~20 s with a warm inductor cache, then ~1.9x eager on an H100: worth it for "
+            "long GPU jobs; padded, one graph per length bucket) or onnx (ONNX Runtime, model exported once into "
+            "~/.cache/corpus-etl; needs the onnx extra); measured in BENCHMARKS.md",
+        )
+        group.add_argument(
+            "--packing", default="auto", choices=("auto", "on", "off"),
+            help="run each forward pass as one row of texts back to back, no padding, kept apart by FlashAttention's "
+            "variable-length kernel (auto: on for a GPU with bf16/fp16 weights, 1.2-1.6x padded passes on an H100; off on "
+            "CPU, where the encoder's workers run padded passes and packing falls back to a dense mask)",
         )
         group.add_argument(
             "--cpu-workers", type=int, default=None, metavar="N",

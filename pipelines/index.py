@@ -37,7 +37,7 @@ from pipelines.common import (
     worker_cpu_threads,
     write_json,
 )
-from pipelines.configs import IndexConfig, index_config
+from pipelines.configs import PACKING, IndexConfig, index_config
 from pipelines.errors import JobFailed, PreflightError, first_line, translate
 from pipelines.flags import index_parser, split_beam_args
 from pipelines.launch import build_only, format_built, refuse_after_job_flags, write_job_file
@@ -140,6 +140,7 @@ def embedding_handler(config: IndexConfig, spec: EmbeddingSpec, cpu_threads: int
         budgets=TokenBudgets.from_flag(config.max_batch_tokens, spec.max_length),
         progress_interval_s=config.progress_interval_s,
         backend=config.backend,
+        packing=PACKING[config.packing],
         cpu_workers=0 if config.cpu_workers is None else config.cpu_workers,  # 0: the worker's torch threads
         cpu_threads=cpu_threads,
     )

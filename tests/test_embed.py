@@ -144,6 +144,7 @@ def test_pool_packed_equals_pool_on_padded_rows(mode):
 
 def test_packing_is_refused_where_texts_would_mix(minilm_path):
     """BERT's bidirectional attention ignores restarting positions: packed texts would attend to
-    each other, so the load-time check refuses packing instead of writing wrong vectors."""
+    each other under sdpa, so the load-time check refuses it instead of writing wrong vectors (varlen,
+    packing's default, keeps them apart: tests/test_varlen.py)."""
     with pytest.raises(ValueError, match=r"packing is not supported with attention 'sdpa' \(packed vs padded cosine"):
-        TextEncoder(minilm_path, device="cpu", packing=True).load()
+        TextEncoder(minilm_path, device="cpu", packing=True, attn_implementation="sdpa").load()

@@ -156,8 +156,9 @@ def test_count_tokens_and_dimension(reference, encoder):
 def test_cuda_matches_card_on_cpu(reference, qwen3_embedding_dir):
     want = reference.embed(DOCS)
     fp32 = TextEncoder(str(qwen3_embedding_dir), device="cuda", dtype=torch.float32).load()
+    assert not fp32.packing  # no varlen kernel in fp32: padded passes
     _close(fp32.encode(DOCS), want, tol=1e-3)  # TF32/SDPA kernels differ from CPU's
-    bf16 = TextEncoder(str(qwen3_embedding_dir), device="cuda").load()
+    bf16 = TextEncoder(str(qwen3_embedding_dir), device="cuda", packing=False).load()
     got = bf16.encode(DOCS)
     assert (got * want).sum(axis=1).min() > 0.99  # cosine to the fp32 reference
     singles = np.concatenate([bf16.encode([text]) for text in DOCS])
@@ -189,14 +190,44 @@ def test_packed_rows_are_independent_of_their_neighbours(reference, packed):
     assert len(calls) > 2 and max(calls) >= 3  # several rows, and rows hold several texts
 
 
-def test_unpacked_positions_would_mix_texts(packed):
-    """What the load-time check guards against: one row, positions not restarted."""
-    ids = packed.tokenize(DOCS[:3])
+def test_packed_rows_default_to_varlen_attention(packed):
+    assert packed.attn_implementation == "varlen"
+    assert packed.model.config._attn_implementation == "varlen"
+
+
+def test_unpacked_positions_would_mix_texts(qwen3_embedding_dir, packed):
+    """What the load-time check guards against: one row, positions not restarted (sdpa reads the
+    boundaries from the positions alone)."""
+    sdpa = TextEncoder(
+        str(qwen3_embedding_dir), device="cpu", dtype=torch.float32, packing=True, attn_implementation="sdpa"
+    ).load()
+    ids = sdpa.tokenize(DOCS[:3])
     flat = torch.tensor([t for seq in ids for t in seq])[None]
     with torch.inference_mode():
-        hidden = packed.model(input_ids=flat, use_cache=False).last_hidden_state[0]
+        hidden = sdpa.model(input_ids=flat, use_cache=False).last_hidden_state[0]
     wrong = F.normalize(hidden[torch.tensor([len(x) for x in ids]).cumsum(0) - 1], dim=1).numpy()
-    assert float(np.abs(wrong - np.stack(packed._forward_packed(ids))).max()) > 1e-2
+    right = np.stack(sdpa._forward_packed(ids))
+    assert float(np.abs(wrong - right).max()) > 1e-2
+    _close(right, np.stack(packed._forward_packed(ids)))  # sdpa's dense mask and varlen agree
+
+
+def test_compiled_packed_rows_match_card(reference, qwen3_embedding_dir):
+    """``--backend compile`` with packing: varlen attention, the row length a dynamic dimension, so
+    rows of every size run one graph (no recompilation per row length)."""
+    encoder = TextEncoder(str(qwen3_embedding_dir), device="cpu", dtype=torch.float32, packing=True,
+                          backend="compile").load()  # fmt: skip
+    from torch._dynamo.utils import counters
+
+    _close(encoder.encode(DOCS), reference.embed(DOCS))
+    assert encoder._packed_runner.compile_seconds > 0
+    counters.clear()
+    encoder.token_budget = 64  # rows of other lengths and text counts
+    calls: list[int] = []
+    forward = encoder._forward_packed_prepared
+    encoder._forward_packed_prepared = lambda flat, *rest: calls.append(flat.shape[1]) or forward(flat, *rest)
+    _close(encoder.encode(DOCS[::-1])[::-1], reference.embed(DOCS))
+    assert len(set(calls)) > 2  # several row lengths ...
+    assert counters["stats"]["unique_graphs"] == 0  # ... and not one graph compiled for them
 
 
 @pytest.mark.slow
@@ -212,9 +243,38 @@ def test_packed_rows_with_flex_attention_match_card(reference, qwen3_embedding_d
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("backend", ["eager", "compile"])
+def test_cuda_packed_varlen_matches_card(reference, qwen3_embedding_dir, backend):
+    """FlashAttention's variable-length kernel (bf16 on CUDA), eager and compiled."""
+    bf16 = TextEncoder(str(qwen3_embedding_dir), device="cuda", backend=backend).load()
+    assert bf16.packing and bf16.attn_implementation == "varlen"  # the default on a GPU (--packing auto)
+    got, want = bf16.encode(DOCS), reference.embed(DOCS)
+    assert float((got * want).sum(axis=1).min()) > 0.99
+    padded = TextEncoder(str(qwen3_embedding_dir), device="cuda", packing=False).load().encode(DOCS)
+    assert float((got * padded).sum(axis=1).min()) > 0.999
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_cuda_packed_flex_attention_matches_card(reference, qwen3_embedding_dir):
     bf16 = TextEncoder(
         str(qwen3_embedding_dir), device="cuda", packing=True, attn_implementation="flex_attention"
     ).load()
     got, want = bf16.encode(DOCS), reference.embed(DOCS)
     assert float((got * want).sum(axis=1).min()) > 0.99
+
+
+def test_long_lists_tokenise_in_slices_with_the_same_ids(encoder, monkeypatch):
+    """Past 256 texts ``tokenize`` runs slices on a thread pool: same ids, same order."""
+    import transforms.models.encoder as module
+
+    texts = [f"{i} " + DOCS[i % len(DOCS)] for i in range(700)]
+    one_call = encoder.tokenizer(texts, truncation=True, max_length=encoder.max_length)["input_ids"]
+    calls: list[int] = []
+    run = encoder.tokenizer.__class__.__call__
+    monkeypatch.setattr(
+        encoder.tokenizer.__class__, "__call__", lambda self, x, **kw: calls.append(len(x)) or run(self, x, **kw)
+    )
+    monkeypatch.setattr(module, "_tokenize_threads", lambda: 2)
+    assert encoder.tokenize(texts) == one_call
+    assert sorted(calls) == [188, 256, 256]

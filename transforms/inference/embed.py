@@ -52,6 +52,7 @@ class EmbeddingModelHandler(TokenBatchedHandler):
         progress_interval_s: float = 30.0,
         large_model: bool = False,
         backend: str = "eager",
+        packing: bool | None = None,
         cpu_workers: int | None = None,
         cpu_threads: int | None = None,
         precision: str = "auto",
@@ -61,7 +62,7 @@ class EmbeddingModelHandler(TokenBatchedHandler):
         super().__init__(
             TextEncoder,
             dict(model=model, device=device, dim=dim, max_length=max_length, query_instruction=query_instruction,
-                 backend=backend, cpu_workers=cpu_workers, precision=precision),
+                 backend=backend, packing=packing, cpu_workers=cpu_workers, precision=precision),
             budgets=budgets,
             element_weight=_chunk_weight if kind == "document" else _query_weight,
             progress_interval_s=progress_interval_s,

@@ -202,11 +202,7 @@ class TorchModel:
         from transforms.progress import disable_library_progress_bars
 
         disable_library_progress_bars()  # one bar per worker process is noise in job logs
-        self.device = resolve_device(self.device_name)
-        if self.dtype is not None:
-            self.precision = Precision(self.dtype)
-        else:
-            self.precision = resolve_precision(self.precision_setting, self.device, cpu_mixed=self.auto_cpu_mixed())
+        self._resolve_compute()
         kwargs: dict[str, Any] = {"dtype": self.precision.weights}
         if self.attn_implementation:
             kwargs["attn_implementation"] = self.attn_implementation
@@ -214,6 +210,14 @@ class TorchModel:
         budget = self.token_budget_override or default_token_budget(self._model, self.device)
         self.token_budget = max(budget, longest_input)
         return self._model
+
+    def _resolve_compute(self) -> None:
+        """``device`` and ``precision`` from the settings (cheap; ``_load_weights`` calls it too)."""
+        self.device = resolve_device(self.device_name)
+        if self.dtype is not None:
+            self.precision = Precision(self.dtype)
+        else:
+            self.precision = resolve_precision(self.precision_setting, self.device, cpu_mixed=self.auto_cpu_mixed())
 
     def _prepack(self) -> None:
         """On CPU in bf16, pack the Linear layers' weights for oneDNN once (``transforms.models.prepack``);

@@ -11,18 +11,19 @@ forward passes by a padded-token budget (``max_len * n <= budget``); every vecto
 independent of its batch neighbours (masked pooling, per-row positions), which the
 parity tests check against single-text encoding.
 
-``packing=True`` (opt-in; 0.47x the padded path on an H200, BENCHMARKS.md) runs a forward pass as one row of
-concatenated texts with positions restarting at 0 for each, no attention mask and no cache:
-transformers then reads the boundaries from the positions and keeps texts apart
-(block-diagonal attention: a sparse block mask with ``attn_implementation="flex_attention"``,
-the GPU route, whose parity is tested on CPU through inductor; a dense mask with sdpa, which is
-quadratic in the row and only fit for tests). No pad token
-is computed. Models that ignore the positions would mix texts silently, so ``load()``
-checks packed against padded vectors and refuses the setting when they differ.
+``packing`` (``--packing``; ``None``, auto: on for CUDA with bf16/fp16 weights, ``resolve_packing``) runs a
+forward pass as one row of concatenated texts with positions restarting at 0 for each, no attention
+mask and no cache. No pad token is computed. The texts are kept apart by the attention:
+``varlen`` by default (``transforms.models.varlen``: PyTorch's FlashAttention-2 variable-length kernel,
+told the boundaries; on an H100, 1.23-1.56x the padded path eager and 1.44x compiled, BENCHMARKS.md),
+or transformers' own routes that read the boundaries from the positions (``flex_attention``: a
+sparse block mask, 0.47x the padded path on an H200; ``sdpa``: a dense mask, quadratic in the row,
+only fit for tests). Models that ignore the positions would mix texts silently under those, so
+``load()`` checks packed against padded vectors and refuses the setting when they differ.
 
 ``backend`` (``--backend``) picks how a padded batch runs: ``eager`` (transformers as loaded),
-``compile`` (``torch.compile`` over bucketed lengths; CUDA graphs only with ``cuda_graphs=True``) or ``onnx`` (ONNX
-Runtime); see ``transforms.models.fast``. ``overlap=True`` (the default on CUDA) prepares the
+``compile`` (``torch.compile`` over bucketed lengths; CUDA graphs only with ``cuda_graphs=True``; with packing one
+graph whose row length is dynamic) or ``onnx`` (ONNX Runtime); see ``transforms.models.fast``. ``overlap=True`` (the default on CUDA) prepares the
 next batch (padding, pinned host memory, the non-blocking copy to the device) in a second
 thread while the current one runs.
 
@@ -39,6 +40,7 @@ back and forth around each batch cost ~0.8 s a call in the job (oneDNN re-create
 from __future__ import annotations
 
 import logging
+import os
 import threading
 from collections.abc import Sequence
 from typing import Any
@@ -46,8 +48,9 @@ from typing import Any
 import numpy as np
 import torch
 
+from transforms.models import varlen
 from transforms.models.devices import TorchModel, budget_batches, check_precision, run_splitting_on_oom
-from transforms.models.fast import BACKENDS, CompiledRunner, OnnxRunner, bucket_of, length_buckets
+from transforms.models.fast import BACKENDS, CompiledRunner, OnnxRunner, PackedCompiledRunner, bucket_of, length_buckets
 from transforms.models.settings import EmbeddingSpec, load_tokenizer
 
 _LOG = logging.getLogger(__name__)
@@ -82,7 +85,7 @@ class TextEncoder(TorchModel):
         max_length: int | None = None,
         query_instruction: str | None = None,
         token_budget: int | None = None,
-        packing: bool = False,
+        packing: bool | None = None,
         attn_implementation: str | None = None,
         backend: str = "eager",
         overlap: bool | None = None,
@@ -92,8 +95,10 @@ class TextEncoder(TorchModel):
     ) -> None:
         if backend not in BACKENDS:
             raise ValueError(f"--backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
-        if packing and backend != "eager":
-            raise ValueError("packing runs eager only (flex_attention is compiled by transformers itself)")
+        if packing:
+            # Padding-free rows need attention that keeps texts apart: varlen by default (transforms.models.varlen)
+            attn_implementation = attn_implementation or varlen.NAME
+            _check_packing_backend(backend, attn_implementation)
         check_precision(precision, backend=backend)
         self.spec = model if isinstance(model, EmbeddingSpec) else None
         super().__init__(
@@ -106,7 +111,8 @@ class TextEncoder(TorchModel):
         )
         self._spec_args = {"dim": dim, "max_length": max_length}
         self.query_instruction = query_instruction
-        self.packing = packing
+        self.packing_setting = packing
+        self.packing = bool(packing)  # settled at load() when None (auto)
         self.backend = backend
         self.overlap_setting = overlap
         if cpu_workers is not None and cpu_workers < 0:
@@ -132,6 +138,14 @@ class TextEncoder(TorchModel):
         # Last-token pooling reads position -1, which left padding makes every row's last token.
         kwargs = {"padding_side": "left"} if spec.settings.pooling == "lasttoken" else {}
         self.tokenizer = load_tokenizer(spec.path, **kwargs)
+        self._resolve_compute()
+        self.packing = resolve_packing(
+            self.packing_setting, self.device, self.precision.weights, self.backend, self.attn_implementation
+        )
+        if self.packing and self.packing_setting is None:
+            self.attn_implementation = varlen.NAME
+        if self.attn_implementation == varlen.NAME:
+            varlen.register()
         self._load_weights(AutoModel, spec.path, spec.max_length)
         if getattr(self.model.config, "use_cache", False):
             # Decoder configs (Qwen3) turn the KV cache on, and an encoder never reads it back: on the
@@ -153,7 +167,11 @@ class TextEncoder(TorchModel):
         if self.backend == "eager":
             # compile and onnx trace the transformers model as loaded (inductor's freezing packs by itself)
             self._prepack()
-        if self.backend == "compile":
+        self._packed_runner: PackedCompiledRunner | None = None
+        if self.backend == "compile" and self.packing:
+            # One row of texts: no length buckets to pad to; the row length is a dynamic dimension.
+            self._packed_runner = PackedCompiledRunner(self.model, max_length=self.max_length)
+        elif self.backend == "compile":
             self.buckets = length_buckets(self.max_length)
             # CUDA graphs need static shapes, so every pass of a bucket is padded to token_budget // bucket
             # rows: 53% padding at the H200's 262k-token passes, where launch overhead is negligible
@@ -190,7 +208,14 @@ class TextEncoder(TorchModel):
         """Packed and padded vectors of a few texts must agree, or packing is refused."""
         texts = ["a b c", "The capital of France is Paris; its river is the Seine.", "x"]
         ids = self.tokenize(texts)
-        padded = np.stack(self._forward(ids))
+        attn = self.model.config._attn_implementation
+        if attn == varlen.NAME:  # varlen runs packed rows only: the padded reference runs sdpa
+            self.model.set_attn_implementation("sdpa")
+        try:
+            padded = np.stack(self._forward(ids))
+        finally:
+            if attn == varlen.NAME:
+                self.model.set_attn_implementation(attn)
         packed = np.stack(self._forward_packed(ids))
         cosine = float((padded * packed).sum(axis=1).min())
         floor = 0.999 if self.model.dtype == torch.float32 else 0.99
@@ -201,6 +226,12 @@ class TextEncoder(TorchModel):
                 f"{cosine:.3f} < {floor}: the texts of a packed row attend to each other); run without packing"
             )
 
+    def describe_compute(self) -> str:
+        text = super().describe_compute()
+        if self.packing:
+            text += f", packed rows ({self.model.config._attn_implementation} attention)"
+        return text + (f", --backend {self.backend}" if self.backend != "eager" else "")
+
     # -- text preparation ------------------------------------------------------------------
     def prompt(self, is_query: bool) -> str:
         if not is_query:
@@ -210,15 +241,25 @@ class TextEncoder(TorchModel):
         return self.settings.query_prompt
 
     def tokenize(self, texts: Sequence[str], *, is_query: bool = False) -> list[list[int]]:
+        """Token ids of ``texts`` with the prompt, truncated to ``max_length``.
+
+        Long lists are cut into slices tokenised on a few threads: the Rust tokenizer releases the
+        GIL, so this is parallel even where ``TOKENIZERS_PARALLELISM=false`` turns its own pool off
+        (2,048 documents of Qwen tokens: 1.04 s on one thread, 0.57 s on two; the ids are the same).
+        """
         prompt = self.prompt(is_query)
-        enc = self.tokenizer(
-            [prompt + t for t in texts],
-            truncation=True,
-            max_length=self.max_length,
-            padding=False,
-            return_attention_mask=False,
-        )
-        return enc["input_ids"]
+        prompted = [prompt + t for t in texts]
+
+        def run(part: list[str]) -> list[list[int]]:
+            enc = self.tokenizer(
+                part, truncation=True, max_length=self.max_length, padding=False, return_attention_mask=False
+            )
+            return enc["input_ids"]
+
+        if len(prompted) <= _TOKENIZE_SLICE or _tokenize_threads() < 2:
+            return run(prompted)
+        slices = [prompted[i : i + _TOKENIZE_SLICE] for i in range(0, len(prompted), _TOKENIZE_SLICE)]
+        return [ids for part in _tokenize_pool().map(run, slices) for ids in part]
 
     def count_tokens(self, texts: Sequence[str], *, is_query: bool = False) -> list[int]:
         return [len(ids) for ids in self.tokenize(texts, is_query=is_query)]
@@ -252,6 +293,8 @@ class TextEncoder(TorchModel):
         self, lengths: list[int], fetch: Any
     ) -> tuple[list[np.ndarray | None], list[tuple[int, str]]]:
         forward = self._forward_packed if self.packing else self._forward
+        prepare_tensors = self._prepare_packed if self.packing else self._prepare
+        forward_prepared = self._forward_packed_prepared if self.packing else self._forward_prepared
         if self.buckets:
             lengths = [bucket_of(n, self.buckets) for n in lengths]
         batches = budget_batches(lengths, self.token_budget)
@@ -267,7 +310,7 @@ class TextEncoder(TorchModel):
 
             def call(sub: Sequence[int]) -> list[np.ndarray]:
                 if prepared is not None and len(sub) == len(batch):
-                    return self._forward_prepared(*prepared[1])
+                    return forward_prepared(*prepared[1])
                 where = {i: k for k, i in enumerate(batch)}
                 return forward([batch_ids[where[i]] for i in sub])
 
@@ -276,15 +319,15 @@ class TextEncoder(TorchModel):
                 out[i] = r
             failures.extend((batch[j], reason) for j, reason in fails)
 
-        def prepare(batch: list[int]) -> tuple[list[list[int]], tuple[torch.Tensor, torch.Tensor]]:
+        def prepare(batch: list[int]) -> tuple[list[list[int]], tuple[Any, ...]]:
             batch_ids = fetch(batch)
-            return batch_ids, self._prepare(batch_ids)
+            return batch_ids, prepare_tensors(batch_ids)
 
         if self._pool is not None and len(batches) > 1:
             with _POOL_LOCK:  # one encode at a time on the workers: the cores are theirs
                 for _ in self._pool.map(run, batches):
                     pass
-        elif self.overlap and not self.packing and len(batches) > 1:
+        elif self.overlap and len(batches) > 1:
             from concurrent.futures import ThreadPoolExecutor
 
             with ThreadPoolExecutor(1, thread_name_prefix="encoder-prep") as prep:
@@ -329,20 +372,40 @@ class TextEncoder(TorchModel):
                 hidden = self.model(input_ids=input_ids, attention_mask=mask).last_hidden_state
         return self._finish(pool(hidden, mask, self.settings.pooling))
 
+    def _prepare_packed(self, ids: Sequence[list[int]]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]:
+        """One row of concatenated texts, positions restarting per text, and the boundaries (``cu_seq_lens``)
+        on the device, plus the longest text; pinned and copied without blocking on CUDA, as ``_prepare``."""
+        lengths = [len(seq) for seq in ids]
+        flat = torch.tensor([t for seq in ids for t in seq], dtype=torch.long)[None]
+        cu = varlen.boundaries(lengths)
+        starts = torch.repeat_interleave(cu[:-1].long(), torch.tensor(lengths))
+        positions = (torch.arange(flat.shape[1]) - starts)[None]
+        tensors = (flat, positions, cu)
+        if self.device.type == "cuda":
+            tensors = tuple(t.pin_memory().to(self.device, non_blocking=True) for t in tensors)
+        return (*tensors, max(lengths))
+
     @torch.inference_mode()
     def _forward_packed(self, ids: Sequence[list[int]]) -> list[np.ndarray]:
-        """One row of concatenated texts, positions restarting per text, no mask, no cache."""
-        lengths = torch.tensor([len(seq) for seq in ids])
-        flat = torch.tensor([t for seq in ids for t in seq], dtype=torch.long)
-        positions = torch.cat([torch.arange(n) for n in lengths.tolist()])
-        # use_cache=False matters: transformers reads packed boundaries from the positions only
-        # when there is no mask and no cache; Qwen3's config enables the cache, and with it the
-        # texts of a row silently attend to each other (cosine ~0.1-0.3 to the padded vectors).
+        return self._forward_packed_prepared(*self._prepare_packed(ids))
+
+    @torch.inference_mode()
+    def _forward_packed_prepared(
+        self, flat: torch.Tensor, positions: torch.Tensor, cu: torch.Tensor, longest: int
+    ) -> list[np.ndarray]:
+        """One packed row through the model: no mask, no cache; with ``varlen`` the boundaries go to the
+        attention as transformers' flash kwargs, otherwise transformers reads them from the positions."""
         with self.autocast():
-            hidden = self.model(
-                input_ids=flat[None].to(self.device), position_ids=positions[None].to(self.device), use_cache=False
-            ).last_hidden_state[0]
-        return self._finish(pool_packed(hidden, lengths.to(self.device), self.settings.pooling))
+            if self._packed_runner is not None:
+                hidden = self._packed_runner(flat, positions, cu, longest)
+            else:
+                # use_cache=False matters: transformers reads packed boundaries from the positions only
+                # when there is no mask and no cache; Qwen3's config enables the cache, and with it the
+                # texts of a row silently attend to each other (cosine ~0.1-0.3 to the padded vectors).
+                kwargs = varlen.forward_kwargs(cu, longest) if self.model.config._attn_implementation == varlen.NAME else {}
+                hidden = self.model(input_ids=flat, position_ids=positions, use_cache=False, **kwargs)
+                hidden = hidden.last_hidden_state[0]
+        return self._finish(pool_packed(hidden, (cu[1:] - cu[:-1]).long(), self.settings.pooling))
 
     def _finish(self, pooled: torch.Tensor) -> list[np.ndarray]:
         pooled = pooled.float()
@@ -352,7 +415,49 @@ class TextEncoder(TorchModel):
         return list(pooled.cpu().numpy())
 
 
+def resolve_packing(
+    setting: bool | None, device: torch.device, weights: torch.dtype, backend: str, attn_implementation: str | None
+) -> bool:
+    """Whether forward passes run packed rows. ``None`` (``--packing auto``): where varlen's kernel runs, i.e.
+    on CUDA with bf16/fp16 weights, eager or compiled, attention unset or varlen. On an H100 that was
+    1.23-1.56x the padded path eager and 1.44x compiled (BENCHMARKS.md, GPU). Padded elsewhere: on
+    CPU varlen falls back to a dense mask, and the encoder's workers run padded passes."""
+    if setting is not None:
+        return setting
+    return (
+        device.type == "cuda"
+        and weights in (torch.bfloat16, torch.float16)
+        and backend in ("eager", "compile")
+        and attn_implementation in (None, varlen.NAME)
+    )
+
+
+def _check_packing_backend(backend: str, attn_implementation: str | None) -> None:
+    if backend == "onnx" or (backend == "compile" and attn_implementation != varlen.NAME):
+        raise ValueError(
+            f"packing runs with --backend eager, or compile with attn_implementation={varlen.NAME!r}; "
+            f"got backend {backend!r} with {attn_implementation!r}"
+        )
+
+
 _POOL_LOCK = threading.Lock()
+_TOKENIZE_SLICE = 256
+_TOKENIZE_POOL: list[Any] = []
+_TOKENIZE_LOCK = threading.Lock()  # not _POOL_LOCK: the encoder's workers hold that one while they tokenise
+
+
+def _tokenize_threads() -> int:
+    return min(8, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1)
+
+
+def _tokenize_pool() -> Any:
+    """One small thread pool per process for tokenising long lists (created on first use)."""
+    with _TOKENIZE_LOCK:
+        if not _TOKENIZE_POOL:
+            from concurrent.futures import ThreadPoolExecutor
+
+            _TOKENIZE_POOL.append(ThreadPoolExecutor(_tokenize_threads(), thread_name_prefix="tokenize"))
+    return _TOKENIZE_POOL[0]
 _CPU_THREADS: list[int] = []
 
 

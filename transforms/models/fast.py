@@ -8,7 +8,9 @@
   CUDA each bucket's batch is instead padded to a fixed number of rows (``token_budget // bucket``)
   and compiled with ``mode="reduce-overhead"``, i.e. CUDA graphs over static shapes: that pays
   only where passes are small enough for launch overhead to matter; at the H200's default
-  262k-token passes it ran 53% padding against eager's 17% (BENCHMARKS.md, GPU).
+  262k-token passes it ran 53% padding against eager's 17% (BENCHMARKS.md, GPU). With packed rows
+  (``TextEncoder(packing=...)``, the default on CUDA) ``PackedCompiledRunner`` compiles one graph whose row
+  length is dynamic, attention ``varlen``: no buckets, no padding (309-324k tokens/s on an H100).
 * ``onnx``: the model exported once with ``torch.onnx.export`` (the dynamo exporter; dynamic
   batch and sequence axes) into a cache folder keyed by the model's files and the torch and
   onnxruntime versions, then run by ONNX Runtime (CPU provider; CUDA when the device is a GPU
@@ -141,6 +143,52 @@ class CompiledRunner:
         return hidden[:n]
 
 
+class PackedCompiledRunner:
+    """``(input_ids, position_ids, cu_seq_lens, longest) -> hidden (T, H)`` for one packed row through
+    ``torch.compile``, attention ``varlen`` (``transforms.models.varlen``).
+
+    The row length and the number of texts are dynamic dimensions, so one graph serves passes of any
+    size and there is no padding to buckets. ``longest`` (the kernel's ``max_seqlen``, which sizes its
+    grid) is rounded up to a length bucket; a new value recompiles at most once, after which dynamo
+    keeps it symbolic. ``compile_seconds`` adds up the first call of each new signature.
+    """
+
+    def __init__(self, model: torch.nn.Module, *, max_length: int) -> None:
+        self.model = model
+        self.buckets = length_buckets(max_length)
+        self.compile_seconds = 0.0
+        self.shapes: set[int] = set()
+        self.compiled = torch.compile(model, dynamic=None)
+
+    def __call__(self, input_ids: torch.Tensor, positions: torch.Tensor, cu: torch.Tensor, longest: int) -> torch.Tensor:
+        from transforms.models import varlen
+
+        if input_ids.shape[1] < 2:  # a size-1 dimension cannot stay dynamic: one 1-token text runs eagerly
+            out = self.model(input_ids=input_ids, position_ids=positions, use_cache=False,
+                             **varlen.forward_kwargs(cu, longest))  # fmt: skip
+            return out.last_hidden_state[0]
+        # maybe_: a pass of one text has a 2-long cu, which dynamo may specialise rather than fail on
+        for tensor, dim in ((input_ids, 1), (positions, 1), (cu, 0)):
+            torch._dynamo.maybe_mark_dynamic(tensor, dim)
+        longest = bucket_of(longest, self.buckets)
+        first = longest not in self.shapes and len(self.shapes) < 2
+        started = time.perf_counter()
+        with _COMPILE_LOCK if first else contextlib.nullcontext():
+            out = self.compiled(
+                input_ids=input_ids, position_ids=positions, use_cache=False, **varlen.forward_kwargs(cu, longest)
+            )
+            hidden = out.last_hidden_state[0]
+            if first:
+                if hidden.is_cuda:
+                    torch.cuda.synchronize(hidden.device)
+                took = time.perf_counter() - started
+                self.compile_seconds += took
+                _LOG.info("compiled packed rows (longest %d) in %.1f s (%.0f s so far)", longest, took,
+                          self.compile_seconds)  # fmt: skip
+        self.shapes.add(longest)
+        return hidden
+
+
 class _LastHidden(torch.nn.Module):
     def __init__(self, model: torch.nn.Module) -> None:
         super().__init__()
@@ -255,6 +303,8 @@ def describe(runner: Any) -> dict[str, Any]:
     if isinstance(runner, CompiledRunner):
         return {"backend": "compile", "compile_s": round(runner.compile_seconds, 2), "shapes": len(runner.shapes),
                 "buckets": runner.buckets}  # fmt: skip
+    if isinstance(runner, PackedCompiledRunner):
+        return {"backend": "compile", "packing": True, "compile_s": round(runner.compile_seconds, 2)}
     if isinstance(runner, OnnxRunner):
         return {"backend": "onnx", "export_s": round(runner.export_seconds, 2),
                 "session_s": round(runner.session_seconds, 2), "path": runner.path}  # fmt: skip
