@@ -65,6 +65,26 @@ def test_vectors_equal_sentence_transformers_encode(whole_docs_index, sample_dir
     assert cosines.min() >= 0.9999
 
 
+def test_packed_rows_give_the_vectors_of_sentence_transformers(tmp_path, sample_dir, minilm_path):
+    """``--packing on`` through the whole job (Beam batches -> encode_texts -> packed rows with varlen's
+    CPU fallback): every point as sentence-transformers encodes it, as with padded passes."""
+    from sentence_transformers import SentenceTransformer
+
+    qdrant_path = str(tmp_path / "qdrant")
+    summary = _index([
+        "--input", sample_dir["corpus"], "--collection", "docs", "--model", minilm_path, "--qdrant-path", qdrant_path,
+        "--title-column", "title", "--chunk-tokens", "0", "--device", "cpu", "--precision", "fp32", "--packing", "on",
+    ])  # fmt: skip
+    rows = pq.read_table(sample_dir["corpus"]).to_pylist()
+    assert summary["counters"]["points_written"] == len(rows)
+    points = _points(qdrant_path, "docs")
+    expected = SentenceTransformer(minilm_path, device="cpu").encode(
+        [f"{r['title']}\n{r['text']}" for r in rows], normalize_embeddings=True, batch_size=16
+    )
+    got = np.stack([points[point_id(r["id"], 0)][1] for r in rows])
+    assert float((got * expected).sum(1).min()) >= 0.9999
+
+
 def test_summary_counts_and_payload(whole_docs_index, sample_dir):
     n = pq.read_metadata(sample_dir["corpus"]).num_rows
     summary = whole_docs_index["summary"]
