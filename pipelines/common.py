@@ -71,7 +71,7 @@ def counters(result: Any) -> dict[str, int] | None:
 
 
 def describe_precision(setting: str, computed: dict[str, int] | None) -> str:
-    """``--precision`` and what the workers ran under it, for a summary line:
+    """A setting (``--precision``, ``--packing``) and what the workers ran under it, for a summary line:
     ``auto -> bf16-mixed (350927 tokens)``; with several, each with its tokens."""
     if computed is None:
         return f"{setting} (counters unavailable)"

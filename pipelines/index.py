@@ -44,7 +44,7 @@ from pipelines.launch import build_only, format_built, refuse_after_job_flags, w
 from pipelines.security import redact_url
 from transforms.hooks import pause_point
 from transforms.inference.embed import Embed, EmbeddingModelHandler
-from transforms.inference.handlers import tokens_by_precision
+from transforms.inference.handlers import tokens_by_layout, tokens_by_precision
 from transforms.io.dead_letters import WriteDeadLetters
 from transforms.io.incremental import REUSED, SkipUnchanged, missing_documents, settings_digest
 from transforms.io.parquet import BadFilesError, ReadDocuments, check_files
@@ -355,6 +355,8 @@ def _finish(
         "precision": config.precision,  # the setting
         # what the workers resolved it to (auto differs with their hardware): tokens embedded in each
         "precision_computed": tokens_by_precision(counts, "embed"),
+        "packing": config.packing,  # the setting; what ran: tokens in packed rows and in padded passes
+        "packing_computed": tokens_by_layout(counts, "embed"),
         "vector_size": size,
         "chunk_tokens": config.chunking.chunk_tokens,
         "chunk_overlap": config.chunking.chunk_overlap,
@@ -490,6 +492,8 @@ def format_summary(summary: dict[str, Any]) -> str:
                + (f"  ({deletion['skipped']})" if deletion.get("skipped") else "")] if deletion else []),
             f"  dead letters     {c.get('dead_letters', 0)}" + (f" -> {summary['dead_letter']}" if summary["dead_letter"] else ""),
             f"  precision        {describe_precision(summary['precision'], summary.get('precision_computed'))}",
+            *([f"  packing          {describe_precision(summary['packing'], summary.get('packing_computed'))}"]
+              if "packing" in summary else []),
             *([f"  alias            {alias['name']} -> {summary['collection']} (was {alias['previous']})"]
               if alias and not alias.get("refused") else []),
             *([f"  alias            REFUSED, {alias['name']} stays on {alias['previous']}: {alias['refused']}"]

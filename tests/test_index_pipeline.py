@@ -77,6 +77,7 @@ def test_packed_rows_give_the_vectors_of_sentence_transformers(tmp_path, sample_
     ])  # fmt: skip
     rows = pq.read_table(sample_dir["corpus"]).to_pylist()
     assert summary["counters"]["points_written"] == len(rows)
+    assert summary["packing_computed"] == {"packed": summary["counters"]["tokens"]}
     points = _points(qdrant_path, "docs")
     expected = SentenceTransformer(minilm_path, device="cpu").encode(
         [f"{r['title']}\n{r['text']}" for r in rows], normalize_embeddings=True, batch_size=16
@@ -97,6 +98,9 @@ def test_summary_counts_and_payload(whole_docs_index, sample_dir):
     resolved = resolve_precision("auto", torch.device("cpu"), cpu_mixed=True).name
     assert summary["precision_computed"] == {resolved: c["tokens"]} and c["tokens"] > 0
     assert f"precision        auto -> {resolved} ({c['tokens']} tokens)" in index.format_summary(summary)
+    # --packing auto on a CPU: padded passes, every token
+    assert summary["packing"] == "auto" and summary["packing_computed"] == {"padded": c["tokens"]}
+    assert f"packing          auto -> padded ({c['tokens']} tokens)" in index.format_summary(summary)
     assert c.get("dead_letters", 0) == 0
     payload, _ = _points(whole_docs_index["qdrant_path"], "docs")[point_id("json", 0)]
     assert payload["doc_id"] == "json" and payload["title"] == "json" and payload["chunk_index"] == 0

@@ -13,7 +13,7 @@ import apache_beam as beam
 
 from transforms.hooks import pause_point
 from transforms.inference.batching import RunInferenceByTokens
-from transforms.inference.handlers import TokenBatchedHandler, count_precision
+from transforms.inference.handlers import TokenBatchedHandler, count_layout, count_precision
 from transforms.models.devices import TokenBudgets
 from transforms.models.encoder import TextEncoder
 from transforms.models.settings import EmbeddingSpec
@@ -94,6 +94,7 @@ class EmbeddingModelHandler(TokenBatchedHandler):
             counts = {"documents": sum(c.chunk_index == 0 for c in batch), "chunks": len(batch), "tokens": n_tokens}
         reporter("embed", self._progress_interval_s).add(**counts)
         count_precision("query" if is_query else "embed", model, n_tokens)
+        count_layout("query" if is_query else "embed", model, n_tokens)
         for i, (element, vector) in enumerate(zip(batch, vectors)):
             if vector is None:
                 yield DeadLetter.of("embed", reasons[i], getattr(element, "doc_id", ""), _describe(element))

@@ -22,12 +22,30 @@ NAMESPACE = "corpus_etl"
 # Counters "<stage>_tokens_in_<precision>": tokens each worker ran in the precision it resolved
 # (--precision auto differs by worker hardware); read back by ``tokens_by_precision``.
 PRECISION_COUNTER = "{stage}_tokens_in_{precision}"
+# Counters "<stage>_tokens_packed" / "<stage>_tokens_padded": how an encoder's forward passes ran them
+# (--packing auto differs by worker device); read back by ``tokens_by_layout``.
+LAYOUT_COUNTER = "{stage}_tokens_{layout}"
+LAYOUTS = ("packed", "padded")
 
 
 def count_precision(stage: str, model: TorchModel, tokens: int) -> None:
     """Count ``tokens`` run by ``model`` under the precision it resolved to on this worker."""
     name = PRECISION_COUNTER.format(stage=stage, precision=model.precision.name.replace("-", "_"))
     Metrics.counter(NAMESPACE, name).inc(tokens)
+
+
+def count_layout(stage: str, model: TorchModel, tokens: int) -> None:
+    """Count ``tokens`` run by ``model`` in packed rows or padded passes, as it resolved on this worker."""
+    layout = "packed" if getattr(model, "packing", False) else "padded"
+    Metrics.counter(NAMESPACE, LAYOUT_COUNTER.format(stage=stage, layout=layout)).inc(tokens)
+
+
+def tokens_by_layout(counters: dict[str, int] | None, stage: str) -> dict[str, int] | None:
+    """From a job's counters: tokens run in packed rows and in padded passes at ``stage`` (None without counters)."""
+    if counters is None:
+        return None
+    names = {layout: LAYOUT_COUNTER.format(stage=stage, layout=layout) for layout in LAYOUTS}
+    return {layout: counters[name] for layout, name in names.items() if counters.get(name)}
 
 
 def tokens_by_precision(counters: dict[str, int] | None, stage: str) -> dict[str, int] | None:
