@@ -228,6 +228,10 @@ def test_compiled_packed_rows_match_card(reference, qwen3_embedding_dir):
     _close(encoder.encode(DOCS[::-1])[::-1], reference.embed(DOCS))
     assert len(set(calls)) > 2  # several row lengths ...
     assert counters["stats"]["unique_graphs"] == 0  # ... and not one graph compiled for them
+    # a row of one token cannot keep a dynamic length: it runs eagerly, same vector
+    assert len(encoder.tokenize([""])[0]) == 1
+    _close(np.stack(encoder._forward_packed(encoder.tokenize([""]))), reference.embed([""]))
+    assert counters["stats"]["unique_graphs"] == 0
 
 
 @pytest.mark.slow
