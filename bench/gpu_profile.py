@@ -8,7 +8,9 @@ Times, with CUDA events (median of 10 after 3 warm-ups), the same token count la
 no padding (mask None: transformers takes sdpa's causal fast path), left padding with a 4D mask
 (what an embedding batch of uneven texts is), short rows, eager attention, and the plain
 bf16 matrix product of the MLP's up-projection as the ceiling. Then a torch.profiler table of
-the padded case: which kernels take the time. Prints only; the conclusions go into BENCHMARKS.md.
+the padded case: which kernels take the time. ``--packed`` adds one packed row of texts of 50-512
+tokens with ``attn_implementation="varlen"`` (the encoder's default on CUDA), eager and compiled, and
+profiles the compiled packed pass instead. Prints only; the conclusions go into BENCHMARKS.md.
 """
 
 from __future__ import annotations
@@ -57,6 +59,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--tiny", action="store_true")
     parser.add_argument("--compile", action="store_true", help="also time torch.compile of the padded case")
+    parser.add_argument("--packed", action="store_true", help="also time packed rows (varlen), eager and compiled")
     args = parser.parse_args(argv)
     from transformers import Qwen3Config, Qwen3Model
 
@@ -117,6 +120,9 @@ def main(argv: list[str] | None = None) -> None:
             return compiled(input_ids=ids, attention_mask=mask, use_cache=False).last_hidden_state
 
         report(f"sdpa, left padding, torch.compile, {ids.shape[0]}x{length}", timed(forward_compiled, device), ids.numel())
+    profiled = forward
+    if args.packed:
+        profiled = packed_cases(model, n, length, vocab, device, report)
     print("\n| case | ms | tokens/s (padded) | TFLOP/s | MFU |\n|---|---|---|---|---|")
     print("\n".join(rows), flush=True)
 
@@ -124,13 +130,43 @@ def main(argv: list[str] | None = None) -> None:
     from torch.profiler import ProfilerActivity, profile
 
     acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
-    forward(ids, mask)
+    profiled(ids, mask)
     with profile(activities=acts) as prof:
-        forward(ids, mask)
+        profiled(ids, mask)
         if device.type == "cuda":
             torch.cuda.synchronize(device)
     key = "cuda_time_total" if device.type == "cuda" else "cpu_time_total"
     print(prof.key_averages().table(sort_by=key, row_limit=18, max_name_column_width=60))
+
+
+def packed_cases(model, n: int, longest: int, vocab: int, device: torch.device, report):
+    """Time one packed row of ``n`` tokens (texts of 50..``longest``), varlen eager then compiled; returns
+    the compiled pass (arguments ignored) for the profiler table."""
+    import random
+
+    from transforms.models import varlen
+
+    rng = random.Random(0)
+    lengths: list[int] = []
+    while sum(lengths) < n:
+        lengths.append(min(rng.randint(min(50, longest), longest), n - sum(lengths)))
+    cu = varlen.boundaries(lengths, device)
+    starts = torch.repeat_interleave(cu[:-1].long(), torch.tensor(lengths, device=device))
+    positions = (torch.arange(n, device=device) - starts)[None]
+    ids = torch.randint(1000, vocab - 1000, (1, n), device=device)
+    kwargs = varlen.forward_kwargs(cu, max(lengths))
+    varlen.register()
+    model.set_attn_implementation(varlen.NAME)
+
+    @torch.inference_mode()
+    def run(m):
+        return m(input_ids=ids, position_ids=positions, use_cache=False, **kwargs).last_hidden_state
+
+    label = f"varlen, one packed row of {len(lengths)} texts ({n} tokens, no padding)"
+    report(f"{label}, eager", timed(lambda: run(model), device), n)
+    compiled = torch.compile(model)
+    report(f"{label}, torch.compile", timed(lambda: run(compiled), device), n)
+    return lambda *_: run(compiled)
 
 
 if __name__ == "__main__":

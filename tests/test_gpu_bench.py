@@ -1,6 +1,6 @@
 """``bench/gpu_embed.py`` runs on CPU with the tiny Qwen3 (``--tiny --device cpu``): the GPU table's code path.
 
-The compiled variant is left out here (tests/test_fast_paths.py covers compile parity); a GPU
+The compiled padded variant is left out here (tests/test_fast_paths.py covers compile parity); a GPU
 machine runs every variant with ``make bench-gpu``.
 """
 
@@ -10,11 +10,25 @@ from __future__ import annotations
 def test_gpu_embed_smoke_run_prints_one_table(qwen3_embedding_dir, capsys):
     from bench.gpu_embed import main
 
-    main(["--tiny", "--device", "cpu", "--docs", "6", "--doc-tokens", "20,40", "--variants", "loop,padded,packed",
-          "--model-dir", str(qwen3_embedding_dir)])  # fmt: skip
+    main(["--tiny", "--device", "cpu", "--docs", "6", "--doc-tokens", "20,40",
+          "--variants", "loop,padded,packed,packed-compiled", "--model-dir", str(qwen3_embedding_dir)])  # fmt: skip
     out = capsys.readouterr().out
+    table = out.split("| method |")[-1]
     assert "| method | wall s | throughput | tokens/s | MFU |" in out
-    assert "transformers loop" in out and "padded batches" in out and "packed rows" in out
+    assert "transformers loop" in table and "padded batches" in table and "packed rows, varlen, next" not in table
+    assert "packed rows, varlen, 8192 token budget" in table  # eager (no overlap on CPU)
+    assert "packed rows, varlen, compiled, dynamic row length" in table
+    assert "| failed" not in table
+
+
+def test_gpu_profile_smoke_run_with_packed_rows(capsys):
+    """The model-only profile a GPU lease runs (``bench/gpu_profile.py --packed``), on the tiny config."""
+    from bench.gpu_profile import main
+
+    main(["--tiny", "--device", "cpu", "--tokens", "512", "--packed"])
+    out = capsys.readouterr().out
+    rows = out.split("| case | ms |")[-1]
+    assert "varlen, one packed row of" in rows and "no padding), eager" in rows and "torch.compile |" in rows
 
 
 def test_a_failing_variant_is_a_row_not_a_crash(qwen3_embedding_dir, capsys, monkeypatch):
