@@ -115,6 +115,19 @@ def test_packing_auto_applies_where_the_kernel_runs(setting, device, weights, ba
     assert resolve_packing(setting, torch.device(device), weights, backend, attn) is want
 
 
+def test_packing_auto_needs_a_transformers_that_can_skip_the_mask(monkeypatch):
+    """Before transformers 4.53 a packed row would get a dense (T, T) mask: auto stays padded, and
+    asking for varlen says what to do."""
+    from transforms.models.encoder import resolve_packing
+
+    assert varlen.available()  # the pinned transformers
+    monkeypatch.setattr(varlen, "available", lambda: False)
+    monkeypatch.setattr(varlen, "_REGISTERED", [])
+    assert resolve_packing(None, torch.device("cuda"), torch.bfloat16, "eager", None) is False
+    with pytest.raises(ImportError, match=r"needs transformers >= 4.53, found .*--packing off"):
+        varlen.register()
+
+
 def test_encoder_on_cpu_stays_padded_by_default(minilm_path):
     encoder = TextEncoder(minilm_path, device="cpu").load()
     assert encoder.packing is False and encoder.attn_implementation is None

@@ -419,7 +419,7 @@ def resolve_packing(
     setting: bool | None, device: torch.device, weights: torch.dtype, backend: str, attn_implementation: str | None
 ) -> bool:
     """Whether forward passes run packed rows. ``None`` (``--packing auto``): where varlen's kernel runs, i.e.
-    on CUDA with bf16/fp16 weights, eager or compiled, attention unset or varlen. On an H100 that was
+    on CUDA with bf16/fp16 weights, eager or compiled, attention unset or varlen, transformers >= 4.53. On an H100 that was
     1.23-1.56x the padded path eager and 1.44x compiled (BENCHMARKS.md, GPU). Padded elsewhere: on
     CPU varlen falls back to a dense mask, and the encoder's workers run padded passes."""
     if setting is not None:
@@ -429,6 +429,7 @@ def resolve_packing(
         and weights in (torch.bfloat16, torch.float16)
         and backend in ("eager", "compile")
         and attn_implementation in (None, varlen.NAME)
+        and varlen.available()
     )
 
 

@@ -30,9 +30,27 @@ NAME = "varlen"
 _REGISTERED: list[bool] = []
 
 
+def available() -> bool:
+    """Whether this transformers lets an attention function skip the mask: ``AttentionMaskInterface``
+    (transformers >= 4.53). Older versions would build a dense (T, T) mask for a packed row of T tokens."""
+    try:
+        from transformers import AttentionInterface  # noqa: F401
+        from transformers.masking_utils import AttentionMaskInterface  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
 def register() -> str:
     """Register ``varlen`` with transformers' attention and mask interfaces (once); returns the name."""
     if not _REGISTERED:
+        if not available():
+            import transformers
+
+            raise ImportError(
+                f"attn_implementation='varlen' (packed rows) needs transformers >= 4.53, found "
+                f"{transformers.__version__}: upgrade it, or run with --packing off"
+            )
         from transformers import AttentionInterface
         from transformers.masking_utils import AttentionMaskInterface
 
@@ -112,12 +130,9 @@ def _dense(
     allowed = segment[:, None] == segment[None, :]
     if causal:
         allowed = allowed & (position[:, None] >= position[None, :])
+    if k.shape[1] != q.shape[1]:  # GQA by repeating key/value heads (SDPA's enable_gqa needs torch >= 2.5)
+        k, v = (x.repeat_interleave(q.shape[1] // k.shape[1], dim=1) for x in (k, v))
     out = torch.nn.functional.scaled_dot_product_attention(
-        q.transpose(0, 1)[None],
-        k.transpose(0, 1)[None],
-        v.transpose(0, 1)[None],
-        attn_mask=allowed,
-        scale=scaling,
-        enable_gqa=k.shape[1] != q.shape[1],
+        q.transpose(0, 1)[None], k.transpose(0, 1)[None], v.transpose(0, 1)[None], attn_mask=allowed, scale=scaling
     )
     return out[0].transpose(0, 1)
