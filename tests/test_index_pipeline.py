@@ -65,15 +65,18 @@ def test_vectors_equal_sentence_transformers_encode(whole_docs_index, sample_dir
     assert cosines.min() >= 0.9999
 
 
-def test_packed_rows_give_the_vectors_of_sentence_transformers(tmp_path, sample_dir, minilm_path):
+@pytest.mark.parametrize("backend", ["eager", "compile"])
+def test_packed_rows_give_the_vectors_of_sentence_transformers(tmp_path, sample_dir, minilm_path, backend):
     """``--packing on`` through the whole job (Beam batches -> encode_texts -> packed rows with varlen's
-    CPU fallback): every point as sentence-transformers encodes it, as with padded passes."""
+    CPU fallback, eager or compiled with a dynamic row length, the GPU's fastest path): every point as
+    sentence-transformers encodes it, as with padded passes."""
     from sentence_transformers import SentenceTransformer
 
     qdrant_path = str(tmp_path / "qdrant")
     summary = _index([
         "--input", sample_dir["corpus"], "--collection", "docs", "--model", minilm_path, "--qdrant-path", qdrant_path,
         "--title-column", "title", "--chunk-tokens", "0", "--device", "cpu", "--precision", "fp32", "--packing", "on",
+        "--backend", backend,
     ])  # fmt: skip
     rows = pq.read_table(sample_dir["corpus"]).to_pylist()
     assert summary["counters"]["points_written"] == len(rows)
