@@ -9,7 +9,9 @@ with the real tokenizer and the repository's sentence-transformers files
 
 from __future__ import annotations
 
+import os
 import random
+import time
 
 import numpy as np
 import pytest
@@ -282,3 +284,27 @@ def test_long_lists_tokenise_in_slices_with_the_same_ids(encoder, monkeypatch):
     monkeypatch.setattr(module, "_tokenize_threads", lambda: 2)
     assert encoder.tokenize(texts) == one_call
     assert sorted(calls) == [188, 256, 256]
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork")
+def test_a_forked_child_tokenises_on_its_own_threads(encoder):
+    """A pool made before a fork has no threads in the child: the child makes its own, or it would hang."""
+    texts = [f"{i} " + DOCS[i % len(DOCS)] for i in range(600)]
+    want = encoder.tokenize(texts)  # the parent's pool exists now
+    pid = os.fork()
+    if pid == 0:  # the child: exit status 0 when its ids match
+        try:
+            os._exit(0 if encoder.tokenize(texts) == want else 3)
+        finally:
+            os._exit(4)
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        done, status = os.waitpid(pid, os.WNOHANG)
+        if done:
+            break
+        time.sleep(0.1)
+    else:
+        os.kill(pid, 9)
+        os.waitpid(pid, 0)
+        pytest.fail("the forked child hung tokenising")
+    assert os.waitstatus_to_exitcode(status) == 0

@@ -443,7 +443,7 @@ def _check_packing_backend(backend: str, attn_implementation: str | None) -> Non
 
 _POOL_LOCK = threading.Lock()
 _TOKENIZE_SLICE = 256
-_TOKENIZE_POOL: list[Any] = []
+_TOKENIZE_POOL: dict[int, Any] = {}  # by process id: a forked child inherits the dict but not the threads
 _TOKENIZE_LOCK = threading.Lock()  # not _POOL_LOCK: the encoder's workers hold that one while they tokenise
 
 
@@ -453,12 +453,13 @@ def _tokenize_threads() -> int:
 
 def _tokenize_pool() -> Any:
     """One small thread pool per process for tokenising long lists (created on first use)."""
+    pid = os.getpid()
     with _TOKENIZE_LOCK:
-        if not _TOKENIZE_POOL:
+        if pid not in _TOKENIZE_POOL:
             from concurrent.futures import ThreadPoolExecutor
 
-            _TOKENIZE_POOL.append(ThreadPoolExecutor(_tokenize_threads(), thread_name_prefix="tokenize"))
-    return _TOKENIZE_POOL[0]
+            _TOKENIZE_POOL[pid] = ThreadPoolExecutor(_tokenize_threads(), thread_name_prefix="tokenize")
+        return _TOKENIZE_POOL[pid]
 _CPU_THREADS: list[int] = []
 
 
