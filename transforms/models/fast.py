@@ -150,13 +150,14 @@ class PackedCompiledRunner:
     The row length and the number of texts are dynamic dimensions, so one graph serves passes of any
     size and there is no padding to buckets. ``longest`` (the kernel's ``max_seqlen``, which sizes its
     grid) is rounded up to a length bucket; a new value recompiles at most once, after which dynamo
-    keeps it symbolic. ``compile_seconds`` adds up the first call of each new signature.
+    keeps it symbolic. ``compile_seconds`` adds up the calls that compiled a graph (``compiles`` counts them).
     """
 
     def __init__(self, model: torch.nn.Module, *, max_length: int) -> None:
         self.model = model
         self.buckets = length_buckets(max_length)
         self.compile_seconds = 0.0
+        self.compiles = 0
         self.shapes: set[int] = set()
         self.compiled = torch.compile(model, dynamic=None)
 
@@ -170,21 +171,27 @@ class PackedCompiledRunner:
         # maybe_: a pass of one text has a 2-long cu, which dynamo may specialise rather than fail on
         for tensor, dim in ((input_ids, 1), (positions, 1), (cu, 0)):
             torch._dynamo.maybe_mark_dynamic(tensor, dim)
+        from torch._dynamo.utils import counters
+
         longest = bucket_of(longest, self.buckets)
-        first = longest not in self.shapes and len(self.shapes) < 2
-        started = time.perf_counter()
-        with _COMPILE_LOCK if first else contextlib.nullcontext():
+        # The first two values of longest may compile (the graph, then the recompile that makes it symbolic):
+        # one thread at a time, so a worker's threads do not compile the same graph side by side.
+        maybe = longest not in self.shapes and len(self.shapes) < 2
+        with _COMPILE_LOCK if maybe else contextlib.nullcontext():
+            graphs, started = counters["stats"]["unique_graphs"], time.perf_counter()
             out = self.compiled(
                 input_ids=input_ids, position_ids=positions, use_cache=False, **varlen.forward_kwargs(cu, longest)
             )
             hidden = out.last_hidden_state[0]
-            if first:
+            if counters["stats"]["unique_graphs"] > graphs:  # this call compiled (dynamo's process-wide count)
                 if hidden.is_cuda:
                     torch.cuda.synchronize(hidden.device)
                 took = time.perf_counter() - started
+                self.compiles += 1
                 self.compile_seconds += took
-                _LOG.info("compiled packed rows (longest %d) in %.1f s (%.0f s so far)", longest, took,
-                          self.compile_seconds)  # fmt: skip
+                # Compiling takes seconds to minutes: say so, or a worker's start looks hung.
+                _LOG.info("compiled packed rows (longest %d) in %.1f s (%d graphs, %.0f s so far)", longest, took,
+                          self.compiles, self.compile_seconds)  # fmt: skip
         self.shapes.add(longest)
         return hidden
 
@@ -304,7 +311,8 @@ def describe(runner: Any) -> dict[str, Any]:
         return {"backend": "compile", "compile_s": round(runner.compile_seconds, 2), "shapes": len(runner.shapes),
                 "buckets": runner.buckets}  # fmt: skip
     if isinstance(runner, PackedCompiledRunner):
-        return {"backend": "compile", "packing": True, "compile_s": round(runner.compile_seconds, 2)}
+        return {"backend": "compile", "packing": True, "compile_s": round(runner.compile_seconds, 2),
+                "graphs": runner.compiles}  # fmt: skip
     if isinstance(runner, OnnxRunner):
         return {"backend": "onnx", "export_s": round(runner.export_seconds, 2),
                 "session_s": round(runner.session_seconds, 2), "path": runner.path}  # fmt: skip
