@@ -221,7 +221,10 @@ def test_compiled_packed_rows_match_card(reference, qwen3_embedding_dir):
     from torch._dynamo.utils import counters
 
     _close(encoder.encode(DOCS), reference.embed(DOCS))
-    assert encoder._packed_runner.compile_seconds > 0 and encoder._packed_runner.compiles == 1
+    # one graph at most: none when an earlier test of this process compiled the same one (dynamo reuses it
+    # for another instance of the model, whose weights are graph inputs)
+    compiles = encoder._packed_runner.compiles
+    assert compiles <= 1
     counters.clear()
     encoder.token_budget = 64  # rows of other lengths and text counts
     calls: list[int] = []
@@ -233,7 +236,7 @@ def test_compiled_packed_rows_match_card(reference, qwen3_embedding_dir):
     # a row of one token cannot keep a dynamic length: it runs eagerly, same vector
     assert len(encoder.tokenize([""])[0]) == 1
     _close(np.stack(encoder._forward_packed(encoder.tokenize([""]))), reference.embed([""]))
-    assert counters["stats"]["unique_graphs"] == 0 and encoder._packed_runner.compiles == 1
+    assert counters["stats"]["unique_graphs"] == 0 and encoder._packed_runner.compiles == compiles
 
 
 @pytest.mark.slow
