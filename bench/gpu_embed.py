@@ -476,7 +476,8 @@ def main(argv: list[str] | None = None) -> None:
         f"{MFU_FORMULA}, N_non_embedding = {params:,}; attention FLOPs not counted."
         + (SMOKE_NOTE if args.smoke else ""),
         f"Tokenising the documents alone, one call of the tokenizer: {tokenise_s:.2f} s (TOKENIZERS_PARALLELISM="
-        f"{parallel}), inside every row's wall time; TextEncoder tokenises slices on up to 8 threads.",
+        f"{parallel}), inside every row's wall time; TextEncoder tokenises slices on up to 8 threads where that "
+        "setting turns the pool off.",
     ]
     print("\n".join(lines))
     if args.write:

@@ -273,20 +273,25 @@ def test_cuda_packed_flex_attention_matches_card(reference, qwen3_embedding_dir)
     assert float((got * want).sum(axis=1).min()) > 0.99
 
 
-def test_long_lists_tokenise_in_slices_with_the_same_ids(encoder, monkeypatch):
-    """Past 256 texts ``tokenize`` runs slices on a thread pool: same ids, same order."""
+@pytest.mark.parametrize(("parallelism", "want"), [("false", [188, 256, 256]), ("0", [188, 256, 256]),
+                                                   ("true", [700]), (None, [700])])  # fmt: skip
+def test_long_lists_tokenise_in_slices_where_the_rust_pool_is_off(encoder, monkeypatch, parallelism, want):
+    """Past 256 texts ``tokenize`` runs slices on a thread pool when TOKENIZERS_PARALLELISM turns the
+    tokenizer's own pool off, and leaves it to that pool otherwise: same ids, same order."""
     import transforms.models.encoder as module
 
     texts = [f"{i} " + DOCS[i % len(DOCS)] for i in range(700)]
     one_call = encoder.tokenizer(texts, truncation=True, max_length=encoder.max_length)["input_ids"]
     calls: list[int] = []
     run = encoder.tokenizer.__class__.__call__
-    monkeypatch.setattr(
-        encoder.tokenizer.__class__, "__call__", lambda self, x, **kw: calls.append(len(x)) or run(self, x, **kw)
-    )
+    monkeypatch.setattr(encoder.tokenizer.__class__, "__call__", lambda self, x, **kw: calls.append(len(x)) or run(self, x, **kw))
     monkeypatch.setattr(module, "_tokenize_threads", lambda: 2)
+    if parallelism is None:
+        monkeypatch.delenv("TOKENIZERS_PARALLELISM", raising=False)
+    else:
+        monkeypatch.setenv("TOKENIZERS_PARALLELISM", parallelism)
     assert encoder.tokenize(texts) == one_call
-    assert sorted(calls) == [188, 256, 256]
+    assert sorted(calls) == want
 
 
 @pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork")

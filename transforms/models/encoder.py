@@ -241,25 +241,12 @@ class TextEncoder(TorchModel):
         return self.settings.query_prompt
 
     def tokenize(self, texts: Sequence[str], *, is_query: bool = False) -> list[list[int]]:
-        """Token ids of ``texts`` with the prompt, truncated to ``max_length``.
-
-        Long lists are cut into slices tokenised on a few threads: the Rust tokenizer releases the
-        GIL, so this is parallel even where ``TOKENIZERS_PARALLELISM=false`` turns its own pool off
-        (2,048 documents of Qwen tokens: 1.04 s on one thread, 0.57 s on two; the ids are the same).
-        """
+        """Token ids of ``texts`` with the prompt, truncated to ``max_length`` (``tokenize_ids``)."""
         prompt = self.prompt(is_query)
-        prompted = [prompt + t for t in texts]
-
-        def run(part: list[str]) -> list[list[int]]:
-            enc = self.tokenizer(
-                part, truncation=True, max_length=self.max_length, padding=False, return_attention_mask=False
-            )
-            return enc["input_ids"]
-
-        if len(prompted) <= _TOKENIZE_SLICE or _tokenize_threads() < 2:
-            return run(prompted)
-        slices = [prompted[i : i + _TOKENIZE_SLICE] for i in range(0, len(prompted), _TOKENIZE_SLICE)]
-        return [ids for part in _tokenize_pool().map(run, slices) for ids in part]
+        return tokenize_ids(
+            self.tokenizer, [prompt + t for t in texts], truncation=True, max_length=self.max_length,
+            padding=False, return_attention_mask=False,
+        )  # fmt: skip
 
     def count_tokens(self, texts: Sequence[str], *, is_query: bool = False) -> list[int]:
         return [len(ids) for ids in self.tokenize(texts, is_query=is_query)]
@@ -445,6 +432,31 @@ _POOL_LOCK = threading.Lock()
 _TOKENIZE_SLICE = 256
 _TOKENIZE_POOL: dict[int, Any] = {}  # by process id: a forked child inherits the dict but not the threads
 _TOKENIZE_LOCK = threading.Lock()  # not _POOL_LOCK: the encoder's workers hold that one while they tokenise
+
+
+def tokenize_ids(tokenizer: Any, texts: list[str], *, slices: bool | None = None, **kwargs: Any) -> list[list[int]]:
+    """``tokenizer(texts, **kwargs)["input_ids"]``, in slices of 256 texts on up to 8 threads where the
+    tokenizer's own Rust pool is off (``slices=None``: ``TOKENIZERS_PARALLELISM`` set to a false value,
+    as tests and forking setups do). The Rust code releases the GIL, so the slices run in parallel; with
+    the pool on they gain nothing over one call, so the pool does it (bench/tokenizer.py, BENCHMARKS.md).
+    The ids are the same either way."""
+
+    def run(part: list[str]) -> list[list[int]]:
+        return tokenizer(part, **kwargs)["input_ids"]
+
+    if slices is None:
+        slices = not rust_pool_on()
+    if not slices or len(texts) <= _TOKENIZE_SLICE or _tokenize_threads() < 2:
+        return run(texts)
+    parts = [texts[i : i + _TOKENIZE_SLICE] for i in range(0, len(texts), _TOKENIZE_SLICE)]
+    return [ids for part in _tokenize_pool().map(run, parts) for ids in part]
+
+
+def rust_pool_on() -> bool:
+    """Whether ``TOKENIZERS_PARALLELISM`` leaves the tokenizers library's own thread pool on (its rule:
+    unset or any value but a false one; the library may still turn it off in a forked child)."""
+    value = os.environ.get("TOKENIZERS_PARALLELISM")
+    return value is None or value.lower() not in ("", "0", "false", "f", "off", "no", "n")
 
 
 def _tokenize_threads() -> int:
