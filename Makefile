@@ -9,6 +9,9 @@ DEMO_DIR ?= demo_data
 QDRANT_PATH ?= ./qdrant_data
 DEMO_MODEL ?= sentence-transformers/all-MiniLM-L6-v2
 PYTEST_ARGS ?=
+# Test files run on this many processes (pytest-xdist, a file's tests together so that its module
+# fixtures are built once): one per core, at most 4.
+PYTEST_WORKERS ?= $(shell n=$$(nproc 2>/dev/null || echo 2); echo $$(( n < 4 ? n : 4 )))
 
 .DEFAULT_GOAL := help
 .PHONY: help install demo demo-label test lint bench-cpu bench-label bench-prefix bench-store bench-reindex bench-scaling bench-threads bench-tokenizer bench-precision bench-gpu clean
@@ -45,8 +48,8 @@ demo-label: demo ## offline label job on the demo index, with a tiny RANDOM-weig
 	    --reranker $(DEMO_RERANKER) --collection demo --model $(DEMO_MODEL) --qdrant-path $(QDRANT_PATH) \
 	    --top-k 10 --label-thresholds 0.2,0.35 --device cpu --summary-out $(DEMO_DIR)/label_summary.json
 
-test: install ## run the test suite (CPU; GPU tests skip without CUDA)
-	$(BIN)/python -m pytest $(PYTEST_ARGS)
+test: install ## run the test suite (CPU; GPU tests skip without CUDA; PYTEST_WORKERS=0 for one process)
+	$(BIN)/python -m pytest --numprocesses $(PYTEST_WORKERS) --dist loadfile $(PYTEST_ARGS)
 
 lint: install ## ruff
 	$(BIN)/ruff check pipelines transforms tests bench

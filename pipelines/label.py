@@ -41,7 +41,7 @@ from transforms.datasets.judgements import BuildQueryJudgements
 from transforms.datasets.report import dead_letter_count
 from transforms.datasets.write import WriteLabelDatasets
 from transforms.inference.embed import EmbeddingModelHandler
-from transforms.inference.handlers import tokens_by_precision
+from transforms.inference.handlers import tokens_by_layout, tokens_by_precision
 from transforms.inference.rerank import Rerank, RerankModelHandler
 from transforms.io.dead_letters import WriteDeadLetters
 from transforms.io.parquet import ReadDocuments, ReadParquetRows, match_files, validate_columns
@@ -254,6 +254,8 @@ def run_config(config: LabelConfig, beam_args: list[str] | None = None, test_pip
         "precision": config.precision,
         # what the workers resolved it to (auto differs with their hardware): tokens run in each
         "precision_computed": {stage: tokens_by_precision(counts, stage) for stage in ("rerank", "query")},
+        # the query encoder's --packing auto (packed rows on a GPU, padded passes on CPU): what it ran
+        "packing_computed": {"query": tokens_by_layout(counts, "query")},
         "elapsed_s": round(elapsed, 2),
         "pairs_per_s": round(acct["pairs_scored"] / elapsed, 2),
         # Rejected queries are accounted for and expected in a log; unreadable input is not.
@@ -346,4 +348,7 @@ def _precision_lines(summary: dict[str, Any]) -> str:
     computed = summary.get("precision_computed") or {}
     lines = [f"  {stage + ' precision':<19}{describe_precision(summary['precision'], computed[stage])}\n"
              for stage in ("rerank", "query") if stage in computed and computed[stage] != {}]  # fmt: skip
+    packing = (summary.get("packing_computed") or {}).get("query", {})
+    if packing != {}:
+        lines.append(f"  {'query packing':<19}{describe_precision('auto', packing)}\n")
     return "".join(lines)

@@ -41,6 +41,7 @@ from pipelines.errors import JobAbandoned, first_line, worker_lost
 _LOG = logging.getLogger(__name__)
 POLL_S = 0.5
 END_GRACE_S = 15.0  # a job that ends stops its workers first: how long a vanished worker may precede the end
+STOP_WAIT_S = 30.0  # how long a stopped job waits for the workers it killed to end
 _WORKER_MARK = b"sdk_worker"  # in the command line of DirectRunner's SDK worker processes (and their shell)
 
 
@@ -167,12 +168,32 @@ def _stop(result: Any, killing: threading.Event) -> int:
     if result is not None:
         with contextlib.suppress(Exception):
             result.cancel()
-    killed = 0
+    killed = []
     for pid in _descendants(os.getpid()):
         with contextlib.suppress(ProcessLookupError, PermissionError):
             os.kill(pid, signal.SIGKILL)
-            killed += 1
-    return killed
+            killed.append(pid)
+    _wait_ended(killed, STOP_WAIT_S)
+    return len(killed)
+
+
+def _wait_ended(pids: list[int], timeout_s: float) -> None:
+    """Return once every process of ``pids`` has ended (a zombie has), or after ``timeout_s``.
+
+    A killed worker takes a while to give back its memory (seconds for a large model on a busy
+    machine); the command returns after that, so a rerun started at once does not meet it."""
+    deadline = time.monotonic() + timeout_s
+    while (pids := [pid for pid in pids if _running(pid)]) and time.monotonic() < deadline:
+        time.sleep(0.05)
+
+
+def _running(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat", encoding="utf-8", errors="replace") as f:
+            stat = f.read()
+    except OSError:
+        return False
+    return stat[stat.rindex(")") + 2 :].split()[0] not in ("Z", "X")
 
 
 def worker_processes(pid: int) -> list[int]:

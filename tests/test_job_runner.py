@@ -145,3 +145,37 @@ def test_the_worker_processes_of_this_process_are_found():
     finally:
         child.kill()
         child.wait()
+
+
+def test_a_stopped_job_returns_once_the_workers_it_killed_have_ended():
+    """After ``--job-timeout`` the driver kills its workers and waits for them to end (a zombie has
+    ended): a rerun started at once meets none of them, holding memory or the store."""
+    import subprocess
+    import sys
+
+    child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)  # sdk_worker_main"])
+    result = FakeResult()
+    try:
+        with pytest.raises(JobAbandoned, match=r"cancelled and its 1 local worker process\(es\) killed"):
+            runner.run_pipeline(FakePipeline(result), timeout_s=0.3)
+        assert not runner._running(child.pid)
+        assert child.poll() == -9
+    finally:
+        result.release.set()
+        child.kill()
+        child.wait()
+
+
+def test_waiting_for_killed_processes_polls_until_they_end_and_is_bounded(monkeypatch):
+    checks = []
+
+    def running(pid):  # a killed process that needs three looks to be seen ended; pid 2 never ends
+        checks.append(pid)
+        return pid == 2 or checks.count(pid) < 3
+
+    monkeypatch.setattr(runner, "_running", running)
+    runner._wait_ended([1], 10)
+    assert checks == [1, 1, 1]
+    checks.clear()
+    runner._wait_ended([1, 2], 0.2)  # returns, 2 still running
+    assert checks.count(1) == 3 and checks.count(2) > 3

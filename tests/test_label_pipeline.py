@@ -44,13 +44,13 @@ def indexed(tmp_path_factory, sample_dir, minilm_path):
     yield {"qdrant": qdrant, "log": str(log_path), "tmp": tmp}
 
 
-def _label(indexed, minilm_path, reranker_dir, out) -> dict:
+def _label(indexed, minilm_path, reranker_dir, out, pipeline: TestPipeline | None = None) -> dict:
     return label.run(
         ["--queries", indexed["log"], "--out", str(out), "--reranker", str(reranker_dir), "--collection", "docs",
          "--model", minilm_path, "--qdrant-path", indexed["qdrant"], "--top-k", str(TOP_K),
          "--label-thresholds", ",".join(map(str, THRESHOLDS)), "--eval-fraction", "0.3", "--device", "cpu",
          "--precision", "fp32"],
-        test_pipeline=TestPipeline(),
+        test_pipeline=pipeline or TestPipeline(),
     )  # fmt: skip
 
 
@@ -78,12 +78,22 @@ def test_outputs_are_the_documented_files(labelled):
     ])  # fmt: skip
 
 
-@pytest.mark.parametrize("attempt", range(10))
-def test_a_rerun_gives_byte_identical_files(labelled, indexed, minilm_path, qwen3_reranker_dir, attempt):
-    # Ten reruns against the first run: bundles, thread interleavings and batch boundaries vary
-    # between runs of the DirectRunner, and query vectors and teacher scores must not.
-    again = indexed["tmp"] / f"again{attempt}"
-    _label(indexed, minilm_path, qwen3_reranker_dir, again)
+# How each rerun runs the DirectRunner: other bundles, thread interleavings and batch boundaries than
+# the first run's (which ran in one thread, each bundle once).
+RERUNS = {
+    "same-options": [],
+    "two-threads": ["--direct_running_mode=multi_threading", "--direct_num_workers=2"],
+    "bundles-replayed": ["--direct_runner_bundle_repeat=1"],
+    "two-threads-bundles-replayed": ["--direct_running_mode=multi_threading", "--direct_num_workers=2",
+                                     "--direct_runner_bundle_repeat=1"],
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("rerun", list(RERUNS))
+def test_a_rerun_gives_byte_identical_files(labelled, indexed, minilm_path, qwen3_reranker_dir, rerun):
+    # Query vectors and teacher scores must not depend on how the runner cut and scheduled the work.
+    again = indexed["tmp"] / f"again-{rerun}"
+    _label(indexed, minilm_path, qwen3_reranker_dir, again, TestPipeline(argv=RERUNS[rerun]))
     first, second = _files(labelled["out"]), _files(again)
     first.pop("run_stats.json")
     second.pop("run_stats.json")
@@ -173,6 +183,9 @@ def test_bad_rows_are_dead_letters_and_counted(labelled):
     text = label.format_summary(labelled["summary"])
     assert f"  rerank precision   fp32 -> fp32 ({computed['rerank']['fp32']} tokens)\n" in text
     assert f"  query precision    fp32 -> fp32 ({computed['query']['fp32']} tokens)\n" in text
+    # on CPU the query encoder's --packing auto runs padded passes, over the same tokens
+    assert labelled["summary"]["packing_computed"] == {"query": {"padded": computed["query"]["fp32"]}}
+    assert f"  query packing      auto -> padded ({computed['query']['fp32']} tokens)\n" in text
 
 
 def test_report_has_metrics_and_a_histogram(labelled):
