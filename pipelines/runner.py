@@ -15,8 +15,8 @@ a worker that dies while the runner still streams to it fails the job at once
 - with ``timeout_s`` (``--job-timeout``), on any runner, the job fails when the time is up.
 
 Either way the job is cancelled where the runner can, the local workers are killed (and waited
-for, up to ``STOP_WAIT_S``, so that none outlives the command), and ``JobAbandoned`` is raised; ``corpus-etl`` then exits at once (``os._exit``), as Beam's own
-threads may never end. The job runs in a daemon thread only in those cases (DirectRunner's
+for, up to ``STOP_WAIT_S``, so that none outlives the command), and ``JobAbandoned`` is raised;
+``corpus-etl`` then exits at once (``os._exit``), as Beam's own threads may never end. The job runs in a daemon thread only in those cases (DirectRunner's
 ``p.run()`` blocks until the end; a portable runner's returns and ``wait_until_finish`` blocks);
 otherwise, as before, in the caller's thread.
 
