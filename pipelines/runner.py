@@ -16,9 +16,10 @@ a worker that dies while the runner still streams to it fails the job at once
 
 Either way the job is cancelled where the runner can, the local workers are killed (and waited
 for, up to ``STOP_WAIT_S``, so that none outlives the command), and ``JobAbandoned`` is raised;
-``corpus-etl`` then exits at once (``os._exit``), as Beam's own threads may never end. The job runs in a daemon thread only in those cases (DirectRunner's
-``p.run()`` blocks until the end; a portable runner's returns and ``wait_until_finish`` blocks);
-otherwise, as before, in the caller's thread.
+``corpus-etl`` then exits at once (``os._exit``), as Beam's own threads may never end. The job
+runs in a daemon thread only in those cases (DirectRunner's ``p.run()`` blocks until the end; a
+portable runner's returns and ``wait_until_finish`` blocks); otherwise, as before, in the caller's
+thread.
 
 A portable job service (Flink, Beam's Python job service) reports a failure as
 ``Pipeline job-... failed in state FAILED: <last error message>``, where the last message is
@@ -188,12 +189,20 @@ def _wait_ended(pids: list[int], timeout_s: float) -> None:
 
 
 def _running(pid: int) -> bool:
+    stat = _stat(pid)
+    return stat is not None and stat[0] not in ("Z", "X")
+
+
+def _stat(pid: int | str) -> tuple[str, int] | None:
+    """(state, parent pid) of a process from ``/proc/<pid>/stat``; None once it is gone (or without ``/proc``)."""
     try:
         with open(f"/proc/{pid}/stat", encoding="utf-8", errors="replace") as f:
             stat = f.read()
     except OSError:
-        return False
-    return stat[stat.rindex(")") + 2 :].split()[0] not in ("Z", "X")
+        return None
+    # "pid (comm) state ppid ...": comm may hold spaces and parentheses
+    state, ppid = stat[stat.rindex(")") + 2 :].split()[:2]
+    return state, int(ppid)
 
 
 def worker_processes(pid: int) -> list[int]:
@@ -215,16 +224,9 @@ def _descendants(pid: int) -> list[int]:
     children: dict[int, list[int]] = {}
     with contextlib.suppress(OSError):
         for entry in os.listdir("/proc"):
-            if not entry.isdigit():
-                continue
-            try:
-                with open(f"/proc/{entry}/stat", encoding="utf-8", errors="replace") as f:
-                    stat = f.read()
-            except OSError:
-                continue
-            # "pid (comm) state ppid ...": comm may hold spaces and parentheses
-            ppid = int(stat[stat.rindex(")") + 2 :].split()[1])
-            children.setdefault(ppid, []).append(int(entry))
+            stat = _stat(entry) if entry.isdigit() else None
+            if stat is not None:
+                children.setdefault(stat[1], []).append(int(entry))
     out: list[int] = []
     todo = list(children.get(pid, []))
     while todo:
