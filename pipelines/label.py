@@ -65,7 +65,7 @@ def reranker_handler(config: LabelConfig, cpu_threads: int | None = None) -> Rer
         precision=config.precision,
         max_length=config.max_length,
         instruction=config.instruction,
-        budgets=TokenBudgets.from_flag(config.max_batch_tokens, config.max_length),
+        budgets=TokenBudgets.from_flag(config.max_batch_tokens, config.max_length, gpu=config.expects_gpu),
         share_prefix=config.share_prefix,
         progress_interval_s=config.progress_interval_s,
         cpu_threads=cpu_threads,

@@ -148,3 +148,45 @@ def test_packing_is_refused_where_texts_would_mix(minilm_path):
     packing's default, keeps them apart: tests/test_varlen.py)."""
     with pytest.raises(ValueError, match=r"packing is not supported with attention 'sdpa' \(packed vs padded cosine"):
         TextEncoder(minilm_path, device="cpu", packing=True, attn_implementation="sdpa").load()
+
+
+@pytest.mark.parametrize(
+    ("device", "accelerator", "cuda_here", "gpu"),
+    [
+        ("cuda", None, False, True),  # asked for: the workers have one, this machine need not
+        ("cuda:1", None, False, True),
+        ("cpu", "type:nvidia-l4;count:1", True, False),  # --device cpu wins over hints and local GPUs
+        ("auto", "type:nvidia-l4;count:1", False, True),  # Dataflow: a launcher without a GPU, GPU workers
+        ("auto", None, True, True),  # DirectRunner: the workers are this machine
+        ("auto", None, False, False),
+    ],
+)
+def test_gpu_jobs_get_beam_batches_of_gpu_passes(minilm_path, monkeypatch, device, accelerator, cuda_here, gpu):
+    """Without --max-batch-tokens, Beam batches hold four forward passes of the device the model steps will run on:
+    1,048,576 tokens for a GPU's 262,144-token passes (with batches of CPU passes the index job on an H100 ran at a
+    third of the encoder's rate), 32,768 on CPU. The flag, when given, sizes both on any device."""
+    import torch
+
+    from pipelines.configs import IndexConfig
+    from pipelines.index import embedding_handler, read_spec
+    from transforms.models.devices import GPU_FORWARD_TOKENS, expects_gpu
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: cuda_here)
+    assert expects_gpu(device, accelerator) is gpu
+    hints = (("accelerator", accelerator),) if accelerator else ()
+    config = IndexConfig(input="docs.parquet", collection="c", model=minilm_path, device=device, resource_hints=hints)
+    assert config.expects_gpu is gpu
+    handler = embedding_handler(config, read_spec(config))
+    assert handler.budgets == TokenBudgets(forward=None, batch=4 * (GPU_FORWARD_TOKENS if gpu else 8192))
+    assert TokenBudgets.from_flag(4096, 512, gpu=gpu) == TokenBudgets(forward=4096, batch=16_384)
+    assert TokenBudgets.from_flag(None, 2_000_000, gpu=gpu).batch == 2_000_000  # the longest input fits alone
+
+
+@pytest.mark.parametrize(("device", "gpu"), [("cuda", True), ("cpu", False)])
+def test_label_reranking_batches_follow_the_device_too(device, gpu):
+    from pipelines.configs import LabelConfig
+    from pipelines.label import reranker_handler
+    from transforms.models.devices import GPU_FORWARD_TOKENS
+
+    config = LabelConfig(queries="q.parquet", out="out", collection="c", device=device)
+    assert reranker_handler(config).budgets.batch == 4 * (GPU_FORWARD_TOKENS if gpu else 8192)

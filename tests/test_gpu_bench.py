@@ -44,3 +44,27 @@ def test_a_failing_variant_is_a_row_not_a_crash(qwen3_embedding_dir, capsys, mon
     out = capsys.readouterr().out
     assert "| loop | failed: RuntimeError: CUDA error: out of memory |" in out
     assert "padded batches" in out.split("| method |")[-1]  # the final table still has ours
+
+
+def test_gpu_index_smoke_run_indexes_every_document(qwen3_embedding_dir, tmp_path, capsys):
+    """The whole-job GPU bench (``bench/gpu_index.py``) on CPU with the tiny Qwen3: a real ``corpus-etl index``
+    subprocess whose summary becomes the row; every document (20, the long corpus's first ones) is a point."""
+    from bench.gpu_index import main
+
+    main(["--tiny", "--device", "cpu", "--docs", "20", "--backends", "eager", "--chunk-tokens", "4096",
+          "--model-dir", str(qwen3_embedding_dir), "--workdir", str(tmp_path)])  # fmt: skip
+    row = capsys.readouterr().out.strip().splitlines()[-1]
+    cells = [c.strip() for c in row.strip("|").split("|")]
+    assert cells[0] == "eager" and cells[1] == "20" and cells[7] == "20", row
+
+
+def test_gpu_attention_smoke_run_reports_every_route(capsys):
+    """``bench/gpu_attention.py`` on CPU: the CUDA-only kernels become rows with their error, flex_attention runs."""
+    from bench.gpu_attention import main
+
+    main(["--device", "cpu", "--tokens", "300", "--flex"])
+    table = capsys.readouterr().out.split("| route | ms |")[-1]
+    rows = [line for line in table.splitlines() if line.startswith("| ") and not line.startswith("|---")]
+    assert len(rows) == 6, table
+    flex = [r for r in rows if r.startswith("| flex_attention")]
+    assert len(flex) == 1 and "failed" not in flex[0], table

@@ -134,10 +134,13 @@ def default_token_budget(model: torch.nn.Module, device: torch.device, *, cpu_bu
     bytes_per_value = 2
     per_token = (hidden * 6 + inter * 3) * bytes_per_value
     budget = int(free * 0.5 / per_token)
-    return max(1024, min(budget, 262_144))
+    return max(1024, min(budget, GPU_FORWARD_TOKENS))
 
 
-# Without --max-batch-tokens, Beam batches are sized as if forward passes held this many tokens.
+# The most tokens of one forward pass on a GPU (default_token_budget's cap; BENCHMARKS.md, GPU).
+GPU_FORWARD_TOKENS = 262_144
+# Without --max-batch-tokens, Beam batches are sized as if forward passes held this many tokens
+# (GPU_FORWARD_TOKENS where the model steps will run on a GPU: TokenBudgets.from_flag).
 DEFAULT_FORWARD_TOKENS = 8192
 # A Beam batch holds this many forward passes' worth: enough to sort by length inside it.
 PASSES_PER_BATCH = 4
@@ -163,9 +166,22 @@ class TokenBudgets:
             raise ValueError(f"the batch token budget must be positive, got {self.batch}")
 
     @classmethod
-    def from_flag(cls, max_batch_tokens: int | None, max_length: int) -> TokenBudgets:
-        batch = PASSES_PER_BATCH * (max_batch_tokens or DEFAULT_FORWARD_TOKENS)
-        return cls(forward=max_batch_tokens, batch=max(batch, max_length))
+    def from_flag(cls, max_batch_tokens: int | None, max_length: int, *, gpu: bool = False) -> TokenBudgets:
+        """``gpu``: the model steps will run on a GPU (``expects_gpu``). Without ``--max-batch-tokens`` a GPU
+        chooses passes of up to ``GPU_FORWARD_TOKENS`` at load time, after the Beam batches are fixed; batches
+        sized for CPU passes (32,768 tokens) would hand it passes an eighth of that: with them, the index job on
+        an H100 ran at a third of the encoder's own rate (BENCHMARKS.md, "GPU: the index job end to end")."""
+        forward = max_batch_tokens or (GPU_FORWARD_TOKENS if gpu else DEFAULT_FORWARD_TOKENS)
+        return cls(forward=max_batch_tokens, batch=max(PASSES_PER_BATCH * forward, max_length))
+
+
+def expects_gpu(device: str, accelerator: str | None = None) -> bool:
+    """Whether the model steps will run on a GPU, as far as the machine building the job can tell:
+    ``--device cuda[:N]``; or ``auto`` with an ``--accelerator`` hint (Dataflow's GPU workers) or a GPU
+    here (the DirectRunner's workers are this machine). Only batch sizes follow from it (``TokenBudgets``)."""
+    if device.startswith("cuda"):
+        return True
+    return device == "auto" and (bool(accelerator) or torch.cuda.is_available())
 
 
 class TorchModel:
