@@ -6,8 +6,9 @@
 ``bench/gpu_embed.py`` times the encoder alone; this runs the job a user runs (DirectRunner, Beam's
 ``RunInference`` with the model loaded once per process, chunking by model tokens, upserts into the
 embedded Qdrant store) as a subprocess, once per backend, each into its own store folder, and reads
-its run summary (``--summary-out``). So the gap between the two benches is what the job adds: Beam,
-reading, chunking, pooling on the host and the store's writes. ``--backend compile`` includes its
+its run summary (``--summary-out``), with the time each step spent in its own work (chunking, the
+embedding step's ``run_inference``, the store's writes; the rest is reading, Beam and loading). So the
+gap between the two benches is what the job adds. ``--backend compile`` includes its
 compilation in the wall time (it comes at every worker start); the job's log lines on loading the
 model and compiling are printed.
 
@@ -113,20 +114,24 @@ def main(argv: list[str] | None = None) -> None:
         f"`--chunk-tokens {args.chunk_tokens}`; DirectRunner, the embedded store; wall time includes Beam's start, "
         "model loading and, for `compile`, compiling. MFU = 2 × non-embedding params × tokens/s ÷ 800 TFLOP/s.",
         "",
-        "| `--backend` | chunks | tokens | job s (summary) | wall s | tokens/s (job) | MFU | points | packing |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| `--backend` | chunks | tokens | job s (summary) | wall s | tokens/s (job) | MFU | points | packing "
+        "| chunk / embed / upsert s |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for backend in [b.strip() for b in args.backends.split(",") if b.strip()]:
         s = run_job(parquet, str(model_dir), work, backend, args)
         if "error" in s:
-            lines.append(f"| {backend} | failed: {s['error']} | | | {s['wall']:.1f} | | | | |")
+            lines.append(f"| {backend} | failed: {s['error']} | | | {s['wall']:.1f} | | | | | |")
         else:
             c = s["counters"] or {}
             tps = s["tokens_per_s"]
             packing = ", ".join(f"{k} {v:,}" for k, v in (s.get("packing_computed") or {}).items())
+            steps = s.get("step_seconds") or {}
+            split = " / ".join(f"{steps[k]:.1f}" if k in steps else "?" for k in ("chunk", "embed", "upsert"))
             lines.append(
                 f"| {backend} | {c.get('chunks_embedded', 0):,} | {c.get('tokens', 0):,} | {s['elapsed_s']:.1f} | "
-                f"{s['wall']:.1f} | {rate(tps)} | {mfu(params, tps):.1%} | {s['points_in_collection']:,} | {packing} |"
+                f"{s['wall']:.1f} | {rate(tps)} | {mfu(params, tps):.1%} | {s['points_in_collection']:,} | {packing} "
+                f"| {split} |"
             )
         print(lines[-1], flush=True)
     print("\n".join(lines), flush=True)

