@@ -70,6 +70,13 @@ def counters(result: Any) -> dict[str, int] | None:
     return dict(sorted(out.items()))
 
 
+def describe_steps(seconds: dict[str, float]) -> str:
+    """``chunk 5.3s, embed 22.1s, upsert 3.0s`` (``step_seconds``): summed over threads and workers, so with
+    parallel workers they can add up to more than the job's wall time; what they leave of it is reading, Beam
+    and loading."""
+    return ", ".join(f"{step} {value:.1f}s" for step, value in seconds.items()) + "  (summed over workers)"
+
+
 def describe_precision(setting: str, computed: dict[str, int] | None) -> str:
     """A setting (``--precision``, ``--packing``) and what the workers ran under it, for a summary line:
     ``auto -> bf16-mixed (350927 tokens)``; with several, each with its tokens."""

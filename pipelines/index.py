@@ -30,6 +30,7 @@ from apache_beam.io.filesystems import FileSystems
 
 from pipelines.common import (
     describe_precision,
+    describe_steps,
     publish_summary,
     run_and_wait,
     run_job,
@@ -513,9 +514,3 @@ def format_summary(summary: dict[str, Any]) -> str:
 
 # The steps whose own work the index job times (transforms.progress.count_time), in pipeline order.
 STEPS = ("chunk", "embed", "upsert")
-
-
-def describe_steps(seconds: dict[str, float]) -> str:
-    """``chunk 5.3s, embed 22.1s, upsert 3.0s``: summed over threads and workers, so with parallel workers
-    they can add up to more than the job's wall time; what they leave of it is reading, Beam and loading."""
-    return ", ".join(f"{step} {value:.1f}s" for step, value in seconds.items()) + "  (summed over workers)"

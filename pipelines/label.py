@@ -25,6 +25,7 @@ from apache_beam.io.filesystems import FileSystems
 
 from pipelines.common import (
     describe_precision,
+    describe_steps,
     publish_summary,
     run_and_wait,
     run_job,
@@ -50,7 +51,7 @@ from transforms.io.retrieve import RetrieveFromIndex, RetrieveFromRun
 from transforms.models.devices import TokenBudgets
 from transforms.models.reranker import DEFAULT_INSTRUCTION, check_reranker
 from transforms.models.settings import EmbeddingSpec, model_revision
-from transforms.progress import report_progress, reset_reporters
+from transforms.progress import report_progress, reset_reporters, step_seconds
 from transforms.text.queries import DedupQueries, ParseQueryRows, SampleQueries
 from transforms.types import DEAD, DeadLetter
 
@@ -258,6 +259,8 @@ def run_config(config: LabelConfig, beam_args: list[str] | None = None, test_pip
         "packing_computed": {"query": tokens_by_layout(counts, "query")},
         "elapsed_s": round(elapsed, 2),
         "pairs_per_s": round(acct["pairs_scored"] / elapsed, 2),
+        # each step's own work (transforms.progress.count_time; search_ms and write_ms are the retriever's and the writer's)
+        "step_seconds": step_seconds(counts, STEPS),
         # Rejected queries are accounted for and expected in a log; unreadable input is not.
         "partial": f"{acct['input_rows_rejected']} input dead letter(s) (unreadable row groups or rows)"
         if acct["input_rows_rejected"] else None,
@@ -341,7 +344,12 @@ def format_summary(summary: dict[str, Any]) -> str:
         f"  dead letters    -> {summary['dead_letters']}\n"
         f"{_precision_lines(summary)}"
         f"  time               {summary['elapsed_s']}s  ({summary['pairs_per_s']} pairs/s)"
+        + (f"\n  time in steps      {describe_steps(summary['step_seconds'])}" if summary.get("step_seconds") else "")
     )
+
+
+# The steps whose own work the label job times, in pipeline order (counters "<step>_ms").
+STEPS = ("query", "search", "rerank", "write")
 
 
 def _precision_lines(summary: dict[str, Any]) -> str:
