@@ -7,7 +7,7 @@ library's docstrings. Each tokeniser encodes them in one batch call (``tokenizer
 truncation=True)``, as the chunker and the encoder do), in a fresh process per setting of
 ``TOKENIZERS_PARALLELISM`` (the Rust pool reads it once); median of 3 runs after a warm-up. This
 is the CPU cost that every embedded token carries on the GPU worker (README, "Scaling"). Beside the
-one call, the same documents through ``transforms.models.encoder.tokenize_ids`` with its slices forced
+one call, the same documents through ``transforms.text.tokens.tokenize_ids`` with its slices forced
 on (256 texts a slice on up to 8 threads), the rule ``TextEncoder.tokenize`` applies where the Rust
 pool is off.
 """
@@ -45,7 +45,7 @@ def _measure(which: str, n_docs: int) -> dict:
         from transforms.models.settings import resolve_model
 
         tok, max_length = AutoTokenizer.from_pretrained(resolve_model("sentence-transformers/all-MiniLM-L6-v2")), 256
-    from transforms.models.encoder import _tokenize_threads, tokenize_ids
+    from transforms.text.tokens import _tokenize_threads, tokenize_ids
 
     tok(docs[:64], truncation=True, max_length=max_length)  # warm-up
     runs, sliced, tokens = [], [], 0

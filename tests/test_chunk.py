@@ -145,3 +145,26 @@ def test_chunking_off_tokenises_a_prefix_and_gives_the_whole_texts_chunk(which, 
     assert got == want
     assert sum(c[0].truncated for c in got) >= 8  # most are cut, so the prefix path was taken ...
     assert longest < len(docs[0].text)  # ... and the longest document was never tokenised whole
+
+
+@pytest.mark.parametrize("parallelism", ["false", "true"])
+def test_chunking_a_list_gives_each_documents_chunks(minilm_path, sample_dir, monkeypatch, parallelism):
+    """``chunk_many`` tokenises all texts in one call (in slices on threads when the Rust pool is off) and
+    must give exactly ``chunk``'s answer for each document: chunks, dead letters (a title that leaves no
+    room, a text with no tokens), in order."""
+    import pyarrow.parquet as pq
+
+    import transforms.text.tokens as tokens
+
+    monkeypatch.setenv("TOKENIZERS_PARALLELISM", parallelism)
+    monkeypatch.setattr(tokens, "_TOKENIZE_SLICE", 16)  # slices of 16 documents: several on the thread pool
+    chunker = load_chunker(minilm_path, ChunkSettings(chunk_tokens=64, chunk_overlap=16))
+    rows = pq.read_table(sample_dir["corpus"]).to_pylist()
+    docs = [Document(r["id"], r["text"], title=r["title"]) for r in rows]
+    docs[3] = Document("long-title", "some text", title=" ".join(WORDS * 4))
+    docs[5] = Document("blank", "   ")
+    want = [chunker.chunk(d) for d in docs]
+    got = chunker.chunk_many(docs)
+    assert got == want
+    assert isinstance(got[3], DeadLetter) and isinstance(got[5], DeadLetter)
+    assert sum(len(x) for x in got if not isinstance(x, DeadLetter)) > len(docs)  # long texts: several chunks each

@@ -278,7 +278,7 @@ def test_cuda_packed_flex_attention_matches_card(reference, qwen3_embedding_dir)
 def test_long_lists_tokenise_in_slices_where_the_rust_pool_is_off(encoder, monkeypatch, parallelism, want):
     """Past 256 texts ``tokenize`` runs slices on a thread pool when TOKENIZERS_PARALLELISM turns the
     tokenizer's own pool off, and leaves it to that pool otherwise: same ids, same order."""
-    import transforms.models.encoder as module
+    import transforms.text.tokens as module
 
     texts = [f"{i} " + DOCS[i % len(DOCS)] for i in range(700)]
     one_call = encoder.tokenizer(texts, truncation=True, max_length=encoder.max_length)["input_ids"]

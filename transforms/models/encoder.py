@@ -40,7 +40,6 @@ back and forth around each batch cost ~0.8 s a call in the job (oneDNN re-create
 from __future__ import annotations
 
 import logging
-import os
 import threading
 from collections.abc import Sequence
 from typing import Any
@@ -52,6 +51,7 @@ from transforms.models import varlen
 from transforms.models.devices import TorchModel, budget_batches, check_precision, run_splitting_on_oom
 from transforms.models.fast import BACKENDS, CompiledRunner, OnnxRunner, PackedCompiledRunner, bucket_of, length_buckets
 from transforms.models.settings import EmbeddingSpec, load_tokenizer
+from transforms.text.tokens import tokenize_ids
 
 _LOG = logging.getLogger(__name__)
 
@@ -429,49 +429,6 @@ def _check_packing_backend(backend: str, attn_implementation: str | None) -> Non
 
 
 _POOL_LOCK = threading.Lock()
-_TOKENIZE_SLICE = 256
-_TOKENIZE_POOL: dict[int, Any] = {}  # by process id: a forked child inherits the dict but not the threads
-_TOKENIZE_LOCK = threading.Lock()  # not _POOL_LOCK: the encoder's workers hold that one while they tokenise
-
-
-def tokenize_ids(tokenizer: Any, texts: list[str], *, slices: bool | None = None, **kwargs: Any) -> list[list[int]]:
-    """``tokenizer(texts, **kwargs)["input_ids"]``, in slices of 256 texts on up to 8 threads where the
-    tokenizer's own Rust pool is off (``slices=None``: ``TOKENIZERS_PARALLELISM`` set to a false value,
-    as tests and forking setups do). The Rust code releases the GIL, so the slices run in parallel; with
-    the pool on they gain nothing over one call, so the pool does it (bench/tokenizer.py, BENCHMARKS.md).
-    The ids are the same either way."""
-
-    def run(part: list[str]) -> list[list[int]]:
-        return tokenizer(part, **kwargs)["input_ids"]
-
-    if slices is None:
-        slices = not rust_pool_on()
-    if not slices or len(texts) <= _TOKENIZE_SLICE or _tokenize_threads() < 2:
-        return run(texts)
-    parts = [texts[i : i + _TOKENIZE_SLICE] for i in range(0, len(texts), _TOKENIZE_SLICE)]
-    return [ids for part in _tokenize_pool().map(run, parts) for ids in part]
-
-
-def rust_pool_on() -> bool:
-    """Whether ``TOKENIZERS_PARALLELISM`` leaves the tokenizers library's own thread pool on (its rule:
-    unset or any value but a false one; the library may still turn it off in a forked child)."""
-    value = os.environ.get("TOKENIZERS_PARALLELISM")
-    return value is None or value.lower() not in ("", "0", "false", "f", "off", "no", "n")
-
-
-def _tokenize_threads() -> int:
-    return min(8, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1)
-
-
-def _tokenize_pool() -> Any:
-    """One small thread pool per process for tokenising long lists (created on first use)."""
-    pid = os.getpid()
-    with _TOKENIZE_LOCK:
-        if pid not in _TOKENIZE_POOL:
-            from concurrent.futures import ThreadPoolExecutor
-
-            _TOKENIZE_POOL[pid] = ThreadPoolExecutor(_tokenize_threads(), thread_name_prefix="tokenize")
-        return _TOKENIZE_POOL[pid]
 _CPU_THREADS: list[int] = []
 
 
