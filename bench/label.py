@@ -1,8 +1,10 @@
 """Label pipeline throughput: pairs/s of the whole job, and where the time goes.
 
     python bench/label.py [--reranker tiny|0.6b] [--queries N] [--top-k K] [--write]
+    python bench/label.py --device cuda --embedder 0.6b --reranker 0.6b --copies 8 --top-k 50 --write   # a GPU
 
-Builds the stdlib sample corpus, indexes it with the offline MiniLM model (not timed),
+Builds the stdlib sample corpus, indexes it with the offline MiniLM model (``--embedder 0.6b``: the
+Qwen3-Embedding-0.6B config with random weights, for GPU machines without MiniLM; not timed),
 then runs `corpus-etl label` on DirectRunner and reads the job's own Beam metrics for the
 split: retrieval = query embedding (RunInference latency of that step) + Qdrant search;
 scoring = reranker RunInference latency; writing = the dataset writer; the rest is Beam
@@ -41,11 +43,14 @@ def step_latency_s(result, step_fragment: str) -> float:
     return total_us / 1e6
 
 
-def run_once(args, tmp: str, reranker: str, qdrant: str, log: str, out: str) -> dict:
+MINILM = "sentence-transformers/all-MiniLM-L6-v2"
+
+
+def run_once(args, tmp: str, reranker: str, embedder: str, qdrant: str, log: str, out: str) -> dict:
     argv = [
         "--queries", log, "--out", out, "--reranker", reranker, "--collection", "docs",
-        "--model", "sentence-transformers/all-MiniLM-L6-v2", "--qdrant-path", qdrant,
-        "--top-k", str(args.top_k), "--device", "cpu", "--progress-interval", "30",
+        "--model", embedder, "--qdrant-path", qdrant,
+        "--top-k", str(args.top_k), "--device", args.device, "--progress-interval", "30",
     ]  # fmt: skip
     holder: dict = {}
 
@@ -67,21 +72,39 @@ def run_once(args, tmp: str, reranker: str, qdrant: str, log: str, out: str) -> 
             "scoring_s": scoring, "writing_s": writing, "pairs_per_s": pairs / wall}
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--reranker", choices=["tiny", "0.6b"], default="tiny")
+    parser.add_argument("--embedder", choices=["minilm", "tiny", "0.6b"], default="minilm",
+                        help="first stage: MiniLM (offline), or a random-weight Qwen3-Embedding config")
+    parser.add_argument("--device", default="cpu", help="both models' device (cpu | cuda)")
+    parser.add_argument("--workdir", default=None, help="corpus, index, models and outputs (default: temp)")
     parser.add_argument("--queries", type=int, default=25, help="distinct queries in the log (max 25 x copies)")
     parser.add_argument("--copies", type=int, default=1, help="repeat the query set with suffixes to get more queries")
     parser.add_argument("--top-k", type=int, default=10)
     parser.add_argument("--write", action="store_true", help="record the figures in BENCHMARKS.md")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
 
-    from tests.qwen_offline import RERANKER_CONFIGS, build_qwen3_reranker
+    import torch
 
-    tmp = tempfile.mkdtemp(prefix="bench-label-")
+    from tests.qwen_offline import (
+        EMBEDDING_CONFIGS,
+        RERANKER_CONFIGS,
+        TINY_QWEN3,
+        build_qwen3_embedding,
+        build_qwen3_reranker,
+    )
+
+    tmp = args.workdir or tempfile.mkdtemp(prefix="bench-label-")
+    cuda = args.device.startswith("cuda")
+    weights = {"dtype": torch.bfloat16, "device": torch.device(args.device)} if cuda else {}
     sample = write_sample(os.path.join(tmp, "sample"))
     qdrant = os.path.join(tmp, "qdrant")
-    index.run(["--input", sample["corpus"], "--collection", "docs", "--model", "sentence-transformers/all-MiniLM-L6-v2",
+    embedder = MINILM
+    if args.embedder != "minilm":
+        config = TINY_QWEN3 if args.embedder == "tiny" else EMBEDDING_CONFIGS[args.embedder]
+        embedder = str(build_qwen3_embedding(os.path.join(tmp, "embedder"), config, check=False, **weights))
+    index.run(["--input", sample["corpus"], "--collection", "docs", "--model", embedder, "--device", args.device,
                "--qdrant-path", qdrant, "--title-column", "title", "--chunk-tokens", "128", "--chunk-overlap", "16"],
               test_pipeline=TestPipeline())  # fmt: skip
     texts = [t for t, _ in QUERIES.values()]
@@ -89,8 +112,8 @@ def main() -> None:
                 for c in range(args.copies) for t in texts][: args.queries * args.copies]  # fmt: skip
     log = os.path.join(tmp, "log.parquet")
     pq.write_table(pa.Table.from_pylist(log_rows), log)
-    reranker = str(build_qwen3_reranker(os.path.join(tmp, "reranker"), RERANKER_CONFIGS.get(args.reranker)))
-    r = run_once(args, tmp, reranker, qdrant, log, os.path.join(tmp, "out"))
+    reranker = str(build_qwen3_reranker(os.path.join(tmp, "reranker"), RERANKER_CONFIGS.get(args.reranker), **weights))
+    r = run_once(args, tmp, reranker, embedder, qdrant, log, os.path.join(tmp, "out"))
     other = max(r["wall_s"] - r["retrieval_s"] - r["scoring_s"] - r["writing_s"], 0.0)
     share = {k: v / r["wall_s"] for k, v in
              (("retrieval", r["retrieval_s"]), ("scoring", r["scoring_s"]), ("writing", r["writing_s"]), ("other", other))}
@@ -103,13 +126,15 @@ def main() -> None:
     ]
     print("\n".join(lines))
     if args.write:
-        cmd = "python bench/label.py " + " ".join(sys.argv[1:])
+        cmd = "python bench/label.py " + " ".join(argv if argv is not None else sys.argv[1:])
+        first_stage = "MiniLM" if args.embedder == "minilm" else f"Qwen3-Embedding {args.embedder} config (random weights)"
+        where = f"models on {torch.cuda.get_device_name(0)}" if cuda else "CPU only"
         body = [
             f"Command: `{cmd}`  ",
             f"Machine: {machine()}  ",
             f"Date: {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC  ",
-            f"Python {platform.python_version()}; first stage: MiniLM index of the stdlib sample corpus "
-            f"(chunks of 128 tokens), top {args.top_k}; DirectRunner; CPU only.",
+            f"Python {platform.python_version()}; first stage: {first_stage} index of the stdlib sample corpus "
+            f"(chunks of 128 tokens), top {args.top_k}; DirectRunner; {where}.",
             "",
             *lines,
             "",
@@ -117,7 +142,9 @@ def main() -> None:
             "reranking steps, the Qdrant search time, and the writer's time; the rest is Beam itself "
             "(Parquet read, shuffles, joins) and model loading.",
         ]
-        replace_section("BENCHMARKS.md", f"Label pipeline on CPU ({args.reranker} reranker)", body)
+        title = f"Label pipeline on CPU ({args.reranker} reranker)" if not cuda else (
+            f"Label pipeline on {torch.cuda.get_device_name(0)} ({args.reranker} reranker, {args.embedder} embedder)")
+        replace_section("BENCHMARKS.md", title, body)
 
 
 if __name__ == "__main__":

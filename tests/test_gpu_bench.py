@@ -68,3 +68,14 @@ def test_gpu_attention_smoke_run_reports_every_route(capsys):
     assert len(rows) == 6, table
     flex = [r for r in rows if r.startswith("| flex_attention")]
     assert len(flex) == 1 and "failed" not in flex[0], table
+
+
+def test_label_bench_runs_with_qwen3_embedders(tmp_path, capsys):
+    """``bench/label.py --embedder`` (what a GPU lease runs with ``--device cuda --embedder 0.6b``), on CPU with
+    the tiny configs: the whole label job over a Qwen3 index, every query's top 3 scored."""
+    from bench.label import main
+
+    main(["--embedder", "tiny", "--reranker", "tiny", "--queries", "3", "--top-k", "3", "--workdir", str(tmp_path)])
+    row = capsys.readouterr().out.strip().splitlines()[-1]
+    cells = [c.strip() for c in row.strip("|").split("|")]
+    assert cells[:3] == ["tiny", "3", "9"], row
