@@ -24,7 +24,9 @@ Compared, on the same documents:
 * the same with ``packing=True``: padding-free rows of texts back to back (``--packed-attention``,
   default ``varlen``: PyTorch's FlashAttention-2 variable-length kernel on CUDA, a dense block mask on
   CPU, which only shows it runs; ``flex_attention``: transformers' block mask), eager (``packed``)
-  or compiled with the row length dynamic (``packed-compiled``: ``--backend compile`` with packing).
+  or compiled with the row length dynamic (``packed-compiled``: ``--backend compile`` with packing;
+  ``packed-compiled-dynamic``: the same under ``torch.compile(dynamic=True)``, which may compile once
+  instead of twice).
 
 Reported: documents/s, tokens/s (real tokens, EOS included, padding not counted), padding
 overhead, peak GPU memory, and MFU = 2 * non-embedding params * tokens/s / 800e12 (the
@@ -306,8 +308,12 @@ def run_text_encoder(
     if packed_attention:
         how = f"packed rows, {packed_attention}"
         if backend == "compile":
-            compile_s = encoder._packed_runner.compile_seconds
-            how += f", compiled, dynamic row length (compile {compile_s:.0f} s at load and warm-up, not timed)"
+            from transforms.models import fast
+
+            runner = encoder._packed_runner
+            mode = "torch.compile(dynamic=True)" if fast.PACKED_COMPILE_DYNAMIC else "compiled"
+            how += (f", {mode}, dynamic row length ({runner.compiles} graphs, compile {runner.compile_seconds:.0f} s "
+                    "at load and warm-up, not timed)")  # fmt: skip
         if encoder.overlap:
             how += ", next row prepared while one runs"
     elif backend == "compile":
@@ -331,9 +337,25 @@ def run_text_encoder(
     return vectors, result, encoder.token_budget
 
 
+def run_compile_dynamic(run: Callable[[], Any]) -> Any:
+    """``run`` with packed rows compiled under ``torch.compile(dynamic=True)`` (``fast.PACKED_COMPILE_DYNAMIC``),
+    dynamo's caches cleared before and after, so neither this variant nor the next reuses the other's graphs."""
+    import torch._dynamo
+
+    from transforms.models import fast
+
+    torch._dynamo.reset()
+    fast.PACKED_COMPILE_DYNAMIC = True
+    try:
+        return run()
+    finally:
+        fast.PACKED_COMPILE_DYNAMIC = None
+        torch._dynamo.reset()
+
+
 VARIANTS = (
     "st32", "st512", "loop", "padded", "padded-serial", "compiled", "compiled-graphs", "packed", "packed-serial",
-    "packed-compiled", "packed-compiled-serial", "onnx",
+    "packed-compiled", "packed-compiled-dynamic", "packed-compiled-serial", "onnx",
 )
 DEFAULT_VARIANTS = "st32,st512,loop,padded,padded-serial,compiled,compiled-graphs,packed,packed-compiled"
 
@@ -432,6 +454,9 @@ def main(argv: list[str] | None = None) -> None:
             path, docs, device, dtype, budget, packed_attention, backend="compile"
         )[:2],
         "packed-serial": lambda: run_text_encoder(path, docs, device, dtype, budget, packed_attention, overlap=False)[:2],
+        "packed-compiled-dynamic": lambda: run_compile_dynamic(
+            lambda: run_text_encoder(path, docs, device, dtype, budget, packed_attention, backend="compile")[:2]
+        ),
         "packed-compiled-serial": lambda: run_text_encoder(
             path, docs, device, dtype, budget, packed_attention, backend="compile", overlap=False
         )[:2],

@@ -59,7 +59,7 @@ stage index 200 $PY bench/gpu_index.py --size 0.6b --model-dir /tmp/embed-0.6b -
 stage label 120 $PY bench/label.py --device cuda --embedder 0.6b --reranker 0.6b --queries 25 --copies 8 --top-k 50 \
   --workdir /tmp/gpu-label --write
 stage embed 200 $PY bench/gpu_embed.py --size 0.6b --model-dir /tmp/embed-0.6b \
-  --variants loop,padded,packed,packed-compiled --write
+  --variants loop,padded,packed,packed-compiled-dynamic,packed-compiled --write
 stage profile 150 $PY bench/gpu_profile.py --size 0.6b --packed
 stage attention 60 $PY bench/gpu_attention.py --flex
 stage rerank 60 $PY bench/gpu_rerank.py --size 0.6b --model-dir /tmp/rerank-0.6b --write

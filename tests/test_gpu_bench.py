@@ -11,13 +11,17 @@ def test_gpu_embed_smoke_run_prints_one_table(qwen3_embedding_dir, capsys):
     from bench.gpu_embed import main
 
     main(["--tiny", "--device", "cpu", "--docs", "6", "--doc-tokens", "20,40",
-          "--variants", "loop,padded,packed,packed-compiled", "--model-dir", str(qwen3_embedding_dir)])  # fmt: skip
+          "--variants", "loop,padded,packed,packed-compiled,packed-compiled-dynamic",
+          "--model-dir", str(qwen3_embedding_dir)])  # fmt: skip
     out = capsys.readouterr().out
     table = out.split("| method |")[-1]
     assert "| method | wall s | throughput | tokens/s | MFU |" in out
     assert "transformers loop" in table and "padded batches" in table and "packed rows, varlen, next" not in table
     assert "packed rows, varlen, 8192 token budget" in table  # eager (no overlap on CPU)
     assert "packed rows, varlen, compiled, dynamic row length" in table
+    # torch.compile(dynamic=True): one graph, the same vectors as the padded reference (last column)
+    dynamic = [r for r in table.splitlines() if "torch.compile(dynamic=True)" in r]
+    assert len(dynamic) == 1 and "(1 graphs," in dynamic[0] and float(dynamic[0].split("|")[-2]) >= 0.9999, table
     assert "| failed" not in table
 
 

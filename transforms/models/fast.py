@@ -143,6 +143,13 @@ class CompiledRunner:
         return hidden[:n]
 
 
+# torch.compile's ``dynamic`` for packed rows. None (automatic, the default): the first pass specialises
+# ``longest`` and the next value compiles again with it symbolic; on an H100, cold, 52 s then 61 s
+# (BENCHMARKS.md, GPU 2026-11-27). True makes sizes symbolic from the first call, so one compile would do;
+# not measured on a GPU yet (bench/gpu_embed.py's ``packed-compiled-dynamic`` variant sets it).
+PACKED_COMPILE_DYNAMIC: bool | None = None
+
+
 class PackedCompiledRunner:
     """``(input_ids, position_ids, cu_seq_lens, longest) -> hidden (T, H)`` for one packed row through
     ``torch.compile``, attention ``varlen`` (``transforms.models.varlen``).
@@ -159,7 +166,7 @@ class PackedCompiledRunner:
         self.compile_seconds = 0.0
         self.compiles = 0
         self.shapes: set[int] = set()
-        self.compiled = torch.compile(model, dynamic=None)
+        self.compiled = torch.compile(model, dynamic=PACKED_COMPILE_DYNAMIC)
 
     def __call__(self, input_ids: torch.Tensor, positions: torch.Tensor, cu: torch.Tensor, longest: int) -> torch.Tensor:
         from transforms.models import varlen

@@ -13,7 +13,7 @@ from typing import Any
 
 _TOKENIZE_SLICE = 256
 _TOKENIZE_POOL: dict[int, Any] = {}  # by process id: a forked child inherits the dict but not the threads
-_TOKENIZE_LOCK = threading.Lock()  # not _POOL_LOCK: the encoder's workers hold that one while they tokenise
+_TOKENIZE_LOCK = threading.Lock()  # not the encoder's _POOL_LOCK: its workers hold that one while they tokenise
 
 
 def tokenize_ids(
