@@ -23,32 +23,17 @@ difference from ``fa2``'s output. A route that fails is a row with its error, no
 from __future__ import annotations
 
 import argparse
+import os
 import random
+import sys
 import traceback
 from collections.abc import Callable
 
-import torch
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+import torch  # noqa: E402
 
-def timed(fn: Callable[[], torch.Tensor], device: torch.device, warm: int = 3, reps: int = 10) -> float:
-    for _ in range(warm):
-        fn()
-    if device.type != "cuda":
-        import time
-
-        t = time.perf_counter()
-        for _ in range(reps):
-            fn()
-        return (time.perf_counter() - t) / reps
-    out = []
-    for _ in range(reps):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        end.synchronize()
-        out.append(start.elapsed_time(end) / 1e3)
-    return sorted(out)[len(out) // 2]
+from bench.gpu_profile import timed  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -45,11 +45,11 @@ TITLE = "GPU index job: corpus-etl index end to end"
 def corpus(n: int) -> list[dict[str, str]]:
     """``n`` documents: the long corpus, then again with ids ``<id>~<k>`` (same texts, new points)."""
     base = long_documents()
-    return [
-        {"id": row["id"] if i < len(base) else f"{row['id']}~{i // len(base)}", "text": row["text"]}
-        for i in range(n)
-        for row in [base[i % len(base)]]
-    ]
+    rows = []
+    for i in range(n):
+        row, copy = base[i % len(base)], i // len(base)
+        rows.append({"id": f"{row['id']}~{copy}" if copy else row["id"], "text": row["text"]})
+    return rows
 
 
 def run_job(parquet: Path, model: str, work: Path, backend: str, args: argparse.Namespace) -> dict:

@@ -5,8 +5,8 @@
 
 Builds the stdlib sample corpus, indexes it with the offline MiniLM model (``--embedder 0.6b``: the
 Qwen3-Embedding-0.6B config with random weights, for GPU machines without MiniLM; not timed),
-then runs `corpus-etl label` on DirectRunner and reads the job's own Beam metrics for the
-split: retrieval = query embedding (RunInference latency of that step) + Qdrant search;
+then runs `corpus-etl label` on DirectRunner and reads the split from its summary (``time in steps``, the
+job's own Beam metrics): retrieval = query embedding (RunInference latency of that step) + Qdrant search;
 scoring = reranker RunInference latency; writing = the dataset writer; the rest is Beam
 (reading, shuffles, joins) and model loading. `--reranker 0.6b` uses the exact
 Qwen3-Reranker-0.6B config with random weights (same cost as the real one).
@@ -32,17 +32,6 @@ from bench.common import machine, replace_section  # noqa: E402
 from pipelines import index, label  # noqa: E402
 from pipelines.sample import QUERIES, write_sample  # noqa: E402
 
-
-def step_latency_s(result, step_fragment: str) -> float:
-    """Sum of RunInference batch latencies of the step whose name contains ``step_fragment``."""
-    total_us = 0
-    for d in result.metrics().query()["distributions"]:
-        if d.key.metric.name == "inference_batch_latency_micro_secs" and step_fragment in d.key.step:
-            value = d.committed or d.attempted
-            total_us += value.sum if value else 0
-    return total_us / 1e6
-
-
 MINILM = "sentence-transformers/all-MiniLM-L6-v2"
 
 
@@ -52,22 +41,15 @@ def run_once(args, tmp: str, reranker: str, embedder: str, qdrant: str, log: str
         "--model", embedder, "--qdrant-path", qdrant,
         "--top-k", str(args.top_k), "--device", args.device, "--progress-interval", "30",
     ]  # fmt: skip
-    holder: dict = {}
-
-    class Capturing(TestPipeline):
-        def run(self, test_runner_api="AUTO"):
-            holder["result"] = super().run(test_runner_api)
-            return holder["result"]
-
     started = time.perf_counter()
-    summary = label.run(argv, test_pipeline=Capturing())
+    summary = label.run(argv, test_pipeline=TestPipeline())
     wall = time.perf_counter() - started
-    result = holder["result"]
     c = summary["counters"]
     pairs = c.get("judgements", 0)
-    retrieval = step_latency_s(result, "EmbedQueries") + c.get("search_ms", 0) / 1000
-    scoring = step_latency_s(result, "Rerank")
-    writing = c.get("write_ms", 0) / 1000
+    steps = summary["step_seconds"]  # the job's own split (pipelines.common.step_seconds)
+    retrieval = steps.get("query", 0.0) + steps.get("search", 0.0)
+    scoring = steps.get("rerank", 0.0)
+    writing = steps.get("write", 0.0)
     return {"pairs": pairs, "queries": c.get("queries_labelled", 0), "wall_s": wall, "retrieval_s": retrieval,
             "scoring_s": scoring, "writing_s": writing, "pairs_per_s": pairs / wall}
 

@@ -8,7 +8,7 @@ import logging
 import os
 import sys
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from apache_beam.io.filesystems import FileSystems
@@ -68,6 +68,34 @@ def counters(result: Any) -> dict[str, int] | None:
         name = c.key.metric.name
         out[name] = out.get(name, 0) + int(value or 0)
     return dict(sorted(out.items()))
+
+
+# RunInference's own metric: per batch, microseconds in the handler's run_inference, its results listed.
+INFERENCE_LATENCY = "inference_batch_latency_micro_secs"
+
+
+def step_seconds(
+    result: Any, counts: dict[str, int] | None, steps: Sequence[tuple[str, str | None]]
+) -> dict[str, float] | None:
+    """Seconds of each step's own work, in ``steps`` order, for the steps that ran: ``(name, None)`` reads
+    the ``<name>_ms`` counter (``transforms.progress.count_time``; ``search_ms``, ``write_ms``), and
+    ``(name, label)`` sums RunInference's own batch latency in the step labelled ``label``. Summed over
+    threads and workers; None where the runner keeps no metrics."""
+    if counts is None:
+        return None
+    latency: dict[str, int] = {}
+    for d in result.metrics().query()["distributions"]:
+        value = d.committed or d.attempted
+        if d.key.metric.name.endswith(INFERENCE_LATENCY) and value:
+            for part in d.key.step.split("/"):
+                latency[part] = latency.get(part, 0) + value.sum
+    out: dict[str, float] = {}
+    for name, label in steps:
+        if label is None and f"{name}_ms" in counts:
+            out[name] = round(counts[f"{name}_ms"] / 1000, 2)
+        elif label is not None and label in latency:
+            out[name] = round(latency[label] / 1e6, 2)
+    return out
 
 
 def describe_steps(seconds: dict[str, float]) -> str:

@@ -35,6 +35,7 @@ from pipelines.common import (
     run_and_wait,
     run_job,
     start_pipeline,
+    step_seconds,
     worker_cpu_threads,
     write_json,
 )
@@ -54,7 +55,7 @@ from transforms.io.qdrant import WriteToQdrant, chunk_payload
 from transforms.io.store import CollectionSpec, VectorStore, open_store
 from transforms.models.devices import TokenBudgets
 from transforms.models.settings import EmbeddingSpec
-from transforms.progress import report_progress, reset_reporters, step_seconds
+from transforms.progress import report_progress, reset_reporters
 from transforms.text.chunk import ChunkDocuments
 from transforms.types import DEAD, DeadLetter
 
@@ -218,7 +219,7 @@ def run_config(config: IndexConfig, beam_args: list[str] | None = None, test_pip
         summary: dict[str, Any] = {"pipeline": "index", "status": "running", "input": config.input,
                                    "collection": config.collection, "qdrant": where}  # fmt: skip
         try:
-            _, counts = run_and_wait(p, config.job_timeout_s)  # counts None: the runner keeps no metrics
+            result, counts = run_and_wait(p, config.job_timeout_s)  # counts None: the runner keeps no metrics
         except Exception as exc:
             _write_summary(config, {**summary, "status": "failed", "error": first_line(exc)})
             raise
@@ -237,7 +238,7 @@ def run_config(config: IndexConfig, beam_args: list[str] | None = None, test_pip
         elapsed_s=round(elapsed, 2),
         documents_per_s=round((counts or {}).get("documents_read", 0) / elapsed, 2),
         tokens_per_s=round((counts or {}).get("tokens", 0) / elapsed, 1),
-        step_seconds=step_seconds(counts, STEPS),
+        step_seconds=step_seconds(result, counts, STEPS),
     )
     publish_summary(summary, format_summary(summary), config.summary_out)
     return summary
@@ -512,5 +513,6 @@ def format_summary(summary: dict[str, Any]) -> str:
     )
 
 
-# The steps whose own work the index job times (transforms.progress.count_time), in pipeline order.
-STEPS = ("chunk", "embed", "upsert")
+# The steps whose own work the summary times, in pipeline order: (name, RunInference step label or None for
+# the "<name>_ms" counter); pipelines.common.step_seconds.
+STEPS = (("chunk", None), ("embed", "EmbedChunks"), ("upsert", None))

@@ -30,6 +30,7 @@ from pipelines.common import (
     run_and_wait,
     run_job,
     start_pipeline,
+    step_seconds,
     worker_cpu_threads,
 )
 from pipelines.configs import LabelConfig, label_config
@@ -51,7 +52,7 @@ from transforms.io.retrieve import RetrieveFromIndex, RetrieveFromRun
 from transforms.models.devices import TokenBudgets
 from transforms.models.reranker import DEFAULT_INSTRUCTION, check_reranker
 from transforms.models.settings import EmbeddingSpec, model_revision
-from transforms.progress import report_progress, reset_reporters, step_seconds
+from transforms.progress import report_progress, reset_reporters
 from transforms.text.queries import DedupQueries, ParseQueryRows, SampleQueries
 from transforms.types import DEAD, DeadLetter
 
@@ -240,7 +241,7 @@ def run_config(config: LabelConfig, beam_args: list[str] | None = None, test_pip
     provenance = provenance_of(config, query_files, corpus_files, spec)
     _LOG.info("labelling %d query log file(s) into %s (reranker %s)", len(query_files), config.out, config.reranker)
     build_pipeline(p, config, provenance, started, spec)
-    _, counts = run_and_wait(p, config.job_timeout_s)
+    result, counts = run_and_wait(p, config.job_timeout_s)
     elapsed = time.time() - started
     with FileSystems.open(FileSystems.join(config.out, MANIFEST_FILE)) as f:
         manifest = json.loads(f.read())
@@ -259,8 +260,8 @@ def run_config(config: LabelConfig, beam_args: list[str] | None = None, test_pip
         "packing_computed": {"query": tokens_by_layout(counts, "query")},
         "elapsed_s": round(elapsed, 2),
         "pairs_per_s": round(acct["pairs_scored"] / elapsed, 2),
-        # each step's own work (transforms.progress.count_time; search_ms and write_ms are the retriever's and the writer's)
-        "step_seconds": step_seconds(counts, STEPS),
+        # each step's own work: RunInference's latency for the models, the retriever's and the writer's counters
+        "step_seconds": step_seconds(result, counts, STEPS),
         # Rejected queries are accounted for and expected in a log; unreadable input is not.
         "partial": f"{acct['input_rows_rejected']} input dead letter(s) (unreadable row groups or rows)"
         if acct["input_rows_rejected"] else None,
@@ -348,8 +349,9 @@ def format_summary(summary: dict[str, Any]) -> str:
     )
 
 
-# The steps whose own work the label job times, in pipeline order (counters "<step>_ms").
-STEPS = ("query", "search", "rerank", "write")
+# The steps whose own work the summary times, in pipeline order: (name, RunInference step label or None for
+# the "<name>_ms" counter); pipelines.common.step_seconds.
+STEPS = (("query", "EmbedQueries"), ("search", None), ("rerank", "Rerank"), ("write", None))
 
 
 def _precision_lines(summary: dict[str, Any]) -> str:

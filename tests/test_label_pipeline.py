@@ -186,10 +186,12 @@ def test_bad_rows_are_dead_letters_and_counted(labelled):
     # on CPU the query encoder's --packing auto runs padded passes, over the same tokens
     assert labelled["summary"]["packing_computed"] == {"query": {"padded": computed["query"]["fp32"]}}
     assert f"  query packing      auto -> padded ({computed['query']['fp32']} tokens)\n" in text
-    # each step's own time, from its counter; reranking every pair cannot take no time
+    # each step's own time: the models' from RunInference's batch latency (reranking every pair and embedding
+    # every query cannot take no time), search and write from their counters
     steps, counters = labelled["summary"]["step_seconds"], labelled["summary"]["counters"]
-    assert list(steps) == [k for k in ("query", "search", "rerank", "write") if f"{k}_ms" in counters], steps
-    assert {"query", "rerank"} <= set(steps) and steps["rerank"] > 0, steps
+    assert list(steps) == ["query"] + (["search"] if "search_ms" in counters else []) + ["rerank"] + (
+        ["write"] if "write_ms" in counters else []), steps
+    assert steps["query"] > 0 and steps["rerank"] > 0, steps
     assert f"  time in steps      query {steps['query']:.1f}s" in text
 
 

@@ -112,19 +112,12 @@ def disable_library_progress_bars() -> None:
     hf_logging.disable_progress_bar()
 
 
-# Counters "<step>_ms": milliseconds spent in a step's own work (chunk, embed, query, rerank, upsert), summed over
-# threads and workers; read back by ``step_seconds`` for the run summary's time split.
+# Counters "<step>_ms": milliseconds spent in a step's own work (chunk, upsert), summed over threads and workers;
+# read back by ``pipelines.common.step_seconds`` for the run summary's time split. The model steps need none:
+# RunInference times them itself.
 TIME_COUNTER = "{step}_ms"
 
 
 def count_time(step: str, seconds: float) -> None:
     """Add ``seconds`` of ``step``'s own work to its ``<step>_ms`` counter."""
     Metrics.counter("corpus_etl", TIME_COUNTER.format(step=step)).inc(round(seconds * 1000))
-
-
-def step_seconds(counters: dict[str, int] | None, steps: tuple[str, ...]) -> dict[str, float] | None:
-    """From a job's counters: seconds in each of ``steps`` that ran (None without counters)."""
-    if counters is None:
-        return None
-    names = {step: TIME_COUNTER.format(step=step) for step in steps}
-    return {step: round(counters[name] / 1000, 2) for step, name in names.items() if name in counters}

@@ -6,7 +6,6 @@
 
 from __future__ import annotations
 
-import time
 from collections.abc import Iterable, Sequence
 from typing import Any
 
@@ -18,7 +17,7 @@ from transforms.inference.handlers import TokenBatchedHandler, count_layout, cou
 from transforms.models.devices import TokenBudgets
 from transforms.models.encoder import TextEncoder
 from transforms.models.settings import EmbeddingSpec
-from transforms.progress import count_time, reporter
+from transforms.progress import reporter
 from transforms.types import DEAD, Chunk, DeadLetter, EmbeddedChunk, Query
 
 
@@ -78,7 +77,6 @@ class EmbeddingModelHandler(TokenBatchedHandler):
         if not batch:  # BatchElements emits an empty batch when one element outweighs its target
             return
         pause_point("embed")
-        started = time.perf_counter()
         is_query = self._kind == "query"
         texts = [e.text if is_query else e.embed_text for e in batch]
         if model.overlap and not is_query:
@@ -97,7 +95,6 @@ class EmbeddingModelHandler(TokenBatchedHandler):
         reporter("embed", self._progress_interval_s).add(**counts)
         count_precision("query" if is_query else "embed", model, n_tokens)
         count_layout("query" if is_query else "embed", model, n_tokens)
-        count_time("query" if is_query else "embed", time.perf_counter() - started)
         for i, (element, vector) in enumerate(zip(batch, vectors)):
             if vector is None:
                 yield DeadLetter.of("embed", reasons[i], getattr(element, "doc_id", ""), _describe(element))

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import time
 from collections.abc import Iterable, Sequence
 from typing import Any
 
@@ -18,7 +17,7 @@ from transforms.inference.batching import RunInferenceByTokens
 from transforms.inference.handlers import TokenBatchedHandler, count_precision
 from transforms.models.devices import TokenBudgets
 from transforms.models.reranker import Qwen3Reranker
-from transforms.progress import count_time, reporter
+from transforms.progress import reporter
 from transforms.types import DeadLetter, Judgement, QueryPairs, RerankPair
 
 
@@ -99,7 +98,6 @@ class RerankModelHandler(TokenBatchedHandler):
     ) -> Iterable[Judgement | DeadLetter | list[Judgement | DeadLetter]]:
         if not batch:  # BatchElements emits an empty batch when one element outweighs its target
             return []
-        started = time.perf_counter()
         instruction = (inference_args or {}).get("instruction")
         members = [x.pairs if isinstance(x, QueryPairs) else (x,) for x in batch]
         pairs = [p for group in members for p in group]
@@ -111,7 +109,6 @@ class RerankModelHandler(TokenBatchedHandler):
         tokens = sum(len(x) for x in ids)
         reporter("rerank", self._progress_interval_s).add(pairs=len(pairs), tokens=tokens)
         count_precision("rerank", model, tokens)
-        count_time("rerank", time.perf_counter() - started)
         flat = [_judge(pair, score, reasons.get(i)) for i, (pair, score) in enumerate(zip(pairs, scores))]
         results: list[Judgement | DeadLetter | list[Judgement | DeadLetter]] = []
         start = 0
