@@ -100,7 +100,7 @@ class EmbeddingModelHandler(TokenBatchedHandler):
                 yield DeadLetter.of("embed", reasons[i], getattr(element, "doc_id", ""), _describe(element))
             elif is_query:
                 yield (element, vector)
-            else:  # tolist: Python floats at C speed (2.3x float() per element at 1,024 dims)
+            else:  # tolist: Python floats in one C call, not a float() per component
                 yield EmbeddedChunk(chunk=element, vector=tuple(vector.tolist()))
 
     def get_num_bytes(self, batch: Sequence[Any]) -> int:

@@ -226,8 +226,8 @@ class ChunkDocuments(beam.PTransform):
         self.settings = settings
 
     def expand(self, docs):
-        # Lists of documents, so their texts are tokenised in one call (Chunker.chunk_many): on the 8,192 long
-        # documents of bench/gpu_index.py, 3.6-3.9 s instead of 6.2 s on 2 cores. Beam's batching is per bundle.
+        # Lists of documents, so their texts are tokenised in one call (Chunker.chunk_many): the chunk step of
+        # bench/gpu_index.py's 8,192 documents took 3.9-4.0 s instead of 6.8-7.4 s on 2 cores (BENCHMARKS.md).
         batches = docs | "Batch" >> beam.BatchElements(min_batch_size=CHUNK_BATCH, max_batch_size=CHUNK_BATCH)
         result = batches | "Chunk" >> beam.ParDo(_ChunkDocuments(self.spec, self.settings)).with_outputs(
             DEAD, main="chunks"
