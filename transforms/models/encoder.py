@@ -25,7 +25,8 @@ only fit for tests). Models that ignore the positions would mix texts silently u
 ``compile`` (``torch.compile`` over bucketed lengths; CUDA graphs only with ``cuda_graphs=True``; with packing one
 graph whose row length is dynamic) or ``onnx`` (ONNX Runtime); see ``transforms.models.fast``. ``overlap=True`` (the default on CUDA) prepares the
 next batch (padding, pinned host memory, the non-blocking copy to the device) in a second
-thread while the current one runs.
+thread while the current one runs. ``kernels="liger"`` (CUDA, Qwen3; not a flag yet) puts
+Liger-Kernel's fused RMSNorm, rotary and SwiGLU kernels into the loaded model (``transforms.models.liger``).
 
 On CPU, ``cpu_workers`` forward passes run at once (``0``: torch's thread count when the first
 encoder loads, the index job's default; ``None``: 1, one pass at a time over all threads, for the
@@ -47,7 +48,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from transforms.models import varlen
+from transforms.models import liger, varlen
 from transforms.models.devices import TorchModel, budget_batches, check_precision, run_splitting_on_oom
 from transforms.models.fast import BACKENDS, CompiledRunner, OnnxRunner, PackedCompiledRunner, bucket_of, length_buckets
 from transforms.models.settings import EmbeddingSpec, load_tokenizer
@@ -92,9 +93,12 @@ class TextEncoder(TorchModel):
         cpu_workers: int | None = None,
         cuda_graphs: bool = False,
         precision: str = "auto",
+        kernels: str = "none",
     ) -> None:
         if backend not in BACKENDS:
             raise ValueError(f"--backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
+        if liger.check(kernels) == "liger" and backend == "onnx":
+            raise ValueError("kernels='liger' patches the torch model: it runs with --backend eager or compile")
         if packing:
             # Padding-free rows need attention that keeps texts apart: varlen by default (transforms.models.varlen)
             attn_implementation = attn_implementation or varlen.NAME
@@ -119,6 +123,8 @@ class TextEncoder(TorchModel):
             raise ValueError(f"--cpu-workers must be >= 0 (0: torch's thread count), got {cpu_workers}")
         self.cpu_workers_setting = cpu_workers
         self.cuda_graphs = cuda_graphs
+        self.kernels = kernels
+        self.kernels_patched = 0
         self._runner: CompiledRunner | OnnxRunner | None = None
 
     # -- loading -------------------------------------------------------------------------
@@ -152,6 +158,8 @@ class TextEncoder(TorchModel):
             # H200 the 0.6B held ~30 GB of keys and values per 262k-token pass (BENCHMARKS.md, GPU).
             # The config is what every path reads (eager, compiled, the ONNX export).
             self.model.config.use_cache = False
+        if self.kernels == "liger":  # before compiling, so inductor traces the fused kernels
+            self.kernels_patched = liger.apply(self.model)
         self.overlap = self.device.type == "cuda" if self.overlap_setting is None else self.overlap_setting
         cpu = self.device.type == "cpu"
         setting = self.cpu_workers_setting
@@ -230,6 +238,8 @@ class TextEncoder(TorchModel):
         text = super().describe_compute()
         if self.packing:
             text += f", packed rows ({self.model.config._attn_implementation} attention)"
+        if self.kernels_patched:
+            text += f", Liger kernels in {self.kernels_patched} modules"
         return text + (f", --backend {self.backend}" if self.backend != "eager" else "")
 
     # -- text preparation ------------------------------------------------------------------

@@ -1,0 +1,89 @@
+"""``TextEncoder(kernels="liger")``: Liger-Kernel's fused Qwen3 kernels on CUDA (``transforms.models.liger``).
+
+On CPU: the option is refused where it cannot run, and the patched forwards hand CPU tensors to the
+original code unchanged (Triton has no CPU backend). On CUDA (``gpu``): the patched model's vectors
+against the card's fp32 reference and the unpatched bf16 model.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+
+import numpy as np
+import pytest
+import torch
+from transformers.models.qwen3 import modeling_qwen3
+
+from tests.test_qwen_embed_parity import DOCS, CardReference
+from transforms.models import liger
+from transforms.models.encoder import TextEncoder
+
+
+class _Refuses:
+    """Stands in for a Liger autograd function: the CPU path must never call it."""
+
+    @staticmethod
+    def apply(*args, **kwargs):
+        raise AssertionError("a Liger kernel was called for CPU tensors")
+
+
+def test_unknown_kernels_are_refused(qwen3_embedding_dir):
+    with pytest.raises(ValueError, match="kernels must be one of none, liger"):
+        TextEncoder(str(qwen3_embedding_dir), kernels="triton")
+
+
+def test_liger_is_refused_with_onnx(qwen3_embedding_dir):
+    with pytest.raises(ValueError, match="--backend eager or compile"):
+        TextEncoder(str(qwen3_embedding_dir), kernels="liger", backend="onnx")
+
+
+def test_liger_is_refused_on_cpu(qwen3_embedding_dir):
+    encoder = TextEncoder(str(qwen3_embedding_dir), device="cpu", dtype=torch.float32, kernels="liger")
+    with pytest.raises(ValueError, match="Triton kernels for CUDA; the model is on cpu"):
+        encoder.load()
+
+
+def test_patched_forwards_leave_cpu_tensors_to_the_original_code(qwen3_embedding_dir, monkeypatch):
+    """What ``apply`` installs, with stand-ins that fail if called: every norm, MLP and the rotary
+    function run their own code on CPU, bitwise."""
+    encoder = TextEncoder(str(qwen3_embedding_dir), device="cpu", dtype=torch.float32).load()
+    before = encoder.encode(DOCS)
+    model = encoder.model
+    norms = [m for m in model.modules() if isinstance(m, modeling_qwen3.Qwen3RMSNorm)]
+    mlps = [m for m in model.modules() if isinstance(m, modeling_qwen3.Qwen3MLP)]
+    layers = model.config.num_hidden_layers
+    assert (len(norms), len(mlps)) == (4 * layers + 1, layers)  # input, post-attention, q, k; the final norm
+    import types
+
+    for m in norms:
+        monkeypatch.setattr(m, "forward", types.MethodType(liger._norm_forward(_Refuses, type(m).forward), m))
+    for m in mlps:
+        monkeypatch.setattr(m, "forward", types.MethodType(liger._mlp_forward(_Refuses, type(m).forward), m))
+    rotary = liger._rotary(_Refuses, modeling_qwen3.apply_rotary_pos_emb)
+    monkeypatch.setattr(modeling_qwen3, "apply_rotary_pos_emb", rotary)
+    np.testing.assert_array_equal(encoder.encode(DOCS), before)
+
+
+# -- CUDA --------------------------------------------------------------------------------------------
+needs_liger = pytest.mark.skipif(
+    not torch.cuda.is_available() or importlib.util.find_spec("liger_kernel") is None,
+    reason="needs CUDA and liger-kernel",
+)
+
+
+@pytest.mark.gpu
+@needs_liger
+def test_cuda_liger_kernels_match_card_and_unpatched(qwen3_embedding_dir):
+    """Eager packed rows (the default on a GPU). Compiled, the bench's ``packed-compiled-liger`` row reports its
+    cosine to the unpatched vectors: a compile here would cost a lease's test stage a minute."""
+    want = CardReference(qwen3_embedding_dir).embed(DOCS)
+    plain = TextEncoder(str(qwen3_embedding_dir), device="cuda").load().encode(DOCS)
+    fused = TextEncoder(str(qwen3_embedding_dir), device="cuda", kernels="liger").load()
+    assert fused.kernels_patched == 5 * fused.model.config.num_hidden_layers + 1
+    assert fused.packing  # packed rows, the default on a GPU
+    got = fused.encode(DOCS)
+    assert float((got * want).sum(axis=1).min()) > 0.99  # bf16 against the fp32 card
+    assert float((got * plain).sum(axis=1).min()) > 0.999  # against the same model unpatched
+    # The rotary patch is process-wide; a CPU model in the same process still computes as before.
+    cpu = TextEncoder(str(qwen3_embedding_dir), device="cpu", dtype=torch.float32).load()
+    np.testing.assert_allclose(cpu.encode(DOCS), want, atol=1e-4)

@@ -1,0 +1,104 @@
+"""Liger-Kernel's fused Triton kernels in Qwen3's layers on CUDA (``TextEncoder(kernels="liger")``).
+
+Eager transformers runs each of Qwen3's RMSNorms as ~6 kernels (cast, square, mean, rsqrt, two
+products), its rotary embedding as ~12 (slices, negation, concatenation, products, sums, for q and k)
+and SwiGLU as 2, every one a round trip through GPU memory. On one H100 a packed pass of the 0.6B
+config took 355 ms eager against 160 ms compiled, where inductor fuses them (BENCHMARKS.md, GPU
+2026-11-27). Liger-Kernel (``pip install corpus-etl[liger]``), a maintained library of Triton kernels
+for transformers models, has one kernel for each: RMSNorm (``casting_mode="llama"``: the norm in fp32,
+cast back to the input dtype before the weight, as ``Qwen3RMSNorm``), rotary embedding (in place, on q
+and k together, in the (tokens, heads, head_dim) layout that FlashAttention's varlen kernel then reads
+without a copy) and SiLU times up-projection. ``apply(model)`` puts them into an already loaded model:
+
+* instance by instance for the norms (``Qwen3RMSNorm``: input, post-attention, q, k and final) and the
+  MLPs (``Qwen3MLP``), so only this model changes;
+* for the rotary embedding, through ``transformers.models.qwen3.modeling_qwen3.apply_rotary_pos_emb``,
+  a module function that Qwen3's attention calls by name: that one patch is process-wide. The patched
+  function runs Liger's kernel on CUDA tensors only and the original elsewhere, so a CPU model in
+  the same process computes exactly as before.
+
+Every patched forward does the same: Liger on CUDA, the original otherwise (Triton has no CPU
+backend). Parity with the unpatched model is tested on CUDA (``tests/test_liger.py``, ``gpu``).
+Not a command-line flag: it becomes one if ``bench/gpu_embed.py``'s ``packed-liger`` variants
+measure it faster than the default on a GPU.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import types
+from typing import Any
+
+import torch
+
+KERNELS = ("none", "liger")
+
+
+def check(kernels: str) -> str:
+    if kernels not in KERNELS:
+        raise ValueError(f"kernels must be one of {', '.join(KERNELS)}, got {kernels!r}")
+    return kernels
+
+
+def apply(model: torch.nn.Module) -> int:
+    """Put Liger's kernels into ``model``'s Qwen3 layers (a ``Qwen3Model`` or a model holding one, on
+    CUDA); returns how many modules were patched. Raises ``ImportError`` without liger-kernel and
+    ``ValueError`` for a model that is not Qwen3 or not on a GPU."""
+    from transformers.models.qwen3 import modeling_qwen3
+
+    device = next(model.parameters()).device
+    if device.type != "cuda":
+        raise ValueError(f"Liger's kernels are Triton kernels for CUDA; the model is on {device}")
+    if importlib.util.find_spec("liger_kernel") is None:
+        raise ImportError("kernels='liger' needs the liger-kernel package: pip install 'corpus-etl[liger]'")
+    from liger_kernel.ops.rms_norm import LigerRMSNormFunction
+    from liger_kernel.ops.rope import LigerRopeFunction
+    from liger_kernel.ops.swiglu import LigerSiLUMulFunction
+
+    patched = 0
+    for module in model.modules():
+        if isinstance(module, modeling_qwen3.Qwen3RMSNorm):
+            module.forward = types.MethodType(_norm_forward(LigerRMSNormFunction, type(module).forward), module)
+            patched += 1
+        elif isinstance(module, modeling_qwen3.Qwen3MLP):
+            if module.config.hidden_act not in ("silu", "swish"):
+                raise ValueError(f"Liger's SwiGLU computes SiLU; this model's MLP uses {module.config.hidden_act!r}")
+            module.forward = types.MethodType(_mlp_forward(LigerSiLUMulFunction, type(module).forward), module)
+            patched += 1
+    if not patched:
+        raise ValueError(f"kernels='liger' is for Qwen3 models; {type(model).__name__} has no Qwen3 layers")
+    original = modeling_qwen3.apply_rotary_pos_emb
+    if not getattr(original, "_liger", False):
+        modeling_qwen3.apply_rotary_pos_emb = _rotary(LigerRopeFunction, original)
+    return patched
+
+
+def _norm_forward(function: Any, original: Any) -> Any:
+    def forward(self: torch.nn.Module, hidden: torch.Tensor) -> torch.Tensor:
+        if not hidden.is_cuda:
+            return original(self, hidden)
+        # offset 0, "llama" casting (Qwen3RMSNorm's), not in place
+        return function.apply(hidden, self.weight, self.variance_epsilon, 0.0, "llama", False)
+
+    return forward
+
+
+def _mlp_forward(function: Any, original: Any) -> Any:
+    def forward(self: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+        if not x.is_cuda:
+            return original(self, x)
+        return self.down_proj(function.apply(self.gate_proj(x), self.up_proj(x)))
+
+    return forward
+
+
+def _rotary(function: Any, original: Any) -> Any:
+    def apply_rotary_pos_emb(
+        q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, *args: Any, **kwargs: Any
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        if not q.is_cuda or args or set(kwargs) - {"unsqueeze_dim"}:  # CPU, or a call this was not written for
+            return original(q, k, cos, sin, *args, **kwargs)
+        return function.apply(q, k, cos, sin, None, kwargs.get("unsqueeze_dim", 1))
+
+    apply_rotary_pos_emb._liger = True  # type: ignore[attr-defined]
+    return apply_rotary_pos_emb
