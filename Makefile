@@ -84,7 +84,7 @@ bench-tokenizer: ## Qwen's and MiniLM's tokenisers on CPU, one core and the Rust
 
 bench-gpu: ## GPU machines only, with their CUDA torch (GPU_PYTHON=python): embedding, reranking, both jobs end to end (writes BENCHMARKS.md)
 	$(GPU_PYTHON) bench/gpu_embed.py --size 0.6b --write
-	$(GPU_PYTHON) bench/gpu_rerank.py --size 0.6b --write
+	$(GPU_PYTHON) bench/gpu_rerank.py --size 0.6b --liger --write
 	$(GPU_PYTHON) bench/rerank_prefix.py --device cuda --candidates 100 --write
 	$(GPU_PYTHON) bench/gpu_index.py --size 0.6b --write
 	$(GPU_PYTHON) bench/label.py --device cuda --embedder 0.6b --reranker 0.6b --queries 25 --copies 8 --top-k 50 --write

@@ -63,6 +63,6 @@ stage embed 200 $PY bench/gpu_embed.py --size 0.6b --model-dir /tmp/embed-0.6b \
   --variants loop,padded,packed,packed-liger,packed-compiled-dynamic,packed-compiled,packed-compiled-liger --write
 stage profile 150 $PY bench/gpu_profile.py --size 0.6b --packed --liger
 stage attention 60 $PY bench/gpu_attention.py --flex
-stage rerank 60 $PY bench/gpu_rerank.py --size 0.6b --model-dir /tmp/rerank-0.6b --write
+stage rerank 60 $PY bench/gpu_rerank.py --size 0.6b --model-dir /tmp/rerank-0.6b --liger --write
 stage prefix 35 $PY bench/rerank_prefix.py --device cuda --candidates 100 --model-dir /tmp/rerank-0.6b --write
 cat "$OUT/summary.txt"

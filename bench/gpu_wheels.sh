@@ -5,11 +5,11 @@
 # liger-kernel (pure Python over the machine's Triton) was added on 2026-11-27 and has not run there yet.
 # The set ran on 2026-11-27 (H100 and H200, Python 3.12.3): the gpu tests, the benches and `corpus-etl index`.
 #
-#   bash bench/gpu_wheels.sh        # ~54 MB; the device tool carries up to 64 MiB with the working tree
+#   bash bench/gpu_wheels.sh        # ~55 MB; the device tool carries up to 64 MiB with the working tree
 set -euo pipefail
 cd "$(dirname "$0")/.."
 grep -qxF '/.whl/' .git/info/exclude 2>/dev/null || echo '/.whl/' >>.git/info/exclude
-mkdir -p .whl
+rm -rf .whl && mkdir -p .whl  # a clean set: two builds of one package would clash at install
 PY=${PYTHON:-python3}
 WHEELS=(
   apache-beam==2.77.0 beartype==0.22.9 cffi==2.1.1 cryptography==50.0.2 fastavro==1.13.1 fasteners==0.20

@@ -85,3 +85,19 @@ def test_label_bench_runs_with_qwen3_embedders(tmp_path, capsys):
     row = capsys.readouterr().out.strip().splitlines()[-1]
     cells = [c.strip() for c in row.strip("|").split("|")]
     assert cells[:3] == ["tiny", "3", "9"], row
+
+
+def test_gpu_rerank_smoke_run_with_a_liger_row(qwen3_reranker_dir, capsys):
+    """``bench/gpu_rerank.py --liger`` on CPU with the tiny reranker: the card's loop and our three rows, scores
+    equal to ours within float rounding; the Liger row needs CUDA, so here it is a failure line in the table."""
+    from bench.gpu_rerank import main
+
+    main(["--smoke", "--liger", "--model-dir", str(qwen3_reranker_dir)])
+    table = capsys.readouterr().out.split("| method |")[-1]
+    rows = [r for r in table.splitlines() if r.startswith("| ") and not r.startswith("|---")]
+    assert [r.split("|")[1].strip().split(", ")[0] for r in rows] == [
+        "model card loop (6 pairs a batch",
+        *["Qwen3Reranker (ours)"] * 4,
+    ], table
+    assert all(float(r.split("|")[-2]) < 1e-4 for r in rows[:4]), table
+    assert "head shared, Liger kernels | failed: ValueError: Liger's kernels are Triton kernels for CUDA" in rows[4]

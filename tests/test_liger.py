@@ -43,6 +43,14 @@ def test_liger_is_refused_on_cpu(qwen3_embedding_dir):
         encoder.load()
 
 
+def test_liger_is_refused_on_cpu_for_the_reranker_too(qwen3_reranker_dir):
+    from transforms.models.reranker import Qwen3Reranker
+
+    reranker = Qwen3Reranker(str(qwen3_reranker_dir), device="cpu", kernels="liger")
+    with pytest.raises(ValueError, match="Triton kernels for CUDA; the model is on cpu"):
+        reranker.load()
+
+
 def test_patched_forwards_leave_cpu_tensors_to_the_original_code(qwen3_embedding_dir, monkeypatch):
     """What ``apply`` installs, with stand-ins that fail if called: every norm, MLP and the rotary
     function run their own code on CPU, bitwise."""
@@ -87,3 +95,17 @@ def test_cuda_liger_kernels_match_card_and_unpatched(qwen3_embedding_dir):
     # The rotary patch is process-wide; a CPU model in the same process still computes as before.
     cpu = TextEncoder(str(qwen3_embedding_dir), device="cpu", dtype=torch.float32).load()
     np.testing.assert_allclose(cpu.encode(DOCS), want, atol=1e-4)
+
+
+@pytest.mark.gpu
+@needs_liger
+def test_cuda_liger_kernels_in_the_reranker(qwen3_reranker_dir):
+    from tests.test_qwen_rerank import PAIRS
+    from transforms.models.reranker import Qwen3Reranker
+
+    plain = Qwen3Reranker(str(qwen3_reranker_dir), device="cuda").load()
+    fused = Qwen3Reranker(str(qwen3_reranker_dir), device="cuda", kernels="liger").load()
+    assert fused.kernels_patched == 5 * fused.model.config.num_hidden_layers + 1
+    for shared in (False, True):  # the shared prompt head runs through the KV cache
+        plain.share_prefix = fused.share_prefix = shared
+        np.testing.assert_allclose(fused.score(PAIRS), plain.score(PAIRS), atol=2e-2)  # P(yes), bf16

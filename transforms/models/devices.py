@@ -189,8 +189,9 @@ class TorchModel:
 
     Shared: ``device`` (``auto``: CUDA when present), ``precision`` (``--precision``,
     ``resolve_precision``; ``dtype``, when given, pins the weights' dtype without autocast and wins),
-    ``attn_implementation``, and ``token_budget``, the padded tokens of one forward pass
-    (default from free GPU memory, 2048 on CPU; never below the longest input).
+    ``attn_implementation``, ``token_budget``, the padded tokens of one forward pass
+    (default from free GPU memory, 2048 on CPU; never below the longest input), and ``kernels``
+    (``"liger"``: Liger-Kernel's fused Qwen3 kernels on CUDA, put in at load; ``transforms.models.liger``).
     """
 
     def __init__(
@@ -202,8 +203,13 @@ class TorchModel:
         token_budget: int | None = None,
         attn_implementation: str | None = None,
         precision: str = "auto",
+        kernels: str = "none",
     ) -> None:
+        from transforms.models import liger
+
         check_precision(precision)
+        self.kernels = liger.check(kernels)
+        self.kernels_patched = 0
         self.model_id = model
         self.device_name = device
         self.dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
@@ -223,6 +229,10 @@ class TorchModel:
         if self.attn_implementation:
             kwargs["attn_implementation"] = self.attn_implementation
         self._model = auto_class.from_pretrained(path, **kwargs).to(self.device).eval()
+        if self.kernels == "liger":  # before any compiling, so inductor traces the fused kernels
+            from transforms.models import liger
+
+            self.kernels_patched = liger.apply(self._model)
         budget = self.token_budget_override or default_token_budget(self._model, self.device)
         self.token_budget = max(budget, longest_input)
         return self._model
@@ -246,6 +256,8 @@ class TorchModel:
     def describe_compute(self) -> str:
         """The precision, and the prepacked layers if any, for the worker's load log line."""
         text = self.precision.describe()
+        if self.kernels_patched:
+            text += f", Liger kernels in {self.kernels_patched} modules"
         return f"{text}, {self.prepacked} linear layers prepacked for oneDNN" if self.prepacked else text
 
     def auto_cpu_mixed(self) -> bool:

@@ -48,7 +48,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from transforms.models import liger, varlen
+from transforms.models import varlen
 from transforms.models.devices import TorchModel, budget_batches, check_precision, run_splitting_on_oom
 from transforms.models.fast import BACKENDS, CompiledRunner, OnnxRunner, PackedCompiledRunner, bucket_of, length_buckets
 from transforms.models.settings import EmbeddingSpec, load_tokenizer
@@ -97,7 +97,7 @@ class TextEncoder(TorchModel):
     ) -> None:
         if backend not in BACKENDS:
             raise ValueError(f"--backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
-        if liger.check(kernels) == "liger" and backend == "onnx":
+        if kernels == "liger" and backend == "onnx":
             raise ValueError("kernels='liger' patches the torch model: it runs with --backend eager or compile")
         if packing:
             # Padding-free rows need attention that keeps texts apart: varlen by default (transforms.models.varlen)
@@ -112,6 +112,7 @@ class TextEncoder(TorchModel):
             token_budget=token_budget,
             attn_implementation=attn_implementation,
             precision=precision,
+            kernels=kernels,
         )
         self._spec_args = {"dim": dim, "max_length": max_length}
         self.query_instruction = query_instruction
@@ -123,8 +124,6 @@ class TextEncoder(TorchModel):
             raise ValueError(f"--cpu-workers must be >= 0 (0: torch's thread count), got {cpu_workers}")
         self.cpu_workers_setting = cpu_workers
         self.cuda_graphs = cuda_graphs
-        self.kernels = kernels
-        self.kernels_patched = 0
         self._runner: CompiledRunner | OnnxRunner | None = None
 
     # -- loading -------------------------------------------------------------------------
@@ -158,8 +157,6 @@ class TextEncoder(TorchModel):
             # H200 the 0.6B held ~30 GB of keys and values per 262k-token pass (BENCHMARKS.md, GPU).
             # The config is what every path reads (eager, compiled, the ONNX export).
             self.model.config.use_cache = False
-        if self.kernels == "liger":  # before compiling, so inductor traces the fused kernels
-            self.kernels_patched = liger.apply(self.model)
         self.overlap = self.device.type == "cuda" if self.overlap_setting is None else self.overlap_setting
         cpu = self.device.type == "cpu"
         setting = self.cpu_workers_setting
@@ -238,8 +235,6 @@ class TextEncoder(TorchModel):
         text = super().describe_compute()
         if self.packing:
             text += f", packed rows ({self.model.config._attn_implementation} attention)"
-        if self.kernels_patched:
-            text += f", Liger kernels in {self.kernels_patched} modules"
         return text + (f", --backend {self.backend}" if self.backend != "eager" else "")
 
     # -- text preparation ------------------------------------------------------------------

@@ -1,4 +1,5 @@
-"""Liger-Kernel's fused Triton kernels in Qwen3's layers on CUDA (``TextEncoder(kernels="liger")``).
+"""Liger-Kernel's fused Triton kernels in Qwen3's layers on CUDA (``kernels="liger"``: ``TorchModel``, so
+``TextEncoder`` and ``Qwen3Reranker``, which put them in at load, before any compiling).
 
 Eager transformers runs each of Qwen3's RMSNorms as ~6 kernels (cast, square, mean, rsqrt, two
 products), its rotary embedding as ~12 (slices, negation, concatenation, products, sums, for q and k)

@@ -85,10 +85,11 @@ class Qwen3Reranker(TorchModel):
         attn_implementation: str | None = None,
         share_prefix: bool = False,
         precision: str = "auto",
+        kernels: str = "none",
     ) -> None:
         super().__init__(
             model, device=device, dtype=dtype, token_budget=token_budget, attn_implementation=attn_implementation,
-            precision=precision,
+            precision=precision, kernels=kernels,
         )
         self.max_length = max_length
         self.instruction = instruction
