@@ -115,6 +115,12 @@ def describe_precision(setting: str, computed: dict[str, int] | None) -> str:
     return f"{setting} -> " + ", ".join(f"{name} ({tokens} tokens)" for name, tokens in computed.items())
 
 
+def describe_copies(summary: dict[str, Any]) -> str:
+    """The summary line of ``--share-model`` where it resolved to one copy per machine."""
+    why = " (auto: the model steps run on a GPU)" if summary.get("share_model") == "auto" else ""
+    return f"one per worker machine, shared by its processes{why}"
+
+
 def write_json(path: str, obj: Any) -> None:
     with FileSystems.create(path) as f:
         f.write((json.dumps(obj, indent=2, sort_keys=True, ensure_ascii=False) + "\n").encode("utf-8"))

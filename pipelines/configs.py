@@ -13,7 +13,7 @@ import dataclasses
 import os
 from typing import Any
 
-from pipelines.flags import DEFAULT_EMBEDDING_MODEL, DEFAULT_RERANKER
+from pipelines.flags import DEFAULT_EMBEDDING_MODEL, DEFAULT_RERANKER, SHARE_MODEL
 from pipelines.launch import model_resource_hints
 from pipelines.security import check_qdrant_flags
 from transforms.datasets.formats import LabelDatasetsConfig, parse_thresholds
@@ -26,6 +26,20 @@ from transforms.text.queries import QueryColumns, SampleConfig, parse_sample_spe
 
 # --packing → TextEncoder(packing=...): None lets the encoder decide (transforms.models.encoder.resolve_packing)
 PACKING: dict[str, bool | None] = {"auto": None, "on": True, "off": False}
+
+
+def check_share_model(setting: str) -> None:
+    if setting not in SHARE_MODEL:
+        raise ValueError(f"--share-model must be one of {', '.join(SHARE_MODEL)}, got {setting!r}")
+
+
+def shares_model(setting: str, gpu: bool) -> bool:
+    """Whether each model is loaded once per worker machine and shared by its processes (RunInference's
+    ``large_model``): ``--share-model machine``, or ``auto`` where the model steps run on a GPU. One copy per
+    GPU: weights once in GPU memory, forward passes sized from free memory and run one at a time
+    (``transforms.models.devices.device_lock``), where a copy per process (Dataflow starts one per vCPU)
+    would load the weights N times and size each process's passes from what the others left free."""
+    return setting == "machine" or (setting == "auto" and gpu)
 
 
 def model_location(model: str) -> str:
@@ -108,11 +122,16 @@ class IndexConfig:
     gate: GateConfig | None = None  # alias guard: quality against the current target
     resource_hints: tuple[tuple[str, str], ...] = ()  # on the embedding step only (--accelerator, --model-min-ram)
     job_timeout_s: float | None = None  # --job-timeout: the job fails past it (pipelines.runner)
+    share_model: str = "auto"  # --share-model: auto | machine | process (shares_model)
 
     @property
     def expects_gpu(self) -> bool:
         """Whether the model steps will run on a GPU as far as this machine can tell (Beam batch sizes follow)."""
         return expects_gpu(self.device, dict(self.resource_hints).get("accelerator"))
+
+    @property
+    def shares_model(self) -> bool:
+        return shares_model(self.share_model, self.expects_gpu)
 
     def __post_init__(self) -> None:
         if not self.input:
@@ -123,6 +142,7 @@ class IndexConfig:
             raise ValueError(f"--cpu-workers must be >= 1, got {self.cpu_workers}")
         check_cpu_threads(self.cpu_threads)
         check_precision(self.precision, backend=self.backend)
+        check_share_model(self.share_model)
         if self.packing not in PACKING:
             raise ValueError(f"--packing must be one of {', '.join(PACKING)}, got {self.packing!r}")
         if self.packing == "on" and self.backend == "onnx":
@@ -183,6 +203,7 @@ def index_config(args: argparse.Namespace) -> IndexConfig:
         max_rejected_fraction=args.max_rejected_fraction,
         gate=gate,
         resource_hints=tuple(model_resource_hints(args.accelerator, args.model_min_ram).items()),
+        share_model=args.share_model,
     )
 
 
@@ -218,11 +239,16 @@ class LabelConfig:
     summary_out: str | None = None
     resource_hints: tuple[tuple[str, str], ...] = ()  # on query embedding and reranking only
     job_timeout_s: float | None = None  # --job-timeout: the job fails past it (pipelines.runner)
+    share_model: str = "auto"  # --share-model: auto | machine | process (shares_model)
 
     @property
     def expects_gpu(self) -> bool:
         """Whether the model steps will run on a GPU as far as this machine can tell (Beam batch sizes follow)."""
         return expects_gpu(self.device, dict(self.resource_hints).get("accelerator"))
+
+    @property
+    def shares_model(self) -> bool:
+        return shares_model(self.share_model, self.expects_gpu)
 
     def __post_init__(self) -> None:
         if bool(self.collection) == bool(self.candidates):
@@ -236,6 +262,7 @@ class LabelConfig:
         TokenBudgets(forward=self.max_batch_tokens)  # validates it
         check_cpu_threads(self.cpu_threads)
         check_precision(self.precision)
+        check_share_model(self.share_model)
         LabelDatasetsConfig(thresholds=self.thresholds)  # validates the thresholds
         check_job_timeout(self.job_timeout_s)
 
@@ -283,6 +310,7 @@ def label_config(args: argparse.Namespace) -> LabelConfig:
         job_timeout_s=args.job_timeout,
         summary_out=args.summary_out,
         resource_hints=tuple(model_resource_hints(args.accelerator, args.model_min_ram).items()),
+        share_model=args.share_model,
     )
 
 

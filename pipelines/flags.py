@@ -17,6 +17,7 @@ DEFAULT_RERANKER = "Qwen/Qwen3-Reranker-0.6B"
 DEFAULT_RERANK_INSTRUCTION = "Given a web search query, retrieve relevant passages that answer the query"
 # transforms/models/devices.py's PRECISIONS, repeated for the same reason (the same test compares them).
 PRECISIONS = ("auto", "fp32", "bf16", "fp16", "bf16-mixed")
+SHARE_MODEL = ("auto", "machine", "process")
 BEAM_OPTIONS_EPILOG = textwrap.fill(
     "Any other --flag is passed to Beam as a pipeline option, e.g. --runner DataflowRunner "
     "--project P --region R --temp_location gs://B/tmp --setup_file ./setup.py "
@@ -116,6 +117,13 @@ def add_resource_arguments(parser: argparse.ArgumentParser, steps: str) -> None:
     group.add_argument(
         "--model-min-ram", type=ram_size, default=None, metavar="SIZE",
         help=f"least worker memory for {steps}, e.g. 16GB; default: none",
+    )
+    group.add_argument(
+        "--share-model", default="auto", choices=SHARE_MODEL,
+        help="copies of each model on a worker machine: process (one per SDK worker process, Beam's default; "
+        "Dataflow starts a process per vCPU), machine (one, shared by the machine's processes: RunInference's "
+        "large_model, the other processes send it their batches) or auto (machine where the model steps run on a "
+        "GPU: --device cuda, or auto with --accelerator or a GPU here; else process)",
     )
 
 

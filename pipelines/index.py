@@ -29,6 +29,7 @@ import apache_beam as beam
 from apache_beam.io.filesystems import FileSystems
 
 from pipelines.common import (
+    describe_copies,
     describe_precision,
     describe_steps,
     publish_summary,
@@ -145,6 +146,7 @@ def embedding_handler(config: IndexConfig, spec: EmbeddingSpec, cpu_threads: int
         packing=PACKING[config.packing],
         cpu_workers=0 if config.cpu_workers is None else config.cpu_workers,  # 0: the worker's torch threads
         cpu_threads=cpu_threads,
+        large_model=config.shares_model,
     )
 
 
@@ -360,6 +362,9 @@ def _finish(
         "precision_computed": tokens_by_precision(counts, "embed"),
         "packing": config.packing,  # the setting; what ran: tokens in packed rows and in padded passes
         "packing_computed": tokens_by_layout(counts, "embed"),
+        # --share-model: the setting, and the copies of the model per worker machine it resolved to
+        "share_model": config.share_model,
+        "model_copies": "machine" if config.shares_model else "process",
         "vector_size": size,
         "chunk_tokens": config.chunking.chunk_tokens,
         "chunk_overlap": config.chunking.chunk_overlap,
@@ -497,6 +502,7 @@ def format_summary(summary: dict[str, Any]) -> str:
             f"  precision        {describe_precision(summary['precision'], summary.get('precision_computed'))}",
             *([f"  packing          {describe_precision(summary['packing'], summary.get('packing_computed'))}"]
               if "packing" in summary else []),
+            *([f"  model copies     {describe_copies(summary)}"] if summary.get("model_copies") == "machine" else []),
             *([f"  alias            {alias['name']} -> {summary['collection']} (was {alias['previous']})"]
               if alias and not alias.get("refused") else []),
             *([f"  alias            REFUSED, {alias['name']} stays on {alias['previous']}: {alias['refused']}"]

@@ -24,6 +24,7 @@ import apache_beam as beam
 from apache_beam.io.filesystems import FileSystems
 
 from pipelines.common import (
+    describe_copies,
     describe_precision,
     describe_steps,
     publish_summary,
@@ -71,6 +72,7 @@ def reranker_handler(config: LabelConfig, cpu_threads: int | None = None) -> Rer
         share_prefix=config.share_prefix,
         progress_interval_s=config.progress_interval_s,
         cpu_threads=cpu_threads,
+        large_model=config.shares_model,
     )
 
 
@@ -78,7 +80,7 @@ def query_handler(config: LabelConfig, spec: EmbeddingSpec, cpu_threads: int | N
     return EmbeddingModelHandler(
         spec, device=config.device, precision=config.precision, query_instruction=config.query_instruction,
         kind="query",
-        progress_interval_s=config.progress_interval_s, cpu_threads=cpu_threads,
+        progress_interval_s=config.progress_interval_s, cpu_threads=cpu_threads, large_model=config.shares_model,
     )
 
 
@@ -258,6 +260,9 @@ def run_config(config: LabelConfig, beam_args: list[str] | None = None, test_pip
         "precision_computed": {stage: tokens_by_precision(counts, stage) for stage in ("rerank", "query")},
         # the query encoder's --packing auto (packed rows on a GPU, padded passes on CPU): what it ran
         "packing_computed": {"query": tokens_by_layout(counts, "query")},
+        # --share-model: the setting, and the copies of each model per worker machine it resolved to
+        "share_model": config.share_model,
+        "model_copies": "machine" if config.shares_model else "process",
         "elapsed_s": round(elapsed, 2),
         "pairs_per_s": round(acct["pairs_scored"] / elapsed, 2),
         # each step's own work: RunInference's latency for the models, the retriever's and the writer's counters
@@ -361,4 +366,6 @@ def _precision_lines(summary: dict[str, Any]) -> str:
     packing = (summary.get("packing_computed") or {}).get("query", {})
     if packing != {}:
         lines.append(f"  {'query packing':<19}{describe_precision('auto', packing)}\n")
+    if summary.get("model_copies") == "machine":
+        lines.append(f"  {'model copies':<19}{describe_copies(summary)}\n")
     return "".join(lines)

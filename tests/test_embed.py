@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import dataclasses
+import os
+
 import apache_beam as beam
 import numpy as np
 import pytest
@@ -178,6 +181,11 @@ def test_gpu_jobs_get_beam_batches_of_gpu_passes(minilm_path, monkeypatch, devic
     assert config.expects_gpu is gpu
     handler = embedding_handler(config, read_spec(config))
     assert handler.budgets == TokenBudgets(forward=None, batch=4 * (GPU_FORWARD_TOKENS if gpu else 8192))
+    # --share-model auto: one model per machine where it runs on a GPU, one per process on CPU
+    assert handler.share_model_across_processes() is gpu
+    for setting, shared in (("machine", True), ("process", False)):
+        explicit = dataclasses.replace(config, share_model=setting)
+        assert embedding_handler(explicit, read_spec(config)).share_model_across_processes() is shared
     assert TokenBudgets.from_flag(4096, 512, gpu=gpu) == TokenBudgets(forward=4096, batch=16_384)
     assert TokenBudgets.from_flag(None, 2_000_000, gpu=gpu).batch == 2_000_000  # the longest input fits alone
 
@@ -190,3 +198,37 @@ def test_label_reranking_batches_follow_the_device_too(device, gpu):
 
     config = LabelConfig(queries="q.parquet", out="out", collection="c", device=device)
     assert reranker_handler(config).budgets.batch == 4 * (GPU_FORWARD_TOKENS if gpu else 8192)
+    assert reranker_handler(config).share_model_across_processes() is gpu  # --share-model auto
+
+
+def test_share_model_takes_three_settings():
+    from pipelines.configs import IndexConfig, LabelConfig
+
+    with pytest.raises(ValueError, match="--share-model must be one of auto, machine, process, got 'gpu'"):
+        IndexConfig(input="docs.parquet", collection="c", model="m", share_model="gpu")
+    with pytest.raises(ValueError, match="--share-model must be one of"):
+        LabelConfig(queries="q.parquet", out="out", collection="c", share_model="")
+
+
+def test_a_model_shared_across_processes_serves_both_workers(minilm_path, encoder, tmp_path, monkeypatch):
+    """``large_model`` (``--share-model machine``, the default on a GPU): two worker processes, one model load;
+    the handler reaches the model only through method calls, which is all Beam's cross-process proxy carries."""
+    from apache_beam.options.pipeline_options import PipelineOptions
+
+    from transforms.inference.handlers import LOAD_LOG_ENV
+
+    loads = tmp_path / "loads.txt"
+    monkeypatch.setenv(LOAD_LOG_ENV, str(loads))  # read by the worker processes, children of this one
+    texts = [f"{t} ({i})" for i in range(60) for t in TEXTS[:2]]
+    chunks = [Chunk(f"d{i}", 0, t, 0, len(t), len(t.split()) + 4, t) for i, t in enumerate(texts)]
+    expected = dict(zip((c.doc_id for c in chunks), encoder.encode(texts)))
+    handler = EmbeddingModelHandler(
+        minilm_path, device="cpu", precision="fp32", large_model=True, budgets=TokenBudgets(forward=256, batch=512)
+    )
+    options = PipelineOptions(["--direct_running_mode=multi_processing", "--direct_num_workers=2"])
+    with TestPipeline(options=options) as p:
+        out = p | beam.Create(chunks) | beam.Reshuffle() | Embed(handler)
+        assert_that(out["embedded"], _vectors_close(expected), label="vectors")
+        pids = out["embedded"] | beam.Map(lambda _: os.getpid()) | beam.Distinct()
+        assert_that(pids | beam.combiners.Count.Globally(), equal_to([2]), label="both workers embedded")
+    assert len(loads.read_text().splitlines()) == 1  # one model for the two processes

@@ -13,7 +13,7 @@ import apache_beam as beam
 
 from transforms.hooks import pause_point
 from transforms.inference.batching import RunInferenceByTokens
-from transforms.inference.handlers import TokenBatchedHandler, count_layout, count_precision
+from transforms.inference.handlers import TokenBatchedHandler, count_compute
 from transforms.models.devices import TokenBudgets
 from transforms.models.encoder import TextEncoder
 from transforms.models.settings import EmbeddingSpec
@@ -79,22 +79,17 @@ class EmbeddingModelHandler(TokenBatchedHandler):
         pause_point("embed")
         is_query = self._kind == "query"
         texts = [e.text if is_query else e.embed_text for e in batch]
-        if model.overlap and not is_query:
-            # Batches cut by the chunker's token counts, each tokenised while the previous one runs.
-            vectors, failures = model.encode_texts(texts, [c.n_tokens for c in batch])
-            n_tokens = sum(c.n_tokens for c in batch)
-        else:
-            ids = model.tokenize(texts, is_query=is_query)
-            vectors, failures = model.encode_ids(ids)
-            n_tokens = sum(len(x) for x in ids)
+        # One method call: ``model`` may be the proxy of a model shared across processes (large_model).
+        # Chunks bring their token counts, so passes can be cut before tokenising (TextEncoder.embed_batch).
+        lengths = None if is_query else [c.n_tokens for c in batch]
+        vectors, failures, n_tokens = model.embed_batch(texts, lengths, is_query=is_query)
         reasons = dict(failures)
         if is_query:
             counts = {"queries": len(batch), "tokens": n_tokens}
         else:  # a document's first chunk stands for the document
             counts = {"documents": sum(c.chunk_index == 0 for c in batch), "chunks": len(batch), "tokens": n_tokens}
         reporter("embed", self._progress_interval_s).add(**counts)
-        count_precision("query" if is_query else "embed", model, n_tokens)
-        count_layout("query" if is_query else "embed", model, n_tokens)
+        count_compute("query" if is_query else "embed", model.compute_info(), n_tokens)
         for i, (element, vector) in enumerate(zip(batch, vectors)):
             if vector is None:
                 yield DeadLetter.of("embed", reasons[i], getattr(element, "doc_id", ""), _describe(element))

@@ -28,16 +28,13 @@ LAYOUT_COUNTER = "{stage}_tokens_{layout}"
 LAYOUTS = ("packed", "padded")
 
 
-def count_precision(stage: str, model: TorchModel, tokens: int) -> None:
-    """Count ``tokens`` run by ``model`` under the precision it resolved to on this worker."""
-    name = PRECISION_COUNTER.format(stage=stage, precision=model.precision.name.replace("-", "_"))
-    Metrics.counter(NAMESPACE, name).inc(tokens)
-
-
-def count_layout(stage: str, model: TorchModel, tokens: int) -> None:
-    """Count ``tokens`` run by ``model`` in packed rows or padded passes, as it resolved on this worker."""
-    layout = "packed" if getattr(model, "packing", False) else "padded"
-    Metrics.counter(NAMESPACE, LAYOUT_COUNTER.format(stage=stage, layout=layout)).inc(tokens)
+def count_compute(stage: str, info: dict[str, str], tokens: int, *, layout: bool = True) -> None:
+    """Count ``tokens`` under the precision (and, with ``layout``, the packed or padded passes) that the
+    model resolved on this worker: ``info`` is its ``TorchModel.compute_info()``."""
+    precision = PRECISION_COUNTER.format(stage=stage, precision=info["precision"].replace("-", "_"))
+    Metrics.counter(NAMESPACE, precision).inc(tokens)
+    if layout:
+        Metrics.counter(NAMESPACE, LAYOUT_COUNTER.format(stage=stage, layout=info["layout"])).inc(tokens)
 
 
 def tokens_by_layout(counters: dict[str, int] | None, stage: str) -> dict[str, int] | None:

@@ -14,7 +14,7 @@ from typing import Any
 import apache_beam as beam
 
 from transforms.inference.batching import RunInferenceByTokens
-from transforms.inference.handlers import TokenBatchedHandler, count_precision
+from transforms.inference.handlers import TokenBatchedHandler, count_compute
 from transforms.models.devices import TokenBudgets
 from transforms.models.reranker import Qwen3Reranker
 from transforms.progress import reporter
@@ -101,14 +101,11 @@ class RerankModelHandler(TokenBatchedHandler):
         instruction = (inference_args or {}).get("instruction")
         members = [x.pairs if isinstance(x, QueryPairs) else (x,) for x in batch]
         pairs = [p for group in members for p in group]
-        texts = [(p.query, p.doc_text) for p in pairs]
-        ids = model.encode_pairs(texts, instruction)
-        heads = model.head_lengths(texts, ids, instruction) if model.share_prefix else None
-        scores, failures = model.score_ids(ids, heads)
+        # Method calls only: ``model`` may be the proxy of a model shared across processes (large_model).
+        scores, failures, tokens = model.score_batch([(p.query, p.doc_text) for p in pairs], instruction)
         reasons = dict(failures)
-        tokens = sum(len(x) for x in ids)
         reporter("rerank", self._progress_interval_s).add(pairs=len(pairs), tokens=tokens)
-        count_precision("rerank", model, tokens)
+        count_compute("rerank", model.compute_info(), tokens, layout=False)
         flat = [_judge(pair, score, reasons.get(i)) for i, (pair, score) in enumerate(zip(pairs, scores))]
         results: list[Judgement | DeadLetter | list[Judgement | DeadLetter]] = []
         start = 0

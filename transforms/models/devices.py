@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import logging
+import threading
 from collections.abc import Callable, Sequence
 from typing import Any, TypeVar
 
@@ -184,6 +185,23 @@ def expects_gpu(device: str, accelerator: str | None = None) -> bool:
     return device == "auto" and (bool(accelerator) or torch.cuda.is_available())
 
 
+_DEVICE_LOCKS: dict[str, threading.Lock] = {}
+_DEVICE_LOCKS_GUARD = threading.Lock()
+
+
+def device_lock(device: torch.device) -> contextlib.AbstractContextManager[Any]:
+    """Held around a model's batch on a CUDA device: one batch at a time per device in this process, whichever
+    model and thread runs it. Forward passes are sized from free memory for one pass at a time
+    (``default_token_budget``), and a process may call a model from several threads: Beam's worker threads,
+    or the callers of a model shared across processes (``large_model``). A no-op on CPU, whose encoder
+    divides the cores among its own single-thread passes."""
+    if device.type != "cuda":
+        return contextlib.nullcontext()
+    key = f"cuda:{device.index or 0}"
+    with _DEVICE_LOCKS_GUARD:
+        return _DEVICE_LOCKS.setdefault(key, threading.Lock())
+
+
 class TorchModel:
     """Base of the encoder and the reranker: cheap, picklable construction; ``load()`` reads.
 
@@ -252,6 +270,12 @@ class TorchModel:
 
         if prepack.applies(self.device, self.precision.weights, self.precision.autocast):
             self.prepacked = prepack.prepack_linears(self.model, rows_hint=self.token_budget)
+
+    def compute_info(self) -> dict[str, str]:
+        """How this loaded model computes, for the job's counters: ``precision`` (the resolved name) and
+        ``layout`` (``packed`` rows or ``padded`` passes). A method, not attributes, so that it also answers
+        through the proxy of a model shared across processes (Beam's ``large_model``)."""
+        return {"precision": self.precision.name, "layout": "packed" if getattr(self, "packing", False) else "padded"}
 
     def describe_compute(self) -> str:
         """The precision, and the prepacked layers if any, for the worker's load log line."""

@@ -49,7 +49,7 @@ import numpy as np
 import torch
 
 from transforms.models import varlen
-from transforms.models.devices import TorchModel, budget_batches, check_precision, run_splitting_on_oom
+from transforms.models.devices import TorchModel, budget_batches, check_precision, device_lock, run_splitting_on_oom
 from transforms.models.fast import BACKENDS, CompiledRunner, OnnxRunner, PackedCompiledRunner, bucket_of, length_buckets
 from transforms.models.settings import EmbeddingSpec, load_tokenizer
 from transforms.text.tokens import tokenize_ids
@@ -280,6 +280,24 @@ class TextEncoder(TorchModel):
         cut by ``lengths`` and each is tokenised only when it is prepared, so with ``overlap`` the
         tokenisation of the next batch runs while the current one is on the device."""
         return self._encode(list(lengths), lambda batch: self.tokenize([texts[i] for i in batch], is_query=is_query))
+
+    def embed_batch(
+        self, texts: Sequence[str], lengths: Sequence[int] | None = None, *, is_query: bool = False
+    ) -> tuple[list[np.ndarray | None], list[tuple[int, str]], int]:
+        """One Beam batch: ``(vectors, failures, tokens)``, the handler's single call per batch.
+
+        With ``lengths`` (a chunk's ``n_tokens``) and ``overlap``, ``encode_texts``: each pass is tokenised
+        while the previous one runs; otherwise the texts are tokenised first (``encode_ids``). On CUDA one
+        batch runs at a time per device: passes are sized from free memory for one at a time, and a model
+        shared across processes (Beam's ``large_model``) serves its callers from several threads.
+        """
+        with device_lock(self.device):
+            if lengths is not None and self.overlap and not is_query:
+                vectors, failures = self.encode_texts(texts, lengths, is_query=is_query)
+                return vectors, failures, sum(lengths)
+            ids = self.tokenize(texts, is_query=is_query)
+            vectors, failures = self.encode_ids(ids)
+            return vectors, failures, sum(len(x) for x in ids)
 
     def _encode(
         self, lengths: list[int], fetch: Any

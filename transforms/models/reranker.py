@@ -39,7 +39,7 @@ from typing import Any
 
 import torch
 
-from transforms.models.devices import TorchModel, run_in_token_budget
+from transforms.models.devices import TorchModel, device_lock, run_in_token_budget
 from transforms.models.settings import load_tokenizer, resolve_model
 
 _LOG = logging.getLogger(__name__)
@@ -192,6 +192,18 @@ class Qwen3Reranker(TorchModel):
                 f"could not score {len(failures)} of {len(pairs)} pairs (first: #{index}: {reason})"
             )
         return [float(s) for s in scores]  # type: ignore[arg-type]
+
+    def score_batch(
+        self, pairs: Sequence[tuple[str, str]], instruction: str | None = None
+    ) -> tuple[list[float | None], list[tuple[int, str]], int]:
+        """One Beam batch: ``(scores, failures, tokens)``, the handler's single call per batch (so it also runs
+        through the proxy of a model shared across processes). The prompt heads are shared when the reranker
+        was built with ``share_prefix``; on CUDA one batch runs at a time per device (``device_lock``)."""
+        with device_lock(self.device):
+            ids = self.encode_pairs(pairs, instruction)
+            heads = self.head_lengths(pairs, ids, instruction) if self.share_prefix else None
+            scores, failures = self.score_ids(ids, heads)
+            return scores, failures, sum(len(x) for x in ids)
 
     def score_ids(
         self, ids: Sequence[list[int]], head_lengths: Sequence[int] | None = None
