@@ -117,7 +117,7 @@ def describe_precision(setting: str, computed: dict[str, int] | None) -> str:
 
 def describe_copies(summary: dict[str, Any]) -> str:
     """The summary line of ``--share-model`` where it resolved to one copy per machine."""
-    why = " (auto: the model steps run on a GPU)" if summary.get("share_model") == "auto" else ""
+    why = " (auto: a GPU, several worker processes)" if summary.get("share_model") == "auto" else ""
     return f"one per worker machine, shared by its processes{why}"
 
 
@@ -172,6 +172,20 @@ def worker_cpu_threads(options: PipelineOptions, flag: int | None = None) -> int
     _LOG.info("%d DirectRunner workers share %d cores: torch runs %d thread(s) in each (--cpu-threads to change)",
               workers, cores, threads)  # fmt: skip
     return threads
+
+
+def several_worker_processes(options: PipelineOptions) -> bool:
+    """Whether the job's workers may run several SDK processes on one machine: on every runner (Dataflow starts
+    one per vCPU, a worker pool one per task slot) but DirectRunner in one process (``in_memory``,
+    ``multi_threading``, or ``multi_processing`` with one worker). ``--share-model auto`` shares a GPU model
+    only where this holds: in one process there is nothing to share, and the proxy costs a little."""
+    from apache_beam.options.pipeline_options import DirectOptions, StandardOptions
+
+    runner = options.view_as(StandardOptions).runner
+    if runner is not None and str(runner).lower() not in ("directrunner", "direct"):
+        return True
+    direct = options.view_as(DirectOptions)
+    return direct.direct_running_mode == "multi_processing" and direct.direct_num_workers != 1
 
 
 def start_pipeline(test_pipeline: Any, beam_args: list[str] | None, device: str):

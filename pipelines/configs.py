@@ -33,13 +33,14 @@ def check_share_model(setting: str) -> None:
         raise ValueError(f"--share-model must be one of {', '.join(SHARE_MODEL)}, got {setting!r}")
 
 
-def shares_model(setting: str, gpu: bool) -> bool:
+def shares_model(setting: str, gpu: bool, several_processes: bool) -> bool:
     """Whether each model is loaded once per worker machine and shared by its processes (RunInference's
-    ``large_model``): ``--share-model machine``, or ``auto`` where the model steps run on a GPU. One copy per
-    GPU: weights once in GPU memory, forward passes sized from free memory and run one at a time
+    ``large_model``): ``--share-model machine``, or ``auto`` where the model steps run on a GPU and a machine
+    may run several worker processes (``pipelines.common.several_worker_processes``). One copy per GPU:
+    weights once in GPU memory, forward passes sized from free memory and run one at a time
     (``transforms.models.devices.device_lock``), where a copy per process (Dataflow starts one per vCPU)
     would load the weights N times and size each process's passes from what the others left free."""
-    return setting == "machine" or (setting == "auto" and gpu)
+    return setting == "machine" or (setting == "auto" and gpu and several_processes)
 
 
 def model_location(model: str) -> str:
@@ -129,9 +130,8 @@ class IndexConfig:
         """Whether the model steps will run on a GPU as far as this machine can tell (Beam batch sizes follow)."""
         return expects_gpu(self.device, dict(self.resource_hints).get("accelerator"))
 
-    @property
-    def shares_model(self) -> bool:
-        return shares_model(self.share_model, self.expects_gpu)
+    def shares_model(self, several_processes: bool) -> bool:
+        return shares_model(self.share_model, self.expects_gpu, several_processes)
 
     def __post_init__(self) -> None:
         if not self.input:
@@ -246,9 +246,8 @@ class LabelConfig:
         """Whether the model steps will run on a GPU as far as this machine can tell (Beam batch sizes follow)."""
         return expects_gpu(self.device, dict(self.resource_hints).get("accelerator"))
 
-    @property
-    def shares_model(self) -> bool:
-        return shares_model(self.share_model, self.expects_gpu)
+    def shares_model(self, several_processes: bool) -> bool:
+        return shares_model(self.share_model, self.expects_gpu, several_processes)
 
     def __post_init__(self) -> None:
         if bool(self.collection) == bool(self.candidates):

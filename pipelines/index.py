@@ -35,6 +35,7 @@ from pipelines.common import (
     publish_summary,
     run_and_wait,
     run_job,
+    several_worker_processes,
     start_pipeline,
     step_seconds,
     worker_cpu_threads,
@@ -103,7 +104,8 @@ def build_pipeline(
         functools.partial(open_store, config.qdrant), config.collection,
         functools.partial(chunk_payload, model_id=config.model, digest=digest), force=config.force,
     )  # fmt: skip
-    handler = embedding_handler(config, spec, worker_cpu_threads(p.options, config.cpu_threads))
+    shared = config.shares_model(several_worker_processes(p.options))
+    handler = embedding_handler(config, spec, worker_cpu_threads(p.options, config.cpu_threads), shared=shared)
     embedded = fresh["to_embed"] | "EmbedChunks" >> _with_hints(Embed(handler), config.resource_hints)
     to_write = (embedded["embedded"], fresh[REUSED]) | "ToWrite" >> beam.Flatten()
     written = to_write | "WriteToQdrant" >> WriteToQdrant(
@@ -135,7 +137,9 @@ def read_spec(config: IndexConfig) -> EmbeddingSpec:
     return EmbeddingSpec.read(config.model, dim=config.dim, max_length=config.max_length)
 
 
-def embedding_handler(config: IndexConfig, spec: EmbeddingSpec, cpu_threads: int | None = None) -> EmbeddingModelHandler:
+def embedding_handler(
+    config: IndexConfig, spec: EmbeddingSpec, cpu_threads: int | None = None, *, shared: bool = False
+) -> EmbeddingModelHandler:
     return EmbeddingModelHandler(
         spec,
         device=config.device,
@@ -146,7 +150,7 @@ def embedding_handler(config: IndexConfig, spec: EmbeddingSpec, cpu_threads: int
         packing=PACKING[config.packing],
         cpu_workers=0 if config.cpu_workers is None else config.cpu_workers,  # 0: the worker's torch threads
         cpu_threads=cpu_threads,
-        large_model=config.shares_model,
+        large_model=shared,  # one model per machine (--share-model)
     )
 
 
@@ -241,6 +245,9 @@ def run_config(config: IndexConfig, beam_args: list[str] | None = None, test_pip
         documents_per_s=round((counts or {}).get("documents_read", 0) / elapsed, 2),
         tokens_per_s=round((counts or {}).get("tokens", 0) / elapsed, 1),
         step_seconds=step_seconds(result, counts, STEPS),
+        # --share-model: the setting, and the copies of the model per worker machine it resolved to
+        share_model=config.share_model,
+        model_copies="machine" if config.shares_model(several_worker_processes(p.options)) else "process",
     )
     publish_summary(summary, format_summary(summary), config.summary_out)
     return summary
@@ -362,9 +369,6 @@ def _finish(
         "precision_computed": tokens_by_precision(counts, "embed"),
         "packing": config.packing,  # the setting; what ran: tokens in packed rows and in padded passes
         "packing_computed": tokens_by_layout(counts, "embed"),
-        # --share-model: the setting, and the copies of the model per worker machine it resolved to
-        "share_model": config.share_model,
-        "model_copies": "machine" if config.shares_model else "process",
         "vector_size": size,
         "chunk_tokens": config.chunking.chunk_tokens,
         "chunk_overlap": config.chunking.chunk_overlap,

@@ -30,6 +30,7 @@ from pipelines.common import (
     publish_summary,
     run_and_wait,
     run_job,
+    several_worker_processes,
     start_pipeline,
     step_seconds,
     worker_cpu_threads,
@@ -61,7 +62,7 @@ _LOG = logging.getLogger(__name__)
 
 
 # -- steps -------------------------------------------------------------------------------------
-def reranker_handler(config: LabelConfig, cpu_threads: int | None = None) -> RerankModelHandler:
+def reranker_handler(config: LabelConfig, cpu_threads: int | None = None, *, shared: bool = False) -> RerankModelHandler:
     return RerankModelHandler(
         config.reranker,
         device=config.device,
@@ -72,15 +73,17 @@ def reranker_handler(config: LabelConfig, cpu_threads: int | None = None) -> Rer
         share_prefix=config.share_prefix,
         progress_interval_s=config.progress_interval_s,
         cpu_threads=cpu_threads,
-        large_model=config.shares_model,
+        large_model=shared,  # one model per machine (--share-model)
     )
 
 
-def query_handler(config: LabelConfig, spec: EmbeddingSpec, cpu_threads: int | None = None) -> EmbeddingModelHandler:
+def query_handler(
+    config: LabelConfig, spec: EmbeddingSpec, cpu_threads: int | None = None, *, shared: bool = False
+) -> EmbeddingModelHandler:
     return EmbeddingModelHandler(
         spec, device=config.device, precision=config.precision, query_instruction=config.query_instruction,
         kind="query",
-        progress_interval_s=config.progress_interval_s, cpu_threads=cpu_threads, large_model=config.shares_model,
+        progress_interval_s=config.progress_interval_s, cpu_threads=cpu_threads, large_model=shared,
     )
 
 
@@ -110,6 +113,7 @@ def build_pipeline(p: beam.Pipeline, config: LabelConfig, provenance: dict[str, 
     checked = checked or {}
     hints = dict(config.resource_hints)
     threads = worker_cpu_threads(p.options, config.cpu_threads)
+    shared = config.shares_model(several_worker_processes(p.options))  # one copy of each model per machine
     log = checked.get("queries", p) | "ReadQueryLog" >> ReadParquetRows(config.queries, config.query_columns.all)
     rows = log["rows"] | "ReadProgress" >> report_progress("read", config.progress_interval_s, _row_counts)
     parsed = rows | "ParseQueries" >> ParseQueryRows(config.query_columns)
@@ -121,7 +125,7 @@ def build_pipeline(p: beam.Pipeline, config: LabelConfig, provenance: dict[str, 
     if config.collection:
         spec = spec or EmbeddingSpec.read(config.model, dim=config.dim)
         first = queries | "RetrieveFromIndex" >> RetrieveFromIndex(
-            query_handler(config, spec, threads), config.qdrant, config.collection, config.top_k, embed_hints=hints
+            query_handler(config, spec, threads, shared=shared), config.qdrant, config.collection, config.top_k, embed_hints=hints
         )
         failed = first[DEAD]  # a query whose embedding failed: written once, as its outcome
     else:
@@ -133,7 +137,7 @@ def build_pipeline(p: beam.Pipeline, config: LabelConfig, provenance: dict[str, 
         )
         unknown = first["unknown_candidates"]
         dead += [first[DEAD], unknown]
-    rerank = Rerank(reranker_handler(config, threads))
+    rerank = Rerank(reranker_handler(config, threads, shared=shared))
     scored = first["pairs"] | "Rerank" >> (rerank.with_resource_hints(**hints) if hints else rerank)
     dead.append(scored[DEAD])
     built = (
@@ -262,7 +266,7 @@ def run_config(config: LabelConfig, beam_args: list[str] | None = None, test_pip
         "packing_computed": {"query": tokens_by_layout(counts, "query")},
         # --share-model: the setting, and the copies of each model per worker machine it resolved to
         "share_model": config.share_model,
-        "model_copies": "machine" if config.shares_model else "process",
+        "model_copies": "machine" if config.shares_model(several_worker_processes(p.options)) else "process",
         "elapsed_s": round(elapsed, 2),
         "pairs_per_s": round(acct["pairs_scored"] / elapsed, 2),
         # each step's own work: RunInference's latency for the models, the retriever's and the writer's counters

@@ -181,11 +181,13 @@ def test_gpu_jobs_get_beam_batches_of_gpu_passes(minilm_path, monkeypatch, devic
     assert config.expects_gpu is gpu
     handler = embedding_handler(config, read_spec(config))
     assert handler.budgets == TokenBudgets(forward=None, batch=4 * (GPU_FORWARD_TOKENS if gpu else 8192))
-    # --share-model auto: one model per machine where it runs on a GPU, one per process on CPU
-    assert handler.share_model_across_processes() is gpu
+    # --share-model auto: one model per machine where it runs on a GPU and a machine runs several worker processes
+    assert (config.shares_model(several_processes=True), config.shares_model(several_processes=False)) == (gpu, False)
     for setting, shared in (("machine", True), ("process", False)):
         explicit = dataclasses.replace(config, share_model=setting)
-        assert embedding_handler(explicit, read_spec(config)).share_model_across_processes() is shared
+        assert explicit.shares_model(several_processes=True) is explicit.shares_model(several_processes=False) is shared
+    assert embedding_handler(config, read_spec(config), shared=True).share_model_across_processes()
+    assert not handler.share_model_across_processes()
     assert TokenBudgets.from_flag(4096, 512, gpu=gpu) == TokenBudgets(forward=4096, batch=16_384)
     assert TokenBudgets.from_flag(None, 2_000_000, gpu=gpu).batch == 2_000_000  # the longest input fits alone
 
@@ -198,7 +200,29 @@ def test_label_reranking_batches_follow_the_device_too(device, gpu):
 
     config = LabelConfig(queries="q.parquet", out="out", collection="c", device=device)
     assert reranker_handler(config).budgets.batch == 4 * (GPU_FORWARD_TOKENS if gpu else 8192)
-    assert reranker_handler(config).share_model_across_processes() is gpu  # --share-model auto
+    assert config.shares_model(several_processes=True) is gpu  # --share-model auto
+    assert reranker_handler(config, shared=True).share_model_across_processes()
+
+
+@pytest.mark.parametrize(
+    ("args", "several"),
+    [
+        ([], False),  # DirectRunner in this process
+        (["--direct_running_mode=multi_threading", "--direct_num_workers=4"], False),
+        (["--direct_running_mode=multi_processing", "--direct_num_workers=2"], True),
+        (["--direct_running_mode=multi_processing", "--direct_num_workers=1"], False),
+        (["--direct_running_mode=multi_processing", "--direct_num_workers=0"], True),  # one per core
+        (["--runner=DataflowRunner"], True),  # a process per vCPU
+        (["--runner=PortableRunner"], True),
+        (["--runner=FlinkRunner"], True),
+    ],
+)
+def test_which_runners_run_several_worker_processes_on_a_machine(args, several):
+    from apache_beam.options.pipeline_options import PipelineOptions
+
+    from pipelines.common import several_worker_processes
+
+    assert several_worker_processes(PipelineOptions(args)) is several
 
 
 def test_share_model_takes_three_settings():
