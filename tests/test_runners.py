@@ -319,17 +319,19 @@ def test_index_rerun_and_label_equal_the_in_process_run(
     assert [name for name in got if got[name] != reference["labels"][name]] == []
 
 
+@pytest.mark.parametrize("mode", ["multi_processing", "portable"])
 def test_share_model_machine_loads_each_model_once_for_both_workers(
-    request, tmp_path, corpus, reference, minilm_path, qwen3_reranker_dir
+    mode, request, tmp_path, corpus, reference, minilm_path, qwen3_reranker_dir
 ):
     """``--share-model machine`` (the default where the model steps run on a GPU) on 2 worker processes: each
     model is loaded by one process and the other sends it its batches (RunInference's ``large_model``); the
     index and the label files equal the in-process run's."""
-    runner, env, hooks = _mode("multi_processing", request, tmp_path)
+    runner, env, hooks = _mode(mode, request, tmp_path)
     store, summary_out = str(tmp_path / "store"), tmp_path / "summary.json"
     share = ["--share-model", "machine", *runner, "--summary-out", str(summary_out)]
+    loaded = len(model_loads(hooks))  # the portable pool's hooks folder serves the whole module
     driver, out = run_job(["index", *index_args(store, corpus["v1"], minilm_path), *share], env)
-    assert [model for _, model in model_loads(hooks)] == [minilm_path]
+    assert [model for _, model in model_loads(hooks)[loaded:]] == [minilm_path]
     assert driver not in {pid for pid, _ in model_loads(hooks)}
     summary = json.loads(summary_out.read_text())
     assert (summary["share_model"], summary["model_copies"]) == ("machine", "machine")
@@ -339,7 +341,7 @@ def test_share_model_machine_loads_each_model_once_for_both_workers(
 
     labels = tmp_path / "labels"
     run_job(["label", *label_args(store, labels, corpus["queries"], minilm_path, qwen3_reranker_dir), *share], env)
-    assert sorted(model for _, model in model_loads(hooks)[1:]) == sorted([minilm_path, str(qwen3_reranker_dir)])
+    assert sorted(model for _, model in model_loads(hooks)[loaded + 1 :]) == sorted([minilm_path, str(qwen3_reranker_dir)])
     assert json.loads(summary_out.read_text())["model_copies"] == "machine"
     got = label_files(labels)
     assert [name for name in got if got[name] != reference["labels"].get(name)] == []
