@@ -495,6 +495,11 @@ def main(argv: list[str] | None = None) -> None:
             reset_memory(device)
             print(failed[-1], flush=True)
             continue
+        finally:
+            if name.endswith("-liger"):  # its rotary patch is process-wide: the next variants run without it
+                from transforms.models import liger
+
+                liger.unpatch_rotary()
         result.agreement = float((vectors * ours).sum(axis=1).min())
         results.append(result)
         reset_memory(device)

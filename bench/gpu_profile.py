@@ -176,12 +176,9 @@ def packed_cases(model, n: int, longest: int, vocab: int, device: torch.device, 
     if liger:
         import copy
 
-        from transformers.models.qwen3 import modeling_qwen3
-
         from transforms.models import liger as liger_kernels
 
-        rotary = modeling_qwen3.apply_rotary_pos_emb  # liger's patch of it is process-wide: undone below,
-        fused = copy.deepcopy(model)  # so the profiled pass below stays the unpatched one
+        fused = copy.deepcopy(model)
         try:
             liger_kernels.apply(fused)
             report(f"{label}, eager, Liger kernels", timed(lambda: run(fused), device), n)
@@ -189,8 +186,8 @@ def packed_cases(model, n: int, longest: int, vocab: int, device: torch.device, 
             report(f"{label}, torch.compile, Liger kernels", timed(lambda: run(fused_compiled), device), n)
         except Exception as exc:  # the rows above still print (one GPU lease)
             print(f"| {label}, Liger kernels | failed: {type(exc).__name__}: {exc} |", flush=True)
-        finally:
-            modeling_qwen3.apply_rotary_pos_emb = rotary
+        finally:  # Liger's rotary patch is process-wide: the profiled pass below stays the unpatched one
+            liger_kernels.unpatch_rotary()
         del fused
     return lambda *_: run(compiled)
 

@@ -266,6 +266,9 @@ def main(argv: list[str] | None = None) -> None:
             failed.append(f"| {name} | failed: {type(exc).__name__}: {str(exc).splitlines()[0][:200]} |")
             print(failed[-1], flush=True)
         ours = None
+        from transforms.models import liger
+
+        liger.unpatch_rotary()  # process-wide: the card's loop below runs transformers' own
         reset_memory(device)
 
     card = CardLoop(path, device, dtype)

@@ -79,6 +79,13 @@ needs_liger = pytest.mark.skipif(
 )
 
 
+@pytest.fixture(autouse=True)
+def _rotary_restored():
+    """``apply``'s rotary patch is process-wide: the tests after these run transformers' own."""
+    yield
+    liger.unpatch_rotary()
+
+
 @pytest.mark.gpu
 @needs_liger
 def test_cuda_liger_kernels_match_card_and_unpatched(qwen3_embedding_dir):
@@ -109,3 +116,12 @@ def test_cuda_liger_kernels_in_the_reranker(qwen3_reranker_dir):
     for shared in (False, True):  # the shared prompt head runs through the KV cache
         plain.share_prefix = fused.share_prefix = shared
         np.testing.assert_allclose(fused.score(PAIRS), plain.score(PAIRS), atol=2e-2)  # P(yes), bf16
+
+
+def test_unpatch_rotary_gives_back_transformers_own():
+    original = modeling_qwen3.apply_rotary_pos_emb
+    modeling_qwen3.apply_rotary_pos_emb = liger._rotary(_Refuses, original)
+    liger.unpatch_rotary()
+    assert modeling_qwen3.apply_rotary_pos_emb is original
+    liger.unpatch_rotary()  # nothing patched: nothing to undo
+    assert modeling_qwen3.apply_rotary_pos_emb is original

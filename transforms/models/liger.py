@@ -102,4 +102,15 @@ def _rotary(function: Any, original: Any) -> Any:
         return function.apply(q, k, cos, sin, None, kwargs.get("unsqueeze_dim", 1))
 
     apply_rotary_pos_emb._liger = True  # type: ignore[attr-defined]
+    apply_rotary_pos_emb._original = original  # type: ignore[attr-defined]
     return apply_rotary_pos_emb
+
+
+def unpatch_rotary() -> None:
+    """Undo ``apply``'s process-wide rotary patch: for benches and tests that compare patched and unpatched models
+    in one process (the patched models' norms and MLPs keep Liger's kernels)."""
+    from transformers.models.qwen3 import modeling_qwen3
+
+    patched = modeling_qwen3.apply_rotary_pos_emb
+    if getattr(patched, "_liger", False):
+        modeling_qwen3.apply_rotary_pos_emb = patched._original
