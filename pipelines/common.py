@@ -141,6 +141,17 @@ def check_local_device(options: PipelineOptions, device: str) -> None:
         resolve_device(device)
 
 
+def direct_runner_mode(options: PipelineOptions) -> str | None:
+    """DirectRunner's ``--direct_running_mode`` (``in_memory`` by default) when the job runs on DirectRunner (the
+    default runner), else None."""
+    from apache_beam.options.pipeline_options import DirectOptions, StandardOptions
+
+    runner = options.view_as(StandardOptions).runner
+    if runner is not None and str(runner).lower() not in ("directrunner", "direct"):
+        return None
+    return options.view_as(DirectOptions).direct_running_mode or "in_memory"
+
+
 def worker_cpu_threads(options: PipelineOptions, flag: int | None = None) -> int | None:
     """Torch's CPU threads in each worker process, or None to leave torch's default.
 
@@ -152,18 +163,15 @@ def worker_cpu_threads(options: PipelineOptions, flag: int | None = None) -> int
     on 2 cores: 13-20% fewer pairs/s, BENCHMARKS.md "Torch threads per worker process"). None on other runners (their workers are on other
     machines) and when ``OMP_NUM_THREADS`` is set (the user has chosen).
     """
-    from apache_beam.options.pipeline_options import DirectOptions, StandardOptions
+    from apache_beam.options.pipeline_options import DirectOptions
 
     if flag:
         return flag
     if os.environ.get("OMP_NUM_THREADS"):
         return None
-    runner = options.view_as(StandardOptions).runner
-    if runner is not None and str(runner).lower() not in ("directrunner", "direct"):
+    if direct_runner_mode(options) not in ("multi_processing", "multi_threading"):
         return None
     direct = options.view_as(DirectOptions)
-    if direct.direct_running_mode not in ("multi_processing", "multi_threading"):
-        return None
     workers = direct.direct_num_workers if direct.direct_num_workers != 0 else (os.cpu_count() or 1)
     if not workers or workers <= 1:
         return None
@@ -179,13 +187,10 @@ def several_worker_processes(options: PipelineOptions) -> bool:
     one per vCPU, a worker pool one per task slot) but DirectRunner in one process (``in_memory``,
     ``multi_threading``, or ``multi_processing`` with one worker). ``--share-model auto`` shares a GPU model
     only where this holds: in one process there is nothing to share, and the proxy costs a little."""
-    from apache_beam.options.pipeline_options import DirectOptions, StandardOptions
+    from apache_beam.options.pipeline_options import DirectOptions
 
-    runner = options.view_as(StandardOptions).runner
-    if runner is not None and str(runner).lower() not in ("directrunner", "direct"):
-        return True
-    direct = options.view_as(DirectOptions)
-    return direct.direct_running_mode == "multi_processing" and direct.direct_num_workers != 1
+    mode = direct_runner_mode(options)
+    return mode is None or (mode == "multi_processing" and options.view_as(DirectOptions).direct_num_workers != 1)
 
 
 def start_pipeline(test_pipeline: Any, beam_args: list[str] | None, device: str):

@@ -33,14 +33,28 @@ def check_share_model(setting: str) -> None:
         raise ValueError(f"--share-model must be one of {', '.join(SHARE_MODEL)}, got {setting!r}")
 
 
-def shares_model(setting: str, gpu: bool, several_processes: bool) -> bool:
-    """Whether each model is loaded once per worker machine and shared by its processes (RunInference's
-    ``large_model``): ``--share-model machine``, or ``auto`` where the model steps run on a GPU and a machine
-    may run several worker processes (``pipelines.common.several_worker_processes``). One copy per GPU:
-    weights once in GPU memory, forward passes sized from free memory and run one at a time
-    (``transforms.models.devices.device_lock``), where a copy per process (Dataflow starts one per vCPU)
-    would load the weights N times and size each process's passes from what the others left free."""
-    return setting == "machine" or (setting == "auto" and gpu and several_processes)
+class _ModelSteps:
+    """Where a job's model steps run, from its ``device``, ``resource_hints`` and ``share_model`` fields (the
+    index and label configs both have them)."""
+
+    device: str
+    resource_hints: tuple[tuple[str, str], ...]
+    share_model: str
+
+    @property
+    def expects_gpu(self) -> bool:
+        """Whether the model steps will run on a GPU as far as this machine can tell (Beam batch sizes follow)."""
+        return expects_gpu(self.device, dict(self.resource_hints).get("accelerator"))
+
+    def shares_model(self, several_processes: bool) -> bool:
+        """Whether each model is loaded once per worker machine and shared by its processes (RunInference's
+        ``large_model``): ``--share-model machine``, or ``auto`` where the model steps run on a GPU and a machine
+        may run several worker processes (``pipelines.common.several_worker_processes``). One copy per GPU:
+        weights once in GPU memory, forward passes sized from free memory and run one at a time
+        (``transforms.models.devices.device_lock``), where a copy per process (Dataflow starts one per vCPU)
+        would load the weights N times and size each process's passes from what the others left free."""
+        setting = self.share_model
+        return setting == "machine" or (setting == "auto" and self.expects_gpu and several_processes)
 
 
 def model_location(model: str) -> str:
@@ -94,7 +108,7 @@ def check_job_timeout(seconds: float | None) -> None:
 
 
 @dataclasses.dataclass(frozen=True)
-class IndexConfig:
+class IndexConfig(_ModelSteps):
     input: str
     collection: str
     model: str
@@ -123,15 +137,7 @@ class IndexConfig:
     gate: GateConfig | None = None  # alias guard: quality against the current target
     resource_hints: tuple[tuple[str, str], ...] = ()  # on the embedding step only (--accelerator, --model-min-ram)
     job_timeout_s: float | None = None  # --job-timeout: the job fails past it (pipelines.runner)
-    share_model: str = "auto"  # --share-model: auto | machine | process (shares_model)
-
-    @property
-    def expects_gpu(self) -> bool:
-        """Whether the model steps will run on a GPU as far as this machine can tell (Beam batch sizes follow)."""
-        return expects_gpu(self.device, dict(self.resource_hints).get("accelerator"))
-
-    def shares_model(self, several_processes: bool) -> bool:
-        return shares_model(self.share_model, self.expects_gpu, several_processes)
+    share_model: str = "auto"  # --share-model: auto | machine | process (_ModelSteps.shares_model)
 
     def __post_init__(self) -> None:
         if not self.input:
@@ -208,7 +214,7 @@ def index_config(args: argparse.Namespace) -> IndexConfig:
 
 
 @dataclasses.dataclass(frozen=True)
-class LabelConfig:
+class LabelConfig(_ModelSteps):
     queries: str
     out: str
     reranker: str = DEFAULT_RERANKER
@@ -239,15 +245,7 @@ class LabelConfig:
     summary_out: str | None = None
     resource_hints: tuple[tuple[str, str], ...] = ()  # on query embedding and reranking only
     job_timeout_s: float | None = None  # --job-timeout: the job fails past it (pipelines.runner)
-    share_model: str = "auto"  # --share-model: auto | machine | process (shares_model)
-
-    @property
-    def expects_gpu(self) -> bool:
-        """Whether the model steps will run on a GPU as far as this machine can tell (Beam batch sizes follow)."""
-        return expects_gpu(self.device, dict(self.resource_hints).get("accelerator"))
-
-    def shares_model(self, several_processes: bool) -> bool:
-        return shares_model(self.share_model, self.expects_gpu, several_processes)
+    share_model: str = "auto"  # --share-model: auto | machine | process (_ModelSteps.shares_model)
 
     def __post_init__(self) -> None:
         if bool(self.collection) == bool(self.candidates):

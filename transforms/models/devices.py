@@ -11,6 +11,8 @@ from typing import Any, TypeVar
 
 import torch
 
+from transforms.models import liger
+
 T = TypeVar("T")
 R = TypeVar("R")
 
@@ -223,8 +225,6 @@ class TorchModel:
         precision: str = "auto",
         kernels: str = "none",
     ) -> None:
-        from transforms.models import liger
-
         check_precision(precision)
         self.kernels = liger.check(kernels)
         self.kernels_patched = 0
@@ -248,8 +248,6 @@ class TorchModel:
             kwargs["attn_implementation"] = self.attn_implementation
         self._model = auto_class.from_pretrained(path, **kwargs).to(self.device).eval()
         if self.kernels == "liger":  # before any compiling, so inductor traces the fused kernels
-            from transforms.models import liger
-
             self.kernels_patched = liger.apply(self._model)
         budget = self.token_budget_override or default_token_budget(self._model, self.device)
         self.token_budget = max(budget, longest_input)
