@@ -116,9 +116,9 @@ def describe_precision(setting: str, computed: dict[str, int] | None) -> str:
 
 
 def describe_copies(summary: dict[str, Any]) -> str:
-    """The summary line of ``--share-model`` where it resolved to one copy per machine."""
+    """The summary line of ``--share-model`` where it resolved to copies per machine, not per process."""
     why = " (auto: a GPU, several worker processes)" if summary.get("share_model") == "auto" else ""
-    return f"one per worker machine, shared by its processes{why}"
+    return f"one per GPU of each worker machine (one on CPU), shared by its processes{why}"
 
 
 def write_json(path: str, obj: Any) -> None:

@@ -47,10 +47,10 @@ class _ModelSteps:
         return expects_gpu(self.device, dict(self.resource_hints).get("accelerator"))
 
     def shares_model(self, several_processes: bool) -> bool:
-        """Whether each model is loaded once per worker machine and shared by its processes (RunInference's
+        """Whether each model is loaded once per GPU of a worker machine and shared by its processes (RunInference's
         ``large_model``): ``--share-model machine``, or ``auto`` where the model steps run on a GPU and a machine
         may run several worker processes (``pipelines.common.several_worker_processes``). One copy per GPU:
-        weights once in GPU memory, forward passes sized from free memory and run one at a time
+        weights once in each GPU's memory (``devices.place_on_gpu``), forward passes sized from free memory and run one at a time
         (``transforms.models.devices.device_lock``), where a copy per process (Dataflow starts one per vCPU)
         would load the weights N times and size each process's passes from what the others left free."""
         setting = self.share_model

@@ -121,8 +121,8 @@ def add_resource_arguments(parser: argparse.ArgumentParser, steps: str) -> None:
     group.add_argument(
         "--share-model", default="auto", choices=SHARE_MODEL,
         help="copies of each model on a worker machine: process (one per SDK worker process, Beam's default; "
-        "Dataflow starts a process per vCPU), machine (one, shared by the machine's processes: RunInference's "
-        "large_model, the other processes send it their batches) or auto (machine where the model steps run on a "
+        "Dataflow starts a process per vCPU), machine (one per GPU of the machine, one on CPU, shared by the machine's "
+        "processes: RunInference's large_model, the other processes send it their batches) or auto (machine where the model steps run on a "
         "GPU, --device cuda or auto with --accelerator or a GPU here, and a machine may run several worker processes: "
         "every runner but DirectRunner in one process; else process)",
     )

@@ -150,7 +150,7 @@ def embedding_handler(
         packing=PACKING[config.packing],
         cpu_workers=0 if config.cpu_workers is None else config.cpu_workers,  # 0: the worker's torch threads
         cpu_threads=cpu_threads,
-        large_model=shared,  # one model per machine (--share-model)
+        large_model=shared,  # one copy per GPU of a machine (--share-model)
     )
 
 

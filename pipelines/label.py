@@ -73,7 +73,7 @@ def reranker_handler(config: LabelConfig, cpu_threads: int | None = None, *, sha
         share_prefix=config.share_prefix,
         progress_interval_s=config.progress_interval_s,
         cpu_threads=cpu_threads,
-        large_model=shared,  # one model per machine (--share-model)
+        large_model=shared,  # one copy per GPU of a machine (--share-model)
     )
 
 
@@ -113,7 +113,7 @@ def build_pipeline(p: beam.Pipeline, config: LabelConfig, provenance: dict[str, 
     checked = checked or {}
     hints = dict(config.resource_hints)
     threads = worker_cpu_threads(p.options, config.cpu_threads)
-    shared = config.shares_model(several_worker_processes(p.options))  # one copy of each model per machine
+    shared = config.shares_model(several_worker_processes(p.options))  # one copy of each model per GPU of a machine
     log = checked.get("queries", p) | "ReadQueryLog" >> ReadParquetRows(config.queries, config.query_columns.all)
     rows = log["rows"] | "ReadProgress" >> report_progress("read", config.progress_interval_s, _row_counts)
     parsed = rows | "ParseQueries" >> ParseQueryRows(config.query_columns)

@@ -61,3 +61,73 @@ def test_the_driver_checks_the_device_only_for_local_runners():
         check_local_device(PipelineOptions([]), "cuda")
     # A Dataflow driver rarely has the workers' GPU: the workers check when they load the model.
     check_local_device(PipelineOptions(["--runner", "DataflowRunner"]), "cuda")
+
+
+# -- placing copies on the GPUs of a machine (``place_on_gpu``), with a GPU count given: no GPU needed --------------
+def _claim_in_child(folder, key: str, gpus: int) -> str:
+    """One claim from a process of its own, which then ends."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, torch; from transforms.models.devices import place_on_gpu; "
+        "print(place_on_gpu(torch.device('cuda'), sys.argv[1], gpus=int(sys.argv[2]), folder=sys.argv[3]))"
+    )
+    done = subprocess.run([sys.executable, "-c", code, key, str(gpus), str(folder)], capture_output=True, text=True, check=True)
+    return done.stdout.strip()
+
+
+def test_copies_of_a_model_take_the_gpus_in_turn_and_each_model_counts_alone(tmp_path):
+    from transforms.models.devices import GPU_CLAIMS_FILE, place_on_gpu
+
+    def place(key: str) -> str:
+        return str(place_on_gpu(torch.device("cuda"), key, gpus=3, folder=str(tmp_path)))
+
+    assert [place("embedder") for _ in range(4)] == ["cuda:0", "cuda:1", "cuda:2", "cuda:0"]
+    assert [place("reranker") for _ in range(2)] == ["cuda:0", "cuda:1"]  # the label job's second model
+    assert place("embedder") == "cuda:1"  # after 0: the fewest copies, 1 and 2 tied, taken in turn
+    (tmp_path / GPU_CLAIMS_FILE).write_text('{"embedder": {"turn": 1, "pi')  # cut short by a killed process
+    assert place("embedder") == "cuda:0"  # forgotten, not fatal
+
+
+def test_a_gpu_whose_copies_ended_is_taken_first(tmp_path):
+    """The claims of processes that ended do not count: a restarted worker does not pile onto one GPU."""
+    from transforms.models.devices import place_on_gpu
+
+    here = str(place_on_gpu(torch.device("cuda"), "m", gpus=2, folder=str(tmp_path)))
+    assert (here, _claim_in_child(tmp_path, "m", 2)) == ("cuda:0", "cuda:1")
+    # the child has ended: GPU 1 holds no live copy, GPU 0 this process's (turns alone would give 0)
+    assert str(place_on_gpu(torch.device("cuda"), "m", gpus=2, folder=str(tmp_path))) == "cuda:1"
+
+
+def test_processes_placing_at_once_get_different_gpus(tmp_path):
+    """The claims file is read and written under an exclusive lock: four processes at once, two on each GPU."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(4) as pool:  # each thread waits on its own child process
+        placed = list(pool.map(lambda _: _claim_in_child(tmp_path, "m", 2), range(4)))
+    assert sorted(placed) == ["cuda:0", "cuda:0", "cuda:1", "cuda:1"]
+
+
+def test_one_gpu_a_named_gpu_and_the_cpu_need_no_claim(tmp_path):
+    from transforms.models.devices import place_on_gpu
+
+    assert str(place_on_gpu(torch.device("cuda"), "m", gpus=1, folder=str(tmp_path))) == "cuda:0"
+    assert str(place_on_gpu(torch.device("cuda", 1), "m", gpus=4, folder=str(tmp_path))) == "cuda:1"
+    assert str(place_on_gpu(torch.device("cpu"), "m", gpus=4, folder=str(tmp_path))) == "cpu"
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize(
+    ("device", "shared", "copies"),
+    [("auto", True, 2), ("cuda", True, 2), ("cuda:1", True, 1), ("cpu", True, 1), ("auto", False, 1)],
+)
+def test_a_shared_model_has_one_copy_per_gpu_of_the_worker(minilm_path, monkeypatch, device, shared, copies):
+    """``--share-model machine`` on a worker with 2 GPUs: Beam loads ``model_copies()`` copies, one per GPU
+    (``place_on_gpu``), and sends batches to them in turn; ``cuda:N`` names one GPU, so one copy."""
+    from transforms.inference.embed import EmbeddingModelHandler
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    handler = EmbeddingModelHandler(minilm_path, device=device, large_model=shared)
+    assert handler.model_copies() == copies

@@ -167,6 +167,21 @@ def test_cuda_matches_card_on_cpu(reference, qwen3_embedding_dir):
     assert (got * singles).sum(axis=1).min() > 0.999
 
 
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_copies_are_placed_on_a_gpu_and_batches_run_there(qwen3_embedding_dir):
+    """``cuda`` gets a GPU index at load (``place_on_gpu``), and a Beam batch (``embed_batch``, under ``device_lock``,
+    which makes that device current) gives the vectors ``encode`` gives."""
+    encoder = TextEncoder(str(qwen3_embedding_dir), device="cuda").load()
+    assert encoder.device.index is not None and encoder.device.index < torch.cuda.device_count()
+    lengths = [len(ids) for ids in encoder.tokenize(DOCS)]
+    vectors, failures, tokens = encoder.embed_batch(DOCS, lengths)
+    assert failures == [] and tokens == sum(lengths)
+    got = np.stack(vectors)
+    assert got.shape == (len(DOCS), encoder.dimension)
+    assert float((got * encoder.encode(DOCS)).sum(axis=1).min()) > 0.999  # bf16 passes cut another way
+
+
 # -- packed rows (padding-free) ----------------------------------------------------------------
 @pytest.fixture(scope="module")
 def packed(qwen3_embedding_dir):

@@ -335,7 +335,7 @@ def test_share_model_machine_loads_each_model_once_for_both_workers(
     assert driver not in {pid for pid, _ in model_loads(hooks)}
     summary = json.loads(summary_out.read_text())
     assert (summary["share_model"], summary["model_copies"]) == ("machine", "machine")
-    assert "model copies     one per worker machine, shared by its processes\n" in out
+    assert "model copies     one per GPU of each worker machine (one on CPU), shared by its processes\n" in out
     assert _counts(summary) == _counts(reference["summary"])
     assert_same_points(dumped(store, tmp_path / "dump.parquet"), reference["dump"])
 

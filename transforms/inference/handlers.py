@@ -11,7 +11,7 @@ import torch
 from apache_beam.metrics import Metrics
 from apache_beam.ml.inference.base import ModelHandler
 
-from transforms.models.devices import TokenBudgets, TorchModel
+from transforms.models.devices import TokenBudgets, TorchModel, gpus_for
 
 _LOG = logging.getLogger(__name__)
 
@@ -92,6 +92,15 @@ class TokenBatchedHandler(ModelHandler):
     @property
     def max_batch_weight(self) -> int:
         return self.budgets.batch
+
+    def model_copies(self) -> int:
+        """Copies per worker machine when the model is shared across its processes (``large_model``): one per
+        GPU of the machine where the model may go on any (``--device auto|cuda``; each copy takes its own,
+        ``devices.place_on_gpu``), else one. Beam asks on the worker as the model loads, and sends each batch
+        to the copies in turn. Not shared: one per process, Beam's default."""
+        if not self.share_model_across_processes():
+            return 1
+        return max(1, gpus_for(self._model_args.get("device", "auto")))
 
     def load_model(self) -> Any:
         if self.cpu_threads:

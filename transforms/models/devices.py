@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import json
 import logging
+import os
+import tempfile
 import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any, TypeVar
 
 import torch
@@ -191,17 +194,80 @@ _DEVICE_LOCKS: dict[str, threading.Lock] = {}
 _DEVICE_LOCKS_GUARD = threading.Lock()
 
 
-def device_lock(device: torch.device) -> contextlib.AbstractContextManager[Any]:
+@contextlib.contextmanager
+def device_lock(device: torch.device) -> Iterator[None]:
     """Held around a model's batch on a CUDA device: one batch at a time per device in this process, whichever
-    model and thread runs it. Forward passes are sized from free memory for one pass at a time
-    (``default_token_budget``), and a process may call a model from several threads: Beam's worker threads,
-    or the callers of a model shared across processes (``large_model``). A no-op on CPU, whose encoder
-    divides the cores among its own single-thread passes."""
+    model and thread runs it, with that device made current (Triton kernels and ``empty_cache`` act on the current
+    device, and a process may hold copies on several GPUs: ``place_on_gpu``). Forward passes are sized from free
+    memory for one pass at a time (``default_token_budget``), and a process may call a model from several threads:
+    Beam's worker threads, or the callers of a model shared across processes (``large_model``). A no-op on CPU,
+    whose encoder divides the cores among its own single-thread passes."""
     if device.type != "cuda":
-        return contextlib.nullcontext()
+        yield
+        return
     key = f"cuda:{device.index or 0}"
     with _DEVICE_LOCKS_GUARD:
-        return _DEVICE_LOCKS.setdefault(key, threading.Lock())
+        lock = _DEVICE_LOCKS.setdefault(key, threading.Lock())
+    with lock, torch.cuda.device(device):
+        yield
+
+
+GPU_CLAIMS_FILE = "corpus-etl-gpu-claims.json"
+
+
+def gpus_for(device: str) -> int:
+    """How many GPUs of this machine a model with ``--device device`` may be placed on (``place_on_gpu``):
+    all of them for ``auto`` and ``cuda``, none for ``cpu`` or ``cuda:N``, which name one place."""
+    if device not in ("auto", "cuda") or not torch.cuda.is_available():
+        return 0
+    return torch.cuda.device_count()
+
+
+def place_on_gpu(device: torch.device, key: str, *, gpus: int | None = None, folder: str | None = None) -> torch.device:
+    """The GPU of this machine a new copy of model ``key`` goes on, for ``cuda`` without an index.
+
+    Several GPUs: the one holding the fewest live copies of ``key`` (their processes still run), ties taken in
+    turn, counted machine-wide in ``GPU_CLAIMS_FILE`` under an exclusive lock in the temp folder, where Beam's
+    ``multi_process_shared`` coordinates the processes of a machine too. So one model per process spreads over the
+    GPUs, and ``--share-model machine``'s one copy per GPU (``TokenBatchedHandler.model_copies``) gets one each.
+    Where another process's pid cannot be seen (separate pid namespaces) its claims count as ended, and the turns
+    still spread the copies. One GPU: ``cuda:0``, no file. ``cuda:N`` and CPU devices are returned as they are.
+    """
+    if device.type != "cuda" or device.index is not None:
+        return device
+    count = torch.cuda.device_count() if gpus is None else gpus
+    if count <= 1:
+        return torch.device("cuda", 0)
+    import fcntl
+
+    path = os.path.join(folder or tempfile.gettempdir(), GPU_CLAIMS_FILE)
+    with open(path + ".lock", "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
+        try:
+            with open(path, encoding="utf-8") as f:
+                claims = json.load(f)
+        except (FileNotFoundError, ValueError):  # none yet, or a file cut short by a killed process
+            claims = {}
+        entry = claims.get(key) or {}
+        turn = int(entry.get("turn", 0)) % count
+        live = {gpu: [pid for pid in entry.get("pids", {}).get(str(gpu), []) if _alive(pid)] for gpu in range(count)}
+        gpu = min(((turn + k) % count for k in range(count)), key=lambda g: len(live[g]))
+        live[gpu].append(os.getpid())
+        claims[key] = {"turn": (gpu + 1) % count, "pids": {str(g): pids for g, pids in live.items() if pids}}
+        with open(path + ".tmp", "w", encoding="utf-8") as f:
+            json.dump(claims, f)
+        os.replace(path + ".tmp", path)
+    return torch.device("cuda", gpu)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process: alive
+        return True
+    return True
 
 
 class TorchModel:
@@ -243,6 +309,9 @@ class TorchModel:
 
         disable_library_progress_bars()  # one bar per worker process is noise in job logs
         self._resolve_compute()
+        self.device = place_on_gpu(self.device, self.model_id)  # once per copy: the GPU it holds
+        if self.device.type == "cuda":  # for what the load itself launches (this thread; batches: device_lock)
+            torch.cuda.set_device(self.device)
         kwargs: dict[str, Any] = {"dtype": self.precision.weights}
         if self.attn_implementation:
             kwargs["attn_implementation"] = self.attn_implementation
