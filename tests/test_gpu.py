@@ -1,6 +1,9 @@
-"""Token-budget batching and out-of-memory recovery (a fake forward pass that runs out of memory)."""
+"""Devices: token-budget batching, out-of-memory recovery (a fake forward pass that runs out of memory), and
+which GPU of a machine each copy of a model goes on (a GPU count given: no GPU needed)."""
 
 from __future__ import annotations
+
+import os
 
 import pytest
 import torch
@@ -86,8 +89,16 @@ def test_copies_of_a_model_take_the_gpus_in_turn_and_each_model_counts_alone(tmp
     assert [place("embedder") for _ in range(4)] == ["cuda:0", "cuda:1", "cuda:2", "cuda:0"]
     assert [place("reranker") for _ in range(2)] == ["cuda:0", "cuda:1"]  # the label job's second model
     assert place("embedder") == "cuda:1"  # after 0: the fewest copies, 1 and 2 tied, taken in turn
-    (tmp_path / GPU_CLAIMS_FILE).write_text('{"embedder": {"turn": 1, "pi')  # cut short by a killed process
+    (tmp_path / GPU_CLAIMS_FILE.format(uid=os.getuid())).write_text('{"embedder": {"turn": 1, "pi')  # unreadable
     assert place("embedder") == "cuda:0"  # forgotten, not fatal
+
+
+def test_an_unwritable_temp_folder_spreads_copies_by_process_id(tmp_path, caplog):
+    from transforms.models.devices import place_on_gpu
+
+    missing = tmp_path / "gone"  # the claims file cannot be created there
+    assert str(place_on_gpu(torch.device("cuda"), "m", gpus=2, folder=str(missing))) == f"cuda:{os.getpid() % 2}"
+    assert "could not count the copies on this machine's GPUs" in caplog.text
 
 
 def test_a_gpu_whose_copies_ended_is_taken_first(tmp_path):

@@ -212,7 +212,7 @@ def device_lock(device: torch.device) -> Iterator[None]:
         yield
 
 
-GPU_CLAIMS_FILE = "corpus-etl-gpu-claims.json"
+GPU_CLAIMS_FILE = "corpus-etl-gpu-claims-{uid}.json"  # per user: another's file in /tmp may be unwritable
 
 
 def gpus_for(device: str) -> int:
@@ -238,15 +238,23 @@ def place_on_gpu(device: torch.device, key: str, *, gpus: int | None = None, fol
     count = torch.cuda.device_count() if gpus is None else gpus
     if count <= 1:
         return torch.device("cuda", 0)
+    try:
+        gpu = _claim(os.path.join(folder or tempfile.gettempdir(), GPU_CLAIMS_FILE.format(uid=os.getuid())), key, count)
+    except OSError as exc:  # an unwritable temp folder must not fail the load: spread by process id instead
+        gpu = os.getpid() % count
+        _LOG.warning("could not count the copies on this machine's GPUs (%s); cuda:%d by process id", exc, gpu)
+    return torch.device("cuda", gpu)
+
+
+def _claim(path: str, key: str, count: int) -> int:
     import fcntl
 
-    path = os.path.join(folder or tempfile.gettempdir(), GPU_CLAIMS_FILE)
     with open(path + ".lock", "a") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
         try:
             with open(path, encoding="utf-8") as f:
                 claims = json.load(f)
-        except (FileNotFoundError, ValueError):  # none yet, or a file cut short by a killed process
+        except (FileNotFoundError, ValueError):  # none yet, or unreadable: start afresh
             claims = {}
         entry = claims.get(key) or {}
         turn = int(entry.get("turn", 0)) % count
@@ -256,8 +264,8 @@ def place_on_gpu(device: torch.device, key: str, *, gpus: int | None = None, fol
         claims[key] = {"turn": (gpu + 1) % count, "pids": {str(g): pids for g, pids in live.items() if pids}}
         with open(path + ".tmp", "w", encoding="utf-8") as f:
             json.dump(claims, f)
-        os.replace(path + ".tmp", path)
-    return torch.device("cuda", gpu)
+        os.replace(path + ".tmp", path)  # whole or not at all, should this process die here
+    return gpu
 
 
 def _alive(pid: int) -> bool:
