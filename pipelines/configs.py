@@ -56,6 +56,13 @@ class _ModelSteps:
         setting = self.share_model
         return setting == "machine" or (setting == "auto" and self.expects_gpu and several_processes)
 
+    def model_copies(self, options: Any) -> str:
+        """``machine`` where the job's pipeline ``options`` make ``shares_model`` hold, else ``process``: what the
+        job builds (``large_model``) and what its summary reports."""
+        from pipelines.common import several_worker_processes
+
+        return "machine" if self.shares_model(several_worker_processes(options)) else "process"
+
 
 def model_location(model: str) -> str:
     """A local model folder as an absolute path (workers may run in another folder); a hub id as given."""

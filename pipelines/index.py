@@ -35,7 +35,6 @@ from pipelines.common import (
     publish_summary,
     run_and_wait,
     run_job,
-    several_worker_processes,
     start_pipeline,
     step_seconds,
     worker_cpu_threads,
@@ -104,7 +103,7 @@ def build_pipeline(
         functools.partial(open_store, config.qdrant), config.collection,
         functools.partial(chunk_payload, model_id=config.model, digest=digest), force=config.force,
     )  # fmt: skip
-    shared = config.shares_model(several_worker_processes(p.options))
+    shared = config.model_copies(p.options) == "machine"
     handler = embedding_handler(config, spec, worker_cpu_threads(p.options, config.cpu_threads), shared=shared)
     embedded = fresh["to_embed"] | "EmbedChunks" >> _with_hints(Embed(handler), config.resource_hints)
     to_write = (embedded["embedded"], fresh[REUSED]) | "ToWrite" >> beam.Flatten()
@@ -247,7 +246,7 @@ def run_config(config: IndexConfig, beam_args: list[str] | None = None, test_pip
         step_seconds=step_seconds(result, counts, STEPS),
         # --share-model: the setting, and the copies of the model per worker machine it resolved to
         share_model=config.share_model,
-        model_copies="machine" if config.shares_model(several_worker_processes(p.options)) else "process",
+        model_copies=config.model_copies(p.options),
     )
     publish_summary(summary, format_summary(summary), config.summary_out)
     return summary

@@ -30,7 +30,6 @@ from pipelines.common import (
     publish_summary,
     run_and_wait,
     run_job,
-    several_worker_processes,
     start_pipeline,
     step_seconds,
     worker_cpu_threads,
@@ -113,7 +112,7 @@ def build_pipeline(p: beam.Pipeline, config: LabelConfig, provenance: dict[str, 
     checked = checked or {}
     hints = dict(config.resource_hints)
     threads = worker_cpu_threads(p.options, config.cpu_threads)
-    shared = config.shares_model(several_worker_processes(p.options))  # one copy of each model per GPU of a machine
+    shared = config.model_copies(p.options) == "machine"  # one copy of each model per GPU of a machine
     log = checked.get("queries", p) | "ReadQueryLog" >> ReadParquetRows(config.queries, config.query_columns.all)
     rows = log["rows"] | "ReadProgress" >> report_progress("read", config.progress_interval_s, _row_counts)
     parsed = rows | "ParseQueries" >> ParseQueryRows(config.query_columns)
@@ -266,7 +265,7 @@ def run_config(config: LabelConfig, beam_args: list[str] | None = None, test_pip
         "packing_computed": {"query": tokens_by_layout(counts, "query")},
         # --share-model: the setting, and the copies of each model per worker machine it resolved to
         "share_model": config.share_model,
-        "model_copies": "machine" if config.shares_model(several_worker_processes(p.options)) else "process",
+        "model_copies": config.model_copies(p.options),
         "elapsed_s": round(elapsed, 2),
         "pairs_per_s": round(acct["pairs_scored"] / elapsed, 2),
         # each step's own work: RunInference's latency for the models, the retriever's and the writer's counters

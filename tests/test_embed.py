@@ -183,6 +183,10 @@ def test_gpu_jobs_get_beam_batches_of_gpu_passes(minilm_path, monkeypatch, devic
     assert handler.budgets == TokenBudgets(forward=None, batch=4 * (GPU_FORWARD_TOKENS if gpu else 8192))
     # --share-model auto: one model per machine where it runs on a GPU and a machine runs several worker processes
     assert (config.shares_model(several_processes=True), config.shares_model(several_processes=False)) == (gpu, False)
+    from apache_beam.options.pipeline_options import PipelineOptions
+
+    dataflow, here = PipelineOptions(["--runner=DataflowRunner"]), PipelineOptions([])
+    assert (config.model_copies(dataflow), config.model_copies(here)) == ("machine" if gpu else "process", "process")
     for setting, shared in (("machine", True), ("process", False)):
         explicit = dataclasses.replace(config, share_model=setting)
         assert explicit.shares_model(several_processes=True) is explicit.shares_model(several_processes=False) is shared

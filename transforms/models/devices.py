@@ -231,7 +231,8 @@ def place_on_gpu(device: torch.device, key: str, *, gpus: int | None = None, fol
     ``multi_process_shared`` coordinates the processes of a machine too. So one model per process spreads over the
     GPUs, and ``--share-model machine``'s one copy per GPU (``TokenBatchedHandler.model_copies``) gets one each.
     Processes in other pid namespaces (containers sharing the temp folder) may read as ended or as some live
-    process of this one; the counts are then approximate and the turns still spread the copies. One GPU: ``cuda:0``, no file. ``cuda:N`` and CPU devices are returned as they are.
+    process of this one; the counts are then approximate and the turns still spread the copies. One GPU:
+    ``cuda:0``, no file. ``cuda:N`` and CPU devices are returned as they are.
     """
     if device.type != "cuda" or device.index is not None:
         return device
