@@ -272,8 +272,15 @@ class LabelConfig(_ModelSteps):
 
     def datasets_config(self, provenance: dict[str, Any], started_at: float | None = None) -> LabelDatasetsConfig:
         return LabelDatasetsConfig(
-            thresholds=self.thresholds, recall_k=min(20, self.top_k), provenance=provenance, started_at=started_at
+            thresholds=self.thresholds, recall_k=self.recall_k, provenance=provenance, started_at=started_at
         )
+
+    @property
+    def recall_k(self) -> int:
+        """The report's Recall cutoff: 20, and at most half of --top-k. The teacher judges only the first
+        stage's top-k, so Recall@top-k is 1 by construction; half of it says how much the first stage ranks
+        below where a consumer of the top half would look."""
+        return max(1, min(20, self.top_k // 2))
 
 
 def label_config(args: argparse.Namespace) -> LabelConfig:

@@ -2,6 +2,8 @@
 
 ``corpus-etl COMMAND --help`` and argument errors are answered from here without importing
 torch, Beam or qdrant-client (seconds of CPU); the jobs import them only once the flags parse.
+The flags left for Beam are checked against Beam's pipeline options (``check_beam_args``), which
+imports Beam's options module, once ours have parsed.
 tests/test_cli.py checks it on ``sys.modules``.
 """
 
@@ -21,7 +23,9 @@ SHARE_MODEL = ("auto", "machine", "process")
 BEAM_OPTIONS_EPILOG = textwrap.fill(
     "Any other --flag is passed to Beam as a pipeline option, e.g. --runner DataflowRunner "
     "--project P --region R --temp_location gs://B/tmp --setup_file ./setup.py "
-    "--direct_num_workers 1 (see `python -m apache_beam.examples.wordcount --help` for the full list).",
+    "--direct_num_workers 1 (see `python -m apache_beam.examples.wordcount --help` for the full list). "
+    "A flag that is neither ours nor Beam's is refused (on Dataflow and portable runners, one not close "
+    "to a known flag is passed on to the runner, with a warning).",
     width=100,
 )
 EXIT_STATUS_EPILOG = """exit status:
@@ -297,7 +301,7 @@ def label_parser() -> argparse.ArgumentParser:
     log.add_argument("--seed", type=int, default=0, help="seed of the sample")
     lab = parser.add_argument_group("labels")
     lab.add_argument("--instruction", default=None, help=f"reranker instruction (default: {DEFAULT_RERANK_INSTRUCTION!r})")
-    lab.add_argument("--label-thresholds", default="0.5,0.9", help="P(yes) cut points: below the first -> 0, then 1, 2 ...")
+    lab.add_argument("--label-thresholds", default="0.5,0.9", help="P(yes) cut points in (0, 1]: below the first -> 0, then 1, 2 ...")
     lab.add_argument("--eval-fraction", type=float, default=0.2, help="share of queries (by hash) in the evaluation set")
     run = parser.add_argument_group("execution")
     run.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
@@ -383,9 +387,77 @@ def sample_parser() -> argparse.ArgumentParser:
 
 
 def split_beam_args(parser: argparse.ArgumentParser, argv: list[str] | None) -> tuple[argparse.Namespace, list[str]]:
-    """Our flags, and the rest for Beam; a short option Beam cannot take (``-x``) is a usage error."""
+    """Our flags, and the rest for Beam. What Beam would not read is a usage error (``check_beam_args``)."""
     args, rest = parser.parse_known_args(argv)
     unknown = [a for a in rest if a.startswith("-") and not a.startswith("--")]
     if unknown:
         parser.error(f"unrecognized arguments: {' '.join(unknown)}")
+    check_beam_args(parser, rest)
     return args, rest
+
+
+# Runners that hand the pipeline options they do not know to a service or a job server that may (Beam keeps
+# them: ``retain_unknown_options`` in its Dataflow and portable runners). Any other runner drops them.
+_PASS_THROUGH_RUNNERS = ("dataflow", "portable", "flink", "spark", "prism")
+
+
+def check_beam_args(parser: argparse.ArgumentParser, rest: list[str]) -> None:
+    """Refuse what is left for Beam when Beam would drop it: a misspelt flag would otherwise be discarded
+    with a warning and the job run without it (``--eval-fractoin 0.9`` ran at the default 0.2).
+
+    Refused, with a "did you mean" where one is close: a stray value; a flag that is close to one of ours
+    or Beam's; one in our hyphenated style (Beam's are snake_case); and on runners that run in this
+    process (DirectRunner), any flag Beam's pipeline options do not define. On Dataflow and portable
+    runners (Flink, Spark) a flag Beam does not know is passed on, as Beam does, with a warning: the
+    service or job server may read it. Imports Beam's options module (not torch), only when ``rest`` is
+    not empty.
+    """
+    if not rest:
+        return
+    import difflib
+    import logging
+
+    from apache_beam.options.pipeline_options import PipelineOptions, _BeamArgumentParser
+
+    beam = _BeamArgumentParser(allow_abbrev=False, exit_on_error=False)
+    for cls in {str(c): c for c in PipelineOptions.__subclasses__()}.values():  # as PipelineOptions does
+        cls._add_argparse_args(beam)
+    try:
+        known, unknown = beam.parse_known_args(rest)
+    except argparse.ArgumentError as exc:  # a Beam option's value: say it in our usage, not Beam's 170 flags
+        parser.error(f"Beam pipeline option {exc}")
+    if not unknown:
+        return
+    ours = [o for a in parser._actions for o in a.option_strings if o.startswith("--")]
+    beams = [o for a in beam._actions for o in a.option_strings if o.startswith("--")]
+    runner = (getattr(known, "runner", None) or "DirectRunner").lower()
+    passes_on = any(name in runner for name in _PASS_THROUGH_RUNNERS)
+    refused: list[str] = []
+    passed: list[str] = []
+    i = 0
+    while i < len(unknown):
+        token = unknown[i]
+        if token == "--":
+            break
+        if not token.startswith("--"):
+            refused.append(f"{token} (a value without a flag)")
+            i += 1
+            continue
+        name = token.split("=", 1)[0]
+        takes_value = "=" not in token and i + 1 < len(unknown) and not unknown[i + 1].startswith("-")
+        shown = f"{token} {unknown[i + 1]}" if takes_value else token
+        i += 2 if takes_value else 1
+        close = difflib.get_close_matches(name, ours + beams, n=1, cutoff=0.85)
+        if close:
+            refused.append(f"{shown} (did you mean {close[0]}?)")
+        elif "-" in name[2:] or not passes_on:
+            refused.append(f"{shown} (not a flag of {parser.prog}, nor a Beam pipeline option)")
+        else:
+            passed.append(name)
+    if refused:
+        parser.error("unrecognized arguments: " + "; ".join(refused))
+    if passed:
+        logging.getLogger(__name__).warning(
+            "%s: not Beam pipeline options this SDK defines; passed on to the %s as they are",
+            ", ".join(passed), known.runner,
+        )

@@ -17,7 +17,9 @@ import dataclasses
 import functools
 import json
 import logging
+import pathlib
 import time
+from collections.abc import Sequence
 from typing import Any
 
 import apache_beam as beam
@@ -33,9 +35,10 @@ from pipelines.common import (
     start_pipeline,
     step_seconds,
     worker_cpu_threads,
+    write_json,
 )
 from pipelines.configs import LabelConfig, label_config
-from pipelines.errors import JobFailed
+from pipelines.errors import JobFailed, PreflightError, first_line
 from pipelines.flags import label_parser, split_beam_args
 from pipelines.launch import build_only, format_built, write_job_file
 from pipelines.security import redact_url
@@ -47,7 +50,7 @@ from transforms.inference.embed import EmbeddingModelHandler
 from transforms.inference.handlers import tokens_by_layout, tokens_by_precision
 from transforms.inference.rerank import Rerank, RerankModelHandler
 from transforms.io.dead_letters import WriteDeadLetters
-from transforms.io.parquet import ReadDocuments, ReadParquetRows, match_files, validate_columns
+from transforms.io.parquet import BadFilesError, ReadDocuments, ReadParquetRows, match_files, validate_columns
 from transforms.io.qdrant import QdrantConfig
 from transforms.io.retrieve import RetrieveFromIndex, RetrieveFromRun
 from transforms.models.devices import TokenBudgets
@@ -227,12 +230,13 @@ def run_config(config: LabelConfig, beam_args: list[str] | None = None, test_pip
     building = build_only(p.options)
     if building:  # a dry run or a template: no store, no input here; the workers check them
         return _build_job(config, p, building, started)
-    query_files = validate_columns(config.queries, config.checked_query_columns)
+    check_out_folder(config.out)
+    query_files = _input_files("--queries", config.queries, config.checked_query_columns)
     corpus_files: list[str] = []
     spec = None
     if config.candidates:
         check_run_file(config.candidates)
-        corpus_files = validate_columns(config.corpus, config.corpus_columns.all)
+        corpus_files = _input_files("--corpus", config.corpus, config.corpus_columns.all)
     else:
         from transforms.io.store import CollectionSpec, open_store
 
@@ -242,18 +246,33 @@ def run_config(config: LabelConfig, beam_args: list[str] | None = None, test_pip
             store.ensure_collection(config.collection, CollectionSpec(spec.size), create=False)
         finally:
             store.close()
-    check_reranker(config.reranker)
+    check_reranker(config.reranker, config.max_length)
     provenance = provenance_of(config, query_files, corpus_files, spec)
     _LOG.info("labelling %d query log file(s) into %s (reranker %s)", len(query_files), config.out, config.reranker)
     build_pipeline(p, config, provenance, started, spec)
-    result, counts = run_and_wait(p, config.job_timeout_s)
+    try:
+        result, counts = run_and_wait(p, config.job_timeout_s)
+    except Exception as exc:  # the job started: --summary-out says how it ended, as the index job's does
+        if config.summary_out:
+            write_json(config.summary_out, {"pipeline": "label", "status": "failed", "out": config.out,
+                                            "error": first_line(exc)})  # fmt: skip
+        raise
     elapsed = time.time() - started
     with FileSystems.open(FileSystems.join(config.out, MANIFEST_FILE)) as f:
         manifest = json.loads(f.read())
     acct = manifest["accounting"]
+    labelled = manifest["status"] == "ok"
+    # The summary's status is the exit status's (README): rejected queries are accounted for and expected in a
+    # log (0, "ok"); input rows refused at read are not (3, "partial"); nothing labelled fails the job (1).
+    partial = (
+        f"{acct['input_rows_rejected']} input row(s) refused at read (unreadable row groups, or rows with a missing, "
+        f"duplicate or empty id or text); reasons in {FileSystems.join(config.out, 'dead_letters.jsonl')}"
+        if labelled and acct["input_rows_rejected"] else None
+    )
     summary = {
         "pipeline": "label",
-        "status": manifest["status"],
+        "status": ("partial" if partial else "ok") if labelled else "failed",
+        **({} if labelled else {"error": manifest["status"]}),
         "out": config.out,
         **{k: v for k, v in acct.items()},
         "dead_letters": FileSystems.join(config.out, "dead_letters.jsonl"),
@@ -270,17 +289,38 @@ def run_config(config: LabelConfig, beam_args: list[str] | None = None, test_pip
         "pairs_per_s": round(acct["pairs_scored"] / elapsed, 2),
         # each step's own work: RunInference's latency for the models, the retriever's and the writer's counters
         "step_seconds": step_seconds(result, counts, STEPS),
-        # Rejected queries are accounted for and expected in a log; unreadable input is not.
-        "partial": f"{acct['input_rows_rejected']} input dead letter(s) (unreadable row groups or rows)"
-        if acct["input_rows_rejected"] else None,
+        "partial": partial,
     }
     publish_summary(summary, format_summary(summary), config.summary_out)
-    if manifest["status"] != "ok":
+    if not labelled:
         raise LabelFailed(
             f"{manifest['status']}: {acct['queries_read']} queries read, {acct['queries_rejected']} rejected, "
             f"{acct['queries_not_sampled']} not sampled; reasons in {summary['dead_letters']}"
         )
     return summary
+
+
+def _input_files(flag: str, pattern: str, columns: Sequence[str]) -> list[str]:
+    """The files of an input flag, each with ``columns``; an error names the flag."""
+    try:
+        return validate_columns(pattern, columns)
+    except FileNotFoundError as exc:
+        raise PreflightError(f"{flag}: {exc}; check the path or glob (local or gs://)") from exc
+    except BadFilesError as exc:
+        raise PreflightError(f"{flag}: {exc}") from exc
+
+
+def check_out_folder(out: str) -> None:
+    """``--out`` must be a folder that can be created: a local path naming a file would fail only after
+    every pair was scored, when the datasets are written."""
+    if "://" in out:  # gs:// and other object stores have no files in the way of a folder
+        return
+    path = pathlib.Path(out)
+    for part in (path, *path.parents):
+        if part.exists():
+            if not part.is_dir():
+                raise PreflightError(f"--out {out}: {part} is a file, not a folder; give a folder (local or gs://)")
+            break
 
 
 def check_collection(qdrant: QdrantConfig, collection: str, size: int) -> None:
@@ -308,7 +348,7 @@ def build_checked_pipeline(config: LabelConfig, p: beam.Pipeline, started: float
     from transforms.io.parquet import check_files
     from transforms.io.preflight import LaunchChecks
 
-    check_reranker(config.reranker)
+    check_reranker(config.reranker, config.max_length)
     store_check = None
     spec = None
     inputs = {"queries": functools.partial(check_files, config.queries, config.checked_query_columns)}

@@ -84,6 +84,43 @@ def test_argument_errors_import_no_torch_beam_or_qdrant(argv):
     assert _probe(*argv) == {"status": EXIT_USAGE, "heavy": []}
 
 
+_LABEL_REQUIRED = ["--queries", "q.parquet", "--out", "o", "--collection", "c"]
+
+
+@pytest.mark.parametrize(
+    ("extra", "refused"),
+    [
+        (["--eval-fractoin", "0.9"], "--eval-fractoin 0.9 (did you mean --eval-fraction?)"),
+        (["--temp-location=gs://b/t"], "--temp-location=gs://b/t (did you mean --temp_location?)"),
+        (["--skip-bad-files"], "--skip-bad-files (not a flag of corpus-etl label, nor a Beam pipeline option)"),
+        (["--no_such_option", "1"], "--no_such_option 1 (not a flag of corpus-etl label, nor a Beam pipeline option)"),
+        (["stray"], "stray (a value without a flag)"),
+        # on a runner that hands unknown options on, a near miss is still refused
+        (["--runner", "DataflowRunner", "--eval_fraction", "0.5"], "--eval_fraction 0.5 (did you mean --eval-fraction?)"),
+    ],
+)
+def test_a_flag_beam_would_drop_is_a_usage_error(extra, refused, capsys):
+    # Beam discards what it cannot parse with a warning, and the job ran on without it
+    with pytest.raises(SystemExit) as exc:
+        flags.split_beam_args(flags.label_parser(), _LABEL_REQUIRED + extra)
+    assert exc.value.code == EXIT_USAGE
+    assert capsys.readouterr().err.splitlines()[-1] == f"corpus-etl label: error: unrecognized arguments: {refused}"
+
+
+def test_beam_options_pass_and_a_bad_beam_value_is_said_in_our_usage(capsys, caplog):
+    beam = ["--runner", "DirectRunner", "--direct_num_workers", "2", "--direct_running_mode=multi_processing"]
+    assert flags.split_beam_args(flags.label_parser(), _LABEL_REQUIRED + beam)[1] == beam
+    # Dataflow keeps options it does not define for the service (as Beam's runner does), with a warning
+    unknown = ["--runner", "DataflowRunner", "--some_service_option", "x"]
+    assert flags.split_beam_args(flags.label_parser(), _LABEL_REQUIRED + unknown)[1] == unknown
+    assert "--some_service_option: not Beam pipeline options this SDK defines" in caplog.text
+    with pytest.raises(SystemExit):
+        flags.split_beam_args(flags.label_parser(), _LABEL_REQUIRED + ["--direct_num_workers", "two"])
+    assert capsys.readouterr().err.splitlines()[-1] == (
+        "corpus-etl label: error: Beam pipeline option argument --direct_num_workers: invalid int value: 'two'"
+    )
+
+
 def test_top_level_usage_and_unknown_command():
     assert _probe("--help") == {"status": 0, "heavy": []}
     result = cli("reindex")

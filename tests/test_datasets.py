@@ -293,6 +293,10 @@ def test_eval_queries_need_no_texts_and_config_validates() -> None:
     QueryJudgements(Query("q", "t"), "eval", (J("q", "d", 0.5, 0.5, 1),))
     with pytest.raises(ValueError, match="strictly increasing"):
         LabelDatasetsConfig(thresholds=(0.9, 0.5))
+    for outside in [(1.5,), (-0.5, 0.2), (0.0, 0.5)]:
+        with pytest.raises(ValueError, match=r"P\(yes\) cut points, each in \(0, 1\]"):
+            LabelDatasetsConfig(thresholds=outside)
+    assert LabelDatasetsConfig(thresholds=(0.2, 1.0)).thresholds == (0.2, 1.0)
     with pytest.raises(ValueError, match="JSON"):
         LabelDatasetsConfig(provenance={"x": object()})
     with pytest.raises(ValueError, match="whitespace"):

@@ -317,13 +317,77 @@ def test_a_run_that_labels_nothing_is_an_error_without_datasets(tmp_path, sample
     with pytest.raises(label.LabelFailed, match=r"^no query could be labelled: 1 queries read, 1 rejected"):
         _label_run(tmp_path, sample_dir, qwen3_reranker_dir, log, ["qe Q0 nowhere 1 0.9 bm25"])
     assert sorted(os.listdir(tmp_path / "out")) == ["dead_letters.jsonl", "manifest.json"]
-    assert json.loads((tmp_path / "summary.json").read_text())["status"] == "no query could be labelled"
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert (summary["status"], summary["error"]) == ("failed", "no query could be labelled")
+    assert json.loads((tmp_path / "out" / "manifest.json").read_text())["status"] == "no query could be labelled"
+
+
+def test_a_rerun_into_the_same_folder_leaves_no_file_of_the_earlier_run(tmp_path, sample_dir, qwen3_reranker_dir):
+    _label_run(tmp_path, sample_dir, qwen3_reranker_dir, ACCOUNTING_LOG[:1], ACCOUNTING_RUN[:1])
+    out = tmp_path / "out"
+    assert (out / "qrels" / "test.tsv").exists() and (out / "run_stats.json").exists()
+    (out / "notes.txt").write_text("the user's own file")
+    with pytest.raises(label.LabelFailed):  # labels nothing: writes only its manifest
+        _label_run(tmp_path, sample_dir, qwen3_reranker_dir, [{"query_id": "qe", "query": "q", "count": 1}],
+                   ["qe Q0 nowhere 1 0.9 bm25"])  # fmt: skip
+    left = sorted(str(p.relative_to(out)) for p in out.rglob("*") if p.is_file())
+    assert left == ["dead_letters.jsonl", "manifest.json", "notes.txt"]
+
+
+def test_a_job_that_fails_still_writes_its_summary(tmp_path, sample_dir, qwen3_reranker_dir, monkeypatch):
+    from transforms.datasets import write
+
+    def disk_full(out_dir, files):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(write, "write_files", disk_full)
+    with pytest.raises(Exception, match="No space left on device"):
+        _label_run(tmp_path, sample_dir, qwen3_reranker_dir, ACCOUNTING_LOG[:1], ACCOUNTING_RUN[:1])
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["status"] == "failed" and "No space left on device" in summary["error"], summary
+
+
+def test_refused_corpus_rows_make_the_run_partial_in_the_summary_too(tmp_path, sample_dir, qwen3_reranker_dir):
+    rows = pq.read_table(sample_dir["corpus"]).to_pylist()
+    first = rows[0]
+    bad = [{**first, "text": "a second row with the same id"}, {**first, "id": "blank", "text": "   "}]
+    pq.write_table(pa.Table.from_pylist(rows + bad), tmp_path / "corpus.parquet")
+    log = [{"query_id": "qa", "query": "encode objects as JSON", "count": 1}]
+    summary, _ = _label_run(tmp_path, {**sample_dir, "corpus": str(tmp_path / "corpus.parquet")}, qwen3_reranker_dir,
+                            log, [f"qa Q0 {first['id']} 1 0.9 bm25"])  # fmt: skip
+    assert (summary["status"], summary["input_rows_rejected"]) == ("partial", 2)
+    assert summary["partial"].startswith("2 input row(s) refused at read (unreadable row groups, or rows with a")
+    assert json.loads((tmp_path / "summary.json").read_text())["status"] == "partial"
 
 
 def test_an_empty_run_file_fails_before_the_job(tmp_path, sample_dir, qwen3_reranker_dir):
     with pytest.raises(ValueError, match=r"the run file is empty \(1 file\(s\), no line\); nothing to label$"):
         _label_run(tmp_path, sample_dir, qwen3_reranker_dir, ACCOUNTING_LOG, ["  "])
     assert not (tmp_path / "out").exists()
+
+
+def test_settings_that_would_fail_after_scoring_fail_before_the_job(tmp_path, sample_dir, qwen3_reranker_dir):
+    from pipelines.errors import PreflightError
+
+    run = ACCOUNTING_RUN[:1]
+    with pytest.raises(ValueError, match=r"^--max-length 40 leaves no room for a pair after the prompt's \d+ tokens$"):
+        _label_run(tmp_path, sample_dir, qwen3_reranker_dir, ACCOUNTING_LOG[:1], run, "--max-length", "40")
+    (tmp_path / "out").write_text("a file where the folder goes")
+    with pytest.raises(PreflightError, match=r"is a file, not a folder; give a folder \(local or gs://\)$"):
+        _label_run(tmp_path, sample_dir, qwen3_reranker_dir, ACCOUNTING_LOG[:1], run)
+    assert not (tmp_path / "summary.json").exists()
+
+
+def test_input_errors_name_their_flag(tmp_path, sample_dir, qwen3_reranker_dir):
+    from pipelines.errors import PreflightError
+
+    missing = str(tmp_path / "nope.parquet")
+    with pytest.raises(PreflightError, match=rf"^--corpus: no files match {missing!r}; check the path or glob"):
+        _label_run(tmp_path, {**sample_dir, "corpus": missing}, qwen3_reranker_dir, ACCOUNTING_LOG[:1], ACCOUNTING_RUN)
+    pq.write_table(pa.table({"qid": ["q1"], "text": ["t"]}), tmp_path / "other.parquet")
+    with pytest.raises(PreflightError, match=r"^--corpus: 1 of 1 input file\(s\) cannot be read .*; fix or remove them$"):
+        _label_run(tmp_path, {**sample_dir, "corpus": str(tmp_path / "other.parquet")}, qwen3_reranker_dir,
+                   ACCOUNTING_LOG[:1], ACCOUNTING_RUN)  # fmt: skip
 
 
 @pytest.mark.parametrize(
@@ -356,3 +420,13 @@ def test_the_cli_says_a_missing_reranker_in_one_line(tmp_path, sample_dir):
         "first: huggingface-cli download Qwen/Qwen3-Reranker-0.6B)"
     ]
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize(("top_k", "recall_k"), [(100, 20), (41, 20), (10, 5), (3, 1), (1, 1)])
+def test_the_reports_recall_cutoff_stays_below_the_judged_depth(top_k, recall_k):
+    # the teacher judges the first stage's top-k only, so Recall@top-k would be 1 whatever the ranking
+    from pipelines.configs import label_config
+    from pipelines.flags import label_parser
+
+    args = label_parser().parse_args(["--queries", "q.parquet", "--out", "o", "--collection", "c", "--top-k", str(top_k)])
+    assert label_config(args).datasets_config({}).recall_k == recall_k

@@ -347,7 +347,7 @@ def test_sample_config_and_spec_validate() -> None:
             parse_sample_spec(bad)
     with pytest.raises(ValueError, match="needs --max-queries"):
         SampleConfig(proportions=(1, 1, 1))
-    with pytest.raises(ValueError, match="max_queries"):
+    with pytest.raises(ValueError, match="^--max-queries must be >= 1, got 0$"):
         SampleConfig(max_queries=0)
 
 

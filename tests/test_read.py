@@ -102,8 +102,10 @@ def test_missing_columns_fail_before_the_job_naming_every_file_and_column(messy_
     assert str(err.value) == (
         f"3 of 3 input file(s) cannot be read ({a}: missing column(s) body; the file has: id, text, lang; "
         f"{b}: missing column(s) body; the file has: id, text, lang; {c}: missing column(s) body; the file has: "
-        "id, text, lang); fix or remove them, or pass --skip-bad-files to index the others"
+        "id, text, lang); fix or remove them"  # the label job's inputs: no --skip-bad-files there
     )
+    with pytest.raises(ValueError, match=r"; fix or remove them, or pass --skip-bad-files to index the others$"):
+        check_files(str(messy_inputs / "*.parquet"), ["id", "body"])
 
 
 def test_bad_files_are_named_or_skipped_as_dead_letters(messy_inputs):

@@ -171,6 +171,9 @@ def validate_thresholds(thresholds: Sequence[float]) -> None:
         raise ValueError(f"label thresholds must be finite, got {tuple(thresholds)}")
     if any(b <= a for a, b in itertools.pairwise(thresholds)):
         raise ValueError(f"label thresholds must be strictly increasing, got {tuple(thresholds)}")
+    # They cut the teacher's P("yes"): at or below 0 grade 0 could never be given; above 1 a grade never is.
+    if any(not 0 < t <= 1 for t in thresholds):
+        raise ValueError(f"label thresholds are P(yes) cut points, each in (0, 1], got {tuple(thresholds)}")
 
 
 def parse_thresholds(spec: str) -> tuple[float, ...]:

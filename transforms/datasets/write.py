@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
+import json
 import time
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
@@ -137,6 +138,36 @@ def write_files(out_dir: str, files: Mapping[str, bytes]) -> list[str]:
     return written
 
 
+def remove_stale_files(out_dir: str, keep: Iterable[str]) -> list[str]:
+    """Delete the files an earlier run's manifest in ``out_dir`` lists that this run does not write; the paths.
+
+    A rerun into the same folder overwrites the files it writes; without this, a run that writes fewer (one that
+    labels nothing writes only its manifest) would leave the earlier run's datasets beside a manifest that does
+    not list them. Only what a corpus-etl manifest lists is touched (and run_stats.json), never other files;
+    a missing or unreadable manifest removes nothing. Idempotent, so a retried write bundle is safe.
+    """
+    manifest_path = FileSystems.join(out_dir, MANIFEST_FILE)
+    try:
+        if not FileSystems.exists(manifest_path):
+            return []
+        with FileSystems.open(manifest_path) as f:
+            earlier = json.loads(f.read())
+        listed = set(earlier["files"]) if earlier.get("format") == FORMAT else set()
+    except (OSError, ValueError, KeyError, TypeError):
+        return []
+    keep = set(keep)
+    removed = []
+    for rel in sorted((listed | {RUN_STATS_FILE}) - keep):
+        parts = rel.split("/")
+        if not rel or rel.startswith("/") or ".." in parts:  # only files inside the folder
+            continue
+        path = FileSystems.join(out_dir, *parts)
+        if FileSystems.exists(path):
+            FileSystems.delete([path])
+            removed.append(path)
+    return removed
+
+
 def run_stats_json(started_at: float | None, finished_at: float) -> bytes:
     """run_stats.json: wall-clock start, finish and duration (UTC) — deliberately apart from the manifest."""
 
@@ -169,7 +200,9 @@ class _WriteLabelDatasetsFn(beam.DoFn):
         summed: dict[str, int] = {}
         for name, n in counts:
             summed[name] = summed.get(name, 0) + int(n)
-        paths = write_files(self.out_dir, build_label_files(items, self.config, summed))
+        files = build_label_files(items, self.config, summed)
+        remove_stale_files(self.out_dir, [*files, *([RUN_STATS_FILE] if items else [])])
+        paths = write_files(self.out_dir, files)
         if items:  # written last and alone: the only file whose bytes change between identical runs
             paths += write_files(
                 self.out_dir, {RUN_STATS_FILE: run_stats_json(self.config.started_at, time.time())}

@@ -57,19 +57,22 @@ class BadFilesError(ValueError):
     """Input files that cannot be read: every one is named, nothing was written."""
 
 
-def check_files(pattern: str, required: Sequence[str], *, skip_bad: bool = False) -> tuple[list[str], list[DeadLetter]]:
+def check_files(
+    pattern: str, required: Sequence[str], *, skip_bad: bool = False, skippable: bool = True
+) -> tuple[list[str], list[DeadLetter]]:
     """The readable files of ``pattern`` and, with ``skip_bad``, a file-level dead letter per bad one.
 
     Reads only the Parquet footers. Without ``skip_bad`` any bad file is a ``BadFilesError``
-    naming every bad file (not only the first) with its reason, before the job starts.
+    naming every bad file (not only the first) with its reason, before the job starts; the
+    message suggests ``--skip-bad-files`` when ``skippable`` (the index job has that flag).
     """
     files = match_files(pattern)
     problems = [(path, why) for path in files if (why := file_problem(path, required)) is not None]
     if problems and not skip_bad:
         listed = "; ".join(f"{path}: {why}" for path, why in problems)
         raise BadFilesError(
-            f"{len(problems)} of {len(files)} input file(s) cannot be read ({listed}); "
-            "fix or remove them, or pass --skip-bad-files to index the others"
+            f"{len(problems)} of {len(files)} input file(s) cannot be read ({listed}); fix or remove them"
+            + (", or pass --skip-bad-files to index the others" if skippable else "")
         )
     bad = {path for path, _ in problems}
     good = [f for f in files if f not in bad]
@@ -84,7 +87,7 @@ def validate_columns(pattern: str, required: Sequence[str]) -> list[str]:
 
     Reads only the Parquet footers. Raises ``ValueError`` naming every bad file and why.
     """
-    return check_files(pattern, required)[0]
+    return check_files(pattern, required, skippable=False)[0]
 
 
 # (source file, 0-based row number in the file, {column: value})

@@ -355,8 +355,9 @@ def _probe_hub(model: str, hint: str) -> None:
         raise ValueError(f"cannot load reranker {model!r}: {first} {hint}") from exc
 
 
-def check_reranker(model: str) -> None:
-    """Refuse, before any Beam work, a reranker that cannot be loaded or is not a yes/no causal LM.
+def check_reranker(model: str, max_length: int | None = None) -> None:
+    """Refuse, before any Beam work, a reranker that cannot be loaded or is not a yes/no causal LM,
+    and a ``max_length`` (``--max-length``) that leaves no token for a pair after the prompt.
 
     Reads only the config and tokenizer files (local directory, hub cache, or the hub when it
     is reachable): a missing model offline, a wrong id, or an embedding model fails here in
@@ -391,3 +392,7 @@ def check_reranker(model: str) -> None:
             raise ValueError(f"reranker {model!r}: its tokenizer has no single token {word!r}; not a Qwen3-Reranker")
     if not any(weights):
         raise ValueError(f"reranker {model!r} has config files but no weights (model.safetensors)")
+    if max_length is not None:  # as Qwen3RerankerHandler.load counts it, where it would fail on every worker
+        prompt = sum(len(tokenizer.encode(part, add_special_tokens=False)) for part in (PROMPT_PREFIX, PROMPT_SUFFIX))
+        if max_length - prompt < 1:
+            raise ValueError(f"--max-length {max_length} leaves no room for a pair after the prompt's {prompt} tokens")

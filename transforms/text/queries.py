@@ -482,7 +482,7 @@ class SampleConfig:
 
     def __post_init__(self) -> None:
         if self.max_queries is not None and self.max_queries < 1:
-            raise ValueError(f"max_queries must be >= 1, got {self.max_queries}")
+            raise ValueError(f"--max-queries must be >= 1, got {self.max_queries}")
         if self.proportions is not None:
             if self.max_queries is None:
                 raise ValueError("--sample needs --max-queries (the sample size)")
