@@ -57,7 +57,7 @@ from transforms.models.devices import TokenBudgets
 from transforms.models.reranker import DEFAULT_INSTRUCTION, check_reranker
 from transforms.models.settings import EmbeddingSpec, model_revision
 from transforms.progress import report_progress, reset_reporters
-from transforms.text.queries import DedupQueries, ParseQueryRows, SampleQueries
+from transforms.text.queries import DedupQueries, ParseQueryRows, SampleQueries, refused_row_ids
 from transforms.types import DEAD, DeadLetter
 
 _LOG = logging.getLogger(__name__)
@@ -133,9 +133,13 @@ def build_pipeline(p: beam.Pipeline, config: LabelConfig, provenance: dict[str, 
     else:
         docs = checked.get("corpus", p) | "ReadCorpus" >> ReadDocuments(config.corpus, config.corpus_columns)
         dead.append(docs[DEAD])
-        known = deduped["queries"] | "KnownIds" >> beam.Map(lambda q: q.query_id)
+        # Every id on a log row, refused rows' too: a run line under one of them is "in the log".
+        log_ids = (
+            parsed["queries"] | "RowIds" >> beam.Map(lambda q: q.query_id),
+            parsed[DEAD] | "RefusedRowIds" >> beam.FlatMap(refused_row_ids, config.query_columns),
+        ) | "LogIds" >> beam.Flatten()
         first = queries | "RetrieveFromRun" >> RetrieveFromRun(
-            config.candidates, docs["documents"], config.corpus, config.top_k, known
+            config.candidates, docs["documents"], config.corpus, config.top_k, deduped["queries"], log_ids
         )
         unknown = first["unknown_candidates"]
         dead += [first[DEAD], unknown]

@@ -227,7 +227,7 @@ def test_given_candidates_get_the_reference_scores(tmp_path, sample_dir, qwen3_r
     dead = [json.loads(x) for x in (out / "dead_letters.jsonl").read_text().splitlines()]
     assert [(d["stage"], d["reason"]) for d in dead] == [
         ("candidates", f"candidate not in the corpus: 'not-in-corpus' is not in {sample_dir['corpus']}"),
-        ("run", "run lists a query that is not in the log: query id 'qz' (1 lines)"),
+        ("run", "run lists a query that is not in the log: query id 'qz' (1 line)"),
     ]
 
 
@@ -274,7 +274,7 @@ def test_every_query_is_labelled_or_a_dead_letter(tmp_path, sample_dir, qwen3_re
     assert accounted == {
         "query_rows_read": 10, "queries_read": 9, "queries_labelled": 3, "queries_eval": 3, "queries_train": 0,
         "queries_rejected": 6, "queries_not_sampled": 0, "pairs_scored": 6, "candidates_rejected": 3,
-        "run_lines_rejected": 2,
+        "run_lines_rejected": 3,  # the malformed line and qz's 2 lines
     }  # fmt: skip
     assert summary["queries_read"] == summary["queries_labelled"] + summary["queries_rejected"]
     assert summary["queries_rejected_by_reason"] == {
@@ -430,3 +430,51 @@ def test_the_reports_recall_cutoff_stays_below_the_judged_depth(top_k, recall_k)
 
     args = label_parser().parse_args(["--queries", "q.parquet", "--out", "o", "--collection", "c", "--top-k", str(top_k)])
     assert label_config(args).datasets_config({}).recall_k == recall_k
+
+
+# -- run lines: merged ids, score order, non-finite scores, duplicates ------------------------------
+RUN_LOG = [
+    {"query_id": "r1", "query": "encode python objects as JSON", "count": 1},
+    {"query_id": "r4", "query": "regular expression matching", "count": 1},
+    {"query_id": "r6", "query": "Priority Queue heap", "count": 1},
+    {"query_id": "r7", "query": "priority queue heap", "count": 1},  # merged into r6: its run lines serve r6
+    {"query_id": "r8", "query": "refused for its count", "count": 0},
+    {"query_id": "r9", "query": "temporary files", "count": 1},
+]
+RUN_LINES = [
+    "r1 Q0 json 1 0.9 x", "r1 Q0 nosuch 2 0.8 x", "r1 Q0 csv 3 0.7 x", "r1 Q0 csv 4 0.6 x",
+    "r4 Q0 re 1 0.1 x", "r4 Q0 fnmatch 2 0.9 x", "r4 Q0 glob 3 0.5 x",
+    "r7 Q0 heapq 1 0.9 x", "r7 Q0 queue 2 0.8 x",
+    "r8 Q0 os 1 0.5 x", "r8 Q0 io 2 0.4 x",
+    "r9 Q0 tempfile 1 nan x", "r9 Q0 shutil 2 0.3 x",
+]  # fmt: skip
+
+
+def test_every_run_line_serves_a_query_or_is_counted(tmp_path, sample_dir, qwen3_reranker_dir):
+    summary, out = _label_run(tmp_path, sample_dir, qwen3_reranker_dir, RUN_LOG, RUN_LINES)
+    accounted = {k: summary[k] for k in (
+        "query_rows_read", "queries_read", "queries_labelled", "queries_rejected", "queries_not_sampled",
+        "pairs_scored", "candidates_rejected", "run_lines_rejected")}  # fmt: skip
+    assert accounted == {
+        "query_rows_read": 6, "queries_read": 5, "queries_labelled": 4, "queries_rejected": 1,
+        "queries_not_sampled": 0, "pairs_scored": 8, "candidates_rejected": 1,
+        "run_lines_rejected": 4,  # csv's second line, the NaN line, r8's 2 lines
+    }  # fmt: skip
+    assert summary["queries_rejected_by_reason"] == {"parse_query: count must be >= 1": 1}
+    dead = sorted((d["stage"], d["reason"]) for d in map(json.loads, (out / "dead_letters.jsonl").read_text().splitlines()))
+    assert dead == sorted([
+        ("candidates", f"candidate not in the corpus: 'nosuch' is not in {sample_dir['corpus']}"),
+        ("parse_query", "count must be >= 1, got 0"),
+        ("run", "duplicate document for the query: 'csv' is listed 2 times for query 'r1'; kept its line with "
+         "score 0.7 (rank 3, query id 'r1')"),
+        ("run", "non-finite score: 'nan' for document 'tempfile' of query id 'r9'"),
+        ("run", "run lines of a query the log refused: query id 'r8' (2 lines) is only on log rows or queries "
+         "that are dead letters"),
+    ])  # fmt: skip
+    # The first-stage run is in score order, ranks 1..n (the input's rank column said re, fnmatch, glob)
+    assert (out / "runs" / "retrieval.trec").read_text().splitlines() == [
+        "r1 Q0 json 1 0.9 first_stage", "r1 Q0 csv 2 0.7 first_stage",
+        "r4 Q0 fnmatch 1 0.9 first_stage", "r4 Q0 glob 2 0.5 first_stage", "r4 Q0 re 3 0.1 first_stage",
+        "r6 Q0 heapq 1 0.9 first_stage", "r6 Q0 queue 2 0.8 first_stage",
+        "r9 Q0 shutil 1 0.3 first_stage",
+    ]  # fmt: skip

@@ -228,6 +228,22 @@ def test_merge_duplicates_without_given_ids_uses_the_derived_one() -> None:
     )
 
 
+def test_a_merged_query_keeps_the_ids_of_every_row() -> None:
+    # A run file may list the query under any of them (the label job's --candidates).
+    derived = derive_query_id("new york")
+    rows = [Query(derived, "new york", 2), Query("id-9", "NEW YORK", 1), Query("id-10", "new york", 1)]
+    merged = merge_duplicates(rows)
+    assert (merged.query_id, merged.merged_ids) == ("id-10", ("id-10", "id-9", derived))
+    assert merged.ids == merged.merged_ids and Query("q", "text").ids == ("q",)
+    with BeamTestPipeline() as p:
+        out = p | beam.Create([*rows, Query("r6", "Priority Queue heap"), Query("r7", "priority queue heap")])
+        merged_ids = (out | DedupQueries())["queries"] | "Ids" >> beam.Map(lambda q: (q.query_id, q.merged_ids))
+        assert_that(
+            merged_ids,
+            equal_to([("id-10", ("id-10", "id-9", derived)), ("r6", ("r6", "r7"))]),
+        )
+
+
 def test_one_id_given_to_different_texts_keeps_the_last_row() -> None:
     rows = [Query("7", "red shoes", 1, "b.parquet", 0), Query("7", "blue shoes", 2, "a.parquet", 9),
             Query("7", "green shoes", 1, "a.parquet", 3)]  # fmt: skip

@@ -94,6 +94,14 @@ class Query:
     # row when an id repeats. Not part of equality: the same query read elsewhere is equal.
     source: str = dataclasses.field(default="", compare=False)
     row: int = dataclasses.field(default=-1, compare=False)
+    # Every query id of the log rows merged into this query (its own among them), sorted: a run
+    # file may rank the query under any of them. Empty when the query was not de-duplicated.
+    merged_ids: tuple[str, ...] = dataclasses.field(default=(), compare=False)
+
+    @property
+    def ids(self) -> tuple[str, ...]:
+        """The ids this query answers to: ``merged_ids``, or its own id alone."""
+        return self.merged_ids or (self.query_id,)
 
 
 @dataclasses.dataclass(frozen=True)

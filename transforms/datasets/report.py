@@ -206,7 +206,13 @@ def reason_category(reason: str) -> str:
 
 
 def dead_letter_count(letter: DeadLetter) -> tuple[str, int]:
-    return f"dead_letters/{letter.stage}/{reason_category(letter.reason)}", 1
+    """``("dead_letters/<stage>/<reason category>", n)``: n is 1, but a run-file letter stands for
+    the ``lines`` its record names (one letter per query id or document), so run lines count as lines."""
+    n = 1
+    if letter.stage == "run":
+        record = json.loads(letter.record)
+        n = record.get("lines", 1) if isinstance(record, dict) else 1
+    return f"dead_letters/{letter.stage}/{reason_category(letter.reason)}", n
 
 
 def accounting(pipeline_counts: Mapping[str, int], items: Sequence[QueryJudgements]) -> dict[str, Any]:

@@ -11,6 +11,7 @@ what the first stage actually matched.
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Iterable, Mapping
 from typing import Any
@@ -111,16 +112,28 @@ class RetrieveFromIndex(beam.PTransform):
 
 
 # -- from a run file --------------------------------------------------------------------------
-def parse_run_line(line: str) -> tuple[str, Candidate] | str:
-    """A TREC run line ``qid Q0 docid rank score tag`` → ``(qid, Candidate)``, or the reason it is not one."""
+# A run line as the job carries it: the query id it is listed under, and its candidate.
+RunLine = tuple[str, Candidate]
+
+
+def parse_run_line(line: str) -> RunLine | str:
+    """A TREC run line ``qid Q0 docid rank score tag`` → ``(qid, Candidate)``, or the reason it is not one.
+
+    The rank must be an integer and the score a finite number: a NaN or infinite score has
+    no place in the order (``run_order``) nor in the written outputs, so its line is refused
+    alone and the query's other lines still serve it.
+    """
     parts = line.split()
     if len(parts) != 6:
         return f"expected 6 fields 'qid Q0 docid rank score tag', got {len(parts)}"
     qid, _, doc_id, rank, score, _ = parts
     try:
-        return qid, Candidate(doc_id=doc_id, score=float(score), rank=int(rank))
+        candidate = Candidate(doc_id=doc_id, score=float(score), rank=int(rank))
     except ValueError:
         return f"rank {rank!r} or score {score!r} is not a number"
+    if not math.isfinite(candidate.score):
+        return f"non-finite score: {score!r} for document {doc_id!r} of query id {qid!r}"
+    return qid, candidate
 
 
 class _ParseRun(beam.DoFn):
@@ -137,42 +150,117 @@ class _ParseRun(beam.DoFn):
             yield parsed
 
 
+def run_order(candidate: Candidate) -> tuple[float, int, str]:
+    """A run's order of a query's lines, best first, as trec_eval and ir_measures read a run:
+    score descending; the rank column only breaks ties between equal scores, then the doc id.
+    So a run whose rank column disagrees with its scores is taken in the order of its scores."""
+    return (-candidate.score, candidate.rank, candidate.doc_id)
+
+
+def best_lines(lines: Iterable[RunLine]) -> tuple[list[RunLine], list[tuple[RunLine, list[RunLine]]]]:
+    """One query's run lines (pooled over every id the log gives it) → ``(best, duplicates)``.
+
+    ``best``: each document's best line by ``run_order``, in that order. ``duplicates``: for
+    each document listed more than once, ``(its best line, its other lines in run order)``,
+    by doc id. Lines equal by ``run_order`` go by the query id they are listed under.
+    """
+    by_doc: dict[str, list[RunLine]] = {}
+    for line in sorted(lines, key=lambda x: (run_order(x[1]), x[0])):
+        by_doc.setdefault(line[1].doc_id, []).append(line)
+    best = [listed[0] for listed in by_doc.values()]  # first seen in run order, so in run order
+    duplicates = [(listed[0], listed[1:]) for _, listed in sorted(by_doc.items()) if len(listed) > 1]
+    return best, duplicates
+
+
+def _renumbered(best: list[RunLine], top_k: int) -> list[Candidate]:
+    return [Candidate(c.doc_id, c.score, i + 1) for i, (_, c) in enumerate(best[:top_k])]
+
+
 def top_candidates(candidates: Iterable[Candidate], top_k: int) -> list[Candidate]:
-    """The run's ``top_k`` per query, by its rank (then score, doc id), renumbered 1..k; one per doc."""
-    best: dict[str, Candidate] = {}
-    for c in sorted(candidates, key=lambda c: (c.rank, -c.score, c.doc_id)):
-        best.setdefault(c.doc_id, c)
-    ordered = sorted(best.values(), key=lambda c: (c.rank, -c.score, c.doc_id))[:top_k]
-    return [Candidate(c.doc_id, c.score, i + 1) for i, c in enumerate(ordered)]
+    """The ``top_k`` documents of a query's run lines in ``run_order``, one per document (its
+    best line, see ``best_lines``), ranks renumbered 1..k: ranks and scores then agree, and
+    the first-stage run written from them has ranks 1..n with non-increasing scores."""
+    best, _ = best_lines(("", c) for c in candidates)
+    return _renumbered(best, top_k)
 
 
-class _QueryCandidates(beam.DoFn):
-    """A query's run lines → its top-k ``(doc_id, (query, candidate))``; run lines of a query
-    that is not among the log's valid queries → one dead letter for the query id."""
+def _lines(n: int) -> str:
+    return f"{n} line" if n == 1 else f"{n} lines"
 
-    def __init__(self, top_k: int, run_file: str) -> None:
-        self.top_k, self.run_file = top_k, run_file
+
+def _run_letter(run_file: str, reason: str, record: dict[str, Any]) -> beam.pvalue.TaggedOutput:
+    # One letter may stand for several run lines: its record's "lines" is what it counts for
+    # (datasets.report.dead_letter_count), so run_lines_rejected counts lines.
+    return beam.pvalue.TaggedOutput(DEAD, DeadLetter.of("run", reason, run_file, record))
+
+
+class _AssignRunLines(beam.DoFn):
+    """The run lines listed under one query id → ``(id of the log query they serve, line)``,
+    or one dead letter for all of them (its record counts the ``lines``).
+
+    A log query answers to every id of the log rows merged into it (``Query.ids``). Lines go
+    to the query whose own id they name, else to the one query the id was merged into. Dead
+    letters: an id merged into several queries, none keeping it (the log gives it to
+    different texts); an id only on log rows or queries that were refused (their dead letters
+    say why); an id on no log row at all, "not in the log".
+    """
+
+    def __init__(self, run_file: str) -> None:
+        self.run_file = run_file
         self.unknown = Metrics.counter("corpus_etl", "run_queries_not_in_log")
 
     def process(self, element: tuple[str, dict[str, list]]):
         qid, grouped = element
-        queries, candidates = grouped["query"], grouped["candidates"]
-        if queries:
-            for cand in top_candidates(candidates, self.top_k):
-                yield cand.doc_id, (queries[0], cand)
-        elif candidates and not grouped["known"]:
+        lines: list[Candidate] = list(grouped["lines"])
+        if not lines:
+            return
+        owners = sorted(set(grouped["owner"]))
+        if qid in owners or len(owners) == 1:
+            owner = qid if qid in owners else owners[0]
+            for candidate in lines:
+                yield owner, (qid, candidate)
+            return
+        n = _lines(len(lines))
+        if owners:
+            reason = (f"run lists a query id the log gives to several queries: {qid!r} ({n}) was merged into "
+                      f"{', '.join(map(repr, owners))}")  # fmt: skip
+        elif grouped["in_log"]:
+            reason = (f"run lines of a query the log refused: query id {qid!r} ({n}) is only on log rows or "
+                      "queries that are dead letters")  # fmt: skip
+        else:
             self.unknown.inc()
-            yield beam.pvalue.TaggedOutput(
-                DEAD,
-                DeadLetter.of(
-                    "run",
-                    f"run lists a query that is not in the log: query id {qid!r} ({len(candidates)} lines)",
-                    self.run_file,
-                    {"query_id": qid, "lines": len(candidates)},
-                ),
-            )
-        # else: a log query left out by --max-queries/--sample, or a query without run lines
-        # (the label step reports it with its reason)
+            reason = f"run lists a query that is not in the log: query id {qid!r} ({n})"
+        yield _run_letter(self.run_file, reason, {"query_id": qid, "lines": len(lines)})
+
+
+class _QueryCandidates(beam.DoFn):
+    """A log query's run lines, under any of its ids → its top-k ``(doc_id, (query, candidate))``
+    (``best_lines``, ``run_order``, renumbered 1..k). The other lines of a document listed more
+    than once are one dead letter per document, counting them. The lines of a query left out
+    by --max-queries/--sample are dropped: the query is accounted for as not sampled."""
+
+    def __init__(self, top_k: int, run_file: str) -> None:
+        self.top_k, self.run_file = top_k, run_file
+        self.duplicates = Metrics.counter("corpus_etl", "run_lines_duplicate")
+
+    def process(self, element: tuple[str, dict[str, list]]):
+        _, grouped = element
+        if not grouped["query"]:
+            return
+        query: Query = grouped["query"][0]
+        best, duplicates = best_lines(grouped["lines"])
+        for (kept_id, kept), others in duplicates:
+            self.duplicates.inc(len(others))
+            yield _run_letter(
+                self.run_file,
+                f"duplicate document for the query: {kept.doc_id!r} is listed {len(others) + 1} times for query "
+                f"{query.query_id!r}; kept its line with score {kept.score} (rank {kept.rank}, query id {kept_id!r})",
+                {"query_id": query.query_id, "doc_id": kept.doc_id, "lines": len(others),
+                 "kept": {"query_id": kept_id, "rank": kept.rank, "score": kept.score},
+                 "dropped": [{"query_id": q, "rank": c.rank, "score": c.score} for q, c in others]},
+            )  # fmt: skip
+        for candidate in _renumbered(best, self.top_k):
+            yield candidate.doc_id, (query, candidate)
 
 
 class _JoinDocuments(beam.DoFn):
@@ -202,18 +290,25 @@ class _JoinDocuments(beam.DoFn):
 class RetrieveFromRun(beam.PTransform):
     """``Query`` + a TREC run file + corpus ``Document`` s → ``RerankPair`` (+ dead letters).
 
-    Run lines are matched to queries by query id (the log must carry the ids the run uses)
-    and to documents by doc id. Dead letters: a malformed run line; a candidate missing from
-    the corpus (one per candidate); the run lines of a query id that is not among
-    ``known_ids`` (the log's valid query ids, before sampling), one per query id.
+    Run lines are matched to queries by query id and to documents by doc id. A query takes
+    the lines listed under any id of the log rows merged into it (``_AssignRunLines``); its
+    top ``top_k`` documents are by score (``run_order``), one line per document.
+
+    ``log_queries``: the log's de-duplicated queries, before sampling (whose ids the run's are
+    matched against); ``log_ids``: every query id on a log row, refused rows' included.
+    Dead letters, stage ``"run"`` for lines (each counts the lines it stands for): a malformed
+    line (one per line); a duplicate document of a query (one per document); the lines of a
+    query id not in the log, of a refused query, or of an id the log gives to several queries
+    (one per query id). Stage ``"candidates"``: a candidate missing from the corpus.
     """
 
     def __init__(
-        self, run_file: str, documents: beam.PCollection, corpus: str, top_k: int, known_ids: beam.PCollection
+        self, run_file: str, documents: beam.PCollection, corpus: str, top_k: int,
+        log_queries: beam.PCollection, log_ids: beam.PCollection,
     ) -> None:
         super().__init__()
         self.run_file, self.documents, self.corpus, self.top_k = run_file, documents, corpus, top_k
-        self.known_ids = known_ids
+        self.log_queries, self.log_ids = log_queries, log_ids
 
     def expand(self, queries):
         p = queries.pipeline
@@ -223,12 +318,19 @@ class RetrieveFromRun(beam.PTransform):
             | "ReadRun" >> beam.io.ReadFromText(self.run_file, validate=False)
             | "ParseRun" >> beam.ParDo(_ParseRun(self.run_file)).with_outputs(DEAD, main="candidates")
         )
-        wanted = (
+        assigned = (
             {
-                "query": queries | "KeyQueries" >> beam.WithKeys(lambda q: q.query_id),
-                "candidates": run.candidates,
-                "known": self.known_ids | "KeyKnown" >> beam.Map(lambda qid: (qid, True)),
+                "lines": run.candidates,
+                "owner": self.log_queries | "QueryIds" >> beam.FlatMap(lambda q: [(i, q.query_id) for i in q.ids]),
+                "in_log": (
+                    self.log_ids | "DistinctLogIds" >> beam.Distinct() | "KeyLogIds" >> beam.Map(lambda i: (i, True))
+                ),
             }
+            | "JoinLogIds" >> beam.CoGroupByKey()
+            | "AssignLines" >> beam.ParDo(_AssignRunLines(self.run_file)).with_outputs(DEAD, main="lines")
+        )
+        wanted = (
+            {"query": queries | "KeyQueries" >> beam.WithKeys(lambda q: q.query_id), "lines": assigned.lines}
             | "JoinQueries" >> beam.CoGroupByKey()
             | "TopK" >> beam.ParDo(_QueryCandidates(self.top_k, self.run_file)).with_outputs(DEAD, main="wanted")
         )
@@ -237,5 +339,5 @@ class RetrieveFromRun(beam.PTransform):
             | "JoinDocuments" >> beam.CoGroupByKey()
             | "Pairs" >> beam.ParDo(_JoinDocuments(self.corpus)).with_outputs(DEAD, main="pairs")
         )
-        dead = (run[DEAD], wanted[DEAD]) | "FlattenDead" >> beam.Flatten()
+        dead = (run[DEAD], assigned[DEAD], wanted[DEAD]) | "FlattenDead" >> beam.Flatten()
         return {"pairs": joined.pairs, "unknown_candidates": joined[DEAD], DEAD: dead}

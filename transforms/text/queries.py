@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import json
 import math
 import numbers
 import re
@@ -306,6 +307,24 @@ def parse_query_row(
     )
 
 
+def refused_row_ids(letter: DeadLetter, columns: QueryColumns) -> list[str]:
+    """The query id a log row refused by ``parse_query_row`` carries (its record is the row):
+    the id given in the log when usable, else the id derived from a non-empty text; none
+    when it has neither. A run line under it belongs to a query the log refused."""
+    row = json.loads(letter.record)
+    if not isinstance(row, dict):
+        return []
+    try:
+        given = _given_id(row.get(columns.query_id)) if columns.query_id else None
+    except (TypeError, ValueError):
+        given = None
+    if given:
+        return [given]
+    raw = row.get(columns.query)
+    text = normalize_query(raw) if isinstance(raw, str) else ""
+    return [derive_query_id(query_key(text))] if text else []
+
+
 class _ParseQueryRowsFn(beam.DoFn):
     def __init__(self, columns: QueryColumns) -> None:
         self.columns = columns
@@ -346,47 +365,53 @@ class ParseQueryRows(beam.PTransform):
 # ---------------------------------------------------------------------------------------------
 
 # Accumulator: ({display text: summed count}, smallest id given in the log or None,
-# position (source, row) of the last row merged).
-_Acc = tuple[dict[str, int], str | None, tuple[str, int]]
+# position (source, row) of the last row merged, every row's id).
+_Acc = tuple[dict[str, int], str | None, tuple[str, int], set[str]]
 _NO_POSITION = ("", -1)
 
 
 def _add(acc: _Acc, query: Query) -> _Acc:
-    texts, given, position = acc
+    texts, given, position, ids = acc
     text = normalize_query(query.text)
     texts[text] = texts.get(text, 0) + query.count
     # An id equal to the derived one carries no information; the smallest real one wins.
     if query.query_id != derive_query_id(query_key(query.text)):
         given = query.query_id if given is None else min(given, query.query_id)
-    return texts, given, max(position, (query.source, query.row))
+    # Every row's id is kept (derived ones too): a run file may list the query under any of them.
+    ids.update(query.ids)
+    return texts, given, max(position, (query.source, query.row)), ids
 
 
 def _merge(accs: Iterable[_Acc]) -> _Acc:
     texts: dict[str, int] = {}
     given: str | None = None
     position = _NO_POSITION
-    for acc_texts, acc_given, acc_position in accs:
+    ids: set[str] = set()
+    for acc_texts, acc_given, acc_position, acc_ids in accs:
         for text, count in acc_texts.items():
             texts[text] = texts.get(text, 0) + count
         if acc_given is not None:
             given = acc_given if given is None else min(given, acc_given)
         position = max(position, acc_position)
-    return texts, given, position
+        ids |= acc_ids
+    return texts, given, position, ids
 
 
 def _extract(acc: _Acc) -> Query:
-    texts, given, (source, row) = acc
+    texts, given, (source, row), ids = acc
     # Representative text: the most frequent spelling, ties to the smallest string.
     text = min(texts, key=lambda t: (-texts[t], t))
     return Query(
-        query_id=given or derive_query_id(query_key(text)), text=text, count=sum(texts.values()), source=source, row=row
+        query_id=given or derive_query_id(query_key(text)), text=text, count=sum(texts.values()), source=source, row=row,
+        merged_ids=tuple(sorted(ids)),
     )
 
 
 def merge_duplicates(queries: Iterable[Query]) -> Query:
     """One query from rows sharing a ``query_key``: counts summed, the most frequent spelling
-    as text (ties: smallest), the smallest id given in the log, else the derived id."""
-    acc: _Acc = ({}, None, _NO_POSITION)
+    as text (ties: smallest), the smallest id given in the log, else the derived id;
+    ``merged_ids`` holds every row's id (given or derived), the kept one among them."""
+    acc: _Acc = ({}, None, _NO_POSITION, set())
     for q in queries:
         acc = _add(acc, q)
     if not acc[0]:
@@ -420,7 +445,7 @@ def resolve_id_collisions(queries: Iterable[Query]) -> tuple[Query, list[DeadLet
 
 class _MergeDuplicatesFn(beam.CombineFn):
     def create_accumulator(self) -> _Acc:
-        return {}, None, _NO_POSITION
+        return {}, None, _NO_POSITION, set()
 
     def add_input(self, acc: _Acc, query: Query) -> _Acc:
         return _add(acc, query)
