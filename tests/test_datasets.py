@@ -447,3 +447,21 @@ def test_write_files_joins_nested_paths(tmp_path: Path) -> None:
         str(tmp_path / "b" / "c.txt"),
     ]
     assert (tmp_path / "b" / "c.txt").read_bytes() == b"x"
+
+
+@pytest.mark.parametrize(
+    ("reason", "category"),
+    [
+        ("duplicate query id 'a1' with a different text: 2 queries share it; kept row 3", "duplicate query id with a different text"),
+        ("query_id 'has space' contains whitespace", "query_id contains whitespace"),
+        ('query_id "it\'s" contains whitespace', "query_id contains whitespace"),
+        ("count must be >= 1, got 0", "count must be >= 1"),
+        ("no candidates (the log gives this query no id)", "no candidates"),
+        ("non-finite score: 'nan' for document 'x'", "non-finite score"),
+    ],
+)
+def test_reason_categories_drop_ids_and_values(reason: str, category: str) -> None:
+    # the report and the counters count by category: one line per kind of rejection, not per id
+    from transforms.datasets.report import reason_category
+
+    assert reason_category(reason) == category

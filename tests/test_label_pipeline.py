@@ -278,7 +278,7 @@ def test_every_query_is_labelled_or_a_dead_letter(tmp_path, sample_dir, qwen3_re
     }  # fmt: skip
     assert summary["queries_read"] == summary["queries_labelled"] + summary["queries_rejected"]
     assert summary["queries_rejected_by_reason"] == {
-        "dedup: duplicate query id 'qd' with a different text": 1,
+        "dedup: duplicate query id with a different text": 1,
         "label: all candidates unknown": 1,
         "label: no candidates": 2,
         "parse_query: empty query": 1,

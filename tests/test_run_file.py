@@ -62,7 +62,7 @@ def test_a_run_letter_counts_the_lines_it_stands_for() -> None:
     counts = [dead_letter_count(d) for d in letters]
     assert counts == [
         ("dead_letters/run/run lists a query that is not in the log", 2),
-        ("dead_letters/run/expected 6 fields 'qid Q0 docid rank score tag'", 1),
+        ("dead_letters/run/expected 6 fields", 1),
         ("dead_letters/parse_query/empty query", 1),
     ]
     assert accounting(dict(counts), [])["run_lines_rejected"] == 3

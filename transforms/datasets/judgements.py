@@ -52,7 +52,9 @@ class _BuildQueryJudgements(beam.DoFn):
             if self.first_stage == "run":
                 derived = qid == derive_query_id(query_key(query.text))
                 hint = " (the log gives this query no id, so its id was derived from the text)" if derived else ""
-                return self._reject(query, NO_CANDIDATES, f"the run file lists no line for query id {qid!r}{hint}")
+                ids = query.ids
+                named = f"query id {qid!r}" if len(ids) == 1 else f"query ids {', '.join(map(repr, ids))} (merged)"
+                return self._reject(query, NO_CANDIDATES, f"the run file lists no line for {named}{hint}")
             return self._reject(query, NO_CANDIDATES, "the index returned no hits")
         if not judgements:
             return self._reject(query, ALL_FAILED, f"{len(pairs)} pair(s), see the rerank dead letters")

@@ -201,8 +201,14 @@ NO_QUERY_LABELLED = "no query could be labelled"
 
 
 def reason_category(reason: str) -> str:
-    """A dead letter's reason without its particulars (ids, values): what the report counts by."""
-    return re.split(r":| \(|, got", reason, maxsplit=1)[0].strip()
+    """A dead letter's reason without its particulars (ids, values): what the report counts by.
+
+    What follows a colon, a parenthesis or ", got" goes, and so do quoted values inside the rest:
+    ``duplicate query id 'a1' with a different text`` counts as ``duplicate query id with a different
+    text``, so a log with many colliding ids gives one line, not one per id.
+    """
+    head = re.split(r":| \(|, got", reason, maxsplit=1)[0]
+    return re.sub(r"\s*(?:'[^']*'|\"[^\"]*\")", "", head).strip()
 
 
 def dead_letter_count(letter: DeadLetter) -> tuple[str, int]:
