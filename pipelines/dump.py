@@ -2,17 +2,30 @@
 
 Columns: ``id`` (string), every payload field (a row without the field holds null; a
 field named ``id`` or ``vector`` becomes ``payload_id`` / ``payload_vector``; sorted by name),
-and ``vector`` (fixed-size list of float32). The same collection gives the same file on
-either store, and whichever way it was built (in-process or on worker processes), so two
-dumps compare row by row. ``--out`` is local or ``gs://``.
+and ``vector`` (fixed-size list of float32, of the collection's configured size). The same
+collection gives the same file on either store, and whichever way it was built (in-process or
+on worker processes), so two dumps compare row by row. ``--out`` is local or ``gs://``.
+
+An empty collection (an interrupted run, a run whose every document was a dead letter) gives
+a file of 0 rows: ``id`` and ``vector``. A payload field whose values no one Arrow type holds
+(a metadata column that is an int in one input file and a string in another, a map stored as
+``[["k", 1]]``) is written losslessly as JSON text, each non-null value ``json.dumps``-ed
+(``7`` and ``"seven"`` stay apart), its Parquet field marked ``corpus_etl.encoding: json``,
+with a warning naming the field. Ints and floats mixed are one type: float64.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import logging
 from typing import Any
 
 ROW_GROUP = 16_384
+# Parquet field metadata on a payload column written as JSON text (values of several types).
+ENCODING_KEY, JSON_ENCODING = b"corpus_etl.encoding", b"json"
+
+_LOG = logging.getLogger(__name__)
 
 
 def build_arg_parser() -> argparse.ArgumentParser:
@@ -25,20 +38,57 @@ def build_arg_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def points_table(points: list[Any]) -> Any:
-    """Store points → the dump's Arrow table (sorted by id); see the module docstring for the columns."""
+def points_table(points: list[Any], dim: int) -> Any:
+    """Store points → the dump's Arrow table (sorted by id); ``dim``: the collection's vector size.
+    See the module docstring for the columns."""
     import numpy as np
     import pyarrow as pa
 
     points = sorted(points, key=lambda p: p.id)
     names = {f"payload_{k}" if k in ("id", "vector") else k: k for p in points for k in p.payload}
-    columns: dict[str, Any] = {"id": pa.array([p.id for p in points], pa.string())}
+    fields = [pa.field("id", pa.string())]
+    columns = [pa.array([p.id for p in points], pa.string())]
     for name in sorted(names):
-        columns[name] = pa.array([p.payload.get(names[name]) for p in points])
-    dim = len(points[0].vector) if points else 0
+        field, column = _payload_column(name, names[name], [p.payload.get(names[name]) for p in points])
+        fields.append(field)
+        columns.append(column)
     flat = np.asarray([p.vector for p in points], dtype=np.float32).reshape(-1) if points else np.zeros(0, np.float32)
-    columns["vector"] = pa.FixedSizeListArray.from_arrays(pa.array(flat, pa.float32()), dim)
-    return pa.table(columns)
+    fields.append(pa.field("vector", pa.list_(pa.float32(), dim)))
+    columns.append(pa.FixedSizeListArray.from_arrays(pa.array(flat, pa.float32()), dim))
+    return pa.Table.from_arrays(columns, schema=pa.schema(fields))
+
+
+def _payload_column(name: str, key: str, values: list[Any]) -> tuple[Any, Any]:
+    """(field, array) of the payload field ``key`` as column ``name``: Arrow's own type when one holds
+    every value, else JSON text."""
+    import pyarrow as pa
+
+    try:
+        column = pa.array(values)
+        return pa.field(name, column.type), column
+    except (pa.ArrowException, OverflowError) as exc:  # mixed types; an int beyond int64
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    _LOG.warning(
+        "payload field %r has values no one Parquet type holds (%s: %s); column %r is written as JSON text",
+        key, "/".join(sorted({type(v).__name__ for v in values if v is not None})), reason, name,
+    )  # fmt: skip
+    text = [None if v is None else json.dumps(v, ensure_ascii=False, sort_keys=True) for v in values]
+    return pa.field(name, pa.string(), metadata={ENCODING_KEY: JSON_ENCODING}), pa.array(text, pa.string())
+
+
+def vector_size(store: Any, collection: str) -> int:
+    """The vector size ``collection`` (or an alias) was created with: from its configuration, not its
+    points, so an empty collection has one too."""
+    meta = getattr(store, "meta", None)
+    if callable(meta):  # the embedded store records it in collection.json
+        return int(meta(collection).size)
+    name = store.aliases().get(collection, collection)  # a server store: the collection's config
+    with store.lock:
+        vectors = store.client.get_collection(name).config.params.vectors
+    size = getattr(vectors, "size", None)
+    if size is None:
+        raise ValueError(f"collection {collection!r} uses named vectors {sorted(vectors or {})}; expected one unnamed vector")
+    return int(size)
 
 
 def dump(store: Any, collection: str, out: str) -> int:
@@ -46,7 +96,8 @@ def dump(store: Any, collection: str, out: str) -> int:
     import pyarrow.parquet as pq
     from apache_beam.io.filesystems import FileSystems
 
-    table = points_table(list(store.scroll(collection, with_vectors=True, page=1024)))
+    dim = vector_size(store, collection)
+    table = points_table(list(store.scroll(collection, with_vectors=True, page=1024)), dim)
     with FileSystems.create(out) as f:
         pq.write_table(table, f, row_group_size=ROW_GROUP)
     return table.num_rows

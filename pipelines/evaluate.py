@@ -18,9 +18,10 @@ from apache_beam.io.filesystems import FileSystems
 from ir_measures import RR, R, nDCG
 
 from pipelines.common import setup_logging, write_json
-from pipelines.errors import PreflightError, first_line
+from pipelines.errors import PreflightError, UsageError, first_line
 from pipelines.flags import evaluate_parser
-from pipelines.search import searcher_from_args
+from pipelines.search import check_top_k, searcher_from_args
+from transforms.io.parquet import row_position
 
 T = TypeVar("T")
 
@@ -33,48 +34,161 @@ def measures(top_k: int = 100) -> dict[str, Any]:
 MEASURES = measures(100)
 
 
+# BEIR's qrels header; a first line that is not a judgement must be this one.
+QRELS_HEADER = ("query-id", "corpus-id", "score")
+# Parquet queries: the id and text columns, BEIR's names and the query log's.
+QUERY_ID_COLUMNS, QUERY_TEXT_COLUMNS = ("query_id", "_id"), ("query", "text")
+_JSON_TYPES = {type(None): "null", bool: "a boolean", int: "a number", float: "a number", str: "a string",
+               list: "an array", dict: "an object"}  # fmt: skip
+
+
+class BadInput(ValueError):
+    """A queries or qrels file the command cannot use; the message starts with where: ``FILE:LINE`` or
+    ``row N of FILE``."""
+
+
 def _read_text(path: str) -> str:
     with FileSystems.open(path) as f:
         return f.read().decode("utf-8")
 
 
+def _read_rows(path: str) -> tuple[list[str], list[dict[str, Any]]]:
+    with FileSystems.open(path) as f:
+        table = pq.read_table(f)
+    return table.column_names, table.to_pylist()
+
+
+def _json_type(value: Any) -> str:
+    return _JSON_TYPES.get(type(value), type(value).__name__)
+
+
+def _query_columns(path: str, names: list[str]) -> tuple[str, str]:
+    """The (id, text) columns of a Parquet queries file: the first of each kind's names that it has."""
+    id_col = next((c for c in QUERY_ID_COLUMNS if c in names), None)
+    text_col = next((c for c in QUERY_TEXT_COLUMNS if c in names), None)
+    if id_col is None or text_col is None:
+        missing = [" or ".join(kind) for col, kind in ((id_col, QUERY_ID_COLUMNS), (text_col, QUERY_TEXT_COLUMNS))
+                   if col is None]  # fmt: skip
+        raise BadInput(f"{path}: missing column(s) {', '.join(missing)}; the file has: {', '.join(names) or 'none'}")
+    return id_col, text_col
+
+
 def read_queries(path: str) -> dict[str, str]:
-    """BEIR ``queries.jsonl`` (``_id``, ``text``) or Parquet (``query_id``/``_id``, ``query``/``text``)."""
+    """BEIR ``queries.jsonl`` (``_id``, ``text``) or Parquet (``query_id``/``_id``, ``query``/``text``).
+
+    Every query needs an id (a string or an integer) and a text (a string): anything else is a
+    ``BadInput`` naming the line (JSONL) or row (Parquet), never a query silently read as "None".
+    """
     if path.endswith(".parquet"):
-        with FileSystems.open(path) as f:
-            rows = pq.read_table(f).to_pylist()
-        return {str(r.get("query_id", r.get("_id"))): str(r.get("query", r.get("text"))) for r in rows}
+        names, rows = _read_rows(path)
+        id_col, text_col = _query_columns(path, names)
+        queries = {}
+        for i, row in enumerate(rows):
+            qid, text = row[id_col], row[text_col]
+            if qid is None or text is None:
+                what = f"query id (column {id_col!r})" if qid is None else f"query (column {text_col!r})"
+                raise BadInput(f"{row_position(path, i)}: null {what}")
+            if not isinstance(qid, (str, int)) or isinstance(qid, bool):
+                raise BadInput(f"{row_position(path, i)}: query id (column {id_col!r}) is a {type(qid).__name__}, "
+                               "not a string or an integer")  # fmt: skip
+            if not isinstance(text, str):
+                raise BadInput(f"{row_position(path, i)}: query (column {text_col!r}) is a {type(text).__name__}, "
+                               "not a string")  # fmt: skip
+            queries[str(qid)] = text
+        return queries
     queries = {}
     for n, line in enumerate(_read_text(path).splitlines(), 1):
-        if line.strip():
+        if not line.strip():
+            continue
+        try:
             obj = json.loads(line)
-            if "_id" not in obj or "text" not in obj:
-                raise ValueError(f"{path}:{n}: a BEIR query needs '_id' and 'text'")
-            queries[str(obj["_id"])] = obj["text"]
+        except json.JSONDecodeError as exc:  # its own "line 1" is the line's, not the file's
+            raise BadInput(f"{path}:{n}: not valid JSON ({exc.msg} at column {exc.colno})") from None
+        if not isinstance(obj, dict) or "_id" not in obj or "text" not in obj:
+            raise BadInput(f"{path}:{n}: a BEIR query needs '_id' and 'text'")
+        qid, text = obj["_id"], obj["text"]
+        if not isinstance(qid, (str, int)) or isinstance(qid, bool):
+            raise BadInput(f"{path}:{n}: '_id' must be a string or an integer, got {_json_type(qid)}")
+        if not isinstance(text, str):
+            raise BadInput(f"{path}:{n}: 'text' must be a string, got {_json_type(text)}")
+        queries[str(qid)] = text
     return queries
 
 
+def relevance(value: Any) -> int | None:
+    """A qrels score as an integer grade: an int, or an integral float (``1.0``) as written by tools that
+    store every number as a float; ``None`` for anything else (``1.5``, ``high``, null)."""
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, int):
+        return value
+    if isinstance(value, str):
+        try:
+            return int(value)
+        except ValueError:
+            try:
+                value = float(value)
+            except ValueError:
+                return None
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    return None
+
+
 def read_qrels(path: str) -> dict[str, dict[str, int]]:
-    """BEIR qrels TSV (header ``query-id corpus-id score``), TREC qrels, or Parquet."""
+    """BEIR qrels TSV (optional header ``query-id corpus-id score``), TREC qrels (``qid iter docid rel``),
+    or Parquet (columns ``query-id``, ``corpus-id``, ``score``).
+
+    Scores are integer grades; an integral float (``1.0``) is read as its integer, any other
+    value is a ``BadInput`` naming the line or row. A first line whose score is not a number is
+    a header, and must be BEIR's.
+    """
     qrels: dict[str, dict[str, int]] = {}
     if path.endswith(".parquet"):
-        with FileSystems.open(path) as f:
-            rows = pq.read_table(f).to_pylist()
-        for r in rows:
-            qrels.setdefault(str(r["query-id"]), {})[str(r["corpus-id"])] = int(r["score"])
+        names, rows = _read_rows(path)
+        missing = [c for c in QRELS_HEADER if c not in names]
+        if missing:
+            raise BadInput(
+                f"{path}: missing column(s) {', '.join(missing)}; qrels need {', '.join(QRELS_HEADER)}; the file has: "
+                f"{', '.join(names) or 'none'}"
+            )
+        for i, r in enumerate(rows):
+            qid, did, grade = r["query-id"], r["corpus-id"], relevance(r["score"])
+            if qid is None or did is None:
+                raise BadInput(f"{row_position(path, i)}: null {'query-id' if qid is None else 'corpus-id'}")
+            if grade is None:
+                raise BadInput(f"{row_position(path, i)}: score {r['score']!r} is not an integer grade")
+            qrels.setdefault(str(qid), {})[str(did)] = grade
         return qrels
     for n, line in enumerate(_read_text(path).splitlines(), 1):
         parts = line.split()
-        if not parts or (n == 1 and parts[0] == "query-id"):
+        if not parts:
             continue
         if len(parts) == 3:
             qid, did, score = parts
         elif len(parts) == 4:  # TREC: qid iter docid rel
             qid, _, did, score = parts
         else:
-            raise ValueError(f"{path}:{n}: expected 'query-id corpus-id score', got {line!r}")
-        qrels.setdefault(qid, {})[did] = int(score)
+            raise BadInput(f"{path}:{n}: expected 'query-id corpus-id score' (or TREC's 4 columns), got {line!r}")
+        grade = relevance(score)
+        if n == 1 and grade is None and _is_header(score):
+            if tuple(p.lower() for p in parts) != QRELS_HEADER:
+                raise BadInput(f"{path}:1: header {' '.join(parts)!r} is not BEIR's; expected "
+                               f"{' '.join(QRELS_HEADER)!r}, or no header")  # fmt: skip
+            continue
+        if grade is None:
+            raise BadInput(f"{path}:{n}: score {score!r} is not an integer grade")
+        qrels.setdefault(qid, {})[did] = grade
     return qrels
+
+
+def _is_header(score: str) -> bool:
+    """A first line's last field that is a word, not a number (``score``; ``1.5`` is a bad grade)."""
+    try:
+        float(score)
+    except ValueError:
+        return True
+    return False
 
 
 def evaluate(run: dict[str, dict[str, float]], qrels: dict[str, dict[str, int]], top_k: int = 100) -> dict[str, float]:
@@ -110,11 +224,17 @@ build_arg_parser = evaluate_parser  # kept here for callers of the old name
 
 
 def _read(reader: Callable[[str], T], flag: str, path: str) -> T:
+    """``reader(path)``, its failures as one line naming the flag, the file and, for bad contents, the
+    line or row (``UsageError``: exit status 2)."""
     try:
         return reader(path)
     except OSError as exc:  # Beam's BeamIOError is one too
         reason = exc.strerror or first_line(exc)
         raise PreflightError(f"{flag} {path}: cannot read it ({reason}); check the path") from exc
+    except BadInput as exc:
+        raise UsageError(f"{flag}: {exc}") from exc
+    except ValueError as exc:  # not UTF-8, not Parquet (pyarrow's ArrowInvalid)
+        raise UsageError(f"{flag} {path}: cannot read it ({first_line(exc)})") from exc
 
 
 def run(argv: list[str] | None = None) -> dict[str, Any]:
@@ -124,8 +244,7 @@ def run(argv: list[str] | None = None) -> dict[str, Any]:
 def run_args(args: argparse.Namespace, beam_args: list[str] | None = None) -> dict[str, Any]:
     """The evaluation for parsed flags (``corpus-etl evaluate`` parses them in ``pipelines.flags``)."""
     setup_logging(args.verbose)
-    if args.top_k < 1:
-        raise PreflightError(f"--top-k must be >= 1, got {args.top_k}")
+    check_top_k(args.top_k)
     queries = _read(read_queries, "--queries", args.queries)
     qrels = _read(read_qrels, "--qrels", args.qrels)
     judged = {q: t for q, t in sorted(queries.items()) if q in qrels}

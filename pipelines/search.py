@@ -8,7 +8,7 @@ from typing import Any
 
 from pipelines.common import setup_logging
 from pipelines.configs import qdrant_config
-from pipelines.errors import PreflightError
+from pipelines.errors import PreflightError, UsageError
 from pipelines.flags import search_parser
 from pipelines.security import redact_url
 from transforms.io.qdrant import QdrantConfig
@@ -58,6 +58,13 @@ def encoder_from_args(args: argparse.Namespace) -> TextEncoder:
     return TextEncoder(spec, device=args.device, precision=args.precision, query_instruction=args.query_instruction).load()
 
 
+def check_top_k(top_k: int) -> None:
+    """``--top-k`` of search and evaluate: at least one result. A slice would take 0 or negative values
+    (``-3``: all but the last 3 of the candidates), so they are refused before anything is opened."""
+    if top_k < 1:
+        raise UsageError(f"--top-k must be >= 1, got {top_k}")
+
+
 def check_collection(qdrant: QdrantConfig, collection: str) -> None:
     """Fail fast, before the model loads (seconds), when the store is unreachable or lacks the collection."""
     store = open_store(qdrant)
@@ -85,6 +92,7 @@ def run(argv: list[str] | None = None) -> list[dict[str, Any]]:
 def run_args(args: argparse.Namespace, beam_args: list[str] | None = None) -> list[dict[str, Any]]:
     """The search for parsed flags (``corpus-etl search`` parses them in ``pipelines.flags``)."""
     setup_logging(args.verbose)
+    check_top_k(args.top_k)
     query = " ".join(args.query)
     searcher = searcher_from_args(args)
     try:

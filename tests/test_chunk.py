@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import json
 import random
 
 import pytest
 
+from transforms.models.settings import EmbeddingSpec
 from transforms.text.chunk import ChunkSettings, load_chunker
 from transforms.types import DeadLetter, Document
 
@@ -77,11 +79,52 @@ def test_chunking_off_truncates_at_model_length_and_says_so(minilm_path):
     assert not short_chunk.truncated and short_chunk.text == short_doc.text and short_chunk.n_tokens == 5
 
 
-def test_a_title_that_fills_the_chunk_is_a_dead_letter(minilm_path):
+def test_a_title_that_fills_the_chunk_is_a_dead_letter_naming_the_row(minilm_path):
     chunker = load_chunker(minilm_path, ChunkSettings(chunk_tokens=10, chunk_overlap=0))
-    result = chunker.chunk(Document("d", "text", title="a very long title indeed", source="f.parquet"))
+    doc = Document("d", "text", title="a very long title indeed", metadata={"lang": "en"}, source="f.parquet", row=6)
+    assert chunker.chunk(doc) == DeadLetter(
+        stage="chunk",
+        # "a very long title indeed\n" is 5 tokens, [CLS] and [SEP] 2 more: 3 of 10 are left
+        reason="the title (5 tokens) and the model's special tokens leave 3 tokens of a 10-token chunk for text "
+               "(at least 8 needed)",
+        source="row 7 of f.parquet",
+        record='{"id": "d", "lang": "en", "text": "text", "title": "a very long title indeed"}',
+    )  # fmt: skip
+
+
+def test_without_a_title_the_dead_letter_blames_the_models_tokens(minilm_path):
+    chunker = load_chunker(minilm_path, ChunkSettings(chunk_tokens=10, chunk_overlap=0))
+    chunker.settings = ChunkSettings(chunk_tokens=9, chunk_overlap=0)  # settings no pre-flight checked
+    result = chunker.chunk(Document("d", "one two three", source="f.parquet", row=0))
     assert isinstance(result, DeadLetter)
-    assert result.stage == "chunk" and result.source == "f.parquet" and "title leaves" in result.reason
+    assert result.reason == "the model's special tokens leave 7 tokens of a 9-token chunk for text (at least 8 needed)"
+
+
+@pytest.mark.parametrize("text", ["\x00\x00", "\u200b", "\ufeff"])
+def test_a_text_without_tokens_is_a_dead_letter_naming_the_row_and_holding_the_text(minilm_path, text):
+    chunker = load_chunker(minilm_path, ChunkSettings(chunk_tokens=64, chunk_overlap=0))
+    result = chunker.chunk(Document("nul", text, source="/tmp/ri/rows.parquet", row=2))
+    assert result == DeadLetter(
+        stage="chunk", reason="text has no tokens", source="row 3 of /tmp/ri/rows.parquet",
+        record=json.dumps({"id": "nul", "text": text}, sort_keys=True),
+    )  # fmt: skip
+
+
+def test_chunks_too_small_for_the_models_own_tokens_are_refused_before_the_job(minilm_path):
+    """MiniLM adds [CLS] and [SEP]: a chunk needs 2 + 8 tokens, else every document would be a dead letter."""
+    spec = EmbeddingSpec.read(minilm_path)
+    message = ("--chunk-tokens 9 leaves 7 tokens for text after the model's 2 special and prompt tokens (at least 8 "
+               "needed); pass --chunk-tokens 10 or more (0: one chunk per document, truncated)")  # fmt: skip
+    with pytest.raises(ValueError) as refused:
+        ChunkSettings(chunk_tokens=9, chunk_overlap=0).check_model(spec)
+    assert str(refused.value) == message
+    with pytest.raises(ValueError) as refused:  # a worker's chunker refuses them too
+        load_chunker(spec, ChunkSettings(chunk_tokens=9, chunk_overlap=0))
+    assert str(refused.value) == message
+    ChunkSettings(chunk_tokens=10, chunk_overlap=0).check_model(spec)
+    ChunkSettings(chunk_tokens=0, chunk_overlap=0).check_model(spec)  # whole documents: no window
+    with pytest.raises(ValueError, match="maximum input length 256"):
+        ChunkSettings(chunk_tokens=512, chunk_overlap=0).check_model(spec)
 
 
 @pytest.mark.parametrize("tokens,overlap", [(-1, 0), (10, 10), (10, -1)])

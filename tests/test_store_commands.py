@@ -150,3 +150,53 @@ def test_a_local_mode_folder_gets_one_clear_error_line(tmp_path, capsys):
     assert rc == 2 and len(err) == 1
     assert err[0].startswith(f"corpus-etl dump: error: {old} is a qdrant-client local-mode folder (collections: docs)")
     assert "Reindex into a new folder: corpus-etl index" in err[0]
+
+
+@pytest.mark.parametrize("kind", ["edge", "server"])
+def test_an_empty_collection_dumps_0_rows_with_the_collections_vector_size(kind, tmp_path, capsys):
+    """An interrupted run, or one whose every document was a dead letter, leaves a collection without
+    points: its dump is a 0-row file whose vector column still has the collection's size."""
+    import pyarrow as pa
+
+    out = tmp_path / "empty.parquet"
+    if kind == "edge":
+        store = EdgeStore(str(tmp_path / "edge"), shards=2)
+        store.ensure_collection("empty", CollectionSpec(8, model="m"))
+        store.point_alias("live", "empty")
+        assert cli.main(["dump", "--collection", "live", "--qdrant-path", store.path, "--out", str(out)]) == 0
+        assert capsys.readouterr().out == f"dump: 0 points of live at edge:{store.path} -> {out}\n"
+    else:
+        store = ServerStore(client=QdrantClient(":memory:"))
+        store.ensure_collection("empty", CollectionSpec(8))
+        store.point_alias("live", "empty")
+        assert dump.dump(store, "live", str(out)) == 0
+    table = pq.read_table(out)
+    assert table.num_rows == 0
+    assert table.schema == pa.schema([("id", pa.string()), ("vector", pa.list_(pa.float32(), 8))])
+
+
+def test_a_payload_field_of_several_types_is_written_as_json_text_with_a_warning(tmp_path, caplog):
+    """A metadata column that is an int in one input file and a string in another, or a map stored as
+    [[key, value]]: no one Arrow type holds the values, so the column keeps each as JSON text."""
+    store = EdgeStore(str(tmp_path / "edge"), shards=1)
+    store.ensure_collection("c", CollectionSpec(4))
+    payloads = {"a": {"tag": 7, "pairs": [["k", 1]]}, "b": {"tag": "seven", "pairs": [["j", 2]]}, "c": {"lang": "en"}}
+    store.upsert("c", [StorePoint(point_id(d, 0), [1.0, 0.0, 0.0, 0.0], {"doc_id": d, **p}) for d, p in payloads.items()])
+    with caplog.at_level("WARNING", logger="pipelines.dump"):
+        assert dump.dump(store, "c", str(tmp_path / "c.parquet")) == 3
+    table = pq.read_table(tmp_path / "c.parquet")
+    docs = table.column("doc_id").to_pylist()
+    assert sorted(docs) == ["a", "b", "c"]
+    expected_tag = {"a": "7", "b": '"seven"', "c": None}
+    expected_pairs = {"a": '[["k", 1]]', "b": '[["j", 2]]', "c": None}
+    assert table.column("tag").to_pylist() == [expected_tag[d] for d in docs]
+    assert table.column("pairs").to_pylist() == [expected_pairs[d] for d in docs]
+    assert table.column("lang").to_pylist() == [{"c": "en"}.get(d) for d in docs]  # one type: kept as it is
+    for name in ("pairs", "tag"):
+        assert table.schema.field(name).metadata == {b"corpus_etl.encoding": b"json"}
+    assert table.schema.field("lang").metadata is None
+    warned = [r.getMessage() for r in caplog.records]
+    assert [m.split(" (")[0] for m in warned] == ["payload field 'pairs' has values no one Parquet type holds",
+                                                  "payload field 'tag' has values no one Parquet type holds"]
+    assert warned[1].startswith("payload field 'tag' has values no one Parquet type holds (int/str: ")
+    assert all(m.endswith("is written as JSON text") for m in warned)

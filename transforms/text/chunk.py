@@ -16,6 +16,7 @@ from typing import Any
 import apache_beam as beam
 from apache_beam.metrics import Metrics
 
+from transforms.io.parquet import row_position
 from transforms.models.settings import EmbeddingSpec, load_tokenizer
 from transforms.progress import count_time
 from transforms.text.tokens import tokenize_ids
@@ -42,13 +43,38 @@ class ChunkSettings:
                 f"--chunk-tokens {self.chunk_tokens}"
             )
 
-    def check_limit(self, max_length: int) -> None:
-        """Chunks must fit the model: ``ValueError`` saying what to pass when they do not."""
+    def check_limit(self, max_length: int, fixed_tokens: int | None = None) -> None:
+        """Chunks must fit the model and leave room for text: ``ValueError`` saying what to pass when they do not.
+
+        ``fixed_tokens``: what the model adds to every input (special tokens, document prompt;
+        ``fixed_token_count``); when given, a chunk must keep at least ``MIN_WINDOW_TOKENS`` of text
+        after them, or every document would be a dead letter: refused here, before the job, instead.
+        """
         if self.chunk_tokens > max_length:
             raise ValueError(
                 f"--chunk-tokens {self.chunk_tokens} is more than the model's maximum input length {max_length}; "
                 f"pass --chunk-tokens {max_length} or less (0: one chunk per document, truncated)"
             )
+        if fixed_tokens is not None and self.chunk_tokens and self.chunk_tokens - fixed_tokens < MIN_WINDOW_TOKENS:
+            raise ValueError(
+                f"--chunk-tokens {self.chunk_tokens} leaves {self.chunk_tokens - fixed_tokens} tokens for text after "
+                f"the model's {fixed_tokens} special and prompt tokens (at least {MIN_WINDOW_TOKENS} needed); pass "
+                f"--chunk-tokens {fixed_tokens + MIN_WINDOW_TOKENS} or more (0: one chunk per document, truncated)"
+            )
+
+    def check_model(self, spec: EmbeddingSpec) -> None:
+        """``check_limit`` against the model of ``spec``: its maximum length, then (reading its tokenizer,
+        only when chunking) the tokens it adds to every chunk. The job's pre-flight calls this."""
+        self.check_limit(spec.max_length)
+        if self.chunk_tokens:
+            tokenizer = load_tokenizer(spec.path)
+            self.check_limit(spec.max_length, fixed_token_count(tokenizer, spec.settings.document_prompt))
+
+
+def fixed_token_count(tokenizer: Any, document_prompt: str = "") -> int:
+    """Tokens the model adds around every document: specials (e.g. [CLS]/[SEP], Qwen3's EOS) and the prompt."""
+    prompt = len(tokenizer(document_prompt, add_special_tokens=False)["input_ids"]) if document_prompt else 0
+    return tokenizer.num_special_tokens_to_add(pair=False) + prompt
 
 
 class Chunker:
@@ -57,13 +83,12 @@ class Chunker:
     def __init__(self, tokenizer: Any, settings: ChunkSettings, max_length: int, document_prompt: str = "") -> None:
         if not getattr(tokenizer, "is_fast", False):
             raise ValueError("chunking needs a fast tokenizer (offset mapping)")
-        settings.check_limit(max_length)
         self.tokenizer = tokenizer
         self.settings = settings
         self.max_length = max_length
         self.document_prompt = document_prompt
-        # Tokens the model adds around every input: specials (e.g. Qwen3's EOS) and the prompt.
-        self.fixed_tokens = tokenizer.num_special_tokens_to_add(pair=False) + self._count(document_prompt)
+        self.fixed_tokens = fixed_token_count(tokenizer, document_prompt)
+        settings.check_limit(max_length, self.fixed_tokens)
 
     def _count(self, text: str) -> int:
         return len(self.tokenizer(text, add_special_tokens=False)["input_ids"]) if text else 0
@@ -81,25 +106,26 @@ class Chunker:
         return [self.chunk(doc, doc_offsets) for doc, doc_offsets in zip(docs, offsets)]
 
     def chunk(self, doc: Document, offsets: Sequence[tuple[int, int]] | None = None) -> list[Chunk] | DeadLetter:
-        """``offsets``: the text's token offsets, when already computed (``chunk_many``)."""
+        """The document's chunks, or a ``DeadLetter`` naming its row when it has none: a title that leaves
+        fewer than ``MIN_WINDOW_TOKENS`` of a chunk for text, or a text the tokenizer reads as no tokens
+        (NULs, zero-width spaces). ``offsets``: the text's token offsets, when already computed (``chunk_many``)."""
         prefix = title_prefix(doc.title)
         if self.settings.chunk_tokens == 0:
             return [self._whole(doc, prefix)]
         prefix_tokens = self._count(prefix)  # the same for every chunk of the document
         window = self.settings.chunk_tokens - self.fixed_tokens - prefix_tokens
         if window < MIN_WINDOW_TOKENS:
-            return DeadLetter.of(
-                "chunk",
-                f"title leaves {window} tokens of a {self.settings.chunk_tokens}-token chunk for text "
-                f"(at least {MIN_WINDOW_TOKENS} needed)",
-                doc.source,
-                {"id": doc.doc_id, "title": doc.title},
-            )
+            # Only a title can get here: check_limit refuses settings that leave too little room without one.
+            fixed = "special and prompt tokens" if self.document_prompt else "special tokens"
+            what = f"the title ({prefix_tokens} tokens) and the model's {fixed}" if prefix else f"the model's {fixed}"
+            reason = (f"{what} leave {max(window, 0)} tokens of a {self.settings.chunk_tokens}-token chunk for "
+                      f"text (at least {MIN_WINDOW_TOKENS} needed)")  # fmt: skip
+            return _dead_letter(doc, reason)
         if offsets is None:
             offsets = self.tokenizer(doc.text, add_special_tokens=False, return_offsets_mapping=True)["offset_mapping"]
         n = len(offsets)
         if n == 0:
-            return DeadLetter.of("chunk", "text has no tokens", doc.source, {"id": doc.doc_id})
+            return _dead_letter(doc, "text has no tokens")
         step = window - min(self.settings.chunk_overlap, window - 1)
         # Starts 0, step, 2*step ... up to the first window that reaches the end of the text.
         windows = [(s, min(s + window, n)) for s in range(0, max(n - window, 0) + step, step)]
@@ -167,6 +193,16 @@ class Chunker:
             limit *= 2
         offsets = self.tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)["offset_mapping"]
         return offsets, len(offsets) > budget
+
+
+def _dead_letter(doc: Document, reason: str) -> DeadLetter:
+    """A chunk-stage dead letter: named by its row, holding the document as the read stage's letters hold
+    the row (id, text, title when there is one, metadata columns), so it can be fixed and fed again."""
+    where = row_position(doc.source, doc.row) if doc.row >= 0 else doc.source
+    record = {**doc.metadata, "id": doc.doc_id, "text": doc.text}
+    if doc.title is not None:
+        record["title"] = doc.title
+    return DeadLetter.of("chunk", reason, where, record)
 
 
 def load_chunker(model: EmbeddingSpec | str, settings: ChunkSettings, max_length: int | None = None) -> Chunker:
