@@ -204,7 +204,7 @@ def run_config(config: IndexConfig, beam_args: list[str] | None = None, test_pip
         raise PreflightError(f"--input: {exc}") from exc
     try:  # the model's files, read once; chunk size against the model's limit
         spec = read_spec(config)
-        config.chunking.check_limit(spec.max_length)
+        config.chunking.check_model(spec)
     except ValueError as exc:
         raise PreflightError(str(exc)) from exc
     size = spec.size
@@ -273,7 +273,7 @@ def build_checked_pipeline(config: IndexConfig, p: beam.Pipeline) -> int:
     """
     try:
         spec = read_spec(config)
-        config.chunking.check_limit(spec.max_length)
+        config.chunking.check_model(spec)
     except ValueError as exc:
         raise PreflightError(str(exc)) from exc
     settings = embedding_settings(config, spec)

@@ -295,8 +295,6 @@ def test_invalid_flag_values_are_usage_errors(tmp_path):
     assert result.returncode == EXIT_USAGE
 
 
-@pytest.mark.xfail(strict=True, reason="until pipelines/index.py calls config.chunking.check_model(spec) where it calls "
-                   "check_limit(spec.max_length): then drop this mark")  # fmt: skip
 def test_chunks_too_small_for_the_models_own_tokens_are_refused_before_anything_is_created(tmp_path):
     """Else every document is a dead letter blaming a title it may not have, in a new empty collection."""
     path = tmp_path / "docs.parquet"
