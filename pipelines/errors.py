@@ -6,6 +6,7 @@ Exit statuses (README, "Exit status"):
     1  the job failed (it started; some output may be written)
     2  usage or pre-flight error: nothing was written
     3  the job finished, but partially (dead letters) or the alias switch was refused
+  130  interrupted (Ctrl-C, ``interrupted``); writes are idempotent, so a rerun completes it
 
 ``translate`` turns the library exceptions that an expected failure raises (qdrant-client
 connection errors, the local store's folder lock, transformers / huggingface_hub model

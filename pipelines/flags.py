@@ -29,10 +29,11 @@ BEAM_OPTIONS_EPILOG = textwrap.fill(
     width=100,
 )
 EXIT_STATUS_EPILOG = """exit status:
-  0  success
-  1  the job failed
-  2  usage or pre-flight error (store, model, inputs): nothing written
-  3  finished, but partial (dead letters) or the alias switch refused"""
+    0  success
+    1  the job failed
+    2  usage or pre-flight error (store, model, inputs): nothing written
+    3  finished, but partial (dead letters) or the alias switch refused
+  130  interrupted (Ctrl-C); writes are idempotent: rerun it"""
 
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):

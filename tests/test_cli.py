@@ -145,7 +145,8 @@ def test_every_option_has_help_and_shows_its_default_once(make_parser):
 
 def test_help_names_the_exit_statuses():
     out = cli("index", "--help").stdout
-    assert "exit status:\n  0  success\n  1  the job failed\n  2  usage or pre-flight error" in out
+    assert "exit status:\n    0  success\n    1  the job failed\n    2  usage or pre-flight error" in out
+    assert "\n  130  interrupted (Ctrl-C)" in out
 
 
 def test_the_reranker_instruction_in_help_is_the_one_used():
