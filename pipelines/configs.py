@@ -11,13 +11,14 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import os
+from collections.abc import Sequence
 from typing import Any
 
 from pipelines.flags import DEFAULT_EMBEDDING_MODEL, DEFAULT_RERANKER, SHARE_MODEL
 from pipelines.launch import model_resource_hints
 from pipelines.security import check_qdrant_flags
 from transforms.datasets.formats import LabelDatasetsConfig, parse_thresholds
-from transforms.io.parquet import DocumentColumns
+from transforms.io.parquet import DocumentColumns, input_matches
 from transforms.io.qdrant import RESERVED_PAYLOAD_KEYS, QdrantConfig
 from transforms.io.store import HnswSettings
 from transforms.models.devices import TokenBudgets, check_precision, expects_gpu
@@ -114,6 +115,19 @@ def check_job_timeout(seconds: float | None) -> None:
         raise ValueError(f"--job-timeout must be positive, got {seconds}")
 
 
+def check_outputs_outside_input(pattern: str, outputs: dict[str, str | None], files: Sequence[str] = ()) -> None:
+    """Refuse (``ValueError``) an output that ``--input`` matches, or will once written: the job would
+    overwrite an input file, or the next run would read the output as documents.
+
+    ``outputs``: flag → path; ``files``: the input files matched, when listed (``input_matches``).
+    """
+    for flag, path in outputs.items():
+        if path and input_matches(pattern, path, files):
+            raise ValueError(
+                f"{flag} {path} is an input file: --input {pattern!r} matches it; write {flag} outside the input"
+            )
+
+
 @dataclasses.dataclass(frozen=True)
 class IndexConfig(_ModelSteps):
     input: str
@@ -175,6 +189,7 @@ class IndexConfig(_ModelSteps):
         check_job_timeout(self.job_timeout_s)
         if self.dead_letter and not self.dead_letter.endswith((".jsonl", ".json", ".parquet")):
             raise ValueError(f"--dead-letter must end in .jsonl or .parquet, got {self.dead_letter}")
+        check_outputs_outside_input(self.input, {"--dead-letter": self.dead_letter, "--summary-out": self.summary_out})
 
 
 def index_config(args: argparse.Namespace) -> IndexConfig:

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import functools
+import json
 import logging
 import os
 import tempfile
@@ -40,7 +41,7 @@ from pipelines.common import (
     worker_cpu_threads,
     write_json,
 )
-from pipelines.configs import PACKING, IndexConfig, index_config
+from pipelines.configs import PACKING, IndexConfig, check_outputs_outside_input, index_config
 from pipelines.errors import JobFailed, PreflightError, first_line, translate
 from pipelines.flags import index_parser, split_beam_args
 from pipelines.launch import build_only, format_built, refuse_after_job_flags, write_job_file
@@ -50,7 +51,7 @@ from transforms.inference.embed import Embed, EmbeddingModelHandler
 from transforms.inference.handlers import tokens_by_layout, tokens_by_precision
 from transforms.io.dead_letters import WriteDeadLetters
 from transforms.io.incremental import REUSED, SkipUnchanged, missing_documents, settings_digest
-from transforms.io.parquet import BadFilesError, ReadDocuments, check_files
+from transforms.io.parquet import REJECTED_IDS, BadFilesError, ReadDocuments, check_files
 from transforms.io.preflight import LaunchChecks
 from transforms.io.qdrant import WriteToQdrant, chunk_payload
 from transforms.io.store import CollectionSpec, VectorStore, open_store
@@ -88,7 +89,8 @@ def build_pipeline(
     job runs; a PCollection: the files a worker checked as the job started, ``_build_job``);
     ``skipped``: file-level dead letters of the files ``--skip-bad-files`` left out;
     ``digest``: the embedding settings' digest that every point's fingerprint includes;
-    ``doc_ids_prefix``: where to write this run's valid document ids (for ``--delete-missing``).
+    ``doc_ids_prefix``: where to write the ids of this run's documents and of its refused rows
+    (``_write_doc_ids``, for ``--delete-missing``).
     """
     spec = spec or read_spec(config)
     interval = config.progress_interval_s  # embed and write report from their own steps
@@ -112,11 +114,9 @@ def build_pipeline(
         settings_digest=digest, progress_interval_s=interval,
     )  # fmt: skip
     if doc_ids_prefix:
-        _ = (
-            read["documents"]
-            | "DocIds" >> beam.Map(lambda d: d.doc_id)
-            | "WriteDocIds" >> beam.io.WriteToText(doc_ids_prefix, shard_name_template="-SSSSS-of-NNNNN")
-        )
+        ids = read["documents"] | "DocIds" >> beam.Map(lambda d: d.doc_id)
+        _write_doc_ids(ids, doc_ids_prefix, DOCUMENTS, "DocIds")
+        _write_doc_ids(read[REJECTED_IDS], doc_ids_prefix, REJECTED_IDS, "RejectedIds")
     if isinstance(skipped, beam.pvalue.PCollection):
         skipped_files = skipped
     else:
@@ -202,6 +202,12 @@ def run_config(config: IndexConfig, beam_args: list[str] | None = None, test_pip
         raise PreflightError(f"--input: {exc}; check the path or glob (local or gs://)") from exc
     except BadFilesError as exc:
         raise PreflightError(f"--input: {exc}") from exc
+    try:  # the config compared the paths as written; the files listed name them all (links resolved)
+        listed = [*files, *(letter.source for letter in skipped)]
+        check_outputs_outside_input(config.input, {"--dead-letter": config.dead_letter,
+                                                   "--summary-out": config.summary_out}, listed)  # fmt: skip
+    except ValueError as exc:
+        raise PreflightError(str(exc)) from exc
     try:  # the model's files, read once; chunk size against the model's limit
         spec = read_spec(config)
         config.chunking.check_model(spec)
@@ -301,9 +307,16 @@ def _build_job(config: IndexConfig, p: beam.Pipeline, how: str, started: float) 
     return summary
 
 
+DOCUMENTS = "documents"  # the ids of the documents read; REJECTED_IDS: of the rows refused (dead letters)
+
+
 def _doc_ids_prefix(p: beam.Pipeline) -> str:
-    """Where the job writes its valid document ids: under ``--temp_location`` when set (remote
-    runners), else a new local folder. ``_read_doc_ids`` deletes the files once read."""
+    """Where the job writes its document ids: under ``--temp_location`` when set (remote
+    runners), else a new local folder. ``_read_doc_ids`` deletes the files once read.
+
+    A new folder per run, read by the run that wrote it: no run reads another's ids (a crashed
+    run's folder is left, never read), so their encoding is free to change between versions.
+    """
     from apache_beam.options.pipeline_options import GoogleCloudOptions
 
     temp = p.options.view_as(GoogleCloudOptions).temp_location
@@ -312,17 +325,38 @@ def _doc_ids_prefix(p: beam.Pipeline) -> str:
     return os.path.join(tempfile.mkdtemp(prefix="corpus-etl-docs-"), "doc_ids")
 
 
-def _read_doc_ids(prefix: str) -> set[str]:
-    matches = FileSystems.match([prefix + "-*"])[0].metadata_list
+def _write_doc_ids(ids: beam.PCollection, prefix: str, kind: str, label: str) -> None:
+    """Write ``ids`` one a line as JSON strings: ASCII (``ensure_ascii``), so a line break, a
+    carriage return or a U+2028 in an id is an escape, and every id reads back exactly."""
+    _ = (
+        ids
+        | f"Encode{label}" >> beam.Map(json.dumps)
+        | f"Write{label}" >> beam.io.WriteToText(f"{prefix}-{kind}", shard_name_template="-SSSSS-of-NNNNN")
+    )
+
+
+def _read_doc_ids(prefix: str, kind: str) -> tuple[set[str], int]:
+    """The ids ``_write_doc_ids`` wrote under ``prefix`` for ``kind``, and how many were None (a
+    refused row whose id cannot be read); the files are deleted."""
+    matches = FileSystems.match([f"{prefix}-{kind}-*"])[0].metadata_list
     ids: set[str] = set()
+    unknown = 0
     for m in matches:
         with FileSystems.open(m.path) as f:
-            ids.update(line for line in f.read().decode("utf-8").splitlines() if line)
+            # split on "\n" alone: the encoder escapes every other line break
+            for doc_id in (json.loads(line) for line in f.read().decode("ascii").split("\n") if line):
+                if doc_id is None:
+                    unknown += 1
+                else:
+                    ids.add(doc_id)
     FileSystems.delete([m.path for m in matches])
+    return ids, unknown
+
+
+def _remove_doc_ids_folder(prefix: str) -> None:
     local = os.path.dirname(prefix)
     if os.path.isdir(local) and not os.listdir(local):
         os.rmdir(local)
-    return ids
 
 
 def _write_summary(config: IndexConfig, summary: dict[str, Any]) -> None:
@@ -388,19 +422,28 @@ def _delete_missing(
 ) -> dict[str, Any] | None:
     """``--delete-missing``: the points of documents this run's input does not hold, deleted and listed.
 
-    Never when an input was not read completely: what was not seen is not deleted.
+    A document is held when a row of the input has its id, whether the row became a document
+    or was refused at read (a dead letter: null or empty text, a value that cannot be
+    converted, ...): bad input never loses what an earlier run indexed, the same as for a
+    document the chunker refuses. Refused documents that kept their points are counted
+    (``documents_kept_refused``). Nothing is deleted when the documents held cannot all be
+    told: an input file or row group was not read (``unread``), or a refused row's id is null
+    or unreadable (it may be any document).
     """
     if not config.delete_missing or not doc_ids_prefix:
         return None
-    valid = _read_doc_ids(doc_ids_prefix)
-    if unread:
-        return {"skipped": f"not every input was read ({'; '.join(unread)}): nothing deleted",
+    held, _ = _read_doc_ids(doc_ids_prefix, DOCUMENTS)
+    refused, unknown = _read_doc_ids(doc_ids_prefix, REJECTED_IDS)
+    _remove_doc_ids_folder(doc_ids_prefix)
+    untold = [*unread, *([f"{unknown} refused row(s) have a null or unreadable id"] if unknown else [])]
+    if untold:
+        return {"skipped": f"cannot tell every document the input holds ({'; '.join(untold)}): nothing deleted",
                 "documents_deleted": 0, "points_deleted": 0}  # fmt: skip
     points_per_doc: dict[str, int] = {}
     for point in store.scroll(config.collection, with_vectors=False):
         doc = str(point.payload.get("doc_id"))
         points_per_doc[doc] = points_per_doc.get(doc, 0) + 1
-    missing = missing_documents(list(points_per_doc), valid)
+    missing = missing_documents(list(points_per_doc), held | refused)
     for start in range(0, len(missing), 256):
         store.delete_chunks_from(config.collection, {d: 0 for d in missing[start : start + 256]})
     listed = None
@@ -409,7 +452,7 @@ def _delete_missing(
         with FileSystems.create(listed) as f:
             f.write("".join(d + "\n" for d in missing).encode("utf-8"))
     return {"documents_deleted": len(missing), "points_deleted": sum(points_per_doc[d] for d in missing),
-            "list": listed}  # fmt: skip
+            "documents_kept_refused": len((refused - held) & points_per_doc.keys()), "list": listed}  # fmt: skip
 
 
 def _switch_alias(
@@ -500,7 +543,9 @@ def format_summary(summary: dict[str, Any]) -> str:
             f"  points written   {c.get('points_written', 0)} in {c.get('upsert_batches', 0)} batches"
             f"  (collection now holds {summary['points_in_collection']})",
             *([f"  deleted          {deletion['documents_deleted']} documents, {deletion['points_deleted']} points"
-               + (f"  ({deletion['skipped']})" if deletion.get("skipped") else "")] if deletion else []),
+               + (f"  ({deletion['skipped']})" if deletion.get("skipped") else "")
+               + (f"  (kept {deletion['documents_kept_refused']} whose rows were refused)"
+                  if deletion.get("documents_kept_refused") else "")] if deletion else []),
             f"  dead letters     {c.get('dead_letters', 0)}" + (f" -> {summary['dead_letter']}" if summary["dead_letter"] else ""),
             f"  precision        {describe_precision(summary['precision'], summary.get('precision_computed'))}",
             *([f"  packing          {describe_precision(summary['packing'], summary.get('packing_computed'))}"]

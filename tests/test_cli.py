@@ -278,6 +278,33 @@ def test_input_missing_a_column(tmp_path):
     assert result.returncode == EXIT_USAGE
 
 
+@pytest.mark.parametrize(
+    ("input_", "flag", "output"),
+    [
+        ("self.parquet", "--dead-letter", "self.parquet"),  # the job would overwrite its input
+        ("self.parquet", "--dead-letter", "./sub/../self.parquet"),  # the same file, written another way
+        ("*.parquet", "--dead-letter", "dead.parquet"),  # every later run would read the dead letters
+        ("*", "--summary-out", "summary.json"),
+        ("link.parquet", "--dead-letter", "self.parquet"),  # a link to it: found among the files listed
+    ],
+)
+def test_an_output_the_input_matches_is_refused_before_anything_is_written(tmp_path, input_, flag, output):
+    docs = tmp_path / "self.parquet"
+    pq.write_table(pa.Table.from_pylist([{"id": "a", "text": "hello"}]), docs)
+    before = docs.read_bytes()
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "link.parquet").symlink_to(docs)
+    pattern, path = str(tmp_path / input_), str(tmp_path / output)
+    result = cli("index", "--input", pattern, "--collection", "c", "--model", MINILM, "--chunk-tokens", "0",
+                 "--qdrant-path", str(tmp_path / "q"), flag, path)  # fmt: skip
+    assert one_line(result) == (
+        f"corpus-etl index: error: {flag} {path} is an input file: --input {pattern!r} matches it; "
+        f"write {flag} outside the input"
+    )
+    assert result.returncode == EXIT_USAGE
+    assert docs.read_bytes() == before and sorted(p.name for p in tmp_path.iterdir()) == ["link.parquet", "self.parquet", "sub"]
+
+
 def test_evaluate_queries_file_missing(tmp_path):
     result = cli("evaluate", "--collection", "c", "--model", MINILM, "--qdrant-path", str(tmp_path / "q"),
                  "--queries", str(tmp_path / "queries.jsonl"), "--qrels", str(tmp_path / "qrels.tsv"))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import decimal
 import json
 
 import apache_beam as beam
@@ -12,10 +13,13 @@ from apache_beam.testing.test_pipeline import TestPipeline
 from apache_beam.testing.util import assert_that, equal_to
 
 from transforms.io.parquet import (
+    REJECTED_IDS,
     BadFilesError,
     DocumentColumns,
     ReadDocuments,
+    ReadParquetRows,
     check_files,
+    input_matches,
     pick_duplicate,
     validate_columns,
 )
@@ -162,3 +166,114 @@ def test_dead_letters_are_written_sorted_as_jsonl_or_parquet(tmp_path):
     ]
     write_dead_letters(str(tmp_path / "d.parquet"), letters[::-1])
     assert pq.read_table(tmp_path / "d.parquet").to_pylist() == lines
+
+
+# -- values that have no exact Python form ----------------------------------------------------------
+def _undecodable_text() -> pa.Array:
+    return pa.array([b"good one", b"bad \xff\xfe", b"good three"], pa.binary()).view(pa.string())
+
+
+UNDECODABLE = ("cannot convert column 'text' (string): UnicodeDecodeError: 'utf-8' codec can't decode byte 0xff "
+               "in position 4: invalid start byte")  # fmt: skip
+
+
+def test_an_undecodable_string_costs_its_row_only_and_names_it(tmp_path):
+    path = tmp_path / "a.parquet"
+    pq.write_table(pa.table({"id": ["a", "b", "c"], "text": _undecodable_text()}), path)
+    with TestPipeline() as p:
+        out = p | ReadDocuments(str(path), DocumentColumns())
+        assert_that(out["documents"] | beam.Map(lambda d: (d.doc_id, d.text)),
+                    equal_to([("a", "good one"), ("c", "good three")]), label="docs")  # fmt: skip
+        assert_that(out[DEAD] | beam.Map(lambda d: (d.stage, d.source, d.reason)),
+                    equal_to([("read", f"row 2 of {path}", UNDECODABLE)]), label="dead")  # fmt: skip
+        # the refused row's document is still in the input (--delete-missing keeps it)
+        assert_that(out[REJECTED_IDS], equal_to(["b"]), label="rejected ids")
+
+
+def test_a_row_reader_without_a_parser_makes_the_row_a_dead_letter(tmp_path):
+    # ReadParquetRows on its own (the label job's query log): the bad row is refused by the reader.
+    path = tmp_path / "log.parquet"
+    pq.write_table(pa.table({"query": _undecodable_text()}), path)
+    with TestPipeline() as p:
+        out = p | ReadParquetRows(str(path), ["query"])
+        assert_that(out["rows"] | beam.Map(lambda r: (r[1], r[2])),
+                    equal_to([(0, {"query": "good one"}), (2, {"query": "good three"})]), label="rows")  # fmt: skip
+        assert_that(out[DEAD] | beam.Map(lambda d: (d.source, d.reason)),
+                    equal_to([(f"row 2 of {path}", UNDECODABLE.replace("'text'", "'query'"))]), label="dead")  # fmt: skip
+
+
+def test_nanosecond_timestamps_are_exact_iso_strings_like_microsecond_ones(tmp_path):
+    ns = [1, 1_000, -1, 1_700_000_000_123_456_789, None]
+    table = pa.table({
+        "id": ["a", "b", "c", "d", "e"], "text": ["t"] * 5,
+        "ts": pa.array(ns, pa.timestamp("ns")),
+        "tz": pa.array(ns, pa.timestamp("ns", "Europe/Paris")),
+        "us": pa.array([0, 1, 0, 0, 0], pa.timestamp("us", "Europe/Paris")),
+    })  # fmt: skip
+    pq.write_table(table, tmp_path / "a.parquet")
+    with TestPipeline() as p:
+        out = p | ReadDocuments(str(tmp_path / "a.parquet"), DocumentColumns(metadata=("ts", "tz", "us")))
+        assert_that(
+            out["documents"] | beam.Map(lambda d: (d.doc_id, d.metadata)),
+            equal_to([
+                ("a", {"ts": "1970-01-01T00:00:00.000000001", "tz": "1970-01-01T01:00:00.000000001+01:00",
+                       "us": "1970-01-01T01:00:00+01:00"}),
+                # whole microseconds: what a microsecond column gives (the "us" column of row b)
+                ("b", {"ts": "1970-01-01T00:00:00.000001", "tz": "1970-01-01T01:00:00.000001+01:00",
+                       "us": "1970-01-01T01:00:00.000001+01:00"}),
+                ("c", {"ts": "1969-12-31T23:59:59.999999999", "tz": "1970-01-01T00:59:59.999999999+01:00",
+                       "us": "1970-01-01T01:00:00+01:00"}),
+                ("d", {"ts": "2023-11-14T22:13:20.123456789", "tz": "2023-11-14T23:13:20.123456789+01:00",
+                       "us": "1970-01-01T01:00:00+01:00"}),
+                ("e", {"ts": None, "tz": None, "us": "1970-01-01T01:00:00+01:00"}),
+            ]),
+        )  # fmt: skip
+        assert_that(out[DEAD], equal_to([]), label="no dead letters")
+
+
+# -- ids are exact: distinct values, distinct ids ---------------------------------------------------
+def test_decimal_and_byte_ids_are_exact_and_never_collide(tmp_path):
+    big = [decimal.Decimal("12345678901234567890"), decimal.Decimal("12345678901234567891")]
+    pq.write_table(pa.table({"id": pa.array(big, pa.decimal128(38, 0)), "text": ["x", "y"]}), tmp_path / "a.parquet")
+    # decimal(38, 9) as a BigQuery NUMERIC export writes it: 7 was '7.0' and stays so (no re-embedding)
+    pq.write_table(pa.table({"id": pa.array([decimal.Decimal("7")], pa.decimal128(38, 9)), "text": ["z"]}),
+                   tmp_path / "b.parquet")  # fmt: skip
+    pq.write_table(pa.table({"id": pa.array([b"a\xff", b"a\xfe", b"ok"], pa.binary()), "text": ["p", "q", "r"]}),
+                   tmp_path / "c.parquet")  # fmt: skip
+    c = tmp_path / "c.parquet"
+    with TestPipeline() as p:
+        out = p | ReadDocuments(str(tmp_path / "*.parquet"), DocumentColumns())
+        assert_that(out["documents"] | beam.Map(lambda d: (d.doc_id, d.text)),
+                    equal_to([("12345678901234567890", "x"), ("12345678901234567891", "y"), ("7.0", "z"),
+                              ("ok", "r")]), label="docs")  # fmt: skip
+        assert_that(
+            out[DEAD] | beam.Map(lambda d: (d.source, d.reason)),
+            equal_to([(f"row 1 of {c}", "id is not UTF-8 text (column 'id': b'a\\xff': invalid start byte)"),
+                      (f"row 2 of {c}", "id is not UTF-8 text (column 'id': b'a\\xfe': invalid start byte)")]),
+            label="dead",
+        )  # fmt: skip
+
+
+def test_decimal_metadata_is_a_float_only_when_exact(tmp_path):
+    values = [decimal.Decimal("12345678901234567890.50"), decimal.Decimal("0.10"), decimal.Decimal("7")]
+    table = pa.table({"id": ["a", "b", "c"], "text": ["t"] * 3, "price": pa.array(values, pa.decimal128(38, 2))})
+    pq.write_table(table, tmp_path / "a.parquet")
+    with TestPipeline() as p:
+        out = p | ReadDocuments(str(tmp_path / "a.parquet"), DocumentColumns(metadata=("price",)))
+        assert_that(out["documents"] | beam.Map(lambda d: (d.doc_id, d.metadata["price"])),
+                    equal_to([("a", "12345678901234567890.5"), ("b", 0.1), ("c", 7.0)]))  # fmt: skip
+
+
+def test_outputs_matched_by_the_input_glob(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert input_matches("x/self.parquet", "./x/self.parquet")
+    assert input_matches("x/*.parquet", str(tmp_path / "x" / "dead.parquet"))
+    assert input_matches("x/", "x/summary.json")  # a folder: everything in it, as FileSystems.match reads it
+    assert not input_matches("x/*.parquet", "x/runs/dead.parquet")  # "*" stays in its folder
+    assert input_matches("x/**.parquet", "x/runs/dead.parquet")
+    assert input_matches("gs://b/docs/*.parquet", "gs://b/docs/dead.parquet")
+    assert not input_matches("gs://b/docs/*.parquet", "gs://b/runs/dead.parquet")
+    (tmp_path / "x").mkdir()
+    (tmp_path / "docs.parquet").write_bytes(b"")
+    (tmp_path / "x" / "link.parquet").symlink_to(tmp_path / "docs.parquet")
+    assert input_matches("x/link.parquet", "docs.parquet", files=["x/link.parquet"])  # the same file by a link

@@ -61,19 +61,27 @@ def versions(sample_dir):
     return v1, v2
 
 
-def test_v1_then_v2_gives_exactly_a_fresh_index_of_v2(tmp_path, minilm_path, versions):
+def test_v1_then_v2_gives_a_fresh_index_of_v2_and_keeps_the_refused_document(tmp_path, minilm_path, versions):
     v1, v2 = versions
     first = _index(tmp_path, minilm_path, _write(tmp_path / "v1.parquet", v1), "docs")
+    emptied = v1[16]["id"]
+    kept = {pid: point for pid, point in _points(tmp_path, "docs").items() if point[0]["doc_id"] == emptied}
     second = _index(tmp_path, minilm_path, _write(tmp_path / "v2.parquet", v2), "docs", "--delete-missing")
     fresh = _index(tmp_path, minilm_path, tmp_path / "v2.parquet", "fresh")
     got, want = _points(tmp_path, "docs"), _points(tmp_path, "fresh")
+    # The emptied document's row is a dead letter: bad input, not a deletion; its v1 points stay as they were.
+    assert kept and {pid: p for pid, p in got.items() if p[0]["doc_id"] == emptied}.keys() == kept.keys()
+    for pid, (payload, vector) in kept.items():
+        assert got[pid][0] == payload
+        np.testing.assert_array_equal(got[pid][1], vector)
+    got = {pid: p for pid, p in got.items() if pid not in kept}
     assert sorted(got) == sorted(want) and len(got) == fresh["points_in_collection"]
     for pid, (payload, vector) in want.items():
         assert got[pid][0] == payload
         np.testing.assert_allclose(got[pid][1], vector, atol=1e-6)
-    assert second["deletion"]["documents_deleted"] == 6  # 5 deleted + 1 emptied (not a valid document now)
+    assert (second["deletion"]["documents_deleted"], second["deletion"]["documents_kept_refused"]) == (5, 1)
     deleted = (tmp_path / "deleted_documents.txt").read_text().split()
-    assert deleted == sorted([r["id"] for r in v1[11:17]])
+    assert deleted == sorted([r["id"] for r in v1[11:16]])
     assert second["documents_unchanged"] == 13
     # Only what changed is embedded: fewer chunks than a fresh run, and at least the changed documents' chunks.
     assert 0 < second["chunks_embedded"] < fresh["chunks_embedded"] == fresh["counters"]["chunks"]
@@ -174,9 +182,52 @@ def test_the_server_path_reindexes_the_same_way(tmp_path, minilm_path, versions,
         if offset is None:
             break
     close_client(local)
-    valid = {r["id"] for r in v2_small if r["text"].strip()}
-    assert {p["doc_id"] for p in stored.values()} == valid  # deleted and emptied documents are gone
-    assert second["deletion"]["documents_deleted"] == 6 and second["documents_unchanged"] == 3
+    held = {r["id"] for r in v2_small}
+    assert {p["doc_id"] for p in stored.values()} == held  # deleted documents are gone; the emptied one stays
+    assert second["deletion"]["documents_deleted"] == 5 and second["documents_unchanged"] == 3
     for p in stored.values():  # exact chunk sets: every document's chunks are 0..n-1
         n = sum(1 for q in stored.values() if q["doc_id"] == p["doc_id"])
         assert 0 <= p["chunk_index"] < n
+
+
+# -- --delete-missing deletes only what the input does not hold ------------------------------------------
+def test_ids_with_line_breaks_are_not_taken_for_missing_documents(tmp_path, minilm_path):
+    rows = [{"id": i, "title": "t", "text": f"document {n} about rivers"}
+            for n, i in enumerate(["ok", "line\nbreak", "sep\u2028x", "cr\rx", "tab\tand \\ quote\""])]  # fmt: skip
+    corpus = _write(tmp_path / "c.parquet", rows)
+    first = _index(tmp_path, minilm_path, corpus, "docs")
+    for _ in range(2):  # a second rerun neither re-embeds nor deletes them again
+        again = _index(tmp_path, minilm_path, corpus, "docs", "--delete-missing")
+        assert (again["deletion"]["documents_deleted"], again["chunks_embedded"]) == (0, 0)
+        assert again["points_in_collection"] == first["points_in_collection"] == 5
+    assert {p["doc_id"] for p, _ in _points(tmp_path, "docs").values()} == {r["id"] for r in rows}
+
+
+def test_rows_refused_as_bad_input_keep_their_documents(tmp_path, minilm_path, versions):
+    rows = versions[0][:10]
+    _index(tmp_path, minilm_path, _write(tmp_path / "v1.parquet", rows), "docs")
+    before = _points(tmp_path, "docs")
+    # The same export with its text column now binary: every row is refused (non-string text).
+    table = pa.table({"id": [r["id"] for r in rows], "title": [r["title"] for r in rows],
+                      "text": pa.array([r["text"].encode() for r in rows], pa.binary())})  # fmt: skip
+    pq.write_table(table, tmp_path / "v2.parquet")
+    summary = _index(tmp_path, minilm_path, tmp_path / "v2.parquet", "docs", "--delete-missing")
+    assert summary["deletion"] == {"documents_deleted": 0, "points_deleted": 0, "documents_kept_refused": 10,
+                                   "list": None}  # fmt: skip
+    assert summary["status"] == "partial" and summary["counters"]["dead_letters"] == 10
+    assert sorted(_points(tmp_path, "docs")) == sorted(before)
+    assert "  deleted          0 documents, 0 points  (kept 10 whose rows were refused)" in index.format_summary(summary)
+
+
+def test_a_refused_row_without_an_id_stops_deletion(tmp_path, minilm_path, versions):
+    rows = versions[0][:3]
+    _index(tmp_path, minilm_path, _write(tmp_path / "v1.parquet", rows), "docs")
+    before = _points(tmp_path, "docs")
+    # rows[2] lost its id: it may be any stored document, so none is deleted
+    summary = _index(tmp_path, minilm_path, _write(tmp_path / "v2.parquet", [*rows[:2], {**rows[2], "id": None}]),
+                     "docs", "--delete-missing")  # fmt: skip
+    assert summary["deletion"] == {
+        "skipped": "cannot tell every document the input holds (1 refused row(s) have a null or unreadable id): "
+                   "nothing deleted", "documents_deleted": 0, "points_deleted": 0,
+    }  # fmt: skip
+    assert sorted(_points(tmp_path, "docs")) == sorted(before)

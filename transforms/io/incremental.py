@@ -156,6 +156,9 @@ class SkipUnchanged(beam.PTransform):
         return {"to_embed": out.to_embed, REUSED: out[REUSED]}
 
 
-def missing_documents(stored_doc_ids: Sequence[str], valid_doc_ids: set[str]) -> list[str]:
-    """Documents in the collection that this run's input does not hold (``--delete-missing``), sorted."""
-    return sorted(set(stored_doc_ids) - valid_doc_ids)
+def missing_documents(stored_doc_ids: Sequence[str], held_doc_ids: set[str]) -> list[str]:
+    """Documents in the collection that this run's input does not hold (``--delete-missing``), sorted.
+
+    ``held_doc_ids``: the id of every row read, whether it became a document or a dead letter.
+    """
+    return sorted(set(stored_doc_ids) - held_doc_ids)

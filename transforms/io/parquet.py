@@ -6,7 +6,9 @@ carries its file and row number: dead letters point at the row, and the duplicat
 rule ("the last row in file-path and row order wins") can be stated and tested. Beam's
 ``ReadAllFromParquetBatched`` splits files the same way but gives no row numbers, and a
 corrupt page there fails the whole job; here it is a dead letter naming the file and row
-group, and every other row group is still read. Columns are checked against every
+group, and every other row group is still read. Values are converted column by column, and
+a value with no Python form (invalid UTF-8 in a string column, ...) costs its row only, as
+a dead letter naming the file, row and column. Columns are checked against every
 matched file's footer before the pipeline starts, so a typo in ``--text-column`` fails in
 seconds with the file and column named, not an hour into a Dataflow job.
 """
@@ -17,11 +19,15 @@ import dataclasses
 import datetime
 import decimal
 import math
+import os
+import re
 from collections.abc import Iterable, Sequence
 from typing import Any
 
 import apache_beam as beam
+import pyarrow as pa
 import pyarrow.parquet as pq
+from apache_beam.io.filesystem import FileSystem
 from apache_beam.io.filesystems import FileSystems
 from apache_beam.metrics import Metrics
 
@@ -51,6 +57,27 @@ def file_problem(path: str, required: Sequence[str]) -> str | None:
     if missing:
         return f"missing column(s) {', '.join(missing)}; the file has: {', '.join(schema.names)}"
     return None
+
+
+def _comparable(path: str) -> str:
+    """A path as matching sees it: local paths absolute and normalised (``./x`` and ``x`` are one
+    file), remote ones (``gs://``) as written."""
+    return path if FileSystems.get_scheme(path) else os.path.abspath(path)
+
+
+def input_matches(pattern: str, path: str, files: Sequence[str] = ()) -> bool:
+    """Whether the input ``pattern`` matches ``path`` (or would once it exists), with Beam's glob
+    rules (``*`` within a folder, ``**`` across folders), or ``path`` is one of the matched
+    ``files`` (local files compared after symlinks are resolved). For outputs that must not
+    become input: a later run would read them as documents."""
+    if pattern.endswith(("/", "\\")):
+        pattern += "*"  # as FileSystems.match reads it
+    if re.match(FileSystem.translate_pattern(_comparable(pattern)), _comparable(path)):
+        return True
+    if FileSystems.get_scheme(path):
+        return path in files
+    real = os.path.realpath(path)
+    return any(not FileSystems.get_scheme(f) and os.path.realpath(f) == real for f in files)
 
 
 class BadFilesError(ValueError):
@@ -109,9 +136,68 @@ def _row_groups(path: str) -> Iterable[tuple[str, int, int]]:
         first += meta.row_group(rg).num_rows
 
 
+@dataclasses.dataclass(frozen=True)
+class Unconvertible:
+    """A Parquet value with no Python form (invalid UTF-8 in a string column, a nanosecond time of
+    day ...), in place of the value: the row is refused, naming the column; the rest of its row
+    group is read."""
+
+    type: str  # the column's Arrow type
+    error: str
+
+    def __str__(self) -> str:
+        return f"<unconvertible {self.type}: {self.error}>"
+
+
+def unconvertible_reason(row: dict[str, Any], columns: Iterable[str] | None = None) -> str | None:
+    """Why ``row`` (of ``columns``, default all) cannot be used: each value that could not be converted, or None."""
+    names = row if columns is None else columns
+    bad = [(c, v) for c in names if isinstance(v := row.get(c), Unconvertible)]
+    return "; ".join(f"cannot convert column {c!r} ({v.type}): {v.error}" for c, v in bad) or None
+
+
+def _ns_timestamps(array: pa.Array) -> list[str | None]:
+    """Nanosecond timestamps as exact ISO 8601 strings: what ``jsonable`` makes of a microsecond
+    timestamp (same time zone), with three more digits when there are nanoseconds, as
+    ``pandas.Timestamp.isoformat`` writes them (pyarrow returns those where pandas is installed)."""
+    ints = array.cast(pa.int64()).to_pylist()
+    micros = pa.array([None if v is None else v // 1000 for v in ints], pa.timestamp("us", array.type.tz))
+    out: list[str | None] = []
+    for v, dt in zip(ints, micros.to_pylist()):
+        if v is None or v % 1000 == 0:
+            out.append(None if v is None else dt.isoformat())
+        else:
+            iso = dt.isoformat(timespec="microseconds")  # YYYY-MM-DDTHH:MM:SS.ffffff (26 characters), then the zone
+            out.append(f"{iso[:26]}{v % 1000:03d}{iso[26:]}")
+    return out
+
+
+def column_values(array: pa.Array) -> list[Any]:
+    """The Python values of one column; a value that cannot be converted is an ``Unconvertible``.
+
+    Nanosecond timestamps are exact ISO strings (``_ns_timestamps``); Python's datetime stops at
+    microseconds. Conversion is tried for the whole column, then value by value when it fails,
+    so only the bad values are lost.
+    """
+    try:
+        if pa.types.is_timestamp(array.type) and array.type.unit == "ns":
+            return _ns_timestamps(array)
+        return array.to_pylist()
+    except Exception:
+        pass
+    values: list[Any] = []
+    for i in range(len(array)):
+        try:
+            values.append(array[i].as_py())
+        except Exception as exc:
+            values.append(Unconvertible(str(array.type), f"{type(exc).__name__}: {exc}"))
+    return values
+
+
 class _ReadRowGroup(beam.DoFn):
-    def __init__(self, columns: list[str]) -> None:
+    def __init__(self, columns: list[str], keep_unconvertible: bool = False) -> None:
         self.columns = columns
+        self.keep_unconvertible = keep_unconvertible
         self.unreadable = Metrics.counter("corpus_etl", "row_groups_unreadable")
 
     def process(self, element: tuple[str, int, int]):
@@ -126,8 +212,16 @@ class _ReadRowGroup(beam.DoFn):
             return
         n = first
         for batch in table.to_batches(max_chunksize=1024):
-            for row in batch.to_pylist():
-                yield path, n, row
+            names = batch.schema.names
+            columns = [column_values(batch.column(i)) for i in range(batch.num_columns)]
+            for i in range(batch.num_rows):
+                row = {name: values[i] for name, values in zip(names, columns)}
+                reason = None if self.keep_unconvertible else unconvertible_reason(row)
+                if reason:
+                    record = {k: jsonable(v) for k, v in row.items()}
+                    yield beam.pvalue.TaggedOutput(DEAD, DeadLetter.of("read", reason, row_position(path, n), record))
+                else:
+                    yield path, n, row
                 n += 1
 
 
@@ -138,13 +232,17 @@ class ReadParquetRows(beam.PTransform):
     A pattern is matched when the job runs; a list (files already checked by the driver) is
     read as given. One element per row group is reshuffled across workers, and each row
     group is read with the given columns. A row group that cannot be read becomes one dead
-    letter (file, row group, error); the job goes on.
+    letter (file, row group, error); the job goes on. A row with a value that cannot be
+    converted (``column_values``) becomes a dead letter naming the row and column; with
+    ``keep_unconvertible`` it comes out with an ``Unconvertible`` in place of the value, for a
+    parser that wants to say more about the row (``ReadDocuments``: its id).
     """
 
-    def __init__(self, pattern: str | Sequence[str], columns: Sequence[str]) -> None:
+    def __init__(self, pattern: str | Sequence[str], columns: Sequence[str], *, keep_unconvertible: bool = False) -> None:
         super().__init__()
         self.pattern = pattern
         self.columns = list(dict.fromkeys(columns))
+        self.keep_unconvertible = keep_unconvertible
 
     def expand(self, pbegin):
         if isinstance(pbegin, beam.pvalue.PCollection):  # applied to files checked in the job (transforms.io.preflight)
@@ -157,13 +255,36 @@ class ReadParquetRows(beam.PTransform):
             files
             | "ListRowGroups" >> beam.FlatMap(_row_groups)
             | "SpreadRowGroups" >> beam.Reshuffle()
-            | "ReadRowGroups" >> beam.ParDo(_ReadRowGroup(self.columns)).with_outputs(DEAD, main="rows")
+            | "ReadRowGroups"
+            >> beam.ParDo(_ReadRowGroup(self.columns, self.keep_unconvertible)).with_outputs(DEAD, main="rows")
         )
         return {"rows": read.rows, DEAD: read[DEAD]}
 
 
+def exact_decimal(value: decimal.Decimal) -> float | str:
+    """A decimal as the float whose shortest form (``repr``, its JSON) is the decimal's value, else
+    as its exact digits (``'12345678901234567890'``: no exponent, no trailing zeros).
+
+    Equal values give equal results whatever the column's scale, and distinct values distinct
+    ones (every result names its value exactly). Values a float holds exactly keep the form
+    their ids and payloads have always had (``7`` of a ``decimal(38,9)`` column is ``7.0``, its
+    id ``'7.0'``), so no stored document changes id; only values a float used to round (two
+    ids could become one) are written as digits.
+    """
+    f = float(value)
+    if math.isfinite(f) and decimal.Decimal(repr(f)) == value:
+        return f
+    digits = format(value, "f")  # exact: formatting without a precision does not round
+    return digits.rstrip("0").rstrip(".") if "." in digits else digits
+
+
 def jsonable(value: Any) -> Any:
-    """A Parquet value as something JSON (and so a Qdrant payload) can hold."""
+    """A Parquet value as something JSON (and so a Qdrant payload) can hold.
+
+    Decimals: ``exact_decimal`` (a float when exact, else a string of the exact digits); bytes:
+    decoded as UTF-8, undecodable bytes replaced (a payload is for reading; ids never go through
+    this lossy step, see ``document_id``).
+    """
     if value is None or isinstance(value, (str, bool, int)):
         return value
     if isinstance(value, float):
@@ -171,7 +292,7 @@ def jsonable(value: Any) -> Any:
     if isinstance(value, (datetime.date, datetime.datetime, datetime.time)):
         return value.isoformat()
     if isinstance(value, decimal.Decimal):
-        return float(value)
+        return exact_decimal(value)
     if isinstance(value, bytes):
         return value.decode("utf-8", errors="replace")
     if isinstance(value, dict):
@@ -194,24 +315,58 @@ class DocumentColumns:
         return list(dict.fromkeys(cols))
 
 
+class IdError(ValueError):
+    """Why a row's id is not a document id. ``unknown``: the row may hold a document of the
+    collection under an id that cannot be read (null, undecodable), so which one it is cannot
+    be told; otherwise the value could never have been a document id (empty, 1.5)."""
+
+    def __init__(self, reason: str, *, unknown: bool) -> None:
+        super().__init__(reason)
+        self.unknown = unknown
+
+
+def document_id(raw: Any, column: str = "id") -> str:
+    """The document id of an id column's value, exactly: distinct values give distinct ids.
+
+    Strings as they are; integers and integral floats as their digits (``7``, ``7.0`` → ``'7'``);
+    decimals by ``exact_decimal``; bytes decoded as UTF-8 (never with replacements: ``b'a\\xff'``
+    and ``b'a\\xfe'`` are refused, not both made ``'a\\ufffd'``); dates and times in ISO 8601.
+    Raises ``IdError`` for null, empty, non-integral float and undecodable ids.
+    """
+    if raw is None:
+        raise IdError(f"null id (column {column!r})", unknown=True)
+    if isinstance(raw, Unconvertible):
+        raise IdError(unconvertible_reason({column: raw}) or "", unknown=True)
+    if isinstance(raw, bytes):
+        try:
+            raw = raw.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            raise IdError(f"id is not UTF-8 text (column {column!r}: {raw!r}: {exc.reason})", unknown=True) from exc
+    if isinstance(raw, float) and not raw.is_integer():
+        raise IdError(f"id is a non-integral float: {raw!r}", unknown=False)
+    doc_id = str(int(raw)) if isinstance(raw, float) else str(jsonable(raw))
+    if not doc_id.strip():
+        raise IdError(f"empty id (column {column!r})", unknown=False)
+    return doc_id
+
+
 def row_to_document(
     source: str, row: dict[str, Any], columns: DocumentColumns, row_number: int = -1
 ) -> Document | DeadLetter:
     """One Parquet row as a ``Document``, or a ``DeadLetter`` saying what is wrong with it."""
-    raw_id = row.get(columns.id)
     text = row.get(columns.text)
 
     def reject(reason: str) -> DeadLetter:
         where = row_position(source, row_number) if row_number >= 0 else source
         return DeadLetter.of("read", reason, where, {k: jsonable(v) for k, v in row.items()})
 
-    if raw_id is None:
-        return reject(f"null id (column {columns.id!r})")
-    if isinstance(raw_id, float) and not raw_id.is_integer():
-        return reject(f"id is a non-integral float: {raw_id!r}")
-    doc_id = str(int(raw_id)) if isinstance(raw_id, float) else str(jsonable(raw_id))
-    if not doc_id.strip():
-        return reject(f"empty id (column {columns.id!r})")
+    try:
+        doc_id = document_id(row.get(columns.id), columns.id)
+    except IdError as exc:
+        return reject(str(exc))
+    unconvertible = unconvertible_reason(row, columns.all)
+    if unconvertible:
+        return reject(unconvertible)
     if text is None:
         return reject(f"null text (column {columns.text!r})")
     if not isinstance(text, str):
@@ -225,11 +380,16 @@ def row_to_document(
     return Document(doc_id=doc_id, text=text, title=title or None, metadata=metadata, source=source, row=row_number)
 
 
+# ReadDocuments' output of the ids of the rows it refused (``--delete-missing`` keeps their documents)
+REJECTED_IDS = "rejected_ids"
+
+
 class _ParseDocuments(beam.DoFn):
     def __init__(self, columns: DocumentColumns) -> None:
         self.columns = columns
         self.read = Metrics.counter("corpus_etl", "rows_read")
         self.rejected = Metrics.counter("corpus_etl", "rows_rejected")
+        self.unknown_id = Metrics.counter("corpus_etl", "rows_unknown_id")
 
     def process(self, element: Row):
         source, row_number, row = element
@@ -238,6 +398,12 @@ class _ParseDocuments(beam.DoFn):
         if isinstance(result, DeadLetter):
             self.rejected.inc()
             yield beam.pvalue.TaggedOutput(DEAD, result)
+            try:  # the document is still in the input, refused: say which, or (None) that it cannot be told
+                yield beam.pvalue.TaggedOutput(REJECTED_IDS, document_id(row.get(self.columns.id), self.columns.id))
+            except IdError as exc:
+                if exc.unknown:
+                    self.unknown_id.inc()
+                    yield beam.pvalue.TaggedOutput(REJECTED_IDS, None)
         else:
             yield result
 
@@ -281,10 +447,15 @@ class _DropDuplicateIds(beam.DoFn):
 
 
 class ReadDocuments(beam.PTransform):
-    """Parquet rows → ``Document`` (main output) and ``DeadLetter`` (tag ``dead_letter``).
+    """Parquet rows → ``{"documents": Document, "dead_letter": DeadLetter, "rejected_ids": str | None}``.
 
-    Bad rows (null or empty text or id, non-string text) and rows whose id repeats
-    are dead-lettered with the reason; every other row comes out exactly once.
+    Bad rows (null or empty text or id, non-string text, a value that cannot be converted)
+    and rows whose id repeats are dead-lettered with the reason; every other row comes out
+    exactly once. ``rejected_ids``: the document id of each refused row (``document_id``),
+    so that a refused document is not taken for one the input no longer holds, and None for a
+    refused row whose id is null or unreadable (``IdError.unknown``: it may hold any document;
+    also counted as ``rows_unknown_id``). An id that could never name a document (empty, 1.5)
+    gives nothing.
     """
 
     def __init__(self, pattern: str | Sequence[str], columns: DocumentColumns) -> None:
@@ -293,8 +464,10 @@ class ReadDocuments(beam.PTransform):
         self.columns = columns
 
     def expand(self, pbegin):
-        rows = pbegin | "ReadParquet" >> ReadParquetRows(self.pattern, self.columns.all)
-        parsed = rows["rows"] | "Parse" >> beam.ParDo(_ParseDocuments(self.columns)).with_outputs(DEAD, main="docs")
+        rows = pbegin | "ReadParquet" >> ReadParquetRows(self.pattern, self.columns.all, keep_unconvertible=True)
+        parsed = rows["rows"] | "Parse" >> beam.ParDo(_ParseDocuments(self.columns)).with_outputs(
+            DEAD, REJECTED_IDS, main="docs"
+        )
         unique = (
             parsed.docs
             | "KeyById" >> beam.WithKeys(lambda d: d.doc_id)
@@ -302,4 +475,4 @@ class ReadDocuments(beam.PTransform):
             | "DropDuplicateIds" >> beam.ParDo(_DropDuplicateIds()).with_outputs(DEAD, main="docs")
         )
         dead = (rows[DEAD], parsed[DEAD], unique[DEAD]) | "FlattenDead" >> beam.Flatten()
-        return {"documents": unique.docs, DEAD: dead}
+        return {"documents": unique.docs, DEAD: dead, REJECTED_IDS: parsed[REJECTED_IDS]}
