@@ -6,10 +6,15 @@
 The points are scrolled from every shard and upserted with their own ids through the
 writer's batching (``copy_points``: batches bounded by count and bytes, transient errors
 retried), so a copy that fails half-way is finished by running it again. The target
-collection is created when missing (size from the source, cosine, payload indexes); an
-existing one of another size is refused before anything is written. After every point is
-in, ``--alias`` is switched on the target in one request (blue/green). ``--to-path`` puts
-another embedded store in place of the server (where no server exists, e.g. in tests).
+collection is created when missing (size from the source, cosine, payload indexes).
+
+Refused before anything is written (exit 2): an existing target of another size, a
+``--to-collection`` that is an alias on the target (its points would go into the collection
+the alias serves), an ``--alias`` that is a collection there or equals ``--to-collection``, and
+a source shard another process holds (the source's shards are opened first and held until
+the copy ends). A failure once writing has started (exit 1) leaves part of the points in the
+target: rerun the copy. After every point is in, ``--alias`` is switched on the target in one
+request (blue/green). ``--to-path`` puts another embedded store in place of the server.
 """
 
 from __future__ import annotations
@@ -17,6 +22,8 @@ from __future__ import annotations
 import argparse
 import time
 from typing import Any
+
+from pipelines.errors import JobFailed, PreflightError, first_line, translate
 
 
 def build_arg_parser() -> argparse.ArgumentParser:
@@ -35,28 +42,69 @@ def build_arg_parser() -> argparse.ArgumentParser:
     target.add_argument("--qdrant-grpc", action="store_true", help="talk gRPC to the server")
     target.add_argument("--qdrant-timeout", type=int, default=60, help="request timeout, seconds")
     target.add_argument("--batch-points", type=int, default=256, help="points per upsert request (bytes bound: 8 MiB)")
+    parser.add_argument(
+        "--store-lock-wait", type=float, default=300.0, metavar="SECONDS",
+        help="embedded stores: how long to wait for a shard another process holds before failing",
+    )  # fmt: skip
     return parser
+
+
+def check_target_names(target: Any, to_collection: str, alias: str | None) -> None:
+    """The names on the target, refused (``PreflightError``) before anything is written.
+
+    The rules of the index job's ``check_names`` under copy's flag names (copy's ``--collection``
+    is the source, which may be an alias): ``--to-collection`` must not be an alias (writing
+    through it would mix these points into the collection it serves), ``--alias`` must not be a
+    collection and must differ from ``--to-collection``.
+    """
+    from pipelines.security import redact_url
+
+    where = redact_url(target.where)
+    if alias and alias == to_collection:
+        raise PreflightError(f"--alias {alias!r} is also --to-collection; the alias must have another name")
+    aliases = target.aliases()
+    if to_collection in aliases:
+        raise PreflightError(
+            f"--to-collection {to_collection!r} is an alias (of {aliases[to_collection]!r}) at {where}; copy into a "
+            f"new collection and pass --alias {to_collection} to switch it when the copy is done"
+        )
+    if alias and alias not in aliases and target.collection_exists(alias):
+        raise PreflightError(f"--alias {alias!r} is the name of a collection at {where}, not an alias; choose another --alias")
 
 
 def copy_collection(
     source: Any, collection: str, target: Any, to_collection: str, *, alias: str | None = None,
-    batch_points: int = 256,
+    batch_points: int = 256, target_url: str | None = None,
 ) -> dict[str, Any]:
-    """Copy every point of ``collection`` (an alias is resolved) from ``source`` into ``target``."""
+    """Copy every point of ``collection`` (an alias is resolved) from ``source`` into ``target``.
+
+    Everything that can be checked is checked before the target is touched (names, the
+    source's shards, the target's size): those failures raise and nothing is written. A
+    failure after that is a ``JobFailed`` (exit 1) saying a rerun finishes the copy.
+    ``target_url`` only names the server in messages.
+    """
     from transforms.io.qdrant import copy_points
     from transforms.io.store import CollectionSpec
 
     meta = source.meta(collection)
-    if alias and alias == to_collection:
-        raise ValueError("--alias must differ from the target collection")
+    check_target_names(target, to_collection, alias)
+    source.count(collection)  # opens every source shard (held when the source keeps them open): a lock shows now
     created = target.ensure_collection(to_collection, CollectionSpec(meta.size, model=meta.model, settings=meta.settings))
     started = time.perf_counter()
-    stats = copy_points(source.scroll(collection, with_vectors=True, page=512), target, to_collection,
-                        batch_points=batch_points)  # fmt: skip
-    count = target.count(to_collection)
-    if count < stats["points"]:
-        raise RuntimeError(f"target {to_collection!r} holds {count} points after {stats['points']} were copied")
-    previous = target.point_alias(alias, to_collection) if alias else None
+    try:
+        stats = copy_points(source.scroll(collection, with_vectors=True, page=512), target, to_collection,
+                            batch_points=batch_points)  # fmt: skip
+        count = target.count(to_collection)
+        if count < stats["points"]:
+            raise RuntimeError(f"target {to_collection!r} holds {count} points after {stats['points']} were copied")
+        previous = target.point_alias(alias, to_collection) if alias else None
+    except Exception as exc:
+        error = translate(exc, qdrant_url=target_url)
+        reason = str(error) if error is not None else f"{type(exc).__name__}: {first_line(exc)}"
+        raise JobFailed(
+            f"the copy failed after it started writing {to_collection!r}: {reason} (rerun the copy to finish it: "
+            "points keep their ids)"
+        ) from exc
     return {
         "source": f"{source.where}/{collection}", "target": f"{target.where}/{to_collection}", "created": created,
         **stats, "points_in_target": count, "seconds": round(time.perf_counter() - started, 2),
@@ -72,20 +120,26 @@ def run(argv: list[str] | None = None) -> dict[str, Any]:
 
     args = build_arg_parser().parse_args(argv)
     setup_logging()
-    source = EdgeStore(args.qdrant_path)
+    # keep_open: the source's shards stay held from the pre-flight count to the end of the copy.
+    source = EdgeStore(args.qdrant_path, lock_wait_s=args.store_lock_wait, keep_open=True)
     if args.to_url:
         target_config = QdrantConfig(
             path=None, url=args.to_url, api_key_env=args.qdrant_api_key_env, prefer_grpc=args.qdrant_grpc,
             timeout_s=args.qdrant_timeout,
         )  # fmt: skip
     else:
-        target_config = QdrantConfig(path=args.to_path)
+        target_config = QdrantConfig(path=args.to_path, lock_wait_s=args.store_lock_wait)
     target = open_store(target_config)
     try:
         report = copy_collection(
             source, args.collection, target, args.to_collection or source.resolve(args.collection),
-            alias=args.alias, batch_points=args.batch_points,
+            alias=args.alias, batch_points=args.batch_points, target_url=args.to_url,
         )  # fmt: skip
+    except Exception as exc:  # a pre-flight failure: named with the server's (redacted) URL, which cli does not know
+        error = translate(exc, qdrant_url=args.to_url)
+        if error is None or error is exc:
+            raise
+        raise error from exc
     finally:
         target.close()
         source.close()

@@ -9,7 +9,7 @@ Exit statuses (README, "Exit status"):
   130  interrupted (Ctrl-C, ``interrupted``); writes are idempotent, so a rerun completes it
 
 ``translate`` turns the library exceptions that an expected failure raises (qdrant-client
-connection errors, the local store's folder lock, transformers / huggingface_hub model
+connection errors, the embedded store's shard locks, transformers / huggingface_hub model
 loading, missing input files) into a ``CliError`` whose message names the thing (URL with
 credentials redacted, folder, model id) and what to do. It reads exception types by name
 and tracebacks by file, so this module never imports torch, Beam or qdrant-client.
@@ -65,6 +65,9 @@ class PartialResult(CliError):
 
 _MODEL_HINT = "offline? set {flag} to a local directory"
 _LOCK_MESSAGE = re.compile(r"Storage folder (?P<path>.+?) is already accessed by another instance of Qdrant client")
+# transforms.io.edge_store.open_shard: "store in use by another process: DIR/COLLECTION/shard-NNN stayed locked for Ns (...)".
+_STORE_IN_USE = re.compile(r"store in use by another process: (?P<path>\S.*?) stayed locked for (?P<wait>\d+)s")
+_BEAM_STEP = re.compile(r" \[while running '[^\]]*'\]")
 _CONNECTION_TYPES = {
     "ResponseHandlingException",  # qdrant-client REST: wraps httpx errors
     "ConnectionError", "ConnectionRefusedError", "ConnectionResetError", "ConnectionAbortedError",
@@ -173,12 +176,14 @@ def translate(
                 "one at a time); wait for it to finish, or use a Qdrant server (--qdrant-url) for concurrent jobs"
             )
 
-    for e in _chain(exc):
-        if type(e).__name__ == "StoreInUseError":
-            return kind(
-                f"{prefix}{first_line(e)}; wait for the other job to finish (jobs writing different collections "
-                "can run together), or raise --store-lock-wait"
-            )
+    in_use = _store_in_use(exc)
+    if in_use is not None:
+        # Mid-job, part of the output may be written: a rerun (idempotent) is what finishes it.
+        if in_job:
+            todo = "rerun this job when the other one has finished (its writes are idempotent; jobs"
+        else:
+            todo = "wait for the other job to finish (jobs"
+        return kind(f"{prefix}{in_use}; {todo} writing different collections can run together), or raise --store-lock-wait")
 
     if _raised_in(exc, "transformers") or _raised_in(exc, "huggingface_hub"):
         if isinstance(exc, (OSError, ValueError)) or "HfHubHTTPError" in names or "OfflineModeIsEnabled" in names:
@@ -207,6 +212,25 @@ def translate(
         return PreflightError(first_line(exc))
     if names & {"ValueError", "DeviceUnavailableError"}:
         return PreflightError(first_line(exc))
+    return None
+
+
+def _store_in_use(exc: BaseException) -> str | None:
+    """``store folder DIR is in use by another process: COLLECTION/shard-NNN stayed locked for Ns`` for the
+    embedded store's ``StoreInUseError`` anywhere in the chain, or None.
+
+    Read from the message, so one that crossed from a worker process as text is found too; the
+    library's WAL detail and Beam's ``[while running 'STEP']`` are left out (``-v`` shows them).
+    """
+    for e in _chain(exc):
+        match = _STORE_IN_USE.search(str(e))
+        if match:
+            shard = match["path"].rstrip("/")
+            folder = shard.rsplit("/", 2)[0] if shard.count("/") >= 2 else shard  # DIR/COLLECTION/shard-NNN
+            part = shard[len(folder) + 1 :] or shard
+            return f"store folder {folder} is in use by another process: {part} stayed locked for {match['wait']}s"
+        if type(e).__name__ == "StoreInUseError":  # a message of another shape: its first line, without Beam's step
+            return _BEAM_STEP.sub("", first_line(e))
     return None
 
 

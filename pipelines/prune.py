@@ -5,7 +5,8 @@
 **Naming.** A nightly blue/green reindex writes ``<alias>-<date>[<suffix>]`` and switches
 ``<alias>`` to it when the run passes its guards (README, "A schedule"):
 
-- ``<date>`` is ``YYYYMMDD`` or ``YYYY-MM-DD`` (``date +%Y%m%d``, ``date +%F``), a real date;
+- ``<date>`` is ``YYYYMMDD`` or ``YYYY-MM-DD`` (``date +%Y%m%d``, ``date +%F``), a real date; a mix
+  (``docs-2026-1122``, ``docs-202611-22``) is another name, never deleted;
 - ``<suffix>`` is empty, or starts with ``-``, ``_``, ``.`` or ``T`` (``docs-20261124-rerun``,
   ``docs-2026-11-24T0300``): several collections of one day are ordered by it.
 
@@ -32,7 +33,9 @@ from typing import Any
 from pipelines.errors import JobFailed, PreflightError, UsageError
 from pipelines.flags import prune_parser
 
-_DATED = re.compile(r"^(?P<y>\d{4})-?(?P<m>\d{2})-?(?P<d>\d{2})(?P<suffix>([-_.T][A-Za-z0-9._-]*)?)$")
+# YYYYMMDD or YYYY-MM-DD: the second separator is the first one again (a backreference), so
+# YYYY-MMDD and YYYYMM-DD are not dated names and never deleted.
+_DATED = re.compile(r"^(?P<y>\d{4})(?P<sep>-?)(?P<m>\d{2})(?P=sep)(?P<d>\d{2})(?P<suffix>([-_.T][A-Za-z0-9._-]*)?)$")
 
 
 def collection_date(name: str, alias: str) -> tuple[datetime.date, str] | None:
@@ -102,14 +105,15 @@ def format_report(report: Mapping[str, Any]) -> str:
     dated = len(report["keep"]) + len(report["delete"])
     head = (f"prune-collections: {alias} -> {target or '(no such alias yet)'} at {report['where']}: "
             f"{dated} dated collection(s), keep the {report['keep_count']} most recent")  # fmt: skip
+    verb = "would delete" if report["dry_run"] else "deleted"
+    width = len(verb)  # one column of names: as wide as the longest word this report uses
     lines = [head]
     for name in report["keep"]:
         why = " (alias target)" if name == target else " (an alias points at it)" if name in report["protected"] else ""
-        lines.append(f"  keep    {name}{why}")
-    verb = "would delete" if report["dry_run"] else "deleted"
-    lines += [f"  {verb:<7} {name}" if report["dry_run"] or name in report["deleted"] else f"  kept    {name}"
+        lines.append(f"  {'keep':<{width}} {name}{why}")
+    lines += [f"  {verb if report['dry_run'] or name in report['deleted'] else 'kept':<{width}} {name}"
               for name in report["delete"]]  # fmt: skip
-    lines += [f"  ignore  {name} (not {alias}-YYYYMMDD[-suffix])" for name in report["other"]]
+    lines += [f"  {'ignore':<{width}} {name} (not {alias}-YYYYMMDD[-suffix])" for name in report["other"]]
     if report["dry_run"]:
         lines.append("  dry run: nothing deleted")
     return "\n".join(lines)

@@ -221,10 +221,11 @@ def test_locked_store_folder_names_the_folder(tmp_path):
     finally:
         holder.stdin.close()
         holder.wait(timeout=60)
-    line = one_line(result)
-    assert line.startswith(f"corpus-etl search: error: store in use by another process: {shard} stayed locked for 0s"), line
-    assert line.endswith("; wait for the other job to finish (jobs writing different collections can run together), "
-                         "or raise --store-lock-wait"), line  # fmt: skip
+    assert one_line(result) == (
+        f"corpus-etl search: error: store folder {folder} is in use by another process: c/shard-000 stayed locked for "
+        "0s; wait for the other job to finish (jobs writing different collections can run together), or raise "
+        "--store-lock-wait"
+    )
     assert result.returncode == EXIT_USAGE
 
 

@@ -27,6 +27,9 @@ from transforms.types import point_id
         ("docs20261124", None),
         ("other-20261124", None),
         ("docs-202611245", None),
+        ("docs-2026-1122", None),  # mixed separators: not one of the two forms
+        ("docs-202611-22", None),
+        ("docs-2026-1122-rerun", None),
     ],
 )
 def test_collection_date(name, expected):
@@ -72,7 +75,17 @@ def test_prune_command_on_the_embedded_store(tmp_path, capsys):
     argv = ["prune-collections", "--alias", "docs", "--keep", "2", "--qdrant-path", str(tmp_path / "q")]
     assert main([*argv, "--dry-run"]) == 0
     out = capsys.readouterr().out
-    assert "  would delete docs-20261120" in out and "  would delete docs-20261122" in out and "dry run" in out
+    assert out.splitlines() == [
+        f"prune-collections: docs -> docs-20261121 at edge:{tmp_path / 'q'}: 5 dated collection(s), keep the 2 most "
+        "recent",
+        "  keep         docs-20261124",
+        "  keep         docs-20261123",
+        "  keep         docs-20261121 (alias target)",
+        "  would delete docs-20261120",
+        "  would delete docs-20261122",
+        "  ignore       docs-old (not docs-YYYYMMDD[-suffix])",
+        "  dry run: nothing deleted",
+    ]  # one column of names
     assert store.collections() == sorted(NAMES)
 
     assert main(argv) == 0
@@ -85,6 +98,18 @@ def test_prune_command_on_the_embedded_store(tmp_path, capsys):
 
     assert main(argv) == 0  # nothing more to delete: the same state
     assert store.collections() == ["docs-20261121", "docs-20261123", "docs-20261124", "docs-old", "other-20261101"]
+
+
+def test_names_with_mixed_date_separators_are_never_deleted(tmp_path, capsys):
+    names = ["docs-20261120", "docs-2026-1122", "docs-202611-23", "docs-20261124", "docs-20261125"]
+    store = _store_with(tmp_path / "q", names, {"docs": "docs-20261125"})
+    argv = ["prune-collections", "--alias", "docs", "--keep", "2", "--qdrant-path", str(tmp_path / "q")]
+    assert main([*argv, "--dry-run"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert [line for line in out if "would delete" in line] == ["  would delete docs-20261120"]
+    assert "  ignore       docs-2026-1122 (not docs-YYYYMMDD[-suffix])" in out
+    assert main(argv) == 0
+    assert store.collections() == ["docs-2026-1122", "docs-202611-23", "docs-20261124", "docs-20261125"]
 
 
 def test_prune_command_errors_in_one_line(tmp_path, capsys):

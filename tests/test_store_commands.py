@@ -9,6 +9,7 @@ from qdrant_client import QdrantClient
 from qdrant_client.http.exceptions import UnexpectedResponse
 
 from pipelines import cli, copy, dump
+from pipelines.errors import PreflightError
 from transforms.io.edge_store import EdgeStore, LegacyLocalModeError
 from transforms.io.qdrant import ServerStore, copy_points, point_bytes
 from transforms.io.store import CollectionSpec, HnswSettings, StorePoint
@@ -200,3 +201,171 @@ def test_a_payload_field_of_several_types_is_written_as_json_text_with_a_warning
                                                   "payload field 'tag' has values no one Parquet type holds"]
     assert warned[1].startswith("payload field 'tag' has values no one Parquet type holds (int/str: ")
     assert all(m.endswith("is written as JSON text") for m in warned)
+
+
+# -- copy: names on the target are checked before anything is written ----------------------
+def _target(kind: str, tmp_path):
+    """A target holding docs-20261201 (5 points) that alias ``docs`` serves, on either store."""
+    store = EdgeStore(str(tmp_path / "target"), shards=2) if kind == "edge" else ServerStore(client=QdrantClient(":memory:"))
+    store.ensure_collection("docs-20261201", CollectionSpec(8))
+    store.upsert("docs-20261201", _points(5, seed=9))
+    store.point_alias("docs", "docs-20261201")
+    return store
+
+
+def _state(store) -> tuple:
+    """Everything a copy could change on a target: collections, aliases, each collection's ids."""
+    names = store.collections()
+    return names, store.aliases(), {n: sorted(p.id for p in store.scroll(n, with_vectors=False)) for n in names}
+
+
+@pytest.mark.parametrize("kind", ["edge", "server"])
+@pytest.mark.parametrize(
+    ("to_collection", "alias", "message"),
+    [
+        ("docs", None, "--to-collection 'docs' is an alias (of 'docs-20261201') at {where}; copy into a new collection "
+                       "and pass --alias docs to switch it when the copy is done"),
+        ("docs-20261202", "docs-20261201", "--alias 'docs-20261201' is the name of a collection at {where}, not an "
+                                           "alias; choose another --alias"),
+        ("docs-20261202", "docs-20261202", "--alias 'docs-20261202' is also --to-collection; the alias must have "
+                                           "another name"),
+    ],
+)
+def test_copy_refuses_target_names_before_writing_anything(kind, to_collection, alias, message, edge, tmp_path):
+    target = _target(kind, tmp_path)
+    before = _state(target)
+    with pytest.raises(PreflightError) as caught:
+        copy.copy_collection(edge, "c", target, to_collection, alias=alias)
+    assert str(caught.value) == message.format(where=target.where)
+    assert caught.value.exit_status == 2
+    assert _state(target) == before  # no collection created, no point written, no alias moved
+
+
+def test_copy_into_an_alias_on_an_embedded_target_exits_2_and_leaves_its_collection_alone(edge, tmp_path, capsys):
+    """The reviewer's case: the second copy names the alias the first one switched."""
+    target = str(tmp_path / "tgt")
+    base = ["copy", "--qdrant-path", edge.path, "--to-path", target]
+    assert cli.main([*base, "--collection", "c", "--to-collection", "docs-20261201", "--alias", "docs"]) == 0
+    other = EdgeStore(str(tmp_path / "st"), shards=1)
+    other.ensure_collection("inc", CollectionSpec(8))
+    other.upsert("inc", _points(4, seed=11))
+    capsys.readouterr()
+    rc = cli.main(["copy", "--collection", "inc", "--qdrant-path", other.path, "--to-path", target,
+                   "--to-collection", "docs"])  # fmt: skip
+    assert rc == 2
+    assert capsys.readouterr().err.splitlines() == [
+        f"corpus-etl copy: error: --to-collection 'docs' is an alias (of 'docs-20261201') at edge:{target}; copy into "
+        "a new collection and pass --alias docs to switch it when the copy is done"
+    ]
+    assert EdgeStore(target).count("docs-20261201") == 30  # only the first copy's points
+
+
+def test_copy_with_an_alias_that_is_a_collection_exits_2_before_creating_the_target(edge, tmp_path, capsys):
+    target = str(tmp_path / "tgt")
+    base = ["copy", "--collection", "c", "--qdrant-path", edge.path, "--to-path", target]
+    assert cli.main([*base, "--to-collection", "docs-20261201", "--alias", "docs"]) == 0
+    capsys.readouterr()
+    assert cli.main([*base, "--to-collection", "docs-20261202", "--alias", "docs-20261201"]) == 2
+    assert capsys.readouterr().err.splitlines() == [
+        f"corpus-etl copy: error: --alias 'docs-20261201' is the name of a collection at edge:{target}, not an alias; "
+        "choose another --alias"
+    ]
+    assert EdgeStore(target).collections() == ["docs-20261201"]  # docs-20261202 was never created
+
+
+# -- copy: a shard another process holds ---------------------------------------------------
+_HOLD = "import sys\nfrom qdrant_edge import EdgeShard\ns = EdgeShard.load(sys.argv[1])\nprint('holding', flush=True)\nsys.stdin.read()\n"
+
+
+def _holding(shard: str):
+    """A process holding ``shard``'s lock (the way a running job does) until the block ends."""
+    import subprocess
+    import sys
+
+    from tests.processes import started
+
+    return started([sys.executable, "-c", _HOLD, shard], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+
+
+def test_copy_from_a_locked_source_exits_2_with_the_store_lock_line_and_writes_nothing(edge, tmp_path, capsys):
+    from tests.processes import wait_for_line
+
+    target = str(tmp_path / "tgt")
+    shard = f"{edge.path}/c/shard-001"
+    with _holding(shard) as proc:
+        wait_for_line(proc, "holding")
+        rc = cli.main(["copy", "--collection", "c", "--qdrant-path", edge.path, "--to-path", target,
+                       "--to-collection", "c2", "--store-lock-wait", "0.2"])  # fmt: skip
+    assert rc == 2
+    assert capsys.readouterr().err.splitlines() == [
+        f"corpus-etl copy: error: store folder {edge.path} is in use by another process: c/shard-001 stayed locked for "
+        "0s; wait for the other job to finish (jobs writing different collections can run together), or raise "
+        "--store-lock-wait"
+    ]
+    assert EdgeStore(target).collections() == []  # the target was not created
+
+
+def test_copy_into_a_locked_target_fails_with_status_1_and_a_rerun_finishes_it(edge, tmp_path, capsys):
+    from tests.processes import wait_for_line
+
+    target = EdgeStore(str(tmp_path / "tgt"), shards=2)
+    target.ensure_collection("c2", CollectionSpec(8))
+    argv = ["copy", "--collection", "c", "--qdrant-path", edge.path, "--to-path", target.path, "--to-collection", "c2",
+            "--store-lock-wait", "0.2"]  # fmt: skip
+    with _holding(f"{target.path}/c2/shard-001") as proc:
+        wait_for_line(proc, "holding")
+        rc = cli.main(argv)
+    assert rc == 1
+    assert capsys.readouterr().err.splitlines() == [
+        f"corpus-etl copy: error: the copy failed after it started writing 'c2': store folder {target.path} is in use "
+        "by another process: c2/shard-001 stayed locked for 0s; wait for the other job to finish (jobs writing "
+        "different collections can run together), or raise --store-lock-wait (rerun the copy to finish it: points "
+        "keep their ids)"
+    ]
+    assert cli.main(argv) == 0
+    assert target.count("c2") == 30
+
+
+# -- the store-lock line, before a job and inside one --------------------------------------
+_LOCKED = ("store in use by another process: /srv/st/inc/shard-000 stayed locked for 3s (Service runtime error: "
+           "failed to open WAL /srv/st/inc/shard-000/wal: Can't init WAL: Kind(WouldBlock))")  # fmt: skip
+
+
+def test_a_locked_shard_is_one_store_lock_line_before_and_inside_a_beam_job(capsys):
+    """Before a job (search, dump, copy): status 2. Inside one (the index job's SkipUnchanged): status 1,
+    the same line after 'the job failed:', without the library's WAL detail or Beam's step."""
+    import argparse
+
+    import apache_beam as beam
+
+    from pipelines.cli import _run
+    from transforms.io.store import StoreInUseError
+
+    def preflight():
+        raise StoreInUseError(_LOCKED)
+
+    def look_up(_):
+        raise StoreInUseError(_LOCKED)
+
+    def job():
+        with beam.Pipeline() as p:
+            _ = p | beam.Create([1]) | "SkipUnchanged" >> beam.Map(look_up)
+
+    # Across a process boundary only the text is left, raised by the runner.
+    text = f"StoreInUseError: {_LOCKED} [while running 'SkipUnchanged/LookUpStoredPoints']"
+    from_a_worker = compile(f"raise RuntimeError({text!r})", "/venv/apache_beam/runners/portability/x.py", "exec")
+
+    what = "store folder /srv/st is in use by another process: inc/shard-000 stayed locked for 3s"
+    assert _run("search", preflight, False, argparse.Namespace()) == 2
+    assert capsys.readouterr().err == (
+        f"corpus-etl search: error: {what}; wait for the other job to finish (jobs writing different collections "
+        "can run together), or raise --store-lock-wait\n"
+    )
+    in_job = (
+        f"corpus-etl index: error: the job failed: {what}; rerun this job when the other one has finished (its "
+        "writes are idempotent; jobs writing different collections can run together), or raise --store-lock-wait\n"
+    )
+    assert _run("index", job, False, argparse.Namespace()) == 1
+    assert capsys.readouterr().err == in_job
+    assert _run("index", lambda: exec(from_a_worker), False, argparse.Namespace()) == 1
+    assert capsys.readouterr().err == in_job
