@@ -24,6 +24,7 @@ import time
 from typing import Any
 
 from pipelines.errors import JobFailed, PreflightError, first_line, translate
+from pipelines.security import redact_url
 
 
 def build_arg_parser() -> argparse.ArgumentParser:
@@ -57,8 +58,6 @@ def check_target_names(target: Any, to_collection: str, alias: str | None) -> No
     through it would mix these points into the collection it serves), ``--alias`` must not be a
     collection and must differ from ``--to-collection``.
     """
-    from pipelines.security import redact_url
-
     where = redact_url(target.where)
     if alias and alias == to_collection:
         raise PreflightError(f"--alias {alias!r} is also --to-collection; the alias must have another name")
@@ -106,7 +105,7 @@ def copy_collection(
             "points keep their ids)"
         ) from exc
     return {
-        "source": f"{source.where}/{collection}", "target": f"{target.where}/{to_collection}", "created": created,
+        "source": f"{source.where}/{collection}", "target": f"{redact_url(target.where)}/{to_collection}", "created": created,
         **stats, "points_in_target": count, "seconds": round(time.perf_counter() - started, 2),
         "alias": {"name": alias, "previous": previous} if alias else None,
     }  # fmt: skip

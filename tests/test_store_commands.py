@@ -98,6 +98,13 @@ def test_copy_into_a_server_store_creates_the_collection_and_switches_its_alias(
         copy.copy_collection(edge, "c", server, "small")
 
 
+def test_the_copy_report_names_a_server_without_its_credentials(edge):
+    server = ServerStore(client=QdrantClient(":memory:"))
+    server.where = "https://ops:s3cret@qdrant.example:6333"  # as a --to-url with credentials would give it
+    report = copy.copy_collection(edge, "c", server, "docs-v1")
+    assert "s3cret" not in report["target"] and report["target"].endswith("qdrant.example:6333/docs-v1")
+
+
 def test_copy_batches_by_bytes_and_retries_transient_errors(edge):
     sizes, failures = [], [UnexpectedResponse(503, "busy", b"{}", {})]
 
