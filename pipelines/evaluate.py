@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 from collections.abc import Callable
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import ir_measures
 import pyarrow.parquet as pq
@@ -22,8 +23,13 @@ from pipelines.errors import PreflightError, UsageError, first_line
 from pipelines.flags import evaluate_parser
 from pipelines.search import check_top_k, searcher_from_args
 from transforms.io.parquet import row_position
+from transforms.io.store import VectorStore, model_held, same_model
+
+if TYPE_CHECKING:
+    from transforms.models.encoder import TextEncoder
 
 T = TypeVar("T")
+_LOG = logging.getLogger(__name__)
 
 
 def measures(top_k: int = 100) -> dict[str, Any]:
@@ -197,27 +203,60 @@ def evaluate(run: dict[str, dict[str, float]], qrels: dict[str, dict[str, int]],
     return {name: round(float(agg[m]), 6) for name, m in wanted.items()}
 
 
-def evaluate_collection(
-    qdrant: Any, collection: str, model: str, queries_path: str, qrels_path: str, *, top_k: int = 100,
-    dim: int | None = None, device: str = "auto", precision: str = "auto",
-) -> dict[str, float]:
-    """The metrics of ``collection`` (or an alias) on BEIR queries and qrels: what ``evaluate`` prints,
-    as a function (the index job's quality gate compares two collections with it)."""
-    from pipelines.search import Searcher
-    from transforms.models.encoder import TextEncoder
-
-    queries = _read(read_queries, "--gate-queries", queries_path)
-    qrels = _read(read_qrels, "--gate-qrels", qrels_path)
+def read_judged(queries_path: str, qrels_path: str, flags: tuple[str, str] = ("--queries", "--qrels")) -> tuple[
+    dict[str, str], dict[str, dict[str, int]]
+]:
+    """The queries that have judgements, by id (sorted), and their qrels. A file that cannot be read, or no
+    query with judgements, is a one-line error naming the flag (exit status 2)."""
+    queries = _read(read_queries, flags[0], queries_path)
+    qrels = _read(read_qrels, flags[1], qrels_path)
     judged = {q: t for q, t in sorted(queries.items()) if q in qrels}
     if not judged:
-        raise PreflightError(f"no query in {queries_path} has judgements in {qrels_path}")
-    searcher = Searcher(qdrant, collection, TextEncoder(model, device=device, dim=dim, precision=precision).load())
+        raise PreflightError(f"no query in {queries_path} has judgements in {qrels_path}; check that their query "
+                             "ids match")  # fmt: skip
+    return judged, {q: qrels[q] for q in judged}
+
+
+def query_encoder(
+    model: str, *, dim: int | None = None, max_length: int | None = None, device: str = "auto", precision: str = "auto"
+) -> TextEncoder:
+    """The loaded query encoder of ``model`` with the settings that shape its query vectors (``dim``, ``max_length``)."""
+    from transforms.models.encoder import TextEncoder
+    from transforms.models.settings import EmbeddingSpec
+
+    # the config files first: a model that cannot be found fails after one round of hub retries
+    spec = EmbeddingSpec.read(model, dim=dim, max_length=max_length)
+    return TextEncoder(spec, device=device, precision=precision).load()
+
+
+def evaluate_collection(
+    qdrant: Any, collection: str, encoder: TextEncoder, judged: dict[str, str], qrels: dict[str, dict[str, int]],
+    *, top_k: int = 100,
+) -> dict[str, float]:
+    """The metrics of ``collection`` (or an alias) on the ``judged`` queries (``read_judged``), their vectors from
+    ``encoder``: what ``evaluate`` prints, as a function (the index job's quality gate scores two collections,
+    each with the model it was built with)."""
+    from pipelines.search import Searcher
+
+    searcher = Searcher(qdrant, collection, encoder)
     try:
         hits = searcher.search(list(judged.values()), top_k)
     finally:
         searcher.close()
     run_ = {qid: {h["doc_id"]: h["score"] for h in hs} for qid, hs in zip(judged, hits)}
-    return evaluate(run_, {q: qrels[q] for q in judged}, top_k)
+    return evaluate(run_, qrels, top_k)
+
+
+def warn_other_model(store: VectorStore, collection: str, model: str) -> str | None:
+    """One warning line when ``model`` is not the model whose vectors ``collection`` holds (``model_held``);
+    the line, or None. Not an error: a compatible model may be evaluated on purpose."""
+    held = model_held(store, collection)
+    if held is None or same_model(held, model):
+        return None
+    line = (f"--model {model} is not {held}, the model collection {collection!r} was built with: its scores compare "
+            "query vectors of one model with document vectors of another")  # fmt: skip
+    _LOG.warning("%s", line)
+    return line
 
 
 build_arg_parser = evaluate_parser  # kept here for callers of the old name
@@ -245,20 +284,15 @@ def run_args(args: argparse.Namespace, beam_args: list[str] | None = None) -> di
     """The evaluation for parsed flags (``corpus-etl evaluate`` parses them in ``pipelines.flags``)."""
     setup_logging(args.verbose)
     check_top_k(args.top_k)
-    queries = _read(read_queries, "--queries", args.queries)
-    qrels = _read(read_qrels, "--qrels", args.qrels)
-    judged = {q: t for q, t in sorted(queries.items()) if q in qrels}
-    if not judged:
-        raise PreflightError(
-            f"no query in {args.queries} has judgements in {args.qrels}; check that their query ids match"
-        )
+    judged, qrels = read_judged(args.queries, args.qrels)
     searcher = searcher_from_args(args)
     try:
+        warn_other_model(searcher.store, args.collection, args.model)
         hits = searcher.search(list(judged.values()), args.top_k)
     finally:
         searcher.close()
     run_ = {qid: {h["doc_id"]: h["score"] for h in hs} for qid, hs in zip(judged, hits)}
-    metrics = evaluate(run_, {q: qrels[q] for q in judged}, args.top_k)
+    metrics = evaluate(run_, qrels, args.top_k)
     result = {"collection": args.collection, "model": args.model, "queries": len(judged), "top_k": args.top_k, **metrics}
     for name, value in metrics.items():
         print(f"{name:<11} {value:.4f}")

@@ -4,10 +4,13 @@
     build_pipeline(p, config)            # pure wiring, no I/O at construction
     run(argv)                            # flags → config → checks → job → summary
 
-``run`` checks everything it can before anything is created (input files, chunk size against
-the model, the store and the names in it), runs the job, then deletes what the input no
-longer holds (``--delete-missing``), builds HNSW (``--hnsw``), switches the alias when every
-guard passes (``--alias``), and prints the summary (also ``--summary-out``, with a ``status``).
+``run`` checks everything it can before anything is created (input files, the gate's queries
+and qrels, chunk size against the model, the store, the names in it, and that an existing
+collection holds vectors of ``--model``), runs the job, then records the run's model and
+settings on the collection, deletes what the input no longer holds (``--delete-missing``),
+builds HNSW (``--hnsw``), switches the alias when every guard passes (``--alias``; the gate
+scores each collection with the model it was built with), and prints the summary (also
+``--summary-out``, with a ``status``).
 
 Reindexing is incremental (``transforms.io.incremental``): only chunks whose text or embedding
 settings changed are embedded; ``--force`` embeds everything.
@@ -54,7 +57,7 @@ from transforms.io.incremental import REUSED, SkipUnchanged, missing_documents, 
 from transforms.io.parquet import REJECTED_IDS, BadFilesError, ReadDocuments, check_files
 from transforms.io.preflight import LaunchChecks
 from transforms.io.qdrant import WriteToQdrant, chunk_payload
-from transforms.io.store import CollectionSpec, VectorStore, open_store
+from transforms.io.store import CollectionSpec, VectorStore, model_held, open_store, same_model
 from transforms.models.devices import TokenBudgets
 from transforms.models.settings import EmbeddingSpec
 from transforms.progress import report_progress, reset_reporters
@@ -187,6 +190,22 @@ def check_names(store: VectorStore, config: IndexConfig, where: str) -> None:
         )
 
 
+def check_model(store: VectorStore, config: IndexConfig, where: str) -> None:
+    """A collection holds vectors of one model: an existing, non-empty collection whose vectors are of
+    another model than ``--model`` is refused before any write. Vectors of two models live in two spaces,
+    so a search would rank one model's documents against the other's; incremental reindexing re-embeds
+    only the documents in the input, so the rest would keep the old model's vectors."""
+    if not store.collection_exists(config.collection):
+        return
+    held = model_held(store, config.collection)
+    if held is not None and not same_model(held, config.model):
+        raise PreflightError(
+            f"collection {config.collection!r} at {where} holds vectors of model {held}; this job embeds with "
+            f"{config.model}. Vectors of two models cannot be compared, so nothing was written: index into a new "
+            f"collection (--collection NEW) and switch readers to it with --alias"
+        )
+
+
 def run_config(config: IndexConfig, beam_args: list[str] | None = None, test_pipeline=None) -> dict[str, Any]:
     started = time.time()
     where = redact_url(config.qdrant.where)
@@ -208,6 +227,10 @@ def run_config(config: IndexConfig, beam_args: list[str] | None = None, test_pip
                                                    "--summary-out": config.summary_out}, listed)  # fmt: skip
     except ValueError as exc:
         raise PreflightError(str(exc)) from exc
+    if config.gate:  # read now, not after an hour of embedding: a bad file is exit 2, nothing written
+        from pipelines.evaluate import read_judged
+
+        read_judged(config.gate.queries, config.gate.qrels, ("--gate-queries", "--gate-qrels"))
     try:  # the model's files, read once; chunk size against the model's limit
         spec = read_spec(config)
         config.chunking.check_model(spec)
@@ -219,6 +242,7 @@ def run_config(config: IndexConfig, beam_args: list[str] | None = None, test_pip
     store = open_store(config.qdrant)  # the embedded store holds no shard open while workers write
     try:
         check_names(store, config, where)
+        check_model(store, config, where)
         collection = CollectionSpec(size, model=config.model, settings=settings)
         created = store.ensure_collection(config.collection, collection)
         _LOG.info(
@@ -237,10 +261,13 @@ def run_config(config: IndexConfig, beam_args: list[str] | None = None, test_pip
         pause_point("finish")  # tests: a kill here leaves the points written, nothing deleted, no alias
         elapsed = time.time() - started
         try:
-            summary = _finish(config, store, counts or {}, files, skipped, doc_ids_prefix, size, where)
+            summary = _finish(config, store, counts or {}, files, skipped, doc_ids_prefix, collection, where)
         except Exception as exc:  # the points are written: not a pre-flight failure, whatever the cause
             reason = translate(exc, qdrant_url=config.qdrant.url) or f"{type(exc).__name__}: {first_line(exc)}"
-            raise JobFailed(f"the job ran, then finishing it failed: {reason}") from exc
+            failed = JobFailed(f"the job ran, then finishing it failed: {reason}")
+            # the job started: --summary-out says how it ended, as when the job itself fails
+            _write_summary(config, {**summary, "status": "failed", "error": first_line(failed)})
+            raise failed from exc
     finally:
         store.close()
     if counts is None:
@@ -260,11 +287,17 @@ def run_config(config: IndexConfig, beam_args: list[str] | None = None, test_pip
 
 def prepare_store(config: IndexConfig, collection: CollectionSpec) -> bool:
     """The store half of the pre-flight, as a worker runs it when the job was built elsewhere
-    (``_build_job``): the names (``check_names``), then the collection, created when missing."""
+    (``_build_job``): the names (``check_names``), the model (``check_model``), then the collection,
+    created when missing."""
     store = open_store(config.qdrant)
     try:
-        check_names(store, config, redact_url(config.qdrant.where))
-        return store.ensure_collection(config.collection, collection)
+        where = redact_url(config.qdrant.where)
+        check_names(store, config, where)
+        check_model(store, config, where)
+        created = store.ensure_collection(config.collection, collection)
+        if not created:  # no driver records it after a built job: the metadata says what this run writes
+            store.record_collection(config.collection, collection)
+        return created
     finally:
         store.close()
 
@@ -371,10 +404,14 @@ def _finish(
     files: Sequence[str],
     skipped: Sequence[DeadLetter],
     doc_ids_prefix: str | None,
-    size: int,
+    collection: CollectionSpec,
     where: str,
 ) -> dict[str, Any]:
-    """After the job: deletions, HNSW, the guarded alias switch, the summary."""
+    """After the job: the collection's recorded settings, deletions, HNSW, the guarded alias switch, the summary."""
+    # What the collection now holds is what this run wrote: its model and settings replace the recorded ones
+    # (chunking, --max-length, ... of the last run, not of the run that created it).
+    store.record_collection(config.collection, collection)
+    size = collection.size
     unread = []
     if skipped:
         unread.append(f"{len(skipped)} input file(s) skipped")
@@ -409,6 +446,7 @@ def _finish(
         "documents_unchanged": counts.get("documents_unchanged", 0),
         "chunks_reused": counts.get("chunks_reused", 0),
         "chunks_embedded": counts.get("chunks_embedded", 0),
+        "payloads_updated": counts.get("payloads_updated", 0),
         "deletion": deletion,
         "points_in_collection": points,
         "dead_letter": config.dead_letter,
@@ -476,7 +514,7 @@ def _switch_alias(
         reasons.append(f"not every input was read ({'; '.join(unread)})")
     gate = None
     if config.gate and not reasons:
-        gate = _gate(config, current)
+        gate = _gate(config, store, current)
         if gate["refused"]:
             reasons.append(gate["refused"])
     if reasons:
@@ -488,27 +526,76 @@ def _switch_alias(
     return {"name": alias, "previous": previous, "gate": gate}
 
 
-def _gate(config: IndexConfig, current: str | None) -> dict[str, Any]:
-    """The gate metric of the new collection and of the alias's current target, same model and queries."""
-    from pipelines.evaluate import evaluate_collection
+def _gate(config: IndexConfig, store: VectorStore, current: str | None) -> dict[str, Any]:
+    """The gate metric of the new collection and of the alias's current target, each with its own model.
+
+    The new collection is scored with ``--model`` and this run's ``--dim``/``--max-length``; the current
+    target with the model and settings it records (``collection_spec``: those of the last run that wrote
+    it), so a worse model cannot pass by scoring the old vectors with the new model's queries. A target
+    that records no model, or whose model cannot be loaded as it was, cannot be scored: the switch is
+    refused, with the reason.
+    """
+    from pipelines.evaluate import evaluate_collection, query_encoder, read_judged
 
     gate = config.gate
     assert gate is not None
+    judged, qrels = read_judged(gate.queries, gate.qrels, ("--gate-queries", "--gate-qrels"))
 
-    def metric(collection: str) -> float:
-        return evaluate_collection(config.qdrant, collection, config.model, gate.queries, gate.qrels, top_k=gate.top_k,
-                                   dim=config.dim, device=config.device, precision=config.precision)[gate.metric]  # fmt: skip
+    def metric(collection: str, encoder: Any) -> float:
+        return evaluate_collection(config.qdrant, collection, encoder, judged, qrels, top_k=gate.top_k)[gate.metric]
 
-    new = metric(config.collection)
-    out: dict[str, Any] = {"metric": gate.metric, "new": round(new, 6), "current": None, "refused": None}
+    encoder = query_encoder(config.model, dim=config.dim, max_length=config.max_length, device=config.device,
+                            precision=config.precision)  # fmt: skip
+    new = metric(config.collection, encoder)
+    out: dict[str, Any] = {"metric": gate.metric, "new": round(new, 6), "current": None, "current_model": None,
+                           "refused": None}  # fmt: skip
     if current is None:
         return out  # nothing to compare with: the first switch only needs the other guards
-    old = metric(current)
+    recorded = store.collection_spec(current)
+    cannot = f"the current target {current}'s {gate.metric} cannot be measured as it was built"
+    if not recorded.model:
+        out["refused"] = (f"{current} (the alias's current target) records no model (made by another tool, or by "
+                          f"a version that recorded none), so {cannot}; evaluate it (corpus-etl evaluate), then "
+                          f"switch without the gate")  # fmt: skip
+        return out
+    out["current_model"] = recorded.model
+    settings = recorded.settings
+    if _revision_changed(recorded):
+        out["refused"] = (f"model {recorded.model} changed since {current} was built with it (revision "
+                          f"{settings['revision']}, now {_revision(recorded.model)}), so {cannot}")  # fmt: skip
+        return out
+    same = same_model(recorded.model, config.model)
+    try:
+        if same and (settings.get("dim"), settings.get("max_length")) == (config.dim, config.max_length):
+            old_encoder = encoder  # the same query vectors: load it once
+        else:
+            old_encoder = query_encoder(recorded.model, dim=settings.get("dim"), max_length=settings.get("max_length"),
+                                        device=config.device, precision=config.precision)  # fmt: skip
+    except Exception as exc:  # noqa: BLE001 - any load failure: the old index cannot be scored, so no switch
+        out["refused"] = f"cannot load model {recorded.model}, which {current} was built with ({first_line(exc)}), so {cannot}"
+        return out
+    old = metric(current, old_encoder)
     out["current"] = round(old, 6)
     if new < old - gate.tolerance:
-        out["refused"] = (f"{gate.metric} {new:.4f} of {config.collection} is below {old:.4f} of {current} "
-                          f"minus --gate-tolerance {gate.tolerance}")  # fmt: skip
+        out["refused"] = (f"{gate.metric} {new:.4f} of {config.collection} is below {old:.4f} of {current} minus "
+                          f"--gate-tolerance {gate.tolerance}"
+                          + ("" if same else f" (each scored with its own model: {config.model}, {recorded.model})"))
     return out
+
+
+def _revision(model: str) -> str:
+    from transforms.models.settings import model_revision
+
+    return model_revision(model)
+
+
+def _revision_changed(recorded: CollectionSpec) -> bool:
+    """Whether the recorded model's files are no longer those the collection was built with (both revisions known)."""
+    was = recorded.settings.get("revision")
+    if not was or was == "unknown" or not recorded.model:
+        return False
+    now = _revision(recorded.model)
+    return now != "unknown" and now != was
 
 
 def _partial(
@@ -539,7 +626,8 @@ def format_summary(summary: dict[str, Any]) -> str:
             f"  documents        {c.get('documents_read', 0)}  (unchanged {summary['documents_unchanged']}, "
             f"truncated {c.get('documents_truncated', 0)})",
             f"  chunks           {c.get('chunks', 0)}  (embedded {summary['chunks_embedded']}, reused "
-            f"{summary['chunks_reused']})  tokens {c.get('tokens', 0)}",
+            f"{summary['chunks_reused']}, payloads updated {summary.get('payloads_updated', 0)})"
+            f"  tokens {c.get('tokens', 0)}",
             f"  points written   {c.get('points_written', 0)} in {c.get('upsert_batches', 0)} batches"
             f"  (collection now holds {summary['points_in_collection']})",
             *([f"  deleted          {deletion['documents_deleted']} documents, {deletion['points_deleted']} points"

@@ -352,6 +352,19 @@ def test_alias_that_names_a_collection_is_refused_before_the_job(sample_dir, tmp
     assert result.returncode == EXIT_USAGE
 
 
+def test_an_unreadable_gate_file_is_refused_before_the_job(sample_dir, tmp_path):
+    """Not found after an hour of embedding, with the collection written: status 2, nothing created."""
+    missing = tmp_path / "queries.jsonl"
+    result = cli("index", "--input", sample_dir["corpus"], "--collection", "v2", "--alias", "live", "--model", MINILM,
+                 "--qdrant-path", str(tmp_path / "q"), "--chunk-tokens", "128", "--gate-queries", str(missing), "--gate-qrels",
+                 sample_dir["qrels"])  # fmt: skip
+    assert one_line(result) == (
+        f"corpus-etl index: error: --gate-queries {missing}: cannot read it (No such file or directory); check the path"
+    )
+    assert result.returncode == EXIT_USAGE
+    assert not (tmp_path / "q").exists()
+
+
 @pytest.mark.parametrize("top_k", ["-3", "0"])
 def test_search_refuses_a_top_k_below_one_before_opening_anything(top_k, tmp_path):
     """A slice would give all but the last 3 candidates for -3, and nothing for 0, with status 0."""

@@ -73,6 +73,23 @@ def test_collection_is_created_once_and_a_mismatch_is_refused(any_store):
         any_store.ensure_collection("missing", CollectionSpec(4), create=False)
 
 
+def test_the_model_and_settings_recorded_are_those_of_the_last_run(any_store):
+    from transforms.io.store import model_held
+
+    any_store.ensure_collection("c", CollectionSpec(4, model="m", settings={"dim": None, "chunk_tokens": 64}))
+    assert any_store.collection_spec("c") == CollectionSpec(4, model="m", settings={"dim": None, "chunk_tokens": 64})
+    assert model_held(any_store, "c") is None  # empty: it holds no vectors yet, of any model
+    any_store.record_collection("c", CollectionSpec(4, model="m", settings={"dim": None, "chunk_tokens": 96}))
+    assert any_store.collection_spec("c") == CollectionSpec(4, model="m", settings={"dim": None, "chunk_tokens": 96})
+    any_store.upsert("c", [StorePoint(point_id("d", 0), [1.0, 0, 0, 0], {"doc_id": "d", "model": "old"})])
+    assert model_held(any_store, "c") == "m"  # what the collection records comes first
+    # A collection that records nothing (another tool made it): the model its points name.
+    any_store.ensure_collection("bare", CollectionSpec(4))
+    assert any_store.collection_spec("bare") == CollectionSpec(4)
+    any_store.upsert("bare", [StorePoint(point_id("d", 0), [1.0, 0, 0, 0], {"doc_id": "d", "model": "p"})])
+    assert model_held(any_store, "bare") == "p"
+
+
 def test_a_server_collection_with_another_distance_is_refused():
     from qdrant_client import QdrantClient
 

@@ -11,10 +11,11 @@ import pyarrow.parquet as pq
 import pytest
 from apache_beam.testing.test_pipeline import TestPipeline
 
-from pipelines import index
-from pipelines.errors import PreflightError
+from pipelines import evaluate, index
+from pipelines.errors import JobFailed, PreflightError
 from transforms.io.edge_store import EdgeStore
-from transforms.io.store import StorePoint
+from transforms.io.store import CollectionSpec, StorePoint
+from transforms.models.settings import EmbeddingSpec
 from transforms.types import point_id
 
 pytestmark = pytest.mark.slow
@@ -36,6 +37,32 @@ def _points(tmp_path, collection) -> dict[str, tuple[dict, np.ndarray]]:
 def _write(path, rows) -> str:
     pq.write_table(pa.Table.from_pylist(rows), path)
     return str(path)
+
+
+@pytest.fixture(scope="module")
+def other_model(tmp_path_factory, minilm_path) -> str:
+    """Another model of MiniLM's size: its folder with the weights perturbed (noise, 0.3 of each tensor's spread)
+    and the last layer's output dimensions sign-flipped at random. Its own index is worse than MiniLM's
+    (nDCG@10 0.90 against 0.95 on the sample) and its queries against MiniLM's vectors are near random (0.16)."""
+    import os
+
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    folder = tmp_path_factory.mktemp("other-model")
+    for name in os.listdir(minilm_path):  # tokenizer and sentence-transformers files as they are
+        if name != "model.safetensors":
+            os.symlink(os.path.join(minilm_path, name), folder / name)
+    weights = load_file(os.path.join(minilm_path, "model.safetensors"))
+    generator = torch.Generator().manual_seed(0)
+    weights = {k: v + 0.3 * v.std() * torch.randn(v.shape, generator=generator)
+               if v.is_floating_point() and v.numel() > 1 else v for k, v in weights.items()}  # fmt: skip
+    signs = torch.where(torch.rand(384, generator=generator) < 0.5, -1.0, 1.0)
+    for name in ("encoder.layer.5.output.LayerNorm.weight", "encoder.layer.5.output.LayerNorm.bias"):
+        weights[name] = weights[name] * signs
+    save_file({k: v.contiguous() for k, v in weights.items()}, str(folder / "model.safetensors"),
+              metadata={"format": "pt"})  # fmt: skip
+    return str(folder)
 
 
 @pytest.fixture(scope="module")
@@ -120,6 +147,29 @@ def test_force_re_embeds_everything_and_a_setting_change_re_embeds_automatically
         test_pipeline=TestPipeline(),
     )  # fmt: skip  (another maximum length: every fingerprint changes)
     assert other["chunks_embedded"] == first["chunks_embedded"] and other["chunks_reused"] == 0
+    # collection.json describes what the collection now holds: the last run's settings, not the first's
+    recorded = EdgeStore(str(tmp_path / "q")).meta("docs")
+    assert (recorded.model, recorded.settings) == (minilm_path, {
+        "model": minilm_path, "revision": EmbeddingSpec.read(minilm_path).revision, "dim": None, "max_length": 200,
+        "chunk_tokens": 96, "chunk_overlap": 16,
+    })  # fmt: skip
+
+
+def test_a_metadata_change_rewrites_payloads_and_leaves_the_document_counted_as_changed(tmp_path, minilm_path,
+                                                                                        versions):
+    rows = versions[0][:4]
+    meta = ["--metadata-columns", "n_members"]
+    first = _index(tmp_path, minilm_path, _write(tmp_path / "v1.parquet", rows), "docs", *meta)
+    changed = [{**rows[0], "n_members": rows[0]["n_members"] + 1}, *rows[1:]]
+    second = _index(tmp_path, minilm_path, _write(tmp_path / "v2.parquet", changed), "docs", *meta)
+    chunks_of_first = sum(1 for p, _ in _points(tmp_path, "docs").values() if p["doc_id"] == rows[0]["id"])
+    assert (second["documents_unchanged"], second["payloads_updated"], second["chunks_embedded"]) == (
+        3, chunks_of_first, 0)
+    assert second["chunks_reused"] == first["chunks_embedded"]
+    assert f"(embedded 0, reused {second['chunks_reused']}, payloads updated {chunks_of_first})" in (
+        index.format_summary(second))
+    assert {p["n_members"] for p, _ in _points(tmp_path, "docs").values() if p["doc_id"] == rows[0]["id"]} == {
+        rows[0]["n_members"] + 1}
 
 
 def test_all_bad_input_leaves_the_alias_where_it_was(tmp_path, minilm_path, versions):
@@ -156,6 +206,126 @@ def test_the_quality_gate_refuses_a_worse_collection(tmp_path, minilm_path, samp
     assert EdgeStore(str(tmp_path / "q")).aliases() == {"live": "good"}
 
 
+def test_the_gate_scores_the_current_target_with_the_model_it_was_built_with(tmp_path, minilm_path, other_model,
+                                                                            sample_dir):
+    """A worse model passed when the gate scored the old vectors with the new model's queries (near random)."""
+    gate = ["--gate-queries", sample_dir["queries"], "--gate-qrels", sample_dir["qrels"]]
+    good = _index(tmp_path, minilm_path, sample_dir["corpus"], "good", "--alias", "live", *gate)
+    other = index.run(
+        ["--input", sample_dir["corpus"], "--collection", "other", "--model", other_model, "--qdrant-path",
+         str(tmp_path / "q"), *ARGS, "--alias", "live", *gate], test_pipeline=TestPipeline(),
+    )  # fmt: skip
+    scores = other["alias"]["gate"]
+    assert other["status"] == "alias_refused" and EdgeStore(str(tmp_path / "q")).aliases() == {"live": "good"}
+    # the current target scored with MiniLM, exactly as when it was the new collection
+    assert (scores["current"], scores["current_model"]) == (good["alias"]["gate"]["new"], minilm_path)
+    assert other["alias"]["refused"] == (
+        f"nDCG@10 {scores['new']:.4f} of other is below {scores['current']:.4f} of good minus --gate-tolerance 0.01 "
+        f"(each scored with its own model: {other_model}, {minilm_path})"
+    )
+
+
+def test_a_new_dim_is_gated_against_the_current_target_at_its_own_dim(tmp_path, minilm_path, sample_dir):
+    """--dim 128 against a 384-d target: each scored at its own size; the summary is written either way."""
+    gate = ["--gate-queries", sample_dir["queries"], "--gate-qrels", sample_dir["qrels"]]
+    good = _index(tmp_path, minilm_path, sample_dir["corpus"], "good", "--alias", "live", *gate)
+    small = _index(tmp_path, minilm_path, sample_dir["corpus"], "small", "--alias", "live", "--dim", "128", *gate)
+    scores = small["alias"]["gate"]
+    assert scores["current"] == good["alias"]["gate"]["new"] and small["vector_size"] == 128
+    switched = scores["new"] >= scores["current"] - 0.01
+    assert small["status"] == ("ok" if switched else "alias_refused")
+    assert EdgeStore(str(tmp_path / "q")).aliases() == {"live": "small" if switched else "good"}
+    assert json.loads((tmp_path / "small.json").read_text())["status"] == small["status"]
+
+
+@pytest.mark.parametrize("recorded", ["none", "gone"])
+def test_a_gate_on_a_target_whose_model_is_unknown_or_gone_refuses_the_switch(tmp_path, minilm_path, versions,
+                                                                              sample_dir, recorded):
+    store = EdgeStore(str(tmp_path / "q"))
+    gone = str(tmp_path / "deleted-model")
+    store.ensure_collection("old", CollectionSpec(384, model=None if recorded == "none" else gone))
+    store.upsert("old", [StorePoint(point_id("d", 0), [1.0] + [0.0] * 383, {"doc_id": "d", "chunk_index": 0})])
+    store.point_alias("live", "old")
+    summary = _index(tmp_path, minilm_path, _write(tmp_path / "c.parquet", versions[0][:4]), "new", "--alias", "live",
+                     "--gate-queries", sample_dir["queries"], "--gate-qrels", sample_dir["qrels"])  # fmt: skip
+    cannot = "so the current target old's nDCG@10 cannot be measured as it was built"
+    assert summary["status"] == "alias_refused" and summary["alias"]["gate"]["current"] is None
+    if recorded == "none":
+        assert summary["alias"]["refused"] == (
+            "old (the alias's current target) records no model (made by another tool, or by a version that "
+            f"recorded none), {cannot}; evaluate it (corpus-etl evaluate), then switch without the gate"
+        )
+    else:
+        assert summary["alias"]["refused"].startswith(f"cannot load model {gone}, which old was built with (")
+        assert summary["alias"]["refused"].endswith(f"), {cannot}")
+    assert store.aliases() == {"live": "old"}
+
+
+def test_a_built_job_checks_the_model_and_records_its_settings_where_it_starts(tmp_path):
+    """``prepare_store``: what a worker runs first when the job was built elsewhere (a template, a dry run)."""
+    import dataclasses
+
+    from transforms.io.qdrant import QdrantConfig
+
+    store = EdgeStore(str(tmp_path / "q"))
+    store.ensure_collection("docs", CollectionSpec(2, model="a", settings={"chunk_tokens": 64}))
+    config = index.IndexConfig(input="x.parquet", collection="docs", model="b", qdrant=QdrantConfig(path=str(tmp_path / "q")))
+    # empty: it takes any model, and records this run's
+    assert index.prepare_store(config, CollectionSpec(2, model="b", settings={"chunk_tokens": 96})) is False
+    assert store.collection_spec("docs") == CollectionSpec(2, model="b", settings={"chunk_tokens": 96})
+    store.upsert("docs", [StorePoint(point_id("d", 0), [1.0, 0.0], {"doc_id": "d", "model": "b"})])
+    with pytest.raises(PreflightError, match=r"^collection 'docs' at edge:.* holds vectors of model b; this job embeds with c\."):
+        index.prepare_store(dataclasses.replace(config, model="c"), CollectionSpec(2, model="c"))
+    assert store.collection_spec("docs").model == "b"
+
+
+class _SwitchFails(EdgeStore):
+    """The embedded store, whose alias switch meets a store gone away after the job."""
+
+    def point_alias(self, alias: str, collection: str) -> str | None:
+        raise ConnectionError("connection reset by peer")
+
+
+def _open_switch_fails(config, *, keep_open: bool = False) -> EdgeStore:
+    return _SwitchFails(config.path, shards=config.shards, lock_wait_s=config.lock_wait_s, keep_open=keep_open)
+
+
+def test_a_failure_after_the_job_writes_the_failed_summary(tmp_path, minilm_path, versions, monkeypatch):
+    monkeypatch.setattr(index, "open_store", _open_switch_fails)
+    with pytest.raises(JobFailed) as failed:
+        _index(tmp_path, minilm_path, _write(tmp_path / "c.parquet", versions[0][:3]), "docs", "--alias", "live")
+    assert str(failed.value).startswith("the job ran, then finishing it failed: ")
+    summary = json.loads((tmp_path / "docs.json").read_text())
+    assert (summary["status"], summary["error"], summary["collection"]) == ("failed", str(failed.value), "docs")
+
+
+def test_another_model_into_a_collection_of_one_is_refused_before_the_job(tmp_path, minilm_path, other_model,
+                                                                         versions, sample_dir, caplog):
+    corpus = _write(tmp_path / "v1.parquet", versions[0][:4])
+    _index(tmp_path, minilm_path, corpus, "inc")
+    before = _points(tmp_path, "inc")
+    where = f"edge:{tmp_path / 'q'}"
+    with pytest.raises(PreflightError) as refused:
+        index.run(["--input", corpus, "--collection", "inc", "--model", other_model, "--qdrant-path",
+                   str(tmp_path / "q"), *ARGS], test_pipeline=TestPipeline())  # fmt: skip
+    assert str(refused.value) == (
+        f"collection 'inc' at {where} holds vectors of model {minilm_path}; this job embeds with {other_model}. "
+        "Vectors of two models cannot be compared, so nothing was written: index into a new collection "
+        "(--collection NEW) and switch readers to it with --alias"
+    )
+    after = _points(tmp_path, "inc")
+    assert after.keys() == before.keys() and {p["model"] for p, _ in after.values()} == {minilm_path}
+    assert EdgeStore(str(tmp_path / "q")).meta("inc").model == minilm_path
+    # Evaluating with another model is allowed (it may be compatible on purpose), with one warning naming both.
+    caplog.clear()
+    evaluate.run(["--collection", "inc", "--model", other_model, "--qdrant-path", str(tmp_path / "q"),
+                  "--queries", sample_dir["queries"], "--qrels", sample_dir["qrels"], "--device", "cpu"])  # fmt: skip
+    assert [r.getMessage() for r in caplog.records if r.levelname == "WARNING"] == [
+        f"--model {other_model} is not {minilm_path}, the model collection 'inc' was built with: its scores "
+        "compare query vectors of one model with document vectors of another"
+    ]
+
+
 def test_the_server_path_reindexes_the_same_way(tmp_path, minilm_path, versions, monkeypatch):
     """--qdrant-url goes through ServerStore (qdrant-client); qdrant-client's local mode stands in for the server."""
     import transforms.io.qdrant
@@ -174,6 +344,9 @@ def test_the_server_path_reindexes_the_same_way(tmp_path, minilm_path, versions,
     v2_small = [r for r in v2 if r["id"] in {x["id"] for x in v1[:20]}] + v2[-2:]
     second = run(_write(tmp_path / "v2.parquet", v2_small), "--delete-missing")
     client, _ = shared_client(local)
+    from transforms.io.qdrant import ServerStore
+
+    assert ServerStore(client=client).collection_spec("docs").settings["model"] == minilm_path  # recorded too
     stored = {}
     offset = None
     while True:

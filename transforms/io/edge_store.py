@@ -4,7 +4,7 @@ Layout of ``--qdrant-path DIR``::
 
     DIR/aliases.json                 {"aliases": {"live": "docs-2026-11-24"}}, replaced atomically
     DIR/.store.lock                  flock held while collections or aliases are created or switched
-    DIR/<collection>/collection.json size, distance, model, settings, shard count, HNSW build
+    DIR/<collection>/collection.json size, distance, model, settings (the last run's), shards, HNSW build
     DIR/<collection>/shard-000/ ...  one Qdrant Edge shard each (its own segments and WAL)
 
 Guarantees and design:
@@ -64,7 +64,8 @@ class LegacyLocalModeError(ValueError):
 
 @dataclasses.dataclass(frozen=True)
 class CollectionMeta:
-    """``DIR/<collection>/collection.json``: fixed at creation except ``hnsw`` (set by an index build)."""
+    """``DIR/<collection>/collection.json``: fixed at creation except ``hnsw`` (set by an index build) and
+    ``model``/``settings`` (``record_collection``: those of the last index run that wrote the collection)."""
 
     size: int
     shards: int
@@ -231,6 +232,21 @@ class EdgeStore(VectorStore):
         if raw.get("format") != FORMAT:
             raise ValueError(f"{path} is not a corpus-etl collection (format {raw.get('format')!r})")
         return CollectionMeta(**raw)
+
+    def collection_spec(self, name: str) -> CollectionSpec:
+        meta = self.meta(name)
+        return CollectionSpec(meta.size, model=meta.model, settings=dict(meta.settings))
+
+    def record_collection(self, name: str, spec: CollectionSpec) -> None:
+        self._update_meta(name, model=spec.model, settings=dict(spec.settings))
+
+    def _update_meta(self, name: str, **changes: Any) -> None:
+        """Rewrite ``collection.json`` with ``changes``, read afresh under the store lock: two updates
+        (a recorded run, an HNSW build) never undo each other."""
+        collection = self.resolve(name)
+        with self._store_lock():
+            meta = dataclasses.replace(self.meta(collection), **changes)
+            _atomic_write_json(os.path.join(self._collection_dir(collection), "collection.json"), dataclasses.asdict(meta))
 
     def _shard_paths(self, collection: str, meta: CollectionMeta) -> list[str]:
         folder = self._collection_dir(collection)
@@ -541,9 +557,5 @@ class EdgeStore(VectorStore):
                 indexed += shard.info().indexed_vectors_count
         seconds = time.perf_counter() - started
         report = {"m": hnsw.m, "ef_construct": hnsw.ef_construct, "indexed_vectors": indexed, "seconds": round(seconds, 2)}
-        with self._store_lock():
-            _atomic_write_json(
-                os.path.join(self._collection_dir(name), "collection.json"),
-                dataclasses.asdict(dataclasses.replace(meta, hnsw={"m": hnsw.m, "ef_construct": hnsw.ef_construct})),
-            )
+        self._update_meta(name, hnsw={"m": hnsw.m, "ef_construct": hnsw.ef_construct})
         return report

@@ -19,7 +19,9 @@ other fingerprint, or  embedded and written                         ``chunks_emb
 no point
 =====================  ===========================================  ============================
 
-A document whose every chunk is reused is ``documents_unchanged``. For every document of
+A document whose every chunk is left as it is (reused, none re-written) is
+``documents_unchanged``: a document whose only change is its payload (a metadata column)
+is not, and its re-written chunks are ``payloads_updated``. For every document of
 the input, points with ``chunk_index >= n_chunks`` are deleted (one filtered delete per
 batch of documents), so a reindexed document holds exactly its new chunks whatever gaps
 or leftovers an earlier crashed or partial run left. ``force=True`` embeds everything.
@@ -118,6 +120,7 @@ class _SkipUnchanged(beam.DoFn):
                 self.to_embed.inc()
                 yield chunk
             elif have != want:
+                changed_docs.add(chunk.doc_id)  # re-written: not unchanged, though nothing is embedded
                 rewrite.append(chunk)
             else:
                 self.reused.inc()

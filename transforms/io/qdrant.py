@@ -143,8 +143,11 @@ def close_client(config: QdrantConfig) -> None:
         entry[0].close()
 
 
-def ensure_collection(client: QdrantClient, name: str, size: int, *, create: bool = True) -> bool:
-    """Create ``name`` (``size``-d, cosine) when missing; return whether it was created.
+def ensure_collection(
+    client: QdrantClient, name: str, size: int, *, create: bool = True, metadata: dict[str, Any] | None = None
+) -> bool:
+    """Create ``name`` (``size``-d, cosine, with the collection ``metadata`` when given) when missing;
+    return whether it was created.
 
     An existing collection with another size or distance is an error: writing into it
     would fail point by point, or worse, mix incomparable vectors.
@@ -161,12 +164,26 @@ def ensure_collection(client: QdrantClient, name: str, size: int, *, create: boo
         return False
     if not create:
         raise ValueError(f"collection {name!r} does not exist")
-    client.create_collection(name, vectors_config=models.VectorParams(size=size, distance=models.Distance.COSINE))
+    client.create_collection(name, vectors_config=models.VectorParams(size=size, distance=models.Distance.COSINE),
+                             **({"metadata": metadata} if metadata else {}))  # fmt: skip
     if not isinstance(getattr(client, "_client", None), QdrantLocal):
         # Grouping by document and stale-chunk deletes use these on a server (local mode has none).
         client.create_payload_index(name, "doc_id", models.PayloadSchemaType.KEYWORD)
         client.create_payload_index(name, "chunk_index", models.PayloadSchemaType.INTEGER)
     return True
+
+
+# The key of the collection metadata (recent Qdrant servers keep it; an older one, none) under which ServerStore
+# records the model and settings: a key of its own, so other tools' metadata is left alone and an update replaces
+# ours whole.
+METADATA_KEY = "corpus_etl"
+
+
+def collection_metadata(spec: CollectionSpec) -> dict[str, Any] | None:
+    """What ``ServerStore`` records of ``spec`` in the collection's metadata; None when it names no model."""
+    if spec.model is None:
+        return None
+    return {METADATA_KEY: {"model": spec.model, "settings": dict(spec.settings)}}
 
 
 def point_alias(client: QdrantClient, alias: str, collection: str) -> str | None:
@@ -559,7 +576,25 @@ class ServerStore(VectorStore):
 
     def ensure_collection(self, name: str, spec: CollectionSpec, *, create: bool = True) -> bool:
         with self.lock:
-            return ensure_collection(self.client, name, spec.size, create=create)
+            return ensure_collection(self.client, name, spec.size, create=create, metadata=collection_metadata(spec))
+
+    def collection_spec(self, name: str) -> CollectionSpec:
+        """The size, and the model and settings recorded in the collection's metadata. A server that keeps no
+        collection metadata records nothing (``model`` None)."""
+        with self.lock:
+            if not self.client.collection_exists(name):
+                raise ValueError(f"collection {name!r} does not exist")
+            config = self.client.get_collection(name).config
+        params = config.params.vectors
+        size = params.size if isinstance(params, models.VectorParams) else 0
+        recorded = (getattr(config, "metadata", None) or {}).get(METADATA_KEY) or {}
+        return CollectionSpec(size, model=recorded.get("model"), settings=dict(recorded.get("settings") or {}))
+
+    def record_collection(self, name: str, spec: CollectionSpec) -> None:
+        metadata = collection_metadata(spec)
+        if metadata:
+            with self.lock:
+                self.client.update_collection(name, metadata=metadata)
 
     def collection_exists(self, name: str) -> bool:
         with self.lock:

@@ -44,7 +44,9 @@ class StorePoint:
 
 @dataclasses.dataclass(frozen=True)
 class CollectionSpec:
-    """What a collection holds: the vector size (cosine distance) and, where the store records it, the model."""
+    """What a collection holds: the vector size (cosine distance) and, where the store records it, the model
+    and the embedding settings its vectors were made with (``pipelines.index.embedding_settings``: model,
+    revision, dim, max_length, chunking). ``model`` None: nothing recorded (another tool made it)."""
 
     size: int
     model: str | None = None
@@ -85,6 +87,16 @@ class VectorStore(abc.ABC):
         An existing collection with another size or distance is a ``ValueError``, before any write.
         With ``create=False`` a missing collection is a ``ValueError``. ``name`` may be an alias.
         """
+
+    @abc.abstractmethod
+    def collection_spec(self, name: str) -> CollectionSpec:
+        """What ``name`` (a collection or an alias) records: its size, and the model and settings of the last
+        run that wrote it (``record_collection``), or none. A missing collection is a ``ValueError``."""
+
+    @abc.abstractmethod
+    def record_collection(self, name: str, spec: CollectionSpec) -> None:
+        """Record ``spec.model`` and ``spec.settings`` as what the collection ``name`` now holds (the size is
+        fixed at creation), so its metadata describes the last run that wrote it, not the first."""
 
     @abc.abstractmethod
     def collection_exists(self, name: str) -> bool:
@@ -182,6 +194,24 @@ class VectorStore(abc.ABC):
         if shrunk:
             self.delete_chunks_from(collection, {d: first_chunks[d] for d in shrunk})
         return len(shrunk)
+
+
+def model_held(store: VectorStore, name: str) -> str | None:
+    """The model whose vectors the collection ``name`` holds: the one it records, else (a collection made
+    before stores recorded it) the ``model`` payload of one of its points. None when it holds no point
+    (an empty collection takes any model) or neither says."""
+    first = next(iter(store.scroll(name, with_vectors=False, page=1)), None)
+    if first is None:
+        return None
+    return store.collection_spec(name).model or first.payload.get("model")
+
+
+def same_model(a: str, b: str) -> bool:
+    """Whether two ``--model`` values name the same model: equal once resolved (a hub id and the local
+    folder it stands for, a relative and an absolute path)."""
+    from transforms.models.settings import resolve_model  # transformers: only when a model is compared
+
+    return a == b or resolve_model(a) == resolve_model(b)
 
 
 def group_documents(
