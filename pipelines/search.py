@@ -96,6 +96,9 @@ def run_args(args: argparse.Namespace, beam_args: list[str] | None = None) -> li
     query = " ".join(args.query)
     searcher = searcher_from_args(args)
     try:
+        from pipelines.evaluate import warn_other_model  # evaluate imports this module
+
+        warn_other_model(searcher.store, args.collection, args.model)
         hits = searcher.search([query], args.top_k)[0]
     finally:
         searcher.close()

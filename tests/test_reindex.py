@@ -11,7 +11,7 @@ import pyarrow.parquet as pq
 import pytest
 from apache_beam.testing.test_pipeline import TestPipeline
 
-from pipelines import evaluate, index
+from pipelines import evaluate, index, search
 from pipelines.errors import JobFailed, PreflightError
 from transforms.io.edge_store import EdgeStore
 from transforms.io.store import CollectionSpec, StorePoint
@@ -320,10 +320,13 @@ def test_another_model_into_a_collection_of_one_is_refused_before_the_job(tmp_pa
     caplog.clear()
     evaluate.run(["--collection", "inc", "--model", other_model, "--qdrant-path", str(tmp_path / "q"),
                   "--queries", sample_dir["queries"], "--qrels", sample_dir["qrels"], "--device", "cpu"])  # fmt: skip
-    assert [r.getMessage() for r in caplog.records if r.levelname == "WARNING"] == [
-        f"--model {other_model} is not {minilm_path}, the model collection 'inc' was built with: its scores "
-        "compare query vectors of one model with document vectors of another"
-    ]
+    warning = (f"--model {other_model} is not {minilm_path}, the model collection 'inc' was built with: its scores "
+               "compare query vectors of one model with document vectors of another")  # fmt: skip
+    assert [r.getMessage() for r in caplog.records if r.levelname == "WARNING"] == [warning]
+    caplog.clear()
+    search.run(["--collection", "inc", "--model", other_model, "--qdrant-path", str(tmp_path / "q"), "--device", "cpu",
+                "json"])  # fmt: skip
+    assert [r.getMessage() for r in caplog.records if r.levelname == "WARNING"] == [warning]
 
 
 def test_the_server_path_reindexes_the_same_way(tmp_path, minilm_path, versions, monkeypatch):
