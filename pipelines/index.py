@@ -48,7 +48,7 @@ from pipelines.configs import PACKING, IndexConfig, check_outputs_outside_input,
 from pipelines.errors import JobFailed, PreflightError, first_line, translate
 from pipelines.flags import index_parser, split_beam_args
 from pipelines.launch import build_only, format_built, refuse_after_job_flags, write_job_file
-from pipelines.security import redact_url
+from pipelines.security import redact_text, redact_url
 from transforms.hooks import pause_point
 from transforms.inference.embed import Embed, EmbeddingModelHandler
 from transforms.inference.handlers import tokens_by_layout, tokens_by_precision
@@ -245,6 +245,8 @@ def run_config(config: IndexConfig, beam_args: list[str] | None = None, test_pip
         check_model(store, config, where)
         collection = CollectionSpec(size, model=config.model, settings=settings)
         created = store.ensure_collection(config.collection, collection)
+        if not created:  # record this run's model now: a run interrupted after writing must be rerun with it
+            store.record_collection(config.collection, collection)
         _LOG.info(
             "indexing %d file(s) into %s/%s (%s, size %d, %s)",
             len(files), where, config.collection, config.model, size, "created" if created else "exists",
@@ -256,7 +258,7 @@ def run_config(config: IndexConfig, beam_args: list[str] | None = None, test_pip
         try:
             result, counts = run_and_wait(p, config.job_timeout_s)  # counts None: the runner keeps no metrics
         except Exception as exc:
-            _write_summary(config, {**summary, "status": "failed", "error": first_line(exc)})
+            _write_summary(config, {**summary, "status": "failed", "error": redact_text(first_line(exc))})
             raise
         pause_point("finish")  # tests: a kill here leaves the points written, nothing deleted, no alias
         elapsed = time.time() - started
@@ -266,7 +268,7 @@ def run_config(config: IndexConfig, beam_args: list[str] | None = None, test_pip
             reason = translate(exc, qdrant_url=config.qdrant.url) or f"{type(exc).__name__}: {first_line(exc)}"
             failed = JobFailed(f"the job ran, then finishing it failed: {reason}")
             # the job started: --summary-out says how it ended, as when the job itself fails
-            _write_summary(config, {**summary, "status": "failed", "error": first_line(failed)})
+            _write_summary(config, {**summary, "status": "failed", "error": redact_text(first_line(failed))})
             raise failed from exc
     finally:
         store.close()
@@ -553,6 +555,12 @@ def _gate(config: IndexConfig, store: VectorStore, current: str | None) -> dict[
         return out  # nothing to compare with: the first switch only needs the other guards
     recorded = store.collection_spec(current)
     cannot = f"the current target {current}'s {gate.metric} cannot be measured as it was built"
+    if not recorded.model and (held := model_held(store, current)):
+        # Built before collections recorded their model (or on a server that keeps no metadata): its points name
+        # the model; their vectors are the collection's size (a --dim it had is that size, as truncation).
+        _LOG.warning("%s records no model; scoring it with %s, the model its points name, at size %d",
+                     current, held, recorded.size)  # fmt: skip
+        recorded = CollectionSpec(recorded.size, model=held, settings={"dim": recorded.size})
     if not recorded.model:
         out["refused"] = (f"{current} (the alias's current target) records no model (made by another tool, or by "
                           f"a version that recorded none), so {cannot}; evaluate it (corpus-etl evaluate), then "

@@ -41,7 +41,7 @@ from pipelines.configs import LabelConfig, label_config
 from pipelines.errors import JobFailed, PreflightError, first_line
 from pipelines.flags import label_parser, split_beam_args
 from pipelines.launch import build_only, format_built, write_job_file
-from pipelines.security import redact_url
+from pipelines.security import redact_text, redact_url
 from transforms.datasets.formats import MANIFEST_FILE
 from transforms.datasets.judgements import BuildQueryJudgements
 from transforms.datasets.report import dead_letter_count
@@ -259,7 +259,7 @@ def run_config(config: LabelConfig, beam_args: list[str] | None = None, test_pip
     except Exception as exc:  # the job started: --summary-out says how it ended, as the index job's does
         if config.summary_out:
             write_json(config.summary_out, {"pipeline": "label", "status": "failed", "out": config.out,
-                                            "error": first_line(exc)})  # fmt: skip
+                                            "error": redact_text(first_line(exc))})  # fmt: skip
         raise
     elapsed = time.time() - started
     with FileSystems.open(FileSystems.join(config.out, MANIFEST_FILE)) as f:

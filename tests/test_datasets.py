@@ -465,3 +465,21 @@ def test_reason_categories_drop_ids_and_values(reason: str, category: str) -> No
     from transforms.datasets.report import reason_category
 
     assert reason_category(reason) == category
+
+
+def test_stale_files_removed_are_only_dataset_files_the_earlier_manifest_lists(tmp_path) -> None:
+    import json as json_
+
+    from transforms.datasets.formats import FORMAT, QRELS_FILE
+    from transforms.datasets.write import remove_stale_files
+
+    out = tmp_path / "out"
+    (out / "qrels").mkdir(parents=True)
+    (out / "qrels" / "test.tsv").write_text("stale")
+    (out / "notes.txt").write_text("the user's")
+    (tmp_path / "outside.txt").write_text("not ours")
+    listed = {name: {} for name in (QRELS_FILE, "./", "qrels", "../outside.txt", "notes.txt", "")}
+    (out / "manifest.json").write_text(json_.dumps({"format": FORMAT, "files": listed}))
+    assert remove_stale_files(str(out), keep=[]) == [str(out / "qrels" / "test.tsv")]
+    assert sorted(p.name for p in out.rglob("*")) == ["manifest.json", "notes.txt", "qrels"]
+    assert (tmp_path / "outside.txt").exists()

@@ -338,13 +338,14 @@ def test_a_job_that_fails_still_writes_its_summary(tmp_path, sample_dir, qwen3_r
     from transforms.datasets import write
 
     def disk_full(out_dir, files):
-        raise OSError(28, "No space left on device")
+        raise OSError(28, "No space left on device writing to https://ops:s3cret@storage.example/b")
 
     monkeypatch.setattr(write, "write_files", disk_full)
     with pytest.raises(Exception, match="No space left on device"):
         _label_run(tmp_path, sample_dir, qwen3_reranker_dir, ACCOUNTING_LOG[:1], ACCOUNTING_RUN[:1])
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert summary["status"] == "failed" and "No space left on device" in summary["error"], summary
+    assert "s3cret" not in summary["error"]  # the summary file is shared more widely than a terminal
 
 
 def test_refused_corpus_rows_make_the_run_partial_in_the_summary_too(tmp_path, sample_dir, qwen3_reranker_dir):

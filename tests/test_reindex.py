@@ -261,6 +261,22 @@ def test_a_gate_on_a_target_whose_model_is_unknown_or_gone_refuses_the_switch(tm
     assert store.aliases() == {"live": "old"}
 
 
+def test_a_gate_on_a_target_built_before_models_were_recorded_uses_the_model_its_points_name(
+    tmp_path, minilm_path, versions, sample_dir
+):
+    # else the first gated night after an upgrade, and every night after it, would refuse the switch
+    store = EdgeStore(str(tmp_path / "q"))
+    store.ensure_collection("old", CollectionSpec(384))
+    payload = {"doc_id": "d", "chunk_index": 0, "model": minilm_path}
+    store.upsert("old", [StorePoint(point_id("d", 0), [1.0] + [0.0] * 383, payload)])
+    store.point_alias("live", "old")
+    summary = _index(tmp_path, minilm_path, _write(tmp_path / "c.parquet", versions[0][:4]), "new", "--alias", "live",
+                     "--gate-queries", sample_dir["queries"], "--gate-qrels", sample_dir["qrels"])  # fmt: skip
+    gate = summary["alias"]["gate"]
+    assert (gate["current_model"], gate["current"]) == (minilm_path, 0.0)  # scored: one point, no relevant hit
+    assert summary["status"] == "ok" and store.aliases() == {"live": "new"}
+
+
 def test_a_built_job_checks_the_model_and_records_its_settings_where_it_starts(tmp_path):
     """``prepare_store``: what a worker runs first when the job was built elsewhere (a template, a dry run)."""
     import dataclasses
@@ -407,3 +423,19 @@ def test_a_refused_row_without_an_id_stops_deletion(tmp_path, minilm_path, versi
                    "nothing deleted", "documents_deleted": 0, "points_deleted": 0,
     }  # fmt: skip
     assert sorted(_points(tmp_path, "docs")) == sorted(before)
+
+
+def test_a_run_into_an_existing_empty_collection_records_its_model_before_it_writes(tmp_path, minilm_path, versions,
+                                                                                    monkeypatch):
+    # Else: created by a run of model b that wrote nothing, then a run of this model interrupted after writing
+    # would leave b recorded, and the rerun with this model would be refused while b's would mix the two.
+    store = EdgeStore(str(tmp_path / "q"))
+    store.ensure_collection("docs", CollectionSpec(384, model="b"))
+
+    def interrupted(*args, **kwargs):
+        raise RuntimeError("interrupted after the points were written")
+
+    monkeypatch.setattr(index, "_finish", interrupted)
+    with pytest.raises(Exception, match="interrupted after the points were written"):
+        _index(tmp_path, minilm_path, _write(tmp_path / "c.parquet", versions[0][:4]), "docs")
+    assert store.collection_spec("docs").model == minilm_path and _points(tmp_path, "docs")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import datetime
 import json
+import os
 import time
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
@@ -17,9 +18,11 @@ from transforms.datasets.distill import distillation_parquet, distillation_rows
 from transforms.datasets.formats import (
     DISTILLATION_FILE,
     FORMAT,
+    HISTOGRAM_FILE,
     MANIFEST_FILE,
     QRELS_FILE,
     QUERIES_FILE,
+    REPORT_FILE,
     RERANK_RUN_FILE,
     RETRIEVAL_RUN_FILE,
     RUN_STATS_FILE,
@@ -138,12 +141,18 @@ def write_files(out_dir: str, files: Mapping[str, bytes]) -> list[str]:
     return written
 
 
+# Every file a label run may write under --out except the manifest (which every run rewrites).
+DATASET_FILES = (QUERIES_FILE, QRELS_FILE, TREC_QRELS_FILE, RETRIEVAL_RUN_FILE, RERANK_RUN_FILE, DISTILLATION_FILE,
+                 REPORT_FILE, HISTOGRAM_FILE, RUN_STATS_FILE)  # fmt: skip
+
+
 def remove_stale_files(out_dir: str, keep: Iterable[str]) -> list[str]:
     """Delete the files an earlier run's manifest in ``out_dir`` lists that this run does not write; the paths.
 
     A rerun into the same folder overwrites the files it writes; without this, a run that writes fewer (one that
     labels nothing writes only its manifest) would leave the earlier run's datasets beside a manifest that does
-    not list them. Only what a corpus-etl manifest lists is touched (and run_stats.json), never other files;
+    not list them. Only the dataset files a label run writes (``DATASET_FILES``) that a corpus-etl manifest
+    lists are touched (and run_stats.json), locally only plain files, never folders or other files;
     a missing or unreadable manifest removes nothing. Idempotent, so a retried write bundle is safe.
     """
     manifest_path = FileSystems.join(out_dir, MANIFEST_FILE)
@@ -155,13 +164,14 @@ def remove_stale_files(out_dir: str, keep: Iterable[str]) -> list[str]:
         listed = set(earlier["files"]) if earlier.get("format") == FORMAT else set()
     except (OSError, ValueError, KeyError, TypeError):
         return []
-    keep = set(keep)
+    # Only the file names a label run writes, whatever a (possibly edited) manifest lists: never a folder
+    # ("./", "qrels"), a path outside --out, or a user's file.
+    ours = set(DATASET_FILES)
     removed = []
-    for rel in sorted((listed | {RUN_STATS_FILE}) - keep):
-        parts = rel.split("/")
-        if not rel or rel.startswith("/") or ".." in parts:  # only files inside the folder
-            continue
-        path = FileSystems.join(out_dir, *parts)
+    for rel in sorted(((listed & ours) | {RUN_STATS_FILE}) - set(keep)):
+        path = FileSystems.join(out_dir, *rel.split("/"))
+        if "://" not in out_dir and (os.path.islink(path) or not os.path.isfile(path)):
+            continue  # locally, a plain file only: a symlinked one may point outside --out
         if FileSystems.exists(path):
             FileSystems.delete([path])
             removed.append(path)

@@ -267,9 +267,9 @@ def exact_decimal(value: decimal.Decimal) -> float | str:
 
     Equal values give equal results whatever the column's scale, and distinct values distinct
     ones (every result names its value exactly). Values a float holds exactly keep the form
-    their ids and payloads have always had (``7`` of a ``decimal(38,9)`` column is ``7.0``, its
-    id ``'7.0'``), so no stored document changes id; only values a float used to round (two
-    ids could become one) are written as digits.
+    their ids have always had (``7`` of a ``decimal(38,9)`` column is ``7.0``, its id ``'7.0'``),
+    so no stored document changes id; only values a float used to round (two ids could become
+    one) are written as digits. For ids only: payloads keep floats (``jsonable``).
     """
     f = float(value)
     if math.isfinite(f) and decimal.Decimal(repr(f)) == value:
@@ -281,9 +281,9 @@ def exact_decimal(value: decimal.Decimal) -> float | str:
 def jsonable(value: Any) -> Any:
     """A Parquet value as something JSON (and so a Qdrant payload) can hold.
 
-    Decimals: ``exact_decimal`` (a float when exact, else a string of the exact digits); bytes:
-    decoded as UTF-8, undecodable bytes replaced (a payload is for reading; ids never go through
-    this lossy step, see ``document_id``).
+    Decimals: floats, so a column's payload values keep one type (Qdrant's range filters and float
+    indexes skip strings); bytes: decoded as UTF-8, undecodable bytes replaced. A payload is for
+    reading and filtering; ids never go through these lossy steps, see ``document_id``.
     """
     if value is None or isinstance(value, (str, bool, int)):
         return value
@@ -292,7 +292,8 @@ def jsonable(value: Any) -> Any:
     if isinstance(value, (datetime.date, datetime.datetime, datetime.time)):
         return value.isoformat()
     if isinstance(value, decimal.Decimal):
-        return exact_decimal(value)
+        f = float(value)
+        return f if math.isfinite(f) else None
     if isinstance(value, bytes):
         return value.decode("utf-8", errors="replace")
     if isinstance(value, dict):
@@ -344,7 +345,10 @@ def document_id(raw: Any, column: str = "id") -> str:
             raise IdError(f"id is not UTF-8 text (column {column!r}: {raw!r}: {exc.reason})", unknown=True) from exc
     if isinstance(raw, float) and not raw.is_integer():
         raise IdError(f"id is a non-integral float: {raw!r}", unknown=False)
-    doc_id = str(int(raw)) if isinstance(raw, float) else str(jsonable(raw))
+    if isinstance(raw, decimal.Decimal):
+        doc_id = str(exact_decimal(raw))
+    else:
+        doc_id = str(int(raw)) if isinstance(raw, float) else str(jsonable(raw))
     if not doc_id.strip():
         raise IdError(f"empty id (column {column!r})", unknown=False)
     return doc_id
