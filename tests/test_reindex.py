@@ -439,3 +439,21 @@ def test_a_run_into_an_existing_empty_collection_records_its_model_before_it_wri
     with pytest.raises(Exception, match="interrupted after the points were written"):
         _index(tmp_path, minilm_path, _write(tmp_path / "c.parquet", versions[0][:4]), "docs")
     assert store.collection_spec("docs").model == minilm_path and _points(tmp_path, "docs")
+
+
+def test_a_model_given_as_a_relative_folder_is_recorded_absolute(tmp_path, minilm_path, versions, monkeypatch):
+    # (configs.model_location.) Recorded as typed, "models/m" would not match the same folder from another working
+    # directory: the next run would be refused as another model, and the gate could not load the target's model.
+    work = tmp_path / "work"
+    (work / "models").mkdir(parents=True)
+    (work / "models" / "m").symlink_to(minilm_path)
+    corpus = _write(tmp_path / "c.parquet", versions[0][:2])
+    store = str(tmp_path / "q")
+    monkeypatch.chdir(work)
+    index.run(["--input", corpus, "--collection", "docs", "--model", "models/m", "--qdrant-path", store, *ARGS],
+              test_pipeline=TestPipeline())  # fmt: skip
+    assert EdgeStore(store).collection_spec("docs").model == str(work / "models" / "m")
+    monkeypatch.chdir(tmp_path)
+    summary = index.run(["--input", corpus, "--collection", "docs", "--model", str(work / "models" / "m"),
+                         "--qdrant-path", store, *ARGS], test_pipeline=TestPipeline())  # fmt: skip
+    assert summary["status"] == "ok"
