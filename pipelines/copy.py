@@ -23,7 +23,8 @@ import argparse
 import time
 from typing import Any
 
-from pipelines.errors import JobFailed, PreflightError, first_line, translate
+from pipelines.errors import JobFailed, first_line, translate
+from pipelines.names import check_names
 from pipelines.security import redact_url
 
 
@@ -51,24 +52,10 @@ def build_arg_parser() -> argparse.ArgumentParser:
 
 
 def check_target_names(target: Any, to_collection: str, alias: str | None) -> None:
-    """The names on the target, refused (``PreflightError``) before anything is written.
-
-    The rules of the index job's ``check_names`` under copy's flag names (copy's ``--collection``
-    is the source, which may be an alias): ``--to-collection`` must not be an alias (writing
-    through it would mix these points into the collection it serves), ``--alias`` must not be a
-    collection and must differ from ``--to-collection``.
-    """
-    where = redact_url(target.where)
-    if alias and alias == to_collection:
-        raise PreflightError(f"--alias {alias!r} is also --to-collection; the alias must have another name")
-    aliases = target.aliases()
-    if to_collection in aliases:
-        raise PreflightError(
-            f"--to-collection {to_collection!r} is an alias (of {aliases[to_collection]!r}) at {where}; copy into a "
-            f"new collection and pass --alias {to_collection} to switch it when the copy is done"
-        )
-    if alias and alias not in aliases and target.collection_exists(alias):
-        raise PreflightError(f"--alias {alias!r} is the name of a collection at {where}, not an alias; choose another --alias")
+    """The names on the target, refused (``PreflightError``) before anything is written: the index job's rules
+    (``pipelines.names``) under copy's flag names (copy's ``--collection`` is the source, which may be an alias)."""
+    check_names(target, to_collection, alias, redact_url(target.where), flag="--to-collection", verb="copy",
+                done="the copy is done")  # fmt: skip
 
 
 def copy_collection(

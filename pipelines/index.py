@@ -32,6 +32,7 @@ from typing import Any
 import apache_beam as beam
 from apache_beam.io.filesystems import FileSystems
 
+from pipelines import names
 from pipelines.common import (
     describe_copies,
     describe_precision,
@@ -178,16 +179,8 @@ def embedding_settings(config: IndexConfig, spec: EmbeddingSpec) -> dict[str, An
 
 def check_names(store: VectorStore, config: IndexConfig, where: str) -> None:
     """``--collection`` must not be an alias, ``--alias`` must not be a collection: refused before any write."""
-    aliases = store.aliases()
-    if config.collection in aliases:
-        raise PreflightError(
-            f"--collection {config.collection!r} is an alias (of {aliases[config.collection]!r}) at {where}; index "
-            f"into a new collection and pass --alias {config.collection} to switch it when the run succeeds"
-        )
-    if config.alias and config.alias not in aliases and store.collection_exists(config.alias):
-        raise PreflightError(
-            f"--alias {config.alias!r} is the name of a collection at {where}, not an alias; choose another --alias"
-        )
+    names.check_names(store, config.collection, config.alias, where, flag="--collection", verb="index",
+                      done="the run succeeds")  # fmt: skip
 
 
 def check_model(store: VectorStore, config: IndexConfig, where: str) -> None:

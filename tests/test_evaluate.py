@@ -33,20 +33,26 @@ def evaluate_error(capsys, queries, qrels, tmp_path) -> tuple[int, str]:
     return status, capsys.readouterr().err
 
 
-def test_malformed_json_names_the_file_and_its_line(files, tmp_path, capsys):
+@pytest.mark.parametrize(
+    ("which", "content", "error"),
+    [
+        ("queries", '{"_id": "q1", "text": "first"}\n{"_id": "q2" "text": "second"}\n',
+         "{path}:2: not valid JSON (Expecting ',' delimiter at column 14)"),
+        ("queries", '{"_id": "q0", "text": "zeroth"}\n\n{"_id":"q1","text":null}\n',
+         "{path}:3: 'text' must be a string, got null"),
+        ("qrels", "query_id doc_id score\nq1 d1 1\n",
+         "{path}:1: header 'query_id doc_id score' is not BEIR's; expected 'query-id corpus-id score', or no header"),
+        ("qrels", "query-id\tcorpus-id\tscore\nq1\td1\t1.0\nq2\td2\t1.5\n",
+         "{path}:3: score '1.5' is not an integer grade"),
+    ],
+    ids=["malformed-json", "null-text", "foreign-header", "fractional-grade"],
+)
+def test_a_bad_line_is_a_usage_error_naming_the_file_and_its_line(files, tmp_path, capsys, which, content, error):
     queries, qrels = files
-    queries.write_text('{"_id": "q1", "text": "first"}\n{"_id": "q2" "text": "second"}\n')
+    path = {"queries": queries, "qrels": qrels}[which]
+    path.write_text(content)
     assert evaluate_error(capsys, queries, qrels, tmp_path) == (
-        EXIT_USAGE, f"corpus-etl evaluate: error: --queries: {queries}:2: not valid JSON (Expecting ',' delimiter at "
-        "column 14)\n",
-    )  # fmt: skip
-
-
-def test_a_null_query_text_is_a_usage_error_naming_the_line(files, tmp_path, capsys):
-    queries, qrels = files
-    queries.write_text('{"_id": "q0", "text": "zeroth"}\n\n{"_id":"q1","text":null}\n')
-    assert evaluate_error(capsys, queries, qrels, tmp_path) == (
-        EXIT_USAGE, f"corpus-etl evaluate: error: --queries: {queries}:3: 'text' must be a string, got null\n"
+        EXIT_USAGE, f"corpus-etl evaluate: error: --{which}: {error.format(path=path)}\n"
     )
 
 
@@ -68,23 +74,6 @@ def test_parquet_queries_without_the_columns_name_the_missing_and_the_present(fi
         EXIT_USAGE, f"corpus-etl evaluate: error: --queries: {queries}: missing column(s) query_id or _id, query or "
         "text; the file has: qid, question\n",
     )  # fmt: skip
-
-
-def test_a_qrels_header_other_than_beirs_is_refused_naming_the_expected_one(files, tmp_path, capsys):
-    queries, qrels = files
-    qrels.write_text("query_id doc_id score\nq1 d1 1\n")
-    assert evaluate_error(capsys, queries, qrels, tmp_path) == (
-        EXIT_USAGE, f"corpus-etl evaluate: error: --qrels: {qrels}:1: header 'query_id doc_id score' is not BEIR's; "
-        "expected 'query-id corpus-id score', or no header\n",
-    )  # fmt: skip
-
-
-def test_a_fractional_qrels_score_is_refused_naming_the_line(files, tmp_path, capsys):
-    queries, qrels = files
-    qrels.write_text("query-id\tcorpus-id\tscore\nq1\td1\t1.0\nq2\td2\t1.5\n")
-    assert evaluate_error(capsys, queries, qrels, tmp_path) == (
-        EXIT_USAGE, f"corpus-etl evaluate: error: --qrels: {qrels}:3: score '1.5' is not an integer grade\n"
-    )
 
 
 def test_integral_float_scores_are_grades_and_beir_trec_and_headerless_qrels_read_alike(tmp_path):
