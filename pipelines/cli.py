@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import logging
 import os
 import re
 import sys
@@ -123,7 +124,11 @@ def _run(name: str, job: Callable[[], Any], verbose: bool, args: argparse.Namesp
             message, status = f"{type(exc).__name__}: {first_line(exc)}", EXIT_FAILED
         hint = "" if verbose or error is not None else " (-v shows the traceback)"
         # A library's message may quote the URL it was given, credentials and all.
-        print(redact_text(f"corpus-etl {name}: error: {message}{hint}"), file=sys.stderr, flush=True)
+        if isinstance(exc, JobAbandoned):  # the runner's threads log on as they die: the line below is the last
+            logging.disable(logging.CRITICAL)
+        # One write, newline included: a runner thread's late output cannot land inside the line.
+        sys.stderr.write(redact_text(f"corpus-etl {name}: error: {message}{hint}") + "\n")
+        sys.stderr.flush()
         if isinstance(exc, JobAbandoned):  # the runner's threads may never end: do not wait for them
             sys.stdout.flush()
             os._exit(status)

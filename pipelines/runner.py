@@ -114,9 +114,13 @@ def _worker_exits(killing: threading.Event):
     previous = threading.excepthook
 
     def hook(args: Any) -> None:
+        if killing.is_set():
+            # A consequence of our own cancel and kills (a worker's exit, Beam's control stream
+            # closing under it): the job's one error line says so already.
+            _LOG.debug("after the job was stopped, thread %s: %s", getattr(args.thread, "name", "?"),
+                       first_line(args.exc_value))
+            return
         if isinstance(args.exc_value, RuntimeError) and "Worker subprocess exited" in str(args.exc_value):
-            if killing.is_set():  # a worker we killed ourselves: the job's one error line says so already
-                return
             exits.append(first_line(args.exc_value))
         previous(args)
 

@@ -61,6 +61,30 @@ def test_a_job_past_its_timeout_is_cancelled_and_abandoned():
     assert result.cancelled and isinstance(caught.value, JobFailed)
 
 
+def test_thread_errors_after_the_job_is_stopped_do_not_follow_its_error_line(monkeypatch):
+    # Killing the workers closes Beam's control stream under its reader thread, which then raises
+    # ("Exception in thread beam_control_read"); that trace landed after the job's one error line.
+    heard: list[str] = []
+    monkeypatch.setattr(threading, "excepthook", lambda args: heard.append(str(args.exc_value)))
+
+    def raise_in_thread(message: str) -> None:
+        def fail():
+            raise ValueError(message)
+
+        thread = threading.Thread(target=fail, name="beam_control_read")
+        thread.start()
+        thread.join()
+
+    result = FakeResult(on_wait=lambda: raise_in_thread("before the stop"))
+    try:
+        with pytest.raises(JobAbandoned):
+            runner.run_pipeline(FakePipeline(result), timeout_s=0.3)
+        raise_in_thread("after the stop")
+    finally:
+        result.release.set()
+    assert heard == ["before the stop"]  # a thread's error while the job runs still reaches the usual hook
+
+
 def test_a_job_that_ends_in_time_returns_its_result():
     result = FakeResult()
     result.release.set()
