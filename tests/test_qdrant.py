@@ -67,7 +67,7 @@ def any_store(request, tmp_path):
 def test_collection_is_created_once_and_a_mismatch_is_refused(any_store):
     assert any_store.ensure_collection("c", CollectionSpec(4)) is True
     assert any_store.ensure_collection("c", CollectionSpec(4)) is False
-    with pytest.raises(ValueError, match="exists with size 4 and distance Cosine; this job writes size 8"):
+    with pytest.raises(ValueError, match="exists with size 4 and distance Cosine; this job's vectors have size 8 \\(Cosine\\)"):
         any_store.ensure_collection("c", CollectionSpec(8))
     with pytest.raises(ValueError, match="collection 'missing' does not exist"):
         any_store.ensure_collection("missing", CollectionSpec(4), create=False)

@@ -316,7 +316,7 @@ class EdgeStore(VectorStore):
             if meta.size != spec.size or meta.distance != "Cosine":
                 raise ValueError(
                     f"collection {name!r} exists with size {meta.size} and distance {meta.distance}; "
-                    f"this job writes size {spec.size} with Cosine. Use another --collection, or a --dim that matches."
+                    f"this job's vectors have size {spec.size} (Cosine). Use another --collection, or a --dim that matches."
                 )
             return False
         if not create:

@@ -159,7 +159,7 @@ def ensure_collection(
         if params.size != size or params.distance != models.Distance.COSINE:
             raise ValueError(
                 f"collection {name!r} exists with size {params.size} and distance {params.distance.value}; "
-                f"this job writes size {size} with Cosine. Use another --collection, or a --dim that matches."
+                f"this job's vectors have size {size} (Cosine). Use another --collection, or a --dim that matches."
             )
         return False
     if not create:
