@@ -35,7 +35,6 @@ def build_arg_parser() -> argparse.ArgumentParser:
     return dump_parser()
 
 
-
 def points_table(points: list[Any], dim: int) -> Any:
     """Store points → the dump's Arrow table (sorted by id); ``dim``: the collection's vector size.
     See the module docstring for the columns."""
