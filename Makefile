@@ -52,7 +52,7 @@ test: install ## run the test suite (CPU; GPU tests skip without CUDA; PYTEST_WO
 	$(BIN)/python -m pytest --numprocesses $(PYTEST_WORKERS) --dist loadfile $(PYTEST_ARGS)
 
 lint: install ## ruff
-	$(BIN)/ruff check pipelines transforms tests bench
+	$(BIN)/ruff check pipelines transforms tests bench infra
 
 bench-cpu: install ## index throughput: ours (and at --precision fp32) vs a plain sentence-transformers script (fp32, bf16 autocast) vs Beam's ml.rag, short and long documents (writes BENCHMARKS.md; ~20 min)
 	$(BIN)/python bench/index_cpu.py --write --contestants ours,script,script-bf16,beam --ours default,precision=fp32
@@ -79,10 +79,13 @@ bench-precision: install ## --precision on CPU: speed and parity with fp32 of th
 	$(BIN)/python bench/precision.py --write
 	$(BIN)/python bench/precision.py --reranker --pairs 16 --repeats 3 --write
 
-bench-tokenizer: ## Qwen's and MiniLM's tokenisers on CPU, one core and the Rust pool (writes BENCHMARKS.md)
+bench-tokenizer: install ## Qwen's and MiniLM's tokenisers on CPU, one core and the Rust pool (writes BENCHMARKS.md)
 	$(BIN)/python bench/tokenizer.py --write
 
 bench-gpu: ## GPU machines only, with their CUDA torch (GPU_PYTHON=python): embedding, reranking, both jobs end to end (writes BENCHMARKS.md)
+	@$(GPU_PYTHON) -c "import sys, torch; sys.exit(not torch.cuda.is_available())" 2>/dev/null || { \
+	    echo "bench-gpu: needs a CUDA GPU and GPU_PYTHON (now '$(GPU_PYTHON)') with a CUDA build of torch; on CPU use the other bench-* targets" >&2; \
+	    exit 2; }
 	$(GPU_PYTHON) bench/gpu_embed.py --size 0.6b --write
 	$(GPU_PYTHON) bench/gpu_rerank.py --size 0.6b --liger --write
 	$(GPU_PYTHON) bench/rerank_prefix.py --device cuda --candidates 100 --write

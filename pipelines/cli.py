@@ -57,6 +57,8 @@ PARSERS: dict[str, tuple[Callable[[], argparse.ArgumentParser], bool]] = {
     "evaluate": (flags.evaluate_parser, False),
     "prune-collections": (flags.prune_parser, False),
     "sample-data": (flags.sample_parser, False),
+    "dump": (flags.dump_parser, False),
+    "copy": (flags.copy_parser, False),
 }
 
 

@@ -25,30 +25,14 @@ from typing import Any
 
 from pipelines.errors import JobFailed, first_line, translate
 from pipelines.names import check_names
-from pipelines.security import redact_url
+from pipelines.security import check_api_key_transport, redact_url
 
 
 def build_arg_parser() -> argparse.ArgumentParser:
-    from pipelines.flags import HelpFormatter
+    """The parser (``pipelines.flags.copy_parser``, where ``corpus-etl copy --help`` is answered without imports)."""
+    from pipelines.flags import copy_parser
 
-    parser = argparse.ArgumentParser(prog="corpus-etl copy", description=__doc__, formatter_class=HelpFormatter)
-    parser.add_argument("--collection", required=True, help="source collection or alias in --qdrant-path")
-    parser.add_argument("--qdrant-path", default="./qdrant_data", help="the embedded store to copy from")
-    target = parser.add_argument_group("target")
-    where = target.add_mutually_exclusive_group(required=True)
-    where.add_argument("--to-url", default=None, help="Qdrant server, e.g. http://qdrant:6333")
-    where.add_argument("--to-path", default=None, help="another embedded store instead of a server")
-    target.add_argument("--to-collection", default=None, help="target collection (default: the source's name)")
-    target.add_argument("--alias", default=None, help="after the copy, point this alias of the target at it")
-    target.add_argument("--qdrant-api-key-env", default=None, metavar="VAR", help="variable holding the server's API key")
-    target.add_argument("--qdrant-grpc", action="store_true", help="talk gRPC to the server")
-    target.add_argument("--qdrant-timeout", type=int, default=60, help="request timeout, seconds")
-    target.add_argument("--batch-points", type=int, default=256, help="points per upsert request (bytes bound: 8 MiB)")
-    parser.add_argument(
-        "--store-lock-wait", type=float, default=300.0, metavar="SECONDS",
-        help="embedded stores: how long to wait for a shard another process holds before failing",
-    )  # fmt: skip
-    return parser
+    return copy_parser()
 
 
 def check_target_names(target: Any, to_collection: str, alias: str | None) -> None:
@@ -99,13 +83,20 @@ def copy_collection(
 
 
 def run(argv: list[str] | None = None) -> dict[str, Any]:
+    return run_args(build_arg_parser().parse_args(argv))
+
+
+def run_args(args: argparse.Namespace, beam_args: list[str] | None = None) -> dict[str, Any]:
+    """The copy for parsed flags (``corpus-etl copy`` parses them in ``pipelines.flags``)."""
+    # The server's API key goes only over https or to loopback, as for every other command: refused
+    # (status 2) before anything is imported or opened.
+    check_api_key_transport(args.to_url, args.qdrant_api_key_env, args.allow_insecure_api_key)
     from pipelines.common import setup_logging
     from transforms.io.edge_store import EdgeStore
     from transforms.io.qdrant import QdrantConfig
     from transforms.io.store import open_store
 
-    args = build_arg_parser().parse_args(argv)
-    setup_logging()
+    setup_logging(args.verbose)
     # keep_open: the source's shards stay held from the pre-flight count to the end of the copy.
     source = EdgeStore(args.qdrant_path, lock_wait_s=args.store_lock_wait, keep_open=True)
     if args.to_url:

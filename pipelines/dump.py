@@ -29,13 +29,10 @@ _LOG = logging.getLogger(__name__)
 
 
 def build_arg_parser() -> argparse.ArgumentParser:
-    from pipelines.flags import HelpFormatter, add_qdrant_arguments
+    """The parser (``pipelines.flags.dump_parser``, where ``corpus-etl dump --help`` is answered without imports)."""
+    from pipelines.flags import dump_parser
 
-    parser = argparse.ArgumentParser(prog="corpus-etl dump", description=__doc__, formatter_class=HelpFormatter)
-    parser.add_argument("--collection", required=True, help="collection or alias")
-    parser.add_argument("--out", required=True, help="FILE.parquet, local or gs://")
-    add_qdrant_arguments(parser)
-    return parser
+    return dump_parser()
 
 
 def points_table(points: list[Any], dim: int) -> Any:
@@ -104,12 +101,16 @@ def dump(store: Any, collection: str, out: str) -> int:
 
 
 def run(argv: list[str] | None = None) -> dict[str, Any]:
+    return run_args(build_arg_parser().parse_args(argv))
+
+
+def run_args(args: argparse.Namespace, beam_args: list[str] | None = None) -> dict[str, Any]:
+    """The dump for parsed flags (``corpus-etl dump`` parses them in ``pipelines.flags``)."""
     from pipelines.common import setup_logging
     from pipelines.configs import qdrant_config
     from transforms.io.store import open_store
 
-    args = build_arg_parser().parse_args(argv)
-    setup_logging()
+    setup_logging(args.verbose)
     config = qdrant_config(args)
     store = open_store(config)
     try:

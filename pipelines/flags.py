@@ -387,6 +387,46 @@ def sample_parser() -> argparse.ArgumentParser:
     return parser
 
 
+
+def dump_parser() -> argparse.ArgumentParser:
+    from pipelines import dump  # standard library only at import: its docstring is the help
+
+    parser = new_parser("corpus-etl dump", dump.__doc__)
+    parser.add_argument("--collection", required=True, help="collection or alias")
+    parser.add_argument("--out", required=True, help="FILE.parquet, local or gs://")
+    add_qdrant_arguments(parser)
+    add_verbose(parser)
+    return parser
+
+
+def copy_parser() -> argparse.ArgumentParser:
+    from pipelines import copy  # standard library only at import: its docstring is the help
+
+    parser = new_parser("corpus-etl copy", copy.__doc__)
+    parser.add_argument("--collection", required=True, help="source collection or alias in --qdrant-path")
+    parser.add_argument("--qdrant-path", default="./qdrant_data", help="the embedded store to copy from")
+    target = parser.add_argument_group("target")
+    where = target.add_mutually_exclusive_group(required=True)
+    where.add_argument("--to-url", default=None, help="Qdrant server, e.g. http://qdrant:6333")
+    where.add_argument("--to-path", default=None, help="another embedded store instead of a server")
+    target.add_argument("--to-collection", default=None, help="target collection (default: the source's name)")
+    target.add_argument("--alias", default=None, help="after the copy, point this alias of the target at it")
+    target.add_argument("--qdrant-api-key-env", default=None, metavar="VAR", help="variable holding the server's API key")
+    target.add_argument(
+        "--allow-insecure-api-key", action="store_true",
+        help="send the API key over plain http to a non-loopback --to-url (refused otherwise)",
+    )  # fmt: skip
+    target.add_argument("--qdrant-grpc", action="store_true", help="talk gRPC to the server")
+    target.add_argument("--qdrant-timeout", type=int, default=60, help="request timeout, seconds")
+    target.add_argument("--batch-points", type=int, default=256, help="points per upsert request (bytes bound: 8 MiB)")
+    parser.add_argument(
+        "--store-lock-wait", type=float, default=300.0, metavar="SECONDS",
+        help="embedded stores: how long to wait for a shard another process holds before failing",
+    )  # fmt: skip
+    add_verbose(parser)
+    return parser
+
+
 def split_beam_args(parser: argparse.ArgumentParser, argv: list[str] | None) -> tuple[argparse.Namespace, list[str]]:
     """Our flags, and the rest for Beam. What Beam would not read is a usage error (``check_beam_args``)."""
     args, rest = parser.parse_known_args(argv)

@@ -65,7 +65,7 @@ def _probe(*argv: str, env: dict[str, str] | None = None) -> dict:
     return json.loads(result.stderr.splitlines()[-1])
 
 
-@pytest.mark.parametrize("command", ["index", "label", "search", "evaluate", "sample-data"])
+@pytest.mark.parametrize("command", ["index", "label", "search", "evaluate", "sample-data", "dump", "copy", "prune-collections"])
 def test_help_imports_no_torch_beam_or_qdrant(command):
     assert _probe(command, "--help") == {"status": 0, "heavy": []}
 
@@ -129,7 +129,8 @@ def test_top_level_usage_and_unknown_command():
 
 
 # -- help texts ------------------------------------------------------------------------------
-PARSERS = [flags.index_parser, flags.label_parser, flags.search_parser, flags.evaluate_parser, flags.sample_parser]
+PARSERS = [flags.index_parser, flags.label_parser, flags.search_parser, flags.evaluate_parser, flags.sample_parser,
+           flags.prune_parser, flags.dump_parser, flags.copy_parser]
 
 
 @pytest.mark.parametrize("make_parser", PARSERS, ids=lambda f: f.__name__)
@@ -421,6 +422,30 @@ def test_api_key_over_plain_http_to_a_remote_host_is_refused_without_imports():
     )
     assert result.returncode == EXIT_USAGE
     assert _probe(*argv, env=env) == {"status": EXIT_USAGE, "heavy": []}
+
+
+def test_copy_refuses_an_api_key_over_plain_http_to_a_remote_target_without_imports(tmp_path):
+    """README: plain http to another host is refused (status 2) unless --allow-insecure-api-key; copy's --to-url too."""
+    env = _env(QDRANT_KEY="k")
+    argv = ["copy", "--collection", "c", "--qdrant-path", str(tmp_path), "--to-url", "http://user:pw@qdrant.example:6333",
+            "--qdrant-api-key-env", "QDRANT_KEY"]
+    result = cli(*argv, env=env)
+    assert one_line(result) == (
+        "corpus-etl copy: error: --qdrant-api-key-env QDRANT_KEY would send the API key unencrypted to "
+        "http://***@qdrant.example:6333; use an https:// URL, or pass --allow-insecure-api-key if the network is trusted"
+    )
+    assert result.returncode == EXIT_USAGE
+    assert _probe(*argv, env=env) == {"status": EXIT_USAGE, "heavy": []}
+
+
+@pytest.mark.parametrize("command", ["dump", "copy"])
+def test_every_command_takes_verbose(command, tmp_path):
+    """README: every command has -v (the traceback before the one line)."""
+    target = ["--out", str(tmp_path / "x.parquet")] if command == "dump" else ["--to-path", str(tmp_path / "t")]
+    result = cli(command, "--collection", "nope", "--qdrant-path", str(tmp_path / "store"), *target, "-v")
+    assert result.returncode == EXIT_USAGE, result.stderr
+    assert "Traceback (most recent call last)" in result.stderr
+    assert result.stderr.splitlines()[-1].startswith(f"corpus-etl {command}: error: "), result.stderr
 
 
 def test_api_key_to_loopback_or_with_the_override_goes_on_to_connect():
