@@ -3,8 +3,10 @@ SHELL := /bin/bash
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
-# CPU torch from the local wheel cache; never the multi-GB CUDA build.
+# CPU torch: this workplace's pip finds the +cpu wheel in its local wheel folder. Elsewhere PyPI's
+# Linux wheel is the multi-GB CUDA build: `make install TORCH_INDEX=https://download.pytorch.org/whl/cpu`.
 TORCH ?= torch==2.13.0
+TORCH_INDEX ?=
 DEMO_DIR ?= demo_data
 QDRANT_PATH ?= ./qdrant_data
 DEMO_MODEL ?= sentence-transformers/all-MiniLM-L6-v2
@@ -24,7 +26,7 @@ $(BIN)/python:
 	$(BIN)/python -m pip install -q --upgrade pip
 
 $(VENV)/.installed: pyproject.toml setup.py | $(BIN)/python
-	$(BIN)/pip install -q "$(TORCH)"
+	$(BIN)/pip install -q "$(TORCH)" $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX))
 	$(BIN)/pip install -q -e ".[dev]"
 	touch $@
 
