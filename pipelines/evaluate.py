@@ -1,8 +1,12 @@
 """`corpus-etl evaluate`: retrieval quality of a collection on BEIR-style queries and qrels.
 
 Chunk hits are aggregated to documents (max score per ``doc_id``) before scoring.
-Metrics are computed by ir_measures: nDCG@10, MRR@10 (RR@10) and Recall@k, k = ``--top-k``
-(the depth retrieved: a recall deeper than the run would only repeat Recall@k).
+Metrics are computed by ir_measures with trec_eval's conventions: nDCG@10, MRR@10 (RR@10) and
+Recall@k, k = ``--top-k`` (the depth retrieved: a recall deeper than the run would only repeat
+Recall@k). nDCG's gain is the grade (trec_eval's ``ndcg_cut``, not 2^grade - 1); a document is
+relevant at grade >= 1; equal scores go by doc id descending, for every metric
+(``transforms.datasets.metrics.iter_calc``); the mean is over every judged query, one whose
+judgements are all 0 counting as 0 on each metric (as in trec_eval).
 """
 
 from __future__ import annotations
@@ -10,10 +14,10 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, TypeVar
 
-import ir_measures
 import pyarrow.parquet as pq
 from apache_beam.io.filesystems import FileSystems
 from ir_measures import RR, R, nDCG
@@ -22,6 +26,7 @@ from pipelines.common import setup_logging, write_json
 from pipelines.errors import PreflightError, UsageError, first_line
 from pipelines.flags import evaluate_parser
 from pipelines.search import check_top_k, searcher_from_args
+from transforms.datasets.metrics import iter_calc
 from transforms.io.parquet import row_position
 from transforms.io.store import VectorStore, model_held, same_model
 
@@ -199,8 +204,11 @@ def _is_header(score: str) -> bool:
 
 def evaluate(run: dict[str, dict[str, float]], qrels: dict[str, dict[str, int]], top_k: int = 100) -> dict[str, float]:
     wanted = measures(top_k)
-    agg = ir_measures.calc_aggregate(list(wanted.values()), qrels, run)
-    return {name: round(float(agg[m]), 6) for name, m in wanted.items()}
+    per_query: dict[Any, list[float]] = {m: [] for m in wanted.values()}
+    for metric in iter_calc(list(wanted.values()), qrels, run):
+        per_query[metric.measure].append(float(metric.value))
+    return {name: round(math.fsum(per_query[m]) / len(per_query[m]) if per_query[m] else 0.0, 6)
+            for name, m in wanted.items()}  # fmt: skip
 
 
 def read_judged(queries_path: str, qrels_path: str, flags: tuple[str, str] = ("--queries", "--qrels")) -> tuple[

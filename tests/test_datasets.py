@@ -266,6 +266,17 @@ def test_evaluate_first_stage_equals_hand_computed_values() -> None:
     assert evaluate_first_stage({"qb": {"x": 0}}, run, k=2) == {}
 
 
+def test_evaluate_first_stage_breaks_score_ties_as_trec_eval_does() -> None:
+    # trec_eval reads equal scores by doc id descending: qa's relevant a after b (2nd); qc's
+    # relevant d00 after d10 .. d01 (11th, past the cutoff). RR@10 used to break ties the other
+    # way (ir_measures' MS MARCO provider: 1.0 for both) while nDCG@10 and R@k did not.
+    qrels = {"qa": {"a": 1}, "qc": {"d00": 1}}
+    run = {"qa": {"a": 0.5, "b": 0.5}, "qc": {f"d{i:02d}": 1.0 for i in range(11)}}
+    assert evaluate_first_stage(qrels, run, k=20) == pytest.approx(
+        {"nDCG@10": 0.5 / math.log2(3), "RR@10": 0.25, "R@20": 1.0}, abs=1e-12
+    )
+
+
 # ---------------------------------------------------------------------------------------------
 # Validation
 # ---------------------------------------------------------------------------------------------

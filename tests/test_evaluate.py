@@ -12,7 +12,7 @@ import pytest
 
 from pipelines import cli
 from pipelines.errors import EXIT_USAGE
-from pipelines.evaluate import read_qrels
+from pipelines.evaluate import evaluate, read_qrels
 
 MINILM = "sentence-transformers/all-MiniLM-L6-v2"
 
@@ -96,3 +96,17 @@ def test_parquet_qrels_take_integral_float_scores_and_refuse_others_naming_the_r
         read_qrels(str(path))
     assert str(refused.value) == f"row 3 of {path}: score 0.5 is not an integer grade"
 
+
+
+# q1: a (relevant) ties b; trec_eval reads b first (equal scores: doc id descending), so a is 2nd.
+# q2: 11 tied documents read d10, d09, ..., d00: the relevant d00 is 11th, past nDCG@10 and MRR@10.
+# q3: judged, nothing relevant: 0 on every metric, and counted in the mean (trec_eval).
+TIED_QRELS = {"q1": {"a": 1}, "q2": {"d00": 1}, "q3": {"x": 0}}
+TIED_RUN = {"q1": {"a": 0.5, "b": 0.5}, "q2": {f"d{i:02d}": 1.0 for i in range(11)}, "q3": {"x": 1.0}}
+
+
+def test_every_metric_breaks_score_ties_as_trec_eval_does():
+    # MRR@10 used to come from ir_measures' MS MARCO provider (ties by doc id ascending: 1.0 and 1.0, so 0.666667)
+    # while nDCG@10 and Recall@k read the same run in trec_eval's order. Values from trec_eval (pytrec_eval):
+    # nDCG@10 = (1/log2(3) + 0 + 0) / 3, MRR@10 = (1/2 + 0 + 0) / 3, Recall@20 = (1 + 1 + 0) / 3.
+    assert evaluate(TIED_RUN, TIED_QRELS, top_k=20) == {"nDCG@10": 0.21031, "MRR@10": 0.166667, "Recall@20": 0.666667}
