@@ -152,9 +152,21 @@ def read_qrels(path: str) -> dict[str, dict[str, int]]:
 
     Scores are integer grades; an integral float (``1.0``) is read as its integer, any other
     value is a ``BadInput`` naming the line or row. A first line whose score is not a number is
-    a header, and must be BEIR's.
+    a header, and must be BEIR's. A (query, document) pair given twice with different grades is
+    a ``BadInput`` naming both places (which one counts would be a guess); a repeat with the same
+    grade is harmless and read once.
     """
     qrels: dict[str, dict[str, int]] = {}
+    seen_at: dict[tuple[str, str], str] = {}
+
+    def add(qid: str, did: str, grade: int, where: str) -> None:
+        earlier = qrels.setdefault(qid, {}).get(did)
+        if earlier is not None and earlier != grade:
+            raise BadInput(f"{where}: query {qid!r} document {did!r} graded {grade}, but {earlier} at "
+                           f"{seen_at[qid, did]}; give each pair one grade")  # fmt: skip
+        qrels[qid][did] = grade
+        seen_at.setdefault((qid, did), where)
+
     if path.endswith(".parquet"):
         names, rows = _read_rows(path)
         missing = [c for c in QRELS_HEADER if c not in names]
@@ -169,7 +181,7 @@ def read_qrels(path: str) -> dict[str, dict[str, int]]:
                 raise BadInput(f"{row_position(path, i)}: null {'query-id' if qid is None else 'corpus-id'}")
             if grade is None:
                 raise BadInput(f"{row_position(path, i)}: score {r['score']!r} is not an integer grade")
-            qrels.setdefault(str(qid), {})[str(did)] = grade
+            add(str(qid), str(did), grade, row_position(path, i))
         return qrels
     for n, line in enumerate(_read_text(path).splitlines(), 1):
         parts = line.split()
@@ -189,7 +201,7 @@ def read_qrels(path: str) -> dict[str, dict[str, int]]:
             continue
         if grade is None:
             raise BadInput(f"{path}:{n}: score {score!r} is not an integer grade")
-        qrels.setdefault(qid, {})[did] = grade
+        add(qid, did, grade, f"{path}:{n}")
     return qrels
 
 

@@ -44,8 +44,10 @@ def evaluate_error(capsys, queries, qrels, tmp_path) -> tuple[int, str]:
          "{path}:1: header 'query_id doc_id score' is not BEIR's; expected 'query-id corpus-id score', or no header"),
         ("qrels", "query-id\tcorpus-id\tscore\nq1\td1\t1.0\nq2\td2\t1.5\n",
          "{path}:3: score '1.5' is not an integer grade"),
+        ("qrels", "q1\td1\t1\nq2\td2\t2\nq1\td1\t1\nq1\td1\t0\n",
+         "{path}:4: query 'q1' document 'd1' graded 0, but 1 at {path}:1; give each pair one grade"),
     ],
-    ids=["malformed-json", "null-text", "foreign-header", "fractional-grade"],
+    ids=["malformed-json", "null-text", "foreign-header", "fractional-grade", "two-grades"],
 )
 def test_a_bad_line_is_a_usage_error_naming_the_file_and_its_line(files, tmp_path, capsys, which, content, error):
     queries, qrels = files
@@ -95,6 +97,11 @@ def test_parquet_qrels_take_integral_float_scores_and_refuse_others_naming_the_r
     with pytest.raises(ValueError) as refused:
         read_qrels(str(path))
     assert str(refused.value) == f"row 3 of {path}: score 0.5 is not an integer grade"
+    pq.write_table(pa.Table.from_pylist([*rows, rows[0], {"query-id": "q1", "corpus-id": "d2", "score": 0}]), path)
+    with pytest.raises(ValueError) as refused:  # a repeat with its grade is read once; another grade is refused
+        read_qrels(str(path))
+    assert str(refused.value) == f"row 4 of {path}: query 'q1' document 'd2' graded 0, but 2 at row 2 of {path}; " \
+        "give each pair one grade"
 
 
 
