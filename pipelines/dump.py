@@ -104,13 +104,14 @@ def dump(store: Any, collection: str, out: str) -> int:
 
 
 def run(argv: list[str] | None = None) -> dict[str, Any]:
-    from pipelines.common import setup_logging
+    from pipelines.common import check_output_locations, setup_logging
     from pipelines.configs import qdrant_config
     from transforms.io.store import open_store
 
     args = build_arg_parser().parse_args(argv)
     setup_logging()
     config = qdrant_config(args)
+    check_output_locations({"--out": args.out})
     store = open_store(config)
     try:
         if not store.collection_exists(args.collection):

@@ -34,6 +34,7 @@ from apache_beam.io.filesystems import FileSystems
 
 from pipelines import names
 from pipelines.common import (
+    check_output_locations,
     describe_copies,
     describe_precision,
     describe_steps,
@@ -48,7 +49,7 @@ from pipelines.common import (
 from pipelines.configs import PACKING, IndexConfig, check_outputs_outside_input, index_config
 from pipelines.errors import JobFailed, PreflightError, first_line, translate
 from pipelines.flags import index_parser, split_beam_args
-from pipelines.launch import build_only, format_built, refuse_after_job_flags, write_job_file
+from pipelines.launch import build_only, build_outputs, format_built, refuse_after_job_flags, write_job_file
 from pipelines.security import redact_text, redact_url
 from transforms.hooks import pause_point
 from transforms.inference.embed import Embed, EmbeddingModelHandler
@@ -220,6 +221,7 @@ def run_config(config: IndexConfig, beam_args: list[str] | None = None, test_pip
                                                    "--summary-out": config.summary_out}, listed)  # fmt: skip
     except ValueError as exc:
         raise PreflightError(str(exc)) from exc
+    check_output_locations({"--dead-letter": config.dead_letter, "--summary-out": config.summary_out}, p.options)
     if config.gate:  # read now, not after an hour of embedding: a bad file is exit 2, nothing written
         from pipelines.evaluate import read_judged
 
@@ -324,6 +326,7 @@ def _build_job(config: IndexConfig, p: beam.Pipeline, how: str, started: float) 
     """Build (and, for a template, stage) the job without running it; the summary says so."""
     refuse_after_job_flags(how, {"--alias": config.alias, "--delete-missing": config.delete_missing,
                                  "--hnsw": config.hnsw, "--gate-queries/--gate-qrels": config.gate})  # fmt: skip
+    check_output_locations({**build_outputs(p.options, how), "--summary-out": config.summary_out}, p.options)
     size = build_checked_pipeline(config, p)
     result = p.run()  # builds; with --template_location also stages and writes the template
     summary = {"pipeline": "index", "status": "built", "built": how, "input": config.input,
