@@ -366,10 +366,13 @@ def _write_doc_ids(ids: beam.PCollection, prefix: str, kind: str, label: str) ->
     )
 
 
-def _read_doc_ids(prefix: str, kind: str) -> tuple[set[str], int]:
+def _read_doc_ids(prefix: str, kind: str) -> tuple[set[str] | None, int]:
     """The ids ``_write_doc_ids`` wrote under ``prefix`` for ``kind``, and how many were None (a
-    refused row whose id cannot be read); the files are deleted."""
+    refused row whose id cannot be read); the files are deleted. None when there is no file: the job
+    writes at least one, even for no ids, so the workers wrote where this process cannot read."""
     matches = FileSystems.match([f"{prefix}-{kind}-*"])[0].metadata_list
+    if not matches:
+        return None, 0
     ids: set[str] = set()
     unknown = 0
     for m in matches:
@@ -415,7 +418,7 @@ def _finish(
         unread.append(f"{len(skipped)} input file(s) skipped")
     if counts.get("row_groups_unreadable"):
         unread.append(f"{counts['row_groups_unreadable']} row group(s) could not be read")
-    deletion = _delete_missing(config, store, doc_ids_prefix, unread)
+    deletion = _delete_missing(config, store, counts, doc_ids_prefix, unread)
     hnsw = store.build_index(config.collection, config.hnsw) if config.hnsw else None
     points = store.count(config.collection)
     alias = _switch_alias(config, store, counts, points, unread) if config.alias else None
@@ -454,7 +457,7 @@ def _finish(
 
 
 def _delete_missing(
-    config: IndexConfig, store: VectorStore, doc_ids_prefix: str | None, unread: list[str]
+    config: IndexConfig, store: VectorStore, counts: dict[str, int], doc_ids_prefix: str | None, unread: list[str]
 ) -> dict[str, Any] | None:
     """``--delete-missing``: the points of documents this run's input does not hold, deleted and listed.
 
@@ -463,8 +466,9 @@ def _delete_missing(
     converted, ...): bad input never loses what an earlier run indexed, the same as for a
     document the chunker refuses. Refused documents that kept their points are counted
     (``documents_kept_refused``). Nothing is deleted when the documents held cannot all be
-    told: an input file or row group was not read (``unread``), or a refused row's id is null
-    or unreadable (it may be any document).
+    told: an input file or row group was not read (``unread``), a refused row's id is null
+    or unreadable (it may be any document), or the ids the workers wrote did not all reach this
+    driver (their count is not the job's ``documents_read``).
     """
     if not config.delete_missing or not doc_ids_prefix:
         return None
@@ -472,6 +476,16 @@ def _delete_missing(
     refused, unknown = _read_doc_ids(doc_ids_prefix, REJECTED_IDS)
     _remove_doc_ids_folder(doc_ids_prefix)
     untold = [*unread, *([f"{unknown} refused row(s) have a null or unreadable id"] if unknown else [])]
+    if held is None or refused is None or len(held) != counts.get("documents_read", 0):
+        # The workers wrote the ids where this driver cannot read them all (workers on other machines, and a
+        # local folder: no --temp_location), or the runner reports no count to check them against. With no ids
+        # read, every stored document would look missing and be deleted.
+        read_back = "none" if held is None or refused is None else f"{len(held)} of {counts.get('documents_read', 0)}"
+        untold.append(
+            f"the ids of the documents read did not all reach this driver ({read_back} read back from "
+            f"{os.path.dirname(doc_ids_prefix)}); with workers on other machines, set --temp_location to a path "
+            "they share with it (gs://...)"
+        )
     if untold:
         return {"skipped": f"cannot tell every document the input holds ({'; '.join(untold)}): nothing deleted",
                 "documents_deleted": 0, "points_deleted": 0}  # fmt: skip
