@@ -14,7 +14,7 @@ from typing import Any
 from apache_beam.io.filesystems import FileSystems
 from apache_beam.options.pipeline_options import PipelineOptions
 
-from pipelines.errors import UsageError
+from pipelines.errors import PreflightError, UsageError, first_line
 
 _LOG = logging.getLogger(__name__)
 
@@ -130,6 +130,49 @@ def write_json(path: str, obj: Any) -> None:
         f.write((json.dumps(obj, indent=2, sort_keys=True, ensure_ascii=False) + "\n").encode("utf-8"))
 
 
+def check_output_locations(outputs: dict[str, str | None], options: PipelineOptions | None = None,
+                           folders: Sequence[str] = ()) -> None:
+    """Refuse (``PreflightError``) an output the job could not write, before the job: a ``gs://`` path whose
+    bucket does not exist, or a local one under a file. Otherwise the job would run to its end (hours of
+    embedding or scoring) and fail only when it writes there, with the storage client's bare 404 (or
+    Dataflow's staging retry for ten minutes). ``outputs``: flag -> path; ``folders``: the flags whose path is a
+    folder (label's ``--out``). Other schemes are left to the job."""
+    for flag, path in outputs.items():
+        if not path:
+            continue
+        if path.startswith("gs://"):
+            _check_bucket(flag, path, options)
+        elif "://" not in path:
+            _check_local_parent(flag, path, folder=flag in folders)
+
+
+def _check_bucket(flag: str, path: str, options: PipelineOptions | None) -> None:
+    from apache_beam.io.gcp.gcsio import GcsIO
+
+    bucket = path[len("gs://"):].split("/", 1)[0]
+    if not bucket:
+        raise PreflightError(f"{flag} {path}: no bucket named; give gs://BUCKET/PATH")
+    try:
+        found = GcsIO(pipeline_options=options).get_bucket(bucket) is not None
+    except Exception as exc:  # noqa: BLE001
+        # Not a refusal: writing objects does not need storage.buckets.get (roles/storage.objectAdmin
+        # lacks it), so a job that cannot look at the bucket may still write into it.
+        _LOG.warning("%s %s: could not check bucket gs://%s (%s); going on", flag, path, bucket, first_line(exc))
+        return
+    if not found:
+        raise PreflightError(f"{flag} {path}: bucket gs://{bucket} does not exist; create it or write elsewhere")
+
+
+def _check_local_parent(flag: str, path: str, *, folder: bool) -> None:
+    if os.path.isdir(path) and not folder:
+        raise PreflightError(f"{flag} {path} is a folder; give a file path")
+    part = os.path.abspath(path if folder else os.path.dirname(os.path.abspath(path)))
+    while not os.path.exists(part) and os.path.dirname(part) != part:  # the nearest existing folder up
+        part = os.path.dirname(part)
+    if not os.path.isdir(part):
+        raise PreflightError(f"{flag} {path}: {part} is a file, not a folder; write {flag} elsewhere")
+
+
 def check_local_device(options: PipelineOptions, device: str) -> None:
     """Fail before the job starts when a local run asks for a device this machine lacks.
 
@@ -197,6 +240,29 @@ def several_worker_processes(options: PipelineOptions) -> bool:
     return mode is None or (mode == "multi_processing" and options.view_as(DirectOptions).direct_num_workers != 1)
 
 
+def check_runner(options: PipelineOptions) -> None:
+    """A ``--runner`` that Beam does not know is a usage error (status 2), with the nearest name when one is
+    close; Beam would raise it from its runners' package, which reads as a job that started and failed (1).
+    Names are Beam's (case-insensitive, ``Runner`` optional, as it reads them); a dotted name is a runner class
+    Beam imports itself."""
+    import difflib
+
+    from apache_beam.options.pipeline_options import StandardOptions
+
+    runner = options.view_as(StandardOptions).runner
+    if not isinstance(runner, str) or "." in runner:
+        return
+    known = {name.lower(): name for name in StandardOptions.KNOWN_RUNNER_NAMES}
+    if runner.lower() in known or runner.lower() + "runner" in known:
+        return
+    close = difflib.get_close_matches(runner.lower(), known, n=1, cutoff=0.75)
+    hint = f" (did you mean {known[close[0]]}?)" if close else ""
+    raise UsageError(
+        f"--runner {runner}: unknown runner{hint}; Beam's runners: {', '.join(StandardOptions.KNOWN_RUNNER_NAMES)}, "
+        "or the module path of a runner class"
+    )
+
+
 def start_pipeline(test_pipeline: Any, beam_args: list[str] | None, device: str):
     """The job's pipeline (the injected one in tests), with the driver set up to use its options.
 
@@ -205,7 +271,11 @@ def start_pipeline(test_pipeline: Any, beam_args: list[str] | None, device: str)
     """
     import apache_beam as beam
 
-    p = test_pipeline or beam.Pipeline(options=beam_options(beam_args or []))
+    p = test_pipeline
+    if p is None:
+        options = beam_options(beam_args or [])
+        check_runner(options)
+        p = beam.Pipeline(options=options)
     FileSystems.set_options(p.options)
     check_local_device(p.options, device)
     return p

@@ -106,12 +106,13 @@ def run(argv: list[str] | None = None) -> dict[str, Any]:
 
 def run_args(args: argparse.Namespace, beam_args: list[str] | None = None) -> dict[str, Any]:
     """The dump for parsed flags (``corpus-etl dump`` parses them in ``pipelines.flags``)."""
-    from pipelines.common import setup_logging
+    from pipelines.common import check_output_locations, setup_logging
     from pipelines.configs import qdrant_config
     from transforms.io.store import open_store
 
     setup_logging(args.verbose)
     config = qdrant_config(args)
+    check_output_locations({"--out": args.out})
     store = open_store(config)
     try:
         if not store.collection_exists(args.collection):

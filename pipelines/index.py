@@ -34,6 +34,7 @@ from apache_beam.io.filesystems import FileSystems
 
 from pipelines import names
 from pipelines.common import (
+    check_output_locations,
     describe_copies,
     describe_precision,
     describe_steps,
@@ -48,7 +49,7 @@ from pipelines.common import (
 from pipelines.configs import PACKING, IndexConfig, check_outputs_outside_input, index_config
 from pipelines.errors import JobFailed, PreflightError, first_line, translate
 from pipelines.flags import index_parser, split_beam_args
-from pipelines.launch import build_only, format_built, refuse_after_job_flags, write_job_file
+from pipelines.launch import build_only, build_outputs, format_built, refuse_after_job_flags, write_job_file
 from pipelines.security import redact_text, redact_url
 from transforms.hooks import pause_point
 from transforms.inference.embed import Embed, EmbeddingModelHandler
@@ -220,6 +221,7 @@ def run_config(config: IndexConfig, beam_args: list[str] | None = None, test_pip
                                                    "--summary-out": config.summary_out}, listed)  # fmt: skip
     except ValueError as exc:
         raise PreflightError(str(exc)) from exc
+    check_output_locations({"--dead-letter": config.dead_letter, "--summary-out": config.summary_out}, p.options)
     if config.gate:  # read now, not after an hour of embedding: a bad file is exit 2, nothing written
         from pipelines.evaluate import read_judged
 
@@ -324,6 +326,7 @@ def _build_job(config: IndexConfig, p: beam.Pipeline, how: str, started: float) 
     """Build (and, for a template, stage) the job without running it; the summary says so."""
     refuse_after_job_flags(how, {"--alias": config.alias, "--delete-missing": config.delete_missing,
                                  "--hnsw": config.hnsw, "--gate-queries/--gate-qrels": config.gate})  # fmt: skip
+    check_output_locations({**build_outputs(p.options, how), "--summary-out": config.summary_out}, p.options)
     size = build_checked_pipeline(config, p)
     result = p.run()  # builds; with --template_location also stages and writes the template
     summary = {"pipeline": "index", "status": "built", "built": how, "input": config.input,
@@ -363,10 +366,13 @@ def _write_doc_ids(ids: beam.PCollection, prefix: str, kind: str, label: str) ->
     )
 
 
-def _read_doc_ids(prefix: str, kind: str) -> tuple[set[str], int]:
+def _read_doc_ids(prefix: str, kind: str) -> tuple[set[str] | None, int]:
     """The ids ``_write_doc_ids`` wrote under ``prefix`` for ``kind``, and how many were None (a
-    refused row whose id cannot be read); the files are deleted."""
+    refused row whose id cannot be read); the files are deleted. None when there is no file: the job
+    writes at least one, even for no ids, so the workers wrote where this process cannot read."""
     matches = FileSystems.match([f"{prefix}-{kind}-*"])[0].metadata_list
+    if not matches:
+        return None, 0
     ids: set[str] = set()
     unknown = 0
     for m in matches:
@@ -412,7 +418,7 @@ def _finish(
         unread.append(f"{len(skipped)} input file(s) skipped")
     if counts.get("row_groups_unreadable"):
         unread.append(f"{counts['row_groups_unreadable']} row group(s) could not be read")
-    deletion = _delete_missing(config, store, doc_ids_prefix, unread)
+    deletion = _delete_missing(config, store, counts, doc_ids_prefix, unread)
     hnsw = store.build_index(config.collection, config.hnsw) if config.hnsw else None
     points = store.count(config.collection)
     alias = _switch_alias(config, store, counts, points, unread) if config.alias else None
@@ -451,7 +457,7 @@ def _finish(
 
 
 def _delete_missing(
-    config: IndexConfig, store: VectorStore, doc_ids_prefix: str | None, unread: list[str]
+    config: IndexConfig, store: VectorStore, counts: dict[str, int], doc_ids_prefix: str | None, unread: list[str]
 ) -> dict[str, Any] | None:
     """``--delete-missing``: the points of documents this run's input does not hold, deleted and listed.
 
@@ -460,8 +466,9 @@ def _delete_missing(
     converted, ...): bad input never loses what an earlier run indexed, the same as for a
     document the chunker refuses. Refused documents that kept their points are counted
     (``documents_kept_refused``). Nothing is deleted when the documents held cannot all be
-    told: an input file or row group was not read (``unread``), or a refused row's id is null
-    or unreadable (it may be any document).
+    told: an input file or row group was not read (``unread``), a refused row's id is null
+    or unreadable (it may be any document), or the ids the workers wrote did not all reach this
+    driver (their count is not the job's ``documents_read``).
     """
     if not config.delete_missing or not doc_ids_prefix:
         return None
@@ -469,6 +476,16 @@ def _delete_missing(
     refused, unknown = _read_doc_ids(doc_ids_prefix, REJECTED_IDS)
     _remove_doc_ids_folder(doc_ids_prefix)
     untold = [*unread, *([f"{unknown} refused row(s) have a null or unreadable id"] if unknown else [])]
+    if held is None or refused is None or len(held) != counts.get("documents_read", 0):
+        # The workers wrote the ids where this driver cannot read them all (workers on other machines, and a
+        # local folder: no --temp_location), or the runner reports no count to check them against. With no ids
+        # read, every stored document would look missing and be deleted.
+        read_back = "none" if held is None or refused is None else f"{len(held)} of {counts.get('documents_read', 0)}"
+        untold.append(
+            f"the ids of the documents read did not all reach this driver ({read_back} read back from "
+            f"{os.path.dirname(doc_ids_prefix)}); with workers on other machines, set --temp_location to a path "
+            "they share with it (gs://...)"
+        )
     if untold:
         return {"skipped": f"cannot tell every document the input holds ({'; '.join(untold)}): nothing deleted",
                 "documents_deleted": 0, "points_deleted": 0}  # fmt: skip

@@ -26,6 +26,7 @@ import apache_beam as beam
 from apache_beam.io.filesystems import FileSystems
 
 from pipelines.common import (
+    check_output_locations,
     describe_copies,
     describe_precision,
     describe_steps,
@@ -40,7 +41,7 @@ from pipelines.common import (
 from pipelines.configs import LabelConfig, label_config
 from pipelines.errors import JobFailed, PreflightError, first_line
 from pipelines.flags import label_parser, split_beam_args
-from pipelines.launch import build_only, format_built, write_job_file
+from pipelines.launch import build_only, build_outputs, format_built, write_job_file
 from pipelines.security import redact_text, redact_url
 from transforms.datasets.formats import MANIFEST_FILE
 from transforms.datasets.judgements import BuildQueryJudgements
@@ -235,6 +236,7 @@ def run_config(config: LabelConfig, beam_args: list[str] | None = None, test_pip
     if building:  # a dry run or a template: no store, no input here; the workers check them
         return _build_job(config, p, building, started)
     check_out_folder(config.out)
+    check_output_locations({"--out": config.out, "--summary-out": config.summary_out}, p.options, folders=["--out"])
     query_files = _input_files("--queries", config.queries, config.checked_query_columns)
     corpus_files: list[str] = []
     spec = None
@@ -370,6 +372,7 @@ def build_checked_pipeline(config: LabelConfig, p: beam.Pipeline, started: float
 
 def _build_job(config: LabelConfig, p: beam.Pipeline, how: str, started: float) -> dict[str, Any]:
     """Build (and, for a template, stage) the job without running it; the summary says so."""
+    check_output_locations({**build_outputs(p.options, how), "--summary-out": config.summary_out}, p.options)
     build_checked_pipeline(config, p, started)
     result = p.run()  # builds; with --template_location also stages and writes the template
     summary = {"pipeline": "label", "status": "built", "built": how, "out": config.out,

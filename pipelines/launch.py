@@ -52,6 +52,19 @@ def build_only(options: PipelineOptions) -> str | None:
     return None
 
 
+def build_outputs(options: PipelineOptions, how: str) -> dict[str, str | None]:
+    """flag -> path of what building the job writes here (``common.check_output_locations`` checks them first):
+    the job file of a dry run; a template, and the staged files under ``--staging_location`` (by default
+    ``--temp_location``), for a template. A missing bucket there would fail the build only after DataflowRunner
+    retried its uploads for about ten minutes."""
+    cloud = options.view_as(GoogleCloudOptions)
+    outputs: dict[str, str | None] = {"--dataflow_job_file": options.view_as(DebugOptions).dataflow_job_file}
+    if how.startswith("template"):
+        outputs.update({"--template_location": cloud.template_location, "--temp_location": cloud.temp_location,
+                        "--staging_location": cloud.staging_location})  # fmt: skip
+    return outputs
+
+
 def model_resource_hints(accelerator: str | None, min_ram: str | None) -> dict[str, str]:
     """Beam resource hints for a model step (``PTransform.with_resource_hints``); empty on CPU.
 

@@ -307,6 +307,29 @@ def test_an_output_the_input_matches_is_refused_before_anything_is_written(tmp_p
     assert docs.read_bytes() == before and sorted(p.name for p in tmp_path.iterdir()) == ["link.parquet", "self.parquet", "sub"]
 
 
+@pytest.mark.parametrize("flag", ["--dead-letter", "--summary-out"])
+def test_an_output_under_a_file_is_refused_before_anything_is_written(tmp_path, flag):
+    # Before: the job ran to its end, then failed (status 1) with "FileExistsError: ... File exists".
+    docs = tmp_path / "docs.parquet"
+    pq.write_table(pa.Table.from_pylist([{"id": "a", "text": "hello"}]), docs)
+    path = str(tmp_path / "docs.parquet" / "out.json")
+    result = cli("index", "--input", str(docs), "--collection", "c", "--model", MINILM, "--chunk-tokens", "0",
+                 "--qdrant-path", str(tmp_path / "q"), flag, path)  # fmt: skip
+    assert one_line(result) == (
+        f"corpus-etl index: error: {flag} {path}: {docs} is a file, not a folder; write {flag} elsewhere"
+    )
+    assert result.returncode == EXIT_USAGE and not (tmp_path / "q").exists()
+
+
+@pytest.mark.parametrize(("runner", "hint"), [("FlinkRunnr", " (did you mean FlinkRunner?)"), ("Bogus", "")])
+def test_an_unknown_runner_is_a_usage_error(tmp_path, runner, hint):
+    # Before: Beam's ValueError came from its runners' package and read as a failed job (status 1).
+    result = cli("index", "--input", str(tmp_path / "*.parquet"), "--collection", "c", "--model", MINILM,
+                 "--qdrant-path", str(tmp_path / "q"), "--runner", runner)  # fmt: skip
+    assert one_line(result).startswith(f"corpus-etl index: error: --runner {runner}: unknown runner{hint}; Beam's runners: ")
+    assert result.returncode == EXIT_USAGE
+
+
 def test_evaluate_queries_file_missing(tmp_path):
     result = cli("evaluate", "--collection", "c", "--model", MINILM, "--qdrant-path", str(tmp_path / "q"),
                  "--queries", str(tmp_path / "queries.jsonl"), "--qrels", str(tmp_path / "qrels.tsv"))

@@ -122,3 +122,32 @@ def test_dump_writes_gs_paths(gcs, tmp_path):
     table = pq.read_table(io.BytesIO(gcs.bucket("corpus").blob("dumps/c.parquet").download_as_bytes()))
     assert table.column("id").to_pylist() == sorted(p.id for p in points)
     assert table.column_names == ["id", "chunk_index", "doc_id", "vector"] and table.num_rows == 5
+
+
+def test_outputs_in_a_missing_bucket_are_refused_before_the_job(gcs, sample_dir, qwen3_reranker_dir, tmp_path, capsys):
+    """Before: each job ran to its end (every chunk embedded, every pair scored), then failed with the storage
+    client's bare ``InvalidResponse: (404, ...)`` (status 1); a template retried its upload for ten minutes."""
+    from pipelines import dump, label
+    from pipelines.errors import PreflightError
+
+    gcs.bucket("corpus").blob("docs/part-0.parquet").upload_from_filename(sample_dir["corpus"])
+    docs, qdrant = "gs://corpus/docs/*.parquet", str(tmp_path / "q")
+    index_args = ["--input", docs, "--collection", "c", "--model", "sentence-transformers/all-MiniLM-L6-v2",
+                  "--qdrant-path", qdrant, "--chunk-tokens", "0"]  # fmt: skip
+    missing = "bucket gs://nobucket does not exist; create it or write elsewhere"
+    for flag in ("--dead-letter", "--summary-out"):
+        with pytest.raises(PreflightError, match=f"^{flag} gs://nobucket/out.jsonl: {missing}$"):
+            index.run([*index_args, flag, "gs://nobucket/out.jsonl"], test_pipeline=TestPipeline())
+    label_args = ["--queries", str(sample_dir["query_log"]), "--reranker", str(qwen3_reranker_dir),
+                  "--candidates", str(tmp_path / "run.trec"), "--corpus", docs, "--device", "cpu"]  # fmt: skip
+    with pytest.raises(PreflightError, match=f"^--out gs://nobucket/labels: {missing}$"):
+        label.run([*label_args, "--out", "gs://nobucket/labels"], test_pipeline=TestPipeline())
+    with pytest.raises(PreflightError, match=f"^--out gs://nobucket/c.parquet: {missing}$"):
+        dump.run(["--collection", "c", "--qdrant-path", qdrant, "--out", "gs://nobucket/c.parquet"])
+    dataflow = ["--runner=DataflowRunner", "--project=test-project", "--region=us-central1",
+                "--sdk_container_image=img:1", "--sdk_location=container", "--experiments=use_runner_v2"]  # fmt: skip
+    for flag, options in (("--template_location", ["--temp_location=gs://corpus/tmp"]),
+                          ("--temp_location", ["--template_location=gs://corpus/t/index.json"])):  # fmt: skip
+        with pytest.raises(PreflightError, match=f"^{flag} gs://nobucket/x: {missing}$"):
+            index.run([*index_args, *dataflow, *options, f"{flag}=gs://nobucket/x"])
+    assert not (tmp_path / "q").exists() and [b.name for b in gcs.list_blobs("corpus")] == ["docs/part-0.parquet"]

@@ -4,6 +4,7 @@ bad inputs and the guarded alias switch (issue: re-embed only what changed, neve
 from __future__ import annotations
 
 import json
+import os
 
 import numpy as np
 import pyarrow as pa
@@ -422,6 +423,23 @@ def test_a_refused_row_without_an_id_stops_deletion(tmp_path, minilm_path, versi
         "skipped": "cannot tell every document the input holds (1 refused row(s) have a null or unreadable id): "
                    "nothing deleted", "documents_deleted": 0, "points_deleted": 0,
     }  # fmt: skip
+    assert sorted(_points(tmp_path, "docs")) == sorted(before)
+
+
+def test_ids_the_driver_cannot_read_back_delete_nothing(tmp_path, minilm_path, versions, monkeypatch):
+    # Workers on other machines (Flink, a remote worker pool) with no --temp_location write the ids into their own
+    # local folder; the driver read none, took every stored document for missing and deleted the collection.
+    rows = versions[0][:3]
+    _index(tmp_path, minilm_path, _write(tmp_path / "v1.parquet", rows), "docs")
+    before = _points(tmp_path, "docs")
+    write = index._write_doc_ids
+    elsewhere = tmp_path / "worker-machine"
+    elsewhere.mkdir()
+    monkeypatch.setattr(index, "_write_doc_ids", lambda ids, prefix, kind, label: write(
+        ids, str(elsewhere / os.path.basename(prefix)), kind, label))  # fmt: skip
+    summary = _index(tmp_path, minilm_path, _write(tmp_path / "v2.parquet", rows[:2]), "docs", "--delete-missing")
+    assert summary["deletion"]["documents_deleted"] == 0
+    assert "the ids of the documents read did not all reach this driver (none read back from" in summary["deletion"]["skipped"]
     assert sorted(_points(tmp_path, "docs")) == sorted(before)
 
 
