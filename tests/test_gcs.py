@@ -151,3 +151,22 @@ def test_outputs_in_a_missing_bucket_are_refused_before_the_job(gcs, sample_dir,
         with pytest.raises(PreflightError, match=f"^{flag} gs://nobucket/x: {missing}$"):
             index.run([*index_args, *dataflow, *options, f"{flag}=gs://nobucket/x"])
     assert not (tmp_path / "q").exists() and [b.name for b in gcs.list_blobs("corpus")] == ["docs/part-0.parquet"]
+
+
+def test_a_bucket_that_cannot_be_looked_at_is_a_warning_not_a_refusal(gcs, monkeypatch, caplog):
+    # Writing objects needs no storage.buckets.get (roles/storage.objectAdmin lacks it): a 403 on the
+    # look-up must not refuse a job that could write there.
+    from apache_beam.io.gcp import gcsio
+
+    from pipelines.common import check_output_locations
+
+    def forbidden(self, bucket):
+        raise PermissionError("403 caller does not have storage.buckets.get access")
+
+    monkeypatch.setattr(gcsio.GcsIO, "get_bucket", forbidden)
+    with caplog.at_level("WARNING", logger="pipelines.common"):
+        check_output_locations({"--summary-out": "gs://locked/summary.json"})
+    assert [r.getMessage() for r in caplog.records if r.name == "pipelines.common"] == [
+        "--summary-out gs://locked/summary.json: could not check bucket gs://locked "
+        "(403 caller does not have storage.buckets.get access); going on"
+    ]
