@@ -125,7 +125,7 @@ def test_copy_batches_by_bytes_and_retries_transient_errors(edge):
     assert target.count("c") == 30
 
 
-def test_hnsw_build_is_recorded_and_searches_agree_with_exact(tmp_path):
+def test_hnsw_build_is_recorded_and_searches_agree_with_exact(tmp_path, caplog):
     rng = np.random.default_rng(0)
     store = EdgeStore(str(tmp_path / "q"), shards=2)
     store.ensure_collection("c", CollectionSpec(16))
@@ -133,6 +133,14 @@ def test_hnsw_build_is_recorded_and_searches_agree_with_exact(tmp_path):
         StorePoint(point_id(f"d{i}", 0), rng.standard_normal(16).tolist(), {"doc_id": f"d{i}", "chunk_index": 0})
         for i in range(3000)
     ])  # fmt: skip
+    q0 = rng.standard_normal(16).tolist()
+    with caplog.at_level("WARNING", logger="transforms.io.edge_store"):
+        for _ in range(2):  # no index yet: the search is exact, and says so once
+            assert store.search_documents("c", q0, 10, hnsw_ef=8) == store.search_documents("c", q0, 10)
+    assert [r.getMessage() for r in caplog.records] == [
+        "hnsw_ef 8: collection 'c' has no HNSW index (index it with --hnsw); this search is exact"
+    ]
+    caplog.clear()
     report = store.build_index("c", HnswSettings(m=16, ef_construct=64, full_scan_threshold_kb=1))
     assert (report["m"], report["ef_construct"], report["indexed_vectors"]) == (16, 64, 3000)
     assert store.meta("c").hnsw == {"m": 16, "ef_construct": 64}
@@ -142,6 +150,7 @@ def test_hnsw_build_is_recorded_and_searches_agree_with_exact(tmp_path):
         exact = store.search_documents("c", q, 10)
         approx = store.search_documents("c", q, 10, hnsw_ef=3000)
         assert [c.doc_id for c, _ in approx] == [c.doc_id for c, _ in exact]
+    assert not caplog.records  # indexed: nothing to say
 
 
 def test_a_local_mode_folder_gets_one_clear_error_line(tmp_path, capsys):

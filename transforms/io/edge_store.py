@@ -183,6 +183,7 @@ class EdgeStore(VectorStore):
         self.keep_open = keep_open
         self.where = f"edge:{self.path}"
         self._pinned: set[str] = set()
+        self._said_exact: set[str] = set()  # collections searched with hnsw_ef but no index (warned once)
         if os.path.isdir(self.path):
             check_not_legacy(self.path)
 
@@ -518,7 +519,12 @@ class EdgeStore(VectorStore):
         """``search_documents`` for many queries, opening each shard once for all of them."""
         from qdrant_edge import SearchParams
 
-        _, _, paths = self._shards(collection)
+        name, meta, paths = self._shards(collection)
+        if hnsw_ef and meta.hnsw is None and name not in self._said_exact:
+            # Qdrant falls back to a full scan without an index: the results are exact, not what ef asks.
+            self._said_exact.add(name)
+            _LOG.warning("hnsw_ef %d: collection %r has no HNSW index (index it with --hnsw); this search is exact",
+                         hnsw_ef, name)
         params = SearchParams(hnsw_ef=hnsw_ef) if hnsw_ef else SearchParams(exact=True)
         queries = [[float(x) for x in v] for v in vectors]
         hits: list[list[tuple[str, float, dict[str, Any]]]] = [[] for _ in queries]
