@@ -100,9 +100,10 @@ def test_without_a_title_the_dead_letter_blames_the_models_tokens(minilm_path):
     assert result.reason == "the model's special tokens leave 7 tokens of a 9-token chunk for text (at least 8 needed)"
 
 
+@pytest.mark.parametrize("chunk_tokens", [64, 0])  # 0: whole documents, which are no exception
 @pytest.mark.parametrize("text", ["\x00\x00", "\u200b", "\ufeff"])
-def test_a_text_without_tokens_is_a_dead_letter_naming_the_row_and_holding_the_text(minilm_path, text):
-    chunker = load_chunker(minilm_path, ChunkSettings(chunk_tokens=64, chunk_overlap=0))
+def test_a_text_without_tokens_is_a_dead_letter_naming_the_row_and_holding_the_text(minilm_path, text, chunk_tokens):
+    chunker = load_chunker(minilm_path, ChunkSettings(chunk_tokens=chunk_tokens, chunk_overlap=0))
     result = chunker.chunk(Document("nul", text, source="/tmp/ri/rows.parquet", row=2))
     assert result == DeadLetter(
         stage="chunk", reason="text has no tokens", source="row 3 of /tmp/ri/rows.parquet",
@@ -211,3 +212,27 @@ def test_chunking_a_list_gives_each_documents_chunks(minilm_path, sample_dir, mo
     assert got == want
     assert isinstance(got[3], DeadLetter) and isinstance(got[5], DeadLetter)
     assert sum(len(x) for x in got if not isinstance(x, DeadLetter)) > len(docs)  # long texts: several chunks each
+
+
+@pytest.mark.parametrize("which", ["minilm", "qwen3"])
+def test_a_chunk_keeps_the_combining_marks_after_its_last_character(which, minilm_path, qwen3_embedding_dir):
+    """Text in NFD ("e" + U+0301): Qwen's NFC normaliser composes "é" and maps it to the "e" alone, MiniLM strips
+    the accent and maps it to nothing. A chunk cut at its last token's end lost the accent the model read."""
+    import unicodedata
+
+    path = minilm_path if which == "minilm" else str(qwen3_embedding_dir)
+    text = unicodedata.normalize("NFD", "un café naïf au déjà-vu résumé " * 12 + "fin café")
+    assert "e\u0301" in text
+    for settings in (ChunkSettings(chunk_tokens=16, chunk_overlap=0), ChunkSettings(chunk_tokens=24, chunk_overlap=4)):
+        chunks = load_chunker(path, settings, max_length=256).chunk(Document("d", text))
+        assert chunks[-1].char_end == len(text) and chunks[-1].text.endswith("cafe\u0301")
+        for c in chunks:
+            assert c.text == text[c.char_start : c.char_end]
+            assert not unicodedata.category(text[c.char_end : c.char_end + 1] or "x").startswith("M"), c.text
+        if settings.chunk_overlap == 0:  # every character but the spaces between chunks is in one
+            assert "".join(text[a.char_end : b.char_start] for a, b in zip(chunks, chunks[1:])).strip() == ""
+    # one chunk per document, truncated: its text ends where the model's input does, accent included
+    (whole,) = load_chunker(path, ChunkSettings(chunk_tokens=0, chunk_overlap=0), max_length=8).chunk(
+        Document("d", text)
+    )
+    assert whole.truncated and not unicodedata.category(text[whole.char_end]).startswith("M")

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
+import unicodedata
 from collections.abc import Sequence
 from typing import Any
 
@@ -111,7 +112,8 @@ class Chunker:
         (NULs, zero-width spaces). ``offsets``: the text's token offsets, when already computed (``chunk_many``)."""
         prefix = title_prefix(doc.title)
         if self.settings.chunk_tokens == 0:
-            return [self._whole(doc, prefix)]
+            whole = self._whole(doc, prefix)
+            return whole if isinstance(whole, DeadLetter) else [whole]
         prefix_tokens = self._count(prefix)  # the same for every chunk of the document
         window = self.settings.chunk_tokens - self.fixed_tokens - prefix_tokens
         if window < MIN_WINDOW_TOKENS:
@@ -131,7 +133,8 @@ class Chunker:
         windows = [(s, min(s + window, n)) for s in range(0, max(n - window, 0) + step, step)]
         chunks = []
         for index, (start, end) in enumerate(windows):
-            char_start, char_end = offsets[start][0], offsets[end - 1][1]
+            char_start = offsets[start][0]
+            char_end = _through_marks(doc.text, offsets[end - 1][1], offsets[end][0] if end < n else len(doc.text))
             text = doc.text[char_start:char_end]
             chunks.append(
                 Chunk(
@@ -149,13 +152,17 @@ class Chunker:
             )
         return chunks
 
-    def _whole(self, doc: Document, prefix: str) -> Chunk:
+    def _whole(self, doc: Document, prefix: str) -> Chunk | DeadLetter:
         embed_text = prefix + doc.text
         budget = self.max_length - self.fixed_tokens - self._count(prefix)  # tokens left for the text
         offsets, more = self._head_offsets(doc.text, max(budget, 1))
+        if not offsets:
+            return _dead_letter(doc, "text has no tokens")
         truncated = more or len(offsets) > budget  # a title can leave budget <= 0
         # Where the model's truncation will cut, mapped back into the document text.
-        char_end = offsets[max(budget, 1) - 1][1] if truncated else len(doc.text)
+        kept = max(budget, 1)
+        next_start = offsets[kept][0] if len(offsets) > kept else len(doc.text)
+        char_end = _through_marks(doc.text, offsets[kept - 1][1], next_start) if truncated else len(doc.text)
         n_tokens = min(len(offsets), budget) + self.max_length - budget
         return Chunk(
             doc_id=doc.doc_id,
@@ -171,8 +178,8 @@ class Chunker:
         )
 
     def _head_offsets(self, text: str, budget: int) -> tuple[list[tuple[int, int]], bool]:
-        """The offsets of the text's first tokens (all of them, or the first ``budget`` when there
-        are more) and whether there are more than ``budget``.
+        """The offsets of the text's first tokens (all of them, or at least the first ``budget + 1`` when
+        there are more) and whether there are more than ``budget``.
 
         A long document is tokenised only as far as it must be: a prefix of the text, doubled until
         more than ``budget`` tokens come before its last two words. Tokenisers split text into words
@@ -188,11 +195,21 @@ class Chunker:
             if words and words[-1] is not None:
                 last = words[-1]
                 stable = next((i for i, w in enumerate(words) if w is None or w >= last - 1), len(words))
-                if stable > budget:
-                    return enc["offset_mapping"][:budget], True
+                if stable > budget:  # the token after the first ``budget`` is the whole text's too
+                    return enc["offset_mapping"][: budget + 1], True
             limit *= 2
         offsets = self.tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)["offset_mapping"]
         return offsets, len(offsets) > budget
+
+
+def _through_marks(text: str, char_end: int, limit: int) -> int:
+    """``char_end`` moved past the combining marks (category M) that follow it before ``limit`` (the next
+    token's start). A tokenizer whose normaliser composes (Qwen's NFC: "e" + U+0301 -> "é") maps the composed
+    character to its base alone, and one that strips accents (MiniLM) maps the mark to no token: cut at the
+    token's end, a chunk would lose the mark ("café" in NFD read as "cafe") though the model read it."""
+    while char_end < limit and unicodedata.category(text[char_end]).startswith("M"):
+        char_end += 1
+    return char_end
 
 
 def _dead_letter(doc: Document, reason: str) -> DeadLetter:
