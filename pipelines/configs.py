@@ -156,6 +156,7 @@ class IndexConfig(_ModelSteps):
     delete_missing: bool = False  # delete the points of documents this run's input does not hold
     max_rejected_fraction: float = 0.01  # alias guard: dead letters per row read
     gate: GateConfig | None = None  # alias guard: quality against the current target
+    query_instruction: str | None = None  # --query-instruction: the gate's queries (documents get none)
     resource_hints: tuple[tuple[str, str], ...] = ()  # on the embedding step only (--accelerator, --model-min-ram)
     job_timeout_s: float | None = None  # --job-timeout: the job fails past it (pipelines.runner)
     share_model: str = "auto"  # --share-model: auto | machine | process (_ModelSteps.shares_model)
@@ -186,6 +187,10 @@ class IndexConfig(_ModelSteps):
             raise ValueError(f"--max-rejected-fraction must be in [0, 1], got {self.max_rejected_fraction}")
         if self.gate and not self.alias:
             raise ValueError("--gate-queries/--gate-qrels guard the alias switch: give --alias too")
+        if self.query_instruction is not None and not self.gate:
+            # Documents never get an instruction: the gate's queries are the only queries an index job embeds.
+            raise ValueError("--query-instruction applies to the gate's queries (documents get no instruction): "
+                             "give --gate-queries/--gate-qrels too")
         check_job_timeout(self.job_timeout_s)
         if self.dead_letter and not self.dead_letter.endswith((".jsonl", ".json", ".parquet")):
             raise ValueError(f"--dead-letter must end in .jsonl or .parquet, got {self.dead_letter}")
@@ -230,6 +235,7 @@ def index_config(args: argparse.Namespace) -> IndexConfig:
         delete_missing=args.delete_missing,
         max_rejected_fraction=args.max_rejected_fraction,
         gate=gate,
+        query_instruction=args.query_instruction,
         resource_hints=tuple(model_resource_hints(args.accelerator, args.model_min_ram).items()),
         share_model=args.share_model,
     )

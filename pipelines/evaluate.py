@@ -238,15 +238,17 @@ def read_judged(queries_path: str, qrels_path: str, flags: tuple[str, str] = ("-
 
 
 def query_encoder(
-    model: str, *, dim: int | None = None, max_length: int | None = None, device: str = "auto", precision: str = "auto"
+    model: str, *, dim: int | None = None, max_length: int | None = None, device: str = "auto", precision: str = "auto",
+    query_instruction: str | None = None,
 ) -> TextEncoder:
-    """The loaded query encoder of ``model`` with the settings that shape its query vectors (``dim``, ``max_length``)."""
+    """The loaded query encoder of ``model`` with the settings that shape its query vectors (``dim``, ``max_length``,
+    ``query_instruction``: ``Instruct: {task}\\nQuery:`` instead of the model's own query prompt)."""
     from transforms.models.encoder import TextEncoder
     from transforms.models.settings import EmbeddingSpec
 
     # the config files first: a model that cannot be found fails after one round of hub retries
     spec = EmbeddingSpec.read(model, dim=dim, max_length=max_length)
-    return TextEncoder(spec, device=device, precision=precision).load()
+    return TextEncoder(spec, device=device, precision=precision, query_instruction=query_instruction).load()
 
 
 def evaluate_collection(

@@ -556,8 +556,9 @@ def _gate(config: IndexConfig, store: VectorStore, current: str | None) -> dict[
     def metric(collection: str, encoder: Any) -> float:
         return evaluate_collection(config.qdrant, collection, encoder, judged, qrels, top_k=gate.top_k)[gate.metric]
 
+    # --query-instruction: the same query prompt for both collections (queries only; no document depends on it)
     encoder = query_encoder(config.model, dim=config.dim, max_length=config.max_length, device=config.device,
-                            precision=config.precision)  # fmt: skip
+                            precision=config.precision, query_instruction=config.query_instruction)  # fmt: skip
     new = metric(config.collection, encoder)
     out: dict[str, Any] = {"metric": gate.metric, "new": round(new, 6), "current": None, "current_model": None,
                            "refused": None}  # fmt: skip
@@ -588,7 +589,8 @@ def _gate(config: IndexConfig, store: VectorStore, current: str | None) -> dict[
             old_encoder = encoder  # the same query vectors: load it once
         else:
             old_encoder = query_encoder(recorded.model, dim=settings.get("dim"), max_length=settings.get("max_length"),
-                                        device=config.device, precision=config.precision)  # fmt: skip
+                                        device=config.device, precision=config.precision,
+                                        query_instruction=config.query_instruction)  # fmt: skip
     except Exception as exc:  # noqa: BLE001 - any load failure: the old index cannot be scored, so no switch
         out["refused"] = f"cannot load model {recorded.model}, which {current} was built with ({first_line(exc)}), so {cannot}"
         return out

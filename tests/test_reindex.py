@@ -475,3 +475,43 @@ def test_a_model_given_as_a_relative_folder_is_recorded_absolute(tmp_path, minil
     summary = index.run(["--input", corpus, "--collection", "docs", "--model", str(work / "models" / "m"),
                          "--qdrant-path", store, *ARGS], test_pipeline=TestPipeline())  # fmt: skip
     assert summary["status"] == "ok"
+
+
+@pytest.mark.parametrize("same_model", [True, False])
+def test_the_gate_embeds_its_queries_with_the_query_instruction(monkeypatch, same_model):
+    """--query-instruction reaches the gate's query encoders (both collections'); it was parsed and dropped,
+    so an index job gated Qwen3 queries with the model's default instruction whatever the flag said."""
+    from pipelines.configs import index_config
+    from pipelines.flags import index_parser
+
+    task = "Given a question, retrieve passages that answer it"
+    gate = ["--alias", "live", "--gate-queries", "q.jsonl", "--gate-qrels", "qrels.tsv"]
+    args = index_parser().parse_known_args(["--input", "x", "--collection", "c", "--query-instruction", task, *gate])[0]
+    config = index_config(args)
+    assert config.query_instruction == task
+    loaded = []
+
+    def query_encoder(model, **kwargs):
+        loaded.append((model, kwargs.get("query_instruction")))
+        return object()
+
+    monkeypatch.setattr(evaluate, "read_judged", lambda *a: ({"q1": "what"}, {"q1": {"d1": 1}}))
+    monkeypatch.setattr(evaluate, "query_encoder", query_encoder)
+    monkeypatch.setattr(evaluate, "evaluate_collection", lambda *a, **k: {"nDCG@10": 0.5})
+
+    class Store:
+        def collection_spec(self, name):
+            return CollectionSpec(8, model=config.model if same_model else "other/model", settings={"dim": 4})
+
+    out = index._gate(config, Store(), "old")
+    assert out["current"] == 0.5 and out["refused"] is None
+    assert loaded == [(config.model, task), (config.model if same_model else "other/model", task)]
+
+
+def test_a_query_instruction_without_a_gate_is_refused():
+    from pipelines.configs import index_config
+    from pipelines.flags import index_parser
+
+    args = index_parser().parse_known_args(["--input", "x", "--collection", "c", "--query-instruction", "t"])[0]
+    with pytest.raises(ValueError, match=r"^--query-instruction applies to the gate's queries"):
+        index_config(args)
