@@ -145,6 +145,29 @@ def test_truncation_keeps_the_final_endoftext(reference, qwen3_embedding_dir):
     _close(encoder.encode(DOCS), reference.embed(DOCS, max_length=16))
 
 
+def test_a_tokenizer_without_the_endoftext_post_processor_still_ends_on_it(reference, qwen3_embedding_dir, tmp_path,
+                                                                            encoder, caplog):
+    """A Qwen3-Embedding checkpoint saved with the tokenizer as first published (no post-processor appending
+    <|endoftext|>): the encoder appends it, truncated inputs included, and the vectors are the current ones."""
+    from tests.qwen_offline import _write_tokenizer
+
+    for name in os.listdir(qwen3_embedding_dir):
+        os.symlink(qwen3_embedding_dir / name, tmp_path / name)
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        os.unlink(tmp_path / name)
+    _write_tokenizer(tmp_path, padding_side="left", append_eos=False)
+    assert AutoTokenizer.from_pretrained(tmp_path)("yes")["input_ids"] == [9693]  # as first published
+    old = TextEncoder(str(tmp_path), device="cpu", dtype=torch.float32).load()
+    assert "does not end inputs with <|endoftext|>" in caplog.text
+    assert old.tokenize(["yes"]) == [[9693, 151643]] and old.count_tokens(DOCS) == encoder.count_tokens(DOCS)
+    _close(old.encode(DOCS), reference.embed(DOCS))
+    _close(old.encode(QUERIES, is_query=True), encoder.encode(QUERIES, is_query=True))
+    short = TextEncoder(str(tmp_path), device="cpu", dtype=torch.float32, max_length=16).load()
+    assert all(len(x) <= 16 and x[-1] == 151643 for x in short.tokenize(DOCS))
+    _close(short.encode(DOCS), reference.embed(DOCS, max_length=16))
+    assert encoder.append_id is None  # the current tokenizer appends it itself
+
+
 def test_count_tokens_and_dimension(reference, encoder):
     want = [len(reference.tokenizer(text)["input_ids"]) for text in DOCS]
     assert encoder.count_tokens(DOCS) == want

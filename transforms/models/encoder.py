@@ -116,6 +116,7 @@ class TextEncoder(TorchModel):
         )
         self._spec_args = {"dim": dim, "max_length": max_length}
         self.query_instruction = query_instruction
+        self.append_id: int | None = None  # settled at load() (final_token_to_append)
         self.packing_setting = packing
         self.packing = bool(packing)  # settled at load() when None (auto)
         self.backend = backend
@@ -152,6 +153,7 @@ class TextEncoder(TorchModel):
         if self.attn_implementation == varlen.NAME:
             varlen.register()
         self._load_weights(AutoModel, spec.path, spec.max_length)
+        self.append_id = final_token_to_append(self.tokenizer, self.model.config, spec.settings.pooling)
         if getattr(self.model.config, "use_cache", False):
             # Decoder configs (Qwen3) turn the KV cache on, and an encoder never reads it back: on the
             # H200 the 0.6B held ~30 GB of keys and values per 262k-token pass (BENCHMARKS.md, GPU).
@@ -248,10 +250,14 @@ class TextEncoder(TorchModel):
     def tokenize(self, texts: Sequence[str], *, is_query: bool = False) -> list[list[int]]:
         """Token ids of ``texts`` with the prompt, truncated to ``max_length`` (``tokenize_ids``)."""
         prompt = self.prompt(is_query)
-        return tokenize_ids(
-            self.tokenizer, [prompt + t for t in texts], truncation=True, max_length=self.max_length,
-            padding=False, return_attention_mask=False,
+        append = self.append_id
+        ids = tokenize_ids(
+            self.tokenizer, [prompt + t for t in texts], truncation=True,
+            max_length=self.max_length - (append is not None), padding=False, return_attention_mask=False,
         )  # fmt: skip
+        if append is not None:  # the final token the tokenizer does not add (final_token_to_append)
+            ids = [x + [append] for x in ids]
+        return ids
 
     def count_tokens(self, texts: Sequence[str], *, is_query: bool = False) -> list[int]:
         return [len(ids) for ids in self.tokenize(texts, is_query=is_query)]
@@ -441,6 +447,28 @@ def resolve_packing(
         and attn_implementation in (None, varlen.NAME)
         and varlen.available()
     )
+
+
+def final_token_to_append(tokenizer: Any, config: Any, pooling: str) -> int | None:
+    """The token id ``TextEncoder.tokenize`` appends to every input, or None (almost always).
+
+    Qwen3-Embedding is trained and pooled on a final ``<|endoftext|>`` (its config's ``eos_token_id``, 151643;
+    not the tokenizer's ``eos_token``, ``<|im_end|>``). Its repositories' tokenizer.json appends it by a
+    post-processor, added in June 2025: a checkpoint saved with the tokenizer as first published (an old cache,
+    a fine-tune) ends inputs on the last word, and last-token pooling silently reads that instead (cosine ~0.1
+    to the right vector with random weights). For a Qwen3 model with last-token pooling whose tokenizer does not
+    end a text on the config's EOS, that id is appended after truncation to ``max_length - 1``, as the
+    current tokenizer does. Other models are left to their tokenizer, as sentence-transformers leaves them.
+    """
+    eos = getattr(config, "eos_token_id", None)
+    if pooling != "lasttoken" or getattr(config, "model_type", None) != "qwen3" or not isinstance(eos, int):
+        return None
+    if tokenizer("a")["input_ids"][-1:] == [eos]:
+        return None
+    _LOG.warning("%s: the tokenizer does not end inputs with <|endoftext|> (id %d), on which Qwen3-Embedding "
+                 "pools; appending it (the tokenizer.json of the published repositories does since June 2025)",
+                 getattr(config, "_name_or_path", "model"), eos)  # fmt: skip
+    return eos
 
 
 def _check_packing_backend(backend: str, attn_implementation: str | None) -> None:
