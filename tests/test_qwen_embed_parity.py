@@ -168,6 +168,25 @@ def test_a_tokenizer_without_the_endoftext_post_processor_still_ends_on_it(refer
     assert encoder.append_id is None  # the current tokenizer appends it itself
 
 
+def test_a_qwen3_folder_without_pooling_files_is_mean_pooled_and_says_so(qwen3_embedding_dir, tmp_path, caplog):
+    """Without modules.json (a base LM, or Qwen3-Embedding copied without sentence-transformers' files) the
+    model is mean-pooled, as sentence-transformers would: silent, that is a wrong index. Said once a process."""
+    from transforms.models.settings import EmbeddingSpec
+
+    for name in os.listdir(qwen3_embedding_dir):
+        if name not in ("modules.json", "1_Pooling", "2_Normalize", "config_sentence_transformers.json"):
+            os.symlink(qwen3_embedding_dir / name, tmp_path / name)
+    with caplog.at_level("WARNING", logger="transforms.models.settings"):
+        for _ in range(2):
+            assert EmbeddingSpec.read(str(tmp_path)).settings.pooling == "mean"
+        assert EmbeddingSpec.read(str(qwen3_embedding_dir)).settings.pooling == "lasttoken"
+    assert [r.getMessage() for r in caplog.records] == [
+        f"{tmp_path}: a Qwen3 model without sentence-transformers' pooling files (modules.json): it is mean-pooled "
+        "with no query prompt, not Qwen3-Embedding's last-token pooling and instruction; copy the whole "
+        "Qwen3-Embedding repository if that is what this is"
+    ]
+
+
 def test_count_tokens_and_dimension(reference, encoder):
     want = [len(reference.tokenizer(text)["input_ids"]) for text in DOCS]
     assert encoder.count_tokens(DOCS) == want

