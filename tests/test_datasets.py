@@ -492,5 +492,11 @@ def test_stale_files_removed_are_only_dataset_files_the_earlier_manifest_lists(t
     listed = {name: {} for name in (QRELS_FILE, "./", "qrels", "../outside.txt", "notes.txt", "")}
     (out / "manifest.json").write_text(json_.dumps({"format": FORMAT, "files": listed}))
     assert remove_stale_files(str(out), keep=[]) == [str(out / "qrels" / "test.tsv")]
-    assert sorted(p.name for p in out.rglob("*")) == ["manifest.json", "notes.txt", "qrels"]
+    # the folder the file left empty goes with it; --out itself stays
+    assert sorted(p.name for p in out.rglob("*")) == ["manifest.json", "notes.txt"]
     assert (tmp_path / "outside.txt").exists()
+    (out / "qrels").mkdir()
+    (out / "qrels" / "test.tsv").write_text("stale")
+    (out / "qrels" / "mine.tsv").write_text("the user's")
+    assert remove_stale_files(str(out), keep=[]) == [str(out / "qrels" / "test.tsv")]
+    assert (out / "qrels" / "mine.tsv").exists()  # a folder with other files stays

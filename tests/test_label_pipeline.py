@@ -330,7 +330,7 @@ def test_a_rerun_into_the_same_folder_leaves_no_file_of_the_earlier_run(tmp_path
     with pytest.raises(label.LabelFailed):  # labels nothing: writes only its manifest
         _label_run(tmp_path, sample_dir, qwen3_reranker_dir, [{"query_id": "qe", "query": "q", "count": 1}],
                    ["qe Q0 nowhere 1 0.9 bm25"])  # fmt: skip
-    left = sorted(str(p.relative_to(out)) for p in out.rglob("*") if p.is_file())
+    left = sorted(str(p.relative_to(out)) for p in out.rglob("*"))  # no empty qrels/, runs/ left either
     assert left == ["dead_letters.jsonl", "manifest.json", "notes.txt"]
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import datetime
 import json
@@ -175,6 +176,11 @@ def remove_stale_files(out_dir: str, keep: Iterable[str]) -> list[str]:
         if FileSystems.exists(path):
             FileSystems.delete([path])
             removed.append(path)
+            if "://" not in out_dir:  # a local folder (qrels/) this left empty goes too, as `rm` of the set would
+                with contextlib.suppress(OSError):  # not empty, or gone: keep it
+                    parent = os.path.dirname(path)
+                    if os.path.realpath(parent) != os.path.realpath(out_dir):
+                        os.rmdir(parent)
     return removed
 
 
