@@ -26,7 +26,9 @@ from pipelines.errors import (
     EXIT_PARTIAL,
     EXIT_USAGE,
     JobAbandoned,
+    JobInterrupted,
     first_line,
+    interrupted,
     raised_by_job,
     translate,
 )
@@ -34,8 +36,6 @@ from pipelines.security import check_qdrant_flags, redact_text
 
 # 128 + SIGINT, as a shell reports a command ended by Ctrl-C.
 EXIT_INTERRUPTED = 130
-# The first line of an exception that stands for a KeyboardInterrupt (Beam: "KeyboardInterrupt [while running ...]").
-_INTERRUPT = re.compile(r"^(?:[\w.]+: )?KeyboardInterrupt\b")
 
 COMMANDS = {
     "index": ("pipelines.index", "embed Parquet documents into a Qdrant collection (Beam job)"),
@@ -102,8 +102,14 @@ def _run(name: str, job: Callable[[], Any], verbose: bool, args: argparse.Namesp
     """Run ``job``; map its outcome to one line on stderr and an exit status."""
     try:
         result = job()
-    except KeyboardInterrupt:
-        print(f"corpus-etl {name}: interrupted", file=sys.stderr)
+    except KeyboardInterrupt as exc:
+        if isinstance(exc, JobInterrupted):  # its job's threads, dying, log on; they may never end: do not wait
+            logging.disable(logging.CRITICAL)
+        sys.stderr.write(f"corpus-etl {name}: interrupted\n")
+        sys.stderr.flush()
+        if isinstance(exc, JobInterrupted):
+            sys.stdout.flush()
+            os._exit(EXIT_INTERRUPTED)
         return EXIT_INTERRUPTED
     except Exception as exc:  # noqa: BLE001 - every failure becomes one line and a status
         if interrupted(exc):  # Ctrl-C inside a running job: Beam re-raises it as another exception
@@ -140,20 +146,6 @@ def _run(name: str, job: Callable[[], Any], verbose: bool, args: argparse.Namesp
         print(f"corpus-etl {name}: partial: {partial}", file=sys.stderr, flush=True)
         return EXIT_PARTIAL
     return EXIT_OK
-
-
-def interrupted(exc: BaseException) -> bool:
-    """Whether ``exc`` is a Ctrl-C that a runner re-raised as another exception. Beam turns a
-    KeyboardInterrupt in a step into ``RuntimeError("KeyboardInterrupt [while running 'STEP']")``:
-    chained to the interrupt in-process, only that message where it crossed from a worker."""
-    seen: set[int] = set()
-    current: BaseException | None = exc
-    while current is not None and id(current) not in seen:
-        seen.add(id(current))
-        if isinstance(current, KeyboardInterrupt) or _INTERRUPT.match(first_line(current)):
-            return True
-        current = current.__cause__ or current.__context__
-    return False
 
 
 def _models(args: argparse.Namespace) -> dict[str, str]:

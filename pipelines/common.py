@@ -14,7 +14,8 @@ from typing import Any
 from apache_beam.io.filesystems import FileSystems
 from apache_beam.options.pipeline_options import PipelineOptions
 
-from pipelines.errors import PreflightError, UsageError, first_line
+from pipelines.errors import PreflightError, UsageError, first_line, interrupted
+from pipelines.security import redact_text
 
 _LOG = logging.getLogger(__name__)
 
@@ -29,6 +30,80 @@ def setup_logging(verbose: bool = False) -> None:
     # A failing step is logged by Beam with its traceback, then raised to the command, which prints
     # it as one line (with the traceback under -v): once is enough.
     logging.getLogger("apache_beam.runners.common").setLevel(logging.DEBUG if verbose else logging.CRITICAL)
+    workers = logging.getLogger(WORKER_LOGS)
+    workers.setLevel(logging.DEBUG if verbose else logging.INFO)  # the filter decides what reaches the root's handler
+    for f in [f for f in workers.filters if isinstance(f, WorkerLogs)]:
+        workers.removeFilter(f)
+    workers.addFilter(WorkerLogs(verbose))
+
+
+# DirectRunner's multi_processing SDK workers send their log records to the driver, which logs each one as a
+# record of this logger: "Worker: <the LogEntry proto as text>", at the entry's level.
+WORKER_LOGS = "apache_beam.runners.portability.local_job_service"
+# What every Beam SDK worker process says as it starts, at WARNING: nothing a user can act on.
+WORKER_NOISE = ("No semi_persistent_directory found", "Discarding unparseable args")
+_PACKAGES = tuple(os.path.dirname(os.path.dirname(os.path.abspath(__file__))) + os.sep + name + os.sep
+                  for name in ("pipelines", "transforms"))  # fmt: skip
+
+
+class WorkerLogs(logging.Filter):
+    """The log lines of DirectRunner's ``multi_processing`` workers, as the job's own in one process.
+
+    Beam logs them as one-line protos at the worker's level under ``WORKER_LOGS``, whose INFO the root
+    logger's WARNING dropped: the workers' progress lines and model loads never showed, while Beam's
+    start-up warnings (``WORKER_NOISE``, two per worker) did, as protos. This filter rewrites each
+    entry to its message, with its time, level and module (``transforms.progress``), and keeps what the
+    in-process job shows: this project's lines at INFO (DEBUG with ``-v``, where a worker sends them),
+    the libraries' from WARNING, Beam's step errors (the command prints them as its one line) and
+    start-up noise only with ``-v``. The runner's own records are left to the usual levels."""
+
+    def __init__(self, verbose: bool = False) -> None:
+        super().__init__()
+        self.verbose = verbose
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        entry = _log_entry(record)
+        if entry is None:  # the job service's own records: as before this filter, WARNING and above
+            return record.levelno >= logging.WARNING
+        path = entry.log_location.rsplit(":", 1)[0]
+        ours = path.startswith(_PACKAGES)
+        if not self.verbose and not ours and (
+            record.levelno < logging.WARNING
+            or any(noise in entry.message for noise in WORKER_NOISE)
+            # a step's error, which the command prints as its one line (a lull's WARNING still shows)
+            or (record.levelno >= logging.ERROR and f"{os.sep}apache_beam{os.sep}runners{os.sep}" in path)
+        ):
+            return False
+        record.msg, record.args = entry.message, ()
+        if entry.trace and self.verbose:
+            record.msg += "\n" + entry.trace.rstrip()
+        record.name = _module_name(path)
+        if entry.timestamp.seconds:
+            record.created = entry.timestamp.seconds + entry.timestamp.nanos / 1e9
+            record.msecs = (entry.timestamp.nanos // 1_000_000) % 1000
+        return True
+
+
+def _log_entry(record: logging.LogRecord) -> Any:
+    """The worker's ``LogEntry`` a ``WORKER_LOGS`` record carries, or None for the runner's own records."""
+    if record.msg != "Worker: %s" or not isinstance(record.args, tuple) or len(record.args) != 1:
+        return None
+    from apache_beam.portability.api import beam_fn_api_pb2
+    from google.protobuf import text_format
+
+    try:
+        return text_format.Parse(str(record.args[0]), beam_fn_api_pb2.LogEntry())
+    except Exception:  # noqa: BLE001 - a format this version does not know: leave the record as Beam wrote it
+        return None
+
+
+def _module_name(path: str) -> str:
+    """``transforms.progress`` for ``/repo/transforms/progress.py``, ``apache_beam.x`` under site-packages."""
+    path = os.path.splitext(path)[0]
+    for root in (os.path.dirname(_PACKAGES[0].rstrip(os.sep)) + os.sep, f"site-packages{os.sep}"):
+        if root in path:
+            return "worker " + path.rsplit(root, 1)[1].replace(os.sep, ".")
+    return "worker " + os.path.basename(path)
 
 
 def quiet_libraries() -> None:
@@ -306,6 +381,14 @@ def run_and_wait(p: Any, timeout_s: float | None = None) -> tuple[Any, dict[str,
 
     result = run_pipeline(p, timeout_s)
     return result, counters(result)
+
+
+def ended_early(exc: BaseException) -> dict[str, Any]:
+    """The ``--summary-out`` fields of a started job that did not finish: ``interrupted`` (Ctrl-C, status 130),
+    else ``failed`` with its error (credentials in a URL redacted)."""
+    if interrupted(exc):
+        return {"status": "interrupted"}
+    return {"status": "failed", "error": redact_text(first_line(exc))}
 
 
 def publish_summary(summary: dict[str, Any], text: str, summary_out: str | None) -> None:

@@ -57,6 +57,29 @@ class JobAbandoned(JobFailed):
     ``pipelines.runner``); the command exits at once."""
 
 
+class JobInterrupted(KeyboardInterrupt):
+    """Ctrl-C while ``pipelines.runner`` watched the job from another thread: the job was cancelled and
+    its local workers killed; ``corpus-etl`` exits at once with status 130, as Beam's threads may never end."""
+
+
+# The first line of an exception that stands for a KeyboardInterrupt (Beam: "KeyboardInterrupt [while running ...]").
+_INTERRUPT = re.compile(r"^(?:[\w.]+: )?KeyboardInterrupt\b")
+
+
+def interrupted(exc: BaseException) -> bool:
+    """Whether ``exc`` is a Ctrl-C that a runner re-raised as another exception. Beam turns a
+    KeyboardInterrupt in a step into ``RuntimeError("KeyboardInterrupt [while running 'STEP']")``:
+    chained to the interrupt in-process, only that message where it crossed from a worker."""
+    seen: set[int] = set()
+    current: BaseException | None = exc
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        if isinstance(current, KeyboardInterrupt) or _INTERRUPT.match(first_line(current)):
+            return True
+        current = current.__cause__ or current.__context__
+    return False
+
+
 class PartialResult(CliError):
     """The job finished, but not everything it was asked for is done (dead letters, alias refused)."""
 

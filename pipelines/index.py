@@ -38,6 +38,7 @@ from pipelines.common import (
     describe_copies,
     describe_precision,
     describe_steps,
+    ended_early,
     publish_summary,
     run_and_wait,
     run_job,
@@ -252,8 +253,8 @@ def run_config(config: IndexConfig, beam_args: list[str] | None = None, test_pip
                                    "collection": config.collection, "qdrant": where}  # fmt: skip
         try:
             result, counts = run_and_wait(p, config.job_timeout_s)  # counts None: the runner keeps no metrics
-        except Exception as exc:
-            _write_summary(config, {**summary, "status": "failed", "error": redact_text(first_line(exc))})
+        except BaseException as exc:  # a failure, or Ctrl-C (KeyboardInterrupt)
+            _write_summary(config, {**summary, **ended_early(exc)})
             raise
         pause_point("finish")  # tests: a kill here leaves the points written, nothing deleted, no alias
         elapsed = time.time() - started

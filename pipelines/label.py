@@ -30,6 +30,7 @@ from pipelines.common import (
     describe_copies,
     describe_precision,
     describe_steps,
+    ended_early,
     publish_summary,
     run_and_wait,
     run_job,
@@ -39,10 +40,10 @@ from pipelines.common import (
     write_json,
 )
 from pipelines.configs import LabelConfig, label_config
-from pipelines.errors import JobFailed, PreflightError, first_line
+from pipelines.errors import JobFailed, PreflightError
 from pipelines.flags import label_parser, split_beam_args
 from pipelines.launch import build_only, build_outputs, format_built, write_job_file
-from pipelines.security import redact_text, redact_url
+from pipelines.security import redact_url
 from transforms.datasets.formats import MANIFEST_FILE
 from transforms.datasets.judgements import BuildQueryJudgements
 from transforms.datasets.report import dead_letter_count
@@ -258,10 +259,9 @@ def run_config(config: LabelConfig, beam_args: list[str] | None = None, test_pip
     build_pipeline(p, config, provenance, started, spec)
     try:
         result, counts = run_and_wait(p, config.job_timeout_s)
-    except Exception as exc:  # the job started: --summary-out says how it ended, as the index job's does
+    except BaseException as exc:  # the job started (a failure, or Ctrl-C): --summary-out says how it ended
         if config.summary_out:
-            write_json(config.summary_out, {"pipeline": "label", "status": "failed", "out": config.out,
-                                            "error": redact_text(first_line(exc))})  # fmt: skip
+            write_json(config.summary_out, {"pipeline": "label", "out": config.out, **ended_early(exc)})
         raise
     elapsed = time.time() - started
     with FileSystems.open(FileSystems.join(config.out, MANIFEST_FILE)) as f:
@@ -397,7 +397,7 @@ def format_summary(summary: dict[str, Any]) -> str:
         f"  not sampled        {summary['queries_not_sampled']}\n"
         f"  pairs scored       {summary['pairs_scored']}  (candidates rejected {summary['candidates_rejected']}, "
         f"run lines rejected {summary['run_lines_rejected']})\n"
-        f"  dead letters    -> {summary['dead_letters']}\n"
+        f"  dead letters       {(summary.get('counters') or {}).get('dead_letters', 0)} -> {summary['dead_letters']}\n"
         f"{_precision_lines(summary)}"
         f"  time               {summary['elapsed_s']}s  ({summary['pairs_per_s']} pairs/s)"
         + (f"\n  time in steps      {describe_steps(summary['step_seconds'])}" if summary.get("step_seconds") else "")

@@ -16,7 +16,11 @@ a worker that dies while the runner still streams to it fails the job at once
 
 Either way the job is cancelled where the runner can, the local workers are killed (and waited
 for, up to ``STOP_WAIT_S``, so that none outlives the command), and ``JobAbandoned`` is raised;
-``corpus-etl`` then exits at once (``os._exit``), as Beam's own threads may never end. The job
+``corpus-etl`` then exits at once (``os._exit``), as Beam's own threads may never end. Ctrl-C
+while such a job runs does the same and raises ``JobInterrupted`` (status 130). The
+``multi_processing`` workers ignore SIGINT (``_workers_ignore_interrupts``): a terminal's Ctrl-C
+goes to the whole process group, and each worker would print its own KeyboardInterrupt
+traceback and run on, busy, until its bundle ended; the driver stops them instead. The job
 runs in a daemon thread only in those cases (DirectRunner's ``p.run()`` blocks until the end; a
 portable runner's returns and ``wait_until_finish`` blocks); otherwise, as before, in the caller's
 thread.
@@ -37,7 +41,7 @@ import threading
 import time
 from typing import Any
 
-from pipelines.errors import JobAbandoned, first_line, worker_lost
+from pipelines.errors import JobAbandoned, JobInterrupted, first_line, worker_lost
 
 _LOG = logging.getLogger(__name__)
 POLL_S = 0.5
@@ -54,6 +58,8 @@ def run_pipeline(p: Any, timeout_s: float | None = None) -> Any:
         result = p.run()
         _wait(result)
         return result
+    if watch_workers:
+        _workers_ignore_interrupts()
     box: dict[str, Any] = {}
 
     def job() -> None:
@@ -68,7 +74,11 @@ def run_pipeline(p: Any, timeout_s: float | None = None) -> Any:
     killing = threading.Event()  # set once this run cancels its job and kills its workers
     with _worker_exits(killing) as exits:
         thread.start()
-        _watch(thread, box, timeout_s, deadline, watch_workers, exits, killing)
+        try:
+            _watch(thread, box, timeout_s, deadline, watch_workers, exits, killing)
+        except KeyboardInterrupt:  # Ctrl-C: the job runs on in its thread and workers unless stopped
+            stopped = _stop(box.get("result"), killing)
+            raise JobInterrupted(f"interrupted; {stopped} local worker process(es) killed") from None
     if "error" in box:
         raise box["error"]
     return box["result"]
@@ -134,6 +144,35 @@ def _worker_exits(killing: threading.Event):
             threading.excepthook = previous
 
 
+# A shell prefix for DirectRunner's worker command line (run with ``sh -c``): SIGINT ignored, which the
+# Python that ``exec`` starts keeps (it installs its KeyboardInterrupt handler only where SIGINT is not ignored).
+IGNORE_SIGINT = "trap '' INT; exec "
+
+
+def _workers_ignore_interrupts() -> None:
+    """Start DirectRunner's ``multi_processing`` SDK workers with SIGINT ignored (once per process).
+
+    Ctrl-C in a terminal reaches the whole foreground process group, the workers too: each printed
+    a KeyboardInterrupt traceback after the command's one line, and ran on (busy, holding its model)
+    until its bundle ended. The driver alone answers Ctrl-C: it kills them (``run_pipeline``).
+    SIGTERM and SIGKILL still reach them with the group."""
+    from apache_beam.runners.portability import local_job_service
+
+    worker = local_job_service.SubprocessSdkWorker
+    if getattr(worker, "corpus_etl_ignores_sigint", False):
+        return
+
+    class SubprocessSdkWorker(worker):  # type: ignore[misc, valid-type]
+        corpus_etl_ignores_sigint = True
+
+        def __init__(self, worker_command_line: bytes, *args: Any, **kwargs: Any) -> None:
+            super().__init__(worker_command_line, *args, **kwargs)
+            if not self._worker_command_line.startswith(IGNORE_SIGINT):
+                self._worker_command_line = IGNORE_SIGINT + self._worker_command_line
+
+    local_job_service.SubprocessSdkWorker = SubprocessSdkWorker
+
+
 def _local_worker_processes(options: Any) -> bool:
     """Whether the job's SDK workers are this driver's children (DirectRunner ``multi_processing``)."""
     from apache_beam.options.pipeline_options import DirectOptions, StandardOptions
@@ -170,15 +209,23 @@ def _job_service_cause(result: Any) -> str | None:
 def _stop(result: Any, killing: threading.Event) -> int:
     """Cancel the job (where the runner can) and kill this process's descendants; how many were killed."""
     killing.set()
-    if result is not None:
-        with contextlib.suppress(Exception):
-            result.cancel()
-    killed = []
-    for pid in _descendants(os.getpid()):
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.kill(pid, signal.SIGKILL)
-            killed.append(pid)
-    _wait_ended(killed, STOP_WAIT_S)
+    # Beam's threads log the kills they meet (ERROR "Failed to read inputs in the data plane", with a traceback)
+    # before the command's one line; the command silences logging once it has written that line.
+    beam = logging.getLogger("apache_beam")
+    level = beam.level
+    beam.setLevel(logging.CRITICAL + 1)
+    try:
+        if result is not None:
+            with contextlib.suppress(Exception):
+                result.cancel()
+        killed = []
+        for pid in _descendants(os.getpid()):
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.kill(pid, signal.SIGKILL)
+                killed.append(pid)
+        _wait_ended(killed, STOP_WAIT_S)
+    finally:
+        beam.setLevel(level)
     return len(killed)
 
 

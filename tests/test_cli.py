@@ -11,6 +11,7 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -545,3 +546,63 @@ def test_alias_refused_after_the_job_is_partial_and_shown_in_the_summary():
     assert f"  alias            REFUSED, live stays on v1: {refused}" in lines
     assert "  precision        auto (nothing run)" in lines
     assert "live -> v2" not in format_summary(summary)
+
+
+def test_an_interrupted_job_says_so_in_its_summary():
+    """--summary-out of a job stopped by Ctrl-C: ``interrupted`` (status 130), not ``failed`` with a
+    KeyboardInterrupt for its error, nor no summary at all (multi_processing's interrupt is a bare one)."""
+    from pipelines.common import ended_early
+    from pipelines.errors import JobInterrupted
+
+    assert ended_early(JobInterrupted("interrupted; 2 local worker process(es) killed")) == {"status": "interrupted"}
+    assert ended_early(RuntimeError("KeyboardInterrupt [while running 'EmbedChunks/RunInference']")) == {
+        "status": "interrupted"}
+    assert ended_early(ValueError("cannot reach http://u:pw@h:1")) == {
+        "status": "failed", "error": "cannot reach http://***@h:1"}
+
+
+def _worker_entry(message: str, location: str, severity: str = "INFO") -> Any:
+    from apache_beam.portability.api import beam_fn_api_pb2
+
+    return beam_fn_api_pb2.LogEntry(severity=getattr(beam_fn_api_pb2.LogEntry.Severity, severity), message=message,
+                                    log_location=location, thread="MainThread")  # fmt: skip
+
+
+def test_multi_processing_workers_log_lines_read_as_the_in_process_ones(caplog):
+    """DirectRunner multi_processing forwards each worker's records as 'Worker: <LogEntry proto>' records of
+    Beam's job-service logger: the progress lines (INFO) were dropped, Beam's start-up warnings shown as protos."""
+    import logging
+
+    from apache_beam.portability.api import beam_fn_api_pb2
+    from apache_beam.runners.portability.local_job_service import BeamFnLoggingServicer
+
+    import transforms.progress
+    from pipelines import common
+
+    site = "/venv/lib/python3.11/site-packages/apache_beam"
+    entries = [
+        _worker_entry("[embed] 6s chunks=128 (22.2/s)", f"{transforms.progress.__file__}:48"),
+        _worker_entry("No semi_persistent_directory found: ...", f"{site}/runners/worker/sdk_worker_main.py:421",
+                      "WARN"),
+        _worker_entry("Discarding unparseable args: ['--pipeline_type_check']", f"{site}/options/x.py:570", "WARN"),
+        _worker_entry("Creating state cache", f"{site}/runners/worker/sdk_worker.py:10"),
+        _worker_entry("Error processing instruction 3", f"{site}/runners/worker/sdk_worker.py:20", "ERROR"),
+        _worker_entry("a library's warning", "/venv/lib/python3.11/site-packages/qdrant_client/x.py:5", "WARN"),
+    ]
+    logger = logging.getLogger(common.WORKER_LOGS)
+    previous = logger.filters[:]
+    caplog.set_level(logging.DEBUG, logger=common.WORKER_LOGS)
+    try:
+        for verbose in (False, True):
+            logger.filters[:] = [common.WorkerLogs(verbose)]
+            caplog.clear()
+            BeamFnLoggingServicer().Logging([beam_fn_api_pb2.LogEntry.List(log_entries=entries)])
+            logger.info("Grpc server started at localhost on port 1")  # the job service's own: not shown
+            shown = [(r.levelname, r.name, r.getMessage()) for r in caplog.records]
+            if not verbose:
+                assert shown == [("INFO", "worker transforms.progress", "[embed] 6s chunks=128 (22.2/s)"),
+                                 ("WARNING", "worker qdrant_client.x", "a library's warning")]  # fmt: skip
+            else:  # -v: everything the workers sent, still one message a line
+                assert len(shown) == len(entries) and all("severity" not in m for _, _, m in shown)
+    finally:
+        logger.filters[:] = previous

@@ -14,7 +14,7 @@ from apache_beam.options.pipeline_options import PipelineOptions
 from apache_beam.portability.api import beam_job_api_pb2
 
 from pipelines import runner
-from pipelines.errors import JobAbandoned, JobFailed, translate, worker_lost
+from pipelines.errors import JobAbandoned, JobFailed, JobInterrupted, translate, worker_lost
 
 MULTI = ["--direct_running_mode=multi_processing", "--direct_num_workers=2"]
 
@@ -203,3 +203,44 @@ def test_waiting_for_killed_processes_polls_until_they_end_and_is_bounded(monkey
     checks.clear()
     runner._wait_ended([1, 2], 0.2)  # returns, 2 still running
     assert checks.count(1) == 3 and checks.count(2) > 3
+
+
+def test_ctrl_c_stops_the_job_and_kills_its_local_workers():
+    """Ctrl-C while the driver watches a multi_processing job: the job is cancelled and its workers are
+    killed and waited for (they ran on, busy, after the command had exited with 130)."""
+    import _thread
+    import subprocess
+    import sys
+
+    child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)  # sdk_worker_main"])
+    result = FakeResult()
+    timer = threading.Timer(0.3, _thread.interrupt_main)  # SIGINT's KeyboardInterrupt, in the main thread
+    try:
+        timer.start()
+        with pytest.raises(JobInterrupted, match=r"1 local worker process\(es\) killed"):
+            runner.run_pipeline(FakePipeline(result, MULTI))
+        assert result.cancelled
+        assert child.poll() == -9
+    finally:
+        timer.cancel()
+        result.release.set()
+        child.kill()
+        child.wait()
+
+
+def test_multi_processing_workers_start_with_ctrl_c_ignored():
+    """A terminal's Ctrl-C reaches the whole process group: each DirectRunner worker printed its own
+    KeyboardInterrupt traceback after the command's one line. They start with SIGINT ignored."""
+    import subprocess
+    import sys
+
+    from apache_beam.runners.portability import local_job_service
+
+    result = FakeResult()
+    result.release.set()
+    runner.run_pipeline(FakePipeline(result, MULTI))
+    command = f"{sys.executable} -c 'import signal; print(signal.getsignal(signal.SIGINT) == signal.SIG_IGN)'"
+    worker = local_job_service.SubprocessSdkWorker(command.encode(), "localhost:1", None)
+    assert worker._worker_command_line == runner.IGNORE_SIGINT + command
+    out = subprocess.run(worker._worker_command_line, shell=True, capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "True"

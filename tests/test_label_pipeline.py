@@ -193,6 +193,8 @@ def test_bad_rows_are_dead_letters_and_counted(labelled):
         ["write"] if "write_ms" in counters else []), steps
     assert steps["query"] > 0 and steps["rerank"] > 0, steps
     assert f"  time in steps      query {steps['query']:.1f}s" in text
+    # the count, as the index summary gives it (the line gave only the path)
+    assert f"\n  dead letters       3 -> {out / 'dead_letters.jsonl'}\n" in text
 
 
 def test_report_has_metrics_and_a_histogram(labelled):
