@@ -46,6 +46,10 @@ COLUMNS = QueryColumns()
         ("a\x00b\x1bc", "a b c", "a b c"),  # control characters become spaces
         ("Straße", "Straße", "strasse"),  # casefold, not lower()
         ("ﬁle", "file", "file"),  # ligature
+        # Invisible format characters go: a BOM, zero-width space, soft hyphen, word joiner, LRM.
+        ("\ufeffRunning\u200b shoes", "Running shoes", "running shoes"),
+        ("run\u00adning\u2060 \u200eshoes", "running shoes", "running shoes"),
+        ("e\u200b\u0301", "\u00e9", "\u00e9"),  # dropped before NFKC composes the accent
     ],
 )
 def test_normalize_and_key(raw: str, display: str, key: str) -> None:
@@ -100,6 +104,14 @@ def test_near_duplicates_fall_on_the_same_side() -> None:
             assert len(sides) == 1, (group, fraction, sides)
 
 
+def test_invisible_characters_neither_split_a_query_nor_move_it() -> None:
+    # A soft hyphen made "run ning" two tokens: the same visible query could land on both sides.
+    assert near_duplicate_key("run\u00adning shoes") == near_duplicate_key("running shoes")
+    derived = derive_query_id("running shoes")
+    rows = [parse_query_row("log.parquet", {"query": q}, COLUMNS) for q in ("\ufeffrunning shoes", "running shoes")]
+    assert merge_duplicates(rows) == Query(derived, "running shoes", 2)
+
+
 def test_split_fraction_is_roughly_honoured_and_stable() -> None:
     queries = [f"synthetic query number {i}" for i in range(1000)]
     sides = [assign_split(q, 0.2) for q in queries]
@@ -152,6 +164,7 @@ def test_parse_row_respects_column_names() -> None:
     [
         ({"query": "   \t "}, "empty query"),
         ({"query": "\x00"}, "empty query"),
+        ({"query": "\u200b\ufeff"}, "empty query"),
         ({"query": None}, "null query (column 'query')"),
         ({"query": 42}, "non-string query (column 'query' holds int)"),
         ({"text": "hi"}, "missing query column 'query'"),

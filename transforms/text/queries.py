@@ -2,8 +2,9 @@
 
 Three forms of a query text, each with one job:
 
-* ``normalize_query`` — the display form written to the datasets: Unicode NFKC, control
-  characters dropped, whitespace runs collapsed to one space, stripped. Case is kept.
+* ``normalize_query`` — the display form written to the datasets: invisible format characters
+  (BOM, zero-width space, word joiner, soft hyphen, direction marks) removed, Unicode NFKC,
+  control characters dropped, whitespace runs collapsed to one space, stripped. Case is kept.
 * ``query_key`` — the de-duplication key: the display form case-folded. Two log rows
   with the same key are the same query; their counts are summed.
 * ``near_duplicate_key`` — the split key: the *set* of word tokens of the key after
@@ -45,6 +46,12 @@ TIER_BOUNDARIES = (0.5, 0.8)
 _WORD = re.compile(r"\w+")
 _POSSESSIVE = re.compile(r"['\u2019]s\b")
 _APOSTROPHE = re.compile(r"['\u2019]")
+# Invisible characters that change no query's meaning, only its bytes: a BOM left by an export,
+# zero-width spaces and word joiners, soft hyphens, direction marks. Kept, they made "\ufeffshoes"
+# a query apart from "shoes" (counts not summed, the split decided apart: "run\u00adning shoes"
+# tokenises as "run ning"), and a query of only "\u200b" was not empty. ZWJ/ZWNJ are kept: they
+# shape Indic and Persian text and emoji.
+_INVISIBLE = re.compile("[\u00ad\u061c\u180e\u200b\u200e\u200f\u2060\ufeff]")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -53,8 +60,10 @@ _APOSTROPHE = re.compile(r"['\u2019]")
 
 
 def normalize_query(text: str) -> str:
-    """Display form: NFKC, control characters removed, whitespace collapsed, stripped."""
-    text = unicodedata.normalize("NFKC", text)
+    """Display form: invisible format characters (``_INVISIBLE``) dropped, NFKC, control
+    characters removed, whitespace collapsed, stripped."""
+    # Dropped before NFKC, so that a mark they separated from its letter is composed with it.
+    text = unicodedata.normalize("NFKC", _INVISIBLE.sub("", text))
     # Control characters (NUL, escape codes) become spaces; \t \n \r are whitespace already.
     text = "".join(" " if unicodedata.category(c) == "Cc" else c for c in text)
     return " ".join(text.split())
