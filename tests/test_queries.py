@@ -337,6 +337,22 @@ def test_stratified_sample_quotas_and_determinism() -> None:
     assert stratified_sample(queries, (5, 3, 2), 10, seed=0) == sample  # weights are relative
 
 
+@pytest.mark.parametrize(
+    ("spec", "n", "quotas"),
+    [
+        ("5:15:80", 8, [1, 1, 6]),  # remainders .4, .2, .4: the tie goes to the earlier tier
+        ("0.05:0.15:0.8", 8, [1, 1, 6]),
+        ("0:45:55", 50, [0, 23, 27]),  # 22.5 / 27.5: tie, earlier tier
+        ("0:0.45:0.55", 50, [0, 23, 27]),
+        ("0:0.7:0.3", 45, [0, 32, 13]),
+    ],
+)
+def test_sample_quotas_are_exact_whatever_the_form_of_the_weights(spec: str, n: int, quotas: list[int]) -> None:
+    from transforms.text.queries import _allocate
+
+    assert _allocate(n, parse_sample_spec(spec), [n] * 3) == quotas
+
+
 def test_stratified_sample_redistributes_a_short_tier_and_skips_zero_weights() -> None:
     queries = _log(100)  # head has 7 queries
     sample = stratified_sample(queries, (0.8, 0.2, 0.0), 20, seed=3)

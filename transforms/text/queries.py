@@ -27,6 +27,7 @@ import numbers
 import re
 import unicodedata
 from collections.abc import Iterable, Mapping, Sequence
+from fractions import Fraction
 from typing import Any
 
 import apache_beam as beam
@@ -155,9 +156,15 @@ def frequency_tiers(queries: Iterable[Query]) -> tuple[list[Query], list[Query],
 
 
 def _largest_remainder(total: int, weights: Sequence[float]) -> list[int]:
-    """Integers proportional to ``weights`` summing to ``total`` (ties go to the earlier index)."""
-    weight_sum = sum(weights)
-    exact = [total * w / weight_sum for w in weights]
+    """Integers proportional to ``weights`` summing to ``total`` (ties go to the earlier index).
+
+    In exact arithmetic on each weight's decimal form (``0.45`` is 9/20, not the float nearest
+    it): in floats, rounding noise decided ties and near-ties, so ``45:55`` and ``0.45:0.55``
+    drew different quotas, and a tie could go to the later index.
+    """
+    exact_weights = [Fraction(repr(float(w))) for w in weights]
+    weight_sum = sum(exact_weights)
+    exact = [total * w / weight_sum for w in exact_weights]
     parts = [math.floor(x) for x in exact]
     order = sorted(range(len(weights)), key=lambda i: (-(exact[i] - parts[i]), i))
     for i in order[: total - sum(parts)]:
