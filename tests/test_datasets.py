@@ -89,6 +89,18 @@ def test_grade_single_threshold_and_nan() -> None:
         grade(math.nan, THRESHOLDS)
 
 
+def test_grade_ranges_print_their_bounds_exactly() -> None:
+    from transforms.datasets.formats import grade_ranges
+
+    assert grade_ranges(THRESHOLDS) == {0: "score < 0.5", 1: "0.5 <= score < 0.9", 2: "score >= 0.9"}
+    assert grade_ranges((0.5, 1.0))[2] == "score >= 1"
+    # ":g" alone printed 0.9999999 as 1: a score of 0.99999995 has grade 2, which said "score >= 1".
+    assert grade_ranges((0.5, 0.9999999)) == {
+        0: "score < 0.5", 1: "0.5 <= score < 0.9999999", 2: "score >= 0.9999999",
+    }
+    assert grade(0.99999995, (0.5, 0.9999999)) == 2
+
+
 def test_parse_thresholds() -> None:
     assert parse_thresholds("0.5,0.9") == (0.5, 0.9)
     assert parse_thresholds("0.3") == (0.3,)

@@ -192,17 +192,23 @@ def grade(score: float, thresholds: Sequence[float]) -> int:
 
 
 def grade_ranges(thresholds: Sequence[float]) -> dict[int, str]:
-    """Human-readable teacher-score range of each grade."""
+    """Human-readable teacher-score range of each grade, its bounds exact (``0.9``, ``1``,
+    ``0.9999999``: ``:g`` alone would print 0.9999999 as 1, a range no score reaches)."""
+
+    def show(x: float) -> str:
+        short = f"{x:g}"
+        return short if float(short) == x else repr(float(x))
+
     bounds = [None, *thresholds, None]
     out = {}
     for g in range(len(thresholds) + 1):
         lo, hi = bounds[g], bounds[g + 1]
         if lo is None:
-            out[g] = f"score < {hi:g}"
+            out[g] = f"score < {show(hi)}"
         elif hi is None:
-            out[g] = f"score >= {lo:g}"
+            out[g] = f"score >= {show(lo)}"
         else:
-            out[g] = f"{lo:g} <= score < {hi:g}"
+            out[g] = f"{show(lo)} <= score < {show(hi)}"
     return out
 
 
