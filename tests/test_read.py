@@ -278,3 +278,18 @@ def test_outputs_matched_by_the_input_glob(tmp_path, monkeypatch):
     (tmp_path / "docs.parquet").write_bytes(b"")
     (tmp_path / "x" / "link.parquet").symlink_to(tmp_path / "docs.parquet")
     assert input_matches("x/link.parquet", "docs.parquet", files=["x/link.parquet"])  # the same file by a link
+
+
+def test_a_binary_text_column_is_read_as_utf8_text(tmp_path):
+    # Writers that leave out Parquet's UTF8 annotation (older Hive, Impala, Spark) store text as binary.
+    path = tmp_path / "a.parquet"
+    pq.write_table(pa.table({"id": ["a", "b"], "text": pa.array([b"caf\xc3\xa9 au lait", b"bad \xff"], pa.binary())}),
+                   path)  # fmt: skip
+    with TestPipeline() as p:
+        out = p | ReadDocuments(str(path), DocumentColumns())
+        assert_that(out["documents"] | beam.Map(lambda d: (d.doc_id, d.text)),
+                    equal_to([("a", "café au lait")]), label="docs")  # fmt: skip
+        assert_that(out[DEAD] | beam.Map(lambda d: (d.source, d.reason)),
+                    equal_to([(f"row 2 of {path}", "text is not UTF-8 (column 'text': invalid start byte at byte 4)")]),
+                    label="dead")  # fmt: skip
+        assert_that(out[REJECTED_IDS], equal_to(["b"]), label="rejected ids")

@@ -373,6 +373,11 @@ def row_to_document(
         return reject(unconvertible)
     if text is None:
         return reject(f"null text (column {columns.text!r})")
+    if isinstance(text, bytes):  # a binary column (writers that leave out Parquet's UTF8 annotation): UTF-8 text
+        try:
+            text = text.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            return reject(f"text is not UTF-8 (column {columns.text!r}: {exc.reason} at byte {exc.start})")
     if not isinstance(text, str):
         return reject(f"non-string text (column {columns.text!r} holds {type(text).__name__})")
     if not text.strip():
