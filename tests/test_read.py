@@ -293,3 +293,13 @@ def test_a_binary_text_column_is_read_as_utf8_text(tmp_path):
                     equal_to([(f"row 2 of {path}", "text is not UTF-8 (column 'text': invalid start byte at byte 4)")]),
                     label="dead")  # fmt: skip
         assert_that(out[REJECTED_IDS], equal_to(["b"]), label="rejected ids")
+
+
+def test_a_column_that_appears_twice_in_a_file_is_a_bad_file(tmp_path):
+    # Which of the two is the text cannot be told; reading took the last one, silently.
+    names = ["id", "text", "text"]
+    pq.write_table(pa.Table.from_arrays([pa.array(["x"]), pa.array(["one"]), pa.array(["two"])], names=names),
+                   tmp_path / "a.parquet")  # fmt: skip
+    with pytest.raises(BadFilesError, match=r"a.parquet: column\(s\) text \(2 times\) appear more than once\)"):
+        check_files(str(tmp_path / "*.parquet"), ["id", "text", "text"])
+    assert check_files(str(tmp_path / "*.parquet"), ["id"]) == ([str(tmp_path / "a.parquet")], [])

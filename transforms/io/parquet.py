@@ -56,6 +56,9 @@ def file_problem(path: str, required: Sequence[str]) -> str | None:
     missing = [c for c in required if c not in schema.names]
     if missing:
         return f"missing column(s) {', '.join(missing)}; the file has: {', '.join(schema.names)}"
+    repeated = [c for c in dict.fromkeys(required) if schema.names.count(c) > 1]
+    if repeated:  # which one is meant cannot be told (a reader would silently take one of them)
+        return "column(s) " + ", ".join(f"{c} ({schema.names.count(c)} times)" for c in repeated) + " appear more than once"
     return None
 
 
