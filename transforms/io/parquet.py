@@ -35,12 +35,19 @@ from transforms.types import DEAD, DeadLetter, Document, content_hash
 
 
 def match_files(pattern: str) -> list[str]:
-    """Paths matching a glob (local or gs://), sorted; a clear error when none match."""
+    """Paths matching a glob (local or gs://), sorted; a clear error when none match.
+
+    An empty object whose name ends in ``/`` is an object store's folder marker (``gs://b/docs/``, made by
+    the Cloud Console's "Create folder", gcsfuse, Hadoop's connector), which ``gs://b/docs/*`` matches:
+    not an input file, so it is left out, not refused as an unreadable one.
+    """
     try:
         results = FileSystems.match([pattern])
     except Exception as exc:  # Beam wraps every filesystem error in BeamIOError
         raise FileNotFoundError(f"cannot list {pattern!r}: {exc}") from exc
-    paths = sorted(m.path for r in results for m in r.metadata_list)
+    paths = sorted(
+        m.path for r in results for m in r.metadata_list if not (m.path.endswith("/") and m.size_in_bytes == 0)
+    )
     if not paths:
         raise FileNotFoundError(f"no files match {pattern!r}")
     return paths
