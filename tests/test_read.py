@@ -303,3 +303,14 @@ def test_a_column_that_appears_twice_in_a_file_is_a_bad_file(tmp_path):
     with pytest.raises(BadFilesError, match=r"a.parquet: column\(s\) text \(2 times\) appear more than once\)"):
         check_files(str(tmp_path / "*.parquet"), ["id", "text", "text"])
     assert check_files(str(tmp_path / "*.parquet"), ["id"]) == ([str(tmp_path / "a.parquet")], [])
+
+
+def test_a_folder_given_as_input_is_named_with_the_glob_to_give(tmp_path):
+    # Spark writes "docs.parquet" as a folder of part files.
+    folder = tmp_path / "docs.parquet"
+    folder.mkdir()
+    pq.write_table(pa.table({"id": ["a"], "text": ["alpha"]}), folder / "part-0.parquet")
+    with pytest.raises(BadFilesError, match=r"docs.parquet: a folder, not a Parquet file; give a glob of its files, "
+                       r"e.g. '.*docs.parquet/\*.parquet'"):  # fmt: skip
+        check_files(str(folder), ["id", "text"])
+    assert check_files(str(folder / "*.parquet"), ["id", "text"])[0] == [str(folder / "part-0.parquet")]

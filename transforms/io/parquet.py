@@ -55,6 +55,8 @@ def match_files(pattern: str) -> list[str]:
 
 def file_problem(path: str, required: Sequence[str]) -> str | None:
     """Why ``path`` cannot be read for ``required`` columns (footer only), or None when it can."""
+    if not FileSystems.get_scheme(path) and os.path.isdir(path):  # e.g. Spark's output folder "docs.parquet"
+        return f"a folder, not a Parquet file; give a glob of its files, e.g. {os.path.join(path, '*.parquet')!r}"
     try:
         with FileSystems.open(path) as f:
             schema = pq.ParquetFile(f).schema_arrow
