@@ -314,3 +314,27 @@ def test_a_folder_given_as_input_is_named_with_the_glob_to_give(tmp_path):
                        r"e.g. '.*docs.parquet/\*.parquet'"):  # fmt: skip
         check_files(str(folder), ["id", "text"])
     assert check_files(str(folder / "*.parquet"), ["id", "text"])[0] == [str(folder / "part-0.parquet")]
+
+
+def test_int96_timestamps_beyond_nanoseconds_keep_their_date(tmp_path):
+    # Spark's default timestamp type (also Hive, Impala). Read as nanoseconds, 9999-12-31 (a common "valid
+    # until" sentinel) and 0001-01-01 wrapped around silently to dates in 1816 and 1754; values nanoseconds
+    # hold are read as before, exactly (nanoseconds included, before 1970 too).
+    import datetime
+
+    path = tmp_path / "a.parquet"
+    ns = pa.array([1_577_836_800_123_456_789, -1, None], pa.timestamp("ns"))
+    far = pa.array([datetime.datetime(9999, 12, 31, 23, 59, 59), datetime.datetime(1, 1, 1, 0, 0, 0, 5), None])
+    pq.write_table(pa.table({"id": ["a", "b", "c"], "text": ["x", "y", "z"], "ns": ns}), path,
+                   use_deprecated_int96_timestamps=True)  # fmt: skip
+    far_path = tmp_path / "far.parquet"
+    pq.write_table(pa.table({"id": ["d", "e", "f"], "text": ["x", "y", "z"], "ns": far}), far_path,
+                   use_deprecated_int96_timestamps=True)  # fmt: skip
+    assert pq.ParquetFile(far_path).schema.column(2).physical_type == "INT96"
+    cols = DocumentColumns(metadata=("ns",))
+    with TestPipeline() as p:
+        out = p | ReadDocuments([str(path), str(far_path)], cols)
+        assert_that(out["documents"] | beam.Map(lambda d: (d.doc_id, d.metadata["ns"])), equal_to([
+            ("a", "2020-01-01T00:00:00.123456789"), ("b", "1969-12-31T23:59:59.999999999"), ("c", None),
+            ("d", "9999-12-31T23:59:59"), ("e", "0001-01-01T00:00:00.000005"), ("f", None),
+        ]))  # fmt: skip

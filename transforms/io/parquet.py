@@ -206,6 +206,23 @@ def column_values(array: pa.Array) -> list[Any]:
     return values
 
 
+def _int96_columns(parquet: pq.ParquetFile, names: Sequence[str]) -> list[str]:
+    """The top-level columns of ``names`` stored as INT96 timestamps (Spark's default, Hive, Impala)."""
+    schema = parquet.schema
+    return [c.path for c in (schema.column(i) for i in range(len(schema)))
+            if c.physical_type == "INT96" and c.path in names]  # fmt: skip
+
+
+def _int96_beyond_ns(ns: pa.Array, us: pa.Array) -> dict[int, Any]:
+    """The values of an INT96 column that its nanosecond reading (``ns``) got wrong, by position, from its
+    microsecond reading (``us``) of the same rows. Nanoseconds hold only the years 1677-2262; an INT96 beyond
+    them (``9999-12-31``, a common "valid until" sentinel) wraps around silently to another date."""
+    exact = ns.cast(pa.int64()).to_pylist()
+    micros = us.cast(pa.int64()).to_pylist()
+    wrong = [i for i, (n, u) in enumerate(zip(exact, micros)) if n is not None and u is not None and n // 1000 != u]
+    return {i: column_values(us.slice(i, 1))[0] for i in wrong}
+
+
 class _ReadRowGroup(beam.DoFn):
     def __init__(self, columns: list[str], keep_unconvertible: bool = False) -> None:
         self.columns = columns
@@ -216,7 +233,12 @@ class _ReadRowGroup(beam.DoFn):
         path, rg, first = element
         try:
             with FileSystems.open(path) as f:
-                table = pq.ParquetFile(f).read_row_group(rg, columns=self.columns)
+                parquet = pq.ParquetFile(f)
+                table = parquet.read_row_group(rg, columns=self.columns)
+                int96 = _int96_columns(parquet, table.column_names)
+                if int96:  # read as nanoseconds, exact; their microsecond reading corrects values beyond them
+                    f.seek(0)
+                    micros = pq.ParquetFile(f, coerce_int96_timestamp_unit="us").read_row_group(rg, columns=int96)
         except Exception as exc:  # a corrupt page: this row group is lost, the others are not
             self.unreadable.inc()
             reason = f"unreadable row group {rg} (rows from {first + 1}): {type(exc).__name__}: {exc}"
@@ -226,6 +248,11 @@ class _ReadRowGroup(beam.DoFn):
         for batch in table.to_batches(max_chunksize=1024):
             names = batch.schema.names
             columns = [column_values(batch.column(i)) for i in range(batch.num_columns)]
+            for name in int96:
+                values = columns[names.index(name)]
+                us = micros.column(name).slice(n - first, batch.num_rows).combine_chunks()
+                for i, value in _int96_beyond_ns(batch.column(names.index(name)), us).items():
+                    values[i] = value
             for i in range(batch.num_rows):
                 row = {name: values[i] for name, values in zip(names, columns)}
                 reason = None if self.keep_unconvertible else unconvertible_reason(row)
