@@ -105,6 +105,25 @@ def test_label_reads_and_writes_gs_paths(gcs, sample_dir, qwen3_reranker_dir, tm
     assert bucket.blob("labels/queries.jsonl").download_as_text() == '{"_id": "q1", "text": "encode JSON"}\n'
 
 
+def test_a_folder_marker_object_is_not_an_input_file(gcs, tmp_path):
+    # The Cloud Console's "Create folder" (and gcsfuse, Hadoop's connector) leaves an empty object "docs/",
+    # which "docs/*" matches: it was refused as an unreadable Parquet file (the job stopped, or ran partial).
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from transforms.io.parquet import check_files
+
+    pq.write_table(pa.table({"id": ["a"], "text": ["alpha"]}), tmp_path / "a.parquet")
+    bucket = gcs.bucket("corpus")
+    bucket.blob("docs/").upload_from_string(b"")
+    bucket.blob("docs/part-0.parquet").upload_from_filename(str(tmp_path / "a.parquet"))
+    for pattern in ("gs://corpus/docs/*", "gs://corpus/docs/", "gs://corpus/docs/**"):
+        assert check_files(pattern, ["id", "text"]) == (["gs://corpus/docs/part-0.parquet"], [])
+    bucket.blob("empty/").upload_from_string(b"")
+    with pytest.raises(FileNotFoundError, match="no files match"):
+        check_files("gs://corpus/empty/*", ["id", "text"])
+
+
 def test_dump_writes_gs_paths(gcs, tmp_path):
     import io
 

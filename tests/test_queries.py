@@ -153,6 +153,14 @@ def test_parse_row_derives_id_when_none_is_given() -> None:
     assert parse_query_row("f", {"query": "Hello World", "query_id": "x", "count": 9}, no_columns) == expected
 
 
+def test_parse_row_reads_a_binary_query_column_as_utf8_text() -> None:
+    # Writers that leave out Parquet's UTF8 annotation (older Hive, Impala, Spark) store text as binary.
+    assert parse_query_row("f", {"query": "caf\u00e9".encode()}, COLUMNS) == parse_query_row("f", {"query": "caf\u00e9"}, COLUMNS)
+    assert parse_query_row("f", {"query": b"bad \xff"}, COLUMNS).reason == (
+        "query is not UTF-8 (column 'query': invalid start byte at byte 4)"
+    )
+
+
 def test_parse_row_respects_column_names() -> None:
     columns = QueryColumns(query="q", query_id="qid", count="n", max_query_chars=5)
     assert parse_query_row("f", {"q": "abc", "qid": "7", "n": 2}, columns) == Query("7", "abc", 2)

@@ -278,3 +278,63 @@ def test_outputs_matched_by_the_input_glob(tmp_path, monkeypatch):
     (tmp_path / "docs.parquet").write_bytes(b"")
     (tmp_path / "x" / "link.parquet").symlink_to(tmp_path / "docs.parquet")
     assert input_matches("x/link.parquet", "docs.parquet", files=["x/link.parquet"])  # the same file by a link
+
+
+def test_a_binary_text_column_is_read_as_utf8_text(tmp_path):
+    # Writers that leave out Parquet's UTF8 annotation (older Hive, Impala, Spark) store text as binary.
+    path = tmp_path / "a.parquet"
+    pq.write_table(pa.table({"id": ["a", "b"], "text": pa.array([b"caf\xc3\xa9 au lait", b"bad \xff"], pa.binary())}),
+                   path)  # fmt: skip
+    with TestPipeline() as p:
+        out = p | ReadDocuments(str(path), DocumentColumns())
+        assert_that(out["documents"] | beam.Map(lambda d: (d.doc_id, d.text)),
+                    equal_to([("a", "café au lait")]), label="docs")  # fmt: skip
+        assert_that(out[DEAD] | beam.Map(lambda d: (d.source, d.reason)),
+                    equal_to([(f"row 2 of {path}", "text is not UTF-8 (column 'text': invalid start byte at byte 4)")]),
+                    label="dead")  # fmt: skip
+        assert_that(out[REJECTED_IDS], equal_to(["b"]), label="rejected ids")
+
+
+def test_a_column_that_appears_twice_in_a_file_is_a_bad_file(tmp_path):
+    # Which of the two is the text cannot be told; reading took the last one, silently.
+    names = ["id", "text", "text"]
+    pq.write_table(pa.Table.from_arrays([pa.array(["x"]), pa.array(["one"]), pa.array(["two"])], names=names),
+                   tmp_path / "a.parquet")  # fmt: skip
+    with pytest.raises(BadFilesError, match=r"a.parquet: column\(s\) text \(2 times\) appear more than once\)"):
+        check_files(str(tmp_path / "*.parquet"), ["id", "text", "text"])
+    assert check_files(str(tmp_path / "*.parquet"), ["id"]) == ([str(tmp_path / "a.parquet")], [])
+
+
+def test_a_folder_given_as_input_is_named_with_the_glob_to_give(tmp_path):
+    # Spark writes "docs.parquet" as a folder of part files.
+    folder = tmp_path / "docs.parquet"
+    folder.mkdir()
+    pq.write_table(pa.table({"id": ["a"], "text": ["alpha"]}), folder / "part-0.parquet")
+    with pytest.raises(BadFilesError, match=r"docs.parquet: a folder, not a Parquet file; give a glob of its files, "
+                       r"e.g. '.*docs.parquet/\*.parquet'"):  # fmt: skip
+        check_files(str(folder), ["id", "text"])
+    assert check_files(str(folder / "*.parquet"), ["id", "text"])[0] == [str(folder / "part-0.parquet")]
+
+
+def test_int96_timestamps_beyond_nanoseconds_keep_their_date(tmp_path):
+    # Spark's default timestamp type (also Hive, Impala). Read as nanoseconds, 9999-12-31 (a common "valid
+    # until" sentinel) and 0001-01-01 wrapped around silently to dates in 1816 and 1754; values nanoseconds
+    # hold are read as before, exactly (nanoseconds included, before 1970 too).
+    import datetime
+
+    path = tmp_path / "a.parquet"
+    ns = pa.array([1_577_836_800_123_456_789, -1, None], pa.timestamp("ns"))
+    far = pa.array([datetime.datetime(9999, 12, 31, 23, 59, 59), datetime.datetime(1, 1, 1, 0, 0, 0, 5), None])
+    pq.write_table(pa.table({"id": ["a", "b", "c"], "text": ["x", "y", "z"], "ns": ns}), path,
+                   use_deprecated_int96_timestamps=True)  # fmt: skip
+    far_path = tmp_path / "far.parquet"
+    pq.write_table(pa.table({"id": ["d", "e", "f"], "text": ["x", "y", "z"], "ns": far}), far_path,
+                   use_deprecated_int96_timestamps=True)  # fmt: skip
+    assert pq.ParquetFile(far_path).schema.column(2).physical_type == "INT96"
+    cols = DocumentColumns(metadata=("ns",))
+    with TestPipeline() as p:
+        out = p | ReadDocuments([str(path), str(far_path)], cols)
+        assert_that(out["documents"] | beam.Map(lambda d: (d.doc_id, d.metadata["ns"])), equal_to([
+            ("a", "2020-01-01T00:00:00.123456789"), ("b", "1969-12-31T23:59:59.999999999"), ("c", None),
+            ("d", "9999-12-31T23:59:59"), ("e", "0001-01-01T00:00:00.000005"), ("f", None),
+        ]))  # fmt: skip

@@ -400,9 +400,9 @@ def test_rows_refused_as_bad_input_keep_their_documents(tmp_path, minilm_path, v
     rows = versions[0][:10]
     _index(tmp_path, minilm_path, _write(tmp_path / "v1.parquet", rows), "docs")
     before = _points(tmp_path, "docs")
-    # The same export with its text column now binary: every row is refused (non-string text).
+    # The same export with its text column now a number: every row is refused (non-string text).
     table = pa.table({"id": [r["id"] for r in rows], "title": [r["title"] for r in rows],
-                      "text": pa.array([r["text"].encode() for r in rows], pa.binary())})  # fmt: skip
+                      "text": pa.array([len(r["text"]) for r in rows], pa.int64())})  # fmt: skip
     pq.write_table(table, tmp_path / "v2.parquet")
     summary = _index(tmp_path, minilm_path, tmp_path / "v2.parquet", "docs", "--delete-missing")
     assert summary["deletion"] == {"documents_deleted": 0, "points_deleted": 0, "documents_kept_refused": 10,

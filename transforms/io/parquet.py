@@ -35,12 +35,19 @@ from transforms.types import DEAD, DeadLetter, Document, content_hash
 
 
 def match_files(pattern: str) -> list[str]:
-    """Paths matching a glob (local or gs://), sorted; a clear error when none match."""
+    """Paths matching a glob (local or gs://), sorted; a clear error when none match.
+
+    An empty object whose name ends in ``/`` is an object store's folder marker (``gs://b/docs/``, made by
+    the Cloud Console's "Create folder", gcsfuse, Hadoop's connector), which ``gs://b/docs/*`` matches:
+    not an input file, so it is left out, not refused as an unreadable one.
+    """
     try:
         results = FileSystems.match([pattern])
     except Exception as exc:  # Beam wraps every filesystem error in BeamIOError
         raise FileNotFoundError(f"cannot list {pattern!r}: {exc}") from exc
-    paths = sorted(m.path for r in results for m in r.metadata_list)
+    paths = sorted(
+        m.path for r in results for m in r.metadata_list if not (m.path.endswith("/") and m.size_in_bytes == 0)
+    )
     if not paths:
         raise FileNotFoundError(f"no files match {pattern!r}")
     return paths
@@ -48,6 +55,8 @@ def match_files(pattern: str) -> list[str]:
 
 def file_problem(path: str, required: Sequence[str]) -> str | None:
     """Why ``path`` cannot be read for ``required`` columns (footer only), or None when it can."""
+    if not FileSystems.get_scheme(path) and os.path.isdir(path):  # e.g. Spark's output folder "docs.parquet"
+        return f"a folder, not a Parquet file; give a glob of its files, e.g. {os.path.join(path, '*.parquet')!r}"
     try:
         with FileSystems.open(path) as f:
             schema = pq.ParquetFile(f).schema_arrow
@@ -56,6 +65,9 @@ def file_problem(path: str, required: Sequence[str]) -> str | None:
     missing = [c for c in required if c not in schema.names]
     if missing:
         return f"missing column(s) {', '.join(missing)}; the file has: {', '.join(schema.names)}"
+    repeated = [c for c in dict.fromkeys(required) if schema.names.count(c) > 1]
+    if repeated:  # which one is meant cannot be told (a reader would silently take one of them)
+        return "column(s) " + ", ".join(f"{c} ({schema.names.count(c)} times)" for c in repeated) + " appear more than once"
     return None
 
 
@@ -194,6 +206,23 @@ def column_values(array: pa.Array) -> list[Any]:
     return values
 
 
+def _int96_columns(parquet: pq.ParquetFile, names: Sequence[str]) -> list[str]:
+    """The top-level columns of ``names`` stored as INT96 timestamps (Spark's default, Hive, Impala)."""
+    schema = parquet.schema
+    return [c.path for c in (schema.column(i) for i in range(len(schema)))
+            if c.physical_type == "INT96" and c.path in names]  # fmt: skip
+
+
+def _int96_beyond_ns(ns: pa.Array, us: pa.Array) -> dict[int, Any]:
+    """The values of an INT96 column that its nanosecond reading (``ns``) got wrong, by position, from its
+    microsecond reading (``us``) of the same rows. Nanoseconds hold only the years 1677-2262; an INT96 beyond
+    them (``9999-12-31``, a common "valid until" sentinel) wraps around silently to another date."""
+    exact = ns.cast(pa.int64()).to_pylist()
+    micros = us.cast(pa.int64()).to_pylist()
+    wrong = [i for i, (n, u) in enumerate(zip(exact, micros)) if n is not None and u is not None and n // 1000 != u]
+    return {i: column_values(us.slice(i, 1))[0] for i in wrong}
+
+
 class _ReadRowGroup(beam.DoFn):
     def __init__(self, columns: list[str], keep_unconvertible: bool = False) -> None:
         self.columns = columns
@@ -204,7 +233,12 @@ class _ReadRowGroup(beam.DoFn):
         path, rg, first = element
         try:
             with FileSystems.open(path) as f:
-                table = pq.ParquetFile(f).read_row_group(rg, columns=self.columns)
+                parquet = pq.ParquetFile(f)
+                table = parquet.read_row_group(rg, columns=self.columns)
+                int96 = _int96_columns(parquet, table.column_names)
+                if int96:  # read as nanoseconds, exact; their microsecond reading corrects values beyond them
+                    f.seek(0)
+                    micros = pq.ParquetFile(f, coerce_int96_timestamp_unit="us").read_row_group(rg, columns=int96)
         except Exception as exc:  # a corrupt page: this row group is lost, the others are not
             self.unreadable.inc()
             reason = f"unreadable row group {rg} (rows from {first + 1}): {type(exc).__name__}: {exc}"
@@ -214,6 +248,11 @@ class _ReadRowGroup(beam.DoFn):
         for batch in table.to_batches(max_chunksize=1024):
             names = batch.schema.names
             columns = [column_values(batch.column(i)) for i in range(batch.num_columns)]
+            for name in int96:
+                values = columns[names.index(name)]
+                us = micros.column(name).slice(n - first, batch.num_rows).combine_chunks()
+                for i, value in _int96_beyond_ns(batch.column(names.index(name)), us).items():
+                    values[i] = value
             for i in range(batch.num_rows):
                 row = {name: values[i] for name, values in zip(names, columns)}
                 reason = None if self.keep_unconvertible else unconvertible_reason(row)
@@ -373,6 +412,11 @@ def row_to_document(
         return reject(unconvertible)
     if text is None:
         return reject(f"null text (column {columns.text!r})")
+    if isinstance(text, bytes):  # a binary column (writers that leave out Parquet's UTF8 annotation): UTF-8 text
+        try:
+            text = text.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            return reject(f"text is not UTF-8 (column {columns.text!r}: {exc.reason} at byte {exc.start})")
     if not isinstance(text, str):
         return reject(f"non-string text (column {columns.text!r} holds {type(text).__name__})")
     if not text.strip():

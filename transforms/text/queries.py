@@ -306,6 +306,11 @@ def parse_query_row(
     raw = row[columns.query]
     if raw is None:
         return reject(f"null query (column {columns.query!r})")
+    if isinstance(raw, bytes):  # a binary column (writers that leave out Parquet's UTF8 annotation): UTF-8 text
+        try:
+            raw = raw.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            return reject(f"query is not UTF-8 (column {columns.query!r}: {exc.reason} at byte {exc.start})")
     if not isinstance(raw, str):
         return reject(f"non-string query (column {columns.query!r} holds {type(raw).__name__})")
     text = normalize_query(raw)
