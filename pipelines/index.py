@@ -424,7 +424,9 @@ def _finish(
     points = store.count(config.collection)
     alias = _switch_alias(config, store, counts, points, unread) if config.alias else None
     refused = (alias or {}).get("refused")
-    partial = _partial(counts, config, refused, unread)
+    # --delete-missing asked for, not done: a scheduler must see it (status 3), not only the summary's line
+    not_deleted = ["--delete-missing deleted nothing (see deletion.skipped)"] if (deletion or {}).get("skipped") else []
+    partial = _partial(counts, config, refused, [*unread, *not_deleted])
     status = "alias_refused" if refused else "partial" if partial else "ok"
     return {
         "pipeline": "index",
@@ -487,6 +489,8 @@ def _delete_missing(
             f"{os.path.dirname(doc_ids_prefix)}); with workers on other machines, set --temp_location to a path "
             "they share with it (gs://...)"
         )
+    elif not held and not refused:  # an empty export (zero-row files) would empty the collection
+        untold.append("the input holds no document: to empty the collection, delete it")
     if untold:
         return {"skipped": f"cannot tell every document the input holds ({'; '.join(untold)}): nothing deleted",
                 "documents_deleted": 0, "points_deleted": 0}  # fmt: skip

@@ -443,6 +443,22 @@ def test_ids_the_driver_cannot_read_back_delete_nothing(tmp_path, minilm_path, v
     assert sorted(_points(tmp_path, "docs")) == sorted(before)
 
 
+def test_an_input_of_zero_rows_deletes_nothing_and_the_run_is_partial(tmp_path, minilm_path, versions):
+    # An upstream export that wrote only empty files emptied the whole collection, status ok.
+    rows = versions[0][:3]
+    _index(tmp_path, minilm_path, _write(tmp_path / "v1.parquet", rows), "docs")
+    before = _points(tmp_path, "docs")
+    empty = pa.Table.from_pylist(rows).slice(0, 0)
+    pq.write_table(empty, tmp_path / "empty.parquet")
+    summary = _index(tmp_path, minilm_path, str(tmp_path / "empty.parquet"), "docs", "--delete-missing")
+    assert summary["deletion"] == {
+        "skipped": "cannot tell every document the input holds (the input holds no document: to empty the "
+                   "collection, delete it): nothing deleted", "documents_deleted": 0, "points_deleted": 0,
+    }  # fmt: skip
+    assert (summary["status"], summary["partial"]) == ("partial", "--delete-missing deleted nothing (see deletion.skipped)")
+    assert sorted(_points(tmp_path, "docs")) == sorted(before)
+
+
 def test_a_run_into_an_existing_empty_collection_records_its_model_before_it_writes(tmp_path, minilm_path, versions,
                                                                                     monkeypatch):
     # Else: created by a run of model b that wrote nothing, then a run of this model interrupted after writing
