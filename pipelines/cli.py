@@ -103,18 +103,10 @@ def _run(name: str, job: Callable[[], Any], verbose: bool, args: argparse.Namesp
     try:
         result = job()
     except KeyboardInterrupt as exc:
-        if isinstance(exc, JobInterrupted):  # its job's threads, dying, log on; they may never end: do not wait
-            logging.disable(logging.CRITICAL)
-        sys.stderr.write(f"corpus-etl {name}: interrupted\n")
-        sys.stderr.flush()
-        if isinstance(exc, JobInterrupted):
-            sys.stdout.flush()
-            os._exit(EXIT_INTERRUPTED)
-        return EXIT_INTERRUPTED
+        return _last_line(f"corpus-etl {name}: interrupted", EXIT_INTERRUPTED, now=isinstance(exc, JobInterrupted))
     except Exception as exc:  # noqa: BLE001 - every failure becomes one line and a status
         if interrupted(exc):  # Ctrl-C inside a running job: Beam re-raises it as another exception
-            print(f"corpus-etl {name}: interrupted", file=sys.stderr, flush=True)
-            return EXIT_INTERRUPTED
+            return _last_line(f"corpus-etl {name}: interrupted", EXIT_INTERRUPTED)
         if verbose:
             print(redact_text("".join(traceback.format_exception(exc))), end="", file=sys.stderr)
         try:
@@ -132,20 +124,27 @@ def _run(name: str, job: Callable[[], Any], verbose: bool, args: argparse.Namesp
             message, status = f"{type(exc).__name__}: {first_line(exc)}", EXIT_FAILED
         hint = "" if verbose or error is not None else " (-v shows the traceback)"
         # A library's message may quote the URL it was given, credentials and all.
-        if isinstance(exc, JobAbandoned):  # the runner's threads log on as they die: the line below is the last
-            logging.disable(logging.CRITICAL)
-        # One write, newline included: a runner thread's late output cannot land inside the line.
-        sys.stderr.write(redact_text(f"corpus-etl {name}: error: {message}{hint}") + "\n")
-        sys.stderr.flush()
-        if isinstance(exc, JobAbandoned):  # the runner's threads may never end: do not wait for them
-            sys.stdout.flush()
-            os._exit(status)
-        return status
+        return _last_line(redact_text(f"corpus-etl {name}: error: {message}{hint}"), status,
+                          now=isinstance(exc, JobAbandoned))  # fmt: skip
     partial = result.get("partial") if isinstance(result, dict) else None
     if partial:
-        print(f"corpus-etl {name}: partial: {partial}", file=sys.stderr, flush=True)
-        return EXIT_PARTIAL
+        return _last_line(f"corpus-etl {name}: partial: {partial}", EXIT_PARTIAL)
     return EXIT_OK
+
+
+def _last_line(line: str, status: int, *, now: bool = False) -> int:
+    """Write the command's one line on stderr (one write, newline included: a runner thread's late output
+    cannot land inside it) and return ``status``. ``now``: the runner stopped a job whose threads may never
+    end and log on as they die (``JobAbandoned``, ``JobInterrupted``): logging is silenced so the line stays
+    the last, and the process exits at once instead of waiting for them."""
+    if now:
+        logging.disable(logging.CRITICAL)
+    sys.stderr.write(line + "\n")
+    sys.stderr.flush()
+    if now:
+        sys.stdout.flush()
+        os._exit(status)
+    return status
 
 
 def _models(args: argparse.Namespace) -> dict[str, str]:

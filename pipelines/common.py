@@ -245,7 +245,8 @@ def _check_local_parent(flag: str, path: str, *, folder: bool) -> None:
     while not os.path.exists(part) and os.path.dirname(part) != part:  # the nearest existing folder up
         part = os.path.dirname(part)
     if not os.path.isdir(part):
-        raise PreflightError(f"{flag} {path}: {part} is a file, not a folder; write {flag} elsewhere")
+        todo = "give a folder (local or gs://)" if folder else f"write {flag} elsewhere"
+        raise PreflightError(f"{flag} {path}: {part} is a file, not a folder; {todo}")
 
 
 def check_local_device(options: PipelineOptions, device: str) -> None:

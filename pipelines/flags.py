@@ -387,7 +387,6 @@ def sample_parser() -> argparse.ArgumentParser:
     return parser
 
 
-
 def dump_parser() -> argparse.ArgumentParser:
     from pipelines import dump  # standard library only at import: its docstring is the help
 

@@ -223,10 +223,11 @@ def run_config(config: IndexConfig, beam_args: list[str] | None = None, test_pip
     except ValueError as exc:
         raise PreflightError(str(exc)) from exc
     check_output_locations({"--dead-letter": config.dead_letter, "--summary-out": config.summary_out}, p.options)
+    gate_judged = None
     if config.gate:  # read now, not after an hour of embedding: a bad file is exit 2, nothing written
         from pipelines.evaluate import read_judged
 
-        read_judged(config.gate.queries, config.gate.qrels, ("--gate-queries", "--gate-qrels"))
+        gate_judged = read_judged(config.gate.queries, config.gate.qrels, ("--gate-queries", "--gate-qrels"))
     try:  # the model's files, read once; chunk size against the model's limit
         spec = read_spec(config)
         config.chunking.check_model(spec)
@@ -259,7 +260,8 @@ def run_config(config: IndexConfig, beam_args: list[str] | None = None, test_pip
         pause_point("finish")  # tests: a kill here leaves the points written, nothing deleted, no alias
         elapsed = time.time() - started
         try:
-            summary = _finish(config, store, counts or {}, files, skipped, doc_ids_prefix, collection, where)
+            summary = _finish(config, store, counts or {}, files, skipped, doc_ids_prefix, collection, where,
+                              gate_judged)  # fmt: skip
         except Exception as exc:  # the points are written: not a pre-flight failure, whatever the cause
             reason = translate(exc, qdrant_url=config.qdrant.url) or f"{type(exc).__name__}: {first_line(exc)}"
             failed = JobFailed(f"the job ran, then finishing it failed: {reason}")
@@ -408,6 +410,7 @@ def _finish(
     doc_ids_prefix: str | None,
     collection: CollectionSpec,
     where: str,
+    gate_judged: tuple[dict[str, str], dict[str, dict[str, int]]] | None = None,
 ) -> dict[str, Any]:
     """After the job: the collection's recorded settings, deletions, HNSW, the guarded alias switch, the summary."""
     # What the collection now holds is what this run wrote: its model and settings replace the recorded ones
@@ -422,7 +425,7 @@ def _finish(
     deletion = _delete_missing(config, store, counts, doc_ids_prefix, unread)
     hnsw = store.build_index(config.collection, config.hnsw) if config.hnsw else None
     points = store.count(config.collection)
-    alias = _switch_alias(config, store, counts, points, unread) if config.alias else None
+    alias = _switch_alias(config, store, counts, points, unread, gate_judged) if config.alias else None
     refused = (alias or {}).get("refused")
     # --delete-missing asked for, not done: a scheduler must see it (status 3), not only the summary's line
     not_deleted = ["--delete-missing deleted nothing (see deletion.skipped)"] if (deletion or {}).get("skipped") else []
@@ -511,9 +514,11 @@ def _delete_missing(
 
 
 def _switch_alias(
-    config: IndexConfig, store: VectorStore, counts: dict[str, int], points: int, unread: list[str]
+    config: IndexConfig, store: VectorStore, counts: dict[str, int], points: int, unread: list[str],
+    gate_judged: tuple[dict[str, str], dict[str, dict[str, int]]] | None = None,
 ) -> dict[str, Any]:
-    """Point ``--alias`` at the new collection only when every guard passes; else say why, untouched."""
+    """Point ``--alias`` at the new collection only when every guard passes; else say why, untouched.
+    ``gate_judged``: the gate's queries and qrels (``evaluate.read_judged``), read before the job."""
     alias = config.alias or ""
     current = store.aliases().get(alias)
     reasons = []
@@ -531,7 +536,8 @@ def _switch_alias(
         reasons.append(f"not every input was read ({'; '.join(unread)})")
     gate = None
     if config.gate and not reasons:
-        gate = _gate(config, store, current)
+        assert gate_judged is not None, "the gate's files are read before the job"
+        gate = _gate(config, store, current, gate_judged)
         if gate["refused"]:
             reasons.append(gate["refused"])
     if reasons:
@@ -543,20 +549,23 @@ def _switch_alias(
     return {"name": alias, "previous": previous, "gate": gate}
 
 
-def _gate(config: IndexConfig, store: VectorStore, current: str | None) -> dict[str, Any]:
+def _gate(
+    config: IndexConfig, store: VectorStore, current: str | None,
+    judged_qrels: tuple[dict[str, str], dict[str, dict[str, int]]],
+) -> dict[str, Any]:  # fmt: skip
     """The gate metric of the new collection and of the alias's current target, each with its own model.
 
     The new collection is scored with ``--model`` and this run's ``--dim``/``--max-length``; the current
     target with the model and settings it records (``collection_spec``: those of the last run that wrote
     it), so a worse model cannot pass by scoring the old vectors with the new model's queries. A target
     that records no model, or whose model cannot be loaded as it was, cannot be scored: the switch is
-    refused, with the reason.
+    refused, with the reason. ``judged_qrels``: the gate's queries and qrels, read before the job.
     """
-    from pipelines.evaluate import evaluate_collection, query_encoder, read_judged
+    from pipelines.evaluate import evaluate_collection, query_encoder
 
     gate = config.gate
     assert gate is not None
-    judged, qrels = read_judged(gate.queries, gate.qrels, ("--gate-queries", "--gate-qrels"))
+    judged, qrels = judged_qrels
 
     def metric(collection: str, encoder: Any) -> float:
         return evaluate_collection(config.qdrant, collection, encoder, judged, qrels, top_k=gate.top_k)[gate.metric]

@@ -17,7 +17,6 @@ import dataclasses
 import functools
 import json
 import logging
-import pathlib
 import time
 from collections.abc import Sequence
 from typing import Any
@@ -236,7 +235,6 @@ def run_config(config: LabelConfig, beam_args: list[str] | None = None, test_pip
     building = build_only(p.options)
     if building:  # a dry run or a template: no store, no input here; the workers check them
         return _build_job(config, p, building, started)
-    check_out_folder(config.out)
     check_output_locations({"--out": config.out, "--summary-out": config.summary_out}, p.options, folders=["--out"])
     query_files = _input_files("--queries", config.queries, config.checked_query_columns)
     corpus_files: list[str] = []
@@ -314,19 +312,6 @@ def _input_files(flag: str, pattern: str, columns: Sequence[str]) -> list[str]:
         raise PreflightError(f"{flag}: {exc}; check the path or glob (local or gs://)") from exc
     except BadFilesError as exc:
         raise PreflightError(f"{flag}: {exc}") from exc
-
-
-def check_out_folder(out: str) -> None:
-    """``--out`` must be a folder that can be created: a local path naming a file would fail only after
-    every pair was scored, when the datasets are written."""
-    if "://" in out:  # gs:// and other object stores have no files in the way of a folder
-        return
-    path = pathlib.Path(out)
-    for part in (path, *path.parents):
-        if part.exists():
-            if not part.is_dir():
-                raise PreflightError(f"--out {out}: {part} is a file, not a folder; give a folder (local or gs://)")
-            break
 
 
 def check_collection(qdrant: QdrantConfig, collection: str, size: int) -> None:

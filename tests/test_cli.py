@@ -435,27 +435,19 @@ def test_ctrl_c_inside_a_running_job_is_interrupted_with_status_130(capsys, capl
 
 
 # -- API keys --------------------------------------------------------------------------------
-def test_api_key_over_plain_http_to_a_remote_host_is_refused_without_imports():
+@pytest.mark.parametrize(
+    ("command", "target"),
+    [("search", ["--collection", "c", "--qdrant-url", "http://user:pw@qdrant.example:6333"]),
+     # README: plain http to another host is refused (status 2) unless --allow-insecure-api-key; copy's --to-url too
+     ("copy", ["--collection", "c", "--qdrant-path", "{tmp}", "--to-url", "http://user:pw@qdrant.example:6333"])],
+)  # fmt: skip
+def test_api_key_over_plain_http_to_a_remote_host_is_refused_without_imports(command, target, tmp_path):
     env = _env(QDRANT_KEY="k")
-    argv = ["search", "--collection", "c", "--qdrant-url", "http://user:pw@qdrant.example:6333",
-            "--qdrant-api-key-env", "QDRANT_KEY", "hi"]
+    argv = [command, *(t.format(tmp=tmp_path) for t in target), "--qdrant-api-key-env", "QDRANT_KEY",
+            *(["hi"] if command == "search" else [])]  # fmt: skip
     result = cli(*argv, env=env)
     assert one_line(result) == (
-        "corpus-etl search: error: --qdrant-api-key-env QDRANT_KEY would send the API key unencrypted to "
-        "http://***@qdrant.example:6333; use an https:// URL, or pass --allow-insecure-api-key if the network is trusted"
-    )
-    assert result.returncode == EXIT_USAGE
-    assert _probe(*argv, env=env) == {"status": EXIT_USAGE, "heavy": []}
-
-
-def test_copy_refuses_an_api_key_over_plain_http_to_a_remote_target_without_imports(tmp_path):
-    """README: plain http to another host is refused (status 2) unless --allow-insecure-api-key; copy's --to-url too."""
-    env = _env(QDRANT_KEY="k")
-    argv = ["copy", "--collection", "c", "--qdrant-path", str(tmp_path), "--to-url", "http://user:pw@qdrant.example:6333",
-            "--qdrant-api-key-env", "QDRANT_KEY"]
-    result = cli(*argv, env=env)
-    assert one_line(result) == (
-        "corpus-etl copy: error: --qdrant-api-key-env QDRANT_KEY would send the API key unencrypted to "
+        f"corpus-etl {command}: error: --qdrant-api-key-env QDRANT_KEY would send the API key unencrypted to "
         "http://***@qdrant.example:6333; use an https:// URL, or pass --allow-insecure-api-key if the network is trusted"
     )
     assert result.returncode == EXIT_USAGE

@@ -511,7 +511,6 @@ def test_the_gate_embeds_its_queries_with_the_query_instruction(monkeypatch, sam
         loaded.append((model, kwargs.get("query_instruction")))
         return object()
 
-    monkeypatch.setattr(evaluate, "read_judged", lambda *a: ({"q1": "what"}, {"q1": {"d1": 1}}))
     monkeypatch.setattr(evaluate, "query_encoder", query_encoder)
     monkeypatch.setattr(evaluate, "evaluate_collection", lambda *a, **k: {"nDCG@10": 0.5})
 
@@ -519,7 +518,7 @@ def test_the_gate_embeds_its_queries_with_the_query_instruction(monkeypatch, sam
         def collection_spec(self, name):
             return CollectionSpec(8, model=config.model if same_model else "other/model", settings={"dim": 4})
 
-    out = index._gate(config, Store(), "old")
+    out = index._gate(config, Store(), "old", ({"q1": "what"}, {"q1": {"d1": 1}}))
     assert out["current"] == 0.5 and out["refused"] is None
     assert loaded == [(config.model, task), (config.model if same_model else "other/model", task)]
 
