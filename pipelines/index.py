@@ -19,6 +19,7 @@ settings changed are embedded; ``--force`` embeds everything.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import functools
 import json
 import logging
@@ -62,7 +63,7 @@ from transforms.io.preflight import LaunchChecks
 from transforms.io.qdrant import WriteToQdrant, chunk_payload
 from transforms.io.store import CollectionSpec, VectorStore, model_held, open_store, same_model
 from transforms.models.devices import TokenBudgets
-from transforms.models.settings import EmbeddingSpec
+from transforms.models.settings import LEGACY_REVISION_PREFIX, EmbeddingSpec, legacy_model_revision, model_revision
 from transforms.progress import report_progress, reset_reporters
 from transforms.text.chunk import ChunkDocuments
 from transforms.types import DEAD, DeadLetter
@@ -86,6 +87,7 @@ def build_pipeline(
     skipped: Sequence[DeadLetter] | beam.pvalue.PCollection = (),
     digest: str = "",
     doc_ids_prefix: str | None = None,
+    legacy_digest: str | None = None,
 ) -> dict[str, beam.PCollection]:
     """Wire the index job onto ``p``. Returns the named outputs (for tests and composition).
 
@@ -96,7 +98,9 @@ def build_pipeline(
     ``skipped``: file-level dead letters of the files ``--skip-bad-files`` left out;
     ``digest``: the embedding settings' digest that every point's fingerprint includes;
     ``doc_ids_prefix``: where to write the ids of this run's documents and of its refused rows
-    (``_write_doc_ids``, for ``--delete-missing``).
+    (``_write_doc_ids``, for ``--delete-missing``);
+    ``legacy_digest``: the digest an earlier version's points were written with (``legacy_digest``),
+    whose points are taken over with their vectors instead of being embedded again.
     """
     spec = spec or read_spec(config)
     interval = config.progress_interval_s  # embed and write report from their own steps
@@ -110,6 +114,7 @@ def build_pipeline(
     fresh = chunks | "SkipUnchanged" >> SkipUnchanged(
         functools.partial(open_store, config.qdrant), config.collection,
         functools.partial(chunk_payload, model_id=config.model, digest=digest), force=config.force,
+        legacy_digest=legacy_digest,
     )  # fmt: skip
     shared = config.model_copies(p.options) == "machine"
     handler = embedding_handler(config, spec, worker_cpu_threads(p.options, config.cpu_threads), shared=shared)
@@ -179,6 +184,35 @@ def embedding_settings(config: IndexConfig, spec: EmbeddingSpec) -> dict[str, An
             "chunk_overlap": config.chunking.chunk_overlap}  # fmt: skip
 
 
+MIGRATING = "migrating_from_revision"  # recorded while a run takes over an earlier version's collection
+
+
+def legacy_digest(store: VectorStore, config: IndexConfig, settings: dict[str, Any]) -> tuple[str, str] | None:
+    """``(revision, digest)`` when the collection was last written by a version that recorded a local
+    model's revision in its older, header-only form (``legacy_model_revision``) and the model's files
+    still give that revision; else None.
+
+    Those versions' fingerprints cannot say whether the weights were retrained in place since, and
+    re-embedding a whole collection because the revision's form changed would cost hours. So their
+    points are taken on trust once: a point whose fingerprint is the one the earlier version would
+    give it now (same text and settings) keeps its vector and is re-written with this version's
+    fingerprint. From then on a retrained model re-embeds. Points of documents not in this run's
+    input keep the old fingerprint, and are embedded again when a later run reads them.
+    """
+    if not store.collection_exists(config.collection):
+        return None
+    recorded = store.collection_spec(config.collection)
+    was = recorded.settings.get(MIGRATING) or recorded.settings.get("revision")
+    if not (isinstance(was, str) and was.startswith(LEGACY_REVISION_PREFIX)) or not recorded.model:
+        return None
+    if not same_model(recorded.model, config.model) or legacy_model_revision(config.model) != was:
+        return None  # another model, or files changed since (a config, a tokenizer): nothing to take over
+    _LOG.info("%s was written by an earlier version, which recorded %s's revision as %s: its points whose text "
+              "and settings are unchanged keep their vectors and get this version's fingerprint (revision %s)",
+              config.collection, config.model, was, settings["revision"])  # fmt: skip
+    return was, settings_digest({**settings, "revision": was})
+
+
 def check_names(store: VectorStore, config: IndexConfig, where: str) -> None:
     """``--collection`` must not be an alias, ``--alias`` must not be a collection: refused before any write."""
     names.check_names(store, config.collection, config.alias, where, flag="--collection", verb="index",
@@ -240,16 +274,21 @@ def run_config(config: IndexConfig, beam_args: list[str] | None = None, test_pip
     try:
         check_names(store, config, where)
         check_model(store, config, where)
+        legacy = legacy_digest(store, config, settings)
         collection = CollectionSpec(size, model=config.model, settings=settings)
         created = store.ensure_collection(config.collection, collection)
         if not created:  # record this run's model now: a run interrupted after writing must be rerun with it
-            store.record_collection(config.collection, collection)
+            # ... and, while taking over a collection of an earlier version, the revision it was taken over
+            # from, so a rerun after a failure still takes over what this one had no time to (_finish drops it)
+            migrating = {MIGRATING: legacy[0]} if legacy else {}
+            store.record_collection(config.collection, dataclasses.replace(collection,
+                                                                           settings={**settings, **migrating}))
         _LOG.info(
             "indexing %d file(s) into %s/%s (%s, size %d, %s)",
             len(files), where, config.collection, config.model, size, "created" if created else "exists",
         )
         doc_ids_prefix = _doc_ids_prefix(p) if config.delete_missing else None
-        build_pipeline(p, config, spec, files, skipped, digest, doc_ids_prefix)
+        build_pipeline(p, config, spec, files, skipped, digest, doc_ids_prefix, legacy[1] if legacy else None)
         summary: dict[str, Any] = {"pipeline": "index", "status": "running", "input": config.input,
                                    "collection": config.collection, "qdrant": where}  # fmt: skip
         try:
@@ -595,7 +634,7 @@ def _gate(
     settings = recorded.settings
     if _revision_changed(recorded):
         out["refused"] = (f"model {recorded.model} changed since {current} was built with it (revision "
-                          f"{settings['revision']}, now {_revision(recorded.model)}), so {cannot}")  # fmt: skip
+                          f"{settings['revision']}, now {_revision(recorded.model, settings['revision'])}), so {cannot}")  # fmt: skip
         return out
     same = same_model(recorded.model, config.model)
     try:
@@ -617,18 +656,17 @@ def _gate(
     return out
 
 
-def _revision(model: str) -> str:
-    from transforms.models.settings import model_revision
-
-    return model_revision(model)
+def _revision(model: str, like: str = "") -> str:
+    """The model's revision now, in the form ``like`` was recorded in (an earlier version's, or this one's)."""
+    return (legacy_model_revision if like.startswith(LEGACY_REVISION_PREFIX) else model_revision)(model)
 
 
 def _revision_changed(recorded: CollectionSpec) -> bool:
     """Whether the recorded model's files are no longer those the collection was built with (both revisions known)."""
     was = recorded.settings.get("revision")
-    if not was or was == "unknown" or not recorded.model:
+    if not isinstance(was, str) or not was or was == "unknown" or not recorded.model:
         return False
-    now = _revision(recorded.model)
+    now = _revision(recorded.model, was)
     return now != "unknown" and now != was
 
 

@@ -175,7 +175,7 @@ def test_bad_rows_are_dead_letters_and_counted(labelled):
     assert labelled["summary"]["counters"]["dead_letters"] == 3
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["provenance"]["top_k"] == TOP_K
-    assert manifest["provenance"]["reranker"]["revision"].startswith("sha256:")
+    assert manifest["provenance"]["reranker"]["revision"].startswith("sha256v2:")
     assert manifest["provenance"]["reranker"]["precision"] == manifest["provenance"]["first_stage"]["precision"] == "fp32"
     computed = labelled["summary"]["precision_computed"]
     assert set(computed) == {"rerank", "query"} and set(computed["rerank"]) == set(computed["query"]) == {"fp32"}

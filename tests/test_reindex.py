@@ -530,3 +530,99 @@ def test_a_query_instruction_without_a_gate_is_refused():
     args = index_parser().parse_known_args(["--input", "x", "--collection", "c", "--query-instruction", "t"])[0]
     with pytest.raises(ValueError, match=r"^--query-instruction applies to the gate's queries"):
         index_config(args)
+
+
+def test_a_model_retrained_in_place_re_embeds_every_chunk(tmp_path, minilm_path, versions):
+    from tests.test_model_revision import model_copy, retrain_in_place
+
+    model = model_copy(minilm_path, tmp_path / "model")
+    corpus = _write(tmp_path / "v1.parquet", versions[0][:4])
+    first = _index(tmp_path, model, corpus, "docs")
+    before = _points(tmp_path, "docs")
+    retrain_in_place(model)  # same names and shapes, new values: what fine-tuning into the same folder does
+    again = _index(tmp_path, model, corpus, "docs")
+    assert (again["chunks_embedded"], again["chunks_reused"]) == (first["chunks_embedded"], 0)
+    after = _points(tmp_path, "docs")
+    assert sorted(after) == sorted(before) and all(not np.allclose(after[i][1], before[i][1]) for i in before)
+
+
+def _as_an_earlier_version(monkeypatch) -> None:
+    """Revisions in the form versions before 2026-11-27 recorded them, in the driver that reads the model."""
+    from transforms.models import settings
+
+    monkeypatch.setattr(settings, "model_revision", settings.legacy_model_revision)
+
+
+def test_a_collection_of_an_earlier_version_is_taken_over_without_embedding_again(tmp_path, minilm_path, versions,
+                                                                                   monkeypatch):
+    from tests.test_model_revision import model_copy
+
+    model = model_copy(minilm_path, tmp_path / "model")
+    corpus = _write(tmp_path / "v1.parquet", versions[0][:4])
+    with monkeypatch.context() as m:
+        _as_an_earlier_version(m)
+        first = _index(tmp_path, model, corpus, "docs")
+    store = EdgeStore(str(tmp_path / "q"))
+    assert store.meta("docs").settings["revision"].startswith("sha256:")
+    before = _points(tmp_path, "docs")
+    taken = _index(tmp_path, model, corpus, "docs")
+    n = first["chunks_embedded"]
+    assert (taken["chunks_embedded"], taken["chunks_reused"], taken["payloads_updated"]) == (0, n, n)
+    after = _points(tmp_path, "docs")
+    assert all(np.array_equal(after[i][1], before[i][1]) for i in before)  # the stored vectors, kept
+    assert all(after[i][0]["fingerprint"] != before[i][0]["fingerprint"] for i in before)
+    settings = EdgeStore(str(tmp_path / "q")).meta("docs").settings
+    assert settings["revision"] == EmbeddingSpec.read(model).revision and index.MIGRATING not in settings
+    third = _index(tmp_path, model, corpus, "docs")
+    assert (third["documents_unchanged"], third["chunks_reused"], third["payloads_updated"]) == (4, n, 0)
+
+
+def test_an_earlier_version_s_collection_is_embedded_again_when_the_model_files_changed(tmp_path, minilm_path,
+                                                                                        versions, monkeypatch):
+    from tests.test_model_revision import model_copy
+
+    model = model_copy(minilm_path, tmp_path / "model")
+    corpus = _write(tmp_path / "v1.parquet", versions[0][:4])
+    with monkeypatch.context() as m:
+        _as_an_earlier_version(m)
+        first = _index(tmp_path, model, corpus, "docs")
+    with open(os.path.join(model, "tokenizer_config.json")) as f:
+        cfg = json.load(f)
+    with open(os.path.join(model, "tokenizer_config.json"), "w") as f:
+        json.dump({**cfg, "model_max_length": 256}, f)  # what the earlier revision saw: no longer what it recorded
+    again = _index(tmp_path, model, corpus, "docs")
+    assert (again["chunks_embedded"], again["chunks_reused"]) == (first["chunks_embedded"], 0)
+
+
+def test_a_take_over_that_did_not_finish_goes_on_in_the_next_run(tmp_path, minilm_path):
+    # A run taking over records the revision it took over from at its start; a failed run leaves it there (the
+    # record at the end, which drops it, is not reached), and the rerun takes over the points still left.
+    import types
+
+    from transforms.io.incremental import settings_digest
+    from transforms.models.settings import legacy_model_revision
+
+    store = EdgeStore(str(tmp_path / "q"))
+    was = legacy_model_revision(minilm_path)
+    settings = {"model": minilm_path, "revision": EmbeddingSpec.read(minilm_path).revision, "dim": None,
+                "max_length": None, "chunk_tokens": 96, "chunk_overlap": 16}  # fmt: skip
+    store.ensure_collection("docs", CollectionSpec(384, model=minilm_path, settings={**settings, index.MIGRATING: was}))
+    config = types.SimpleNamespace(collection="docs", model=minilm_path)
+    assert index.legacy_digest(store, config, settings) == (was, settings_digest({**settings, "revision": was}))
+    store.record_collection("docs", CollectionSpec(384, model=minilm_path, settings=settings))  # the run finished
+    assert index.legacy_digest(store, config, settings) is None
+    store.record_collection("docs", CollectionSpec(384, model=minilm_path, settings={**settings, "revision": was}))
+    assert index.legacy_digest(store, config, settings)[0] == was  # an earlier version's own record
+    assert index.legacy_digest(store, types.SimpleNamespace(collection="new", model=minilm_path), settings) is None
+
+
+def test_the_gate_scores_a_current_target_an_earlier_version_built(tmp_path, minilm_path, sample_dir, monkeypatch):
+    # Its revision is in the earlier form: compared in that form, the model is unchanged and the target is scored.
+    gate = ["--gate-queries", sample_dir["queries"], "--gate-qrels", sample_dir["qrels"]]
+    with monkeypatch.context() as m:
+        _as_an_earlier_version(m)
+        old = _index(tmp_path, minilm_path, sample_dir["corpus"], "old", "--alias", "live", *gate)
+    new = _index(tmp_path, minilm_path, sample_dir["corpus"], "new", "--alias", "live", *gate)
+    assert new["status"] == "ok" and new["alias"]["gate"]["refused"] is None
+    assert new["alias"]["gate"]["current"] == old["alias"]["gate"]["new"]
+    assert EdgeStore(str(tmp_path / "q")).aliases() == {"live": "new"}

@@ -24,7 +24,10 @@ A document whose every chunk is left as it is (reused, none re-written) is
 is not, and its re-written chunks are ``payloads_updated``. For every document of
 the input, points with ``chunk_index >= n_chunks`` are deleted (one filtered delete per
 batch of documents), so a reindexed document holds exactly its new chunks whatever gaps
-or leftovers an earlier crashed or partial run left. ``force=True`` embeds everything.
+or leftovers an earlier crashed or partial run left. ``force=True`` embeds everything. A point an earlier version wrote, whose fingerprint
+holds the older form of the model's revision (``pipelines.index.legacy_digest``), counts
+as the same fingerprint when it is the one that version would give the chunk now: it is
+re-written with its stored vector and this version's fingerprint, once.
 """
 
 from __future__ import annotations
@@ -64,12 +67,14 @@ class _SkipUnchanged(beam.DoFn):
         *,
         batch_chunks: int = 2048,
         force: bool = False,
+        legacy_digest: str | None = None,
     ) -> None:
         self.open_store = open_store
         self.collection = collection
         self.payload_of = payload_of
         self.batch_chunks = batch_chunks
         self.force = force
+        self.legacy_digest = legacy_digest
         self.unchanged = Metrics.counter("corpus_etl", "documents_unchanged")
         self.reused = Metrics.counter("corpus_etl", "chunks_reused")
         self.to_embed = Metrics.counter("corpus_etl", "chunks_embedded")
@@ -115,7 +120,7 @@ class _SkipUnchanged(beam.DoFn):
             want = self.payload_of(chunk)
             have = stored.get(chunk.point_id)
             wanted_fp = want.get("fingerprint")  # None: no settings digest, nothing can be proven unchanged
-            if have is None or wanted_fp is None or have.get("fingerprint") != wanted_fp:
+            if have is None or wanted_fp is None or not self._same(chunk, have.get("fingerprint"), wanted_fp):
                 changed_docs.add(chunk.doc_id)
                 self.to_embed.inc()
                 yield chunk
@@ -135,6 +140,12 @@ class _SkipUnchanged(beam.DoFn):
                 yield beam.pvalue.TaggedOutput(REUSED, EmbeddedChunk(chunk, tuple(vectors[chunk.point_id])))
         self.unchanged.inc(sum(1 for d in docs if d not in changed_docs))
 
+    def _same(self, chunk: Chunk, have: Any, want: str) -> bool:
+        """Whether the stored fingerprint proves the stored vector is this chunk's: it is the one wanted, or
+        the one an earlier version gave it (``legacy_digest``: re-written, since the payload differs)."""
+        return have == want or (self.legacy_digest is not None and have == fingerprint(chunk.embed_text,
+                                                                                          self.legacy_digest))
+
 
 class SkipUnchanged(beam.PTransform):
     """``Chunk`` → ``{"to_embed": Chunk, "reused": EmbeddedChunk}``; see the module docstring."""
@@ -147,14 +158,16 @@ class SkipUnchanged(beam.PTransform):
         *,
         force: bool = False,
         batch_chunks: int = 2048,
+        legacy_digest: str | None = None,
     ) -> None:
         super().__init__()
         self.args = (open_store, collection, payload_of)
-        self.force, self.batch_chunks = force, batch_chunks
+        self.force, self.batch_chunks, self.legacy_digest = force, batch_chunks, legacy_digest
 
     def expand(self, chunks):
         out = chunks | "LookUpStoredPoints" >> beam.ParDo(
-            _SkipUnchanged(*self.args, batch_chunks=self.batch_chunks, force=self.force)
+            _SkipUnchanged(*self.args, batch_chunks=self.batch_chunks, force=self.force,
+                           legacy_digest=self.legacy_digest)
         ).with_outputs(REUSED, main="to_embed")
         return {"to_embed": out.to_embed, REUSED: out[REUSED]}
 

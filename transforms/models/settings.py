@@ -200,17 +200,51 @@ class EmbeddingSpec:
         )
 
 
-def model_revision(model: str) -> str:
-    """A revision for the manifest: the hub commit of a cached model, or a digest of a local one.
+REVISION_PREFIX = "sha256v2:"
+LEGACY_REVISION_PREFIX = "sha256:"  # header-only digests, recorded by versions before 2026-11-27
+_SAMPLE = 4096  # bytes read of every _STRIDE bytes of weights
+_STRIDE = 256 * 1024
+_WEIGHT_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".msgpack", ".h5", ".gguf", ".onnx")
 
-    For a local directory: sha256 over its config and tokenizer files and the safetensors
-    headers (tensor names, shapes, offsets), which change whenever the weights do.
+
+def model_revision(model: str) -> str:
+    """What identifies the model's files: the hub commit of a cached model, or a digest of a local one.
+
+    It is part of every point's fingerprint (``pipelines.index.embedding_settings``), so a change here
+    re-embeds. For a local folder, sha256 over: the config and tokenizer files (``*.json``, ``*.txt``);
+    each ``*.safetensors`` file's header (tensor names, dtypes, shapes, offsets) and a sample of every
+    tensor's bytes (4 KiB of every 256 KiB, its first and last 4 KiB always), so a model retrained in
+    place, same shapes and new values, gets a new revision; other weight files (``.bin``, ``.pt``, ...):
+    their size and the same sample; and the same for the sentence-transformers module folders that
+    ``modules.json`` names (``1_Pooling``, ``2_Dense``), which the vector depends on too. Sampling keeps
+    it to ~1/64 of the bytes (an 8B model reads ~250 MB, not 16 GB); an edit of a few values that no
+    sample covers is not seen (``--force`` re-embeds after one).
     """
     path = resolve_model(model)
     if not os.path.isdir(path):
-        ref = os.path.join(os.environ.get("HF_HUB_CACHE", os.path.expanduser("~/.cache/huggingface/hub")),
-                           "models--" + model.replace("/", "--"), "refs", "main")
-        return open(ref).read().strip() if os.path.exists(ref) else "unknown"
+        return _hub_revision(model)
+    digest = hashlib.sha256()
+    for name, full in _model_files(path):
+        if name.endswith((".json", ".txt")):
+            with open(full, "rb") as f:
+                digest.update(name.encode() + b"\0" + f.read())
+        elif name.endswith(".safetensors"):
+            _hash_safetensors(digest, name, full)
+        elif name.endswith(_WEIGHT_SUFFIXES):
+            size = os.path.getsize(full)
+            digest.update(f"{name}\0{size}\0".encode())
+            with open(full, "rb") as f:
+                _hash_sample(digest, f, 0, size)
+    return REVISION_PREFIX + digest.hexdigest()[:16]
+
+
+def legacy_model_revision(model: str) -> str:
+    """The revision as versions before 2026-11-27 recorded it (``sha256:``): the top folder's json and txt
+    files and the safetensors headers only, so it missed weights retrained in place. Read only to take
+    over collections those versions built (``pipelines.index``), never recorded."""
+    path = resolve_model(model)
+    if not os.path.isdir(path):
+        return _hub_revision(model)
     digest = hashlib.sha256()
     for name in sorted(os.listdir(path)):
         full = os.path.join(path, name)
@@ -222,4 +256,71 @@ def model_revision(model: str) -> str:
             with open(full, "rb") as f:
                 n = int.from_bytes(f.read(8), "little")
                 digest.update(name.encode() + f.read(n))
-    return "sha256:" + digest.hexdigest()[:16]
+    return LEGACY_REVISION_PREFIX + digest.hexdigest()[:16]
+
+
+def _hub_revision(model: str) -> str:
+    ref = os.path.join(os.environ.get("HF_HUB_CACHE", os.path.expanduser("~/.cache/huggingface/hub")),
+                       "models--" + model.replace("/", "--"), "refs", "main")  # fmt: skip
+    if not os.path.exists(ref):
+        return "unknown"
+    with open(ref) as f:
+        return f.read().strip()
+
+
+def _model_files(path: str) -> list[tuple[str, str]]:
+    """``(name relative to the folder, full path)`` of the top folder's files and of the module folders that
+    modules.json names, recursively, sorted by name; hidden files and folders (``.git``, caches) left out."""
+    folders = [""]
+    modules = os.path.join(path, "modules.json")
+    if os.path.isfile(modules):
+        try:
+            with open(modules, encoding="utf-8") as f:
+                entries = json.load(f)
+        except (OSError, ValueError):
+            entries = []  # an unreadable modules.json still counts by its bytes (top folder)
+        for entry in entries if isinstance(entries, list) else []:
+            sub = entry.get("path") if isinstance(entry, dict) else None
+            if isinstance(sub, str) and sub and os.path.isdir(os.path.join(path, sub)):
+                folders.append(os.path.normpath(sub))
+    found: dict[str, str] = {}
+    for folder in folders:
+        top = os.path.join(path, folder)
+        for root, dirs, files in os.walk(top):
+            if not folder:
+                dirs.clear()  # the top folder alone: other subfolders (onnx/, openvino/) are not read
+            dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+            for file in files:
+                if not file.startswith("."):
+                    full = os.path.join(root, file)
+                    found[os.path.relpath(full, path).replace(os.sep, "/")] = full
+    return sorted(found.items())
+
+
+def _hash_safetensors(digest: Any, name: str, full: str) -> None:
+    with open(full, "rb") as f:
+        n = int.from_bytes(f.read(8), "little")
+        header = f.read(n)
+        digest.update(name.encode() + b"\0" + header)
+        try:
+            tensors = json.loads(header)
+        except ValueError:
+            return  # not a safetensors file after all: its header bytes are what is hashed
+        spans = sorted(
+            (v["data_offsets"][0], v["data_offsets"][1])
+            for k, v in tensors.items()
+            if k != "__metadata__" and isinstance(v, dict) and len(v.get("data_offsets") or ()) == 2
+        )
+        for begin, end in spans:
+            _hash_sample(digest, f, 8 + n + begin, 8 + n + end)
+
+
+def _hash_sample(digest: Any, f: Any, begin: int, end: int) -> None:
+    """4 KiB of every 256 KiB of ``[begin, end)``, and its last 4 KiB: all of it when shorter than 8 KiB."""
+    if end - begin <= 2 * _SAMPLE:
+        f.seek(begin)
+        digest.update(f.read(end - begin))
+        return
+    for offset in [*range(begin, end - _SAMPLE, _STRIDE), end - _SAMPLE]:
+        f.seek(offset)
+        digest.update(f.read(_SAMPLE))
