@@ -148,7 +148,8 @@ def add_model_arguments(parser: argparse.ArgumentParser, *, with_batching: bool 
     group.add_argument(
         "--query-instruction",
         default=None,
-        help="task for queries, sent as 'Instruct: {task}\\nQuery:' (default: the model's own query prompt)",
+        help="task for queries, sent as 'Instruct: {task}\\nQuery:' (default: the model's own query prompt; "
+        "'': no prompt, the query as it is)",
     )
     if with_batching:
         group.add_argument(
@@ -284,7 +285,9 @@ def label_parser() -> argparse.ArgumentParser:
     first.add_argument("--collection", default=None, help="Qdrant collection built by `corpus-etl index`")
     first.add_argument("--model", default=DEFAULT_EMBEDDING_MODEL, help="the embedding model the index was built with")
     first.add_argument("--dim", type=int, default=None, help="the --dim the index was built with")
-    first.add_argument("--query-instruction", default=None, help="embedding instruction for queries")
+    first.add_argument("--query-instruction", default=None,
+                       help="task for queries, sent as 'Instruct: {task}\\nQuery:' (default: the model's own query "
+                       "prompt; '': no prompt)")
     first.add_argument("--candidates", default=None, metavar="RUN_FILE", help="TREC run file: qid Q0 docid rank score tag")
     first.add_argument("--corpus", default=None, metavar="GLOB", help="Parquet documents the run file ranks")
     first.add_argument("--id-column", default="id", help="--corpus id column")

@@ -373,3 +373,9 @@ def test_a_forked_child_tokenises_on_its_own_threads(encoder):
         os.waitpid(pid, 0)
         pytest.fail("the forked child hung tokenising")
     assert os.waitstatus_to_exitcode(status) == 0
+
+
+def test_an_empty_instruction_sends_the_query_as_it_is(reference, qwen3_embedding_dir):
+    # sentence-transformers' prompt="" : no prompt at all (it had fallen back to the model's default prompt)
+    encoder = TextEncoder(str(qwen3_embedding_dir), device="cpu", dtype=torch.float32, query_instruction="").load()
+    _close(encoder.encode(QUERIES, is_query=True), reference.embed(QUERIES))

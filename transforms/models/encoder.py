@@ -73,7 +73,7 @@ class TextEncoder(TorchModel):
     is the job's ``EmbeddingSpec`` (settings read once, in the driver), or an id or directory,
     read at load time with ``dim`` and ``max_length``. Documents get the repository's document
     prompt (none for Qwen3-Embedding); queries get its query prompt, or
-    ``Instruct: {query_instruction}\\nQuery:`` when an instruction is given.
+    ``Instruct: {query_instruction}\\nQuery:`` when an instruction is given (``""``: no prompt).
     """
 
     def __init__(
@@ -243,9 +243,10 @@ class TextEncoder(TorchModel):
     def prompt(self, is_query: bool) -> str:
         if not is_query:
             return self.settings.document_prompt
-        if self.query_instruction:
-            return QWEN3_INSTRUCTION_FORMAT.format(task=self.query_instruction)
-        return self.settings.query_prompt
+        if self.query_instruction is None:
+            return self.settings.query_prompt
+        # "" asks for no prompt at all (as sentence-transformers' prompt=""), not the model's default
+        return QWEN3_INSTRUCTION_FORMAT.format(task=self.query_instruction) if self.query_instruction else ""
 
     def tokenize(self, texts: Sequence[str], *, is_query: bool = False) -> list[list[int]]:
         """Token ids of ``texts`` with the prompt, truncated to ``max_length`` (``tokenize_ids``)."""
