@@ -379,3 +379,12 @@ def test_an_empty_instruction_sends_the_query_as_it_is(reference, qwen3_embeddin
     # sentence-transformers' prompt="" : no prompt at all (it had fallen back to the model's default prompt)
     encoder = TextEncoder(str(qwen3_embedding_dir), device="cpu", dtype=torch.float32, query_instruction="").load()
     _close(encoder.encode(QUERIES, is_query=True), reference.embed(QUERIES))
+
+
+def test_a_dim_below_qwen3_s_smallest_matryoshka_size_is_refused(qwen3_embedding_dir, minilm_path):
+    from transforms.models.settings import EmbeddingSpec
+
+    with pytest.raises(ValueError, match=r"^--dim 16 is below 32: Qwen3-Embedding was trained for Matryoshka sizes 32\.\."):
+        EmbeddingSpec.read(str(qwen3_embedding_dir), dim=16)
+    assert EmbeddingSpec.read(str(qwen3_embedding_dir), dim=32).size == 32
+    assert EmbeddingSpec.read(minilm_path, dim=16).size == 16  # other models: truncation is the user's call

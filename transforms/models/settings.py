@@ -58,6 +58,7 @@ def read_json(model: str, filename: str) -> dict[str, Any] | list[Any] | None:
 
 
 POOLING_MODES = ("mean", "cls", "lasttoken", "max")
+QWEN3_MIN_DIM = 32  # Qwen3-Embedding's model card: output dimensions from 32 up to the hidden size
 
 
 @dataclasses.dataclass(frozen=True)
@@ -187,6 +188,9 @@ class EmbeddingSpec:
         hidden = int(config["hidden_size"])
         if dim is not None and not 1 <= dim <= hidden:
             raise ValueError(f"--dim {dim} is outside 1..{hidden} for {model}")
+        if dim is not None and dim < QWEN3_MIN_DIM and settings.pooling == "lasttoken" and config.get("model_type") == "qwen3":
+            raise ValueError(f"--dim {dim} is below {QWEN3_MIN_DIM}: Qwen3-Embedding was trained for Matryoshka sizes "
+                             f"{QWEN3_MIN_DIM}..{hidden} ({model}); a shorter prefix is not a vector it was trained to give")  # fmt: skip
         if max_length is not None and max_length < 1:
             raise ValueError(f"--max-length must be positive, got {max_length}")
         return cls(
