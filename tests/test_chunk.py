@@ -9,7 +9,7 @@ import pytest
 
 from transforms.models.settings import EmbeddingSpec
 from transforms.text.chunk import ChunkSettings, load_chunker
-from transforms.types import DeadLetter, Document
+from transforms.types import DeadLetter, Document, title_prefix
 
 WORDS = "one two three four five six seven eight nine ten eleven twelve thirteen fourteen fifteen sixteen " \
         "seventeen eighteen nineteen twenty".split()  # each is a single WordPiece token
@@ -236,3 +236,18 @@ def test_a_chunk_keeps_the_combining_marks_after_its_last_character(which, minil
         Document("d", text)
     )
     assert whole.truncated and not unicodedata.category(text[whole.char_end]).startswith("M")
+
+
+def test_a_long_title_keeps_steps_of_half_a_window_not_one_token(minilm_path):
+    # 24 tokens per chunk, 2 special, overlap 10: untitled windows of 22 words, step 12. A 12-token title leaves
+    # windows of 10 words: the overlap of 10 made that steps of 1 token (191 chunks of 200 words); now 5 (39).
+    chunker = load_chunker(minilm_path, ChunkSettings(chunk_tokens=24, chunk_overlap=10))
+    words = [WORDS[i % len(WORDS)] for i in range(200)]
+    title = " ".join(WORDS[:12])
+    assert chunker._count(title_prefix(title)) == 12
+    chunks = chunker.chunk(Document("d", " ".join(words), title=title))
+    s = spans(words)
+    expected = [(a, a + 10) for a in range(0, 191, 5)]
+    assert [(c.char_start, c.char_end) for c in chunks] == [(s[a][0], s[b - 1][1]) for a, b in expected]
+    untitled = chunker.chunk(Document("d", " ".join(words)))
+    assert [(c.char_start, c.char_end) for c in untitled][:2] == [(s[0][0], s[21][1]), (s[12][0], s[33][1])]

@@ -128,7 +128,7 @@ class Chunker:
         n = len(offsets)
         if n == 0:
             return _dead_letter(doc, "text has no tokens")
-        step = window - min(self.settings.chunk_overlap, window - 1)
+        step = self._step(window)
         # Starts 0, step, 2*step ... up to the first window that reaches the end of the text.
         windows = [(s, min(s + window, n)) for s in range(0, max(n - window, 0) + step, step)]
         chunks = []
@@ -151,6 +151,15 @@ class Chunker:
                 )
             )
         return chunks
+
+    def _step(self, window: int) -> int:
+        """Tokens from one chunk's start to the next: the window less ``--chunk-overlap``. A title shrinks the
+        window, not the overlap, and a long one left steps of one token (a chunk per token of text); so with a
+        title the step is at least half the window (or the step without a title, when that is smaller)."""
+        overlap = self.settings.chunk_overlap
+        step = window - min(overlap, window - 1)
+        untitled = self.settings.chunk_tokens - self.fixed_tokens
+        return max(step, min(untitled - min(overlap, untitled - 1), -(-window // 2)))
 
     def _whole(self, doc: Document, prefix: str) -> Chunk | DeadLetter:
         embed_text = prefix + doc.text
