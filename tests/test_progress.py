@@ -36,3 +36,19 @@ def test_reset_starts_every_phase_afresh(caplog):
         reset_reporters()  # the next job in this process
         reporter("read", 3600).add(documents=1)
     assert [line.split(" ", 2)[2] for line in _lines(caplog)] == ["documents=1", "documents=1"]
+
+
+def test_a_worker_process_names_itself_in_its_lines():
+    # A process that did not start the job (DirectRunner's multi_processing workers, SDK workers of a pool)
+    # keeps its own totals: its lines say whose they are. The driver's (reset_reporters) stay as they were.
+    import subprocess
+    import sys
+
+    code = ("import logging, os, sys; logging.basicConfig(level=logging.INFO, format='%(message)s', stream=sys.stdout)\n"
+            "from transforms.progress import reporter, reset_reporters\n"
+            "print('pid', os.getpid()); reporter('embed', 3600).add(chunks=4)\n"
+            "reset_reporters(); reporter('embed', 3600).add(chunks=4)\n")  # fmt: skip
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.splitlines()
+    pid = out[0].split()[1]
+    assert out[1].startswith(f"[embed pid {pid}] ") and out[1].endswith(" chunks=4")
+    assert out[2].startswith("[embed] ") and out[2].endswith(" chunks=4")

@@ -11,6 +11,7 @@ monitoring UI shows.
 from __future__ import annotations
 
 import logging
+import os
 import threading
 import time
 from collections.abc import Callable
@@ -25,6 +26,9 @@ _LOG = logging.getLogger("corpus_etl.progress")
 # the driver), or since this module was imported in a worker: a phase's clock starting at its
 # first element would make the first line's rates meaningless.
 _JOB_START = time.monotonic()
+# Whether this process started the job (``reset_reporters``): lines of other processes (DirectRunner's
+# multi_processing workers, a worker pool's SDK workers) name their process, since each keeps its own totals.
+_IN_DRIVER = False
 
 
 class ProgressReporter:
@@ -62,10 +66,11 @@ _REPORTERS_LOCK = threading.Lock()
 
 def reset_reporters() -> None:
     """Forget every phase's totals: the next job in this process starts its lines (and rates) afresh."""
-    global _JOB_START
+    global _JOB_START, _IN_DRIVER
     with _REPORTERS_LOCK:
         _REPORTERS.clear()
         _JOB_START = time.monotonic()
+        _IN_DRIVER = True
 
 
 def reporter(label: str, interval_s: float = 30.0) -> ProgressReporter:
@@ -73,7 +78,8 @@ def reporter(label: str, interval_s: float = 30.0) -> ProgressReporter:
     with _REPORTERS_LOCK:
         rep = _REPORTERS.get(label)
         if rep is None:
-            rep = _REPORTERS[label] = ProgressReporter(label, interval_s, start=_JOB_START)
+            shown = label if _IN_DRIVER else f"{label} pid {os.getpid()}"  # one worker's totals, not the job's
+            rep = _REPORTERS[label] = ProgressReporter(shown, interval_s, start=_JOB_START)
         rep.interval_s = interval_s
         return rep
 
