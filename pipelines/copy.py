@@ -8,7 +8,7 @@ writer's batching (``copy_points``: batches bounded by count and bytes, transien
 retried), so a copy that fails half-way is finished by running it again. The target
 collection is created when missing (size from the source, cosine, payload indexes).
 
-Refused before anything is written (exit 2): an existing target of another size, a
+Refused before anything is written (exit 2): the source collection itself as the target, an existing target of another size, a
 ``--to-collection`` that is an alias on the target (its points would go into the collection
 the alias serves), an ``--alias`` that is a collection there or equals ``--to-collection``, and
 a source shard another process holds (the source's shards are opened first and held until
@@ -23,7 +23,7 @@ import argparse
 import time
 from typing import Any
 
-from pipelines.errors import JobFailed, first_line, translate
+from pipelines.errors import JobFailed, PreflightError, first_line, translate
 from pipelines.names import check_names
 from pipelines.security import check_api_key_transport, redact_url
 
@@ -57,6 +57,12 @@ def copy_collection(
     from transforms.io.store import CollectionSpec
 
     meta = source.meta(collection)
+    if target.where == source.where and source.resolve(collection) == to_collection:
+        # Every point would overwrite itself: a rerun of nothing, reported as a copy.
+        raise PreflightError(
+            f"--to-collection {to_collection!r} at {target.where} is the collection --collection {collection!r} "
+            "names: a copy onto itself; give another --to-collection, --to-path or --to-url"
+        )
     check_target_names(target, to_collection, alias)
     source.count(collection)  # opens every source shard (held when the source keeps them open): a lock shows now
     created = target.ensure_collection(to_collection, CollectionSpec(meta.size, model=meta.model, settings=meta.settings))

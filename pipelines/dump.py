@@ -73,27 +73,13 @@ def _payload_column(name: str, key: str, values: list[Any]) -> tuple[Any, Any]:
     return pa.field(name, pa.string(), metadata={ENCODING_KEY: JSON_ENCODING}), pa.array(text, pa.string())
 
 
-def vector_size(store: Any, collection: str) -> int:
-    """The vector size ``collection`` (or an alias) was created with: from its configuration, not its
-    points, so an empty collection has one too."""
-    meta = getattr(store, "meta", None)
-    if callable(meta):  # the embedded store records it in collection.json
-        return int(meta(collection).size)
-    name = store.aliases().get(collection, collection)  # a server store: the collection's config
-    with store.lock:
-        vectors = store.client.get_collection(name).config.params.vectors
-    size = getattr(vectors, "size", None)
-    if size is None:
-        raise ValueError(f"collection {collection!r} uses named vectors {sorted(vectors or {})}; expected one unnamed vector")
-    return int(size)
-
-
 def dump(store: Any, collection: str, out: str) -> int:
     """Write the collection to ``out``; returns the number of points written."""
     import pyarrow.parquet as pq
     from apache_beam.io.filesystems import FileSystems
 
-    dim = vector_size(store, collection)
+    # The size the collection (or alias) was created with, from its configuration: an empty one has one too.
+    dim = store.collection_spec(collection).size
     table = points_table(list(store.scroll(collection, with_vectors=True, page=1024)), dim)
     with FileSystems.create(out) as f:
         pq.write_table(table, f, row_group_size=ROW_GROUP)

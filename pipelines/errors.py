@@ -87,7 +87,6 @@ class PartialResult(CliError):
 
 
 _MODEL_HINT = "offline? set {flag} to a local directory"
-_LOCK_MESSAGE = re.compile(r"Storage folder (?P<path>.+?) is already accessed by another instance of Qdrant client")
 # transforms.io.edge_store.open_shard: "store in use by another process: DIR/COLLECTION/shard-NNN stayed locked for Ns (...)".
 _STORE_IN_USE = re.compile(r"store in use by another process: (?P<path>\S.*?) stayed locked for (?P<wait>\d+)s")
 _BEAM_STEP = re.compile(r" \[while running '[^\]]*'\]")
@@ -190,14 +189,6 @@ def translate(
     kind: type[CliError] = JobFailed if in_job else PreflightError
     prefix = "the job failed: " if in_job else ""
     names = _type_names(exc)
-
-    for e in _chain(exc):
-        match = _LOCK_MESSAGE.search(str(e))
-        if match:
-            return kind(
-                f"{prefix}store folder {match['path']} is in use by another process (a local Qdrant store allows "
-                "one at a time); wait for it to finish, or use a Qdrant server (--qdrant-url) for concurrent jobs"
-            )
 
     in_use = _store_in_use(exc)
     if in_use is not None:

@@ -56,8 +56,15 @@ def test_plan_refusals():
         plan_prune(["docs", "docs-20261124"], {}, "docs", keep=1)
 
 
-def _store_with(path, names, aliases):
-    store = EdgeStore(str(path), shards=1)
+def _store_with(path, names, aliases, kind: str = "edge"):
+    if kind == "edge":
+        store = EdgeStore(str(path), shards=1)
+    else:  # the server path: qdrant-client's local mode stands in for the server
+        from qdrant_client import QdrantClient
+
+        from transforms.io.qdrant import ServerStore
+
+        store = ServerStore(client=QdrantClient(":memory:"))
     for name in names:
         store.ensure_collection(name, CollectionSpec(2))
         store.upsert(name, [StorePoint(point_id("d", 0), [1.0, 0.0], {"doc_id": "d", "chunk_index": 0})])
@@ -129,14 +136,17 @@ def test_prune_command_errors_in_one_line(tmp_path, capsys):
     assert exc.value.code == 2
 
 
-def test_embedded_delete_collection_refuses_targets_and_aliases(tmp_path):
-    store = _store_with(tmp_path, ["a-20261124", "a-20261125"], {"a": "a-20261124"})
-    with pytest.raises(ValueError, match="target of alias"):
+@pytest.mark.parametrize("kind", ["edge", "server"])
+def test_delete_collection_refuses_targets_and_aliases_on_both_stores(tmp_path, kind):
+    """A server would delete an alias's collection and the alias with it: both stores refuse instead."""
+    store = _store_with(tmp_path, ["a-20261124", "a-20261125"], {"a": "a-20261124"}, kind)
+    with pytest.raises(ValueError, match=r"^collection 'a-20261124' is the target of alias\(es\) a$"):
         store.delete_collection("a-20261124")
-    with pytest.raises(ValueError, match="is an alias"):
+    with pytest.raises(ValueError, match="^'a' is an alias, not a collection$"):
         store.delete_collection("a")
-    with pytest.raises(ValueError, match="does not exist"):
+    with pytest.raises(ValueError, match="^collection 'b' does not exist$"):
         store.delete_collection("b")
+    assert store.collections() == ["a-20261124", "a-20261125"] and store.aliases() == {"a": "a-20261124"}
     store.delete_collection("a-20261125")
     assert store.collections() == ["a-20261124"] and not store.collection_exists("a-20261125")
 

@@ -197,6 +197,97 @@ def test_search_groups_chunks_by_document(any_store):
     assert hits[0][0].score == pytest.approx(1.0)
 
 
+def test_documents_tied_at_the_cutoff_are_taken_by_doc_id_on_both_stores(any_store):
+    """Duplicates (one text under several doc ids) score exactly alike: which of them make the top k is
+    decided by doc_id on both stores, not by the order a server's grouping met them."""
+    any_store.ensure_collection("c", CollectionSpec(2))
+    twins = ["e", "d", "c", "b", "a"]
+    points = [StorePoint(point_id(d, 0), [1.0, 0.0], {"doc_id": d, "chunk_index": 0}) for d in twins]
+    points += [StorePoint(point_id(d, 0), [1.0, y], {"doc_id": d, "chunk_index": 0}) for d, y in (("y", 0.1), ("z", 0.05))]
+    any_store.upsert("c", points)
+    expected = ["a", "b", "c", "d", "e", "z", "y"]
+    for k in range(1, 9):
+        assert [c.doc_id for c, _ in any_store.search_documents("c", [1.0, 0.0], k)] == expected[:k]
+
+
+def test_a_point_without_a_doc_id_is_no_document_in_search_on_both_stores(any_store):
+    """A server's grouping by doc_id skips such a point (another tool wrote it): so does the embedded store,
+    rather than returning a document named 'None'."""
+    import uuid
+
+    any_store.ensure_collection("c", CollectionSpec(2))
+    any_store.upsert("c", [
+        StorePoint(point_id("a", 0), [0.0, 1.0], {"doc_id": "a", "chunk_index": 0}),
+        StorePoint(str(uuid.uuid5(uuid.NAMESPACE_URL, "stray")), [1.0, 0.0], {"chunk_index": 0}),
+    ])  # fmt: skip
+    assert [c.doc_id for c, _ in any_store.search_documents("c", [1.0, 0.0], 5)] == ["a"]
+
+
+def _three_chunks(store) -> list[StorePoint]:
+    store.ensure_collection("c", CollectionSpec(2))
+    points = [store_point(item, "m") for item in _doc("a", 3)]
+    store.upsert("c", points)
+    return points
+
+
+def test_an_empty_upsert_writes_nothing_on_both_stores(any_store):
+    _three_chunks(any_store)
+    any_store.upsert("c", [])  # nothing to write: done, not an error
+    assert any_store.count("c") == 3
+
+
+def test_deleting_the_stale_chunks_of_no_document_deletes_nothing_on_both_stores(any_store):
+    _three_chunks(any_store)
+    any_store.delete_chunks_from("c", {})  # a filter of no condition would match every point
+    assert any_store.count("c") == 3
+
+
+def test_retrieve_gives_each_point_once_on_both_stores(any_store):
+    points = _three_chunks(any_store)
+    asked = [points[1].id, points[1].id, point_id("missing", 0), points[0].id]
+    assert sorted(p.id for p in any_store.retrieve("c", asked)) == sorted([points[0].id, points[1].id])
+    assert any_store.retrieve("c", []) == []
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_a_non_finite_vector_is_refused_naming_the_point_on_both_stores(any_store, bad):
+    """A server refuses it; the embedded store would store it and rank it nowhere: both refuse the batch."""
+    any_store.ensure_collection("c", CollectionSpec(2))
+    good = StorePoint(point_id("a", 0), [1.0, 0.0], {"doc_id": "a", "chunk_index": 0})
+    broken = StorePoint(point_id("b", 3), [0.5, bad], {"doc_id": "b", "chunk_index": 3})
+    message = f"point {broken.id} (doc_id 'b', chunk_index 3) has a non-finite vector value; nothing of this batch was written to 'c'"
+    with pytest.raises(ValueError) as caught:
+        any_store.upsert("c", [good, broken])
+    assert str(caught.value) == message
+    assert any_store.count("c") == 0
+
+
+def test_the_embedded_writer_refuses_a_non_finite_vector_and_a_vector_of_another_size(tmp_path):
+    store = EdgeStore(str(tmp_path / "q"), shards=1)
+    store.ensure_collection("c", CollectionSpec(2))
+    _, _, (path,) = store._shards("c")
+    short = StorePoint(point_id("s", 0), [1.0], {"doc_id": "s", "chunk_index": 0})
+    with pytest.raises(ValueError) as caught:
+        store.upsert("c", [short])
+    assert str(caught.value) == (
+        f"point {short.id} (doc_id 's', chunk_index 0) has a vector of size 1; collection 'c' holds vectors of size 2"
+    )
+    broken = StorePoint(point_id("b", 0), [float("nan"), 0.0], {"doc_id": "b", "chunk_index": 0})
+    with store.shard(path) as shard, pytest.raises(ValueError, match=f"^point {broken.id} .*non-finite"):
+        store.write_shard(shard, [broken], {"b": 1}, collection="c", size=2)
+    assert store.count("c") == 0
+
+
+def test_a_server_collection_of_named_vectors_has_no_spec():
+    """Only one unnamed vector is what the jobs read and write: a spec of size 0 would let dump write nonsense."""
+    from qdrant_client import QdrantClient
+
+    client = QdrantClient(":memory:")
+    client.create_collection("named", vectors_config={"dense": models.VectorParams(size=4, distance=models.Distance.COSINE)})
+    with pytest.raises(ValueError, match=r"^collection 'named' uses named vectors \['dense'\]; expected one unnamed vector$"):
+        ServerStore(client=client).collection_spec("named")
+
+
 def test_embedded_search_equals_a_brute_force_top_k(tmp_path):
     """Many chunks per document across shards: grouped exact search == numpy max-per-document top k."""
     rng = np.random.default_rng(7)

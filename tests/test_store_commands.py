@@ -289,6 +289,20 @@ def test_copy_with_an_alias_that_is_a_collection_exits_2_before_creating_the_tar
     assert EdgeStore(target).collections() == ["docs-20261201"]  # docs-20261202 was never created
 
 
+@pytest.mark.parametrize("name", ["c", "live"])
+def test_copy_onto_itself_exits_2(edge, capsys, name):
+    """The same folder and the collection the source names (itself, or through an alias): nothing to copy,
+    where a copy would have reported every point as copied."""
+    edge.point_alias("live", "c")
+    rc = cli.main(["copy", "--collection", name, "--qdrant-path", edge.path, "--to-path", edge.path + "/."])
+    assert rc == 2
+    assert capsys.readouterr().err.splitlines() == [
+        f"corpus-etl copy: error: --to-collection 'c' at edge:{edge.path} is the collection --collection {name!r} "
+        "names: a copy onto itself; give another --to-collection, --to-path or --to-url"
+    ]
+    assert edge.collections() == ["c"] and edge.count("c") == 30
+
+
 # -- copy: a shard another process holds ---------------------------------------------------
 _HOLD = "import sys\nfrom qdrant_edge import EdgeShard\ns = EdgeShard.load(sys.argv[1])\nprint('holding', flush=True)\nsys.stdin.read()\n"
 

@@ -47,7 +47,15 @@ import uuid
 from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
-from transforms.io.store import CollectionSpec, HnswSettings, StoreInUseError, StorePoint, VectorStore, group_documents
+from transforms.io.store import (
+    CollectionSpec,
+    HnswSettings,
+    StoreInUseError,
+    StorePoint,
+    VectorStore,
+    check_vectors,
+    group_documents,
+)
 from transforms.types import Candidate
 
 _LOG = logging.getLogger(__name__)
@@ -394,6 +402,7 @@ class EdgeStore(VectorStore):
 
     def upsert(self, collection: str, points: Sequence[StorePoint]) -> None:
         _, meta, paths = self._shards(collection)
+        check_vectors(points, collection, meta.size)  # before any shard is written
         by_shard: dict[int, list[StorePoint]] = {}
         for p in points:
             by_shard.setdefault(shard_of(routing_key(p), meta.shards), []).append(p)
@@ -459,12 +468,16 @@ class EdgeStore(VectorStore):
             with self.shard(paths[i]) as shard:
                 shard.update(UpdateOperation.delete_points_by_filter(self.stale_filter(by_shard[i])))
 
-    def write_shard(self, shard: Any, points: Sequence[StorePoint], first_chunks: Mapping[str, int]) -> int:
-        """``write_batch`` within one open shard (every point and document of the batch routes to it)."""
+    def write_shard(
+        self, shard: Any, points: Sequence[StorePoint], first_chunks: Mapping[str, int], *, collection: str, size: int
+    ) -> int:
+        """``write_batch`` within one open shard (every point and document of the batch routes to it) of
+        ``collection``, whose vectors have ``size`` (``check_vectors``: the batch is refused before any write)."""
         from qdrant_edge import UpdateOperation
 
         from transforms.types import point_id
 
+        check_vectors(points, collection, size)
         self.upsert_into(shard, points)
         if not first_chunks:
             return 0
@@ -541,11 +554,13 @@ class EdgeStore(VectorStore):
         limit = max(4 * top_k, 32)
         while True:
             found = shard.query(QueryRequest(limit=limit, query=Query.Nearest(query), with_payload=True, params=params))
-            docs = {(p.payload or {}).get("doc_id") for p in found}
-            if len(docs) >= top_k or len(found) < limit:
+            # A point without a doc_id (another tool wrote it) is no document, as a server's grouping skips it.
+            hits = [(str(doc), float(p.score), dict(p.payload or {})) for p in found
+                    if (doc := (p.payload or {}).get("doc_id")) is not None]  # fmt: skip
+            if len({d for d, _, _ in hits}) >= top_k or len(found) < limit:
                 break
             limit *= 2
-        return [(str((p.payload or {}).get("doc_id")), float(p.score), dict(p.payload or {})) for p in found]
+        return hits
 
     def build_index(self, collection: str, hnsw: HnswSettings) -> dict[str, Any]:
         """Build HNSW on every shard (``optimize``), then record it in ``collection.json``.

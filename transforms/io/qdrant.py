@@ -52,7 +52,7 @@ from qdrant_client.local.qdrant_local import QdrantLocal
 
 from transforms.hooks import pause_point
 from transforms.io.incremental import fingerprint
-from transforms.io.store import CollectionSpec, StorePoint, VectorStore
+from transforms.io.store import CollectionSpec, StorePoint, VectorStore, check_vectors
 from transforms.progress import count_time, reporter
 from transforms.types import Candidate, Chunk, EmbeddedChunk
 
@@ -470,7 +470,7 @@ class _WriteShard(_Writer):
             def flush() -> None:
                 points, docs = buffer.take()
                 started = time.perf_counter()
-                pruned = self.store.write_shard(shard, points, docs)
+                pruned = self.store.write_shard(shard, points, docs, collection=self.collection, size=meta.size)
                 count_time("upsert", time.perf_counter() - started)
                 if pruned:
                     self.counters.pruned.inc(pruned)
@@ -539,19 +539,24 @@ def search_documents(
 
     Qdrant's grouping API does the aggregation server-side, with the server's own search
     parameters unless ``hnsw_ef`` is given. Ties are broken by ``doc_id`` so the order is
-    deterministic. Returns each candidate with its best chunk's payload.
+    deterministic, at the cutoff too: the server picks among documents tied there in its own
+    order, so one group more is asked for, and while the last group returned ties the ``top_k``-th,
+    twice as many (duplicated documents score exactly alike). Returns each candidate with its best
+    chunk's payload.
     """
     params = models.SearchParams(hnsw_ef=hnsw_ef) if hnsw_ef else None
-    result = client.query_points_groups(
-        collection, query=list(vector), group_by="doc_id", limit=top_k, group_size=1, with_payload=True,
-        search_params=params,
-    )
-    hits = []
-    for group in result.groups:
-        best = group.hits[0]
-        hits.append((str(group.id), float(best.score), best.payload or {}))
-    hits.sort(key=lambda h: (-h[1], h[0]))
-    return [(Candidate(doc_id=d, score=s, rank=i + 1), p) for i, (d, s, p) in enumerate(hits)]
+    limit = top_k + 1
+    while True:
+        result = client.query_points_groups(
+            collection, query=list(vector), group_by="doc_id", limit=limit, group_size=1, with_payload=True,
+            search_params=params,
+        )
+        hits = [(str(g.id), float(g.hits[0].score), g.hits[0].payload or {}) for g in result.groups]
+        hits.sort(key=lambda h: (-h[1], h[0]))
+        if len(hits) < limit or hits[-1][1] < hits[top_k - 1][1]:
+            break  # every group there is, or one past the cutoff scores below it: no tie left unseen
+        limit *= 2
+    return [(Candidate(doc_id=d, score=s, rank=i + 1), p) for i, (d, s, p) in enumerate(hits[:top_k])]
 
 
 # -- the server store ------------------------------------------------------------------------
@@ -580,13 +585,17 @@ class ServerStore(VectorStore):
 
     def collection_spec(self, name: str) -> CollectionSpec:
         """The size, and the model and settings recorded in the collection's metadata. A server that keeps no
-        collection metadata records nothing (``model`` None)."""
+        collection metadata records nothing (``model`` None). Named vectors (not what the jobs write) are a
+        ``ValueError``, as in ``ensure_collection``."""
         with self.lock:
+            name = self.aliases().get(name, name)  # the collection's own config, whatever the server resolves
             if not self.client.collection_exists(name):
                 raise ValueError(f"collection {name!r} does not exist")
             config = self.client.get_collection(name).config
         params = config.params.vectors
-        size = params.size if isinstance(params, models.VectorParams) else 0
+        if not isinstance(params, models.VectorParams):
+            raise ValueError(f"collection {name!r} uses named vectors {sorted(params or {})}; expected one unnamed vector")
+        size = params.size
         recorded = (getattr(config, "metadata", None) or {}).get(METADATA_KEY) or {}
         return CollectionSpec(size, model=recorded.get("model"), settings=dict(recorded.get("settings") or {}))
 
@@ -601,6 +610,9 @@ class ServerStore(VectorStore):
             return self.client.collection_exists(name)
 
     def upsert(self, collection: str, points: Sequence[StorePoint]) -> None:
+        if not points:  # a server answers an empty batch with an error; the embedded store writes nothing
+            return
+        check_vectors(points, collection)  # the server checks sizes; NaN would not even be valid JSON
         structs = [models.PointStruct(id=p.id, vector=list(p.vector or ()), payload=p.payload) for p in points]
         with self.lock:
             self.client.upsert(collection, points=structs, wait=True)
@@ -613,11 +625,14 @@ class ServerStore(VectorStore):
     def retrieve(
         self, collection: str, ids: Sequence[str], *, with_payload: bool = True, with_vectors: bool = False
     ) -> list[StorePoint]:
+        ids = list(dict.fromkeys(ids))  # a server answers a repeated id once per mention: each point once
         with self.lock:
-            found = self.client.retrieve(collection, list(ids), with_payload=with_payload, with_vectors=with_vectors)
+            found = self.client.retrieve(collection, ids, with_payload=with_payload, with_vectors=with_vectors)
         return [self._point(r, with_vectors) for r in found]
 
     def delete_chunks_from(self, collection: str, docs: Mapping[str, int]) -> None:
+        if not docs:  # a filter whose ``should`` is empty matches every point: it would empty the collection
+            return
         stale = [stale_chunks_filter(d, n) for d, n in sorted(docs.items())]
         with self.lock:
             self.client.delete(
@@ -655,9 +670,17 @@ class ServerStore(VectorStore):
             return sorted(c.name for c in self.client.get_collections().collections)
 
     def delete_collection(self, name: str) -> None:
+        """Refused as the embedded store refuses (``VectorStore.delete_collection``): a server would delete
+        an alias's collection and the alias with it. Checked, then deleted: not one step on a server."""
         with self.lock:
-            if not self.client.collection_exists(name) or name in self.aliases():
+            aliases = self.aliases()
+            if name in aliases:
+                raise ValueError(f"{name!r} is an alias, not a collection")
+            if not self.client.collection_exists(name):
                 raise ValueError(f"collection {name!r} does not exist")
+            pointing = sorted(a for a, c in aliases.items() if c == name)
+            if pointing:
+                raise ValueError(f"collection {name!r} is the target of alias(es) {', '.join(pointing)}")
             self.client.delete_collection(name)
 
     def point_alias(self, alias: str, collection: str) -> str | None:

@@ -10,9 +10,13 @@ Two implementations, one contract:
 What every implementation guarantees:
 
 - ``upsert`` is durable when it returns (``wait=True`` on a server, the write-ahead log on
-  disk), and idempotent: the same id overwrites the same point.
-- ``search_documents`` is exact unless ``hnsw_ef`` is given: chunk hits grouped by
-  ``doc_id``, the max chunk score per document, ties broken by ``doc_id``.
+  disk), and idempotent: the same id overwrites the same point. A batch holding a vector that
+  is not finite (or, embedded, not of the collection's size) is refused whole, before any write.
+- ``search_documents``: chunk hits grouped by ``doc_id``, the max chunk score per document,
+  ties broken by ``doc_id`` (at the top-k cutoff too); points without a ``doc_id`` are no
+  document. The embedded store is exact unless ``hnsw_ef`` is given; a server searches with
+  its own index settings (HNSW once a collection is indexed) unless ``hnsw_ef`` is given.
+- Empty inputs are no-ops (``upsert([])``, ``delete_chunks_from({})``, ``retrieve([])``).
 - ``point_alias`` switches an alias in one atomic step and returns its previous target;
   every method taking a collection name also takes an alias.
 - ``scroll`` yields every point of a collection exactly once.
@@ -24,6 +28,7 @@ from __future__ import annotations
 
 import abc
 import dataclasses
+import math
 from collections.abc import Iterator, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -104,20 +109,23 @@ class VectorStore(abc.ABC):
 
     @abc.abstractmethod
     def upsert(self, collection: str, points: Sequence[StorePoint]) -> None:
-        """Insert or overwrite ``points`` (by id); durable when it returns."""
+        """Insert or overwrite ``points`` (by id); durable when it returns. No point is a no-op.
+
+        A non-finite vector value is a ``ValueError`` naming the point (``check_vectors``), before any write.
+        """
 
     @abc.abstractmethod
     def retrieve(
         self, collection: str, ids: Sequence[str], *, with_payload: bool = True, with_vectors: bool = False
     ) -> list[StorePoint]:
-        """The points among ``ids`` that exist (any order); vectors only when asked."""
+        """The points among ``ids`` that exist, each once (any order); vectors only when asked."""
 
     @abc.abstractmethod
     def delete_chunks_from(self, collection: str, docs: Mapping[str, int]) -> None:
         """Delete, for each ``doc_id: n`` of ``docs``, the points of ``doc_id`` with ``chunk_index >= n``.
 
         A filtered delete (``doc_id`` match and ``chunk_index`` range): the stale chunks a
-        document left behind when it got shorter.
+        document left behind when it got shorter. No document deletes nothing.
         """
 
     @abc.abstractmethod
@@ -126,7 +134,8 @@ class VectorStore(abc.ABC):
     ) -> list[tuple[Candidate, dict[str, Any]]]:
         """Top ``top_k`` documents: chunk hits grouped by ``doc_id`` (max score), ties by ``doc_id``.
 
-        Exact unless ``hnsw_ef`` is given. Each candidate comes with its best chunk's payload.
+        Embedded: exact unless ``hnsw_ef`` is given; a server: its index unless ``hnsw_ef`` is given.
+        Points without a ``doc_id`` are skipped. Each candidate comes with its best chunk's payload.
         """
 
     def search_documents_batch(
@@ -159,7 +168,8 @@ class VectorStore(abc.ABC):
         raise NotImplementedError(f"{type(self).__name__} cannot list its collections")
 
     def delete_collection(self, name: str) -> None:
-        """Delete the collection ``name`` (not an alias) and its points; a missing one is a ``ValueError``."""
+        """Delete the collection ``name`` and its points. A ``ValueError``, with nothing deleted: a missing
+        collection, an alias, a collection an alias points at (a server would drop the alias with it)."""
         raise NotImplementedError(f"{type(self).__name__} cannot delete collections")
 
     def build_index(self, collection: str, hnsw: HnswSettings) -> dict[str, Any]:
@@ -194,6 +204,21 @@ class VectorStore(abc.ABC):
         if shrunk:
             self.delete_chunks_from(collection, {d: first_chunks[d] for d in shrunk})
         return len(shrunk)
+
+
+def check_vectors(points: Sequence[StorePoint], collection: str, size: int | None = None) -> None:
+    """Refuse (``ValueError``, naming the first bad point) a batch with a non-finite vector value, or, when
+    ``size`` is given, a vector of another size. A server refuses both; the embedded store would keep NaN and
+    rank the point nowhere, so both stores check here, before anything of the batch is written."""
+    for p in points:
+        vector = p.vector if p.vector is not None else ()
+        where = f"point {p.id} (doc_id {p.payload.get('doc_id')!r}, chunk_index {p.payload.get('chunk_index')})"
+        if size is not None and len(vector) != size:
+            raise ValueError(f"{where} has a vector of size {len(vector)}; collection {collection!r} holds vectors of size {size}")
+        # sum() is one C loop: a NaN or inf anywhere makes it non-finite (finite values that overflow it are
+        # told apart by the second look, which runs only then).
+        if not math.isfinite(sum(vector)) and not all(math.isfinite(x) for x in vector):
+            raise ValueError(f"{where} has a non-finite vector value; nothing of this batch was written to {collection!r}")
 
 
 def model_held(store: VectorStore, name: str) -> str | None:
