@@ -260,3 +260,30 @@ def test_a_model_shared_across_processes_serves_both_workers(minilm_path, encode
         pids = out["embedded"] | beam.Map(lambda _: os.getpid()) | beam.Distinct()
         assert_that(pids | beam.combiners.Count.Globally(), equal_to([2]), label="both workers embedded")
     assert len(loads.read_text().splitlines()) == 1  # one model for the two processes
+
+
+class _NonFiniteOnGzip:
+    """The real encoder, except that the gzip text's vector comes back NaN (fp16 overflow) and the regex one's inf."""
+
+    def __init__(self, inner: TextEncoder) -> None:
+        self.inner = inner
+
+    def embed_batch(self, texts, lengths, *, is_query=False):
+        vectors, failures, n_tokens = self.inner.embed_batch(texts, lengths, is_query=is_query)
+        bad = {"gzip": np.nan, "regular": np.inf}
+        return [next((np.full_like(v, x) for w, x in bad.items() if w in t), v) for t, v in zip(texts, vectors)], \
+            failures, n_tokens
+
+    def compute_info(self):
+        return self.inner.compute_info()
+
+
+def test_a_non_finite_vector_is_a_dead_letter_and_the_rest_of_its_batch_is_written(minilm_path, encoder):
+    from transforms.inference.embed import NON_FINITE
+    from transforms.types import DeadLetter, EmbeddedChunk
+
+    handler = EmbeddingModelHandler(minilm_path, device="cpu")
+    out = list(handler.run_inference(_chunks(), _NonFiniteOnGzip(encoder)))
+    assert [e.chunk.doc_id for e in out if isinstance(e, EmbeddedChunk)] == ["d0", "d1"]
+    assert [(d.stage, d.source, d.reason) for d in out if isinstance(d, DeadLetter)] == [
+        ("embed", "d2", NON_FINITE), ("embed", "d3", NON_FINITE)]

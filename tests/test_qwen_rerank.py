@@ -499,3 +499,27 @@ def test_cuda_shared_heads_match_card(grid_ref_scores, qwen3_reranker_dir):
     _close(fp32.score(GRID), grid_ref_scores, tol=1e-3)
     bf16 = Qwen3Reranker(str(qwen3_reranker_dir), device="cuda", share_prefix=True).load()
     _close(bf16.score(GRID), grid_ref_scores, tol=5e-2)
+
+
+class _NaNForTheFirstPair:
+    """The real reranker, except that the first pair's score comes back NaN (its logits overflowed in fp16)."""
+
+    def __init__(self, inner) -> None:
+        self.inner = inner
+
+    def score_batch(self, pairs, instruction=None):
+        scores, failures, tokens = self.inner.score_batch(pairs, instruction)
+        return [float("nan"), *scores[1:]], failures, tokens
+
+    def compute_info(self):
+        return self.inner.compute_info()
+
+
+def test_a_nan_score_is_a_dead_letter_not_grade_0(reranker, qwen3_reranker_dir):
+    from transforms.inference.rerank import NON_FINITE
+
+    pairs = _grid_pairs()[:3]
+    out = list(RerankModelHandler(str(qwen3_reranker_dir), device="cpu").run_inference(pairs,
+                                                                                     _NaNForTheFirstPair(reranker)))
+    assert [type(x) for x in out] == [DeadLetter, Judgement, Judgement]
+    assert (out[0].stage, out[0].source, out[0].reason) == ("rerank", f"{pairs[0].query_id}/{pairs[0].doc_id}", NON_FINITE)

@@ -10,6 +10,7 @@ from collections.abc import Iterable, Sequence
 from typing import Any
 
 import apache_beam as beam
+import numpy as np
 
 from transforms.hooks import pause_point
 from transforms.inference.batching import RunInferenceByTokens
@@ -19,6 +20,8 @@ from transforms.models.encoder import TextEncoder
 from transforms.models.settings import EmbeddingSpec
 from transforms.progress import reporter
 from transforms.types import DEAD, Chunk, DeadLetter, EmbeddedChunk, Query
+
+NON_FINITE = "the model gave a vector holding NaN or inf (an overflow: try --precision fp32 or bf16)"
 
 
 def _chunk_weight(chunk: Chunk) -> int:
@@ -91,6 +94,10 @@ class EmbeddingModelHandler(TokenBatchedHandler):
         reporter("embed", self._progress_interval_s).add(**counts)
         count_compute("query" if is_query else "embed", model.compute_info(), n_tokens)
         for i, (element, vector) in enumerate(zip(batch, vectors)):
+            if vector is not None and not np.isfinite(vector).all():
+                # fp16 activations can overflow on one input: the store would refuse the point (or keep one no
+                # search ranks), failing its whole batch; a dead letter keeps the others and says what to try
+                vector, reasons[i] = None, NON_FINITE
             if vector is None:
                 yield DeadLetter.of("embed", reasons[i], getattr(element, "doc_id", ""), _describe(element))
             elif is_query:

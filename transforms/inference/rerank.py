@@ -120,7 +120,12 @@ class RerankModelHandler(TokenBatchedHandler):
         return sum(len(p.query) + len(p.doc_text) for p in pairs)
 
 
+NON_FINITE = "the reranker gave a NaN score (its yes/no logits overflowed: try --precision fp32 or bf16)"
+
+
 def _judge(pair: RerankPair, score: float | None, reason: str | None) -> Judgement | DeadLetter:
+    if score is not None and not math.isfinite(score):
+        score, reason = None, NON_FINITE  # NaN compares below every threshold: it would be graded 0, silently
     if score is None:
         return DeadLetter.of("rerank", reason or "not scored", f"{pair.query_id}/{pair.doc_id}", dataclasses.asdict(pair))
     return Judgement(
