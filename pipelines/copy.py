@@ -8,7 +8,8 @@ writer's batching (``copy_points``: batches bounded by count and bytes, transien
 retried), so a copy that fails half-way is finished by running it again. The target
 collection is created when missing (size from the source, cosine, payload indexes).
 
-Refused before anything is written (exit 2): the source collection itself as the target, an existing target of another size, a
+Refused before anything is written (exit 2): the source collection itself as the target, an
+existing target of another size or holding vectors of another model, a
 ``--to-collection`` that is an alias on the target (its points would go into the collection
 the alias serves), an ``--alias`` that is a collection there or equals ``--to-collection``, and
 a source shard another process holds (the source's shards are opened first and held until
@@ -42,6 +43,23 @@ def check_target_names(target: Any, to_collection: str, alias: str | None) -> No
                 done="the copy is done")  # fmt: skip
 
 
+def check_target_model(source: Any, collection: str, model: str | None, target: Any, to_collection: str) -> None:
+    """An existing target holding vectors of another model than the source's is refused before anything is
+    written, as the index job refuses it: a search would rank one model's vectors against the other's.
+    ``model``: what the source records (else the model its points name)."""
+    from transforms.io.store import model_held, same_model
+
+    if not target.collection_exists(to_collection):
+        return
+    held, theirs = model_held(target, to_collection), model or model_held(source, collection)
+    if held and theirs and not same_model(held, theirs):
+        raise PreflightError(
+            f"--to-collection {to_collection!r} at {redact_url(target.where)} holds vectors of model {held}; "
+            f"--collection {collection!r} holds vectors of {theirs}. Vectors of two models cannot be compared, so "
+            "nothing was written: copy into a new --to-collection"
+        )
+
+
 def copy_collection(
     source: Any, collection: str, target: Any, to_collection: str, *, alias: str | None = None,
     batch_points: int = 256, target_url: str | None = None,
@@ -64,6 +82,7 @@ def copy_collection(
             "names: a copy onto itself; give another --to-collection, --to-path or --to-url"
         )
     check_target_names(target, to_collection, alias)
+    check_target_model(source, collection, meta.model, target, to_collection)
     source.count(collection)  # opens every source shard (held when the source keeps them open): a lock shows now
     created = target.ensure_collection(to_collection, CollectionSpec(meta.size, model=meta.model, settings=meta.settings))
     started = time.perf_counter()

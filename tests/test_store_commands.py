@@ -399,3 +399,19 @@ def test_a_locked_shard_is_one_store_lock_line_before_and_inside_a_beam_job(caps
     assert capsys.readouterr().err == in_job
     assert _run("index", lambda: exec(from_a_worker), False, argparse.Namespace()) == 1
     assert capsys.readouterr().err == in_job
+
+
+@pytest.mark.parametrize("kind", ["edge", "server"])
+def test_copy_onto_a_collection_of_another_model_exits_2_and_writes_nothing(kind, edge, tmp_path):
+    target = _target(kind, tmp_path)
+    target.record_collection("docs-20261201", CollectionSpec(8, model="other/model"))
+    before = _state(target)
+    with pytest.raises(PreflightError) as caught:
+        copy.copy_collection(edge, "c", target, "docs-20261201")
+    assert str(caught.value) == (
+        f"--to-collection 'docs-20261201' at {target.where} holds vectors of model other/model; --collection 'c' "
+        "holds vectors of m. Vectors of two models cannot be compared, so nothing was written: copy into a new "
+        "--to-collection")
+    assert caught.value.exit_status == 2 and _state(target) == before
+    target.record_collection("docs-20261201", CollectionSpec(8, model="m"))  # the same model: copied into
+    assert copy.copy_collection(edge, "c", target, "docs-20261201")["points_in_target"] == 30  # 5 ids in common
