@@ -44,14 +44,16 @@ def check_target_names(target: Any, to_collection: str, alias: str | None) -> No
 
 
 def check_target_model(source: Any, collection: str, model: str | None, target: Any, to_collection: str) -> None:
-    """An existing target holding vectors of another model than the source's is refused before anything is
-    written, as the index job refuses it: a search would rank one model's vectors against the other's.
-    ``model``: what the source records (else the model its points name)."""
+    """An existing target recording (or, recording none, holding points of) another model than the source's is
+    refused before anything is written, as the index job refuses it: a search would rank one model's vectors
+    against the other's. ``model``: what the source records (else the model its points name)."""
     from transforms.io.store import model_held, same_model
 
     if not target.collection_exists(to_collection):
         return
-    held, theirs = model_held(target, to_collection), model or model_held(source, collection)
+    # The recorded model first: reading it opens no shard (a locked target then shows where the copy writes)
+    held = target.collection_spec(to_collection).model or model_held(target, to_collection)
+    theirs = model or model_held(source, collection)
     if held and theirs and not same_model(held, theirs):
         raise PreflightError(
             f"--to-collection {to_collection!r} at {redact_url(target.where)} holds vectors of model {held}; "

@@ -339,7 +339,7 @@ def test_copy_into_a_locked_target_fails_with_status_1_and_a_rerun_finishes_it(e
     from tests.processes import wait_for_line
 
     target = EdgeStore(str(tmp_path / "tgt"), shards=2)
-    target.ensure_collection("c2", CollectionSpec(8))
+    target.ensure_collection("c2", CollectionSpec(8, model="m"))  # as a first copy records it: its model is read
     argv = ["copy", "--collection", "c", "--qdrant-path", edge.path, "--to-path", target.path, "--to-collection", "c2",
             "--store-lock-wait", "0.2"]  # fmt: skip
     with _holding(f"{target.path}/c2/shard-001") as proc:
