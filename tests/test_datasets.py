@@ -512,3 +512,25 @@ def test_stale_files_removed_are_only_dataset_files_the_earlier_manifest_lists(t
     (out / "qrels" / "mine.tsv").write_text("the user's")
     assert remove_stale_files(str(out), keep=[]) == [str(out / "qrels" / "test.tsv")]
     assert (out / "qrels" / "mine.tsv").exists()  # a folder with other files stays
+
+
+def test_a_write_that_fails_midway_leaves_no_manifest_claiming_its_files(tmp_path: Path) -> None:
+    # A rerun whose write stops partway (a full disk, a store error) must not leave a manifest that says
+    # "ok" and lists digests of files still holding the earlier run's bytes (or missing).
+    _run_writer(tmp_path, items())
+    (tmp_path / "runs" / "rerank.trec").unlink()
+    (tmp_path / "runs" / "rerank.trec").mkdir()  # writing this file now fails
+    fewer = [i for i in items() if i.query.query_id != "qb"]
+    with pytest.raises(Exception, match="rerank.trec"):
+        _run_writer(tmp_path, fewer)
+    manifest = json.loads((tmp_path / "manifest.json").read_text())
+    assert manifest["status"] == "incomplete: the write of these files did not finish; rerun the job"
+    assert manifest["files"] == {name: {} for name in EXPECTED_FILES if name not in ("manifest.json", "run_stats.json")}
+    # The next run that completes replaces it, and removes the files it does not write.
+    (tmp_path / "runs" / "rerank.trec").rmdir()
+    _run_writer(tmp_path, fewer)
+    files = _files(tmp_path)
+    manifest = json.loads(files["manifest.json"])
+    assert manifest["status"] == "ok"
+    for name, digest in manifest["files"].items():
+        assert digest == {"bytes": len(files[name]), "sha256": hashlib.sha256(files[name]).hexdigest()}

@@ -20,6 +20,7 @@ Layout under ``out_dir``::
     report.md                   metrics, label distribution, histogram (teacher_scores.png)
     teacher_scores.png
     manifest.json               provenance, labels, counts, metrics, sha256 of every file above
+                                (written last; until then status "incomplete: ...", no digests)
     run_stats.json              wall-clock times: the one non-deterministic file
 
 Everything except ``run_stats.json`` is byte-identical for the same inputs: rows sorted,
