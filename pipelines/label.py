@@ -181,7 +181,9 @@ def provenance_of(
 ) -> dict[str, Any]:
     prov: dict[str, Any] = {
         "reranker": {"model": config.reranker, "revision": model_revision(config.reranker),
-                     "instruction": config.instruction or DEFAULT_INSTRUCTION, "max_length": config.max_length,
+                     "max_length": config.max_length,
+                     # as the reranker reads it: None is the card's default, "" an empty instruction
+                     "instruction": DEFAULT_INSTRUCTION if config.instruction is None else config.instruction,
                      "precision": config.precision},  # the setting; each worker logs what it resolved to
         "query_log": {"files": query_files, "columns": dataclasses.asdict(config.query_columns)},
         "sampling": {"max_queries": config.sample.max_queries, "proportions": config.sample.proportions,

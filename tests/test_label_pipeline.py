@@ -481,3 +481,17 @@ def test_every_run_line_serves_a_query_or_is_counted(tmp_path, sample_dir, qwen3
         "r6 Q0 heapq 1 0.9 first_stage", "r6 Q0 queue 2 0.8 first_stage",
         "r9 Q0 shutil 1 0.3 first_stage",
     ]  # fmt: skip
+
+
+@pytest.mark.parametrize(("given", "used"), [(None, "default"), ("", ""), ("Find the code", "Find the code")])
+def test_the_manifest_records_the_instruction_the_reranker_scored_with(tmp_path, given, used):
+    # --instruction '' scores with an empty instruction (the card's format, "<Instruct>: \n"): the
+    # provenance said the default one, so the labels looked as if made with a prompt they were not.
+    from pipelines.configs import LabelConfig
+    from transforms.models.reranker import DEFAULT_INSTRUCTION, format_instruction
+
+    used = DEFAULT_INSTRUCTION if used == "default" else used
+    config = LabelConfig(queries="log.parquet", out=str(tmp_path / "out"), reranker=str(tmp_path),
+                         candidates="run.trec", corpus="corpus.parquet", instruction=given)  # fmt: skip
+    assert format_instruction(config.instruction, "q", "d") == f"<Instruct>: {used}\n<Query>: q\n<Document>: d"
+    assert label.provenance_of(config, [], [])["reranker"]["instruction"] == used
