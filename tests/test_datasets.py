@@ -534,3 +534,28 @@ def test_a_write_that_fails_midway_leaves_no_manifest_claiming_its_files(tmp_pat
     assert manifest["status"] == "ok"
     for name, digest in manifest["files"].items():
         assert digest == {"bytes": len(files[name]), "sha256": hashlib.sha256(files[name]).hexdigest()}
+
+
+def test_a_query_whose_candidates_all_have_unwritable_ids_is_one_dead_letter() -> None:
+    from transforms.datasets.judgements import BuildQueryJudgements, RefuseUnwritableCandidates
+    from transforms.types import DeadLetter, RerankPair
+
+    pairs = [RerankPair("q", "red shoes", doc, "text", 0.5, rank) for rank, doc in enumerate(["a b", "ok", "x\ny"], 1)]
+    with BeamTestPipeline() as p:
+        checked = p | "Pairs" >> beam.Create(pairs) | RefuseUnwritableCandidates()
+        assert_that(checked["pairs"] | beam.Map(lambda x: x.doc_id), equal_to(["ok"]), label="Kept")
+        reasons = checked["dead_letter"] | beam.Map(lambda d: (d.stage, d.source, d.reason))
+        assert_that(reasons, equal_to([
+            ("candidates", "q", "doc id cannot be written to TREC qrels or run files: 'a b' contains whitespace"),
+            ("candidates", "q", "doc id cannot be written to TREC qrels or run files: 'x\\ny' contains whitespace"),
+        ]), label="Refused")  # fmt: skip
+
+    letter = DeadLetter.of("candidates", "doc id cannot be written", "q", {"query_id": "q", "doc_id": "a b"})
+    grouped = {"query": [Query("q", "red shoes")], "pairs": [], "judgements": [], "failed": [], "unknown": [],
+               "unwritable": [letter, letter]}  # fmt: skip
+    with BeamTestPipeline() as p:
+        out = p | beam.Create([("q", grouped)]) | BuildQueryJudgements(0.2, "index")
+        assert_that(out.items, equal_to([]), label="NoItems")
+        assert_that(out["dead_letter"] | beam.Map(lambda d: (d.stage, d.reason)), equal_to([
+            ("label", "all candidates have ids TREC files cannot hold: 2 candidate(s), see the candidates dead letters"),
+        ]), label="OneLetter")  # fmt: skip

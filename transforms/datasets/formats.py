@@ -85,10 +85,22 @@ FORMAT = "corpus-etl/label-datasets/1"
 # ---------------------------------------------------------------------------------------------
 
 
+def trec_id_problem(value: str) -> str | None:
+    """Why a TREC qrels or run file (whitespace-separated columns) cannot hold ``value`` as an id, or None.
+
+    An empty id, or one with any character ``str.split`` splits on (space, tab, newline, and the other
+    Unicode whitespace that Python readers such as ir_measures split on), would shift the columns.
+    """
+    if not value:
+        return "is empty"
+    if any(c.isspace() for c in value):
+        return "contains whitespace"
+    return None
+
+
 def _trec_safe(kind: str, value: str) -> None:
-    # TREC files are whitespace-separated: an empty id or one with a space would shift columns.
-    if not value or any(c.isspace() for c in value):
-        raise ValueError(f"{kind} {value!r} is empty or contains whitespace; TREC files cannot hold it")
+    if (problem := trec_id_problem(value)) is not None:
+        raise ValueError(f"{kind} {value!r} {problem}; TREC files cannot hold it")
 
 
 @dataclasses.dataclass(frozen=True)
