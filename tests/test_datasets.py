@@ -559,3 +559,19 @@ def test_a_query_whose_candidates_all_have_unwritable_ids_is_one_dead_letter() -
         assert_that(out["dead_letter"] | beam.Map(lambda d: (d.stage, d.reason)), equal_to([
             ("label", "all candidates have ids TREC files cannot hold: 2 candidate(s), see the candidates dead letters"),
         ]), label="OneLetter")  # fmt: skip
+
+
+def test_the_beir_qrels_read_back_as_beirs_loader_reads_them() -> None:
+    # BEIR's GenericDataLoader reads qrels with csv.reader(delimiter="\t", quoting=QUOTE_MINIMAL): an id
+    # that starts with a double quote was read without its quotes, or (unclosed) swallowed the lines after it.
+    import csv
+
+    for bad in ('"d1"', '"d1'):
+        with pytest.raises(ValueError, match="starts with a double quote"):
+            QueryJudgements(Query("q", "t"), "eval", (J("q", bad, 0.5, 0.5, 1),))
+    with pytest.raises(ValueError, match="starts with a double quote"):
+        QueryJudgements(Query('"q"', "t"), "eval", (J('"q"', "d", 0.5, 0.5, 1),))
+    inner = QueryJudgements(Query("q", "t"), "eval", (J("q", 'd"1', 0.95, 0.5, 1), J("q", "d2", 0.1, 0.4, 2)))
+    reader = csv.reader(io.StringIO("\n".join(qrels_lines(inner.judgements, THRESHOLDS))), delimiter="\t",
+                        quoting=csv.QUOTE_MINIMAL)  # fmt: skip
+    assert list(reader)[1:] == [["q", 'd"1', "2"], ["q", "d2", "0"]]

@@ -86,15 +86,20 @@ FORMAT = "corpus-etl/label-datasets/1"
 
 
 def trec_id_problem(value: str) -> str | None:
-    """Why a TREC qrels or run file (whitespace-separated columns) cannot hold ``value`` as an id, or None.
+    """Why the qrels and run files cannot hold ``value`` as an id, or None.
 
     An empty id, or one with any character ``str.split`` splits on (space, tab, newline, and the other
-    Unicode whitespace that Python readers such as ir_measures split on), would shift the columns.
+    Unicode whitespace that Python readers such as ir_measures split on), would shift the TREC columns.
+    An id that starts with a double quote would be read as a quoted field by readers of the BEIR TSV
+    (BEIR's own loader: ``csv.reader``, ``QUOTE_MINIMAL``; pandas): ``"d1"`` reads as ``d1``, and an
+    unclosed quote swallows the lines after it. A quote further in is read as written.
     """
     if not value:
         return "is empty"
     if any(c.isspace() for c in value):
         return "contains whitespace"
+    if value.startswith('"'):
+        return "starts with a double quote (TSV readers take it as quoting)"
     return None
 
 
