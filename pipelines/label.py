@@ -2,6 +2,7 @@
 
     queries (Parquet) ─parse, dedup, sample─▶ Query
     Query ─index (embed + Qdrant, grouped by doc) or run file + corpus─▶ RerankPair (top k)
+    RerankPair ─doc id TREC files can hold, else a candidate dead letter─▶ RerankPair
     RerankPair ─Qwen3-Reranker P(yes), token batches (--share-prefix: grouped by query, prompt head once)─▶ Judgement
     Judgements by query + split (hash of the near-duplicate key) ─▶ QueryJudgements
     ─▶ BEIR eval set, TREC runs, distillation Parquet, manifest.json, report.md
@@ -44,7 +45,7 @@ from pipelines.flags import label_parser, split_beam_args
 from pipelines.launch import build_only, build_outputs, format_built, write_job_file
 from pipelines.security import redact_url
 from transforms.datasets.formats import MANIFEST_FILE
-from transforms.datasets.judgements import BuildQueryJudgements
+from transforms.datasets.judgements import BuildQueryJudgements, RefuseUnwritableCandidates
 from transforms.datasets.report import dead_letter_count
 from transforms.datasets.write import WriteLabelDatasets
 from transforms.inference.embed import EmbeddingModelHandler
@@ -144,16 +145,20 @@ def build_pipeline(p: beam.Pipeline, config: LabelConfig, provenance: dict[str, 
         )
         unknown = first["unknown_candidates"]
         dead += [first[DEAD], unknown]
+    # A doc id TREC files cannot hold (the index takes any): that candidate is refused, not its query.
+    writable = first["pairs"] | "RefuseUnwritableCandidates" >> RefuseUnwritableCandidates()
+    pairs = writable["pairs"]
     rerank = Rerank(reranker_handler(config, threads, shared=shared))
-    scored = first["pairs"] | "Rerank" >> (rerank.with_resource_hints(**hints) if hints else rerank)
-    dead.append(scored[DEAD])
+    scored = pairs | "Rerank" >> (rerank.with_resource_hints(**hints) if hints else rerank)
+    dead += [writable[DEAD], scored[DEAD]]
     built = (
         {
             "query": queries | "KeyQueries" >> beam.WithKeys(lambda q: q.query_id),
-            "pairs": first["pairs"] | "KeyPairs" >> beam.WithKeys(lambda x: x.query_id),
+            "pairs": pairs | "KeyPairs" >> beam.WithKeys(lambda x: x.query_id),
             "judgements": scored["results"] | "KeyJudgements" >> beam.WithKeys(lambda j: j.query_id),
             "failed": failed | "KeyFailed" >> beam.WithKeys(_query_id_of),
             "unknown": unknown | "KeyUnknown" >> beam.WithKeys(_query_id_of),
+            "unwritable": writable[DEAD] | "KeyUnwritable" >> beam.WithKeys(_query_id_of),
         }
         | "GroupByQuery" >> beam.CoGroupByKey()
         | "BuildQueryJudgements" >> BuildQueryJudgements(config.eval_fraction, "index" if config.collection else "run")
@@ -171,7 +176,7 @@ def build_pipeline(p: beam.Pipeline, config: LabelConfig, provenance: dict[str, 
     written = built.items | "WriteDatasets" >> WriteLabelDatasets(
         config.out, config.datasets_config(provenance or {}, started_at), pipeline_counts=counts
     )
-    return {"queries": queries, "pairs": first["pairs"], "judgements": scored["results"], "items": built.items,
+    return {"queries": queries, "pairs": pairs, "judgements": scored["results"], "items": built.items,
             "dead_letters": all_dead, "written": written}
 
 
@@ -181,7 +186,9 @@ def provenance_of(
 ) -> dict[str, Any]:
     prov: dict[str, Any] = {
         "reranker": {"model": config.reranker, "revision": model_revision(config.reranker),
-                     "instruction": config.instruction or DEFAULT_INSTRUCTION, "max_length": config.max_length,
+                     "max_length": config.max_length,
+                     # as the reranker reads it: None is the card's default, "" an empty instruction
+                     "instruction": DEFAULT_INSTRUCTION if config.instruction is None else config.instruction,
                      "precision": config.precision},  # the setting; each worker logs what it resolved to
         "query_log": {"files": query_files, "columns": dataclasses.asdict(config.query_columns)},
         "sampling": {"max_queries": config.sample.max_queries, "proportions": config.sample.proportions,

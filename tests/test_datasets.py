@@ -512,3 +512,66 @@ def test_stale_files_removed_are_only_dataset_files_the_earlier_manifest_lists(t
     (out / "qrels" / "mine.tsv").write_text("the user's")
     assert remove_stale_files(str(out), keep=[]) == [str(out / "qrels" / "test.tsv")]
     assert (out / "qrels" / "mine.tsv").exists()  # a folder with other files stays
+
+
+def test_a_write_that_fails_midway_leaves_no_manifest_claiming_its_files(tmp_path: Path) -> None:
+    # A rerun whose write stops partway (a full disk, a store error) must not leave a manifest that says
+    # "ok" and lists digests of files still holding the earlier run's bytes (or missing).
+    _run_writer(tmp_path, items())
+    (tmp_path / "runs" / "rerank.trec").unlink()
+    (tmp_path / "runs" / "rerank.trec").mkdir()  # writing this file now fails
+    fewer = [i for i in items() if i.query.query_id != "qb"]
+    with pytest.raises(Exception, match="rerank.trec"):
+        _run_writer(tmp_path, fewer)
+    manifest = json.loads((tmp_path / "manifest.json").read_text())
+    assert manifest["status"] == "incomplete: the write of these files did not finish; rerun the job"
+    assert manifest["files"] == {name: {} for name in EXPECTED_FILES if name not in ("manifest.json", "run_stats.json")}
+    # The next run that completes replaces it, and removes the files it does not write.
+    (tmp_path / "runs" / "rerank.trec").rmdir()
+    _run_writer(tmp_path, fewer)
+    files = _files(tmp_path)
+    manifest = json.loads(files["manifest.json"])
+    assert manifest["status"] == "ok"
+    for name, digest in manifest["files"].items():
+        assert digest == {"bytes": len(files[name]), "sha256": hashlib.sha256(files[name]).hexdigest()}
+
+
+def test_a_query_whose_candidates_all_have_unwritable_ids_is_one_dead_letter() -> None:
+    from transforms.datasets.judgements import BuildQueryJudgements, RefuseUnwritableCandidates
+    from transforms.types import DeadLetter, RerankPair
+
+    pairs = [RerankPair("q", "red shoes", doc, "text", 0.5, rank) for rank, doc in enumerate(["a b", "ok", "x\ny"], 1)]
+    with BeamTestPipeline() as p:
+        checked = p | "Pairs" >> beam.Create(pairs) | RefuseUnwritableCandidates()
+        assert_that(checked["pairs"] | beam.Map(lambda x: x.doc_id), equal_to(["ok"]), label="Kept")
+        reasons = checked["dead_letter"] | beam.Map(lambda d: (d.stage, d.source, d.reason))
+        assert_that(reasons, equal_to([
+            ("candidates", "q", "doc id cannot be written to TREC qrels or run files: 'a b' contains whitespace"),
+            ("candidates", "q", "doc id cannot be written to TREC qrels or run files: 'x\\ny' contains whitespace"),
+        ]), label="Refused")  # fmt: skip
+
+    letter = DeadLetter.of("candidates", "doc id cannot be written", "q", {"query_id": "q", "doc_id": "a b"})
+    grouped = {"query": [Query("q", "red shoes")], "pairs": [], "judgements": [], "failed": [], "unknown": [],
+               "unwritable": [letter, letter]}  # fmt: skip
+    with BeamTestPipeline() as p:
+        out = p | beam.Create([("q", grouped)]) | BuildQueryJudgements(0.2, "index")
+        assert_that(out.items, equal_to([]), label="NoItems")
+        assert_that(out["dead_letter"] | beam.Map(lambda d: (d.stage, d.reason)), equal_to([
+            ("label", "all candidates have ids TREC files cannot hold: 2 candidate(s), see the candidates dead letters"),
+        ]), label="OneLetter")  # fmt: skip
+
+
+def test_the_beir_qrels_read_back_as_beirs_loader_reads_them() -> None:
+    # BEIR's GenericDataLoader reads qrels with csv.reader(delimiter="\t", quoting=QUOTE_MINIMAL): an id
+    # that starts with a double quote was read without its quotes, or (unclosed) swallowed the lines after it.
+    import csv
+
+    for bad in ('"d1"', '"d1'):
+        with pytest.raises(ValueError, match="starts with a double quote"):
+            QueryJudgements(Query("q", "t"), "eval", (J("q", bad, 0.5, 0.5, 1),))
+    with pytest.raises(ValueError, match="starts with a double quote"):
+        QueryJudgements(Query('"q"', "t"), "eval", (J('"q"', "d", 0.5, 0.5, 1),))
+    inner = QueryJudgements(Query("q", "t"), "eval", (J("q", 'd"1', 0.95, 0.5, 1), J("q", "d2", 0.1, 0.4, 2)))
+    reader = csv.reader(io.StringIO("\n".join(qrels_lines(inner.judgements, THRESHOLDS))), delimiter="\t",
+                        quoting=csv.QUOTE_MINIMAL)  # fmt: skip
+    assert list(reader)[1:] == [["q", 'd"1', "2"], ["q", "d2", "0"]]

@@ -481,3 +481,55 @@ def test_every_run_line_serves_a_query_or_is_counted(tmp_path, sample_dir, qwen3
         "r6 Q0 heapq 1 0.9 first_stage", "r6 Q0 queue 2 0.8 first_stage",
         "r9 Q0 shutil 1 0.3 first_stage",
     ]  # fmt: skip
+
+
+@pytest.mark.parametrize(("given", "used"), [(None, "default"), ("", ""), ("Find the code", "Find the code")])
+def test_the_manifest_records_the_instruction_the_reranker_scored_with(tmp_path, given, used):
+    # --instruction '' scores with an empty instruction (the card's format, "<Instruct>: \n"): the
+    # provenance said the default one, so the labels looked as if made with a prompt they were not.
+    from pipelines.configs import LabelConfig
+    from transforms.models.reranker import DEFAULT_INSTRUCTION, format_instruction
+
+    used = DEFAULT_INSTRUCTION if used == "default" else used
+    config = LabelConfig(queries="log.parquet", out=str(tmp_path / "out"), reranker=str(tmp_path),
+                         candidates="run.trec", corpus="corpus.parquet", instruction=given)  # fmt: skip
+    assert format_instruction(config.instruction, "q", "d") == f"<Instruct>: {used}\n<Query>: q\n<Document>: d"
+    assert label.provenance_of(config, [], [])["reranker"]["instruction"] == used
+
+
+def test_a_document_id_trec_files_cannot_hold_is_a_candidate_dead_letter(tmp_path, minilm_path, qwen3_reranker_dir):
+    # The index takes any non-empty id; TREC qrels and runs are whitespace-separated. Such a candidate was
+    # scored, then took its whole query down with it ("unwritable"): every query that retrieved it was lost,
+    # and its scored pairs were counted nowhere. Now the candidate alone is refused, before scoring.
+    docs = [{"id": "json", "text": "Encode Python objects as JSON text with json.dumps."},
+            {"id": "csv", "text": "Read and write CSV files with the csv module."},
+            {"id": "two words", "text": "JSON encoding of Python objects, with a space in the id."},
+            {"id": "tab\tid", "text": "Writing comma separated values with csv.writer."}]  # fmt: skip
+    pq.write_table(pa.Table.from_pylist(docs), tmp_path / "corpus.parquet")
+    qdrant = str(tmp_path / "qdrant")
+    index.run(["--input", str(tmp_path / "corpus.parquet"), "--collection", "docs", "--model", minilm_path,
+               "--qdrant-path", qdrant, "--chunk-tokens", "128", "--chunk-overlap", "16"],
+              test_pipeline=TestPipeline())  # fmt: skip
+    log = [{"query_id": "qa", "query": "encode objects as JSON", "count": 1},
+           {"query_id": "qb", "query": "write csv files", "count": 1}]  # fmt: skip
+    pq.write_table(pa.Table.from_pylist(log), tmp_path / "log.parquet")
+    out = tmp_path / "out"
+    summary = label.run(
+        ["--queries", str(tmp_path / "log.parquet"), "--out", str(out), "--reranker", str(qwen3_reranker_dir),
+         "--collection", "docs", "--model", minilm_path, "--qdrant-path", qdrant, "--top-k", "4",
+         "--query-id-column", "query_id", "--eval-fraction", "1.0", "--device", "cpu"],
+        test_pipeline=TestPipeline(),
+    )  # fmt: skip
+    assert {k: summary[k] for k in ("queries_labelled", "queries_rejected", "pairs_scored", "candidates_rejected")} == {
+        "queries_labelled": 2, "queries_rejected": 0, "pairs_scored": 4, "candidates_rejected": 4,
+    }  # fmt: skip
+    judged = {(r.query_id, r.doc_id) for r in ir_measures.read_trec_run(str(out / "runs" / "rerank.trec"))}
+    assert judged == {("qa", "json"), ("qa", "csv"), ("qb", "json"), ("qb", "csv")}
+    dead = sorted((d["stage"], d["source"], d["reason"], json.loads(d["record"])["doc_id"])
+                  for d in map(json.loads, (out / "dead_letters.jsonl").read_text().splitlines()))  # fmt: skip
+    assert dead == [
+        ("candidates", q, f"doc id cannot be written to TREC qrels or run files: {doc!r} {why}", doc)
+        for q in ("qa", "qb")
+        for doc, why in (("tab\tid", "contains whitespace"), ("two words", "contains whitespace"))
+    ]
+    assert summary["counters"]["dead_letters"] == 4

@@ -181,6 +181,8 @@ def test_parse_row_respects_column_names() -> None:
         ({"query": "hi", "count": 2.5}, "count is a non-integral float: 2.5"),
         ({"query": "hi", "count": "3"}, "count is a str, not an integer"),
         ({"query": "hi", "query_id": "a b"}, "query_id 'a b' contains whitespace"),
+        ({"query": "hi", "query_id": '"q1"'},
+         "query_id '\"q1\"' starts with a double quote (TSV readers take it as quoting)"),
         ({"query": "hi", "query_id": True}, "query_id is a bool, not a string or integer"),
     ],
 )

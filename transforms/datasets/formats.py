@@ -20,6 +20,7 @@ Layout under ``out_dir``::
     report.md                   metrics, label distribution, histogram (teacher_scores.png)
     teacher_scores.png
     manifest.json               provenance, labels, counts, metrics, sha256 of every file above
+                                (written last; until then status "incomplete: ...", no digests)
     run_stats.json              wall-clock times: the one non-deterministic file
 
 Everything except ``run_stats.json`` is byte-identical for the same inputs: rows sorted,
@@ -84,10 +85,27 @@ FORMAT = "corpus-etl/label-datasets/1"
 # ---------------------------------------------------------------------------------------------
 
 
+def trec_id_problem(value: str) -> str | None:
+    """Why the qrels and run files cannot hold ``value`` as an id, or None.
+
+    An empty id, or one with any character ``str.split`` splits on (space, tab, newline, and the other
+    Unicode whitespace that Python readers such as ir_measures split on), would shift the TREC columns.
+    An id that starts with a double quote would be read as a quoted field by readers of the BEIR TSV
+    (BEIR's own loader: ``csv.reader``, ``QUOTE_MINIMAL``; pandas): ``"d1"`` reads as ``d1``, and an
+    unclosed quote swallows the lines after it. A quote further in is read as written.
+    """
+    if not value:
+        return "is empty"
+    if any(c.isspace() for c in value):
+        return "contains whitespace"
+    if value.startswith('"'):
+        return "starts with a double quote (TSV readers take it as quoting)"
+    return None
+
+
 def _trec_safe(kind: str, value: str) -> None:
-    # TREC files are whitespace-separated: an empty id or one with a space would shift columns.
-    if not value or any(c.isspace() for c in value):
-        raise ValueError(f"{kind} {value!r} is empty or contains whitespace; TREC files cannot hold it")
+    if (problem := trec_id_problem(value)) is not None:
+        raise ValueError(f"{kind} {value!r} {problem}; TREC files cannot hold it")
 
 
 @dataclasses.dataclass(frozen=True)

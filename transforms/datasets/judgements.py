@@ -5,7 +5,7 @@ from __future__ import annotations
 import apache_beam as beam
 from apache_beam.metrics import Metrics
 
-from transforms.datasets.formats import QueryJudgements
+from transforms.datasets.formats import QueryJudgements, trec_id_problem
 from transforms.text.queries import assign_split, derive_query_id, query_key
 from transforms.types import DEAD, DeadLetter, Judgement, Query, RerankPair
 
@@ -13,6 +13,39 @@ from transforms.types import DEAD, DeadLetter, Judgement, Query, RerankPair
 NO_CANDIDATES = "no candidates"
 ALL_UNKNOWN = "all candidates unknown"
 ALL_FAILED = "all candidates failed scoring"
+ALL_UNWRITABLE = "all candidates have ids TREC files cannot hold"
+# A candidate refused before scoring (stage "candidates"): its doc id cannot go into qrels or runs.
+UNWRITABLE_ID = "doc id cannot be written to TREC qrels or run files"
+
+
+class _RefuseUnwritableCandidates(beam.DoFn):
+    def __init__(self) -> None:
+        self.refused = Metrics.counter("corpus_etl", "candidates_unwritable")
+
+    def process(self, pair: RerankPair):
+        problem = trec_id_problem(pair.doc_id)
+        if problem is None:
+            yield pair
+            return
+        self.refused.inc()
+        record = {"query_id": pair.query_id, "doc_id": pair.doc_id, "rank": pair.first_stage_rank}
+        yield beam.pvalue.TaggedOutput(
+            DEAD, DeadLetter.of("candidates", f"{UNWRITABLE_ID}: {pair.doc_id!r} {problem}", pair.query_id, record)
+        )
+
+
+class RefuseUnwritableCandidates(beam.PTransform):
+    """``RerankPair`` → ``{"pairs": the pairs whose doc id TREC files can hold, "dead_letter": the others}``.
+
+    The index takes any non-empty id, but qrels and run files are whitespace-separated. Refusing such a
+    candidate before scoring keeps its query (and its other candidates) labelled; the candidate is a
+    dead letter counted in ``candidates_rejected``. Query ids need no check: the log's are refused at
+    parse when they hold whitespace, and derived ones are hex.
+    """
+
+    def expand(self, pairs):
+        checked = pairs | "Check" >> beam.ParDo(_RefuseUnwritableCandidates()).with_outputs(DEAD, main="pairs")
+        return {"pairs": checked.pairs, DEAD: checked[DEAD]}
 
 
 class _BuildQueryJudgements(beam.DoFn):
@@ -49,6 +82,8 @@ class _BuildQueryJudgements(beam.DoFn):
             unknown = len(grouped["unknown"])
             if unknown:
                 return self._reject(query, ALL_UNKNOWN, f"the run's {unknown} candidate(s) are not in the corpus")
+            if unwritable := len(grouped.get("unwritable", ())):
+                return self._reject(query, ALL_UNWRITABLE, f"{unwritable} candidate(s), see the candidates dead letters")
             if self.first_stage == "run":
                 derived = qid == derive_query_id(query_key(query.text))
                 hint = " (the log gives this query no id, so its id was derived from the text)" if derived else ""
@@ -73,8 +108,8 @@ class _BuildQueryJudgements(beam.DoFn):
 
 
 class BuildQueryJudgements(beam.PTransform):
-    """``(query_id, {"query", "pairs", "judgements", "failed", "unknown"})`` from a ``CoGroupByKey``
-    → ``QueryJudgements`` (``items``) and ``DeadLetter`` (``dead_letter``): one per query.
+    """``(query_id, {"query", "pairs", "judgements", "failed", "unknown"[, "unwritable"]})`` from a
+    ``CoGroupByKey`` → ``QueryJudgements`` (``items``) and ``DeadLetter`` (``dead_letter``): one per query.
 
     ``first_stage`` is ``"index"`` or ``"run"``, worded into the reasons.
     """

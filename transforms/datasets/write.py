@@ -142,6 +142,26 @@ def write_files(out_dir: str, files: Mapping[str, bytes]) -> list[str]:
     return written
 
 
+# The status of the manifest that stands in --out while a run writes its files (``write_manifest_last``).
+WRITING = "incomplete: the write of these files did not finish; rerun the job"
+
+
+def write_manifest_last(out_dir: str, files: Mapping[str, bytes]) -> list[str]:
+    """Write ``files`` (``build_label_files``) under ``out_dir``, manifest.json last; the full paths, sorted.
+
+    While the other files are written, the folder's manifest is a stand-in with status ``WRITING`` that
+    lists their names without digests: a write that stops partway (a full disk, a store error) leaves no
+    manifest that says "ok" over files still holding an earlier run's bytes, and the next run still
+    knows which files it may remove (``remove_stale_files``).
+    """
+    data = {rel: b for rel, b in files.items() if rel != MANIFEST_FILE}
+    if data:
+        pending = {"format": FORMAT, "status": WRITING, "files": {rel: {} for rel in sorted(data)}}
+        write_files(out_dir, {MANIFEST_FILE: manifest_json(pending)})
+    paths = write_files(out_dir, data)
+    return sorted(paths + write_files(out_dir, {MANIFEST_FILE: files[MANIFEST_FILE]}))
+
+
 # Every file a label run may write under --out except the manifest (which every run rewrites).
 DATASET_FILES = (QUERIES_FILE, QRELS_FILE, TREC_QRELS_FILE, RETRIEVAL_RUN_FILE, RERANK_RUN_FILE, DISTILLATION_FILE,
                  REPORT_FILE, HISTOGRAM_FILE, RUN_STATS_FILE)  # fmt: skip
@@ -218,7 +238,7 @@ class _WriteLabelDatasetsFn(beam.DoFn):
             summed[name] = summed.get(name, 0) + int(n)
         files = build_label_files(items, self.config, summed)
         remove_stale_files(self.out_dir, [*files, *([RUN_STATS_FILE] if items else [])])
-        paths = write_files(self.out_dir, files)
+        paths = write_manifest_last(self.out_dir, files)
         if items:  # written last and alone: the only file whose bytes change between identical runs
             paths += write_files(
                 self.out_dir, {RUN_STATS_FILE: run_stats_json(self.config.started_at, time.time())}

@@ -33,6 +33,7 @@ from typing import Any
 import apache_beam as beam
 from apache_beam.metrics import Metrics
 
+from transforms.datasets.formats import trec_id_problem
 from transforms.io.parquet import Row, jsonable, row_position
 from transforms.types import DEAD, DeadLetter, Query
 
@@ -269,9 +270,9 @@ def _given_id(value: Any) -> str | None:
     text = str(value).strip()
     if not text:
         return None
-    if any(c.isspace() for c in text):
-        # TREC run and qrels files are whitespace-separated: such an id would corrupt them.
-        raise ValueError(f"query_id {text!r} contains whitespace")
+    if (problem := trec_id_problem(text)) is not None:
+        # The qrels and run files could not hold it (whitespace shifts TREC columns, a leading quote is TSV quoting).
+        raise ValueError(f"query_id {text!r} {problem}")
     return text
 
 
