@@ -182,6 +182,19 @@ def test_beir_queries_lines() -> None:
 # ---------------------------------------------------------------------------------------------
 
 
+def L(p: float) -> float:  # noqa: N802 - the log-odds the rows hold, as written by hand
+    return math.log(p) - math.log1p(-p)
+
+
+def test_log_odds_are_the_yes_minus_no_logit_and_stay_finite_at_fp32_s_ends() -> None:
+    from transforms.datasets.distill import log_odds
+
+    yes_minus_no = 2.5
+    p = 1 / (1 + math.exp(-yes_minus_no))  # P(yes) = softmax([no, yes])[1]
+    assert log_odds(p) == pytest.approx(yes_minus_no, abs=1e-12)
+    assert log_odds(1.0) == pytest.approx(16.6355, abs=1e-4) and log_odds(0.0) == pytest.approx(-16.6355, abs=1e-4)
+
+
 def test_distillation_rows_and_hard_negatives() -> None:
     rows = distillation_rows(items(), THRESHOLDS, num_hard_negatives=2)
     assert rows == [
@@ -203,6 +216,9 @@ def test_distillation_rows_and_hard_negatives() -> None:
             "negative_ids": ["d1", "d5"],
             "negative_texts": ["text one", "text five"],
             "negative_scores": [0.3, 0.05],
+            "teacher_logits": [L(0.3), L(0.91), L(0.05), L(0.7), L(0.45)],
+            "positive_logits": [L(0.91), L(0.7)],
+            "negative_logits": [L(0.3), L(0.05)],
         },
         {
             "query_id": "qd",
@@ -220,6 +236,9 @@ def test_distillation_rows_and_hard_negatives() -> None:
             "negative_ids": ["d9"],
             "negative_texts": ["text nine"],
             "negative_scores": [0.2],
+            "teacher_logits": [L(0.2)],
+            "positive_logits": [],
+            "negative_logits": [L(0.2)],
         },
     ]
 
@@ -244,6 +263,9 @@ def test_distillation_parquet_reads_back_with_pyarrow() -> None:
         "negative_ids",
         "negative_texts",
         "negative_scores",
+        "teacher_logits",
+        "positive_logits",
+        "negative_logits",
     ]
     assert table.to_pylist() == rows
     assert table.column("negative_ids").to_pylist() == [["d1", "d5", "d7"], ["d9"]]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import math
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
@@ -35,8 +36,22 @@ DISTILLATION_SCHEMA = pa.schema(
         ("negative_ids", _STRINGS),
         ("negative_texts", _STRINGS),
         ("negative_scores", _FLOATS),
+        # log(p / (1 - p)) of the scores above (the reranker's yes-minus-no logit): the targets a softmax loss
+        # needs (DistillKLDivLoss, MarginMSE); P(yes) in [0, 1] softmaxes to nearly flat targets.
+        ("teacher_logits", _FLOATS),
+        ("positive_logits", _FLOATS),
+        ("negative_logits", _FLOATS),
     ]
 )
+
+# P(yes) is computed in fp32: within 2**-24 of 1 it is 1.0, so log-odds are clipped where fp32 can tell them apart.
+_P_EPS = 2.0**-24
+
+
+def log_odds(p: float) -> float:
+    """``log(p / (1 - p))``, ``p`` clipped to ``[2**-24, 1 - 2**-24]`` (so within +-16.64)."""
+    p = min(max(p, _P_EPS), 1.0 - _P_EPS)
+    return math.log(p) - math.log1p(-p)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -72,6 +87,9 @@ def distillation_row(
         "negative_ids": [j.doc_id for j in negatives],
         "negative_texts": [texts[j.doc_id] for j in negatives],
         "negative_scores": [float(j.teacher_score) for j in negatives],
+        "teacher_logits": [log_odds(j.teacher_score) for j in docs],
+        "positive_logits": [log_odds(j.teacher_score) for j in positives],
+        "negative_logits": [log_odds(j.teacher_score) for j in negatives],
     }
 
 
