@@ -246,20 +246,26 @@ def run_config(config: LabelConfig, beam_args: list[str] | None = None, test_pip
     query_files = _input_files("--queries", config.queries, config.checked_query_columns)
     corpus_files: list[str] = []
     spec = None
+    other_model = None
     if config.candidates:
         check_run_file(config.candidates)
         corpus_files = _input_files("--corpus", config.corpus, config.corpus_columns.all)
     else:
+        from pipelines.evaluate import warn_other_model
         from transforms.io.store import CollectionSpec, open_store
 
         spec = EmbeddingSpec.read(config.model, dim=config.dim)  # the model's files, read once
         store = open_store(config.qdrant)  # exists, and holds vectors of this model's size
         try:
             store.ensure_collection(config.collection, CollectionSpec(spec.size), create=False)
+            # A warning, as search and evaluate give: the candidates are what --model's queries retrieve
+            other_model = warn_other_model(store, config.collection, config.model)
         finally:
             store.close()
     check_reranker(config.reranker, config.max_length)
     provenance = provenance_of(config, query_files, corpus_files, spec)
+    if config.collection and other_model:
+        provenance["first_stage"]["warning"] = other_model
     _LOG.info("labelling %d query log file(s) into %s (reranker %s)", len(query_files), config.out, config.reranker)
     build_pipeline(p, config, provenance, started, spec)
     try:

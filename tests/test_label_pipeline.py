@@ -4,6 +4,7 @@ Qwen3 reranker; every output file parsed back and checked."""
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 
@@ -533,3 +534,19 @@ def test_a_document_id_trec_files_cannot_hold_is_a_candidate_dead_letter(tmp_pat
         for doc, why in (("tab\tid", "contains whitespace"), ("two words", "contains whitespace"))
     ]
     assert summary["counters"]["dead_letters"] == 4
+
+
+def test_labelling_with_another_model_than_the_index_s_warns_and_says_so_in_the_manifest(
+    indexed, minilm_path, qwen3_reranker_dir, tmp_path, caplog
+):
+    # Another folder holding a model of the same size (here MiniLM's files, through a link: another --model)
+    other = tmp_path / "other-model"
+    os.symlink(minilm_path, other)
+    with caplog.at_level(logging.WARNING):
+        _label(indexed, str(other), qwen3_reranker_dir, tmp_path / "out")
+    line = (f"--model {other} is not {minilm_path}, the model collection 'docs' was built with: its scores compare "
+            "query vectors of one model with document vectors of another")
+    assert [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING and "--model" in r.getMessage()] == [
+        line]
+    manifest = json.loads((tmp_path / "out" / "manifest.json").read_text())
+    assert manifest["provenance"]["first_stage"]["warning"] == line
