@@ -287,3 +287,32 @@ def test_a_non_finite_vector_is_a_dead_letter_and_the_rest_of_its_batch_is_writt
     assert [e.chunk.doc_id for e in out if isinstance(e, EmbeddedChunk)] == ["d0", "d1"]
     assert [(d.stage, d.source, d.reason) for d in out if isinstance(d, DeadLetter)] == [
         ("embed", "d2", NON_FINITE), ("embed", "d3", NON_FINITE)]
+
+
+class _NoVectorFor:
+    """A model that embeds nothing of the texts holding ``word``: they come back failed (out of memory alone)."""
+
+    def __init__(self, inner: TextEncoder, word: str) -> None:
+        self.inner, self.word = inner, word
+
+    def embed_batch(self, texts, lengths, *, is_query=False):
+        vectors, _, n_tokens = self.inner.embed_batch(texts, lengths, is_query=is_query)
+        failed = [i for i, t in enumerate(texts) if self.word in t]
+        reason = "out of memory on a single element: CUDA out of memory"
+        return [None if i in failed else v for i, v in enumerate(vectors)], [(i, reason) for i in failed], n_tokens
+
+    def compute_info(self):
+        return self.inner.compute_info()
+
+
+def test_a_query_that_fails_alone_is_a_dead_letter_named_by_its_id(minilm_path, encoder):
+    """As a failed batch's dead letters (``_source_and_record``): a query's source is its id, not ``""``."""
+    from transforms.types import DeadLetter
+
+    handler = EmbeddingModelHandler(minilm_path, device="cpu", kind="query")
+    queries = [Query("q1", "what is json"), Query("q2", "gzip files")]
+    out = list(handler.run_inference(queries, _NoVectorFor(encoder, "gzip")))
+    assert [q.query_id for q, _ in out[:1]] == ["q1"]
+    assert [(d.stage, d.source, d.reason) for d in out if isinstance(d, DeadLetter)] == [
+        ("embed", "q2", "out of memory on a single element: CUDA out of memory")]
+

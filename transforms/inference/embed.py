@@ -99,7 +99,7 @@ class EmbeddingModelHandler(TokenBatchedHandler):
                 # search ranks), failing its whole batch; a dead letter keeps the others and says what to try
                 vector, reasons[i] = None, NON_FINITE
             if vector is None:
-                yield DeadLetter.of("embed", reasons[i], getattr(element, "doc_id", ""), _describe(element))
+                yield DeadLetter.of("embed", reasons[i], *_source_and_record(element))  # as a failed batch's
             elif is_query:
                 yield (element, vector)
             else:  # tolist: Python floats in one C call, not a float() per component
