@@ -316,3 +316,28 @@ def test_a_query_that_fails_alone_is_a_dead_letter_named_by_its_id(minilm_path, 
     assert [(d.stage, d.source, d.reason) for d in out if isinstance(d, DeadLetter)] == [
         ("embed", "q2", "out of memory on a single element: CUDA out of memory")]
 
+
+class _RaisingModel:
+    def embed_batch(self, texts, lengths, *, is_query=False):
+        raise RuntimeError("device-side assert triggered")
+
+
+class _RaisingHandler(EmbeddingModelHandler):
+    def load_model(self):
+        return _RaisingModel()
+
+
+def test_a_batch_whose_model_raises_counts_as_a_failed_batch(minilm_path):
+    """RunInference counts a batch whose ``run_inference`` raises in ``failed_batches_counter``; the handler's
+    results must be computed inside that call (not in a generator Beam lists after it) for the count to see it."""
+    from apache_beam.metrics.metric import MetricsFilter
+
+    chunks = [dataclasses.replace(c, n_tokens=10) for c in _chunks()]  # one length bucket: one batch
+    p = TestPipeline()
+    out = p | beam.Create(chunks) | Embed(_RaisingHandler(minilm_path, device="cpu", budgets=TokenBudgets(batch=10_000)))
+    assert_that(out["embedded"], equal_to([]), label="none embedded")
+    assert_that(out[DEAD] | beam.Map(lambda d: d.source), equal_to(["d0", "d1", "d2", "d3"]), label="all dead")
+    result = p.run()
+    result.wait_until_finish()
+    failed = result.metrics().query(MetricsFilter().with_name("failed_batches_counter"))["counters"]
+    assert sum(c.committed for c in failed) == 1  # one batch of the four chunks

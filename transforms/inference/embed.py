@@ -76,7 +76,12 @@ class EmbeddingModelHandler(TokenBatchedHandler):
 
     def run_inference(
         self, batch: Sequence[Any], model: TextEncoder, inference_args: dict[str, Any] | None = None
-    ) -> Iterable[Any]:
+    ) -> list[Any]:
+        # A list, not a generator: RunInference counts a failed batch (failed_batches_counter) only when this
+        # call raises; a generator's body runs, and raises, later, when Beam lists its results.
+        return list(self._results(batch, model))
+
+    def _results(self, batch: Sequence[Any], model: TextEncoder) -> Iterable[Any]:
         if not batch:  # BatchElements emits an empty batch when one element outweighs its target
             return
         pause_point("embed")
