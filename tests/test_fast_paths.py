@@ -179,3 +179,15 @@ def test_encoder_passes_build_no_kv_cache(qwen3_embedding_dir):
         assert len(caches) == 2 and caches[-1] is None
     finally:
         hook.remove()
+
+
+def test_each_jobs_cpu_threads_set_its_encoders_workers(minilm_path, keep_torch_threads):
+    """``--cpu-workers``' default (0) is the worker's torch threads, which ``--cpu-threads`` sets: also for a later
+    job in the same process (tests, an in-process DirectRunner), after an earlier encoder set torch's threads to 1."""
+    from transforms.inference.embed import EmbeddingModelHandler
+
+    first = EmbeddingModelHandler(minilm_path, device="cpu", cpu_workers=0, cpu_threads=2).load_model()
+    second = EmbeddingModelHandler(minilm_path, device="cpu", cpu_workers=0, cpu_threads=3).load_model()
+    third = EmbeddingModelHandler(minilm_path, device="cpu", cpu_workers=0, cpu_threads=1).load_model()
+    assert (first.cpu_workers, second.cpu_workers, third.cpu_workers) == (2, 3, 1)
+    assert torch.get_num_threads() == 1  # the last load: one thread per pass (or its one worker's)

@@ -11,7 +11,7 @@ import torch
 from apache_beam.metrics import Metrics
 from apache_beam.ml.inference.base import ModelHandler
 
-from transforms.models.devices import TokenBudgets, TorchModel, gpus_for
+from transforms.models.devices import TokenBudgets, TorchModel, gpus_for, set_cpu_threads
 
 _LOG = logging.getLogger(__name__)
 
@@ -104,8 +104,8 @@ class TokenBatchedHandler(ModelHandler):
 
     def load_model(self) -> Any:
         if self.cpu_threads:
-            # Process-wide, before the model loads: the encoder's --cpu-workers default reads it.
-            torch.set_num_threads(self.cpu_threads)
+            # Process-wide, before the model loads: the encoder's --cpu-workers default reads it (cpu_threads).
+            set_cpu_threads(self.cpu_threads)
         threads = torch.get_num_threads()  # before the load: a CPU encoder with --cpu-workers sets 1 for its passes
         model = self._model_class(**self._model_args).load()
         _LOG.info(

@@ -190,6 +190,27 @@ def expects_gpu(device: str, accelerator: str | None = None) -> bool:
     return device == "auto" and (bool(accelerator) or torch.cuda.is_available())
 
 
+# The process's torch threads as chosen (set_cpu_threads) or first found: an encoder with CPU workers then
+# sets torch's to 1, so torch.get_num_threads() no longer tells.
+_CPU_THREADS: list[int] = []
+
+
+def set_cpu_threads(threads: int) -> None:
+    """Torch's intra-op threads for this process (``--cpu-threads``, before a model loads), which ``cpu_threads``
+    answers from now on: a job's setting holds for its encoder even where an earlier job's encoder, in the same
+    process, had set torch's threads to 1."""
+    torch.set_num_threads(threads)
+    _CPU_THREADS[:] = [threads]
+
+
+def cpu_threads() -> int:
+    """The process's torch threads as last set by ``set_cpu_threads``, or else torch's count when first asked,
+    before any encoder set it to 1 (the encoder's default ``cpu_workers``)."""
+    if not _CPU_THREADS:
+        _CPU_THREADS.append(torch.get_num_threads())
+    return _CPU_THREADS[0]
+
+
 _DEVICE_LOCKS: dict[str, threading.Lock] = {}
 _DEVICE_LOCKS_GUARD = threading.Lock()
 

@@ -28,14 +28,15 @@ next batch (padding, pinned host memory, the non-blocking copy to the device) in
 thread while the current one runs. ``kernels="liger"`` (CUDA, Qwen3; not a flag yet) puts
 Liger-Kernel's fused RMSNorm, rotary and SwiGLU kernels into the loaded model (``transforms.models.liger``).
 
-On CPU, ``cpu_workers`` forward passes run at once (``0``: torch's thread count when the first
-encoder loads, the index job's default; ``None``: 1, one pass at a time over all threads, for the
-processes that also run other torch models, e.g. the label job's reranker), each on one thread: a pass
-of a small encoder is a few hundred ms of GEMMs whose OpenMP threads meet at a barrier after
-every op, and on a busy machine one descheduled thread stalls the others (150 long documents:
-5.5-11 s against 8-25 s, CPU time 10.5-11.6 s against 13-23 s, bitwise the same vectors). The
-encoder then sets torch's intra-op threads to 1 for the process, once, at load: switching them
-back and forth around each batch cost ~0.8 s a call in the job (oneDNN re-creates its kernels).
+On CPU, ``cpu_workers`` forward passes run at once (``0``: the process's torch threads as ``--cpu-threads``
+last set them, or else as found before an encoder set them to 1, ``devices.cpu_threads``; the index job's
+default; ``None``: 1, one pass at a time over all threads, for the processes that also run other torch
+models, e.g. the label job's reranker), each on one thread: a pass of a small encoder is a few hundred ms
+of GEMMs whose OpenMP threads meet at a barrier after every op, and on a busy machine one descheduled
+thread stalls the others (150 long documents: 5.5-11 s against 8-25 s, CPU time 10.5-11.6 s against
+13-23 s, bitwise the same vectors). The encoder then sets torch's intra-op threads to 1 for the process,
+once, at load: switching them back and forth around each batch cost ~0.8 s a call in the job (oneDNN
+re-creates its kernels).
 """
 
 from __future__ import annotations
@@ -49,7 +50,14 @@ import numpy as np
 import torch
 
 from transforms.models import varlen
-from transforms.models.devices import TorchModel, budget_batches, check_precision, device_lock, run_splitting_on_oom
+from transforms.models.devices import (
+    TorchModel,
+    budget_batches,
+    check_precision,
+    cpu_threads,
+    device_lock,
+    run_splitting_on_oom,
+)
 from transforms.models.fast import BACKENDS, CompiledRunner, OnnxRunner, PackedCompiledRunner, bucket_of, length_buckets
 from transforms.models.settings import EmbeddingSpec, load_tokenizer
 from transforms.text.tokens import tokenize_ids
@@ -481,14 +489,6 @@ def _check_packing_backend(backend: str, attn_implementation: str | None) -> Non
 
 
 _POOL_LOCK = threading.Lock()
-_CPU_THREADS: list[int] = []
-
-
-def cpu_threads() -> int:
-    """Torch's intra-op thread count before any encoder set it to 1 (the default ``cpu_workers``)."""
-    if not _CPU_THREADS:
-        _CPU_THREADS.append(torch.get_num_threads())
-    return _CPU_THREADS[0]
 
 
 def pool(hidden: torch.Tensor, mask: torch.Tensor, mode: str) -> torch.Tensor:
