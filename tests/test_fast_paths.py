@@ -191,3 +191,17 @@ def test_each_jobs_cpu_threads_set_its_encoders_workers(minilm_path, keep_torch_
     third = EmbeddingModelHandler(minilm_path, device="cpu", cpu_workers=0, cpu_threads=1).load_model()
     assert (first.cpu_workers, second.cpu_workers, third.cpu_workers) == (2, 3, 1)
     assert torch.get_num_threads() == 1  # the last load: one thread per pass (or its one worker's)
+
+
+def test_embed_batch_counts_the_models_own_tokens_also_when_passes_are_tokenised_one_by_one(minilm_path, eager):
+    """The ``tokens`` of ``embed_batch`` (the jobs' precision and layout counters) are the model's own, on either
+    path: with ``overlap`` each pass is tokenised as it is prepared, cut by the chunker's counts, which can differ."""
+    overlapped = TextEncoder(
+        minilm_path, device="cpu", token_budget=256, overlap=True, cpu_workers=1, precision="fp32"
+    ).load()
+    own = eager.count_tokens(TEXTS)
+    chunker = [n - 1 for n in own]  # e.g. a title's tokens counted apart from the text's
+    for encoder in (overlapped, eager):
+        vectors, failures, tokens = encoder.embed_batch(TEXTS, chunker)
+        assert not failures and len(vectors) == len(TEXTS)
+        assert tokens == sum(own)

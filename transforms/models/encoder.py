@@ -308,8 +308,17 @@ class TextEncoder(TorchModel):
         """
         with device_lock(self.device):
             if lengths is not None and self.overlap and not is_query:
-                vectors, failures = self.encode_texts(texts, lengths, is_query=is_query)
-                return vectors, failures, sum(lengths)
+                # The tokens counted as each pass is tokenised (once per pass, OOM retries included): the model's
+                # own, as on the other path, not the chunker's ``lengths`` that cut the passes.
+                counted: list[int] = []
+
+                def fetch(batch: list[int]) -> list[list[int]]:
+                    ids = self.tokenize([texts[i] for i in batch], is_query=is_query)
+                    counted.append(sum(len(x) for x in ids))
+                    return ids
+
+                vectors, failures = self._encode(list(lengths), fetch)
+                return vectors, failures, sum(counted)
             ids = self.tokenize(texts, is_query=is_query)
             vectors, failures = self.encode_ids(ids)
             return vectors, failures, sum(len(x) for x in ids)
