@@ -11,7 +11,7 @@ Linear growth means a constant cost per document: the marginal seconds per 1,000
 between consecutive sizes, ``(t[n2] - t[n1]) / (n2 - n1)``, should match, the fixed start-up
 (imports, model load, store creation) being the intercept of the fit ``t = a + b * n``.
 
-    python bench/scaling.py --write            # 1k, 5k, 20k; ~10 min on 2 idle cores
+    python bench/scaling.py --write            # 1k, 5k, 20k; ~5 min of jobs on 2 cores (BENCHMARKS.md)
     python bench/scaling.py --sizes 200,1000   # quick check
 """
 
