@@ -20,3 +20,23 @@ def test_scaling_section_title_names_the_sizes_run():
     """The default sizes keep BENCHMARKS.md's section; other sizes no longer write under its title."""
     assert title([20000, 1000, 5000]) == "Index job scaling on CPU (1k, 5k, 20k documents)"
     assert title([200, 1000, 1500]) == "Index job scaling on CPU (200, 1k, 1,500 documents)"
+
+
+def test_store_comparison_never_rounds_a_slower_edge_to_0x():
+    """At 1,000 points Edge reopened in 0.09 s against local mode's 0.03 s: the line said 'reopen 0x faster'."""
+    from bench.store import comparison
+
+    edge = {"upsert_per_s": 10884.0, "exact_p50_ms": 1.5, "delete_ms": 3.1, "reopen_s": 0.09}
+    local = {"upsert_per_s": 1052.0, "exact_p50_ms": 16.4, "delete_ms": 448.5, "reopen_s": 0.03}
+    assert comparison(1000, edge, local) == (
+        "At 1,000 points Edge vs local mode (above 1x Edge is faster): upsert 10.3x, exact p50 10.9x, delete 145x, "
+        "reopen 0.33x."
+    )
+
+
+def test_store_section_names_the_installed_qdrant_edge():
+    from importlib.metadata import version
+
+    from bench.store import edge_version
+
+    assert edge_version() == version("qdrant-edge-py")
