@@ -156,8 +156,8 @@ def add_model_arguments(parser: argparse.ArgumentParser, *, with_batching: bool 
             "--max-batch-tokens",
             type=int,
             default=None,
-            help="padded tokens per forward pass (default: from free GPU memory; 2048 on CPU, measured fastest in "
-            "bench/index_cpu.py); Beam batches hold 4 passes' worth, without it 4 x 262,144 tokens for a GPU "
+            help="padded tokens per forward pass (default: from free GPU memory; 2048 on CPU, where 512, 1024 and 4096 "
+            "were no faster in bench/index_cpu.py); Beam batches hold 4 passes' worth, without it 4 x 262,144 tokens for a GPU "
             "(--device cuda, or auto with --accelerator or a GPU here) and 4 x 8,192 on CPU (TokenBudgets)",
         )
         group.add_argument(
