@@ -65,19 +65,19 @@ bench-label: install ## label pipeline pairs/s on CPU (writes BENCHMARKS.md)
 bench-prefix: install ## reranker shared prompt head vs whole pairs, A/B (writes BENCHMARKS.md; ~6 min on 2 cores)
 	$(BIN)/python bench/rerank_prefix.py --write
 
-bench-store: install ## embedded store: qdrant-client local mode vs Qdrant Edge at 100k points (writes BENCHMARKS.md)
+bench-store: install ## embedded store: qdrant-client local mode vs Qdrant Edge at 100k points (writes BENCHMARKS.md; ~10 min, 7-10 of them local mode's upserts and searches)
 	$(BIN)/python bench/store.py --points 100000 --write
 
-bench-reindex: install ## incremental reindex of 5,000 real-text documents vs a full index (writes BENCHMARKS.md)
+bench-reindex: install ## incremental reindex of 5,000 real-text documents vs a full index (writes BENCHMARKS.md; ~8 min at fp32)
 	$(BIN)/python bench/reindex.py --write
 
-bench-scaling: install ## index job wall time and tokens/s at 1k, 5k and 20k documents (writes BENCHMARKS.md; ~10 min)
+bench-scaling: install ## index job wall time and tokens/s at 1k, 5k and 20k documents (writes BENCHMARKS.md; ~5 min)
 	$(BIN)/python bench/scaling.py --write
 
 bench-threads: install ## torch threads per worker process: W busy workers with cores/W threads vs one per core (writes BENCHMARKS.md; ~4 min)
 	$(BIN)/python bench/worker_threads.py --write
 
-bench-precision: install ## --precision on CPU: speed and parity with fp32 of the encoder (fp32, bf16-mixed, bf16) and the reranker (writes BENCHMARKS.md; ~5 min)
+bench-precision: install ## --precision on CPU: speed and parity with fp32 of the encoder (fp32, bf16-mixed, bf16) and the reranker (writes BENCHMARKS.md; ~7 min)
 	$(BIN)/python bench/precision.py --write
 	$(BIN)/python bench/precision.py --reranker --pairs 16 --repeats 3 --write
 

@@ -11,7 +11,7 @@ Linear growth means a constant cost per document: the marginal seconds per 1,000
 between consecutive sizes, ``(t[n2] - t[n1]) / (n2 - n1)``, should match, the fixed start-up
 (imports, model load, store creation) being the intercept of the fit ``t = a + b * n``.
 
-    python bench/scaling.py --write            # 1k, 5k, 20k; ~10 min on 2 idle cores
+    python bench/scaling.py --write            # 1k, 5k, 20k; ~5 min of jobs on 2 cores (BENCHMARKS.md)
     python bench/scaling.py --sizes 200,1000   # quick check
 """
 
@@ -37,7 +37,22 @@ sys.path.insert(0, ROOT)
 from bench.common import machine, replace_section  # noqa: E402
 
 MODEL = "sentence-transformers/all-MiniLM-L6-v2"
-TITLE = "Index job scaling on CPU (1k, 5k, 20k documents)"
+
+
+def title(sizes: list[int]) -> str:
+    """The section's title, naming the sizes run (the default sizes give "(1k, 5k, 20k documents)")."""
+    named = [f"{n // 1000}k" if n >= 1000 and n % 1000 == 0 else f"{n:,}" for n in sorted(sizes)]
+    return f"Index job scaling on CPU ({', '.join(named)} documents)"
+
+
+def fit_line(walls: dict[int, float]) -> str:
+    """The least-squares line through (documents, median wall seconds): fixed start-up plus seconds per 1k
+    documents. It needs two sizes or more; through one point any line fits, so none is given."""
+    sizes = sorted(walls)
+    if len(sizes) < 2:
+        return "Least-squares fit: none (one size; a line needs two or more)."
+    b, a = np.polyfit(sizes, [walls[n] for n in sizes], 1)
+    return f"Least-squares fit: wall ≈ {a:.1f} s + {1000 * b:.1f} s per 1k documents."
 
 
 def corpus(n: int, max_chars: int) -> list[dict[str, str]]:
@@ -85,7 +100,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--benchmarks", default=os.path.join(ROOT, "BENCHMARKS.md"))
     parser.add_argument("extra", nargs="*", help="more index flags, after --")
     args = parser.parse_args(argv)
-    sizes = sorted(int(x) for x in args.sizes.split(","))
+    sizes = sorted({int(x) for x in args.sizes.split(",")})
     work = tempfile.mkdtemp(prefix="bench_scaling_")
     try:
         rows = corpus(sizes[-1], args.max_chars)
@@ -107,7 +122,6 @@ def main(argv: list[str] | None = None) -> int:
 
     med = {n: statistics.median(r["wall_s"] for r in runs) for n, runs in results.items()}
     tokens = {n: runs[0]["tokens"] for n, runs in results.items()}
-    b, a = np.polyfit(sizes, [med[n] for n in sizes], 1)
     lines = [
         "Command: `" + " ".join(["python bench/scaling.py", *(argv if argv is not None else sys.argv[1:])]) + "`",
         "",
@@ -133,13 +147,13 @@ def main(argv: list[str] | None = None) -> int:
         previous = n
     lines += [
         "",
-        f"Least-squares fit: wall ≈ {a:.1f} s + {1000 * b:.1f} s per 1k documents.",
+        fit_line(med),
     ]
     text = "\n".join(lines)
     print(text)
     if args.write:
-        replace_section(args.benchmarks, TITLE, lines)
-        print(f"wrote {TITLE!r} to {args.benchmarks}")
+        replace_section(args.benchmarks, title(sizes), lines)
+        print(f"wrote {title(sizes)!r} to {args.benchmarks}")
     return 0
 
 

@@ -298,13 +298,37 @@ def fmt(v: Any, digits: int = 1) -> str:
     return "—" if v is None else f"{v:,.{digits}f}"
 
 
+def as_ratio(x: float, digits: int) -> str:
+    """A ratio as ``12.3x``, never rounded to ``0x``: below 1 (Edge the slower) it keeps two decimals."""
+    return f"{x:.{digits}f}x" if round(x, digits) >= 1 else f"{x:.2f}x"
+
+
+def comparison(n: int, edge: dict[str, Any], local: dict[str, Any]) -> str:
+    """Edge against local mode at ``n`` points: Edge's rate over local mode's, local mode's time over Edge's."""
+    return (
+        f"At {n:,} points Edge vs local mode (above 1x Edge is faster): upsert "
+        f"{as_ratio(edge['upsert_per_s'] / local['upsert_per_s'], 1)}, exact p50 "
+        f"{as_ratio(local['exact_p50_ms'] / edge['exact_p50_ms'], 1)}, delete {as_ratio(local['delete_ms'] / edge['delete_ms'], 0)}, "
+        f"reopen {as_ratio(local['reopen_s'] / edge['reopen_s'], 0)}."
+    )
+
+
+def edge_version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("qdrant-edge-py")
+    except PackageNotFoundError:
+        return "(version unknown)"
+
+
 def markdown(results: list[dict[str, Any]], real: dict[str, Any], args, command: str) -> list[str]:
     head = ("| store | points | upsert points/s | exact top-10 p50 / p95 ms | HNSW build s | HNSW top-10 p50 / p95 ms "
             "| recall@10 | delete 100 docs ms | reopen s | disk MB |")  # fmt: skip
     lines = [
         f"Command: `{command}`  ",
         f"Machine: {machine()} (shared with other jobs); {datetime.date.today().isoformat()}; "
-        f"qdrant-edge-py 0.9.0, {args.shards} shards; HNSW m={args.m} ef_construct={args.ef_construct}, "
+        f"qdrant-edge-py {edge_version()}, {args.shards} shards; HNSW m={args.m} ef_construct={args.ef_construct}, "
         f"searched with hnsw_ef={args.hnsw_ef[0]} (passed explicitly; other ef below the table).",
         "",
         f"Vectors: MiniLM ({MINILM}) embeddings of {args.base} real docstrings; larger sets are those plus "
@@ -333,11 +357,7 @@ def markdown(results: list[dict[str, Any]], real: dict[str, Any], args, command:
         edge, local = by.get(("Qdrant Edge", n)), by.get(("qdrant-client local mode", n))
         if edge and local:
             lines.append("")
-            lines.append(
-                f"At {n:,} points Edge vs local mode: upsert {edge['upsert_per_s'] / local['upsert_per_s']:.1f}x, "
-                f"exact p50 {local['exact_p50_ms'] / edge['exact_p50_ms']:.1f}x, delete "
-                f"{local['delete_ms'] / edge['delete_ms']:.0f}x, reopen {local['reopen_s'] / edge['reopen_s']:.0f}x faster."
-            )
+            lines.append(comparison(n, edge, local))
     return lines
 
 

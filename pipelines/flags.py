@@ -156,14 +156,14 @@ def add_model_arguments(parser: argparse.ArgumentParser, *, with_batching: bool 
             "--max-batch-tokens",
             type=int,
             default=None,
-            help="padded tokens per forward pass (default: from free GPU memory; 2048 on CPU, measured fastest in "
-            "bench/index_cpu.py); Beam batches hold 4 passes' worth, without it 4 x 262,144 tokens for a GPU "
+            help="padded tokens per forward pass (default: from free GPU memory; 2048 on CPU, where 512, 1024 and 4096 "
+            "were no faster in bench/index_cpu.py); Beam batches hold 4 passes' worth, without it 4 x 262,144 tokens for a GPU "
             "(--device cuda, or auto with --accelerator or a GPU here) and 4 x 8,192 on CPU (TokenBudgets)",
         )
         group.add_argument(
             "--backend", default="eager", choices=("eager", "compile", "onnx"),
             help="how forward passes run: eager (transformers), compile (torch.compile; on a GPU with packed rows one "
-            "graph, ~95 s at worker start, ~20 s with a warm inductor cache, then ~1.9x eager on an H100: worth it for "
+            "graph, 94-113 s at worker start, ~20 s with a warm inductor cache, then ~1.9x eager on an H100: worth it for "
             "long GPU jobs; padded, one graph per length bucket) or onnx (ONNX Runtime, model exported once into "
             "~/.cache/corpus-etl; needs the onnx extra); measured in BENCHMARKS.md",
         )
@@ -182,7 +182,7 @@ def add_model_arguments(parser: argparse.ArgumentParser, *, with_batching: bool 
 
 
 def add_precision(group: argparse.ArgumentParser | argparse._ArgumentGroup, *, reranker: bool = False) -> None:
-    extra = ("; the reranker stays fp32 on CPU under auto: bf16-mixed scores 1.8x faster, but was measured only "
+    extra = ("; the reranker stays fp32 on CPU under auto: bf16-mixed scores 1.87x faster, but was measured only "
              "with random weights") if reranker else ""  # fmt: skip
     group.add_argument(
         "--precision", default="auto", choices=PRECISIONS,
@@ -319,8 +319,9 @@ def label_parser() -> argparse.ArgumentParser:
     )
     run.add_argument(
         "--share-prefix", action="store_true",
-        help="group pairs by query and run each query's prompt head once per forward pass (same scores, ~15-20%% "
-        "fewer tokens at 300-token documents; 5%% faster on CPU in BENCHMARKS.md, not yet measured on GPU)",
+        help="group pairs by query and run each query's prompt head once per forward pass (same scores, ~14%% "
+        "fewer tokens at 300-token documents; in BENCHMARKS.md 5%% faster on CPU, 0.96-1.05x the time on an H100 "
+        "and an H200)",
     )
     add_cpu_threads(run)
     run.add_argument("--progress-interval", type=float, default=30.0, help="seconds between progress lines")

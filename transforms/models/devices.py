@@ -126,7 +126,7 @@ def resolve_precision(precision: str, device: torch.device, *, cpu_mixed: bool =
 def default_token_budget(model: torch.nn.Module, device: torch.device, *, cpu_budget: int = 2048) -> int:
     """Tokens per forward pass, from free GPU memory and the model's width and depth.
 
-    On CPU, 2048: larger batches were measured slower (cache), smaller ones no faster.
+    On CPU, 2048: in whole index jobs 512, 1024 and 4096 were no faster (within noise; BENCHMARKS.md, Issue 13).
     Activation memory of one token through one layer is roughly ``hidden * 12`` values
     at peak (attention projections, MLP intermediate), kept for one layer at a time under
     inference mode; half the free memory is used, leaving room for the allocator.

@@ -1,0 +1,42 @@
+"""What the CPU benchmarks print and write, without running them (they take minutes)."""
+
+from __future__ import annotations
+
+from bench.scaling import fit_line, title
+
+
+def test_scaling_gives_no_fit_through_one_size():
+    """`bench/scaling.py --sizes 50` printed 'wall ≈ 4.5 s + 89.5 s per 1k documents': a line through one point."""
+    assert fit_line({50: 8.9}) == "Least-squares fit: none (one size; a line needs two or more)."
+
+
+def test_scaling_fit_is_the_least_squares_line():
+    assert fit_line({3000: 35.0, 1000: 15.0, 2000: 25.0}) == (
+        "Least-squares fit: wall ≈ 5.0 s + 10.0 s per 1k documents."
+    )
+
+
+def test_scaling_section_title_names_the_sizes_run():
+    """The default sizes keep BENCHMARKS.md's section; other sizes no longer write under its title."""
+    assert title([20000, 1000, 5000]) == "Index job scaling on CPU (1k, 5k, 20k documents)"
+    assert title([200, 1000, 1500]) == "Index job scaling on CPU (200, 1k, 1,500 documents)"
+
+
+def test_store_comparison_never_rounds_a_slower_edge_to_0x():
+    """At 1,000 points Edge reopened in 0.09 s against local mode's 0.03 s: the line said 'reopen 0x faster'."""
+    from bench.store import comparison
+
+    edge = {"upsert_per_s": 10884.0, "exact_p50_ms": 1.5, "delete_ms": 3.1, "reopen_s": 0.09}
+    local = {"upsert_per_s": 1052.0, "exact_p50_ms": 16.4, "delete_ms": 448.5, "reopen_s": 0.03}
+    assert comparison(1000, edge, local) == (
+        "At 1,000 points Edge vs local mode (above 1x Edge is faster): upsert 10.3x, exact p50 10.9x, delete 145x, "
+        "reopen 0.33x."
+    )
+
+
+def test_store_section_names_the_installed_qdrant_edge():
+    from importlib.metadata import version
+
+    from bench.store import edge_version
+
+    assert edge_version() == version("qdrant-edge-py")
