@@ -28,7 +28,7 @@ def _chunks() -> list[Chunk]:
 @pytest.fixture(scope="module")
 def encoder(minilm_path):
     # fp32 here and in the handlers compared with it: --precision auto runs bf16-mixed on a CPU with bf16,
-    # whose vectors move by ~1e-3 with batch boundaries (tests/test_precision.py).
+    # whose vectors move by up to ~1e-3 per component with batch boundaries (tests/test_precision.py).
     return TextEncoder(minilm_path, device="cpu", precision="fp32").load()
 
 

@@ -26,7 +26,7 @@ def _cosines(a: np.ndarray, b: np.ndarray) -> np.ndarray:
 
 @pytest.fixture(scope="module")
 def eager(minilm_path):
-    # fp32: batch boundaries move bf16-mixed vectors by ~1e-3 (tests/test_precision.py), which would hide
+    # fp32: batch boundaries move bf16-mixed vectors by up to ~1e-3 per component (tests/test_precision.py), which would hide
     # what these tests look for.
     return TextEncoder(minilm_path, device="cpu", cpu_workers=1, precision="fp32").load()
 
