@@ -1,6 +1,6 @@
 """Index throughput on CPU: this pipeline vs a plain sentence-transformers script vs Beam's ``ml.rag``.
 
-Three contestants index the same Parquet corpus with the same model (all-MiniLM-L6-v2, offline
+Four contestants index the same Parquet corpus with the same model (all-MiniLM-L6-v2, offline
 copy) in one process, each into its own store folder:
 
 - ours:    ``pipelines.index.run`` (``--chunk-tokens 0``: one point per document, truncated at
@@ -11,6 +11,8 @@ copy) in one process, each into its own store folder:
   .encode(texts, batch_size=32, normalize_embeddings=True)``, then upserts of 256 points
   (payload: doc id, chunk index 0, text) into the same kind of store the job uses (an
   ``EdgeStore`` folder, 4 shards).
+- script-bf16: the same script under ``torch.autocast("cpu", torch.bfloat16)`` (the precision
+  ``--precision auto`` picks on a CPU with bf16 in hardware, for a comparison at equal precision).
 - beam:    ReadFromParquet → ``EmbeddableItem.from_text`` → ``MLTransform`` with
   ``HuggingfaceTextEmbeddings`` (sentence-transformers ``encode``, Beam's default
   ``BatchElements``) → ``VectorDatabaseWriteTransform(QdrantWriteConfig)`` (qdrant-client

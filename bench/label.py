@@ -22,7 +22,8 @@ import sys
 import tempfile
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
 
 import pyarrow as pa  # noqa: E402
 import pyarrow.parquet as pq  # noqa: E402
@@ -126,7 +127,7 @@ def main(argv: list[str] | None = None) -> None:
         ]
         title = f"Label pipeline on CPU ({args.reranker} reranker)" if not cuda else (
             f"Label pipeline on {torch.cuda.get_device_name(0)} ({args.reranker} reranker, {args.embedder} embedder)")
-        replace_section("BENCHMARKS.md", title, body)
+        replace_section(os.path.join(ROOT, "BENCHMARKS.md"), title, body)  # the repository's, from any folder
 
 
 if __name__ == "__main__":
