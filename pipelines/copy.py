@@ -80,7 +80,7 @@ def copy_collection(
     if target.where == source.where and source.resolve(collection) == to_collection:
         # Every point would overwrite itself: a rerun of nothing, reported as a copy.
         raise PreflightError(
-            f"--to-collection {to_collection!r} at {target.where} is the collection --collection {collection!r} "
+            f"--to-collection {to_collection!r} at {redact_url(target.where)} is the collection --collection {collection!r} "
             "names: a copy onto itself; give another --to-collection, --to-path or --to-url"
         )
     check_target_names(target, to_collection, alias)

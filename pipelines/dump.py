@@ -94,6 +94,7 @@ def run_args(args: argparse.Namespace, beam_args: list[str] | None = None) -> di
     """The dump for parsed flags (``corpus-etl dump`` parses them in ``pipelines.flags``)."""
     from pipelines.common import check_output_locations, setup_logging
     from pipelines.configs import qdrant_config
+    from pipelines.security import redact_url
     from transforms.io.store import open_store
 
     setup_logging(args.verbose)
@@ -102,9 +103,9 @@ def run_args(args: argparse.Namespace, beam_args: list[str] | None = None) -> di
     store = open_store(config)
     try:
         if not store.collection_exists(args.collection):
-            raise ValueError(f"collection {args.collection!r} does not exist at {config.where}")
+            raise ValueError(f"collection {args.collection!r} does not exist at {redact_url(config.where)}")
         n = dump(store, args.collection, args.out)
     finally:
         store.close()
-    print(f"dump: {n} points of {args.collection} at {config.where} -> {args.out}", flush=True)
+    print(f"dump: {n} points of {args.collection} at {redact_url(config.where)} -> {args.out}", flush=True)
     return {"collection": args.collection, "points": n, "out": args.out}

@@ -18,6 +18,7 @@ and tracebacks by file, so this module never imports torch, Beam or qdrant-clien
 from __future__ import annotations
 
 import contextlib
+import json
 import re
 from collections.abc import Iterator
 from types import TracebackType
@@ -160,6 +161,29 @@ def _grpc_reason(exc: BaseException) -> str | None:
         return None
 
 
+def _qdrant_answer(exc: BaseException) -> str | None:
+    """``400 Bad Request: Wrong input: ...``: the status and Qdrant's own message of an error answer in the
+    chain (qdrant-client's ``UnexpectedResponse`` holds the body, whose first line its str() leaves out;
+    ``ResourceExhaustedResponse`` is a 429 with Retry-After), or a gRPC status that is not a connection's."""
+    for e in _chain(exc):
+        status = getattr(e, "status_code", None)
+        if isinstance(status, int):
+            content = getattr(e, "content", b"") or b""
+            try:
+                body = json.loads(content)
+                message = (body.get("status") or {}).get("error") if isinstance(body, dict) else None
+            except Exception:  # noqa: BLE001 - not JSON (a proxy's page): its text, shortened
+                message = content.decode("utf-8", "replace")
+            message = " ".join(str(message or "").split())[:300] or "no message"
+            return f"{status} {getattr(e, 'reason_phrase', '') or ''}".rstrip() + f": {message}"
+        if type(e).__name__ == "ResourceExhaustedResponse":
+            return f"429 Too Many Requests: {first_line(e)}"
+        reason = _grpc_reason(e)
+        if reason:
+            return reason
+    return None
+
+
 def _grpc_unavailable(exc: BaseException) -> bool:
     for e in _chain(exc):
         code = getattr(e, "code", None)
@@ -213,6 +237,10 @@ def translate(
             )
         if names & _CONNECTION_TYPES or _grpc_unavailable(exc):
             return kind(f"{prefix}cannot reach Qdrant at {url}: {_innermost_reason(exc)}; is the server running?")
+        answer = _qdrant_answer(exc)
+        if answer is not None:
+            request = next((r for e in _chain(exc) if (r := getattr(e, "qdrant_request", None))), "a request")
+            return kind(f"{prefix}Qdrant at {url} answered {request} with {answer}")
 
     lost = next((m for e in _chain(exc) for m in _WORKER_LOST if m in str(e)), None)
     if in_job and lost:

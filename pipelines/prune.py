@@ -30,8 +30,9 @@ import re
 from collections.abc import Iterable, Mapping
 from typing import Any
 
-from pipelines.errors import JobFailed, PreflightError, UsageError
+from pipelines.errors import JobFailed, PreflightError, UsageError, first_line, translate
 from pipelines.flags import prune_parser
+from pipelines.security import redact_url
 
 # YYYYMMDD or YYYY-MM-DD: the second separator is the first one again (a backreference), so
 # YYYY-MMDD and YYYYMM-DD are not dated names and never deleted.
@@ -95,9 +96,13 @@ def prune(store: Any, alias: str, keep: int, *, dry_run: bool = False) -> dict[s
                 store.delete_collection(name)
             except Exception as exc:
                 done = f"; deleted before it: {', '.join(deleted)}" if deleted else "; nothing was deleted"
-                raise JobFailed(f"deleting collection {name!r} failed: {type(exc).__name__}: {exc}{done}") from exc
+                # One line: qdrant-client's errors go on with the raw answer (translate keeps Qdrant's message).
+                error = translate(exc, qdrant_url=store.where)
+                reason = str(error) if error is not None else f"{type(exc).__name__}: {first_line(exc)}"
+                raise JobFailed(f"deleting collection {name!r} failed: {reason}{done}") from exc
             deleted.append(name)
-    return {**plan.as_dict(), "keep_count": keep, "dry_run": dry_run, "deleted": deleted, "where": store.where}
+    return {**plan.as_dict(), "keep_count": keep, "dry_run": dry_run, "deleted": deleted,
+            "where": redact_url(store.where)}
 
 
 def format_report(report: Mapping[str, Any]) -> str:

@@ -94,5 +94,5 @@ def check_qdrant_flags(args: argparse.Namespace) -> None:
     if key_env and not url:
         raise UsageError("--qdrant-api-key-env only applies with --qdrant-url")
     check_api_key_transport(url, key_env, getattr(args, "allow_insecure_api_key", False))
-    if key_env and not os.environ.get(key_env):
+    if key_env and not (os.environ.get(key_env) or "").strip():  # as QdrantConfig reads it: whitespace is no key
         raise UsageError(f"--qdrant-api-key-env {key_env}: the environment variable {key_env} is not set")

@@ -21,9 +21,10 @@ Guarantees:
   not retried here (a shard held by another process is waited for, see ``edge_store``),
   and Beam retries a failed element, which rewrites the same ids.
 - Transient failures (connection errors, timeouts, HTTP 429/5xx, gRPC UNAVAILABLE and the
-  like) are retried with exponential backoff and jitter; client errors (HTTP 4xx, gRPC
-  INVALID_ARGUMENT...) are raised at once with Qdrant's message, since retrying them
-  cannot succeed.
+  like) are retried with exponential backoff and jitter, waiting at least the server's
+  ``Retry-After`` (up to the longest wait); client errors (HTTP 4xx, gRPC INVALID_ARGUMENT...)
+  are raised at once, tagged with the operation and collection (``qdrant_request``) for
+  ``pipelines.errors.translate``, which adds Qdrant's own message: retrying them cannot succeed.
 - Why not ``QdrantClient.upload_points``: it batches by count only and retries every
   error alike; a Beam bundle also needs its points durable before it commits, which a
   per-bundle buffer flushed in ``finish_bundle`` gives directly.
@@ -47,6 +48,7 @@ from typing import Any, TypeVar
 import apache_beam as beam
 from apache_beam.metrics import Metrics
 from qdrant_client import QdrantClient, models
+from qdrant_client.common.client_exceptions import QdrantException, ResourceExhaustedResponse
 from qdrant_client.http.exceptions import ResponseHandlingException, UnexpectedResponse
 from qdrant_client.local.qdrant_local import QdrantLocal
 
@@ -103,12 +105,30 @@ class QdrantConfig:
         if self.url:
             api_key = None
             if self.api_key_env:
-                api_key = os.environ.get(self.api_key_env)
-                if not api_key:
-                    raise RuntimeError(f"environment variable {self.api_key_env} (--qdrant-api-key-env) is not set")
+                api_key = api_key_from_env(self.api_key_env)
             return QdrantClient(url=self.url, api_key=api_key, prefer_grpc=self.prefer_grpc, timeout=self.timeout_s)
         os.makedirs(self.path or ".", exist_ok=True)
         return QdrantClient(path=self.path)
+
+
+def api_key_from_env(name: str) -> str:
+    """The API key in the environment variable ``name``, surrounding whitespace removed.
+
+    A key read from a file or a mounted secret often ends in a newline, which no key holds; sent
+    as is, httpx refuses the header with the key in its message (``Illegal header value b'KEY\\n'``),
+    which would reach logs and the error line. Any other character a header cannot carry is refused
+    here, naming the variable and never the value.
+    """
+    key = (os.environ.get(name) or "").strip()
+    if not key:
+        raise RuntimeError(f"environment variable {name} (--qdrant-api-key-env) is not set")
+    bad = next((i for i, ch in enumerate(key) if not " " <= ch <= "~"), None)
+    if bad is not None:
+        raise ValueError(
+            f"environment variable {name} (--qdrant-api-key-env) holds a character an HTTP header cannot carry "
+            f"(at position {bad}); an API key is printable ASCII"
+        )
+    return key
 
 
 _CLIENTS: dict[QdrantConfig, tuple[QdrantClient, Any]] = {}
@@ -211,10 +231,23 @@ _TRANSIENT_GRPC = {"UNAVAILABLE", "DEADLINE_EXCEEDED", "RESOURCE_EXHAUSTED", "AB
 
 
 def is_transient(exc: BaseException) -> bool:
-    """Whether retrying ``exc`` can succeed: network trouble and overload yes, bad requests no."""
+    """Whether retrying ``exc`` can succeed: network trouble and overload yes, bad requests no.
+
+    qdrant-client raises a 429 that carries ``Retry-After`` (REST, or gRPC RESOURCE_EXHAUSTED with
+    ``retry-after``) as ``ResourceExhaustedResponse``, and one whose ``Retry-After`` is not a number
+    of seconds (an HTTP date) as a bare ``QdrantException`` saying so: both are overload.
+    """
     if isinstance(exc, UnexpectedResponse):
         return exc.status_code is None or exc.status_code in _TRANSIENT_HTTP
-    if isinstance(exc, (ResponseHandlingException, ConnectionError, TimeoutError)):
+    if isinstance(exc, ResourceExhaustedResponse):
+        return True
+    if isinstance(exc, QdrantException) and str(exc).startswith("Retry-After header value"):
+        return True
+    if isinstance(exc, ResponseHandlingException):
+        # It wraps whatever sending raised: a network error or timeout, or a response that does not
+        # parse, or a request httpx refuses to build (an illegal header value): only the first is transient.
+        return is_transient(exc.source) if isinstance(exc.source, Exception) else True
+    if isinstance(exc, (ConnectionError, TimeoutError)):
         return True
     code = getattr(exc, "code", None)
     if callable(code):  # grpc.RpcError
@@ -225,9 +258,30 @@ def is_transient(exc: BaseException) -> bool:
     try:
         import httpx
 
-        return isinstance(exc, httpx.TransportError)
+        return isinstance(exc, httpx.TransportError) and not isinstance(exc, _HTTPX_REQUEST_ERRORS)
     except ImportError:
         return False
+
+
+def _httpx_request_errors() -> tuple[type[BaseException], ...]:
+    """httpx's errors for a request that cannot be sent as built (retrying sends it as built again)."""
+    try:
+        import httpx
+    except ImportError:
+        return ()
+    return (httpx.LocalProtocolError, httpx.UnsupportedProtocol, httpx.ProxyError)
+
+
+_HTTPX_REQUEST_ERRORS = _httpx_request_errors()
+
+
+def retry_after(exc: BaseException) -> float | None:
+    """The seconds the server asked to wait before a retry (``Retry-After`` in seconds), or None."""
+    seconds = getattr(exc, "retry_after_s", None) if isinstance(exc, ResourceExhaustedResponse) else None
+    if seconds is None and isinstance(exc, UnexpectedResponse) and exc.headers:
+        with contextlib.suppress(TypeError, ValueError):
+            seconds = float(exc.headers.get("Retry-After"))  # a 503 may carry one too
+    return max(0.0, float(seconds)) if seconds is not None else None
 
 
 def with_retries(
@@ -239,7 +293,12 @@ def with_retries(
     on_retry: Callable[[BaseException, int], None] | None = None,
     sleep: Callable[[float], None] = time.sleep,
 ) -> T:
-    """Call ``fn``; retry transient errors with exponential backoff and full jitter."""
+    """Call ``fn``; retry transient errors with exponential backoff and full jitter, at most ``attempts`` calls.
+
+    A server's ``Retry-After`` is honoured as the least wait, up to ``max_delay_s`` (a server asking for
+    more is retried then anyway, so a job's total wait stays bounded: at most ``attempts - 1`` waits of
+    ``max_delay_s``). Client errors are raised at once.
+    """
     for attempt in range(1, attempts + 1):
         try:
             return fn()
@@ -247,11 +306,21 @@ def with_retries(
             if not is_transient(exc) or attempt == attempts:
                 raise
             delay = random.uniform(0, min(max_delay_s, base_delay_s * 2 ** (attempt - 1)))
+            asked = retry_after(exc)
+            if asked is not None:
+                delay = max(delay, min(asked, max_delay_s))
             if on_retry:
                 on_retry(exc, attempt)
-            _LOG.warning("transient Qdrant error (attempt %d/%d), retrying in %.1fs: %s", attempt, attempts, delay, exc)
+            _LOG.warning("transient Qdrant error (attempt %d/%d), retrying in %.1fs: %s", attempt, attempts, delay,
+                         first_line(exc))  # fmt: skip
             sleep(delay)
     raise AssertionError("unreachable")
+
+
+def first_line(exc: BaseException) -> str:
+    """The first line of ``exc``'s message (qdrant-client's ``UnexpectedResponse`` goes on with the raw body)."""
+    text = str(exc).strip()
+    return text.splitlines()[0].strip() if text else type(exc).__name__
 
 
 # -- points --------------------------------------------------------------------------------
@@ -565,8 +634,11 @@ class ServerStore(VectorStore):
 
     Every call is the one qdrant-client call the jobs made before the interface existed
     (``wait=True`` upserts and deletes, server-side grouping, one alias request), under
-    the client's lock (``client_lock``: local mode only). The writer retries ``write_batch`` as a whole on transient
-    errors (``with_retries``); single calls here are not retried.
+    the client's lock (``client_lock``: local mode only). The writer and ``copy_points`` retry
+    ``write_batch`` / ``upsert`` as a whole on transient errors, the jobs' lookups retry theirs
+    (``with_retries``); single calls here are not retried, so a command's pre-flight check fails
+    at once on a server that is down. A failed call's exception carries ``qdrant_request`` (the
+    operation and collection), which ``pipelines.errors.translate`` puts in its one line.
     """
 
     def __init__(self, config: QdrantConfig | None = None, *, client: QdrantClient | None = None) -> None:
@@ -579,9 +651,20 @@ class ServerStore(VectorStore):
         else:
             raise ValueError("ServerStore needs a config or a client")
 
+    def _call(self, operation: str, collection: str | None, fn: Callable[[], T]) -> T:
+        """``fn()`` under the client's lock; its exception tagged with what was asked of the server."""
+        try:
+            with self.lock:
+                return fn()
+        except Exception as exc:
+            if getattr(exc, "qdrant_request", None) is None:  # the innermost call names it
+                with contextlib.suppress(AttributeError):
+                    exc.qdrant_request = f"{operation} on collection {collection!r}" if collection else operation
+            raise
+
     def ensure_collection(self, name: str, spec: CollectionSpec, *, create: bool = True) -> bool:
-        with self.lock:
-            return ensure_collection(self.client, name, spec.size, create=create, metadata=collection_metadata(spec))
+        return self._call("ensure collection", name, lambda: ensure_collection(
+            self.client, name, spec.size, create=create, metadata=collection_metadata(spec)))  # fmt: skip
 
     def collection_spec(self, name: str) -> CollectionSpec:
         """The size, and the model and settings recorded in the collection's metadata. A server that keeps no
@@ -589,9 +672,9 @@ class ServerStore(VectorStore):
         ``ValueError``, as in ``ensure_collection``."""
         with self.lock:
             name = self.aliases().get(name, name)  # the collection's own config, whatever the server resolves
-            if not self.client.collection_exists(name):
+            if not self.collection_exists(name):
                 raise ValueError(f"collection {name!r} does not exist")
-            config = self.client.get_collection(name).config
+            config = self._call("get collection", name, lambda: self.client.get_collection(name).config)
         params = config.params.vectors
         if not isinstance(params, models.VectorParams):
             raise ValueError(f"collection {name!r} uses named vectors {sorted(params or {})}; expected one unnamed vector")
@@ -602,20 +685,17 @@ class ServerStore(VectorStore):
     def record_collection(self, name: str, spec: CollectionSpec) -> None:
         metadata = collection_metadata(spec)
         if metadata:
-            with self.lock:
-                self.client.update_collection(name, metadata=metadata)
+            self._call("update collection metadata", name, lambda: self.client.update_collection(name, metadata=metadata))
 
     def collection_exists(self, name: str) -> bool:
-        with self.lock:
-            return self.client.collection_exists(name)
+        return self._call("collection exists", name, lambda: self.client.collection_exists(name))
 
     def upsert(self, collection: str, points: Sequence[StorePoint]) -> None:
         if not points:  # a server answers an empty batch with an error; the embedded store writes nothing
             return
         check_vectors(points, collection)  # the server checks sizes; NaN would not even be valid JSON
         structs = [models.PointStruct(id=p.id, vector=list(p.vector or ()), payload=p.payload) for p in points]
-        with self.lock:
-            self.client.upsert(collection, points=structs, wait=True)
+        self._call("upsert", collection, lambda: self.client.upsert(collection, points=structs, wait=True))
 
     @staticmethod
     def _point(r: Any, with_vectors: bool) -> StorePoint:
@@ -626,48 +706,43 @@ class ServerStore(VectorStore):
         self, collection: str, ids: Sequence[str], *, with_payload: bool = True, with_vectors: bool = False
     ) -> list[StorePoint]:
         ids = list(dict.fromkeys(ids))  # a server answers a repeated id once per mention: each point once
-        with self.lock:
-            found = self.client.retrieve(collection, ids, with_payload=with_payload, with_vectors=with_vectors)
+        found = self._call("retrieve", collection, lambda: self.client.retrieve(
+            collection, ids, with_payload=with_payload, with_vectors=with_vectors))  # fmt: skip
         return [self._point(r, with_vectors) for r in found]
 
     def delete_chunks_from(self, collection: str, docs: Mapping[str, int]) -> None:
         if not docs:  # a filter whose ``should`` is empty matches every point: it would empty the collection
             return
         stale = [stale_chunks_filter(d, n) for d, n in sorted(docs.items())]
-        with self.lock:
-            self.client.delete(
-                collection, points_selector=models.FilterSelector(filter=models.Filter(should=stale)), wait=True
-            )
+        self._call("delete stale chunks", collection, lambda: self.client.delete(
+            collection, points_selector=models.FilterSelector(filter=models.Filter(should=stale)), wait=True))  # fmt: skip
 
     def search_documents(
         self, collection: str, vector: Sequence[float], top_k: int, *, hnsw_ef: int | None = None
     ) -> list[tuple[Candidate, dict[str, Any]]]:
-        with self.lock:
-            return search_documents(self.client, collection, vector, top_k, hnsw_ef=hnsw_ef)
+        return self._call("search", collection, lambda: search_documents(
+            self.client, collection, vector, top_k, hnsw_ef=hnsw_ef))  # fmt: skip
 
     def count(self, collection: str) -> int:
-        with self.lock:
-            return self.client.count(collection, exact=True).count
+        return self._call("count", collection, lambda: self.client.count(collection, exact=True).count)
 
     def scroll(self, collection: str, *, with_vectors: bool = True, page: int = 256) -> Iterator[StorePoint]:
         offset = None
         while True:
-            with self.lock:
-                records, offset = self.client.scroll(
-                    collection, limit=page, offset=offset, with_payload=True, with_vectors=with_vectors
-                )
+            records, offset = self._call("scroll", collection, lambda offset=offset: self.client.scroll(
+                collection, limit=page, offset=offset, with_payload=True, with_vectors=with_vectors))  # fmt: skip
             for r in records:
                 yield self._point(r, with_vectors)
             if offset is None:
                 return
 
     def aliases(self) -> dict[str, str]:
-        with self.lock:
-            return {a.alias_name: a.collection_name for a in self.client.get_aliases().aliases}
+        found = self._call("list aliases", None, lambda: self.client.get_aliases().aliases)
+        return {a.alias_name: a.collection_name for a in found}
 
     def collections(self) -> list[str]:
-        with self.lock:
-            return sorted(c.name for c in self.client.get_collections().collections)
+        found = self._call("list collections", None, lambda: self.client.get_collections().collections)
+        return sorted(c.name for c in found)
 
     def delete_collection(self, name: str) -> None:
         """Refused as the embedded store refuses (``VectorStore.delete_collection``): a server would delete
@@ -676,16 +751,15 @@ class ServerStore(VectorStore):
             aliases = self.aliases()
             if name in aliases:
                 raise ValueError(f"{name!r} is an alias, not a collection")
-            if not self.client.collection_exists(name):
+            if not self.collection_exists(name):
                 raise ValueError(f"collection {name!r} does not exist")
             pointing = sorted(a for a, c in aliases.items() if c == name)
             if pointing:
                 raise ValueError(f"collection {name!r} is the target of alias(es) {', '.join(pointing)}")
-            self.client.delete_collection(name)
+            self._call("delete collection", name, lambda: self.client.delete_collection(name))
 
     def point_alias(self, alias: str, collection: str) -> str | None:
-        with self.lock:
-            return point_alias(self.client, alias, collection)
+        return self._call(f"point alias {alias!r} at", collection, lambda: point_alias(self.client, alias, collection))
 
     def write_batch(self, collection: str, points: Sequence[StorePoint], first_chunks: Mapping[str, int]) -> int:
         """Upsert, probe and prune under one hold of the client lock (local mode), so no other
