@@ -193,3 +193,57 @@ def test_a_refused_write_inside_a_beam_job_is_named_by_translate(fake):
     assert str(error) == (f"the job failed: Qdrant at {fake.url} answered upsert on collection 'docs' with 400 Bad "
                           "Request: Wrong input: Vector dimension error: expected dim: 4, got 3")  # fmt: skip
     assert error.exit_status == EXIT_FAILED and fake.calls(*UPSERT) == 1  # not retried
+
+
+def _chunk(doc: str, text: str = "t"):
+    from transforms.types import Chunk
+
+    return Chunk(doc, 0, text, 0, len(text), 3, text, n_chunks=1)
+
+
+def test_the_index_job_s_lookups_and_stale_chunk_deletes_retry_a_briefly_overloaded_server(fake):
+    # Idempotent reads and deletes: a 503 (or a reset connection) is retried in the step, as the writer retries
+    # its batches, instead of failing the bundle (DirectRunner does not retry a bundle: the job failed).
+    from transforms.io.incremental import _SkipUnchanged
+
+    fake.fail("POST", "/collections/docs/points/delete", Reply(503))
+    fake.fail("POST", "/collections/docs/points", Reply(503), Reply(close=True))
+    step = _SkipUnchanged(lambda: _store(fake), "docs", lambda c: {"fingerprint": "f"})
+    step.setup()
+    step.start_bundle()
+    assert list(step.process(_chunk("d1"))) == []
+    out = [w.value for w in step.finish_bundle()]
+    assert [c.doc_id for c in out] == ["d1"]  # no stored point: to embed
+    assert (fake.calls("POST", "/collections/docs/points/delete"), fake.calls("POST", "/collections/docs/points")) == (
+        2, 3)
+
+
+class _OverloadedOnce:
+    """A store whose first search answers 503, as a server under load does; then it finds one document."""
+
+    def __init__(self) -> None:
+        self.calls = 0
+
+    def search_documents_batch(self, collection, vectors, top_k):
+        from transforms.types import Candidate
+
+        self.calls += 1
+        if self.calls == 1:
+            raise UnexpectedResponse(503, "Service Unavailable", b"{}", httpx.Headers())
+        return [[(Candidate("d1", 0.9, 1), {"text": "one"})] for _ in vectors]
+
+
+def test_the_label_job_s_searches_retry_a_briefly_overloaded_server():
+    from transforms.io.retrieve import _SearchIndex
+    from transforms.types import Query
+
+    step = _SearchIndex(QdrantConfig(url="http://127.0.0.1:1"), "docs", top_k=1)
+    step.store = _OverloadedOnce()
+    step.start_bundle()
+    from apache_beam.transforms.window import GlobalWindow
+    from apache_beam.utils.timestamp import MIN_TIMESTAMP
+
+    assert list(step.process((Query("q1", "a question"), [0.1, 0.2]), GlobalWindow(), MIN_TIMESTAMP)) == []
+    pairs = [w.value for w in step.finish_bundle()]
+    assert [(p.query_id, p.doc_id, p.first_stage_rank) for p in pairs] == [("q1", "d1", 1)]
+    assert step.store.calls == 2

@@ -108,12 +108,15 @@ class _SkipUnchanged(beam.DoFn):
         if not chunks:
             return
         docs = {c.doc_id: c.n_chunks for c in chunks}
-        self.store.delete_chunks_from(self.collection, docs)  # exact chunk sets, gaps included
+        # Exact chunk sets, gaps included. Deletes by filter and lookups are idempotent: a server's transient
+        # error is retried here, as the writer retries its batches, rather than failing the bundle.
+        _retrying(lambda: self.store.delete_chunks_from(self.collection, docs))
         if self.force:
             self.to_embed.inc(len(chunks))
             yield from chunks
             return
-        stored = {p.id: p.payload for p in self.store.retrieve(self.collection, [c.point_id for c in chunks])}
+        ids = [c.point_id for c in chunks]
+        stored = {p.id: p.payload for p in _retrying(lambda: self.store.retrieve(self.collection, ids))}
         rewrite: list[Chunk] = []
         changed_docs: set[str] = set()
         for chunk in chunks:
@@ -130,9 +133,10 @@ class _SkipUnchanged(beam.DoFn):
             else:
                 self.reused.inc()
         if rewrite:  # same vector, other payload: write the stored vector back with the new payload
+            again = [c.point_id for c in rewrite]
             vectors = {
                 p.id: p.vector
-                for p in self.store.retrieve(self.collection, [c.point_id for c in rewrite], with_vectors=True)
+                for p in _retrying(lambda: self.store.retrieve(self.collection, again, with_vectors=True))
             }
             for chunk in rewrite:
                 self.reused.inc()
@@ -145,6 +149,13 @@ class _SkipUnchanged(beam.DoFn):
         the one an earlier version gave it (``legacy_digest``: re-written, since the payload differs)."""
         return have == want or (self.legacy_digest is not None and have == fingerprint(chunk.embed_text,
                                                                                           self.legacy_digest))
+
+
+def _retrying(fn: Callable[[], Any]) -> Any:
+    """``fn()``, a transient store error retried with backoff (``transforms.io.qdrant.with_retries``)."""
+    from transforms.io.qdrant import with_retries  # that module imports this one
+
+    return with_retries(fn)
 
 
 class SkipUnchanged(beam.PTransform):

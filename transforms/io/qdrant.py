@@ -635,8 +635,9 @@ class ServerStore(VectorStore):
     Every call is the one qdrant-client call the jobs made before the interface existed
     (``wait=True`` upserts and deletes, server-side grouping, one alias request), under
     the client's lock (``client_lock``: local mode only). The writer and ``copy_points`` retry
-    ``write_batch`` / ``upsert`` as a whole on transient errors, the jobs' lookups retry theirs
-    (``with_retries``); single calls here are not retried, so a command's pre-flight check fails
+    ``write_batch`` / ``upsert`` as a whole on transient errors, and the jobs' idempotent reads retry
+    theirs (``SkipUnchanged``'s lookups and stale-chunk deletes, the label job's searches: ``with_retries``);
+    single calls here are not retried, so a command's pre-flight check fails
     at once on a server that is down. A failed call's exception carries ``qdrant_request`` (the
     operation and collection), which ``pipelines.errors.translate`` puts in its one line.
     """

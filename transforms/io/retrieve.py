@@ -20,7 +20,7 @@ import apache_beam as beam
 from apache_beam.metrics import Metrics
 
 from transforms.inference.embed import Embed, EmbeddingModelHandler
-from transforms.io.qdrant import QdrantConfig
+from transforms.io.qdrant import QdrantConfig, with_retries
 from transforms.types import DEAD, Candidate, DeadLetter, Document, Query, RerankPair, titled_text
 
 
@@ -74,7 +74,9 @@ class _SearchIndex(beam.DoFn):
         if not pending:
             return []
         started = time.perf_counter()
-        results = self.store.search_documents_batch(self.collection, [v for _, v, _, _ in pending], self.top_k)
+        vectors = [v for _, v, _, _ in pending]
+        # A search is idempotent: a server's transient error (503, a reset connection) is retried, not the bundle
+        results = with_retries(lambda: self.store.search_documents_batch(self.collection, vectors, self.top_k))
         self.search_ms.inc(int((time.perf_counter() - started) * 1000))
         out = []
         for (query, _, window, timestamp), hits in zip(pending, results):
