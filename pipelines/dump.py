@@ -21,6 +21,8 @@ import json
 import logging
 from typing import Any
 
+from transforms.types import first_line
+
 ROW_GROUP = 16_384
 # Parquet field metadata on a payload column written as JSON text (values of several types).
 ENCODING_KEY, JSON_ENCODING = b"corpus_etl.encoding", b"json"
@@ -64,7 +66,7 @@ def _payload_column(name: str, key: str, values: list[Any]) -> tuple[Any, Any]:
         column = pa.array(values)
         return pa.field(name, column.type), column
     except (pa.ArrowException, OverflowError) as exc:  # mixed types; an int beyond int64
-        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        reason = first_line(exc)
     _LOG.warning(
         "payload field %r has values no one Parquet type holds (%s: %s); column %r is written as JSON text",
         key, "/".join(sorted({type(v).__name__ for v in values if v is not None})), reason, name,

@@ -23,6 +23,8 @@ import re
 from collections.abc import Iterator
 from types import TracebackType
 
+from transforms.types import first_line  # noqa: F401 - the commands import it from here
+
 EXIT_OK = 0
 EXIT_FAILED = 1
 EXIT_USAGE = 2
@@ -107,11 +109,6 @@ def worker_lost(detail: str) -> str:
         f"the job failed: an SDK worker process was lost mid-job ({detail}): killed, or out of memory? "
         "Rerun the job: its writes are idempotent"
     )
-
-
-def first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0].strip() if text else type(exc).__name__
 
 
 def _chain(exc: BaseException) -> Iterator[BaseException]:

@@ -13,6 +13,13 @@ import json
 import uuid
 from typing import Any
 
+
+def first_line(exc: BaseException) -> str:
+    """The first line of ``exc``'s message, or its type's name when it has none (error lines, dead letters:
+    qdrant-client's ``UnexpectedResponse`` and Arrow's errors go on with raw bodies and context)."""
+    text = str(exc).strip()
+    return text.splitlines()[0].strip() if text else type(exc).__name__
+
 # The tag of every step's dead-letter output (``with_outputs(DEAD, main=...)``).
 DEAD = "dead_letter"
 

@@ -56,7 +56,7 @@ from transforms.hooks import pause_point
 from transforms.io.incremental import fingerprint
 from transforms.io.store import CollectionSpec, StorePoint, VectorStore, check_vectors
 from transforms.progress import count_time, reporter
-from transforms.types import Candidate, Chunk, EmbeddedChunk
+from transforms.types import Candidate, Chunk, EmbeddedChunk, first_line
 
 _LOG = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -315,12 +315,6 @@ def with_retries(
                          first_line(exc))  # fmt: skip
             sleep(delay)
     raise AssertionError("unreachable")
-
-
-def first_line(exc: BaseException) -> str:
-    """The first line of ``exc``'s message (qdrant-client's ``UnexpectedResponse`` goes on with the raw body)."""
-    text = str(exc).strip()
-    return text.splitlines()[0].strip() if text else type(exc).__name__
 
 
 # -- points --------------------------------------------------------------------------------

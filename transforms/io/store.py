@@ -210,15 +210,19 @@ def check_vectors(points: Sequence[StorePoint], collection: str, size: int | Non
     """Refuse (``ValueError``, naming the first bad point) a batch with a non-finite vector value, or, when
     ``size`` is given, a vector of another size. A server refuses both; the embedded store would keep NaN and
     rank the point nowhere, so both stores check here, before anything of the batch is written."""
+    def where(p: StorePoint) -> str:  # built only for the point refused: this runs on every write
+        return f"point {p.id} (doc_id {p.payload.get('doc_id')!r}, chunk_index {p.payload.get('chunk_index')})"
+
     for p in points:
         vector = p.vector if p.vector is not None else ()
-        where = f"point {p.id} (doc_id {p.payload.get('doc_id')!r}, chunk_index {p.payload.get('chunk_index')})"
         if size is not None and len(vector) != size:
-            raise ValueError(f"{where} has a vector of size {len(vector)}; collection {collection!r} holds vectors of size {size}")
+            raise ValueError(f"{where(p)} has a vector of size {len(vector)}; collection {collection!r} holds vectors "
+                             f"of size {size}")  # fmt: skip
         # sum() is one C loop: a NaN or inf anywhere makes it non-finite (finite values that overflow it are
         # told apart by the second look, which runs only then).
         if not math.isfinite(sum(vector)) and not all(math.isfinite(x) for x in vector):
-            raise ValueError(f"{where} has a non-finite vector value; nothing of this batch was written to {collection!r}")
+            raise ValueError(f"{where(p)} has a non-finite vector value; nothing of this batch was written to "
+                             f"{collection!r}")  # fmt: skip
 
 
 def model_held(store: VectorStore, name: str) -> str | None:

@@ -42,6 +42,7 @@ import torch
 
 from transforms.models.devices import TorchModel, device_lock, run_in_token_budget
 from transforms.models.settings import load_tokenizer, resolve_model
+from transforms.types import first_line
 
 _LOG = logging.getLogger(__name__)
 
@@ -380,8 +381,7 @@ def check_reranker(model: str, max_length: int | None = None) -> None:
             for name in ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin")
         ]
     except (OSError, ValueError) as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise ValueError(f"cannot load reranker {model!r}: {first} {hint}") from exc
+        raise ValueError(f"cannot load reranker {model!r}: {first_line(exc)} {hint}") from exc
     architectures = list(getattr(config, "architectures", None) or [])
     if not any(a.endswith("ForCausalLM") for a in architectures):
         raise ValueError(

@@ -255,7 +255,8 @@ def legacy_model_revision(model: str) -> str:
         if not os.path.isfile(full):
             continue
         if name.endswith(".json") or name.endswith(".txt"):
-            digest.update(name.encode() + open(full, "rb").read())
+            with open(full, "rb") as f:
+                digest.update(name.encode() + f.read())
         elif name.endswith(".safetensors"):
             with open(full, "rb") as f:
                 n = int.from_bytes(f.read(8), "little")
