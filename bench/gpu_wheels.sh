@@ -2,7 +2,7 @@
 # Fetch, into .whl/ (git-ignored), the cp312 wheels that bench/gpu_session.sh installs on a GPU machine of
 # this workplace: what the project needs beyond that machine's own image (CUDA torch, transformers,
 # tokenizers, numpy, pyarrow, grpcio, protobuf, requests, httpx, portalocker, pyparsing, triton... are there).
-# liger-kernel (pure Python over the machine's Triton) was added on 2026-11-27 and has not run there yet.
+# liger-kernel (pure Python over the machine's Triton) ran there on 2026-11-27 (H200): infra/Dockerfile.gpu pins it.
 # The set ran on 2026-11-27 (H100 and H200, Python 3.12.3): the gpu tests, the benches and `corpus-etl index`.
 #
 #   bash bench/gpu_wheels.sh        # ~55 MB; the device tool carries up to 64 MiB with the working tree

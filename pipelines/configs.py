@@ -14,7 +14,7 @@ import os
 from collections.abc import Sequence
 from typing import Any
 
-from pipelines.flags import DEFAULT_EMBEDDING_MODEL, DEFAULT_RERANKER, SHARE_MODEL
+from pipelines.flags import DEFAULT_EMBEDDING_MODEL, DEFAULT_RERANKER, KERNELS, SHARE_MODEL
 from pipelines.launch import model_resource_hints
 from pipelines.security import check_qdrant_flags
 from transforms.datasets.formats import LabelDatasetsConfig, parse_thresholds
@@ -27,6 +27,11 @@ from transforms.text.queries import QueryColumns, SampleConfig, parse_sample_spe
 
 # --packing → TextEncoder(packing=...): None lets the encoder decide (transforms.models.encoder.resolve_packing)
 PACKING: dict[str, bool | None] = {"auto": None, "on": True, "off": False}
+
+
+def check_kernels(setting: str) -> None:
+    if setting not in KERNELS:
+        raise ValueError(f"--kernels must be one of {', '.join(KERNELS)}, got {setting!r}")
 
 
 def check_share_model(setting: str) -> None:
@@ -139,6 +144,7 @@ class IndexConfig(_ModelSteps):
     dim: int | None = None
     device: str = "auto"
     precision: str = "auto"  # --precision (transforms.models.devices.resolve_precision)
+    kernels: str = "auto"  # --kernels: auto | none | liger (transforms.models.liger.resolve)
     max_length: int | None = None
     max_batch_tokens: int | None = None
     backend: str = "eager"  # --backend: eager | compile | onnx (transforms.models.fast)
@@ -170,6 +176,9 @@ class IndexConfig(_ModelSteps):
             raise ValueError(f"--cpu-workers must be >= 1, got {self.cpu_workers}")
         check_cpu_threads(self.cpu_threads)
         check_precision(self.precision, backend=self.backend)
+        check_kernels(self.kernels)
+        if self.kernels == "liger" and self.backend == "onnx":
+            raise ValueError("--kernels liger patches the torch model: it runs with --backend eager or compile")
         check_share_model(self.share_model)
         if self.packing not in PACKING:
             raise ValueError(f"--packing must be one of {', '.join(PACKING)}, got {self.packing!r}")
@@ -218,6 +227,7 @@ def index_config(args: argparse.Namespace) -> IndexConfig:
         dim=args.dim,
         device=args.device,
         precision=args.precision,
+        kernels=args.kernels,
         max_length=args.max_length,
         max_batch_tokens=args.max_batch_tokens,
         backend=args.backend,
@@ -265,6 +275,7 @@ class LabelConfig(_ModelSteps):
     eval_fraction: float = 0.2
     device: str = "auto"
     precision: str = "auto"  # --precision, for the query encoder and the reranker
+    kernels: str = "auto"  # --kernels, for both (transforms.models.liger.resolve)
     max_length: int = 8192
     max_batch_tokens: int | None = None
     share_prefix: bool = False
@@ -287,6 +298,7 @@ class LabelConfig(_ModelSteps):
         TokenBudgets(forward=self.max_batch_tokens)  # validates it
         check_cpu_threads(self.cpu_threads)
         check_precision(self.precision)
+        check_kernels(self.kernels)
         check_share_model(self.share_model)
         LabelDatasetsConfig(thresholds=self.thresholds)  # validates the thresholds
         check_job_timeout(self.job_timeout_s)
@@ -334,6 +346,7 @@ def label_config(args: argparse.Namespace) -> LabelConfig:
         eval_fraction=args.eval_fraction,
         device=args.device,
         precision=args.precision,
+        kernels=args.kernels,
         max_length=args.max_length,
         max_batch_tokens=args.max_batch_tokens,
         share_prefix=args.share_prefix,

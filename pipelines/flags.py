@@ -20,6 +20,8 @@ DEFAULT_RERANK_INSTRUCTION = "Given a web search query, retrieve relevant passag
 # transforms/models/devices.py's PRECISIONS, repeated for the same reason (the same test compares them).
 PRECISIONS = ("auto", "fp32", "bf16", "fp16", "bf16-mixed")
 SHARE_MODEL = ("auto", "machine", "process")
+# transforms/models/liger.py's KERNELS, repeated for the same reason (the same test compares them).
+KERNELS = ("auto", "none", "liger")
 BEAM_OPTIONS_EPILOG = textwrap.fill(
     "Any other --flag is passed to Beam as a pipeline option, e.g. --runner DataflowRunner "
     "--project P --region R --temp_location gs://B/tmp --setup_file ./setup.py "
@@ -141,6 +143,7 @@ def add_model_arguments(parser: argparse.ArgumentParser, *, with_batching: bool 
     group.add_argument("--dim", type=int, default=None, help="truncate vectors to N dimensions (Matryoshka), then L2-normalise")
     group.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N (cuda without a GPU is an error)")
     add_precision(group)
+    add_kernels(group)
     group.add_argument(
         "--max-length", type=int, default=None,
         help="override the model's maximum input length in tokens (default: the model's own)",
@@ -163,8 +166,8 @@ def add_model_arguments(parser: argparse.ArgumentParser, *, with_batching: bool 
         group.add_argument(
             "--backend", default="eager", choices=("eager", "compile", "onnx"),
             help="how forward passes run: eager (transformers), compile (torch.compile; on a GPU with packed rows one "
-            "graph, 94-113 s at worker start, ~20 s with a warm inductor cache, then ~1.9x eager on an H100: worth it for "
-            "long GPU jobs; padded, one graph per length bucket) or onnx (ONNX Runtime, model exported once into "
+            "graph, 94-113 s at worker start, ~20 s with a warm inductor cache, then ~1.9x plain eager on an H100, but "
+            "behind eager with --kernels auto's fused kernels on an H200; padded, one graph per length bucket) or onnx (ONNX Runtime, model exported once into "
             "~/.cache/corpus-etl; needs the onnx extra); measured in BENCHMARKS.md",
         )
         group.add_argument(
@@ -191,6 +194,17 @@ def add_precision(group: argparse.ArgumentParser | argparse._ArgumentGroup, *, r
         f"BENCHMARKS.md; fp32 on other CPUs{extra}), fp32, bf16, fp16, or bf16-mixed (fp32 weights, matrix "
         "products in bf16 under torch.autocast)",
     )  # fmt: skip
+
+
+def add_kernels(group: argparse.ArgumentParser | argparse._ArgumentGroup, *, models: str = "the model") -> None:
+    group.add_argument(
+        "--kernels", default="auto", choices=KERNELS,
+        help=f"fused Triton kernels (Liger-Kernel) for Qwen3's RMSNorm, rotary embedding and SwiGLU in {models}: "
+        "auto puts them in where they run (a Qwen3 model on a GPU, liger-kernel installed: pip install "
+        "'corpus-etl[liger]'; on an H200 1.93x the encoder's packed eager passes and ahead of --backend compile, "
+        "BENCHMARKS.md), else loads the model as it is; liger: required, the worker fails at load where they "
+        "cannot run; none: never",
+    )
 
 
 def add_cpu_threads(group: argparse.ArgumentParser | argparse._ArgumentGroup) -> None:
@@ -310,6 +324,7 @@ def label_parser() -> argparse.ArgumentParser:
     run = parser.add_argument_group("execution")
     run.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
     add_precision(run, reranker=True)
+    add_kernels(run, models="the query encoder and the reranker")
     run.add_argument("--max-length", type=int, default=8192, help="reranker pair length limit (tokens)")
     run.add_argument(
         "--max-batch-tokens", type=int, default=None,

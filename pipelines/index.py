@@ -55,7 +55,7 @@ from pipelines.launch import build_only, build_outputs, format_built, refuse_aft
 from pipelines.security import redact_text, redact_url
 from transforms.hooks import pause_point
 from transforms.inference.embed import Embed, EmbeddingModelHandler
-from transforms.inference.handlers import tokens_by_layout, tokens_by_precision
+from transforms.inference.handlers import tokens_by_kernels, tokens_by_layout, tokens_by_precision
 from transforms.io.dead_letters import WriteDeadLetters
 from transforms.io.incremental import REUSED, SkipUnchanged, missing_documents, settings_digest
 from transforms.io.parquet import REJECTED_IDS, BadFilesError, ReadDocuments, check_files
@@ -154,6 +154,7 @@ def embedding_handler(
         spec,
         device=config.device,
         precision=config.precision,
+        kernels=config.kernels,
         budgets=TokenBudgets.from_flag(config.max_batch_tokens, spec.max_length, gpu=config.expects_gpu),
         progress_interval_s=config.progress_interval_s,
         backend=config.backend,
@@ -485,6 +486,8 @@ def _finish(
         "precision_computed": tokens_by_precision(counts, "embed"),
         "packing": config.packing,  # the setting; what ran: tokens in packed rows and in padded passes
         "packing_computed": tokens_by_layout(counts, "embed"),
+        "kernels": config.kernels,  # the setting; what ran: tokens with Liger's kernels and without
+        "kernels_computed": tokens_by_kernels(counts, "embed"),
         "vector_size": size,
         "chunk_tokens": config.chunking.chunk_tokens,
         "chunk_overlap": config.chunking.chunk_overlap,
@@ -710,6 +713,8 @@ def format_summary(summary: dict[str, Any]) -> str:
             f"  precision        {describe_precision(summary['precision'], summary.get('precision_computed'))}",
             *([f"  packing          {describe_precision(summary['packing'], summary.get('packing_computed'))}"]
               if "packing" in summary else []),
+            *([f"  kernels          {describe_precision(summary['kernels'], summary.get('kernels_computed'))}"]
+              if "kernels" in summary else []),
             *([f"  model copies     {describe_copies(summary)}"] if summary.get("model_copies") == "machine" else []),
             *([f"  alias            {alias['name']} -> {summary['collection']} (was {alias['previous']})"]
               if alias and not alias.get("refused") else []),

@@ -49,7 +49,7 @@ from transforms.datasets.judgements import BuildQueryJudgements, RefuseUnwritabl
 from transforms.datasets.report import dead_letter_count
 from transforms.datasets.write import WriteLabelDatasets
 from transforms.inference.embed import EmbeddingModelHandler
-from transforms.inference.handlers import tokens_by_layout, tokens_by_precision
+from transforms.inference.handlers import tokens_by_kernels, tokens_by_layout, tokens_by_precision
 from transforms.inference.rerank import Rerank, RerankModelHandler
 from transforms.io.dead_letters import WriteDeadLetters
 from transforms.io.parquet import BadFilesError, ReadDocuments, ReadParquetRows, match_files, validate_columns
@@ -71,6 +71,7 @@ def reranker_handler(config: LabelConfig, cpu_threads: int | None = None, *, sha
         config.reranker,
         device=config.device,
         precision=config.precision,
+        kernels=config.kernels,
         max_length=config.max_length,
         instruction=config.instruction,
         budgets=TokenBudgets.from_flag(config.max_batch_tokens, config.max_length, gpu=config.expects_gpu),
@@ -85,7 +86,8 @@ def query_handler(
     config: LabelConfig, spec: EmbeddingSpec, cpu_threads: int | None = None, *, shared: bool = False
 ) -> EmbeddingModelHandler:
     return EmbeddingModelHandler(
-        spec, device=config.device, precision=config.precision, query_instruction=config.query_instruction,
+        spec, device=config.device, precision=config.precision, kernels=config.kernels,
+        query_instruction=config.query_instruction,
         kind="query",
         progress_interval_s=config.progress_interval_s, cpu_threads=cpu_threads, large_model=shared,
     )
@@ -299,6 +301,9 @@ def run_config(config: LabelConfig, beam_args: list[str] | None = None, test_pip
         "precision_computed": {stage: tokens_by_precision(counts, stage) for stage in ("rerank", "query")},
         # the query encoder's --packing auto (packed rows on a GPU, padded passes on CPU): what it ran
         "packing_computed": {"query": tokens_by_layout(counts, "query")},
+        # --kernels: the setting, and the tokens each model ran with Liger's kernels and without
+        "kernels": config.kernels,
+        "kernels_computed": {stage: tokens_by_kernels(counts, stage) for stage in ("rerank", "query")},
         # --share-model: the setting, and the copies of each model per worker machine it resolved to
         "share_model": config.share_model,
         "model_copies": config.model_copies(p.options),
@@ -414,6 +419,9 @@ def _precision_lines(summary: dict[str, Any]) -> str:
     packing = (summary.get("packing_computed") or {}).get("query", {})
     if packing != {}:
         lines.append(f"  {'query packing':<19}{describe_precision('auto', packing)}\n")
+    kernels = summary.get("kernels_computed") or {}
+    lines += [f"  {stage + ' kernels':<19}{describe_precision(summary['kernels'], kernels[stage])}\n"
+              for stage in ("rerank", "query") if stage in kernels and kernels[stage] != {}]  # fmt: skip
     if summary.get("model_copies") == "machine":
         lines.append(f"  {'model copies':<19}{describe_copies(summary)}\n")
     return "".join(lines)

@@ -163,6 +163,12 @@ def test_the_precisions_in_help_are_the_ones_the_models_take():
     assert flags.PRECISIONS == PRECISIONS
 
 
+def test_the_kernels_in_help_are_the_ones_the_models_take():
+    from transforms.models.liger import KERNELS
+
+    assert flags.KERNELS == KERNELS
+
+
 def test_a_hub_warning_is_printed_once():
     """huggingface_hub logs through its own handler and the root one: after setup_logging, only once."""
     code = (

@@ -104,6 +104,9 @@ def test_summary_counts_and_payload(whole_docs_index, sample_dir):
     # --packing auto on a CPU: padded passes, every token
     assert summary["packing"] == "auto" and summary["packing_computed"] == {"padded": c["tokens"]}
     assert f"packing          auto -> padded ({c['tokens']} tokens)" in index.format_summary(summary)
+    # --kernels auto on a CPU: Liger's kernels are for CUDA, so every token ran without them
+    assert summary["kernels"] == "auto" and summary["kernels_computed"] == {"none": c["tokens"]}
+    assert f"kernels          auto -> none ({c['tokens']} tokens)" in index.format_summary(summary)
     assert c.get("dead_letters", 0) == 0
     # each step's own time: chunking and writing from their counters, embedding from RunInference's own
     # batch latency (the model's forward passes cannot take no time)

@@ -56,6 +56,9 @@ def test_images_match_the_test_environment():
     assert f"dataflow-templates-base/{python}-template-launcher-base" in launcher.read_text()
     for dockerfile in (gpu, launcher):
         assert "requirements-worker.txt" in dockerfile.read_text() and "--no-deps" in dockerfile.read_text()
+    # liger-kernel is not in this (CPU) test environment: the GPU image pins the version that ran on a GPU
+    carried = re.search(r"liger-kernel==(\S+)", (REPO / "bench" / "gpu_wheels.sh").read_text())
+    assert _arg(gpu, "LIGER_VERSION") == carried[1]
 
 
 @pytest.mark.parametrize("command", ["index", "label"])

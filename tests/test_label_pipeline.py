@@ -187,6 +187,10 @@ def test_bad_rows_are_dead_letters_and_counted(labelled):
     # on CPU the query encoder's --packing auto runs padded passes, over the same tokens
     assert labelled["summary"]["packing_computed"] == {"query": {"padded": computed["query"]["fp32"]}}
     assert f"  query packing      auto -> padded ({computed['query']['fp32']} tokens)\n" in text
+    # --kernels auto on a CPU: neither model ran Liger's kernels
+    kernels = labelled["summary"]["kernels_computed"]
+    assert kernels == {stage: {"none": computed[stage]["fp32"]} for stage in ("rerank", "query")}
+    assert f"  rerank kernels     auto -> none ({computed['rerank']['fp32']} tokens)\n" in text
     # each step's own time: the models' from RunInference's batch latency (reranking every pair and embedding
     # every query cannot take no time), search and write from their counters
     steps, counters = labelled["summary"]["step_seconds"], labelled["summary"]["counters"]

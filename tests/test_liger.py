@@ -28,7 +28,7 @@ class _Refuses:
 
 
 def test_unknown_kernels_are_refused(qwen3_embedding_dir):
-    with pytest.raises(ValueError, match="kernels must be one of none, liger"):
+    with pytest.raises(ValueError, match="kernels must be one of auto, none, liger"):
         TextEncoder(str(qwen3_embedding_dir), kernels="triton")
 
 
@@ -49,6 +49,40 @@ def test_liger_is_refused_on_cpu_for_the_reranker_too(qwen3_reranker_dir):
     reranker = Qwen3Reranker(str(qwen3_reranker_dir), device="cpu", kernels="liger")
     with pytest.raises(ValueError, match="Triton kernels for CUDA; the model is on cpu"):
         reranker.load()
+
+
+def test_auto_loads_a_cpu_model_as_it_is(qwen3_embedding_dir):
+    """``--kernels auto`` (the jobs' default) on CPU: nothing put in, the counters say none, the same vectors."""
+    auto = TextEncoder(str(qwen3_embedding_dir), device="cpu", dtype=torch.float32, kernels="auto").load()
+    plain = TextEncoder(str(qwen3_embedding_dir), device="cpu", dtype=torch.float32).load()
+    assert auto.kernels_patched == 0 and auto.compute_info()["kernels"] == "none"
+    assert "Liger" not in auto.describe_compute()
+    np.testing.assert_array_equal(auto.encode(DOCS), plain.encode(DOCS))
+
+
+def test_auto_with_onnx_means_none(qwen3_embedding_dir):
+    assert TextEncoder(str(qwen3_embedding_dir), kernels="auto", backend="onnx").kernels == "none"
+
+
+def test_auto_puts_the_kernels_in_only_where_they_run(qwen3_embedding_dir, monkeypatch):
+    """``resolve``'s three conditions, each alone missing: a GPU, a Qwen3 model (SiLU MLPs), the package. The
+    device and the package are what this machine cannot vary, so they are stood in for."""
+    from transformers import BertConfig, BertModel
+
+    qwen3 = TextEncoder(str(qwen3_embedding_dir), device="cpu", dtype=torch.float32).load().model
+    bert = BertModel(BertConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64))
+    assert liger.resolve("auto", qwen3) == "none"  # on CPU
+    monkeypatch.setattr(liger, "_on_cuda", lambda model: True)
+    monkeypatch.setattr(liger, "installed", lambda: True)
+    assert liger.resolve("auto", qwen3) == "liger"
+    assert liger.resolve("auto", bert) == "none"  # no Qwen3 layers
+    assert liger.resolve("none", qwen3) == "none" and liger.resolve("liger", bert) == "liger"  # they stand
+    for mlp in (m for m in qwen3.modules() if isinstance(m, modeling_qwen3.Qwen3MLP)):
+        monkeypatch.setattr(mlp.config, "hidden_act", "gelu")
+    assert liger.resolve("auto", qwen3) == "none"  # Liger's SwiGLU computes SiLU
+    monkeypatch.setattr(mlp.config, "hidden_act", "silu")
+    monkeypatch.setattr(liger, "installed", lambda: False)
+    assert liger.resolve("auto", qwen3) == "none"
 
 
 def test_patched_forwards_leave_cpu_tensors_to_the_original_code(qwen3_embedding_dir, monkeypatch):
@@ -106,6 +140,15 @@ def test_cuda_liger_kernels_match_card_and_unpatched(qwen3_embedding_dir):
 
 @pytest.mark.gpu
 @needs_liger
+def test_cuda_auto_puts_the_kernels_in(qwen3_embedding_dir):
+    """``--kernels auto`` (the jobs' default) on a GPU with liger-kernel installed: the kernels, counted."""
+    encoder = TextEncoder(str(qwen3_embedding_dir), device="cuda", kernels="auto").load()
+    assert encoder.kernels_patched == 5 * encoder.model.config.num_hidden_layers + 1
+    assert encoder.compute_info()["kernels"] == "liger"
+
+
+@pytest.mark.gpu
+@needs_liger
 def test_cuda_liger_kernels_in_the_reranker(qwen3_reranker_dir):
     from tests.test_qwen_rerank import PAIRS
     from transforms.models.reranker import Qwen3Reranker
@@ -125,3 +168,28 @@ def test_unpatch_rotary_gives_back_transformers_own():
     assert modeling_qwen3.apply_rotary_pos_emb is original
     liger.unpatch_rotary()  # nothing patched: nothing to undo
     assert modeling_qwen3.apply_rotary_pos_emb is original
+
+
+def test_kernels_flag_reaches_every_model(minilm_path):
+    """``--kernels`` (default auto) from both jobs' flags to the handlers' model arguments; refused where it
+    cannot mean anything (liger with --backend onnx) before a job is built."""
+    from pipelines.configs import IndexConfig, index_config, label_config
+    from pipelines.flags import index_parser, label_parser
+    from pipelines.index import embedding_handler
+    from pipelines.label import query_handler, reranker_handler
+    from transforms.models.settings import EmbeddingSpec
+
+    spec = EmbeddingSpec.read(minilm_path)
+    index_args = ["--input", "x", "--collection", "c"]
+    assert index_config(index_parser().parse_known_args(index_args)[0]).kernels == "auto"
+    config = index_config(index_parser().parse_known_args([*index_args, "--kernels", "none"])[0])
+    assert embedding_handler(config, spec)._model_args["kernels"] == "none"
+    label = label_config(label_parser().parse_known_args(
+        ["--queries", "q", "--out", "o", "--collection", "c", "--kernels", "liger"])[0])  # fmt: skip
+    assert reranker_handler(label)._model_args["kernels"] == query_handler(label, spec)._model_args["kernels"] == "liger"
+    assert label_config(label_parser().parse_known_args(["--queries", "q", "--out", "o", "--collection", "c"])[0]).kernels == "auto"
+    with pytest.raises(SystemExit):
+        index_parser().parse_args([*index_args, "--kernels", "triton"])
+    with pytest.raises(ValueError, match="--kernels liger patches the torch model"):
+        IndexConfig(input="x", collection="c", model="m", backend="onnx", kernels="liger")
+    IndexConfig(input="x", collection="c", model="m", backend="onnx")  # auto: ONNX Runtime runs it as it is

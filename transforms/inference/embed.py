@@ -59,13 +59,14 @@ class EmbeddingModelHandler(TokenBatchedHandler):
         cpu_workers: int | None = None,
         cpu_threads: int | None = None,
         precision: str = "auto",
+        kernels: str = "none",
     ) -> None:
         if kind not in ("document", "query"):
             raise ValueError(f"kind must be 'document' or 'query', not {kind!r}")
         super().__init__(
             TextEncoder,
             dict(model=model, device=device, dim=dim, max_length=max_length, query_instruction=query_instruction,
-                 backend=backend, packing=packing, cpu_workers=cpu_workers, precision=precision),
+                 backend=backend, packing=packing, cpu_workers=cpu_workers, precision=precision, kernels=kernels),
             budgets=budgets,
             element_weight=_chunk_weight if kind == "document" else _query_weight,
             progress_interval_s=progress_interval_s,

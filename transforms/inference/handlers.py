@@ -26,6 +26,9 @@ PRECISION_COUNTER = "{stage}_tokens_in_{precision}"
 # (--packing auto differs by worker device); read back by ``tokens_by_layout``.
 LAYOUT_COUNTER = "{stage}_tokens_{layout}"
 LAYOUTS = ("packed", "padded")
+# Counter "<stage>_tokens_liger": tokens run with Liger's kernels (--kernels auto differs by worker device and by
+# whether liger-kernel is installed there); read back by ``tokens_by_kernels``.
+LIGER_COUNTER = "{stage}_tokens_liger"
 
 
 def count_compute(stage: str, info: dict[str, str], tokens: int, *, layout: bool = True) -> None:
@@ -35,6 +38,8 @@ def count_compute(stage: str, info: dict[str, str], tokens: int, *, layout: bool
     Metrics.counter(NAMESPACE, precision).inc(tokens)
     if layout:
         Metrics.counter(NAMESPACE, LAYOUT_COUNTER.format(stage=stage, layout=info["layout"])).inc(tokens)
+    if info.get("kernels") == "liger":
+        Metrics.counter(NAMESPACE, LIGER_COUNTER.format(stage=stage)).inc(tokens)
 
 
 def tokens_by_layout(counters: dict[str, int] | None, stage: str) -> dict[str, int] | None:
@@ -43,6 +48,15 @@ def tokens_by_layout(counters: dict[str, int] | None, stage: str) -> dict[str, i
         return None
     names = {layout: LAYOUT_COUNTER.format(stage=stage, layout=layout) for layout in LAYOUTS}
     return {layout: counters[name] for layout, name in names.items() if counters.get(name)}
+
+
+def tokens_by_kernels(counters: dict[str, int] | None, stage: str) -> dict[str, int] | None:
+    """From a job's counters: tokens run with Liger's kernels (``liger``) and without (``none``) at ``stage``."""
+    by_precision = tokens_by_precision(counters, stage)
+    if counters is None or by_precision is None:
+        return None
+    liger = counters.get(LIGER_COUNTER.format(stage=stage), 0)
+    return {name: n for name, n in (("liger", liger), ("none", sum(by_precision.values()) - liger)) if n}
 
 
 def tokens_by_precision(counters: dict[str, int] | None, stage: str) -> dict[str, int] | None:

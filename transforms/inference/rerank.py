@@ -69,11 +69,13 @@ class RerankModelHandler(TokenBatchedHandler):
         share_prefix: bool = False,
         cpu_threads: int | None = None,
         precision: str = "auto",
+        kernels: str = "none",
     ) -> None:
         super().__init__(
             Qwen3Reranker,
             dict(model=model, device=device, dtype=dtype, max_length=max_length, instruction=instruction,
-                 attn_implementation=attn_implementation, share_prefix=share_prefix, precision=precision),
+                 attn_implementation=attn_implementation, share_prefix=share_prefix, precision=precision,
+                 kernels=kernels),
             budgets=budgets or TokenBudgets.from_flag(None, max_length),
             # Capped at max_length, so one pair never outweighs a batch alone.
             element_weight=PairTokenEstimate(chars_per_token=chars_per_token, max_length=max_length),

@@ -307,7 +307,8 @@ class TorchModel:
     ``resolve_precision``; ``dtype``, when given, pins the weights' dtype without autocast and wins),
     ``attn_implementation``, ``token_budget``, the padded tokens of one forward pass
     (default from free GPU memory, 2048 on CPU; never below the longest input), and ``kernels``
-    (``"liger"``: Liger-Kernel's fused Qwen3 kernels on CUDA, put in at load; ``transforms.models.liger``).
+    (``"liger"``: Liger-Kernel's fused Qwen3 kernels on CUDA, put in at load, or an error saying why they cannot
+    run; ``"auto"``: the same where they can, else none; ``transforms.models.liger``).
     """
 
     def __init__(
@@ -346,7 +347,7 @@ class TorchModel:
         if self.attn_implementation:
             kwargs["attn_implementation"] = self.attn_implementation
         self._model = auto_class.from_pretrained(path, **kwargs).to(self.device).eval()
-        if self.kernels == "liger":  # before any compiling, so inductor traces the fused kernels
+        if liger.resolve(self.kernels, self._model) == "liger":  # before any compiling: inductor traces them
             self.kernels_patched = liger.apply(self._model)
         budget = self.token_budget_override or default_token_budget(self._model, self.device)
         self.token_budget = max(budget, longest_input)
@@ -369,10 +370,11 @@ class TorchModel:
             self.prepacked = prepack.prepack_linears(self.model, rows_hint=self.token_budget)
 
     def compute_info(self) -> dict[str, str]:
-        """How this loaded model computes, for the job's counters: ``precision`` (the resolved name) and
-        ``layout`` (``packed`` rows or ``padded`` passes). A method, not attributes, so that it also answers
+        """How this loaded model computes, for the job's counters: ``precision`` (the resolved name),
+        ``layout`` (``packed`` rows or ``padded`` passes) and ``kernels`` (``liger`` where they were put in). A method, not attributes, so that it also answers
         through the proxy of a model shared across processes (Beam's ``large_model``)."""
-        return {"precision": self.precision.name, "layout": "packed" if getattr(self, "packing", False) else "padded"}
+        return {"precision": self.precision.name, "layout": "packed" if getattr(self, "packing", False) else "padded",
+                "kernels": "liger" if self.kernels_patched else "none"}
 
     def describe_compute(self) -> str:
         """The precision, and the prepacked layers if any, for the worker's load log line."""

@@ -25,8 +25,9 @@ only fit for tests). Models that ignore the positions would mix texts silently u
 ``compile`` (``torch.compile`` over bucketed lengths; CUDA graphs only with ``cuda_graphs=True``; with packing one
 graph whose row length is dynamic) or ``onnx`` (ONNX Runtime); see ``transforms.models.fast``. ``overlap=True`` (the default on CUDA) prepares the
 next batch (padding, pinned host memory, the non-blocking copy to the device) in a second
-thread while the current one runs. ``kernels="liger"`` (CUDA, Qwen3; not a flag yet) puts
-Liger-Kernel's fused RMSNorm, rotary and SwiGLU kernels into the loaded model (``transforms.models.liger``).
+thread while the current one runs. ``kernels="liger"`` (``--kernels``; CUDA, Qwen3) puts Liger-Kernel's
+fused RMSNorm, rotary and SwiGLU kernels into the loaded model; ``"auto"`` does where they can run
+(``transforms.models.liger``); the default here is ``"none"``, the jobs' flag defaults to ``auto``.
 
 On CPU, ``cpu_workers`` forward passes run at once (``0``: the process's torch threads as ``--cpu-threads``
 last set them, or else as found before an encoder set them to 1, ``devices.cpu_threads``; the index job's
@@ -106,7 +107,9 @@ class TextEncoder(TorchModel):
         if backend not in BACKENDS:
             raise ValueError(f"--backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
         if kernels == "liger" and backend == "onnx":
-            raise ValueError("kernels='liger' patches the torch model: it runs with --backend eager or compile")
+            raise ValueError("--kernels liger patches the torch model: it runs with --backend eager or compile")
+        if kernels == "auto" and backend == "onnx":
+            kernels = "none"  # ONNX Runtime runs the exported graph; the torch model is only traced
         if packing:
             # Padding-free rows need attention that keeps texts apart: varlen by default (transforms.models.varlen)
             attn_implementation = attn_implementation or varlen.NAME
