@@ -6,6 +6,7 @@ import hashlib
 import io
 import json
 import math
+import re
 from pathlib import Path
 
 import apache_beam as beam
@@ -581,6 +582,15 @@ def test_a_query_whose_candidates_all_have_unwritable_ids_is_one_dead_letter() -
         assert_that(out["dead_letter"] | beam.Map(lambda d: (d.stage, d.reason)), equal_to([
             ("label", "all candidates have ids TREC files cannot hold: 2 candidate(s), see the candidates dead letters"),
         ]), label="OneLetter")  # fmt: skip
+
+
+def test_an_id_with_a_control_character_is_refused() -> None:
+    # trec_eval reads ids as C strings: "d\x001" would be judged as "d"; an escape code rewrites the terminal.
+    for bad, problem in (("d\x001", "a control character (U+0000)"), ("d\x1b[2J", "a control character (U+001B)"),
+                         ("d\x85", "whitespace")):  # NEL is whitespace to str.split  # fmt: skip
+        with pytest.raises(ValueError, match=re.escape(f"contains {problem}; TREC files cannot hold it")):
+            QueryJudgements(Query("q", "t"), "eval", (J("q", bad, 0.5, 0.5, 1),))
+    QueryJudgements(Query("q", "t"), "eval", (J("q", "dé-1_ü", 0.5, 0.5, 1),))  # other non-ASCII ids stand
 
 
 def test_the_beir_qrels_read_back_as_beirs_loader_reads_them() -> None:

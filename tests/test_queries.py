@@ -184,6 +184,8 @@ def test_parse_row_respects_column_names() -> None:
         ({"query": "hi", "query_id": '"q1"'},
          "query_id '\"q1\"' starts with a double quote (TSV readers take it as quoting)"),
         ({"query": "hi", "query_id": True}, "query_id is a bool, not a string or integer"),
+        ({"query": "hi", "query_id": "q\x001"}, "query_id 'q\\x001' contains a control character (U+0000)"),
+        ({"query": "hi", "query_id": "q\x7f"}, "query_id 'q\\x7f' contains a control character (U+007F)"),
     ],
 )
 def test_parse_row_dead_letters_with_reason(row: dict, reason: str) -> None:

@@ -60,6 +60,7 @@ import dataclasses
 import itertools
 import json
 import math
+import unicodedata
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any, Literal
 
@@ -92,12 +93,16 @@ def trec_id_problem(value: str) -> str | None:
     Unicode whitespace that Python readers such as ir_measures split on), would shift the TREC columns.
     An id that starts with a double quote would be read as a quoted field by readers of the BEIR TSV
     (BEIR's own loader: ``csv.reader``, ``QUOTE_MINIMAL``; pandas): ``"d1"`` reads as ``d1``, and an
-    unclosed quote swallows the lines after it. A quote further in is read as written.
+    unclosed quote swallows the lines after it. A quote further in is read as written. A control
+    character (NUL, escape, DEL...) ends the id early for C readers such as trec_eval (NUL ends a string)
+    or changes what a terminal shows of it.
     """
     if not value:
         return "is empty"
     if any(c.isspace() for c in value):
         return "contains whitespace"
+    if (control := next((c for c in value if unicodedata.category(c) == "Cc"), None)) is not None:
+        return f"contains a control character (U+{ord(control):04X})"
     if value.startswith('"'):
         return "starts with a double quote (TSV readers take it as quoting)"
     return None
