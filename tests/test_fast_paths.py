@@ -7,6 +7,7 @@ on CPU for seconds, and the whole file must stay under a minute.
 
 from __future__ import annotations
 
+import logging
 import shutil
 
 import numpy as np
@@ -61,6 +62,31 @@ def test_overlapped_preparation_gives_the_same_vectors(minilm_path, eager):
     vectors, failures = overlapped.encode_texts(TEXTS, lengths)
     assert not failures
     np.testing.assert_allclose(np.stack(vectors), eager.encode(TEXTS), atol=1e-5)
+
+
+def test_out_of_memory_preparing_a_pass_ahead_runs_it_unprepared(minilm_path, eager, caplog):
+    """With ``overlap`` the next pass's tensors are made (pinned, copied) while one runs; out of memory there ran
+    nothing of the Beam batch. Now that pass runs as a serial one would (and splits on out-of-memory there)."""
+    overlapped = TextEncoder(
+        minilm_path, device="cpu", token_budget=256, overlap=True, cpu_workers=1, precision="fp32"
+    ).load()
+    prepare, failed = overlapped._prepare, []
+
+    def out_of_memory_once(ids):
+        if not failed:
+            failed.append(len(ids))
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return prepare(ids)
+
+    overlapped._prepare = out_of_memory_once
+    with caplog.at_level(logging.WARNING, logger="transforms.models.encoder"):
+        got = overlapped.encode(TEXTS)
+    assert failed and "out of memory preparing a pass of" in caplog.text
+    np.testing.assert_allclose(got, eager.encode(TEXTS), atol=1e-5)
+    # Any other error in preparing still fails the call, as it did.
+    overlapped._prepare = lambda ids: (_ for _ in ()).throw(ValueError("bad ids"))
+    with pytest.raises(ValueError, match="bad ids"):
+        overlapped.encode(TEXTS)
 
 
 def test_backend_and_cpu_workers_flags_reach_the_config():

@@ -57,6 +57,7 @@ from transforms.models.devices import (
     check_precision,
     cpu_threads,
     device_lock,
+    is_oom,
     run_splitting_on_oom,
 )
 from transforms.models.fast import BACKENDS, CompiledRunner, OnnxRunner, PackedCompiledRunner, bucket_of, length_buckets
@@ -370,7 +371,16 @@ class TextEncoder(TorchModel):
             with ThreadPoolExecutor(1, thread_name_prefix="encoder-prep") as prep:
                 pending = prep.submit(prepare, batches[0])
                 for k, batch in enumerate(batches):
-                    prepared = pending.result()
+                    try:
+                        prepared = pending.result()
+                    except Exception as exc:  # noqa: BLE001 - filtered by is_oom
+                        if not is_oom(exc):
+                            raise
+                        # Out of memory pinning or copying this pass ahead: run it as a serial pass does, its
+                        # tensors made when it runs and split in halves on out-of-memory, not the Beam batch failed.
+                        _LOG.warning("out of memory preparing a pass of %d texts ahead; running it unprepared",
+                                     len(batch))  # fmt: skip
+                        prepared = None
                     if k + 1 < len(batches):
                         pending = prep.submit(prepare, batches[k + 1])
                     run(batch, prepared)
