@@ -200,7 +200,7 @@ def add_kernels(group: argparse.ArgumentParser | argparse._ArgumentGroup, *, mod
     group.add_argument(
         "--kernels", default="auto", choices=KERNELS,
         help=f"fused Triton kernels (Liger-Kernel) for Qwen3's RMSNorm, rotary embedding and SwiGLU in {models}: "
-        "auto puts them in where they run (a Qwen3 model on a GPU, liger-kernel installed: pip install "
+        "auto puts them in where they run (a Qwen3 model on a GPU of compute capability >= 8.0, liger-kernel installed: pip install "
         "'corpus-etl[liger]'; on an H200 1.93x the encoder's packed eager passes and ahead of --backend compile, "
         "BENCHMARKS.md), else loads the model as it is; liger: required, the worker fails at load where they "
         "cannot run; none: never",

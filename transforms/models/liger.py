@@ -50,15 +50,19 @@ def installed() -> bool:
 
 def resolve(kernels: str, model: torch.nn.Module) -> str:
     """What ``kernels`` means for this loaded ``model``: ``auto`` is ``liger`` where ``apply`` can put the
-    kernels in (the model on CUDA, Qwen3 layers with SiLU MLPs, liger-kernel installed), else ``none``;
-    ``liger`` and ``none`` stand (``apply`` says why ``liger`` cannot run)."""
+    kernels in and they were measured (the model on a CUDA GPU of compute capability 8.0 or more, Ampere on,
+    Qwen3 layers with SiLU MLPs, liger-kernel installed), else ``none``; ``liger`` and ``none`` stand
+    (``apply`` says why ``liger`` cannot run)."""
     if check(kernels) != "auto":
         return kernels
     return "liger" if _on_cuda(model) and _is_qwen3(model) and installed() else "none"
 
 
 def _on_cuda(model: torch.nn.Module) -> bool:
-    return next(model.parameters()).device.type == "cuda"
+    """On a CUDA GPU of compute capability 8.0 or more: older ones (T4, V100) have no bf16 in hardware and
+    Liger-Kernel is tested on Ampere and later; there ``auto`` leaves the model as it is."""
+    device = next(model.parameters()).device
+    return device.type == "cuda" and torch.cuda.get_device_capability(device) >= (8, 0)
 
 
 def _is_qwen3(model: torch.nn.Module) -> bool:
