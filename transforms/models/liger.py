@@ -21,7 +21,8 @@ without a copy) and SiLU times up-projection. ``apply(model)`` puts them into an
 Every patched forward does the same: Liger on CUDA, the original otherwise (Triton has no CPU
 backend). Parity with the unpatched model is tested on CUDA (``tests/test_liger.py``, ``gpu``).
 ``kernels="auto"`` (the jobs' ``--kernels`` default) puts them in only where they run: a Qwen3 model with
-SiLU MLPs, loaded onto CUDA, with liger-kernel installed; anything else loads as it is (``resolve``). On an
+SiLU MLPs, loaded onto a CUDA GPU of compute capability 8.0 or more, with liger-kernel installed; anything
+else loads as it is (``resolve``). On an
 H200 they made the encoder's packed eager passes 1.93x faster end to end (343.7k tokens/s against
 177.8k, and ahead of the compiled pass, 286.8k), a packed pass alone 472.5k tokens/s against compiled
 437.5k, and the reranker's per-query scoring ~2x (BENCHMARKS.md, "GPU: Liger-Kernel's fused kernels").
