@@ -14,24 +14,20 @@ import os
 from collections.abc import Sequence
 from typing import Any
 
-from pipelines.flags import DEFAULT_EMBEDDING_MODEL, DEFAULT_RERANKER, KERNELS, SHARE_MODEL
+from pipelines.flags import DEFAULT_EMBEDDING_MODEL, DEFAULT_RERANKER, SHARE_MODEL
 from pipelines.launch import model_resource_hints
 from pipelines.security import check_qdrant_flags
 from transforms.datasets.formats import LabelDatasetsConfig, parse_thresholds
 from transforms.io.parquet import DocumentColumns, input_matches
 from transforms.io.qdrant import RESERVED_PAYLOAD_KEYS, QdrantConfig
 from transforms.io.store import HnswSettings
+from transforms.models import liger
 from transforms.models.devices import TokenBudgets, check_precision, expects_gpu
 from transforms.text.chunk import ChunkSettings
 from transforms.text.queries import QueryColumns, SampleConfig, parse_sample_spec
 
 # --packing → TextEncoder(packing=...): None lets the encoder decide (transforms.models.encoder.resolve_packing)
 PACKING: dict[str, bool | None] = {"auto": None, "on": True, "off": False}
-
-
-def check_kernels(setting: str) -> None:
-    if setting not in KERNELS:
-        raise ValueError(f"--kernels must be one of {', '.join(KERNELS)}, got {setting!r}")
 
 
 def check_share_model(setting: str) -> None:
@@ -176,9 +172,7 @@ class IndexConfig(_ModelSteps):
             raise ValueError(f"--cpu-workers must be >= 1, got {self.cpu_workers}")
         check_cpu_threads(self.cpu_threads)
         check_precision(self.precision, backend=self.backend)
-        check_kernels(self.kernels)
-        if self.kernels == "liger" and self.backend == "onnx":
-            raise ValueError("--kernels liger patches the torch model: it runs with --backend eager or compile")
+        liger.check(self.kernels, self.backend)
         check_share_model(self.share_model)
         if self.packing not in PACKING:
             raise ValueError(f"--packing must be one of {', '.join(PACKING)}, got {self.packing!r}")
@@ -298,7 +292,7 @@ class LabelConfig(_ModelSteps):
         TokenBudgets(forward=self.max_batch_tokens)  # validates it
         check_cpu_threads(self.cpu_threads)
         check_precision(self.precision)
-        check_kernels(self.kernels)
+        liger.check(self.kernels)
         check_share_model(self.share_model)
         LabelDatasetsConfig(thresholds=self.thresholds)  # validates the thresholds
         check_job_timeout(self.job_timeout_s)

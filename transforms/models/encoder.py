@@ -50,7 +50,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from transforms.models import varlen
+from transforms.models import liger, varlen
 from transforms.models.devices import (
     TorchModel,
     budget_batches,
@@ -107,10 +107,7 @@ class TextEncoder(TorchModel):
     ) -> None:
         if backend not in BACKENDS:
             raise ValueError(f"--backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
-        if kernels == "liger" and backend == "onnx":
-            raise ValueError("--kernels liger patches the torch model: it runs with --backend eager or compile")
-        if kernels == "auto" and backend == "onnx":
-            kernels = "none"  # ONNX Runtime runs the exported graph; the torch model is only traced
+        kernels = liger.check(kernels, backend)  # auto with onnx: none (the exported graph runs, not the patch)
         if packing:
             # Padding-free rows need attention that keeps texts apart: varlen by default (transforms.models.varlen)
             attn_implementation = attn_implementation or varlen.NAME

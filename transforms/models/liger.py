@@ -39,9 +39,15 @@ import torch
 KERNELS = ("auto", "none", "liger")
 
 
-def check(kernels: str) -> str:
+def check(kernels: str, backend: str = "eager") -> str:
+    """``kernels`` as a model with ``backend`` takes it (``--backend onnx`` runs an exported graph, not the patched
+    torch model: ``auto`` means none there, ``liger`` is refused); raises ``ValueError`` for an unknown one."""
     if kernels not in KERNELS:
-        raise ValueError(f"kernels must be one of {', '.join(KERNELS)}, got {kernels!r}")
+        raise ValueError(f"--kernels must be one of {', '.join(KERNELS)}, got {kernels!r}")
+    if backend == "onnx" and kernels != "none":
+        if kernels == "liger":
+            raise ValueError("--kernels liger patches the torch model: it runs with --backend eager or compile")
+        return "none"
     return kernels
 
 
