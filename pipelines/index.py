@@ -24,6 +24,7 @@ import functools
 import json
 import logging
 import os
+import shutil
 import tempfile
 import time
 import uuid
@@ -272,6 +273,7 @@ def run_config(config: IndexConfig, beam_args: list[str] | None = None, test_pip
     settings = embedding_settings(config, spec)
     digest = settings_digest(settings)
     store = open_store(config.qdrant)  # the embedded store holds no shard open while workers write
+    doc_ids_prefix = None
     try:
         check_names(store, config, where)
         check_model(store, config, where)
@@ -310,6 +312,7 @@ def run_config(config: IndexConfig, beam_args: list[str] | None = None, test_pip
             raise failed from exc
     finally:
         store.close()
+        _discard_doc_ids(doc_ids_prefix)  # a failed run's ids are never read
     if counts is None:
         summary.update(counters=None, counters_unavailable="the runner reports no metrics")
     summary.update(
@@ -434,6 +437,13 @@ def _remove_doc_ids_folder(prefix: str) -> None:
     local = os.path.dirname(prefix)
     if os.path.isdir(local) and not os.listdir(local):
         os.rmdir(local)
+
+
+def _discard_doc_ids(prefix: str | None) -> None:
+    """Remove this run's local ids folder and what is left in it (a run that failed before
+    ``_read_doc_ids``); a remote one (``gs://``) is left to the bucket's lifecycle rules."""
+    if prefix and "://" not in prefix:
+        shutil.rmtree(os.path.dirname(prefix), ignore_errors=True)
 
 
 def _write_summary(config: IndexConfig, summary: dict[str, Any]) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import tempfile
 
 import numpy as np
 import pyarrow as pa
@@ -314,6 +315,23 @@ def test_a_failure_after_the_job_writes_the_failed_summary(tmp_path, minilm_path
     assert str(failed.value).startswith("the job ran, then finishing it failed: ")
     summary = json.loads((tmp_path / "docs.json").read_text())
     assert (summary["status"], summary["error"], summary["collection"]) == ("failed", str(failed.value), "docs")
+
+
+def test_a_failed_job_leaves_no_ids_folder(tmp_path, minilm_path, versions, monkeypatch):
+    """--delete-missing's ids go to a new local folder per run; a run that fails before reading them removes it."""
+    temp = tmp_path / "temp"
+    temp.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(temp))
+
+    def lost(p, timeout_s):
+        assert [f.name for f in temp.iterdir() if f.name.startswith("corpus-etl-docs-")], "no ids folder made"
+        raise RuntimeError("a worker was lost")
+
+    monkeypatch.setattr(index, "run_and_wait", lost)
+    with pytest.raises(RuntimeError, match="a worker was lost"):
+        _index(tmp_path, minilm_path, _write(tmp_path / "c.parquet", versions[0][:3]), "docs", "--delete-missing")
+    assert json.loads((tmp_path / "docs.json").read_text())["status"] == "failed"
+    assert [f.name for f in temp.iterdir() if f.name.startswith("corpus-etl-docs-")] == []
 
 
 def test_another_model_into_a_collection_of_one_is_refused_before_the_job(tmp_path, minilm_path, other_model,
