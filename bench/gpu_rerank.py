@@ -202,7 +202,9 @@ def main(argv: list[str] | None = None) -> None:
         seed=args.seed + 1,
         text=text,
     )
-    doc_lengths = sample_lengths(n_queries * n_cands, low=50, high=512, mean=300, seed=args.seed)
+    # --smoke checks the code path: short documents, as the card's loop scores every position's logits
+    low, high, mean = (20, 96, 60) if args.smoke else (50, 512, 300)
+    doc_lengths = sample_lengths(n_queries * n_cands, low=low, high=high, mean=mean, seed=args.seed)
     docs = realish_texts(tok, doc_lengths, seed=args.seed, text=text)
     # Grouped by query, as first-stage retrieval emits them.
     pairs = [(queries[i // n_cands], doc) for i, doc in enumerate(docs)]
