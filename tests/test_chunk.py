@@ -67,6 +67,35 @@ def test_no_chunk_exceeds_its_budget_on_real_text(minilm_path, sample_dir):
         assert not doc.text[chunks[-1].char_end :].strip()  # the whole text is covered
 
 
+def test_chunks_at_the_models_limit_are_shortened_until_the_model_reads_all_of_them(minilm_path, sample_dir,
+                                                                                     monkeypatch):
+    """At --chunk-tokens 256 (MiniLM's limit) a window that starts inside a word reads as a token more on its
+    own, and the model would drop the chunk's last token; those chunks lose a token, and no other chunk changes."""
+    import pyarrow.parquet as pq
+
+    import transforms.text.chunk as chunk_module
+
+    rows = pq.read_table(sample_dir["corpus"]).to_pylist()
+    docs = [Document(row["id"], row["text"], title=row["title"]) for row in rows]
+    chunker = load_chunker(minilm_path, ChunkSettings(chunk_tokens=256, chunk_overlap=32))
+
+    def model_reads(c) -> int:
+        return len(chunker.tokenizer(c.embed_text)["input_ids"])
+
+    fitted = [c for doc in docs for c in chunker.chunk(doc)]
+    monkeypatch.setattr(chunk_module, "FIT_CHECK_TOKENS", -(10**6))  # the windows as counted, unchecked
+    counted = [c for doc in docs for c in chunker.chunk(doc)]
+    assert len(fitted) == len(counted) > 300
+    over = [i for i, c in enumerate(counted) if model_reads(c) > 256]
+    assert over, "no window came out over the limit: the corpus no longer tests this"
+    assert max(model_reads(c) for c in fitted) <= 256
+    assert [i for i, (a, b) in enumerate(zip(fitted, counted)) if a != b] == over
+    for i in over:
+        a, b = fitted[i], counted[i]
+        assert (a.char_start, a.text) == (b.char_start, b.text[: len(a.text)]) and a.char_end < b.char_end
+        assert model_reads(a) <= 256
+
+
 def test_chunking_off_truncates_at_model_length_and_says_so(minilm_path):
     chunker = load_chunker(minilm_path, ChunkSettings(chunk_tokens=0, chunk_overlap=0))
     long_doc = Document("long", " ".join(WORDS * 20))  # 400 tokens > MiniLM's 256

@@ -28,6 +28,9 @@ MIN_WINDOW_TOKENS = 8
 CHUNK_BATCH = 64
 # Characters per token to start a long document's prefix at (English runs ~4-5); the prefix doubles when short.
 CHARS_PER_TOKEN_GUESS = 6
+# Chunks of --chunk-tokens within this many tokens of the model's limit are tokenised again as the encoder
+# will (Chunker._fit): a window's text read on its own can be a token or two longer than the window.
+FIT_CHECK_TOKENS = 8
 
 
 @dataclasses.dataclass(frozen=True)
@@ -131,26 +134,52 @@ class Chunker:
         step = self._step(window)
         # Starts 0, step, 2*step ... up to the first window that reaches the end of the text.
         windows = [(s, min(s + window, n)) for s in range(0, max(n - window, 0) + step, step)]
-        chunks = []
-        for index, (start, end) in enumerate(windows):
+
+        def at(index: int, start: int, end: int) -> Chunk:
             char_start = offsets[start][0]
             char_end = _through_marks(doc.text, offsets[end - 1][1], offsets[end][0] if end < n else len(doc.text))
             text = doc.text[char_start:char_end]
-            chunks.append(
-                Chunk(
-                    doc_id=doc.doc_id,
-                    chunk_index=index,
-                    text=text,
-                    char_start=char_start,
-                    char_end=char_end,
-                    n_tokens=(end - start) + self.fixed_tokens + prefix_tokens,
-                    embed_text=prefix + text,
-                    title=doc.title,
-                    metadata=doc.metadata,
-                    n_chunks=len(windows),
-                )
+            return Chunk(
+                doc_id=doc.doc_id,
+                chunk_index=index,
+                text=text,
+                char_start=char_start,
+                char_end=char_end,
+                n_tokens=(end - start) + self.fixed_tokens + prefix_tokens,
+                embed_text=prefix + text,
+                title=doc.title,
+                metadata=doc.metadata,
+                n_chunks=len(windows),
             )
+
+        chunks = [at(index, start, end) for index, (start, end) in enumerate(windows)]
+        if self.settings.chunk_tokens > self.max_length - FIT_CHECK_TOKENS:
+            chunks = self._fit(chunks, windows, at)
         return chunks
+
+    def _inputs_length(self, chunk: Chunk) -> int:
+        """Tokens of the chunk as the encoder tokenises it: the prompt and the text with the special tokens."""
+        return len(self.tokenizer(self.document_prompt + chunk.embed_text)["input_ids"])
+
+    def _fit(self, chunks: list[Chunk], windows: list[tuple[int, int]], at) -> list[Chunk]:
+        """Chunks near the model's limit, each shortened by a token at a time until the model reads all of it.
+
+        A window counts the document's tokens, but its text is tokenised again on its own: a window
+        that starts inside a word reads it as a word start ("##ing" becomes "ing", or two tokens), so a
+        full window can come out a token over. At the model's limit the encoder would drop that last
+        token, and the vector would not cover the chunk's text. Only such chunks change (later windows
+        keep their starts), so an index built before this keeps every other chunk.
+        """
+        lengths = [len(ids) for ids in tokenize_ids(
+            self.tokenizer, [self.document_prompt + c.embed_text for c in chunks], add_special_tokens=True,
+        )]  # fmt: skip
+        fitted = list(chunks)
+        for index, ((start, end), length) in enumerate(zip(windows, lengths)):
+            while length > self.max_length and end - start > 1:
+                end -= 1
+                fitted[index] = at(index, start, end)
+                length = self._inputs_length(fitted[index])
+        return fitted
 
     def _step(self, window: int) -> int:
         """Tokens from one chunk's start to the next: the window less ``--chunk-overlap``. A title shrinks the
