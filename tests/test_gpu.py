@@ -35,6 +35,18 @@ def test_out_of_memory_splits_retries_and_reports_single_failures():
     assert calls[0] == 6  # the whole batch first, then halves
 
 
+def test_a_cpu_allocation_failure_splits_the_batch_as_cuda_out_of_memory_does():
+    """torch's CPU allocator refuses a tensor with a RuntimeError of its own wording: the batch is split too."""
+
+    def forward(batch: list[list[int]]) -> list[int]:
+        if len(batch) > 2:
+            torch.empty(10**15, dtype=torch.uint8)  # a petabyte: refused by the allocator, on any machine
+        return [len(x) for x in batch]
+
+    out, failures = run_in_token_budget([[0] * n for n in (1, 2, 3, 4, 5)], token_budget=100, forward=forward)
+    assert (out, failures) == ([1, 2, 3, 4, 5], [])
+
+
 def test_other_errors_are_not_swallowed():
     def forward(batch):
         raise ValueError("shape mismatch")

@@ -399,10 +399,18 @@ class TorchModel:
         return self._model
 
 
+# What torch's CPU allocator raises (a RuntimeError) when an allocation is refused
+_CPU_ALLOCATOR_FAILURE = "DefaultCPUAllocator: can't allocate memory"
+
+
 def is_oom(exc: BaseException) -> bool:
-    if isinstance(exc, torch.OutOfMemoryError):
+    """An allocation failure that a smaller batch may avoid: CUDA's out of memory, torch's CPU allocator
+    refusing a tensor, or Python's ``MemoryError`` (numpy's padding). (A process the kernel's OOM killer
+    ends raises nothing: the runner sees a lost worker.)"""
+    if isinstance(exc, (torch.OutOfMemoryError, MemoryError)):
         return True
-    return isinstance(exc, RuntimeError) and "out of memory" in str(exc).lower()
+    text = str(exc)
+    return isinstance(exc, RuntimeError) and ("out of memory" in text.lower() or _CPU_ALLOCATOR_FAILURE in text)
 
 
 def run_splitting_on_oom(
