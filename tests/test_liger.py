@@ -85,6 +85,31 @@ def test_auto_puts_the_kernels_in_only_where_they_run(qwen3_embedding_dir, monke
     assert liger.resolve("auto", qwen3) == "none"
 
 
+def test_auto_with_a_broken_install_loads_the_model_as_it_is(qwen3_embedding_dir, monkeypatch, caplog):
+    """liger-kernel found but not importable (a Triton that does not match the torch): ``auto`` warns and loads
+    the model unpatched; ``liger`` fails at load, saying why. The GPU and the package are stood in for."""
+    import builtins
+
+    real_import = builtins.__import__
+
+    def broken(name, *args, **kwargs):
+        if name.startswith("liger_kernel"):
+            raise ImportError("cannot import name 'triton_key' from 'triton.compiler.compiler'")
+        return real_import(name, *args, **kwargs)
+
+    plain = TextEncoder(str(qwen3_embedding_dir), device="cpu", dtype=torch.float32).load()
+    monkeypatch.setattr(liger, "_on_cuda", lambda model: True)
+    monkeypatch.setattr(liger, "installed", lambda: True)
+    monkeypatch.setattr(liger, "_device", lambda model: torch.device("cuda"))
+    monkeypatch.setattr(builtins, "__import__", broken)
+    auto = TextEncoder(str(qwen3_embedding_dir), device="cpu", dtype=torch.float32, kernels="auto").load()
+    assert auto.kernels_patched == 0 and auto.compute_info()["kernels"] == "none"
+    assert "--kernels auto: liger-kernel is installed but does not import (ImportError: cannot import" in caplog.text
+    np.testing.assert_array_equal(auto.encode(DOCS), plain.encode(DOCS))
+    with pytest.raises(ImportError, match="triton_key"):
+        TextEncoder(str(qwen3_embedding_dir), device="cpu", dtype=torch.float32, kernels="liger").load()
+
+
 def test_patched_forwards_leave_cpu_tensors_to_the_original_code(qwen3_embedding_dir, monkeypatch):
     """What ``apply`` installs, with stand-ins that fail if called: every norm, MLP and the rotary
     function run their own code on CPU, bitwise."""

@@ -348,7 +348,15 @@ class TorchModel:
             kwargs["attn_implementation"] = self.attn_implementation
         self._model = auto_class.from_pretrained(path, **kwargs).to(self.device).eval()
         if liger.resolve(self.kernels, self._model) == "liger":  # before any compiling: inductor traces them
-            self.kernels_patched = liger.apply(self._model)
+            try:
+                self.kernels_patched = liger.apply(self._model)
+            except ImportError as exc:  # installed, but it (or the Triton it needs) does not import
+                if self.kernels != "auto":
+                    raise
+                # auto asks for the kernels where they run: a broken install loads the model as it is, counted
+                # "none" in the job's summary, rather than failing every worker of the job
+                _LOG.warning("--kernels auto: liger-kernel is installed but does not import (%s: %s); %s loads "
+                             "without its kernels", type(exc).__name__, exc, self.model_id)  # fmt: skip
         budget = self.token_budget_override or default_token_budget(self._model, self.device)
         self.token_budget = max(budget, longest_input)
         return self._model

@@ -65,10 +65,14 @@ def resolve(kernels: str, model: torch.nn.Module) -> str:
     return "liger" if _on_cuda(model) and _is_qwen3(model) and installed() else "none"
 
 
+def _device(model: torch.nn.Module) -> torch.device:
+    return next(model.parameters()).device
+
+
 def _on_cuda(model: torch.nn.Module) -> bool:
     """On a CUDA GPU of compute capability 8.0 or more: older ones (T4, V100) have no bf16 in hardware and
     Liger-Kernel is tested on Ampere and later; there ``auto`` leaves the model as it is."""
-    device = next(model.parameters()).device
+    device = _device(model)
     return device.type == "cuda" and torch.cuda.get_device_capability(device) >= (8, 0)
 
 
@@ -85,13 +89,13 @@ def apply(model: torch.nn.Module) -> int:
     ``ValueError`` for a model that is not Qwen3 or not on a GPU."""
     from transformers.models.qwen3 import modeling_qwen3
 
-    device = next(model.parameters()).device
+    device = _device(model)
     if device.type != "cuda":
         raise ValueError(f"Liger's kernels are Triton kernels for CUDA; the model is on {device}")
     if not installed():
         raise ImportError("kernels='liger' needs the liger-kernel package: pip install 'corpus-etl[liger]'")
-    from liger_kernel.ops.rms_norm import LigerRMSNormFunction
-    from liger_kernel.ops.rope import LigerRopeFunction
+    from liger_kernel.ops.rms_norm import LigerRMSNormFunction  # an install that does not import fails here,
+    from liger_kernel.ops.rope import LigerRopeFunction  # before any module is patched
     from liger_kernel.ops.swiglu import LigerSiLUMulFunction
 
     patched = 0
