@@ -15,6 +15,7 @@ from apache_beam.testing.test_pipeline import TestPipeline
 
 from pipelines import evaluate, index, search
 from pipelines.errors import JobFailed, PreflightError
+from tests.stores import copy_store
 from transforms.io.edge_store import EdgeStore
 from transforms.io.store import CollectionSpec, StorePoint
 from transforms.models.settings import EmbeddingSpec
@@ -195,9 +196,23 @@ def test_an_alias_as_collection_is_refused_before_any_point_is_written(tmp_path,
     assert EdgeStore(str(tmp_path / "q")).count("docs-1") == count
 
 
-def test_the_quality_gate_refuses_a_worse_collection(tmp_path, minilm_path, sample_dir):
+@pytest.fixture(scope="module")
+def gated_good(tmp_path_factory, minilm_path, sample_dir) -> tuple[str, dict]:
+    """The sample corpus indexed as collection "good", alias "live" switched to it through the gate (no current
+    target): its store folder and the run's summary. Tests start from a copy (``_from_good``)."""
+    tmp = tmp_path_factory.mktemp("gated-good")
     gate = ["--gate-queries", sample_dir["queries"], "--gate-qrels", sample_dir["qrels"]]
-    good = _index(tmp_path, minilm_path, sample_dir["corpus"], "good", "--alias", "live", *gate)
+    return str(tmp / "q"), _index(tmp, minilm_path, sample_dir["corpus"], "good", "--alias", "live", *gate)
+
+
+def _from_good(tmp_path, gated_good) -> dict:
+    copy_store(gated_good[0], str(tmp_path / "q"))
+    return gated_good[1]
+
+
+def test_the_quality_gate_refuses_a_worse_collection(tmp_path, minilm_path, sample_dir, gated_good):
+    gate = ["--gate-queries", sample_dir["queries"], "--gate-qrels", sample_dir["qrels"]]
+    good = _from_good(tmp_path, gated_good)
     assert good["alias"]["gate"]["current"] is None and good["alias"]["gate"]["new"] >= 0.7
     # A worse index of the same corpus: titles only, the texts cut to their first 20 characters.
     rows = [{**r, "text": r["text"][:20]} for r in pq.read_table(sample_dir["corpus"]).to_pylist()]
@@ -209,10 +224,10 @@ def test_the_quality_gate_refuses_a_worse_collection(tmp_path, minilm_path, samp
 
 
 def test_the_gate_scores_the_current_target_with_the_model_it_was_built_with(tmp_path, minilm_path, other_model,
-                                                                            sample_dir):
+                                                                            sample_dir, gated_good):
     """A worse model passed when the gate scored the old vectors with the new model's queries (near random)."""
     gate = ["--gate-queries", sample_dir["queries"], "--gate-qrels", sample_dir["qrels"]]
-    good = _index(tmp_path, minilm_path, sample_dir["corpus"], "good", "--alias", "live", *gate)
+    good = _from_good(tmp_path, gated_good)
     other = index.run(
         ["--input", sample_dir["corpus"], "--collection", "other", "--model", other_model, "--qdrant-path",
          str(tmp_path / "q"), *ARGS, "--alias", "live", *gate], test_pipeline=TestPipeline(),
@@ -227,10 +242,10 @@ def test_the_gate_scores_the_current_target_with_the_model_it_was_built_with(tmp
     )
 
 
-def test_a_new_dim_is_gated_against_the_current_target_at_its_own_dim(tmp_path, minilm_path, sample_dir):
+def test_a_new_dim_is_gated_against_the_current_target_at_its_own_dim(tmp_path, minilm_path, sample_dir, gated_good):
     """--dim 128 against a 384-d target: each scored at its own size; the summary is written either way."""
     gate = ["--gate-queries", sample_dir["queries"], "--gate-qrels", sample_dir["qrels"]]
-    good = _index(tmp_path, minilm_path, sample_dir["corpus"], "good", "--alias", "live", *gate)
+    good = _from_good(tmp_path, gated_good)
     small = _index(tmp_path, minilm_path, sample_dir["corpus"], "small", "--alias", "live", "--dim", "128", *gate)
     scores = small["alias"]["gate"]
     assert scores["current"] == good["alias"]["gate"]["new"] and small["vector_size"] == 128

@@ -49,6 +49,7 @@ from apache_beam.testing.test_pipeline import TestPipeline
 
 from pipelines import dump, index, label
 from tests.processes import free_port, kill_group, started, wait_for_file
+from tests.stores import copy_store
 from transforms.hooks import ENV as HOOKS_ENV
 from transforms.hooks import PAUSE_AT_FILE, PAUSED_FILE
 from transforms.inference.handlers import LOAD_LOG_ENV
@@ -362,13 +363,6 @@ CRASHES = {  # name: (runner, where the job pauses, what is then killed)
     # a worker that never answers: --job-timeout ends the job, its workers with it
     "worker-hung-until-job-timeout": ("multi_processing", "embed", "nothing"),
 }
-
-
-def copy_store(src: str, dst: str) -> None:
-    """Copy an embedded store, keeping its files sparse: each segment maps 32 MiB chunk files that
-    are mostly holes, and ``shutil.copytree`` writes the holes out (580 MB a copy instead of 3 MB;
-    the crash cases' copies once filled CI's disk)."""
-    subprocess.run(["cp", "-a", "--sparse=always", src, dst], check=True)
 
 
 def _live_in_group(pgid: int) -> list[str]:
