@@ -51,27 +51,33 @@ def whole_docs_index(tmp_path_factory, sample_dir, minilm_path):
     yield {"qdrant_path": qdrant_path, "summary": summary, "dir": tmp}
 
 
-def test_vectors_equal_sentence_transformers_encode(whole_docs_index, sample_dir, minilm_path):
+@pytest.fixture(scope="module")
+def titled_st_vectors(sample_dir, minilm_path) -> np.ndarray:
+    """sentence-transformers' vectors of the sample corpus's documents, title and text, in file order."""
     from sentence_transformers import SentenceTransformer
 
     rows = pq.read_table(sample_dir["corpus"]).to_pylist()
-    points = _points(whole_docs_index["qdrant_path"], "docs")
-    assert len(points) == len(rows)
-    expected = SentenceTransformer(minilm_path, device="cpu").encode(
+    return SentenceTransformer(minilm_path, device="cpu").encode(
         [f"{r['title']}\n{r['text']}" for r in rows], normalize_embeddings=True, batch_size=16
     )
+
+
+def test_vectors_equal_sentence_transformers_encode(whole_docs_index, sample_dir, titled_st_vectors):
+    rows = pq.read_table(sample_dir["corpus"]).to_pylist()
+    points = _points(whole_docs_index["qdrant_path"], "docs")
+    assert len(points) == len(rows)
+    expected = titled_st_vectors
     got = np.stack([points[point_id(r["id"], 0)][1] for r in rows])
     cosines = (got * expected).sum(1) / np.linalg.norm(got, axis=1) / np.linalg.norm(expected, axis=1)
     assert cosines.min() >= 0.9999
 
 
 @pytest.mark.parametrize("backend", ["eager", "compile"])
-def test_packed_rows_give_the_vectors_of_sentence_transformers(tmp_path, sample_dir, minilm_path, backend):
+def test_packed_rows_give_the_vectors_of_sentence_transformers(tmp_path, sample_dir, minilm_path, backend,
+                                                               titled_st_vectors):
     """``--packing on`` through the whole job (Beam batches -> encode_texts -> packed rows with varlen's
     CPU fallback, eager or compiled with a dynamic row length, the GPU's fastest path): every point as
     sentence-transformers encodes it, as with padded passes."""
-    from sentence_transformers import SentenceTransformer
-
     qdrant_path = str(tmp_path / "qdrant")
     summary = _index([
         "--input", sample_dir["corpus"], "--collection", "docs", "--model", minilm_path, "--qdrant-path", qdrant_path,
@@ -82,11 +88,8 @@ def test_packed_rows_give_the_vectors_of_sentence_transformers(tmp_path, sample_
     assert summary["counters"]["points_written"] == len(rows)
     assert summary["packing_computed"] == {"packed": summary["counters"]["tokens"]}
     points = _points(qdrant_path, "docs")
-    expected = SentenceTransformer(minilm_path, device="cpu").encode(
-        [f"{r['title']}\n{r['text']}" for r in rows], normalize_embeddings=True, batch_size=16
-    )
     got = np.stack([points[point_id(r["id"], 0)][1] for r in rows])
-    assert float((got * expected).sum(1).min()) >= 0.9999
+    assert float((got * titled_st_vectors).sum(1).min()) >= 0.9999
 
 
 def test_summary_counts_and_payload(whole_docs_index, sample_dir):

@@ -319,7 +319,10 @@ def test_index_rerun_and_label_equal_the_in_process_run(
     assert [name for name in got if got[name] != reference["labels"][name]] == []
 
 
-@pytest.mark.parametrize("mode", ["multi_processing", "portable"])
+# The portable runner only: the path of Dataflow and Flink, where --share-model machine is the GPU default. The
+# DirectRunner's multi_processing workers share through the same RunInference large_model code (a test of both
+# ran 50 s more; tests/test_embed.py shares one model across two processes at the handler).
+@pytest.mark.parametrize("mode", ["portable"])
 def test_share_model_machine_loads_each_model_once_for_both_workers(
     mode, request, tmp_path, corpus, reference, minilm_path, qwen3_reranker_dir
 ):
