@@ -312,7 +312,7 @@ def run_config(config: IndexConfig, beam_args: list[str] | None = None, test_pip
             raise failed from exc
     finally:
         store.close()
-        _discard_doc_ids(doc_ids_prefix)  # a failed run's ids are never read
+        _discard_doc_ids(doc_ids_prefix)  # read by _finish, or never (a failed run)
     if counts is None:
         summary.update(counters=None, counters_unavailable="the runner reports no metrics")
     summary.update(
@@ -433,15 +433,10 @@ def _read_doc_ids(prefix: str, kind: str) -> tuple[set[str] | None, int]:
     return ids, unknown
 
 
-def _remove_doc_ids_folder(prefix: str) -> None:
-    local = os.path.dirname(prefix)
-    if os.path.isdir(local) and not os.listdir(local):
-        os.rmdir(local)
-
-
 def _discard_doc_ids(prefix: str | None) -> None:
-    """Remove this run's local ids folder and what is left in it (a run that failed before
-    ``_read_doc_ids``); a remote one (``gs://``) is left to the bucket's lifecycle rules."""
+    """Remove this run's local ids folder and what is left in it (all of it when the run failed before
+    ``_read_doc_ids``), however the run ended; on ``gs://`` ``_read_doc_ids`` deleted the files it read,
+    and a failed run's are left to the bucket's lifecycle rules."""
     if prefix and "://" not in prefix:
         shutil.rmtree(os.path.dirname(prefix), ignore_errors=True)
 
@@ -532,7 +527,6 @@ def _delete_missing(
         return None
     held, _ = _read_doc_ids(doc_ids_prefix, DOCUMENTS)
     refused, unknown = _read_doc_ids(doc_ids_prefix, REJECTED_IDS)
-    _remove_doc_ids_folder(doc_ids_prefix)
     untold = [*unread, *([f"{unknown} refused row(s) have a null or unreadable id"] if unknown else [])]
     if held is None or refused is None or len(held) != counts.get("documents_read", 0):
         # The workers wrote the ids where this driver cannot read them all (workers on other machines, and a

@@ -333,7 +333,7 @@ def test_a_failure_after_the_job_writes_the_failed_summary(tmp_path, minilm_path
 
 
 def test_a_failed_job_leaves_no_ids_folder(tmp_path, minilm_path, versions, monkeypatch):
-    """--delete-missing's ids go to a new local folder per run; a run that fails before reading them removes it."""
+    """--delete-missing's ids go to a new local folder per run, removed however the run ends."""
     temp = tmp_path / "temp"
     temp.mkdir()
     monkeypatch.setattr(tempfile, "tempdir", str(temp))
@@ -342,10 +342,15 @@ def test_a_failed_job_leaves_no_ids_folder(tmp_path, minilm_path, versions, monk
         assert [f.name for f in temp.iterdir() if f.name.startswith("corpus-etl-docs-")], "no ids folder made"
         raise RuntimeError("a worker was lost")
 
+    real = index.run_and_wait
     monkeypatch.setattr(index, "run_and_wait", lost)
+    corpus = _write(tmp_path / "c.parquet", versions[0][:3])
     with pytest.raises(RuntimeError, match="a worker was lost"):
-        _index(tmp_path, minilm_path, _write(tmp_path / "c.parquet", versions[0][:3]), "docs", "--delete-missing")
+        _index(tmp_path, minilm_path, corpus, "docs", "--delete-missing")
     assert json.loads((tmp_path / "docs.json").read_text())["status"] == "failed"
+    assert [f.name for f in temp.iterdir() if f.name.startswith("corpus-etl-docs-")] == []
+    monkeypatch.setattr(index, "run_and_wait", real)  # and a run that reads them removes it too
+    assert _index(tmp_path, minilm_path, corpus, "docs", "--delete-missing")["deletion"]["documents_deleted"] == 0
     assert [f.name for f in temp.iterdir() if f.name.startswith("corpus-etl-docs-")] == []
 
 
