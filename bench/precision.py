@@ -65,6 +65,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--reranker", action="store_true", help="score reranker pairs instead (fp32, bf16-mixed)")
     parser.add_argument("--pairs", type=int, default=16, help="with --reranker: pairs scored per run")
     parser.add_argument("--write", action="store_true", help="replace this bench's section of BENCHMARKS.md")
+    parser.add_argument("--title", help="the section's title (default: the bench's own), e.g. to keep another CPU's")
     args = parser.parse_args(argv)
     command = "python bench/precision.py " + " ".join(argv if argv is not None else sys.argv[1:])
     if args.reranker:
@@ -120,7 +121,7 @@ def main(argv: list[str] | None = None) -> int:
         "|---|---|---|---|---|---|---|---|---|",
         *rows,
     ]
-    report(os.path.join(REPO, "BENCHMARKS.md"), SECTION, body, args.write)
+    report(os.path.join(REPO, "BENCHMARKS.md"), args.title or SECTION, body, args.write)
     return 0
 
 
@@ -180,7 +181,7 @@ def rerank(args: argparse.Namespace, command: str) -> int:
         "|---|---|---|---|---|---|",
         *rows,
     ]
-    report(os.path.join(REPO, "BENCHMARKS.md"), RERANK_SECTION, body, args.write)
+    report(os.path.join(REPO, "BENCHMARKS.md"), args.title or RERANK_SECTION, body, args.write)
     return 0
 
 

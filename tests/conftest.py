@@ -10,6 +10,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
+import transforms.models  # noqa: E402,F401 - MKL's thread-independent sums, before any test computes
+
 MINILM = "sentence-transformers/all-MiniLM-L6-v2"
 
 

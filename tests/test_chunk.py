@@ -280,3 +280,41 @@ def test_a_long_title_keeps_steps_of_half_a_window_not_one_token(minilm_path):
     assert [(c.char_start, c.char_end) for c in chunks] == [(s[a][0], s[b - 1][1]) for a, b in expected]
     untitled = chunker.chunk(Document("d", " ".join(words)))
     assert [(c.char_start, c.char_end) for c in untitled][:2] == [(s[0][0], s[21][1]), (s[12][0], s[33][1])]
+
+
+def test_a_qwen3_tokenizer_without_the_endoftext_post_processor_chunks_as_the_current_one(qwen3_embedding_dir,
+                                                                                           tmp_path, sample_dir):
+    """A Qwen3-Embedding checkpoint saved with the tokenizer as first published: the encoder appends
+    <|endoftext|> itself (``final_token_to_append``), so chunks must leave it room. They come out as the current
+    tokenizer's, which adds it: at the model's limit the encoder reads every token of each chunk, and a
+    truncated document ends where the encoder's input does."""
+    import os
+
+    import pyarrow.parquet as pq
+
+    from tests.qwen_offline import _write_tokenizer
+    from transforms.models.encoder import TextEncoder
+
+    for name in os.listdir(qwen3_embedding_dir):
+        if name not in ("tokenizer.json", "tokenizer_config.json"):
+            os.symlink(qwen3_embedding_dir / name, tmp_path / name)
+    _write_tokenizer(tmp_path, padding_side="left", append_eos=False)
+    rows = pq.read_table(sample_dir["corpus"]).to_pylist()[:12]
+    docs = [Document(row["id"], row["text"], title=row["title"]) for row in rows]
+    limit = 48
+    got = {}
+    for settings in (ChunkSettings(chunk_tokens=limit, chunk_overlap=8), ChunkSettings(chunk_tokens=0)):
+        old = load_chunker(str(tmp_path), settings, max_length=limit)
+        new = load_chunker(str(qwen3_embedding_dir), settings, max_length=limit)
+        assert old.fixed_tokens == new.fixed_tokens == 1
+        got[settings.chunk_tokens] = [c for d in docs for c in old.chunk(d)]
+        assert got[settings.chunk_tokens] == [c for d in docs for c in new.chunk(d)]
+    windows, whole = got[limit], got[0]
+    assert len(windows) > 5 * len(docs) and sum(c.truncated for c in whole) > len(docs) / 2
+    encoder = TextEncoder(str(tmp_path), device="cpu", max_length=limit).load()
+    assert encoder.append_id == 151643
+    for chunks in (windows, whole):
+        inputs = encoder.tokenize([c.embed_text for c in chunks])
+        assert max(map(len, inputs)) == limit
+        for c, ids in zip(chunks, inputs):  # the encoder reads all of the chunk's text, then <|endoftext|>
+            assert ids == old.tokenizer(title_prefix(c.title) + c.text)["input_ids"] + [151643], c

@@ -62,7 +62,7 @@ from transforms.models.devices import (
     run_splitting_on_oom,
 )
 from transforms.models.fast import BACKENDS, CompiledRunner, OnnxRunner, PackedCompiledRunner, bucket_of, length_buckets
-from transforms.models.settings import EmbeddingSpec, load_tokenizer
+from transforms.models.settings import EmbeddingSpec, final_token_to_append, load_tokenizer
 from transforms.text.tokens import tokenize_ids
 
 _LOG = logging.getLogger(__name__)
@@ -479,28 +479,6 @@ def resolve_packing(
         and attn_implementation in (None, varlen.NAME)
         and varlen.available()
     )
-
-
-def final_token_to_append(tokenizer: Any, config: Any, pooling: str) -> int | None:
-    """The token id ``TextEncoder.tokenize`` appends to every input, or None (almost always).
-
-    Qwen3-Embedding is trained and pooled on a final ``<|endoftext|>`` (its config's ``eos_token_id``, 151643;
-    not the tokenizer's ``eos_token``, ``<|im_end|>``). Its repositories' tokenizer.json appends it by a
-    post-processor, added in June 2025: a checkpoint saved with the tokenizer as first published (an old cache,
-    a fine-tune) ends inputs on the last word, and last-token pooling silently reads that instead (cosine ~0.1
-    to the right vector with random weights). For a Qwen3 model with last-token pooling whose tokenizer does not
-    end a text on the config's EOS, that id is appended after truncation to ``max_length - 1``, as the
-    current tokenizer does. Other models are left to their tokenizer, as sentence-transformers leaves them.
-    """
-    eos = getattr(config, "eos_token_id", None)
-    if pooling != "lasttoken" or getattr(config, "model_type", None) != "qwen3" or not isinstance(eos, int):
-        return None
-    if tokenizer("a")["input_ids"][-1:] == [eos]:
-        return None
-    _LOG.warning("%s: the tokenizer does not end inputs with <|endoftext|> (id %d), on which Qwen3-Embedding "
-                 "pools; appending it (the tokenizer.json of the published repositories does since June 2025)",
-                 getattr(config, "_name_or_path", "model"), eos)  # fmt: skip
-    return eos
 
 
 def _check_packing_backend(backend: str, attn_implementation: str | None) -> None:

@@ -329,3 +329,26 @@ def _hash_sample(digest: Any, f: Any, begin: int, end: int) -> None:
     for offset in [*range(begin, end - _SAMPLE, _STRIDE), end - _SAMPLE]:
         f.seek(offset)
         digest.update(f.read(_SAMPLE))
+
+
+def final_token_to_append(tokenizer: Any, config: Any, pooling: str, *, warn: bool = True) -> int | None:
+    """The token id ``TextEncoder.tokenize`` appends to every input, or None (almost always).
+
+    Qwen3-Embedding is trained and pooled on a final ``<|endoftext|>`` (its config's ``eos_token_id``, 151643;
+    not the tokenizer's ``eos_token``, ``<|im_end|>``). Its repositories' tokenizer.json appends it by a
+    post-processor, added in June 2025: a checkpoint saved with the tokenizer as first published (an old cache,
+    a fine-tune) ends inputs on the last word, and last-token pooling silently reads that instead (cosine ~0.1
+    to the right vector with random weights). For a Qwen3 model with last-token pooling whose tokenizer does not
+    end a text on the config's EOS, that id is appended after truncation to ``max_length - 1``, as the
+    current tokenizer does. Other models are left to their tokenizer, as sentence-transformers leaves them.
+    """
+    eos = getattr(config, "eos_token_id", None)
+    if pooling != "lasttoken" or getattr(config, "model_type", None) != "qwen3" or not isinstance(eos, int):
+        return None
+    if tokenizer("a")["input_ids"][-1:] == [eos]:
+        return None
+    if warn:
+        _LOG.warning("%s: the tokenizer does not end inputs with <|endoftext|> (id %d), on which Qwen3-Embedding "
+                     "pools; appending it (the tokenizer.json of the published repositories does since June 2025)",
+                     getattr(config, "_name_or_path", "model"), eos)  # fmt: skip
+    return eos

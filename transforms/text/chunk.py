@@ -12,13 +12,14 @@ import dataclasses
 import time
 import unicodedata
 from collections.abc import Sequence
+from types import SimpleNamespace
 from typing import Any
 
 import apache_beam as beam
 from apache_beam.metrics import Metrics
 
 from transforms.io.parquet import row_position
-from transforms.models.settings import EmbeddingSpec, load_tokenizer
+from transforms.models.settings import EmbeddingSpec, final_token_to_append, load_tokenizer, read_json
 from transforms.progress import count_time
 from transforms.text.tokens import tokenize_ids
 from transforms.types import DEAD, Chunk, DeadLetter, Document, title_prefix
@@ -72,26 +73,44 @@ class ChunkSettings:
         self.check_limit(spec.max_length)
         if self.chunk_tokens:
             tokenizer = load_tokenizer(spec.path)
-            self.check_limit(spec.max_length, fixed_token_count(tokenizer, spec.settings.document_prompt))
+            fixed = fixed_token_count(tokenizer, spec.settings.document_prompt, appended_token_count(spec, tokenizer))
+            self.check_limit(spec.max_length, fixed)
 
 
-def fixed_token_count(tokenizer: Any, document_prompt: str = "") -> int:
-    """Tokens the model adds around every document: specials (e.g. [CLS]/[SEP], Qwen3's EOS) and the prompt."""
+def fixed_token_count(tokenizer: Any, document_prompt: str = "", appended: int = 0) -> int:
+    """Tokens the model adds around every document: specials (e.g. [CLS]/[SEP], Qwen3's EOS), the prompt, and
+    ``appended``: the tokens the encoder adds after the tokenizer's (``appended_token_count``)."""
     prompt = len(tokenizer(document_prompt, add_special_tokens=False)["input_ids"]) if document_prompt else 0
-    return tokenizer.num_special_tokens_to_add(pair=False) + prompt
+    return tokenizer.num_special_tokens_to_add(pair=False) + prompt + appended
+
+
+def appended_token_count(spec: EmbeddingSpec, tokenizer: Any) -> int:
+    """1 where the encoder appends a final token the tokenizer does not add (a Qwen3-Embedding checkpoint saved
+    with the tokenizer as first published: ``transforms.models.settings.final_token_to_append``), else 0.
+
+    Read from the model's ``config.json`` alone, so chunking loads no weights; the encoder warns of it."""
+    config = read_json(spec.path, "config.json")
+    if not isinstance(config, dict):
+        return 0
+    appended = final_token_to_append(tokenizer, SimpleNamespace(**config), spec.settings.pooling, warn=False)
+    return int(appended is not None)
 
 
 class Chunker:
     """Pure chunking logic around a tokenizer (no Beam), so it is tested directly."""
 
-    def __init__(self, tokenizer: Any, settings: ChunkSettings, max_length: int, document_prompt: str = "") -> None:
+    def __init__(
+        self, tokenizer: Any, settings: ChunkSettings, max_length: int, document_prompt: str = "", appended: int = 0,
+    ) -> None:
+        """``appended``: tokens the encoder adds after the tokenizer's own (``appended_token_count``)."""
         if not getattr(tokenizer, "is_fast", False):
             raise ValueError("chunking needs a fast tokenizer (offset mapping)")
         self.tokenizer = tokenizer
         self.settings = settings
         self.max_length = max_length
         self.document_prompt = document_prompt
-        self.fixed_tokens = fixed_token_count(tokenizer, document_prompt)
+        self.appended = appended
+        self.fixed_tokens = fixed_token_count(tokenizer, document_prompt, appended)
         settings.check_limit(max_length, self.fixed_tokens)
 
     def _count(self, text: str) -> int:
@@ -159,7 +178,7 @@ class Chunker:
 
     def _inputs_length(self, chunk: Chunk) -> int:
         """Tokens of the chunk as the encoder tokenises it: the prompt and the text with the special tokens."""
-        return len(self.tokenizer(self.document_prompt + chunk.embed_text)["input_ids"])
+        return len(self.tokenizer(self.document_prompt + chunk.embed_text)["input_ids"]) + self.appended
 
     def _fit(self, chunks: list[Chunk], windows: list[tuple[int, int]], at) -> list[Chunk]:
         """Chunks near the model's limit, each shortened by a token at a time until the model reads all of it.
@@ -170,7 +189,7 @@ class Chunker:
         token, and the vector would not cover the chunk's text. Only such chunks change (later windows
         keep their starts), so an index built before this keeps every other chunk.
         """
-        lengths = [len(ids) for ids in tokenize_ids(
+        lengths = [len(ids) + self.appended for ids in tokenize_ids(
             self.tokenizer, [self.document_prompt + c.embed_text for c in chunks], add_special_tokens=True,
         )]  # fmt: skip
         fitted = list(chunks)
@@ -268,7 +287,8 @@ def load_chunker(model: EmbeddingSpec | str, settings: ChunkSettings, max_length
     # Whole documents are tokenised here on purpose (to find windows); silence the
     # "sequence longer than the model's maximum" warning that would fire for each one.
     tokenizer.model_max_length = 1 << 40
-    return Chunker(tokenizer, settings, spec.max_length, spec.settings.document_prompt)
+    appended = appended_token_count(spec, tokenizer)
+    return Chunker(tokenizer, settings, spec.max_length, spec.settings.document_prompt, appended)
 
 
 class _ChunkDocuments(beam.DoFn):
