@@ -89,6 +89,8 @@ def appended_token_count(spec: EmbeddingSpec, tokenizer: Any) -> int:
     with the tokenizer as first published: ``transforms.models.settings.final_token_to_append``), else 0.
 
     Read from the model's ``config.json`` alone, so chunking loads no weights; the encoder warns of it."""
+    if spec.settings.pooling != "lasttoken":  # the only pooling it applies to: most models read no file here
+        return 0
     config = read_json(spec.path, "config.json")
     if not isinstance(config, dict):
         return 0
