@@ -9,6 +9,13 @@ import pytest
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# Each pytest-xdist worker gets its share of the cores, as a job gives its local workers
+# (pipelines.common.worker_cpu_threads): two workers of 2 torch threads each on 2 cores spent
+# ~11 % more CPU on the same tests (OpenMP threads waiting for a core). Subprocesses inherit it;
+# the tests of the jobs' own division remove it from their workers' environment.
+if int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1")) > 1:
+    _share = len(os.sched_getaffinity(0)) // int(os.environ["PYTEST_XDIST_WORKER_COUNT"])
+    os.environ.setdefault("OMP_NUM_THREADS", str(max(1, _share)))
 
 import transforms.models  # noqa: E402,F401 - MKL's thread-independent sums, before any test computes
 

@@ -34,8 +34,11 @@ EXPECTED_DEAD = [
 def indexed(tmp_path_factory, sample_dir, minilm_path):
     tmp = tmp_path_factory.mktemp("label-index")
     qdrant = str(tmp / "qdrant")
+    # texts cut to 1,500 characters: the candidates are chunks either way, and a third of the tokens to embed
+    rows = [{**r, "text": r["text"][:1500]} for r in pq.read_table(sample_dir["corpus"]).to_pylist()]
+    pq.write_table(pa.Table.from_pylist(rows), tmp / "corpus.parquet")
     index.run(
-        ["--input", sample_dir["corpus"], "--collection", "docs", "--model", minilm_path, "--qdrant-path", qdrant,
+        ["--input", str(tmp / "corpus.parquet"), "--collection", "docs", "--model", minilm_path, "--qdrant-path", qdrant,
          "--title-column", "title", "--chunk-tokens", "128", "--chunk-overlap", "16"],
         test_pipeline=TestPipeline(),
     )  # fmt: skip
@@ -213,7 +216,11 @@ def test_report_has_metrics_and_a_histogram(labelled):
 
 @pytest.mark.parametrize("share", [[], ["--share-prefix"]], ids=["pairs", "shared-prefix"])
 def test_given_candidates_get_the_reference_scores(tmp_path, sample_dir, qwen3_reranker_dir, share):
-    corpus = {r["id"]: r["text"] for r in pq.read_table(sample_dir["corpus"]).to_pylist()}
+    # the documents cut to ~300 tokens: the card's reference takes every position's logits (152k each)
+    rows = [{**r, "text": r["text"][:1200]} for r in pq.read_table(sample_dir["corpus"]).to_pylist()]
+    pq.write_table(pa.Table.from_pylist(rows), tmp_path / "corpus.parquet")
+    corpus_path = str(tmp_path / "corpus.parquet")
+    corpus = {r["id"]: r["text"] for r in rows}
     run = [("qa", "json", 1, 0.9), ("qa", "csv", 2, 0.8), ("qa", "pickle", 3, 0.7), ("qb", "gzip", 1, 0.5),
            ("qb", "zlib", 2, 0.4), ("qb", "not-in-corpus", 3, 0.3), ("qz", "re", 1, 0.1)]  # fmt: skip
     (tmp_path / "run.trec").write_text("".join(f"{q} Q0 {d} {r} {s} bm25\n" for q, d, r, s in run))
@@ -223,7 +230,7 @@ def test_given_candidates_get_the_reference_scores(tmp_path, sample_dir, qwen3_r
     out = tmp_path / "out"
     label.run(
         ["--queries", str(tmp_path / "log.parquet"), "--out", str(out), "--reranker", str(qwen3_reranker_dir),
-         "--candidates", str(tmp_path / "run.trec"), "--corpus", sample_dir["corpus"], "--eval-fraction", "1.0",
+         "--candidates", str(tmp_path / "run.trec"), "--corpus", corpus_path, "--eval-fraction", "1.0",
          "--query-id-column", "query_id", "--top-k", "3", "--device", "cpu", *share],
         test_pipeline=TestPipeline(),
     )  # fmt: skip
@@ -236,7 +243,7 @@ def test_given_candidates_get_the_reference_scores(tmp_path, sample_dir, qwen3_r
         assert abs(got[(q, d)] - want) <= 1e-4
     dead = [json.loads(x) for x in (out / "dead_letters.jsonl").read_text().splitlines()]
     assert [(d["stage"], d["reason"]) for d in dead] == [
-        ("candidates", f"candidate not in the corpus: 'not-in-corpus' is not in {sample_dir['corpus']}"),
+        ("candidates", f"candidate not in the corpus: 'not-in-corpus' is not in {corpus_path}"),
         ("run", "run lists a query that is not in the log: query id 'qz' (1 line)"),
     ]
 

@@ -71,7 +71,8 @@ def other_model(tmp_path_factory, minilm_path) -> str:
 @pytest.fixture(scope="module")
 def versions(sample_dir):
     """v1: 30 documents. v2: 5 changed, 5 shortened, 1 grown, 5 deleted, 1 emptied, 5 new, 13 as they were."""
-    rows = pq.read_table(sample_dir["corpus"]).to_pylist()
+    # texts cut to 1,500 characters (~4 chunks each; the full ones embedded ~2.5x the tokens for the same cases)
+    rows = [{**r, "text": r["text"][:1500]} for r in pq.read_table(sample_dir["corpus"]).to_pylist()]
     v1 = rows[:30]
     v2 = []
     for i, r in enumerate(v1):
@@ -197,12 +198,20 @@ def test_an_alias_as_collection_is_refused_before_any_point_is_written(tmp_path,
 
 
 @pytest.fixture(scope="module")
-def gated_good(tmp_path_factory, minilm_path, sample_dir) -> tuple[str, dict]:
+def gate_corpus(tmp_path_factory, sample_dir) -> str:
+    """The sample corpus with each text cut to its first 1,200 characters (a third of the tokens to embed: the
+    gate's queries still find their documents by title and first paragraphs)."""
+    rows = [{**r, "text": r["text"][:1200]} for r in pq.read_table(sample_dir["corpus"]).to_pylist()]
+    return _write(tmp_path_factory.mktemp("gate-corpus") / "corpus.parquet", rows)
+
+
+@pytest.fixture(scope="module")
+def gated_good(tmp_path_factory, minilm_path, sample_dir, gate_corpus) -> tuple[str, dict]:
     """The sample corpus indexed as collection "good", alias "live" switched to it through the gate (no current
     target): its store folder and the run's summary. Tests start from a copy (``_from_good``)."""
     tmp = tmp_path_factory.mktemp("gated-good")
     gate = ["--gate-queries", sample_dir["queries"], "--gate-qrels", sample_dir["qrels"]]
-    return str(tmp / "q"), _index(tmp, minilm_path, sample_dir["corpus"], "good", "--alias", "live", *gate)
+    return str(tmp / "q"), _index(tmp, minilm_path, gate_corpus, "good", "--alias", "live", *gate)
 
 
 def _from_good(tmp_path, gated_good) -> dict:
@@ -210,12 +219,12 @@ def _from_good(tmp_path, gated_good) -> dict:
     return gated_good[1]
 
 
-def test_the_quality_gate_refuses_a_worse_collection(tmp_path, minilm_path, sample_dir, gated_good):
+def test_the_quality_gate_refuses_a_worse_collection(tmp_path, minilm_path, sample_dir, gated_good, gate_corpus):
     gate = ["--gate-queries", sample_dir["queries"], "--gate-qrels", sample_dir["qrels"]]
     good = _from_good(tmp_path, gated_good)
     assert good["alias"]["gate"]["current"] is None and good["alias"]["gate"]["new"] >= 0.7
     # A worse index of the same corpus: titles only, the texts cut to their first 20 characters.
-    rows = [{**r, "text": r["text"][:20]} for r in pq.read_table(sample_dir["corpus"]).to_pylist()]
+    rows = [{**r, "text": r["text"][:20]} for r in pq.read_table(gate_corpus).to_pylist()]
     worse = _index(tmp_path, minilm_path, _write(tmp_path / "worse.parquet", rows), "worse", "--alias", "live", *gate)
     assert worse["status"] == "alias_refused"
     assert worse["alias"]["refused"].startswith("nDCG@10 ") and " of worse is below " in worse["alias"]["refused"]
@@ -224,12 +233,12 @@ def test_the_quality_gate_refuses_a_worse_collection(tmp_path, minilm_path, samp
 
 
 def test_the_gate_scores_the_current_target_with_the_model_it_was_built_with(tmp_path, minilm_path, other_model,
-                                                                            sample_dir, gated_good):
+                                                                            sample_dir, gated_good, gate_corpus):
     """A worse model passed when the gate scored the old vectors with the new model's queries (near random)."""
     gate = ["--gate-queries", sample_dir["queries"], "--gate-qrels", sample_dir["qrels"]]
     good = _from_good(tmp_path, gated_good)
     other = index.run(
-        ["--input", sample_dir["corpus"], "--collection", "other", "--model", other_model, "--qdrant-path",
+        ["--input", gate_corpus, "--collection", "other", "--model", other_model, "--qdrant-path",
          str(tmp_path / "q"), *ARGS, "--alias", "live", *gate], test_pipeline=TestPipeline(),
     )  # fmt: skip
     scores = other["alias"]["gate"]
@@ -242,11 +251,12 @@ def test_the_gate_scores_the_current_target_with_the_model_it_was_built_with(tmp
     )
 
 
-def test_a_new_dim_is_gated_against_the_current_target_at_its_own_dim(tmp_path, minilm_path, sample_dir, gated_good):
+def test_a_new_dim_is_gated_against_the_current_target_at_its_own_dim(tmp_path, minilm_path, sample_dir, gated_good,
+                                                                      gate_corpus):
     """--dim 128 against a 384-d target: each scored at its own size; the summary is written either way."""
     gate = ["--gate-queries", sample_dir["queries"], "--gate-qrels", sample_dir["qrels"]]
     good = _from_good(tmp_path, gated_good)
-    small = _index(tmp_path, minilm_path, sample_dir["corpus"], "small", "--alias", "live", "--dim", "128", *gate)
+    small = _index(tmp_path, minilm_path, gate_corpus, "small", "--alias", "live", "--dim", "128", *gate)
     scores = small["alias"]["gate"]
     assert scores["current"] == good["alias"]["gate"]["new"] and small["vector_size"] == 128
     switched = scores["new"] >= scores["current"] - 0.01
@@ -654,13 +664,14 @@ def test_a_take_over_that_did_not_finish_goes_on_in_the_next_run(tmp_path, minil
     assert index.legacy_digest(store, types.SimpleNamespace(collection="new", model=minilm_path), settings) is None
 
 
-def test_the_gate_scores_a_current_target_an_earlier_version_built(tmp_path, minilm_path, sample_dir, monkeypatch):
+def test_the_gate_scores_a_current_target_an_earlier_version_built(tmp_path, minilm_path, sample_dir, gate_corpus,
+                                                                    monkeypatch):
     # Its revision is in the earlier form: compared in that form, the model is unchanged and the target is scored.
     gate = ["--gate-queries", sample_dir["queries"], "--gate-qrels", sample_dir["qrels"]]
     with monkeypatch.context() as m:
         _as_an_earlier_version(m)
-        old = _index(tmp_path, minilm_path, sample_dir["corpus"], "old", "--alias", "live", *gate)
-    new = _index(tmp_path, minilm_path, sample_dir["corpus"], "new", "--alias", "live", *gate)
+        old = _index(tmp_path, minilm_path, gate_corpus, "old", "--alias", "live", *gate)
+    new = _index(tmp_path, minilm_path, gate_corpus, "new", "--alias", "live", *gate)
     assert new["status"] == "ok" and new["alias"]["gate"]["refused"] is None
     assert new["alias"]["gate"]["current"] == old["alias"]["gate"]["new"]
     assert EdgeStore(str(tmp_path / "q")).aliases() == {"live": "new"}
