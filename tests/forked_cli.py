@@ -27,9 +27,6 @@ import tempfile
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
-# Every command's module, so that no child imports one (pipelines.cli.COMMANDS lists them).
-MODULES = ("pipelines.index", "pipelines.label", "pipelines.search", "pipelines.evaluate", "pipelines.copy",
-           "pipelines.dump", "pipelines.prune", "pipelines.sample")  # fmt: skip
 
 
 class ForkedCli:
@@ -87,8 +84,8 @@ def _serve() -> None:
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")  # as pipelines.cli sets it before these imports
     import pipelines.cli
 
-    for name in MODULES:
-        importlib.import_module(name)
+    for module, _ in pipelines.cli.COMMANDS.values():  # every command's module: no child imports one
+        importlib.import_module(module)
     replies = sys.stdout
     print(json.dumps({"ready": True}), file=replies, flush=True)
     for line in sys.stdin:
@@ -103,10 +100,11 @@ def _serve() -> None:
 
 def _child(request: dict, cli) -> None:
     os.setpgid(0, 0)  # the test's kill on a timeout reaches what the command started
-    devnull = os.open(os.devnull, os.O_RDONLY)
-    os.dup2(devnull, 0)
-    for fd, path in ((1, request["stdout"]), (2, request["stderr"])):
-        os.dup2(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644), fd)
+    for fd, path, flags in ((0, os.devnull, os.O_RDONLY), (1, request["stdout"], os.O_WRONLY | os.O_CREAT),
+                            (2, request["stderr"], os.O_WRONLY | os.O_CREAT)):  # fmt: skip
+        opened = os.open(path, flags, 0o644)
+        os.dup2(opened, fd)
+        os.close(opened)
     sys.stdin = open(0, closefd=False)  # noqa: SIM115 - the process's own stdin, /dev/null now
     os.chdir(request["cwd"])
     os.environ.clear()
