@@ -18,6 +18,9 @@ if int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1")) > 1:
     os.environ.setdefault("OMP_NUM_THREADS", str(max(1, _share)))
 
 import transforms.models  # noqa: E402,F401 - MKL's thread-independent sums, before any test computes
+from tests.beam_speed import memoize_dofn_specs  # noqa: E402
+
+memoize_dofn_specs()
 
 MINILM = "sentence-transformers/all-MiniLM-L6-v2"
 
@@ -60,3 +63,4 @@ def keep_torch_threads():
     before = torch.get_num_threads()
     yield
     torch.set_num_threads(before)  # an encoder with cpu_workers > 1 sets it to 1 for the process
+

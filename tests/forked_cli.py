@@ -9,7 +9,8 @@ replaced before the command runs) and exit status; it runs ``sys.exit(main(argv)
 pipelines.cli`` does and exits the normal way (atexit handlers, buffered output flushed).
 
 What a child cannot show: output written while the modules are imported (it went to the zygote's log) and
-environment variables a library reads once at import (it read the zygote's). Tests about those run a real
+environment variables a library reads once at import (it read the zygote's). Like the test processes, the
+zygote memoizes Beam's ``get_dofn_specs`` (``tests/beam_speed.py``); the jobs' SDK workers do not. Tests about those run a real
 ``python -m pipelines.cli`` (``tests/test_cli.py``'s ``cli(..., fresh=True)``).
 """
 
@@ -83,6 +84,9 @@ def _serve() -> None:
     """The zygote: import, say so, then fork one child per request line on stdin."""
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")  # as pipelines.cli sets it before these imports
     import pipelines.cli
+    from tests.beam_speed import memoize_dofn_specs
+
+    memoize_dofn_specs()  # as in the test processes: the children's in-process pipelines build faster
 
     for module, _ in pipelines.cli.COMMANDS.values():  # every command's module: no child imports one
         importlib.import_module(module)

@@ -206,6 +206,14 @@ def gate_corpus(tmp_path_factory, sample_dir) -> str:
 
 
 @pytest.fixture(scope="module")
+def gate_corpus_short(tmp_path_factory, sample_dir) -> str:
+    """The sample corpus cut to 400 characters a text, for gate tests whose outcome does not hang on how good the
+    index is (same model on both sides, or an outcome checked either way)."""
+    rows = [{**r, "text": r["text"][:400]} for r in pq.read_table(sample_dir["corpus"]).to_pylist()]
+    return _write(tmp_path_factory.mktemp("gate-corpus-short") / "corpus.parquet", rows)
+
+
+@pytest.fixture(scope="module")
 def gated_good(tmp_path_factory, minilm_path, sample_dir, gate_corpus) -> tuple[str, dict]:
     """The sample corpus indexed as collection "good", alias "live" switched to it through the gate (no current
     target): its store folder and the run's summary. Tests start from a copy (``_from_good``)."""
@@ -664,14 +672,14 @@ def test_a_take_over_that_did_not_finish_goes_on_in_the_next_run(tmp_path, minil
     assert index.legacy_digest(store, types.SimpleNamespace(collection="new", model=minilm_path), settings) is None
 
 
-def test_the_gate_scores_a_current_target_an_earlier_version_built(tmp_path, minilm_path, sample_dir, gate_corpus,
-                                                                    monkeypatch):
+def test_the_gate_scores_a_current_target_an_earlier_version_built(tmp_path, minilm_path, sample_dir,
+                                                                    gate_corpus_short, monkeypatch):
     # Its revision is in the earlier form: compared in that form, the model is unchanged and the target is scored.
     gate = ["--gate-queries", sample_dir["queries"], "--gate-qrels", sample_dir["qrels"]]
     with monkeypatch.context() as m:
         _as_an_earlier_version(m)
-        old = _index(tmp_path, minilm_path, gate_corpus, "old", "--alias", "live", *gate)
-    new = _index(tmp_path, minilm_path, gate_corpus, "new", "--alias", "live", *gate)
+        old = _index(tmp_path, minilm_path, gate_corpus_short, "old", "--alias", "live", *gate)
+    new = _index(tmp_path, minilm_path, gate_corpus_short, "new", "--alias", "live", *gate)
     assert new["status"] == "ok" and new["alias"]["gate"]["refused"] is None
     assert new["alias"]["gate"]["current"] == old["alias"]["gate"]["new"]
     assert EdgeStore(str(tmp_path / "q")).aliases() == {"live": "new"}

@@ -16,11 +16,11 @@ files byte for byte), and each worker process loads each model once (``transform
 every bundle run twice (``--direct_runner_bundle_repeat=1``: more bundles than workers, and
 every write replayed).
 
-Crashes, all started at once on copies of the v1 index, each a v2 reindex with
-``--delete-missing --alias`` (a shorter document leaves stale chunks, one is gone, one is new):
-the whole job killed (kill -9 of its process group) while embedding, while writing and before
-finishing; one SDK worker killed while writing, on each mode; a hung worker, bounded by
-``--job-timeout``. After each, a rerun gives exactly a clean v2 run's collection and alias.
+Crashes, run together on copies of the v1 index, each a v2 reindex with ``--delete-missing
+--alias`` (a shorter document leaves stale chunks, one is gone, one is new): the whole job killed
+(kill -9 of its process group) while embedding, while writing and before finishing; one SDK worker
+killed while writing, on each mode; a hung worker, bounded by ``--job-timeout`` (started first,
+the others during its wait). After each, a rerun gives exactly a clean v2 run's collection and alias.
 
 Every process runs in its own process group, killed when the test leaves (``tests/processes.py``).
 """
@@ -266,25 +266,35 @@ def _workers_started(request, name: str) -> int:
 
 
 # -- the jobs on both modes ---------------------------------------------------------------------
+# On portable (the path of Dataflow and Flink) the index and label jobs run with ``--share-model machine``, the
+# default where the model steps run on a GPU: each model is loaded by one process and the other worker sends it
+# its batches (RunInference's ``large_model``). On multi_processing they run with one copy per process (the CPU
+# default); tests/test_embed.py shares one model across two processes at the handler too.
 @pytest.mark.parametrize("mode", ["multi_processing", "portable"])
 def test_index_rerun_and_label_equal_the_in_process_run(
     mode, request, tmp_path, corpus, reference, minilm_path, qwen3_reranker_dir
 ):
     runner, env, hooks = _mode(mode, request, tmp_path)
     store = str(tmp_path / "store")
+    machine = ["--share-model", "machine"] if mode == "portable" else []
 
-    def job(args: list[str], models: set[str], optional: set[str] = frozenset(), alongside=None) -> dict:
+    def job(args: list[str], models: set[str], optional: set[str] = frozenset(), alongside=None) -> tuple[dict, str]:
         loaded, workers = len(model_loads(hooks)), _workers_started(request, mode)
         summary_out = tmp_path / f"summary-{loaded}-{time.monotonic_ns()}.json"
-        driver, _ = run_job([*args, *runner, "--summary-out", str(summary_out)], env, alongside)
-        assert_each_model_loaded_once_per_process(model_loads(hooks)[loaded:], driver, models, optional)
+        driver, out = run_job([*args, *runner, "--summary-out", str(summary_out)], env, alongside)
+        loads = model_loads(hooks)[loaded:]
+        assert_each_model_loaded_once_per_process(loads, driver, models, optional)
+        if "machine" in args:  # one process of the two loaded each model
+            assert sorted(model for _, model in loads) == sorted(models)
         # 2 workers on this machine: each gets its share of the cores (multi_processing: the job's choice;
         # portable: the pool's OMP_NUM_THREADS=1), never one thread per core each.
         share = max(1, len(os.sched_getaffinity(0)) // 2) if mode == "multi_processing" else 1
         assert {threads for _, threads, _ in model_loads_with_threads(hooks)[loaded:]} <= {share}
         if mode == "portable":
             assert _workers_started(request, mode) - workers == 2  # the pool started 2 SDK workers for the job
-        return json.loads(summary_out.read_text())
+        summary = json.loads(summary_out.read_text())
+        assert summary["model_copies"] == ("machine" if "machine" in args else "process")
+        return summary, out
 
     # Every bundle twice: each worker runs several bundles per model, and replays every write. With
     # multi_processing, an in-process job writes another collection of the same folder meanwhile.
@@ -293,8 +303,8 @@ def test_index_rerun_and_label_equal_the_in_process_run(
         index.run(args, test_pipeline=TestPipeline())
 
     hnsw = ["--hnsw", "--hnsw-m", "8", "--hnsw-ef-construct", "32"]
-    first = job(["index", *index_args(store, corpus["v1"], minilm_path), "--direct_runner_bundle_repeat=1", *hnsw],
-                {minilm_path}, alongside=in_process if mode == "multi_processing" else None)  # fmt: skip
+    first, out = job(["index", *index_args(store, corpus["v1"], minilm_path), "--direct_runner_bundle_repeat=1",
+                      *hnsw, *machine], {minilm_path}, alongside=in_process if mode == "multi_processing" else None)  # fmt: skip
     want = reference["summary"]
     assert first["status"] == "ok"
     assert first["chunks_embedded"] == want["chunks_embedded"] == first["points_in_collection"] > len(V1_DOCS)
@@ -304,57 +314,32 @@ def test_index_rerun_and_label_equal_the_in_process_run(
     assert_same_points(dumped(store, tmp_path / "first.parquet"), reference["dump"])
     if mode == "multi_processing":
         assert_same_points(dumped(store, tmp_path / "single.parquet", "single"), reference["dump"])
+    else:
+        assert (first["share_model"], first["model_copies"]) == ("machine", "machine")
+        assert "model copies     one per GPU of each worker machine (one on CPU), shared by its processes\n" in out
 
-    again = job(["index", *index_args(store, corpus["v1"], minilm_path)], set(), {minilm_path})  # nothing to embed
+    again, _ = job(["index", *index_args(store, corpus["v1"], minilm_path)], set(), {minilm_path})  # nothing to embed
     assert again["chunks_embedded"] == 0 and again["documents_unchanged"] == len(V1_DOCS)
     assert again["chunks_reused"] == again["points_in_collection"] == first["points_in_collection"]
     assert_same_points(dumped(store, tmp_path / "again.parquet"), reference["dump"])
 
     out = tmp_path / "labels"
-    labelled = job(["label", *label_args(store, out, corpus["queries"], minilm_path, qwen3_reranker_dir)],
-                   {minilm_path, str(qwen3_reranker_dir)})  # fmt: skip
+    labelled, _ = job(["label", *label_args(store, out, corpus["queries"], minilm_path, qwen3_reranker_dir), *machine],
+                      {minilm_path, str(qwen3_reranker_dir)})  # fmt: skip
     assert labelled["status"] == "ok" and labelled["pairs_scored"] > 0
     got = label_files(out)
     assert sorted(got) == sorted(reference["labels"])
     assert [name for name in got if got[name] != reference["labels"][name]] == []
 
 
-# The portable runner only: the path of Dataflow and Flink, where --share-model machine is the GPU default. The
-# DirectRunner's multi_processing workers share through the same RunInference large_model code (a test of both
-# ran 50 s more; tests/test_embed.py shares one model across two processes at the handler).
-@pytest.mark.parametrize("mode", ["portable"])
-def test_share_model_machine_loads_each_model_once_for_both_workers(
-    mode, request, tmp_path, corpus, reference, minilm_path, qwen3_reranker_dir
-):
-    """``--share-model machine`` (the default where the model steps run on a GPU) on 2 worker processes: each
-    model is loaded by one process and the other sends it its batches (RunInference's ``large_model``); the
-    index and the label files equal the in-process run's."""
-    runner, env, hooks = _mode(mode, request, tmp_path)
-    store, summary_out = str(tmp_path / "store"), tmp_path / "summary.json"
-    share = ["--share-model", "machine", *runner, "--summary-out", str(summary_out)]
-    loaded = len(model_loads(hooks))  # the portable pool's hooks folder serves the whole module
-    driver, out = run_job(["index", *index_args(store, corpus["v1"], minilm_path), *share], env)
-    assert [model for _, model in model_loads(hooks)[loaded:]] == [minilm_path]
-    assert driver not in {pid for pid, _ in model_loads(hooks)}
-    summary = json.loads(summary_out.read_text())
-    assert (summary["share_model"], summary["model_copies"]) == ("machine", "machine")
-    assert "model copies     one per GPU of each worker machine (one on CPU), shared by its processes\n" in out
-    assert _counts(summary) == _counts(reference["summary"])
-    assert_same_points(dumped(store, tmp_path / "dump.parquet"), reference["dump"])
-
-    labels = tmp_path / "labels"
-    run_job(["label", *label_args(store, labels, corpus["queries"], minilm_path, qwen3_reranker_dir), *share], env)
-    assert sorted(model for _, model in model_loads(hooks)[loaded + 1 :]) == sorted([minilm_path, str(qwen3_reranker_dir)])
-    assert json.loads(summary_out.read_text())["model_copies"] == "machine"
-    got = label_files(labels)
-    assert [name for name in got if got[name] != reference["labels"].get(name)] == []
-
-
 # -- crashes --------------------------------------------------------------------------------------
-# --job-timeout of the job whose worker hangs: long enough for a worker to reach the pause while the
-# other crash jobs load the 2 cores (30 s was not, once in CI: the job ended before any embedding)
+# --job-timeout of the job whose worker hangs. It starts first and alone: the others start once one of
+# its workers has reached the pause (30 s was not enough, once in CI, with all of them starting at once),
+# and they run within its wait
 HUNG_TIMEOUT_S = 90
-CRASHES = {  # name: (runner, where the job pauses, what is then killed)
+CRASHES = {  # name: (runner, where the job pauses, what is then killed); the hung job first
+    # a worker that never answers: --job-timeout ends the job, its workers with it
+    "worker-hung-until-job-timeout": ("multi_processing", "embed", "nothing"),
     "job-killed-while-embedding": ("in_process", "embed", "job"),
     "job-killed-while-writing": ("multi_processing", "write", "job"),
     "job-killed-before-finishing": ("in_process", "finish", "job"),
@@ -363,8 +348,6 @@ CRASHES = {  # name: (runner, where the job pauses, what is then killed)
     "worker-killed-while-writing": ("multi_processing", "write", "worker"),
     # the job service notices (the worker's output stream breaks), and the driver says why
     "portable-worker-killed-while-embedding": ("portable", "embed", "worker"),
-    # a worker that never answers: --job-timeout ends the job, its workers with it
-    "worker-hung-until-job-timeout": ("multi_processing", "embed", "nothing"),
 }
 
 
@@ -383,10 +366,9 @@ def _live_in_group(pgid: int) -> list[str]:
 def _crash(name: str, job: Job, hooks: Path, started_at: float) -> dict:
     """Wait for the job to pause, kill what ``CRASHES`` says; what happened, for the test to check."""
     _, _, kill = CRASHES[name]
-    if kill == "nothing":  # the job's own --job-timeout must end it
+    if kill == "nothing":  # the job's own --job-timeout must end it (the fixture saw a worker reach the pause)
         rc, out, err = job.wait()
-        return {"rc": rc, "err": err, "elapsed_s": time.monotonic() - started_at, "left": _live_in_group(job.pid),
-                "paused": (hooks / PAUSED_FILE).exists()}
+        return {"rc": rc, "err": err, "elapsed_s": time.monotonic() - started_at, "left": _live_in_group(job.pid)}
     pid = int(wait_for_file(str(hooks / PAUSED_FILE), [job.proc], WAIT_S, name).split("\t")[1].split()[0])
     if kill == "job":
         kill_group(job.proc)  # kill -9 of the driver and its SDK workers
@@ -428,6 +410,9 @@ def crashes(tmp_path_factory, request, corpus, reference, minilm_path) -> dict:
             args = ["index", *index_args(store, corpus["v2"], minilm_path, *V2_FLAGS), *flags,
                     "--summary-out", str(summary), "--job-timeout", str(timeout)]  # fmt: skip
             jobs[name] = (Job(stack, args, env), hooks, time.monotonic(), store, summary)
+            if CRASHES[name][2] == "nothing":  # the hung job: a worker at the pause before the others load the cores
+                wait_for_file(str(hooks / PAUSED_FILE), [jobs[name][0].proc], HUNG_TIMEOUT_S,
+                              "no worker reached the model before --job-timeout: nothing hung, the job was slow")  # fmt: skip
         try:
             for name, (job, hooks, started_at, store, summary) in jobs.items():
                 runs[name] = {**_crash(name, job, hooks, started_at), "store": store, "summary": summary}
@@ -471,7 +456,6 @@ def test_a_crashed_reindex_then_a_rerun_equals_a_clean_run(case, crashes, corpus
         assert last.startswith(f"corpus-etl index: error: the job did not finish within --job-timeout {HUNG_TIMEOUT_S}s")
         assert last.endswith("; rerun it: its writes are idempotent")
         assert run["left"] == [], "a worker outlived the job's --job-timeout"
-        assert run["paused"], "no worker reached the model before --job-timeout: nothing hung, the job was slow"
 
     summary = index.run(index_args(store, corpus["v2"], minilm_path, *V2_FLAGS), test_pipeline=TestPipeline())
     assert summary["status"] == "ok" and summary["deletion"]["documents_deleted"] == (0 if "copy" not in docs else 1)
