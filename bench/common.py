@@ -5,6 +5,13 @@ from __future__ import annotations
 import os
 import platform
 import re
+import shlex
+import sys
+
+
+def command(script: str, argv: list[str] | None = None) -> str:
+    """The command line a section records, quoted so that it can be pasted back (``--title "## ..."``)."""
+    return shlex.join(["python", script, *(sys.argv[1:] if argv is None else argv)])
 
 
 def machine() -> str:

@@ -67,6 +67,8 @@ import pyarrow as pa  # noqa: E402
 import pyarrow.parquet as pq  # noqa: E402
 import torch  # noqa: E402
 
+from bench.common import command  # noqa: E402
+
 MODEL = "sentence-transformers/all-MiniLM-L6-v2"
 SECTION = "## Index throughput on CPU: {corpus} documents"
 TOP_K = 10
@@ -816,7 +818,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--benchmarks", default=os.path.join(REPO, "BENCHMARKS.md"))
     parser.add_argument("--workdir", default=None, help="keep Parquet and store folders here (default: temp)")
     args = parser.parse_args(argv)
-    args.command = ("python bench/index_cpu.py " + " ".join(argv if argv is not None else sys.argv[1:])).strip()
+    args.command = command("bench/index_cpu.py", argv)
     args.code = code_version()  # before the runs: the code that is imported is the code measured
     corpora = [c.strip() for c in args.corpus.split(",") if c.strip()]
     args.contestants = [c.strip() for c in args.contestants.split(",") if c.strip()]

@@ -29,7 +29,7 @@ import pyarrow as pa  # noqa: E402
 import pyarrow.parquet as pq  # noqa: E402
 from apache_beam.testing.test_pipeline import TestPipeline  # noqa: E402
 
-from bench.common import machine, replace_section  # noqa: E402
+from bench.common import command, machine, replace_section  # noqa: E402
 from pipelines import index, label  # noqa: E402
 from pipelines.sample import QUERIES, write_sample  # noqa: E402
 
@@ -109,7 +109,7 @@ def main(argv: list[str] | None = None) -> None:
     ]
     print("\n".join(lines))
     if args.write:
-        cmd = "python bench/label.py " + " ".join(argv if argv is not None else sys.argv[1:])
+        cmd = command("bench/label.py", argv)
         first_stage = "MiniLM" if args.embedder == "minilm" else f"Qwen3-Embedding {args.embedder} config (random weights)"
         where = f"models on {torch.cuda.get_device_name(0)}" if cuda else "CPU only"
         body = [

@@ -33,6 +33,7 @@ sys.path.insert(0, REPO)
 
 import numpy as np  # noqa: E402
 
+from bench.common import command as bench_command  # noqa: E402
 from bench.common import machine, report  # noqa: E402
 
 MODEL = "sentence-transformers/all-MiniLM-L6-v2"
@@ -67,9 +68,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--write", action="store_true", help="replace this bench's section of BENCHMARKS.md")
     parser.add_argument("--title", help="the section's title (default: the bench's own), e.g. to keep another CPU's")
     args = parser.parse_args(argv)
-    command = "python bench/precision.py " + " ".join(argv if argv is not None else sys.argv[1:])
+    command = bench_command("bench/precision.py", argv)
     if args.reranker:
-        return rerank(args, command.strip())
+        return rerank(args, command)
 
 
     from bench.index_cpu import long_documents
@@ -132,7 +133,7 @@ def _header(command: str, auto: str) -> list[str]:
     from transforms.models.devices import cpu_has_native_bf16
 
     return [
-        f"Command: `{command.strip()}`",
+        f"Command: `{command}`",
         "",
         f"- Machine: {machine()}; bf16 in hardware (AVX512-BF16 or AMX): "
         f"{'yes' if cpu_has_native_bf16() else 'no'}, {auto}",

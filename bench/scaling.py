@@ -34,7 +34,7 @@ import pyarrow.parquet as pq
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-from bench.common import machine, replace_section  # noqa: E402
+from bench.common import command, machine, replace_section  # noqa: E402
 
 MODEL = "sentence-transformers/all-MiniLM-L6-v2"
 
@@ -123,7 +123,7 @@ def main(argv: list[str] | None = None) -> int:
     med = {n: statistics.median(r["wall_s"] for r in runs) for n, runs in results.items()}
     tokens = {n: runs[0]["tokens"] for n, runs in results.items()}
     lines = [
-        "Command: `" + " ".join(["python bench/scaling.py", *(argv if argv is not None else sys.argv[1:])]) + "`",
+        f"Command: `{command('bench/scaling.py', argv)}`",
         "",
         f"- Machine: {machine()} (shared: load column)",
         f"- Date: {subprocess.run(['date', '-u'], capture_output=True, text=True).stdout.strip()}",

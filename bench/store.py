@@ -42,6 +42,7 @@ import numpy as np
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
+from bench.common import command as common_command  # noqa: E402
 from bench.common import machine, replace_section  # noqa: E402
 
 MINILM = "sentence-transformers/all-MiniLM-L6-v2"
@@ -408,7 +409,7 @@ def main() -> None:
             shutil.rmtree(path, ignore_errors=True)
             gc.collect()
         del vectors
-    command = "python bench/store.py " + " ".join(sys.argv[1:])
+    command = common_command("bench/store.py")
     lines = markdown(results, real, args, command)
     print("\n".join(lines))
     if args.write:

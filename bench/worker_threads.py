@@ -25,7 +25,7 @@ import time
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
-from bench.common import machine, report  # noqa: E402
+from bench.common import command, machine, report  # noqa: E402
 
 DOC = "The module provides functions for parsing command line arguments, with subcommands and help. " * 3
 SECTION = "Torch threads per worker process (CPU)"
@@ -84,7 +84,7 @@ def main() -> int:
             rows.append((label, secs, rate))
             print(f"{label}: {', '.join(f'{s:.1f}' for s in secs)} s; {rate:.2f} pairs/s", flush=True)
     lines = [
-        f"Command: `python bench/worker_threads.py {' '.join(sys.argv[1:])}`  ",
+        f"Command: `{command('bench/worker_threads.py')}`  ",
         f"Machine: {machine()}  ",
         f"Date: {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC  ",
         f"Qwen3-Reranker-0.6B config (random weights), {args.pairs} pairs of ~60 tokens per process, fp32, all processes "

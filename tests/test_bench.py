@@ -40,3 +40,14 @@ def test_store_section_names_the_installed_qdrant_edge():
     from bench.store import edge_version
 
     assert edge_version() == version("qdrant-edge-py")
+
+
+def test_a_recorded_command_line_can_be_pasted_back():
+    import shlex
+
+    from bench.common import command
+
+    argv = ["--write", "--title", "## Index throughput on CPU: {corpus} documents (Intel)", "--docs", "300"]
+    line = command("bench/index_cpu.py", argv)
+    assert line == "python bench/index_cpu.py --write --title '## Index throughput on CPU: {corpus} documents (Intel)' --docs 300"
+    assert shlex.split(line) == ["python", "bench/index_cpu.py", *argv]
