@@ -49,5 +49,42 @@ def test_a_recorded_command_line_can_be_pasted_back():
 
     argv = ["--write", "--title", "## Index throughput on CPU: {corpus} documents (Intel)", "--docs", "300"]
     line = command("bench/index_cpu.py", argv)
-    assert line == "python bench/index_cpu.py --write --title '## Index throughput on CPU: {corpus} documents (Intel)' --docs 300"
+    assert (
+        line
+        == "python bench/index_cpu.py --write --title '## Index throughput on CPU: {corpus} documents (Intel)' --docs 300"
+    )
     assert shlex.split(line) == ["python", "bench/index_cpu.py", *argv]
+
+
+def test_the_op_counter_counts_every_linear_and_attention_flop_of_a_forward():
+    """bench/cpu_peak.py's split of the forward: FLOPs from each call's shapes, every call seen, patches undone."""
+    import torch
+    import torch.nn.functional as F
+    from transformers import BertConfig, BertModel
+
+    from bench.cpu_peak import OpCounter
+
+    config = BertConfig(
+        hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64, vocab_size=100
+    )
+    bert = BertModel(config, add_pooling_layer=False).eval()
+    batch, length = 3, 7
+    counter = OpCounter()
+    with counter.count(), torch.no_grad():
+        bert(
+            input_ids=torch.randint(0, 100, (batch, length)), attention_mask=torch.ones(batch, length, dtype=torch.long)
+        )
+    assert (F.linear, F.scaled_dot_product_attention) == (
+        torch._C._nn.linear,
+        torch._C._nn.scaled_dot_product_attention,
+    )
+
+    linears = [m for m in bert.modules() if isinstance(m, torch.nn.Linear)]
+    assert len(linears) == 6 * 2  # q, k, v, attention output, intermediate, output: per layer
+    rows = batch * length
+    assert counter.linear_flops == sum(2 * rows * m.in_features * m.out_features for m in linears)
+    assert sum(counter.shapes.values()) == len(linears)
+    assert counter.shapes[(rows, 32, 64)] == 2 and counter.shapes[(rows, 64, 32)] == 2
+    # scores and weighted sum: 2 products of (batch, heads, L, d) x (L, d) per layer
+    assert counter.attention_flops == 2 * 4 * batch * 4 * length * length * (32 // 4)
+    assert counter.linear_s > 0 and counter.attention_s > 0

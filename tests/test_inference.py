@@ -13,7 +13,7 @@ import pytest
 from apache_beam.testing.test_pipeline import TestPipeline
 from apache_beam.testing.util import assert_that, equal_to
 
-from transforms.inference.batching import BatchDeterministically, cut_group, length_bucket, stable_shard
+from transforms.inference.batching import BatchDeterministically, cut_group, length_bucket, merge_buckets, stable_shard
 
 # (key, weight): weights 3..40, so several length buckets
 ELEMENTS = [(f"e{i:02d}", 3 + (i * 7) % 38) for i in range(40)]
@@ -38,6 +38,29 @@ def test_cut_group_sorts_by_weight_then_key_and_cuts_at_the_budget():
     ]  # fmt: skip
 
 
+def test_cut_group_cuts_a_group_into_batches_of_even_weight():
+    """Not into full batches and a remainder: 50 tokens under a budget of 40 were 40 + 10, one idle core on CPU."""
+    elements = [(f"k{i}", 5) for i in range(10)]
+    assert [len(b) for b in cut_group(elements, _weight, _key, max_batch_weight=40, max_batch_size=100)] == [5, 5]
+    assert [len(b) for b in cut_group(elements, _weight, _key, max_batch_weight=20, max_batch_size=100)] == [3, 4, 3]
+    assert [len(b) for b in cut_group(elements, _weight, _key, max_batch_weight=50, max_batch_size=100)] == [10]
+    assert cut_group([("a", 0), ("b", 0)], _weight, _key, max_batch_weight=50, max_batch_size=100) == [
+        [("a", 0), ("b", 0)]
+    ]
+
+
+def test_merge_buckets_joins_light_neighbours_into_runs_of_a_batch():
+    # bucket: weight. 3 + 4 + 10 reach 15; 20 is a run alone; 2 + 1 (the last run, light) join the one before
+    weights = {8: 3, 9: 4, 12: 10, 16: 20, 17: 2, 20: 1}
+    assert merge_buckets(weights, min_weight=15) == {
+        8: (8, 17), 9: (8, 17), 12: (8, 17), 16: (16, 23), 17: (16, 23), 20: (16, 23),
+    }  # fmt: skip
+    # every bucket heavy: one run each, as before merging (large inputs keep one length bucket per group)
+    assert merge_buckets({1: 50, 2: 60}, min_weight=15) == {1: (1, 50), 2: (2, 60)}
+    assert merge_buckets({5: 3}, min_weight=15) == {5: (5, 3)}
+    assert merge_buckets({}, min_weight=15) == {}
+
+
 def test_buckets_and_shards_are_stable_across_processes():
     assert [length_bucket(w) for w in (1, 2, 3, 4, 16, 19, 20, 512)] == [0, 4, 6, 8, 16, 16, 17, 36]
     # Workers are separate processes, and Python salts str hashes per process: a shard must not use hash().
@@ -55,11 +78,12 @@ def _expected_batches(group_weight: int, max_batch_weight: int) -> list[tuple]:
     totals: dict[int, int] = {}
     for e in ELEMENTS:
         totals[length_bucket(e[1])] = totals.get(length_bucket(e[1]), 0) + e[1]
+    runs = merge_buckets(totals, max_batch_weight)
     groups: dict[tuple[int, int], list] = {}
     for e in ELEMENTS:
-        b = length_bucket(e[1])
-        n = max(1, -(-totals[b] // group_weight))
-        groups.setdefault((b, stable_shard(e[0], n)), []).append(e)
+        run, weight = runs[length_bucket(e[1])]
+        n = max(1, -(-weight // group_weight))
+        groups.setdefault((run, stable_shard(e[0], n)), []).append(e)
     return [tuple(batch) for g in groups.values() for batch in cut_group(g, _weight, _key, max_batch_weight, 4096)]
 
 

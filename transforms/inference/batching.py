@@ -9,15 +9,18 @@ last bits with its neighbours: reruns of the label job gave different bytes. Her
 is a function of the whole input set, never of bundles or workers:
 
 1. each element gets a length bucket (4 per doubling of its token weight) and the total
-   weight of every bucket is counted (one small combine, a side input);
-2. within its bucket an element goes to one of ``ceil(bucket weight / group_weight)``
-   groups by a SHA-1 of its key (its own id, stable across processes);
-3. a ``GroupByKey`` gathers each group, which is sorted by (weight, key) and cut into
-   batches of at most ``max_batch_weight``.
+   weight of every bucket is counted (one small combine, a side input); adjacent buckets
+   lighter than one batch are joined, in length order, into runs of at least one batch's
+   weight (``merge_buckets``), so that a small or short input is not cut into a batch per
+   bucket, each ending in a part-filled batch;
+2. within its run an element goes to one of ``ceil(run weight / group_weight)`` groups by
+   a SHA-1 of its key (its own id, stable across processes);
+3. a ``GroupByKey`` gathers each group, which is sorted by (weight, key) and cut into the
+   fewest batches of at most ``max_batch_weight``, of even weight (``cut_group``).
 
 So the same inputs give the same batches, hence bitwise the same results, whatever the
-bundling; and since groups hold one length bucket of the whole input, batches pad less
-than batches sorted within one bundle. The price is one shuffle of the elements, and
+bundling; and since groups hold one run of lengths of the whole input, sorted, batches pad
+less than batches sorted within one bundle. The price is one shuffle of the elements, and
 inference starts once the step before it has finished (a batch pipeline's usual barrier).
 """
 
@@ -96,14 +99,35 @@ def stable_shard(key: str, n: int) -> int:
     return int.from_bytes(hashlib.sha1(key.encode("utf-8")).digest()[:8], "big") % n
 
 
+def merge_buckets(bucket_weights: dict[int, int], min_weight: int) -> dict[int, tuple[int, int]]:
+    """Bucket -> (run, run weight): buckets in ascending order, each joined to the run before it
+    while that run weighs less than ``min_weight``; a last run lighter than that joins the one
+    before it. A run is named by its first bucket. Buckets of ``min_weight`` or more after a
+    full run stay runs of their own, so a large input keeps one length bucket per group."""
+    runs: list[list[int]] = []
+    weights: list[int] = []
+    for bucket in sorted(bucket_weights):
+        if runs and weights[-1] < min_weight:
+            runs[-1].append(bucket)
+            weights[-1] += bucket_weights[bucket]
+        else:
+            runs.append([bucket])
+            weights.append(bucket_weights[bucket])
+    if len(runs) > 1 and weights[-1] < min_weight:
+        last, weight = runs.pop(), weights.pop()
+        runs[-1].extend(last)
+        weights[-1] += weight
+    return {bucket: (run[0], weight) for run, weight in zip(runs, weights) for bucket in run}
+
+
 class _AssignGroup(beam.DoFn):
     def __init__(self, weight_fn: Callable[[Any], int], key_fn: Callable[[Any], str], group_weight: int) -> None:
         self.weight_fn, self.key_fn, self.group_weight = weight_fn, key_fn, group_weight
 
-    def process(self, element: Any, bucket_weights: dict[int, int]):
-        bucket = length_bucket(self.weight_fn(element))
-        n_groups = max(1, math.ceil(bucket_weights[bucket] / self.group_weight))
-        yield (bucket, stable_shard(self.key_fn(element), n_groups)), element
+    def process(self, element: Any, runs: dict[int, tuple[int, int]]):
+        run, weight = runs[length_bucket(self.weight_fn(element))]
+        n_groups = max(1, math.ceil(weight / self.group_weight))
+        yield (run, stable_shard(self.key_fn(element), n_groups)), element
 
 
 def cut_group(
@@ -115,15 +139,25 @@ def cut_group(
 ) -> list[list[Any]]:
     """Batches of a group: sorted by (weight, key), cut at ``max_batch_weight`` summed weight
     or ``max_batch_size`` elements; an element heavier than the limit is a batch of its own.
-    The result depends only on the set of elements, never on their arrival order."""
+    A group of n batches' weight is cut into n of about 1/n of its weight each (an element goes
+    to the batch where its middle falls), not into n - 1 full batches and a remainder: a batch is
+    split into forward passes run one per core on CPU, and a remainder of one pass leaves the
+    other cores idle. The result depends only on the set of elements, never on their arrival order."""
+    ordered = sorted(elements, key=lambda e: (weight_fn(e), key_fn(e)))
+    group_weight = sum(weight_fn(e) for e in ordered)
+    target = group_weight / max(1, math.ceil(group_weight / max_batch_weight)) or 1.0  # 1.0: weightless elements
     batches: list[list[Any]] = []
     batch: list[Any] = []
-    total = 0
-    for element in sorted(elements, key=lambda e: (weight_fn(e), key_fn(e))):
+    total = done = 0
+    part = 0
+    for element in ordered:
         weight = weight_fn(element)
-        if batch and (total + weight > max_batch_weight or len(batch) >= max_batch_size):
+        k = int((done + weight / 2) // target)
+        if batch and (k != part or total + weight > max_batch_weight or len(batch) >= max_batch_size):
             batches.append(batch)
             batch, total = [], 0
+        part = k
+        done += weight
         batch.append(element)
         total += weight
     if batch:
@@ -158,15 +192,17 @@ class BatchDeterministically(beam.PTransform):
 
     def expand(self, pcoll):
         weight_fn, key_fn = self.weight_fn, self.key_fn
-        bucket_weights = (
+        runs = (
             pcoll
             | "BucketWeights" >> beam.Map(lambda e: (length_bucket(weight_fn(e)), weight_fn(e)))
             | "SumPerBucket" >> beam.CombinePerKey(sum)
+            | "AllBuckets" >> beam.combiners.ToDict()
+            | "MergeSmallBuckets" >> beam.Map(merge_buckets, self.max_batch_weight)
         )
         return (
             pcoll
             | "AssignGroup" >> beam.ParDo(
-                _AssignGroup(weight_fn, key_fn, self.group_weight), beam.pvalue.AsDict(bucket_weights)
+                _AssignGroup(weight_fn, key_fn, self.group_weight), beam.pvalue.AsSingleton(runs)
             )
             | "GroupByLength" >> beam.GroupByKey()
             | "CutBatches" >> beam.FlatMap(
