@@ -16,7 +16,7 @@ PYTEST_ARGS ?=
 PYTEST_WORKERS ?= $(shell n=$$(nproc 2>/dev/null || echo 2); echo $$(( n < 4 ? n : 4 )))
 
 .DEFAULT_GOAL := help
-.PHONY: help install demo demo-label test lint bench-cpu bench-label bench-prefix bench-store bench-reindex bench-scaling bench-threads bench-tokenizer bench-precision bench-gpu clean
+.PHONY: help install demo demo-label test lint bench-cpu bench-label bench-prefix bench-store bench-reindex bench-scaling bench-threads bench-tokenizer bench-precision bench-cpu-peak bench-gpu clean
 
 help: ## list the targets
 	@grep -E '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  \033[36m%-16s\033[0m %s\n", $$1, $$2}'
@@ -80,6 +80,10 @@ bench-threads: install ## torch threads per worker process: W busy workers with 
 bench-precision: install ## --precision on CPU: speed and parity with fp32 of the encoder (fp32, bf16-mixed, bf16) and the reranker (writes BENCHMARKS.md; ~7 min)
 	$(BIN)/python bench/precision.py --write
 	$(BIN)/python bench/precision.py --reranker --pairs 16 --repeats 3 --write
+
+bench-cpu-peak: install ## the fp32 encoder split into Linear layers, attention and the rest, against this CPU's own GEMM rate, long and short documents (writes BENCHMARKS.md; ~3 min)
+	$(BIN)/python bench/cpu_peak.py --corpus long --write
+	$(BIN)/python bench/cpu_peak.py --corpus short --docs 1896 --write
 
 bench-tokenizer: install ## Qwen's and MiniLM's tokenisers on CPU, one core and the Rust pool (writes BENCHMARKS.md)
 	$(BIN)/python bench/tokenizer.py --write
