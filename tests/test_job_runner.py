@@ -209,12 +209,16 @@ def test_ctrl_c_stops_the_job_and_kills_its_local_workers():
     """Ctrl-C while the driver watches a multi_processing job: the job is cancelled and its workers are
     killed and waited for (they ran on, busy, after the command had exited with 130)."""
     import _thread
+    import signal
     import subprocess
     import sys
 
     child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)  # sdk_worker_main"])
     result = FakeResult()
     timer = threading.Timer(0.3, _thread.interrupt_main)  # SIGINT's KeyboardInterrupt, in the main thread
+    # interrupt_main does nothing where SIGINT is not Python's handler: once in the suite (a clean clone, CI's
+    # command) the job ran its 30 s out instead, in a pytest worker whose earlier tests had changed it.
+    handler = signal.signal(signal.SIGINT, signal.default_int_handler)
     try:
         timer.start()
         with pytest.raises(JobInterrupted, match=r"1 local worker process\(es\) killed"):
@@ -223,6 +227,7 @@ def test_ctrl_c_stops_the_job_and_kills_its_local_workers():
         assert child.poll() == -9
     finally:
         timer.cancel()
+        signal.signal(signal.SIGINT, handler)
         result.release.set()
         child.kill()
         child.wait()
