@@ -216,8 +216,9 @@ def test_ctrl_c_stops_the_job_and_kills_its_local_workers():
     child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)  # sdk_worker_main"])
     result = FakeResult()
     timer = threading.Timer(0.3, _thread.interrupt_main)  # SIGINT's KeyboardInterrupt, in the main thread
-    # interrupt_main does nothing where SIGINT is not Python's handler: once in the suite (a clean clone, CI's
-    # command) the job ran its 30 s out instead, in a pytest worker whose earlier tests had changed it.
+    # interrupt_main does nothing where SIGINT is not Python's handler, and a process started with SIGINT ignored
+    # keeps it ignored: `.ci/run` started as a background job of a non-interactive shell (`bash .ci/run &`, whose
+    # children ignore SIGINT) failed here, the job running its 30 s out.
     handler = signal.signal(signal.SIGINT, signal.default_int_handler)
     try:
         timer.start()
