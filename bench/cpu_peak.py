@@ -58,6 +58,11 @@ class OpCounter:
     2 * rows * in * out; attention of q (batch, heads, L, d) against keys of length S is
     2 * 2 * batch * heads * L * S * d (scores and the weighted sum; the mask and softmax uncounted).
     ``shapes`` counts the (rows, in, out) of the Linear calls, for replaying them alone.
+
+    Why not ``torch.profiler`` (``with_flops``) or ``torch.utils.flop_counter.FlopCounterMode``: both
+    record only the thread that entered them, and the encoder's CPU passes run on a thread pool
+    (checked with torch 2.13: neither saw an ``F.linear`` called from a ``ThreadPoolExecutor``), and
+    neither has a FLOP formula for CPU attention. A patch of the two functions sees every thread.
     """
 
     linear_s: float = 0.0

@@ -144,14 +144,13 @@ def cut_group(
     split into forward passes run one per core on CPU, and a remainder of one pass leaves the
     other cores idle. The result depends only on the set of elements, never on their arrival order."""
     ordered = sorted(elements, key=lambda e: (weight_fn(e), key_fn(e)))
-    group_weight = sum(weight_fn(e) for e in ordered)
+    weights = [weight_fn(e) for e in ordered]
+    group_weight = sum(weights)
     target = group_weight / max(1, math.ceil(group_weight / max_batch_weight)) or 1.0  # 1.0: weightless elements
     batches: list[list[Any]] = []
     batch: list[Any] = []
-    total = done = 0
-    part = 0
-    for element in ordered:
-        weight = weight_fn(element)
+    total = done = part = 0
+    for element, weight in zip(ordered, weights):
         k = int((done + weight / 2) // target)
         if batch and (k != part or total + weight > max_batch_weight or len(batch) >= max_batch_size):
             batches.append(batch)
