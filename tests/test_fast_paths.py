@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 import torch
 
+from transforms.models.devices import budget_batches
 from transforms.models.encoder import TextEncoder
 from transforms.models.fast import CompiledRunner, bucket_of, length_buckets
 
@@ -42,13 +43,42 @@ def test_length_buckets_are_few_and_cover_every_length():
     assert bucket_of(300, buckets) == 300  # past the last bucket: the length itself
 
 
+def _record_passes(encoder: TextEncoder) -> list[list[int]]:
+    """The token counts of each forward pass's texts, as the encoder runs them (any thread)."""
+    passes: list[list[int]] = []
+    forward = encoder._forward
+
+    def recording(ids):
+        passes.append(sorted(len(x) for x in ids))
+        return forward(ids)
+
+    encoder._forward = recording
+    return passes
+
+
 def test_cpu_workers_give_the_vectors_of_one_pass_at_a_time(minilm_path, eager, keep_torch_threads):
+    """The passes are the same whatever the number of workers (a multiple of four of them: ``even_passes``),
+    so are the vectors. Before, a batch with fewer passes than workers was cut again, by the worker count."""
     parallel = TextEncoder(minilm_path, device="cpu", token_budget=256, cpu_workers=2, precision="fp32").load()
     serial = TextEncoder(minilm_path, device="cpu", token_budget=256, cpu_workers=1, precision="fp32").load()
     assert parallel.cpu_workers == 2
     assert TextEncoder(minilm_path, device="cpu").cpu_workers_setting is None  # default: one pass at a time
-    np.testing.assert_allclose(parallel.encode(TEXTS), serial.encode(TEXTS), atol=1e-6)
-    np.testing.assert_allclose(parallel.encode(TEXTS), eager.encode(TEXTS), atol=1e-5)
+    # 33 texts: 3 greedy passes of 256 tokens, cut into 4 even ones; TEXTS: 3 passes whose even cut would overflow.
+    texts = SHORT + [f"module {i}: " + "data structures and algorithms " * 4 for i in range(30)]
+    for few, count in ((texts, 4), (TEXTS, 3)):
+        lengths = serial.count_tokens(few)
+        assert len(budget_batches(lengths, 256)) == 3
+        ran = {}
+        for name, encoder in (("parallel", parallel), ("serial", serial)):
+            passes = _record_passes(encoder)
+            got = encoder.encode(few)
+            del encoder._forward
+            ran[name] = (sorted(passes), got)
+        assert len(ran["serial"][0]) == count
+        assert ran["parallel"][0] == ran["serial"][0]
+        assert sorted(n for p in ran["serial"][0] for n in p) == sorted(lengths)
+        np.testing.assert_allclose(ran["parallel"][1], ran["serial"][1], atol=1e-6)
+        np.testing.assert_allclose(ran["parallel"][1], eager.encode(few), atol=1e-5)
 
 
 def test_overlapped_preparation_gives_the_same_vectors(minilm_path, eager):

@@ -8,7 +8,7 @@ import os
 import pytest
 import torch
 
-from transforms.models.devices import budget_batches, resolve_device, run_in_token_budget
+from transforms.models.devices import budget_batches, even_passes, resolve_device, run_in_token_budget
 
 
 def test_batches_are_length_sorted_and_fit_the_padded_budget():
@@ -154,3 +154,21 @@ def test_a_shared_model_has_one_copy_per_gpu_of_the_worker(minilm_path, monkeypa
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
     handler = EmbeddingModelHandler(minilm_path, device=device, large_model=shared)
     assert handler.model_copies() == copies
+
+
+def test_even_passes_round_the_pass_count_up_to_the_multiple_with_even_weights():
+    # 104 texts of 256 tokens under 2048: 13 full passes, one core idle in the last round of two; 16 of 6-7 texts.
+    passes = even_passes([256] * 104, 2048, 4)
+    assert [len(p) for p in passes] == [6, 7] * 8
+    assert [i for p in passes for i in p] == list(range(104))
+    # 3 greedy passes of 3 texts -> 4: a text goes where its middle falls in steps of 27 / 4 tokens.
+    assert budget_batches([3] * 9, 9) == [[0, 1, 2], [3, 4, 5], [6, 7, 8]]
+    assert even_passes([3] * 9, 9, 2) == [[0, 1], [2, 3], [4, 5, 6], [7, 8]]
+    assert even_passes([6, 3, 3, 3, 3, 3, 3, 3, 3], 12, 2) == [[1, 2], [3, 4, 5], [6, 7], [8, 0]]  # sorted by length
+
+
+def test_even_passes_keep_the_greedy_ones_when_already_even_too_light_or_over_the_budget():
+    assert even_passes([4, 4, 4, 4], 4, 4) == [[0], [1], [2], [3]]  # already four
+    assert even_passes([10] * 5, 2048, 4) == [[0, 1, 2, 3, 4]]  # 50 tokens: passes under 2048 / 8 each
+    # Even weights would put 1, 1 and 5 in one pass: 3 x 5 = 15 padded tokens, over 12.
+    assert even_passes([1, 1, 5, 6, 6, 6], 12, 4) == budget_batches([1, 1, 5, 6, 6, 6], 12) == [[0, 1], [2, 3], [4, 5]]

@@ -476,6 +476,42 @@ def budget_batches(lengths: Sequence[int], token_budget: int) -> list[list[int]]
     return batches
 
 
+# A CPU encoder cuts a batch into a multiple of this many forward passes (``even_passes``): passes run one
+# per core, so 1, 2 or 4 workers all finish a batch together.
+CPU_PASS_MULTIPLE = 4
+
+
+def even_passes(lengths: Sequence[int], token_budget: int, multiple: int) -> list[list[int]]:
+    """``budget_batches``, then, when its pass count is not a multiple of ``multiple``, the same
+    sorted indexes cut into the next multiple of passes of even token weight (an element goes to the
+    pass where its middle falls), each still within ``token_budget``.
+
+    Why: a CPU encoder runs a batch's passes one per core, and 13 full passes on 2 cores take 7
+    rounds, the last with one core idle; 16 passes of 13/16 the size take 6.5 rounds' work in 8
+    even rounds (BENCHMARKS.md, "Forward passes in multiples of four"). The cut depends on
+    the lengths, the budget and ``multiple`` only, never on the number of workers, so the
+    vectors are bitwise the same with 1, 2 or 4 workers. A batch too light to give every pass at
+    least an eighth of the budget, or one whose even cut would overflow a pass, keeps its
+    greedy passes.
+    """
+    greedy = budget_batches(lengths, token_budget)
+    want = -(-len(greedy) // multiple) * multiple
+    total = sum(lengths)
+    if want == len(greedy) or want > len(lengths) or total < want * (token_budget // 8):
+        return greedy
+    order = [i for batch in greedy for i in batch]  # sorted by length
+    target = total / want
+    passes: list[list[int]] = [[] for _ in range(want)]
+    done = 0
+    for i in order:
+        passes[min(want - 1, int((done + lengths[i] / 2) // target))].append(i)
+        done += lengths[i]
+    passes = [p for p in passes if p]
+    if any(lengths[p[-1]] * len(p) > token_budget for p in passes):  # each pass is sorted: p[-1] is its longest
+        return greedy
+    return passes
+
+
 def run_in_token_budget(
     items: Sequence[T],
     token_budget: int,

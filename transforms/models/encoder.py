@@ -37,7 +37,9 @@ of GEMMs whose OpenMP threads meet at a barrier after every op, and on a busy ma
 thread stalls the others (150 long documents: 5.5-11 s against 8-25 s, CPU time 10.5-11.6 s against
 13-23 s, bitwise the same vectors). The encoder then sets torch's intra-op threads to 1 for the process,
 once, at load: switching them back and forth around each batch cost ~0.8 s a call in the job (oneDNN
-re-creates its kernels).
+re-creates its kernels). On CPU a batch is cut into a multiple of four passes of even weight
+(``devices.even_passes``), so that 1, 2 or 4 workers end a batch together; the cut does not depend on
+``cpu_workers``, nor do the vectors.
 """
 
 from __future__ import annotations
@@ -53,11 +55,12 @@ import torch
 
 from transforms.models import liger, varlen
 from transforms.models.devices import (
+    CPU_PASS_MULTIPLE,
     TorchModel,
-    budget_batches,
     check_precision,
     cpu_threads,
     device_lock,
+    even_passes,
     is_oom,
     run_splitting_on_oom,
 )
@@ -333,11 +336,9 @@ class TextEncoder(TorchModel):
         forward_prepared = self._forward_packed_prepared if self.packing else self._forward_prepared
         if self.buckets:
             lengths = [bucket_of(n, self.buckets) for n in lengths]
-        batches = budget_batches(lengths, self.token_budget)
-        if self._pool is not None and len(batches) < self.cpu_workers <= len(lengths) // 2:
-            # Fewer passes than workers (a small Beam batch): smaller passes, one per worker.
-            share = -(-sum(lengths) // self.cpu_workers)
-            batches = budget_batches(lengths, max(share + max(lengths), max(lengths)))
+        # On CPU, passes in multiples of CPU_PASS_MULTIPLE, whatever cpu_workers is (even_passes says why).
+        multiple = CPU_PASS_MULTIPLE if self.device.type == "cpu" and not self.packing else 1
+        batches = even_passes(lengths, self.token_budget, multiple)
         out: list[np.ndarray | None] = [None] * len(lengths)
         failures: list[tuple[int, str]] = []
 
