@@ -484,7 +484,9 @@ CPU_PASS_MULTIPLE = 4
 def even_passes(lengths: Sequence[int], token_budget: int, multiple: int) -> list[list[int]]:
     """``budget_batches``, then, when its pass count is not a multiple of ``multiple``, the same
     sorted indexes cut into the next multiple of passes of even token weight (an element goes to the
-    pass where its middle falls), each still within ``token_budget``.
+    pass where its middle falls: the rule of ``inference.batching.cut_group``, which cuts Beam batches
+    under a summed-weight limit; here the limit is padded tokens, checked after the cut), each still
+    within ``token_budget``.
 
     Why: a CPU encoder runs a batch's passes one per core, and 13 full passes on 2 cores take 7
     rounds, the last with one core idle; 16 passes of 13/16 the size take 6.5 rounds' work in 8
