@@ -16,7 +16,11 @@ import torch
 from transforms.models import prepack
 from transforms.models.encoder import TextEncoder
 
-pytestmark = pytest.mark.skipif(not prepack.available(), reason="torch without oneDNN's packed linear ops")
+# Tests that pack need oneDNN's packed-linear ops and a CPU it packs bf16 on; the others run everywhere.
+packs = pytest.mark.skipif(
+    not prepack.available(),
+    reason="oneDNN does not pack bf16 here (no packed-linear ops, or a CPU without AVX512BW/VL/DQ or AVX-NE-CONVERT)",
+)
 
 TEXTS = [
     "The csv module implements classes to read and write tabular data in CSV format.",
@@ -31,6 +35,7 @@ def _linears(model: torch.nn.Module) -> int:
     return sum(type(m) is torch.nn.Linear for m in model.modules())
 
 
+@packs
 @pytest.mark.parametrize(
     ("device", "weights", "autocast", "want"),
     [
@@ -46,11 +51,54 @@ def test_prepacking_applies_to_bf16_on_cpu_only(device, weights, autocast, want)
     assert prepack.applies(torch.device(device), weights, autocast) is want
 
 
+@packs
 def test_the_environment_switches_it_off(monkeypatch):
     monkeypatch.setenv(prepack.ENV, "0")
     assert not prepack.applies(CPU, torch.float32, torch.bfloat16)
     monkeypatch.setenv(prepack.ENV, "1")
     assert prepack.applies(CPU, torch.float32, torch.bfloat16)
+
+
+def test_the_packing_check_agrees_with_onednn_on_this_cpu():
+    """``onednn_packs_bf16`` says yes exactly where oneDNN's reorder takes a bf16 weight (an AVX2-only
+    CPU, like AMD Zen 3, raises; one with AVX512BW/VL/DQ packs)."""
+    if not hasattr(getattr(torch.ops, "mkldnn", None), "_reorder_linear_weight"):
+        pytest.skip("torch without oneDNN's packed linear ops")
+    weight = torch.randn(8, 16).to(torch.bfloat16)
+    if prepack.onednn_packs_bf16():
+        assert torch.ops.mkldnn._reorder_linear_weight(weight, 4).dtype == torch.bfloat16
+    else:
+        with pytest.raises(RuntimeError, match="bf16 path needs the cpu support"):
+            torch.ops.mkldnn._reorder_linear_weight(weight, 4)
+
+
+def test_where_onednn_cannot_pack_bf16_mixed_runs_on_plain_linears(minilm_path, monkeypatch):
+    """On such a CPU the job loads and encodes in bf16-mixed with its Linear layers as they are."""
+    monkeypatch.setattr(prepack, "onednn_packs_bf16", lambda: False)
+    assert not prepack.available() and not prepack.applies(CPU, torch.float32, torch.bfloat16)
+    enc = TextEncoder(minilm_path, device="cpu", precision="bf16-mixed", cpu_workers=1).load()
+    assert enc.prepacked == 0 and _linears(enc.model) == 37
+    assert "prepacked" not in enc.describe_compute()
+    assert enc.encode(TEXTS).shape == (len(TEXTS), 384)
+
+
+def test_packing_that_raises_leaves_the_layers_as_they_are(monkeypatch, caplog):
+    """A refusal the check did not foresee stops packing; the model keeps working unpacked."""
+    model = torch.nn.Sequential(torch.nn.Linear(64, 32), torch.nn.GELU(), torch.nn.Linear(32, 8))
+    x = torch.randn(3, 64)
+    with torch.no_grad():
+        want = model(x)
+
+    def refuse(self, linear, rows_hint):
+        raise RuntimeError("mkldnn_reorder_linear_weight: bf16 path needs the cpu support avx_ne_convert or ...")
+
+    monkeypatch.setattr(prepack.PackedLinear, "__init__", refuse)
+    with caplog.at_level(logging.WARNING, logger=prepack.__name__):
+        assert prepack.prepack_linears(model) == 0
+    assert [type(m) for m in model] == [torch.nn.Linear, torch.nn.GELU, torch.nn.Linear]
+    assert "stopped after 0 linear layer(s), the rest stay plain: mkldnn_reorder_linear_weight" in caplog.text
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), want, rtol=0, atol=0)
 
 
 @pytest.fixture(scope="module")
@@ -60,6 +108,7 @@ def unpacked_mixed(minilm_path):
         return TextEncoder(minilm_path, device="cpu", precision="bf16-mixed", cpu_workers=1).load()
 
 
+@packs
 def test_bf16_mixed_minilm_prepacks_every_linear_and_gives_the_same_vectors(minilm_path, unpacked_mixed):
     packed = TextEncoder(minilm_path, device="cpu", precision="bf16-mixed", cpu_workers=1).load()
     assert unpacked_mixed.prepacked == 0 and _linears(unpacked_mixed.model) == 37
@@ -70,6 +119,7 @@ def test_bf16_mixed_minilm_prepacks_every_linear_and_gives_the_same_vectors(mini
     np.testing.assert_allclose(got, want, atol=2e-4)
 
 
+@packs
 def test_prepacked_passes_on_worker_threads_match_one_at_a_time(minilm_path, keep_torch_threads, monkeypatch):
     """The packed weights are read by the encoder's --cpu-workers threads at once. (Same token budget
     everywhere: bf16 products move with batch boundaries.)"""
@@ -91,6 +141,7 @@ def test_fp32_and_the_traced_backends_keep_the_model_as_loaded(minilm_path, prec
     assert "prepacked" not in enc.describe_compute()
 
 
+@packs
 def test_reranker_prepacks_its_decoder_and_keeps_the_output_projection(qwen3_reranker_dir, monkeypatch):
     from transforms.models.reranker import Qwen3Reranker
 
@@ -104,6 +155,7 @@ def test_reranker_prepacks_its_decoder_and_keeps_the_output_projection(qwen3_rer
     np.testing.assert_allclose(packed.score(pairs), plain.score(pairs), atol=1e-3)
 
 
+@packs
 def test_a_layer_whose_packed_product_differs_is_left_alone(monkeypatch, caplog):
     """The check at packing time can refuse: a packed product off by one is not used."""
     model = torch.nn.Sequential(torch.nn.Linear(64, 32), torch.nn.GELU(), torch.nn.Linear(32, 8))
@@ -115,6 +167,7 @@ def test_a_layer_whose_packed_product_differs_is_left_alone(monkeypatch, caplog)
     assert "1 linear layer(s) left unpacked" in caplog.text
 
 
+@packs
 def test_a_packed_layer_computes_the_autocast_product():
     torch.manual_seed(0)
     linear = torch.nn.Linear(96, 40)
@@ -126,6 +179,7 @@ def test_a_packed_layer_computes_the_autocast_product():
     torch.testing.assert_close(got.float(), want.float(), rtol=0, atol=float(want.abs().max()) * 2**-7)
 
 
+@packs
 def test_outside_autocast_a_packed_layer_returns_the_input_dtype():
     """Code that calls the model without autocast (a hook, a traced runner) keeps consistent dtypes."""
     torch.manual_seed(0)

@@ -17,7 +17,11 @@ What it guarantees:
 * **Memory.** The Linear, with its fp32 weight, is dropped for the packed bf16 copy, so unless the
   weight is shared elsewhere those layers take half the memory they took.
 * **Where it applies.** Only on CPU, where the model computes in bf16 (``bf16-mixed`` or bf16
-  weights), and only where torch has oneDNN and its packed-linear ops. fp32 is left alone: MKL's
+  weights), and only where torch has oneDNN and its packed-linear ops and oneDNN packs bf16 on this
+  CPU (AVX512BW/VL/DQ or AVX-NE-CONVERT: ``torch.ops.mkldnn._is_mkldnn_bf16_supported``, the check
+  inductor's freezing makes before it packs). On an AVX2-only CPU (AMD Zen 3, say) the packing op
+  raises, so the layers stay plain Linears under autocast. If packing still raises on a CPU that the
+  check admitted, the layers not yet packed stay as they are, with a warning. fp32 is left alone: MKL's
   packed fp32 GEMM measured no faster than eager's, which runs near the core's FMA peak
   (BENCHMARKS.md, "Issue 13").
 * **What it leaves out.** The output projection of a causal LM (the reranker reads two of its
@@ -45,13 +49,24 @@ _BF16_RELATIVE = 2.0**-7  # two bf16 rounding steps, relative to the layer's lar
 
 
 def available() -> bool:
-    """torch has oneDNN and the packed-linear ops that inductor's freezing uses, and ``ENV`` is not ``0``."""
+    """torch has oneDNN and the packed-linear ops that inductor's freezing uses, oneDNN packs bf16 on
+    this CPU (``onednn_packs_bf16``), and ``ENV`` is not ``0``."""
     if os.environ.get(ENV, "1").strip().lower() in ("0", "false", "no", "off"):
         return False
     if not (torch.backends.mkldnn.enabled and torch.backends.mkldnn.is_available()):
         return False
     ops = getattr(torch.ops, "mkldnn", None)
-    return ops is not None and all(hasattr(ops, name) for name in ("_reorder_linear_weight", "_linear_pointwise"))
+    names = ("_reorder_linear_weight", "_linear_pointwise")
+    return ops is not None and all(hasattr(ops, name) for name in names) and onednn_packs_bf16()
+
+
+def onednn_packs_bf16() -> bool:
+    """Whether oneDNN takes bf16 weights on this CPU (AVX512BW/VL/DQ or AVX-NE-CONVERT on x86).
+
+    Without them ``_reorder_linear_weight`` raises "bf16 path needs the cpu support ...".
+    """
+    probe = getattr(getattr(torch.ops, "mkldnn", None), "_is_mkldnn_bf16_supported", None)
+    return probe is not None and bool(probe())
 
 
 def applies(device: torch.device, weights: torch.dtype, autocast: torch.dtype | None) -> bool:
@@ -103,7 +118,8 @@ def prepack_linears(model: torch.nn.Module, *, rows_hint: int = 2048) -> int:
     """Replace the CPU ``nn.Linear`` layers of ``model`` by ``PackedLinear`` in place; returns how many.
 
     The causal LM head (``get_output_embeddings``) stays as it is. A layer whose packed product
-    differs from the plain bf16 one (beyond bf16 rounding) stays as it is, with a warning.
+    differs from the plain bf16 one (beyond bf16 rounding) stays as it is, with a warning. If oneDNN
+    raises while packing, that layer and the ones after it stay as they are, with a warning.
     """
     head = getattr(model, "get_output_embeddings", lambda: None)()
     generator = torch.Generator().manual_seed(0)
@@ -112,7 +128,11 @@ def prepack_linears(model: torch.nn.Module, *, rows_hint: int = 2048) -> int:
         for name, child in list(parent.named_children()):
             if type(child) is not torch.nn.Linear or child is head or child.weight.device.type != "cpu":
                 continue
-            candidate = PackedLinear(child, rows_hint)
+            try:
+                candidate = PackedLinear(child, rows_hint)
+            except RuntimeError as e:  # oneDNN refused this CPU or dtype: the rest would fail alike
+                _LOG.warning("oneDNN prepacking: stopped after %d linear layer(s), the rest stay plain: %s", packed, e)
+                return packed
             if not _matches(child, candidate, generator):
                 refused += 1
                 continue
