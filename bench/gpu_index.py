@@ -49,7 +49,7 @@ TITLE = "GPU index job: corpus-etl index end to end"
 
 def corpus(n: int) -> list[dict[str, str]]:
     """``n`` documents: the long corpus, then again with ids ``<id>~<k>`` (same texts, new points)."""
-    base = long_documents()
+    base = long_documents(limit=n)
     rows = []
     for i in range(n):
         row, copy = base[i % len(base)], i // len(base)

@@ -88,3 +88,14 @@ def test_the_op_counter_counts_every_linear_and_attention_flop_of_a_forward():
     # scores and weighted sum: 2 products of (batch, heads, L, d) x (L, d) per layer
     assert counter.attention_flops == 2 * 4 * batch * 4 * length * length * (32 // 4)
     assert counter.linear_s > 0 and counter.attention_s > 0
+
+
+def test_the_long_corpus_cut_short_is_its_first_documents():
+    """``long_documents(limit=n)`` (the GPU index smoke run asks for 20) stops parsing the stdlib early, and gives
+    what the whole corpus starts with."""
+    from bench.index_cpu import long_documents
+
+    first = long_documents(limit=3)
+    more = long_documents(limit=12)
+    assert len(first) == 3 and len(more) == 12 and more[:3] == first
+    assert len({d["id"] for d in more}) == 12 and all(len(d["text"].split()) >= 60 for d in more)
