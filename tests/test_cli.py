@@ -90,6 +90,20 @@ def test_help_imports_no_torch_beam_or_qdrant(command):
     assert _probe(command, "--help") == {"status": 0, "heavy": []}
 
 
+def test_a_job_on_the_embedded_store_imports_no_qdrant_client(tmp_path, minilm_path):
+    """qdrant-client is the server path's client (``--qdrant-url``): a job on ``--qdrant-path`` runs without it,
+    workers included (DirectRunner runs them in the driver here), about a second less of every process's start."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    corpus = tmp_path / "corpus.parquet"
+    pq.write_table(pa.table({"id": ["a", "b"], "text": ["gzip files", "csv readers and writers"]}), corpus)
+    store = ["--collection", "c", "--qdrant-path", str(tmp_path / "q"), "--model", minilm_path]
+    index = _probe("index", "--input", str(corpus), *store, "--chunk-tokens", "0", "--device", "cpu")
+    assert index == {"status": 0, "heavy": ["apache_beam", "torch", "transformers"]}
+    assert _probe("search", *store, "--device", "cpu", "gzip") == {"status": 0, "heavy": ["apache_beam", "torch", "transformers"]}
+
+
 @pytest.mark.parametrize(
     "argv",
     [

@@ -40,23 +40,54 @@ import json
 import logging
 import os
 import random
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
-from typing import Any, TypeVar
+from functools import cache
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import apache_beam as beam
 from apache_beam.metrics import Metrics
-from qdrant_client import QdrantClient, models
-from qdrant_client.common.client_exceptions import QdrantException, ResourceExhaustedResponse
-from qdrant_client.http.exceptions import ResponseHandlingException, UnexpectedResponse
-from qdrant_client.local.qdrant_local import QdrantLocal
 
 from transforms.hooks import pause_point
 from transforms.io.incremental import fingerprint
 from transforms.io.store import CollectionSpec, StorePoint, VectorStore, check_vectors
 from transforms.progress import count_time, reporter
 from transforms.types import Candidate, Chunk, EmbeddedChunk, first_line
+
+if TYPE_CHECKING:
+    from qdrant_client import QdrantClient
+
+
+class _LazyModels:
+    """``qdrant_client.models``, imported at first use. qdrant-client is the server path's client: the embedded
+    store's jobs never import it (about a second of every driver's and SDK worker's start on 2 cores)."""
+
+    def __getattr__(self, name: str) -> Any:
+        from qdrant_client import models as loaded
+
+        return getattr(loaded, name)
+
+
+models: Any = _LazyModels()
+
+
+def _is_local_mode(client: QdrantClient) -> bool:
+    from qdrant_client.local.qdrant_local import QdrantLocal
+
+    return isinstance(getattr(client, "_client", None), QdrantLocal)
+
+
+def _client_errors() -> tuple[type[BaseException], ...] | None:
+    """qdrant-client's (UnexpectedResponse, ResourceExhaustedResponse, QdrantException, ResponseHandlingException),
+    or None where it was never imported: then no exception can be one of them."""
+    if "qdrant_client" not in sys.modules:
+        return None
+    from qdrant_client.common.client_exceptions import QdrantException, ResourceExhaustedResponse
+    from qdrant_client.http.exceptions import ResponseHandlingException, UnexpectedResponse
+
+    return UnexpectedResponse, ResourceExhaustedResponse, QdrantException, ResponseHandlingException
 
 _LOG = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -102,6 +133,8 @@ class QdrantConfig:
 
     def connect(self) -> QdrantClient:
         """A qdrant-client for the server (``url``); with only a ``path``, qdrant-client's local mode."""
+        from qdrant_client import QdrantClient
+
         if self.url:
             api_key = None
             if self.api_key_env:
@@ -138,7 +171,7 @@ _CLIENTS_LOCK = threading.Lock()
 def client_lock(client: QdrantClient) -> Any:
     """What calls on ``client`` are made under: a re-entrant lock for local mode, which is not
     thread-safe; nothing for a server, whose HTTP and gRPC clients are, so threads run in parallel."""
-    return threading.RLock() if isinstance(getattr(client, "_client", None), QdrantLocal) else contextlib.nullcontext()
+    return threading.RLock() if _is_local_mode(client) else contextlib.nullcontext()
 
 
 def shared_client(config: QdrantConfig) -> tuple[QdrantClient, Any]:
@@ -186,7 +219,7 @@ def ensure_collection(
         raise ValueError(f"collection {name!r} does not exist")
     client.create_collection(name, vectors_config=models.VectorParams(size=size, distance=models.Distance.COSINE),
                              **({"metadata": metadata} if metadata else {}))  # fmt: skip
-    if not isinstance(getattr(client, "_client", None), QdrantLocal):
+    if not _is_local_mode(client):
         # Grouping by document and stale-chunk deletes use these on a server (local mode has none).
         client.create_payload_index(name, "doc_id", models.PayloadSchemaType.KEYWORD)
         client.create_payload_index(name, "chunk_index", models.PayloadSchemaType.INTEGER)
@@ -237,16 +270,19 @@ def is_transient(exc: BaseException) -> bool:
     ``retry-after``) as ``ResourceExhaustedResponse``, and one whose ``Retry-After`` is not a number
     of seconds (an HTTP date) as a bare ``QdrantException`` saying so: both are overload.
     """
-    if isinstance(exc, UnexpectedResponse):
-        return exc.status_code is None or exc.status_code in _TRANSIENT_HTTP
-    if isinstance(exc, ResourceExhaustedResponse):
-        return True
-    if isinstance(exc, QdrantException) and str(exc).startswith("Retry-After header value"):
-        return True
-    if isinstance(exc, ResponseHandlingException):
-        # It wraps whatever sending raised: a network error or timeout, or a response that does not
-        # parse, or a request httpx refuses to build (an illegal header value): only the first is transient.
-        return is_transient(exc.source) if isinstance(exc.source, Exception) else True
+    errors = _client_errors()
+    if errors is not None:
+        unexpected, exhausted, qdrant_error, handling = errors
+        if isinstance(exc, unexpected):
+            return exc.status_code is None or exc.status_code in _TRANSIENT_HTTP
+        if isinstance(exc, exhausted):
+            return True
+        if isinstance(exc, qdrant_error) and str(exc).startswith("Retry-After header value"):
+            return True
+        if isinstance(exc, handling):
+            # It wraps whatever sending raised: a network error or timeout, or a response that does not
+            # parse, or a request httpx refuses to build (an illegal header value): only the first is transient.
+            return is_transient(exc.source) if isinstance(exc.source, Exception) else True
     if isinstance(exc, (ConnectionError, TimeoutError)):
         return True
     code = getattr(exc, "code", None)
@@ -255,14 +291,14 @@ def is_transient(exc: BaseException) -> bool:
             return getattr(code(), "name", "") in _TRANSIENT_GRPC
         except Exception:  # noqa: BLE001 - an RpcError without a status
             return False
-    try:
-        import httpx
-
-        return isinstance(exc, httpx.TransportError) and not isinstance(exc, _HTTPX_REQUEST_ERRORS)
-    except ImportError:
+    if "httpx" not in sys.modules:  # nothing imported it, so nothing raised its errors
         return False
+    import httpx
+
+    return isinstance(exc, httpx.TransportError) and not isinstance(exc, _httpx_request_errors())
 
 
+@cache
 def _httpx_request_errors() -> tuple[type[BaseException], ...]:
     """httpx's errors for a request that cannot be sent as built (retrying sends it as built again)."""
     try:
@@ -272,13 +308,15 @@ def _httpx_request_errors() -> tuple[type[BaseException], ...]:
     return (httpx.LocalProtocolError, httpx.UnsupportedProtocol, httpx.ProxyError)
 
 
-_HTTPX_REQUEST_ERRORS = _httpx_request_errors()
-
 
 def retry_after(exc: BaseException) -> float | None:
     """The seconds the server asked to wait before a retry (``Retry-After`` in seconds), or None."""
-    seconds = getattr(exc, "retry_after_s", None) if isinstance(exc, ResourceExhaustedResponse) else None
-    if seconds is None and isinstance(exc, UnexpectedResponse) and exc.headers:
+    errors = _client_errors()
+    if errors is None:
+        return None
+    unexpected, exhausted = errors[:2]
+    seconds = getattr(exc, "retry_after_s", None) if isinstance(exc, exhausted) else None
+    if seconds is None and isinstance(exc, unexpected) and exc.headers:
         with contextlib.suppress(TypeError, ValueError):
             seconds = float(exc.headers.get("Retry-After"))  # a 503 may carry one too
     return max(0.0, float(seconds)) if seconds is not None else None
