@@ -89,6 +89,7 @@ def _client_errors() -> tuple[type[BaseException], ...] | None:
 
     return UnexpectedResponse, ResourceExhaustedResponse, QdrantException, ResponseHandlingException
 
+
 _LOG = logging.getLogger(__name__)
 T = TypeVar("T")
 
@@ -306,7 +307,6 @@ def _httpx_request_errors() -> tuple[type[BaseException], ...]:
     except ImportError:
         return ()
     return (httpx.LocalProtocolError, httpx.UnsupportedProtocol, httpx.ProxyError)
-
 
 
 def retry_after(exc: BaseException) -> float | None:
