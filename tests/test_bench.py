@@ -99,3 +99,28 @@ def test_the_long_corpus_cut_short_is_its_first_documents():
     more = long_documents(limit=12)
     assert len(first) == 3 and len(more) == 12 and more[:3] == first
     assert len({d["id"] for d in more}) == 12 and all(len(d["text"].split()) >= 60 for d in more)
+
+
+def test_the_cpu_usage_report_sums_each_file_and_ranks_by_cpu(tmp_path):
+    """``tests/cpu_usage.py``: a test's CPU is its own plus its reaped children's, files ranked by their sum."""
+    import json
+
+    from tests.cpu_usage import report
+
+    rows = [{"id": "tests/test_a.py::one", "self": 2.0, "children": 0.0, "wall": 3.0},
+            {"id": "tests/test_b.py::two", "self": 1.0, "children": 9.0, "wall": 4.0},
+            {"id": "tests/test_a.py::three", "self": 1.0, "children": 1.0, "wall": 1.0}]  # fmt: skip
+    (tmp_path / "11.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows[:2]))
+    (tmp_path / "12.jsonl").write_text(json.dumps(rows[2]) + "\n")
+    assert report(str(tmp_path)).splitlines() == [
+        "3 tests, 14 CPU s (tests' own and their reaped children's), 8 s of wall time summed over tests",
+        "",
+        "  CPU s   own  child  wall s  file",
+        "     10     1      9       4  tests/test_b.py",
+        "      4     3      1       4  tests/test_a.py",
+        "",
+        "  CPU s  wall s  test",
+        "     10       4  tests/test_b.py::two",
+        "      2       3  tests/test_a.py::one",
+        "      2       1  tests/test_a.py::three",
+    ]

@@ -245,9 +245,9 @@ def test_two_runs_embed_bitwise_equal_vectors(tmp_path, sample_dir, minilm_path)
     """The vectors the job produces, written as exact float reprs, are the same bytes twice."""
     import pyarrow.parquet as pq
 
-    # 30 of the sample's documents (293 chunks, 26.9k tokens), in Beam batches of 4,096 tokens: many batches
+    # 15 of the sample's documents (over 100 chunks of up to 96 tokens) in Beam batches of 1,024 tokens: many batches
     corpus = str(tmp_path / "corpus.parquet")
-    pq.write_table(pq.read_table(sample_dir["corpus"]).slice(0, 30), corpus)
+    pq.write_table(pq.read_table(sample_dir["corpus"]).slice(0, 15), corpus)
     config = index.IndexConfig(
         input=corpus, collection="bits", model=minilm_path, qdrant=QdrantConfig(path=str(tmp_path / "q")),
         columns=DocumentColumns(title="title"), chunking=ChunkSettings(96, 16), device="cpu", max_batch_tokens=1024,
@@ -265,7 +265,7 @@ def test_two_runs_embed_bitwise_equal_vectors(tmp_path, sample_dir, minilm_path)
                 | beam.io.WriteToText(str(tmp_path / f"vectors{run}"), shard_name_template="")
             )
         dumps.append(sorted((tmp_path / f"vectors{run}").read_text().splitlines()))
-    assert len(dumps[0]) > 200  # many chunks, many batches
+    assert len(dumps[0]) > 100  # many chunks, many batches
     assert dumps[0] == dumps[1]
 
 

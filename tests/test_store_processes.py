@@ -50,16 +50,17 @@ WRITER = textwrap.dedent(
 
 
 def test_a_writer_killed_mid_write_leaves_readable_shards_and_a_rerun_is_exact(tmp_path):
-    path, n, dim = str(tmp_path / "q"), 20_000, 64
+    # Killed after 4 of its 20 batches, with 16 (~2 s on one core here) to go: it is mid-write
+    path, n, dim = str(tmp_path / "q"), 10_000, 64
     EdgeStore(path, shards=4).ensure_collection("c", CollectionSpec(dim))
     code = WRITER.format(root=ROOT, path=path, n=n, dim=dim, hold="")
     with started([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True) as proc:
-        wait_for_line(proc, "wrote 4000")
+        wait_for_line(proc, "wrote 2000")
         os.killpg(proc.pid, signal.SIGKILL)  # mid-write: it is upserting the next batches
         proc.wait()
     store = EdgeStore(path)
     partial = store.count("c")
-    assert 4000 <= partial < n  # every returned upsert survived the kill; every shard opens
+    assert 2000 <= partial < n  # every returned upsert survived the kill; every shard opens
     store.upsert("c", _points(n, dim, 0))  # the rerun
     assert store.count("c") == n
     expected = {p.id: p for p in _points(n, dim, 0)}
