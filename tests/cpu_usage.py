@@ -47,7 +47,10 @@ def pytest_runtest_protocol(item, nextitem):
 
 
 def report(folder: str, top: int = 30) -> str:
-    rows = [json.loads(line) for path in sorted(glob.glob(os.path.join(folder, "*.jsonl"))) for line in open(path)]
+    rows = []
+    for path in sorted(glob.glob(os.path.join(folder, "*.jsonl"))):
+        with open(path) as f:
+            rows += [json.loads(line) for line in f]
     files: dict[str, list[float]] = collections.defaultdict(lambda: [0.0, 0.0, 0.0])
     for r in rows:
         totals = files[r["id"].split("::")[0]]
