@@ -203,7 +203,32 @@ def _tiktoken_file() -> str:
 
 @functools.lru_cache(maxsize=1)
 def _backend_json() -> str:
-    """The converted ``tokenizers`` backend as JSON (conversion takes seconds; done once per process)."""
+    """The converted ``tokenizers`` backend as JSON: converted once per machine (~7 s of CPU), kept in the
+    temporary folder under a key of everything the conversion reads (the ranks file, this module's token
+    table and regex, the versions of transformers and tokenizers), and read back by every later process
+    (each pytest worker, the subprocesses of tests and benchmarks). The first load of each variant in a
+    process checks the result (``_check_tokenizer``) whichever way it came."""
+    import hashlib
+    import tempfile
+
+    import tokenizers
+    import transformers
+
+    ranks = os.stat(_tiktoken_file())
+    key = hashlib.sha256(repr((ranks.st_size, ranks.st_mtime_ns, QWEN_PAT_STR, QWEN3_ADDED_TOKENS,
+                               tokenizers.__version__, transformers.__version__)).encode()).hexdigest()[:16]  # fmt: skip
+    cached = Path(tempfile.gettempdir()) / "corpus-etl-qwen3-tokenizer" / f"{key}.json"
+    if cached.is_file():
+        return cached.read_text(encoding="utf-8")
+    converted = _convert_backend()
+    cached.parent.mkdir(exist_ok=True)
+    partial = cached.with_suffix(f".{os.getpid()}.partial")  # processes converting at once: each renames whole
+    partial.write_text(converted, encoding="utf-8")
+    os.replace(partial, cached)
+    return converted
+
+
+def _convert_backend() -> str:
     from tokenizers import AddedToken, normalizers, processors
     from transformers.convert_slow_tokenizer import TikTokenConverter
 

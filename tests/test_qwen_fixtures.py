@@ -252,3 +252,25 @@ def test_embedding_and_reranker_0_6b_share_the_architecture():
         "tie_word_embeddings",
     )
     assert {k: QWEN3_EMBEDDING_0_6B[k] for k in arch} == {k: QWEN3_RERANKER_0_6B[k] for k in arch}
+
+
+def test_the_converted_tokenizer_is_kept_per_machine_and_keyed_by_its_inputs(tmp_path, monkeypatch):
+    """A second process reads the conversion back; other versions (or ranks, or token table) convert anew."""
+    import tempfile
+
+    import tests.qwen_offline as offline
+
+    conversions: list[int] = []
+    monkeypatch.setattr(tempfile, "gettempdir", lambda: str(tmp_path))
+    monkeypatch.setattr(offline, "_convert_backend", lambda: conversions.append(1) or f'{{"n": {len(conversions)}}}')
+    offline._backend_json.cache_clear()
+    try:
+        first = offline._backend_json()
+        offline._backend_json.cache_clear()  # as in another process
+        assert offline._backend_json() == first == '{"n": 1}' and len(conversions) == 1
+        offline._backend_json.cache_clear()
+        monkeypatch.setattr(offline, "QWEN_PAT_STR", offline.QWEN_PAT_STR + "|x")
+        assert offline._backend_json() == '{"n": 2}'
+        assert sorted(p.suffix for p in (tmp_path / "corpus-etl-qwen3-tokenizer").iterdir()) == [".json", ".json"]
+    finally:
+        offline._backend_json.cache_clear()  # the real conversion for the tests after this one

@@ -41,7 +41,7 @@ from typing import Any
 import torch
 
 from transforms.models.devices import TorchModel, device_lock, run_in_token_budget
-from transforms.models.settings import load_tokenizer, resolve_model
+from transforms.models.settings import hand_over_tokenizer, load_tokenizer, resolve_model
 from transforms.types import first_line
 
 _LOG = logging.getLogger(__name__)
@@ -365,7 +365,7 @@ def check_reranker(model: str, max_length: int | None = None) -> None:
     is reachable): a missing model offline, a wrong id, or an embedding model fails here in
     seconds with one ``ValueError`` naming the id and what to do, not in every worker later.
     """
-    from transformers import AutoConfig, AutoTokenizer
+    from transformers import AutoConfig
     from transformers.utils import cached_file
 
     path = resolve_model(model)
@@ -375,7 +375,7 @@ def check_reranker(model: str, max_length: int | None = None) -> None:
         _probe_hub(model, hint)
     try:
         config = AutoConfig.from_pretrained(path)
-        tokenizer = AutoTokenizer.from_pretrained(path)
+        tokenizer = load_tokenizer(path, padding_side="left")  # as Qwen3Reranker.load, which it is handed to
         weights = [
             cached_file(path, name, _raise_exceptions_for_missing_entries=False)
             for name in ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin")
@@ -397,3 +397,4 @@ def check_reranker(model: str, max_length: int | None = None) -> None:
         prompt = sum(len(tokenizer.encode(part, add_special_tokens=False)) for part in (PROMPT_PREFIX, PROMPT_SUFFIX))
         if max_length - prompt < 1:
             raise ValueError(f"--max-length {max_length} leaves no room for a pair after the prompt's {prompt} tokens")
+    hand_over_tokenizer(tokenizer, path, padding_side="left")  # an in-process job's reranker loads it once

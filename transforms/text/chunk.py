@@ -19,7 +19,13 @@ import apache_beam as beam
 from apache_beam.metrics import Metrics
 
 from transforms.io.parquet import row_position
-from transforms.models.settings import EmbeddingSpec, final_token_to_append, load_tokenizer, read_json
+from transforms.models.settings import (
+    EmbeddingSpec,
+    final_token_to_append,
+    hand_over_tokenizer,
+    load_tokenizer,
+    read_json,
+)
 from transforms.progress import count_time
 from transforms.text.tokens import tokenize_ids
 from transforms.types import DEAD, Chunk, DeadLetter, Document, title_prefix
@@ -74,6 +80,7 @@ class ChunkSettings:
         if self.chunk_tokens:
             tokenizer = load_tokenizer(spec.path)
             fixed = fixed_token_count(tokenizer, spec.settings.document_prompt, appended_token_count(spec, tokenizer))
+            hand_over_tokenizer(tokenizer, spec.path)  # to an in-process job's chunker (load_chunker)
             self.check_limit(spec.max_length, fixed)
 
 
