@@ -83,10 +83,10 @@ def main(argv: list[str] | None = None) -> None:
         reranker = str(build_qwen3_reranker(os.path.join(tmp, "reranker")))
         size = os.path.getsize(os.path.join(reranker, "tokenizer.json"))
         run_once(tmp, -1, sample, log, run, reranker)  # warm-up: imports, first Beam pipeline
-        for i in range(args.repeats):
-            for mode in results:
-                reranker_module.hand_over_tokenizer = keep if mode == "hand-over" else (lambda *a, **k: None)
-                results[mode].append(run_once(tmp, len(results) * i + len(results[mode]), sample, log, run, reranker))
+        for n in range(args.repeats * len(results)):
+            mode = list(results)[n % len(results)]
+            reranker_module.hand_over_tokenizer = keep if mode == "hand-over" else (lambda *a, **k: None)
+            results[mode].append(run_once(tmp, n, sample, log, run, reranker))
         reranker_module.hand_over_tokenizer = keep
     when = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     body = [f"`{command('bench/job_overhead.py', argv)}`, {machine()}, {when}, load {os.getloadavg()[0]:.1f}.", "",

@@ -206,16 +206,18 @@ def _backend_json() -> str:
     """The converted ``tokenizers`` backend as JSON: converted once per machine (~7 s of CPU), kept in the
     temporary folder under a key of everything the conversion reads (the ranks file, this module's token
     table and regex, the versions of transformers and tokenizers), and read back by every later process
-    (each pytest worker, the subprocesses of tests and benchmarks). The first load of each variant in a
-    process checks the result (``_check_tokenizer``) whichever way it came."""
+    (each pytest worker, the subprocesses of tests and benchmarks). The key holds the conversion's own source,
+    so an edit of it converts anew. The first load of each variant in a process checks the result
+    (``_check_tokenizer``) whichever way it came."""
     import hashlib
+    import inspect
     import tempfile
 
     import tokenizers
     import transformers
 
     ranks = os.stat(_tiktoken_file())
-    key = hashlib.sha256(repr((ranks.st_size, ranks.st_mtime_ns, QWEN_PAT_STR, QWEN3_ADDED_TOKENS,
+    key = hashlib.sha256(repr((ranks.st_size, ranks.st_mtime_ns, QWEN_PAT_STR, QWEN3_ADDED_TOKENS, inspect.getsource(_convert_backend),
                                tokenizers.__version__, transformers.__version__)).encode()).hexdigest()[:16]  # fmt: skip
     cached = Path(tempfile.gettempdir()) / "corpus-etl-qwen3-tokenizer" / f"{key}.json"
     if cached.is_file():

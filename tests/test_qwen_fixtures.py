@@ -255,7 +255,7 @@ def test_embedding_and_reranker_0_6b_share_the_architecture():
 
 
 def test_the_converted_tokenizer_is_kept_per_machine_and_keyed_by_its_inputs(tmp_path, monkeypatch):
-    """A second process reads the conversion back; other versions (or ranks, or token table) convert anew."""
+    """A second process reads the conversion back; another regex or conversion code (or ranks, versions) converts anew."""
     import tempfile
 
     import tests.qwen_offline as offline
@@ -271,6 +271,10 @@ def test_the_converted_tokenizer_is_kept_per_machine_and_keyed_by_its_inputs(tmp
         offline._backend_json.cache_clear()
         monkeypatch.setattr(offline, "QWEN_PAT_STR", offline.QWEN_PAT_STR + "|x")
         assert offline._backend_json() == '{"n": 2}'
-        assert sorted(p.suffix for p in (tmp_path / "corpus-etl-qwen3-tokenizer").iterdir()) == [".json", ".json"]
+        offline._backend_json.cache_clear()
+        monkeypatch.setattr(offline, "_convert_backend", lambda: conversions.append(1) or '{"edited": true}')
+        assert offline._backend_json() == '{"edited": true}'  # the conversion's code changed
+        assert len(conversions) == 3
+        assert sorted(p.suffix for p in (tmp_path / "corpus-etl-qwen3-tokenizer").iterdir()) == [".json"] * 3
     finally:
         offline._backend_json.cache_clear()  # the real conversion for the tests after this one
